@@ -1,0 +1,133 @@
+"""Our checkpoint format, model building, and conversion of the official SysCV/transfiner weights.
+
+Our checkpoints are ``{"format": "transfiner/1", "config": ModelConfig.to_dict(), "model":
+state_dict}``; the config travels with the weights so a file is all a user needs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint_io import CheckpointError, read_state_dict
+from .config import ModelConfig
+from .rcnn import MaskTransfiner
+
+FORMAT = "transfiner/1"
+
+# Official name -> our name, for the mask branch (everything else keeps detectron2's names).
+OFFICIAL_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"^roi_heads\.mask_pooler\.conv_norm_relus_semantic\.", "mask_head.semantic.convs."),
+    (r"^roi_heads\.mask_head\.mask_fcn_uncertain(\d)\.", r"mask_head.incoherence.conv\1."),
+    (r"^roi_heads\.mask_head\.deconv_uncertain\.", "mask_head.incoherence.deconv."),
+    (r"^roi_heads\.mask_head\.predictor_uncertain\.", "mask_head.incoherence.predictor."),
+    (r"^roi_heads\.mask_head\.encoder\.conv_fuse\.", "mask_head.refiner.node_encoder.fuse."),
+    (r"^roi_heads\.mask_head\.encoder\.layers\.", "mask_head.refiner.sequence_encoder.layers."),
+    (r"^roi_heads\.mask_head\.encoder\.conv_r1\.", "mask_head.refiner.pixel_decoder.layers."),
+    (r"^roi_heads\.mask_head\.(mask_fcn\d|deconv|predictor)\.", r"mask_head.coarse.\1."),
+)
+# Keys only the official training uses (boundary branch, semantic loss head, cached anchors).
+OFFICIAL_TRAINING_ONLY = re.compile(
+    r"^roi_heads\.mask_head\.(deconv_bo|predictor_bo|predictor_semantic_s)\.|"
+    r"^proposal_generator\.anchor_generator\.|\.num_batches_tracked$"
+)
+
+
+def official_to_ours(name: str) -> str:
+    for pattern, replacement in OFFICIAL_RENAMES:
+        new, count = re.subn(pattern, replacement, name)
+        if count:
+            return new
+    return name
+
+
+@dataclass
+class ConversionReport:
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # our keys the file lacks
+    wrong_shape: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # official training-only keys
+    unexpected: list[str] = field(default_factory=list)  # keys we do not know
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.wrong_shape
+
+    def format(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        for title, items in (
+            ("missing (needed for inference)", self.missing),
+            ("ignored (training-only in the official code)", self.ignored),
+            ("unexpected (unknown, not loaded)", self.unexpected),
+        ):
+            lines.append(f"{title}: {len(items)}")
+            lines.extend(f"  {name}" for name in items)
+        lines.append(f"wrong shape: {len(self.wrong_shape)}")
+        lines.extend(f"  {name}: file {got} vs model {want}" for name, got, want in self.wrong_shape)
+        return "\n".join(lines)
+
+
+def convert_official_state_dict(
+    official: dict[str, torch.Tensor], model: MaskTransfiner
+) -> tuple[dict[str, torch.Tensor], ConversionReport]:
+    """Maps an official (detectron2-format) state dict onto ``model``'s parameter names."""
+    target = model.state_dict()
+    report = ConversionReport()
+    converted: dict[str, torch.Tensor] = {}
+    for name, tensor in official.items():
+        if OFFICIAL_TRAINING_ONLY.search(name):
+            report.ignored.append(name)
+            continue
+        ours = official_to_ours(name)
+        if ours not in target:
+            report.unexpected.append(name)
+            continue
+        want = target[ours].shape
+        if tensor.shape != want and tensor.numel() == target[ours].numel() and tensor.dim() == len(want) + 2:
+            tensor = tensor.reshape(want)  # 1x1 convs in the official code are linears here
+        if tensor.shape != want:
+            report.wrong_shape.append((name, tuple(tensor.shape), tuple(want)))
+            continue
+        converted[ours] = tensor.to(target[ours].dtype)
+        report.loaded.append(name)
+    report.missing = sorted(set(target) - set(converted))
+    return converted, report
+
+
+def save_checkpoint(path: str | os.PathLike, model: MaskTransfiner, **extra) -> None:
+    torch.save({"format": FORMAT, "config": model.cfg.to_dict(), "model": model.state_dict(), **extra}, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig | None, dict[str, torch.Tensor]]:
+    """Reads our checkpoint (config + weights) or a bare state dict (config ``None``)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        return ModelConfig.from_dict(data["config"]), data["model"]
+    return None, read_state_dict(path)
+
+
+def build_model(
+    config: ModelConfig, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+) -> MaskTransfiner:
+    """A model in eval mode; with ``weights``, every parameter must load (strict)."""
+    model = MaskTransfiner(config)
+    if weights is not None:
+        _, state = load_checkpoint(weights)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(
+                f"{weights} does not match config {config.name!r}: "
+                f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
+                f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]}). "
+                "Official checkpoints must be converted first: transfiner convert-official."
+            )
+    return model.to(device).eval()

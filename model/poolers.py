@@ -1,0 +1,67 @@
+"""Multi-level RoIAlignV2 (``aligned=True``) over FPN levels P2..P5, as detectron2's ROIPooler."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torchvision.ops import roi_align
+
+
+def assign_fpn_levels(
+    boxes: torch.Tensor, min_level: int = 2, max_level: int = 5,
+    canonical_box_size: int = 224, canonical_level: int = 4,
+) -> torch.Tensor:
+    """boxes [R, 4] xyxy -> [R] int64 index into P2..P5 (0 = P2), the FPN paper's rule."""
+    sizes = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
+    levels = torch.floor(canonical_level + torch.log2(sizes / canonical_box_size + 1e-8))
+    return (levels.clamp(min=min_level, max=max_level) - min_level).to(torch.int64)
+
+
+def multilevel_roi_align(
+    features: list[torch.Tensor], rois: torch.Tensor, levels: torch.Tensor, output_size: int,
+    scales: tuple[float, ...], sampling_ratio: int = 0,
+) -> torch.Tensor:
+    """RoIAlignV2 of each RoI on its own level.
+
+    features: per level [B, C, H_l, W_l]; rois [R, 5] (batch index, x1, y1, x2, y2) in image
+    pixels; levels [R] int64 index into ``features``. Returns [R, C, output_size, output_size].
+    """
+    channels = features[0].shape[1]
+    output = features[0].new_zeros((rois.shape[0], channels, output_size, output_size))
+    for level, (feature, scale) in enumerate(zip(features, scales)):
+        index = torch.nonzero(levels == level).squeeze(1)
+        pooled = roi_align(
+            feature, rois[index].to(feature.dtype), output_size, spatial_scale=scale,
+            sampling_ratio=sampling_ratio, aligned=True,
+        )
+        output = output.index_put((index,), pooled)
+    return output
+
+
+def boxes_to_rois(boxes: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+    """boxes [R, 4], batch_index [R] -> rois [R, 5] in torchvision's format."""
+    return torch.cat((batch_index[:, None].to(boxes.dtype), boxes), dim=1)
+
+
+class ROIPooler(nn.Module):
+    """Pools each box at a fixed resolution from the FPN level that matches its size."""
+
+    def __init__(self, output_size: int, strides: tuple[int, ...] = (4, 8, 16, 32), sampling_ratio: int = 0):
+        super().__init__()
+        self.output_size = output_size
+        self.scales = tuple(1.0 / s for s in strides)
+        self.sampling_ratio = sampling_ratio
+        self.min_level = int(math.log2(strides[0]))
+        self.max_level = int(math.log2(strides[-1]))
+
+    def levels(self, boxes: torch.Tensor) -> torch.Tensor:
+        return assign_fpn_levels(boxes, self.min_level, self.max_level)
+
+    def forward(self, features: list[torch.Tensor], boxes: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+        """features P2..P5, boxes [R, 4], batch_index [R] -> [R, C, S, S]."""
+        return multilevel_roi_align(
+            features, boxes_to_rois(boxes, batch_index), self.levels(boxes), self.output_size,
+            self.scales, self.sampling_ratio,
+        )

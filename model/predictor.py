@@ -1,0 +1,124 @@
+"""The user-facing object: images in, boxes, classes, scores and masks out."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .checkpoint import build_model, load_checkpoint
+from .config import ModelConfig, preset
+from .postprocess import encode_rle, paste_masks
+from .preprocess import ImageLike, prepare_batch, to_rgb_tensor
+from .rcnn import InferenceOptions, MaskTransfiner, RawOutputs
+
+
+@dataclass
+class Prediction:
+    """The instances found in one image, in the image's own pixel coordinates."""
+
+    image_size: tuple[int, int]  # (height, width)
+    boxes: np.ndarray  # [N, 4] float32 xyxy
+    scores: np.ndarray  # [N] float32
+    classes: np.ndarray  # [N] int64 contiguous class index
+    mask_probs: np.ndarray  # [N, 112, 112] float32 soft masks inside each box
+    masks: np.ndarray  # [N, H, W] bool full-image masks
+    _rles: list[dict] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @property
+    def rles(self) -> list[dict]:
+        """COCO compressed RLE of ``masks`` (``counts`` as str), computed once."""
+        if self._rles is None:
+            self._rles = encode_rle(self.masks)
+        return self._rles
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Predictor:
+    """Runs Mask Transfiner on RGB images, as a batch, on one device.
+
+    >>> predictor = Predictor("small")                      # preset, random weights
+    >>> predictor = Predictor(weights="model.pth")          # config read from the checkpoint
+    >>> prediction = predictor(image)                       # one image -> Prediction
+    >>> predictions = predictor.predict([image_a, image_b]) # one batch -> list[Prediction]
+    """
+
+    def __init__(
+        self, config: str | ModelConfig | None = None, weights: str | os.PathLike | None = None,
+        device: str | torch.device | None = "auto",
+    ) -> None:
+        if config is None:
+            stored = load_checkpoint(weights)[0] if weights is not None else None
+            if stored is None:
+                raise ValueError("give a config (or a checkpoint that contains one)")
+            config = stored
+        self.cfg = preset(config) if isinstance(config, str) else config
+        self.device = resolve_device(device)
+        self.model: MaskTransfiner = build_model(self.cfg, weights, self.device)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.cfg.class_names
+
+    def __call__(self, image: ImageLike, **options) -> Prediction:
+        return self.predict([image], **options)[0]
+
+    @torch.inference_mode()
+    def predict(
+        self, images: Sequence[ImageLike], score_threshold: float | None = None,
+        max_detections: int | None = None, mask_threshold: float = 0.5, refine: bool = True,
+    ) -> list[Prediction]:
+        """Predicts a batch of RGB images (numpy HxWx3 uint8, PIL images, or tensors).
+
+        score_threshold: keep detections above it (default: the config's, 0.05 as detectron2);
+        max_detections: per image, 1..100 (default: the config's); mask_threshold: binarises the
+        pasted soft masks; refine: False gives the coarse Mask R-CNN masks only.
+        """
+        if len(images) == 0:
+            return []
+        if max_detections is not None and max_detections < 1:
+            raise ValueError("max_detections must be at least 1")
+        rgb = [to_rgb_tensor(image) for image in images]
+        batch, sizes = prepare_batch(rgb, self.cfg.input, self.device)
+        options = InferenceOptions(score_threshold, max_detections, refine)
+        raw = self.model(batch, sizes, options)
+        original = [tuple(image.shape[-2:]) for image in rgb]
+        return [self._postprocess(raw, i, sizes[i], original[i], mask_threshold) for i in range(len(rgb))]
+
+    @staticmethod
+    def _postprocess(
+        raw: RawOutputs, index: int, input_size: torch.Tensor, original: tuple[int, int], mask_threshold: float
+    ) -> Prediction:
+        """Detectron2's ``detector_postprocess``: rescale boxes, drop empty ones, paste masks."""
+        rows = raw.batch_index == index
+        boxes = raw.boxes[rows]
+        height, width = original
+        scale = torch.tensor(
+            [width / input_size[1].item(), height / input_size[0].item()] * 2, device=boxes.device
+        )
+        boxes = boxes * scale
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes = boxes[nonempty]
+        probs = raw.mask_probs[rows][nonempty]
+        masks = paste_masks(probs, boxes, (height, width), mask_threshold)
+        return Prediction(
+            image_size=(height, width),
+            boxes=boxes.float().cpu().numpy(),
+            scores=raw.scores[rows][nonempty].float().cpu().numpy(),
+            classes=raw.classes[rows][nonempty].cpu().numpy(),
+            mask_probs=probs.float().cpu().numpy(),
+            masks=masks.cpu().numpy(),
+        )
