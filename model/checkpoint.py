@@ -122,12 +122,16 @@ def build_model(
     if weights is not None:
         _, state = load_checkpoint(weights)
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
+        target = model.state_dict()
+        missing = sorted(set(target) - set(state))
+        unexpected = sorted(set(state) - set(target))
+        wrong = sorted(k for k in set(state) & set(target) if state[k].shape != target[k].shape)
+        if missing or unexpected or wrong:
             raise CheckpointError(
-                f"{weights} does not match config {config.name!r}: "
-                f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
-                f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]}). "
+                f"{weights} does not match config {config.name!r}: {len(missing)} missing keys "
+                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+                f"{len(wrong)} of another shape (e.g. {wrong[:3]}). "
                 "Official checkpoints must be converted first: transfiner convert-official."
             )
+        model.load_state_dict(state)
     return model.to(device).eval()

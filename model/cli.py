@@ -65,7 +65,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         chunk = paths[start : start + args.batch_size]
         images = [_load_image(p) for p in chunk]
         predictions = predictor.predict(
-            images, score_threshold=args.score_threshold, refine=not args.no_refine,
+            images, score_threshold=args.score_threshold, max_detections=args.max_detections,
+            refine=not args.no_refine,
             mask_threshold=args.mask_threshold,
         )
         for path, image, prediction in zip(chunk, images, predictions):
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     predict.add_argument("--batch-size", type=int, default=2)
     predict.add_argument("--score-threshold", type=float, default=None)
+    predict.add_argument("--max-detections", type=int, default=None, help="per image (default: 100)")
     predict.add_argument("--mask-threshold", type=float, default=0.5)
     predict.add_argument("--no-refine", action="store_true", help="coarse Mask R-CNN masks only")
     predict.set_defaults(func=cmd_predict)

@@ -23,7 +23,8 @@ def to_rgb_tensor(image: ImageLike) -> torch.Tensor:
     if isinstance(image, Image.Image):
         return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
     if isinstance(image, np.ndarray):
-        tensor = torch.from_numpy(np.ascontiguousarray(image))
+        # A copy: arrays may be read-only (np.asarray of a PIL image) or non-contiguous.
+        tensor = torch.from_numpy(np.array(image))
         channels_last = True
     elif isinstance(image, torch.Tensor):
         tensor = image

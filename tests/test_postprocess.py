@@ -134,15 +134,3 @@ def test_paste_then_encode():
     masks = paste_masks(probs, boxes, (32, 48))
     decoded = mask_util.decode([{"size": r["size"], "counts": r["counts"]} for r in encode_rle(masks)])
     np.testing.assert_array_equal(decoded.transpose(2, 0, 1), masks.numpy().astype(np.uint8))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
-    gen = torch.Generator().manual_seed(2)
-    probs = torch.rand(20, 112, 112, generator=gen)
-    boxes = random_boxes(gen, 20, 64, 80)
-    cpu = paste_masks(probs, boxes, (64, 80))
-    gpu = paste_masks(probs.cuda(), boxes.cuda(), (64, 80))
-    assert gpu.is_cuda
-    # grid_sample kernels may differ in the last ulp; allow a handful of boundary pixels.
-    assert (gpu.cpu() != cpu).sum() <= 5

@@ -1,0 +1,141 @@
+"""Loading official SysCV/transfiner checkpoints, and our own checkpoint round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import build_model, convert_official_state_dict, load_checkpoint, official_to_ours, save_checkpoint
+from model.checkpoint_io import CheckpointError
+from model.cli import main
+from model.config import preset, small_config
+from model.rcnn import MaskTransfiner
+
+KEYS = Path(__file__).parent / "data" / "official_keys"
+
+
+def official_state_dict(variant: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors with exactly the official names and shapes (from the test data)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for line in (KEYS / f"{variant}.tsv").read_text().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, shape = line.split("\t")
+        state[name] = torch.randn(tuple(int(s) for s in shape.split(",")), generator=g)
+    return state
+
+
+@pytest.fixture(scope="module")
+def r50_official() -> dict[str, torch.Tensor]:
+    return official_state_dict("R50-FPN")
+
+
+@pytest.mark.parametrize("variant", ["R50-FPN", "R101-FPN", "R50-FPN-DCN", "R101-FPN-DCN"])
+def test_official_checkpoint_loads_with_zero_missing_inference_keys(variant):
+    official = official_state_dict(variant)
+    model = MaskTransfiner(preset(variant))
+    converted, report = convert_official_state_dict(official, model)
+    assert report.ok, report.format()
+    assert report.missing == [] and report.wrong_shape == [] and report.unexpected == []
+    assert sorted(report.ignored) == sorted(
+        k for k in official
+        if any(p in k for p in ("mask_head.deconv_bo.", "mask_head.predictor_bo.", "mask_head.predictor_semantic_s."))
+    )
+    assert len(report.ignored) == 6
+    model.load_state_dict(converted, strict=True)
+    # Values land where they belong, including the renamed and reshaped (1x1 conv -> linear) ones.
+    ours = model.state_dict()
+    for name, tensor in official.items():
+        if name in report.ignored:
+            continue
+        torch.testing.assert_close(ours[official_to_ours(name)].reshape(tensor.shape), tensor, rtol=0, atol=0)
+
+
+def test_renames_cover_the_mask_branch():
+    assert official_to_ours("roi_heads.mask_pooler.conv_norm_relus_semantic.6.bias") == "mask_head.semantic.convs.6.bias"
+    assert official_to_ours("roi_heads.mask_head.mask_fcn_uncertain4.weight") == "mask_head.incoherence.conv4.weight"
+    assert official_to_ours("roi_heads.mask_head.encoder.conv_r1.2.weight") == "mask_head.refiner.pixel_decoder.layers.2.weight"
+    assert official_to_ours("roi_heads.mask_head.predictor.weight") == "mask_head.coarse.predictor.weight"
+    assert official_to_ours("backbone.bottom_up.res2.0.conv1.norm.weight") == "backbone.bottom_up.res2.0.conv1.norm.weight"
+
+
+def test_missing_and_misshapen_keys_are_reported(r50_official):
+    broken = dict(r50_official)
+    del broken["roi_heads.mask_head.encoder.conv_fuse.weight"]
+    broken["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(3, 1024)
+    broken["roi_heads.mask_head.something_new.weight"] = torch.zeros(1)
+    _, report = convert_official_state_dict(broken, MaskTransfiner(preset("R50-FPN")))
+    assert not report.ok
+    assert "mask_head.refiner.node_encoder.fuse.weight" in report.missing
+    assert [w[0] for w in report.wrong_shape] == ["roi_heads.box_predictor.cls_score.weight"]
+    assert report.unexpected == ["roi_heads.mask_head.something_new.weight"]
+
+
+def test_convert_official_cli(tmp_path, r50_official, capsys):
+    good = tmp_path / "official.pth"
+    torch.save({"model": r50_official, "__author__": "test"}, good)
+    out = tmp_path / "converted.pth"
+    assert main(["convert-official", str(good), str(out), "--config", "R50-FPN"]) == 0
+    printed = capsys.readouterr().out
+    assert "missing (needed for inference): 0" in printed
+    assert "roi_heads.mask_head.predictor_bo.weight" in printed  # listed as ignored
+    config, state = load_checkpoint(out)
+    assert config.name == "R50-FPN"
+    torch.testing.assert_close(
+        state["mask_head.refiner.node_encoder.fuse.weight"],
+        r50_official["roi_heads.mask_head.encoder.conv_fuse.weight"][:, :, 0, 0],
+    )
+
+    # A bare state dict works too; a checkpoint with a missing key fails with status 1.
+    broken = {k: v for k, v in r50_official.items() if "mask_fcn_uncertain2" not in k}
+    torch.save(broken, tmp_path / "broken.pth")
+    assert main(["convert-official", str(tmp_path / "broken.pth"), str(tmp_path / "x.pth"), "--config", "R50-FPN"]) == 1
+    assert "mask_head.incoherence.conv2.weight" in capsys.readouterr().out
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_convert_official_cli_pickle_needs_flag(tmp_path, r50_official, capsys):
+    import pickle
+
+    pkl = tmp_path / "official.pkl"
+    with open(pkl, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in r50_official.items()}}, f)
+    assert main(["convert-official", str(pkl), str(tmp_path / "o.pth"), "--config", "R50-FPN"]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err
+    assert main(["convert-official", str(pkl), str(tmp_path / "o.pth"), "--config", "R50-FPN", "--allow-pickle"]) == 0
+
+
+def test_convert_official_cli_wrong_config(tmp_path, r50_official, capsys):
+    torch.save(r50_official, tmp_path / "r50.pth")
+    # R50 weights are not R101 weights: res4 has 6 blocks instead of 23.
+    assert main(["convert-official", str(tmp_path / "r50.pth"), str(tmp_path / "o.pth"), "--config", "R101-FPN"]) == 1
+    assert "backbone.bottom_up.res4.22.conv3.weight" in capsys.readouterr().out
+    assert main(["convert-official", str(tmp_path / "missing.pth"), str(tmp_path / "o.pth"), "--config", "R50-FPN"]) == 2
+
+
+def test_our_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(3)
+    model = MaskTransfiner(small_config(("a", "b"))).eval()
+    save_checkpoint(tmp_path / "m.pth", model)
+    loaded = build_model(load_checkpoint(tmp_path / "m.pth")[0], tmp_path / "m.pth")
+    assert loaded.cfg == model.cfg
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    # Weights of another architecture are refused with a clear error.
+    with pytest.raises(CheckpointError, match="does not match"):
+        build_model(small_config(("a", "b", "c")), tmp_path / "m.pth")
+
+
+def test_half_precision_checkpoint_loads_as_float32(tmp_path):
+    torch.manual_seed(4)
+    model = MaskTransfiner(small_config()).eval()
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    torch.save({"format": "transfiner/1", "config": model.cfg.to_dict(), "model": state}, tmp_path / "h.pth")
+    loaded = build_model(model.cfg, tmp_path / "h.pth")
+    weight = loaded.state_dict()["mask_head.coarse.predictor.weight"]
+    assert weight.dtype == torch.float32
+    np.testing.assert_allclose(weight.numpy(), model.state_dict()["mask_head.coarse.predictor.weight"].numpy(), atol=1e-3)

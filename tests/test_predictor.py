@@ -1,0 +1,161 @@
+"""End to end on CPU with the small preset: Predictor, the raw model, and `transfiner predict`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pycocotools.coco import COCO
+
+from model.checkpoint import save_checkpoint
+from model.cli import main
+from model.predictor import Predictor
+from model.preprocess import prepare_batch, resized_shape, to_rgb_tensor
+from model.rcnn import InferenceOptions
+
+
+@pytest.fixture(scope="module")
+def predictor(small_model) -> Predictor:
+    p = Predictor.__new__(Predictor)  # wrap the seeded session model instead of building another
+    p.cfg, p.device, p.model = small_model.cfg, torch.device("cpu"), small_model
+    return p
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    img = np.zeros((150, 200, 3), np.uint8)
+    img[:] = rng.integers(0, 60, size=(1, 1, 3))
+    img[30:110, 40:150] = (200, 80, 40)
+    img[60:90, 70:120] = (20, 180, 220)
+    return img + rng.integers(0, 20, size=img.shape, dtype=np.uint8)
+
+
+def test_prediction_fields(predictor, image):
+    pred = predictor(image, score_threshold=0.0, max_detections=12)
+    n = len(pred)
+    assert 0 < n <= 12
+    assert pred.image_size == (150, 200)
+    assert pred.boxes.shape == (n, 4) and pred.masks.shape == (n, 150, 200) and pred.mask_probs.shape == (n, 112, 112)
+    assert np.all(pred.boxes[:, 0] >= 0) and np.all(pred.boxes[:, 2] <= 200) and np.all(pred.boxes[:, 3] <= 150)
+    assert np.all(pred.boxes[:, 2] > pred.boxes[:, 0]) and np.all(pred.boxes[:, 3] > pred.boxes[:, 1])
+    assert np.all(np.diff(pred.scores) <= 0)
+    assert pred.mask_probs.min() >= 0 and pred.mask_probs.max() <= 1
+    decoded = mask_util.decode(pred.rles).transpose(2, 0, 1).astype(bool)
+    assert np.array_equal(decoded, pred.masks)
+    assert all(isinstance(r["counts"], str) for r in pred.rles)
+
+
+def test_input_formats_give_the_same_result(predictor, image):
+    results = [
+        predictor(x, score_threshold=0.0, max_detections=5)
+        for x in (image, Image.fromarray(image), torch.from_numpy(image).permute(2, 0, 1))
+    ]
+    for other in results[1:]:
+        np.testing.assert_array_equal(other.boxes, results[0].boxes)
+        np.testing.assert_array_equal(other.masks, results[0].masks)
+    gray = predictor(image.mean(axis=2).astype(np.uint8), score_threshold=0.0, max_detections=3)
+    assert gray.masks.shape[1:] == (150, 200)
+
+
+def test_no_detections(predictor, image):
+    pred = predictor(image, score_threshold=1.0)
+    assert len(pred) == 0
+    assert pred.boxes.shape == (0, 4) and pred.masks.shape == (0, 150, 200) and pred.mask_probs.shape == (0, 112, 112)
+    assert pred.rles == []
+
+
+def test_batch_equals_single_images(predictor, image):
+    other = np.ascontiguousarray(image[::-1])
+    batch = predictor.predict([image, other], score_threshold=0.0, max_detections=6)
+    for img, pred in zip((image, other), batch):
+        alone = predictor(img, score_threshold=0.0, max_detections=6)
+        np.testing.assert_allclose(pred.boxes, alone.boxes, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(pred.mask_probs, alone.mask_probs, atol=1e-4)
+
+
+def test_refine_off_gives_upsampled_coarse_masks(predictor, image):
+    model = predictor.model
+    batch, sizes = prepare_batch([to_rgb_tensor(image)], model.cfg.input, "cpu")
+    with torch.no_grad():
+        refined = model(batch, sizes, InferenceOptions(score_threshold=0.0, max_detections=8))
+        coarse = model(batch, sizes, InferenceOptions(score_threshold=0.0, max_detections=8, refine=False))
+        capped = model(batch, sizes, InferenceOptions(score_threshold=0.0, max_detections=8, max_refined_per_image=3))
+    assert torch.equal(refined.boxes, coarse.boxes)
+    assert (refined.mask_probs - coarse.mask_probs).abs().amax(dim=(1, 2)).min() > 1e-3  # every box refined
+    # Only the 3 best boxes are refined under the cap; the others keep the coarse masks exactly.
+    torch.testing.assert_close(capped.mask_probs[:3], refined.mask_probs[:3])
+    assert torch.equal(capped.mask_probs[3:], coarse.mask_probs[3:])
+    # Coarse masks are the 28x28 head output bilinearly upsampled: smooth at 112x112.
+    pred = predictor(image, score_threshold=0.0, max_detections=8, refine=False)
+    np.testing.assert_allclose(pred.mask_probs, coarse.mask_probs.numpy(), atol=1e-6)
+
+
+def test_preprocessing_matches_detectron2_sizes():
+    assert resized_shape(480, 640, 800, 1333) == (800, 1067)
+    assert resized_shape(100, 1000, 800, 1333) == (133, 1333)
+    cfg = dataclasses.replace(
+        __import__("model.config", fromlist=["InputConfig"]).InputConfig(), min_size_test=64, max_size_test=100
+    )
+    batch, sizes = prepare_batch([torch.zeros(3, 30, 40, dtype=torch.uint8), torch.zeros(3, 40, 20, dtype=torch.uint8)], cfg, "cpu")
+    assert sizes.tolist() == [[64, 85], [100, 50]]
+    assert batch.shape == (2, 3, 128, 96)
+    # Padding holds the pixel mean (0 after normalisation); a red RGB pixel becomes BGR.
+    assert torch.allclose(batch[0, :, 100, 90], torch.tensor(cfg.pixel_mean))
+    red = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    red[0] = 255
+    out, _ = prepare_batch([red], dataclasses.replace(cfg, min_size_test=8), "cpu")
+    assert out[0, 2, 0, 0] == 255 and out[0, 0, 0, 0] == 0
+
+
+def test_predict_cli_writes_coco_results(tmp_path, small_model, image, capsys):
+    weights = tmp_path / "small.pth"
+    save_checkpoint(weights, small_model)
+    paths = []
+    for name, img in (("a.png", image), ("b.jpg", image[:, ::-1])):
+        Image.fromarray(np.ascontiguousarray(img)).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    out = tmp_path / "results.json"
+    code = main(["predict", *paths, "--weights", str(weights), "--out", str(out), "--overlay",
+                 str(tmp_path / "overlays"), "--score-threshold", "0.0", "--max-detections", "5", "--device", "cpu"])
+    assert code == 0
+    records = json.loads(out.read_text())
+    assert {r["image_id"] for r in records} == {"a.png", "b.jpg"}
+    assert all(isinstance(r["segmentation"]["counts"], str) and len(r["bbox"]) == 4 for r in records)
+    assert (tmp_path / "overlays" / "a.png").exists() and (tmp_path / "overlays" / "b.png").exists()
+    # pycocotools accepts the records as they are.
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": "a.png", "height": 150, "width": 200}, {"id": "b.jpg", "height": 150, "width": 200}],
+        "annotations": [], "categories": [{"id": 1, "name": "object"}],
+    }
+    gt.createIndex()
+    results = gt.loadRes(records)
+    assert len(results.anns) == len(records)
+
+    # Bad input: a clear message and status 2, no traceback.
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    assert main(["predict", str(tmp_path / "broken.png"), "--weights", str(weights), "--out", str(out)]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "nope.png"), "--weights", str(weights), "--out", str(out)]) == 2
+    assert "image not found" in capsys.readouterr().err
+
+
+def test_upsampled_coarse_is_bilinear_of_28(predictor, image):
+    """The coarse path is exactly the official `F.interpolate(28x28, 112, bilinear)`."""
+    model = predictor.model
+    batch, sizes = prepare_batch([to_rgb_tensor(image)], model.cfg.input, "cpu")
+    with torch.no_grad():
+        features = model.backbone(model.normalize(batch))[:4]
+        out = model(batch, sizes, InferenceOptions(score_threshold=0.0, max_detections=4, refine=False))
+        roi = model.mask_head.pooler(features, out.boxes, out.batch_index)
+        logits, _ = model.mask_head.coarse(roi)
+        probs = logits[torch.arange(len(out.classes)), out.classes].sigmoid()
+    expected = F.interpolate(probs[:, None], (112, 112), mode="bilinear")[:, 0]
+    torch.testing.assert_close(out.mask_probs, expected)
