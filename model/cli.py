@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .checkpoint_io import CheckpointError
 from .config import PRESET_NAMES
+from .data import DatasetError
 
 
 class UsageError(Exception):
@@ -128,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--allow-pickle", action="store_true",
                          help="allow reading .pkl files (numpy arrays only; pickle can run code)")
     convert.set_defaults(func=cmd_convert_official)
+
+    from .shapes import add_make_shapes_arguments, cmd_make_shapes
+
+    shapes = commands.add_parser("make-shapes", help="write a synthetic fine-detail COCO data set")
+    add_make_shapes_arguments(shapes)
+    shapes.set_defaults(func=cmd_make_shapes)
     return parser
 
 
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (UsageError, CheckpointError, ValueError) as error:
+    except (UsageError, CheckpointError, DatasetError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

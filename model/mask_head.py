@@ -113,15 +113,25 @@ class TransfinerMaskHead(nn.Module):
         self.semantic = SemanticEnhancer(in_channels)
         self.refiner = TransfinerRefiner(transfiner_cfg, in_channels, self.pooler.scales)
 
+    def coarse_and_incoherence(
+        self, features: list[torch.Tensor], boxes: torch.Tensor, classes: torch.Tensor, batch_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (14x14 RoI features [R, C, 14, 14], coarse [R, 28, 28], incoherence [R, 28, 28])."""
+        roi_features = self.pooler(features, boxes, batch_index)
+        logits, mask_features = self.coarse(roi_features)
+        coarse = logits[torch.arange(logits.shape[0], device=logits.device), classes].sigmoid()
+        return roi_features, coarse, self.incoherence(roi_features, mask_features)
+
     def forward(
         self, features: list[torch.Tensor], boxes: torch.Tensor, classes: torch.Tensor,
         batch_index: torch.Tensor, refine_mask: torch.Tensor | None = None, refine: bool = True,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask probabilities of every detection.
 
         features: P2..P5; boxes [D, 4], classes [D], batch_index [D]; refine_mask [D] bool picks
-        the detections to refine (default: all). Returns [D, 112, 112]: refined where chosen,
-        else the coarse 28x28 mask bilinearly upsampled (as the official code for extra boxes).
+        the detections to refine (default: all). Returns (masks, coarse), both [D, 112, 112]:
+        coarse is the 28x28 mask bilinearly upsampled (as the official code for boxes it does not
+        refine); masks is refined where chosen and equal to coarse elsewhere.
         """
         roi_features = self.pooler(features, boxes, batch_index)  # [D, C, 14, 14]
         logits, mask_features = self.coarse(roi_features)
@@ -129,15 +139,19 @@ class TransfinerMaskHead(nn.Module):
         size = LEVEL_SIZES[-1]
         upsampled = F.interpolate(coarse[:, None].float(), size=(size, size), mode="bilinear")[:, 0]
         if not (refine and self.cfg.enabled):
-            return upsampled
+            return upsampled, upsampled
 
         index = torch.arange(boxes.shape[0], device=boxes.device)
         if refine_mask is not None:
             index = index[refine_mask]
         incoherence = self.incoherence(roi_features[index], mask_features[index])
-        enhanced = [features[0] + self.semantic(features[0])] + list(features[1:4])
+        enhanced = self.enhanced_features(features)
         refined = self.refiner(
             enhanced, boxes[index], batch_index[index], self.pooler.levels(boxes[index]),
             roi_features[index], coarse[index], incoherence,
         )
-        return upsampled.index_put((index,), refined)
+        return upsampled.index_put((index,), refined), upsampled
+
+    def enhanced_features(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """P2 + semantic(P2), P3, P4, P5: what the 28/56/112 RoIAligns read (official pooler)."""
+        return [features[0] + self.semantic(features[0])] + list(features[1:4])

@@ -36,6 +36,7 @@ class RawOutputs:
     classes: torch.Tensor  # [D] int64, contiguous class index
     batch_index: torch.Tensor  # [D] int64
     mask_probs: torch.Tensor  # [D, 112, 112] float
+    coarse_probs: torch.Tensor  # [D, 112, 112] the coarse masks of the same detections
 
 
 class MaskTransfiner(nn.Module):
@@ -87,8 +88,10 @@ class MaskTransfiner(nn.Module):
         cap = options.max_refined_per_image
         cap = self.cfg.transfiner.max_refined_per_image if cap is None else cap
         refine_mask = rank_within_image(detections.batch_index, images.shape[0]) < cap
-        mask_probs = self.mask_head(
+        mask_probs, coarse_probs = self.mask_head(
             box_features, detections.boxes, detections.classes, detections.batch_index,
             refine_mask, options.refine,
         )
-        return RawOutputs(detections.boxes, detections.scores, detections.classes, detections.batch_index, mask_probs)
+        return RawOutputs(
+            detections.boxes, detections.scores, detections.classes, detections.batch_index, mask_probs, coarse_probs
+        )

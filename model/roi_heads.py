@@ -85,13 +85,16 @@ class BoxROIHeads(nn.Module):
         score_thresh = self.cfg.score_thresh_test if score_thresh is None else score_thresh
         top_k = self.cfg.detections_per_image if detections_per_image is None else detections_per_image
         num_classes = self.cfg.num_classes
-        scores = F.softmax(logits.float(), dim=-1)[:, :-1]  # drop background: [P, K]
+        probs = F.softmax(logits.float(), dim=-1)
         boxes = self.box2box.apply_deltas(deltas, proposals).view(-1, num_classes, 4)
+        # As detectron2: a proposal with any non-finite box or score is dropped whole, and before
+        # clipping (clipping would turn an infinite box into a finite one on the border).
+        finite = torch.isfinite(boxes).flatten(1).all(dim=1) & torch.isfinite(probs).all(dim=1)  # [P]
+        scores = probs[:, :-1]  # drop background: [P, K]
         sizes = image_sizes[proposal_batch]  # [P, 2]
         boxes = clip_boxes(boxes, sizes[:, None, 0:1].to(boxes.dtype), sizes[:, None, 1:2].to(boxes.dtype))
 
-        finite = torch.isfinite(boxes).all(dim=2) & torch.isfinite(scores)
-        proposal_index, classes = torch.nonzero((scores > score_thresh) & finite, as_tuple=True)
+        proposal_index, classes = torch.nonzero((scores > score_thresh) & finite[:, None], as_tuple=True)
         boxes = boxes[proposal_index, classes]
         scores = scores[proposal_index, classes]
         batch_index = proposal_batch[proposal_index]
@@ -100,5 +103,6 @@ class BoxROIHeads(nn.Module):
         keep = batched_nms(boxes, scores, batch_index * num_classes + classes, self.cfg.nms_thresh_test)
         # Group by image, keeping score order inside each image, then cut to top-k per image.
         keep = keep[torch.sort(batch_index[keep], stable=True).indices]
-        keep = keep[rank_within_image(batch_index[keep], image_sizes.shape[0]) < top_k]
+        if top_k >= 0:  # as detectron2, a negative top-k keeps every detection
+            keep = keep[rank_within_image(batch_index[keep], image_sizes.shape[0]) < top_k]
         return Detections(boxes[keep], scores[keep], classes[keep], batch_index[keep])

@@ -1,0 +1,46 @@
+"""Where models come from: the shipped default model, or a checkpoint the user names.
+
+Every command that takes weights accepts ``--model default`` or ``--model PATH`` (a checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint_io import CheckpointError
+from .config import ModelConfig, preset
+
+# The small model trained by our own `transfiner train` on make-shapes data (see its README).
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+DEFAULT_WEIGHTS = DEFAULT_MODEL_DIR / "model.pth"
+
+
+def resolve_weights(model: str | os.PathLike | None) -> Path | None:
+    """``None`` -> no weights, ``"default"`` -> the shipped model, else the given checkpoint path."""
+    if model is None:
+        return None
+    if str(model) == "default":
+        if not DEFAULT_WEIGHTS.is_file():
+            raise CheckpointError(f"the default model is missing: {DEFAULT_WEIGHTS} (reinstall the package)")
+        return DEFAULT_WEIGHTS
+    path = Path(model)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give a checkpoint file (.pth)")
+    if not path.is_file():
+        raise CheckpointError(f"model not found: {path}")
+    return path
+
+
+def load_predictor(
+    model: str | os.PathLike | None = "default", config: str | ModelConfig | None = None,
+    device: str | torch.device | None = "auto",
+):
+    """A ``Predictor`` for ``--model`` (and optionally ``--config``, needed for bare state dicts)."""
+    from .predictor import Predictor
+
+    weights = resolve_weights(model)
+    cfg = preset(config) if isinstance(config, str) else config
+    return Predictor(cfg, weights, device)
