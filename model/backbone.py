@@ -11,17 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FPNConfig, ResNetConfig
-from .layers import Conv2d, DeformConv, FrozenBatchNorm2d, c2_msra_fill, c2_xavier_fill
+from .layers import Conv2d, DeformConv, c2_msra_fill, c2_xavier_fill, get_norm
 
 
 class BasicStem(nn.Module):
     """7x7/2 conv, ReLU, 3x3/2 max-pool: stride 4."""
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 64) -> None:
+    def __init__(self, in_channels: int = 3, out_channels: int = 64, norm: str = "FrozenBN") -> None:
         super().__init__()
         self.conv1 = Conv2d(
             in_channels, out_channels, 7, stride=2, padding=3, bias=False,
-            norm=FrozenBatchNorm2d(out_channels),
+            norm=get_norm(norm, out_channels),
         )
         c2_msra_fill(self.conv1)
 
@@ -30,11 +30,11 @@ class BasicStem(nn.Module):
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
 
 
-def _shortcut(in_channels: int, out_channels: int, stride: int) -> Conv2d | None:
+def _shortcut(in_channels: int, out_channels: int, stride: int, norm: str) -> Conv2d | None:
     if in_channels == out_channels:
         return None
     conv = Conv2d(
-        in_channels, out_channels, 1, stride=stride, bias=False, norm=FrozenBatchNorm2d(out_channels)
+        in_channels, out_channels, 1, stride=stride, bias=False, norm=get_norm(norm, out_channels)
     )
     c2_msra_fill(conv)
     return conv
@@ -43,15 +43,15 @@ def _shortcut(in_channels: int, out_channels: int, stride: int) -> Conv2d | None
 class BasicBlock(nn.Module):
     """Two 3x3 convs (ResNet-18/34)."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str = "FrozenBN") -> None:
         super().__init__()
-        self.shortcut = _shortcut(in_channels, out_channels, stride)
+        self.shortcut = _shortcut(in_channels, out_channels, stride, norm)
         self.conv1 = Conv2d(
             in_channels, out_channels, 3, stride=stride, padding=1, bias=False,
-            norm=FrozenBatchNorm2d(out_channels),
+            norm=get_norm(norm, out_channels),
         )
         self.conv2 = Conv2d(
-            out_channels, out_channels, 3, padding=1, bias=False, norm=FrozenBatchNorm2d(out_channels)
+            out_channels, out_channels, 3, padding=1, bias=False, norm=get_norm(norm, out_channels)
         )
         for conv in (self.conv1, self.conv2):
             c2_msra_fill(conv)
@@ -68,14 +68,14 @@ class BottleneckBlock(nn.Module):
     def __init__(
         self, in_channels: int, out_channels: int, bottleneck_channels: int, stride: int,
         num_groups: int = 1, stride_in_1x1: bool = True, deform: bool = False,
-        deform_modulated: bool = False,
+        deform_modulated: bool = False, norm: str = "FrozenBN",
     ) -> None:
         super().__init__()
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.shortcut = _shortcut(in_channels, out_channels, stride)
+        self.shortcut = _shortcut(in_channels, out_channels, stride, norm)
         self.conv1 = Conv2d(
             in_channels, bottleneck_channels, 1, stride=stride_1x1, bias=False,
-            norm=FrozenBatchNorm2d(bottleneck_channels),
+            norm=get_norm(norm, bottleneck_channels),
         )
         self.deform_modulated = deform_modulated
         if deform:
@@ -88,16 +88,16 @@ class BottleneckBlock(nn.Module):
             nn.init.zeros_(self.conv2_offset.bias)
             self.conv2 = DeformConv(
                 bottleneck_channels, bottleneck_channels, 3, stride=stride_3x3, padding=1,
-                groups=num_groups, norm=FrozenBatchNorm2d(bottleneck_channels),
+                groups=num_groups, norm=get_norm(norm, bottleneck_channels),
             )
         else:
             self.conv2_offset = None
             self.conv2 = Conv2d(
                 bottleneck_channels, bottleneck_channels, 3, stride=stride_3x3, padding=1,
-                groups=num_groups, bias=False, norm=FrozenBatchNorm2d(bottleneck_channels),
+                groups=num_groups, bias=False, norm=get_norm(norm, bottleneck_channels),
             )
         self.conv3 = Conv2d(
-            bottleneck_channels, out_channels, 1, bias=False, norm=FrozenBatchNorm2d(out_channels)
+            bottleneck_channels, out_channels, 1, bias=False, norm=get_norm(norm, out_channels)
         )
         for conv in (self.conv1, self.conv3) + ((self.conv2,) if not deform else ()):
             c2_msra_fill(conv)
@@ -129,7 +129,7 @@ class ResNet(nn.Module):
         basic = cfg.depth in (18, 34)
         if basic and cfg.res2_out_channels != 64:
             raise ValueError("ResNet-18/34 need res2_out_channels=64")
-        self.stem = BasicStem(3, cfg.stem_out_channels)
+        self.stem = BasicStem(3, cfg.stem_out_channels, cfg.norm)
         self.stage_names = ("res2", "res3", "res4", "res5")
         self.out_channels: dict[str, int] = {}
         in_channels = cfg.stem_out_channels
@@ -140,11 +140,11 @@ class ResNet(nn.Module):
             for block_index in range(num_blocks):
                 stride = 2 if (block_index == 0 and index > 0) else 1
                 if basic:
-                    block = BasicBlock(in_channels, out_channels, stride)
+                    block = BasicBlock(in_channels, out_channels, stride, cfg.norm)
                 else:
                     block = BottleneckBlock(
                         in_channels, out_channels, bottleneck, stride, cfg.num_groups,
-                        cfg.stride_in_1x1, cfg.deform_on_per_stage[index], cfg.deform_modulated,
+                        cfg.stride_in_1x1, cfg.deform_on_per_stage[index], cfg.deform_modulated, cfg.norm,
                     )
                 blocks.append(block)
                 in_channels = out_channels

@@ -14,6 +14,7 @@ from pathlib import Path
 from .checkpoint_io import CheckpointError
 from .config import PRESET_NAMES
 from .data import DatasetError
+from .default_model import add_model_arguments
 
 
 class UsageError(Exception):
@@ -33,30 +34,13 @@ def _load_image(path: Path):
         raise UsageError(f"cannot read image {path}: {error}") from None
 
 
-def coco_records(prediction, image_id, category_ids) -> list[dict]:
-    """One COCO results record per instance (bbox as xywh, compressed RLE with str counts)."""
-    records = []
-    for box, score, cls, rle in zip(prediction.boxes, prediction.scores, prediction.classes, prediction.rles):
-        x0, y0, x1, y1 = (float(v) for v in box)
-        records.append({
-            "image_id": image_id,
-            "category_id": int(category_ids[int(cls)]),
-            "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-            "score": round(float(score), 5),
-            "segmentation": rle,
-        })
-    return records
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .predictor import Predictor
+    from .default_model import predictor_from_args
     from .visualize import draw_overlay
 
-    if args.weights is None:
-        print("warning: no --weights given, the model has random weights", file=sys.stderr)
-    predictor = Predictor(args.config, args.weights, args.device)
+    predictor = predictor_from_args(args)
     cfg = predictor.cfg
     paths = [Path(p) for p in args.images]
     if args.overlay:
@@ -71,7 +55,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             mask_threshold=args.mask_threshold,
         )
         for path, image, prediction in zip(chunk, images, predictions):
-            records.extend(coco_records(prediction, path.name, cfg.category_ids))
+            records.extend(prediction.coco_records(path.name, cfg.category_ids))
             if args.overlay:
                 labels = [f"{cfg.class_names[c]} {s:.2f}" for c, s in zip(prediction.classes, prediction.scores)]
                 picture = draw_overlay(image, prediction.boxes, prediction.masks, labels)
@@ -109,12 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="segment images, write COCO results JSON")
     predict.add_argument("images", nargs="+", help="image files")
-    predict.add_argument("--config", default=None, choices=PRESET_NAMES,
-                         help="model preset (default: the one stored in --weights)")
-    predict.add_argument("--weights", default=None, help="checkpoint file")
+    add_model_arguments(predict)
     predict.add_argument("--out", required=True, help="results JSON path")
     predict.add_argument("--overlay", default=None, help="folder for overlay PNGs")
-    predict.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     predict.add_argument("--batch-size", type=int, default=2)
     predict.add_argument("--score-threshold", type=float, default=None)
     predict.add_argument("--max-detections", type=int, default=None, help="per image (default: 100)")
@@ -135,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     shapes = commands.add_parser("make-shapes", help="write a synthetic fine-detail COCO data set")
     add_make_shapes_arguments(shapes)
     shapes.set_defaults(func=cmd_make_shapes)
+
+    from .train import add_train_arguments, cmd_train
+
+    train = commands.add_parser("train", help="train on a COCO-format data set")
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    from .evaluate import add_evaluate_arguments, cmd_evaluate
+
+    evaluate = commands.add_parser("evaluate", help="box, mask and boundary AP of coarse vs refined masks")
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
     return parser
 
 

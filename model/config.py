@@ -56,6 +56,8 @@ class ResNetConfig:
     deform_on_per_stage: tuple[bool, bool, bool, bool] = (False, False, False, False)
     deform_modulated: bool = False
     freeze_at: int = 2  # stem and res2 are frozen when training from ImageNet weights
+    # FrozenBN for (official, ImageNet-initialised) weights; GN to train from scratch.
+    norm: str = "FrozenBN"
 
 
 @dataclass
@@ -204,10 +206,11 @@ def small_config(
     num_classes = len(class_names)
     return ModelConfig(
         name="small",
+        # Native make-shapes resolution: downscaling would erase the detail the refiner is for.
         input=InputConfig(
-            min_size_test=320, max_size_test=512, min_size_train=(256, 288, 320, 352), max_size_train=512,
+            min_size_test=384, max_size_test=640, min_size_train=(320, 352, 384, 416), max_size_train=640,
         ),
-        resnet=ResNetConfig(depth=18, res2_out_channels=64, freeze_at=0),
+        resnet=ResNetConfig(depth=18, res2_out_channels=64, freeze_at=0, norm="GN"),
         fpn=FPNConfig(out_channels=64),
         rpn=RPNConfig(
             anchor_sizes=(16, 32, 64, 128, 256), pre_nms_topk_train=1000, pre_nms_topk_test=500,
@@ -215,7 +218,8 @@ def small_config(
         ),
         roi_heads=ROIHeadsConfig(num_classes=num_classes, fc_dim=256, batch_size_per_image=128),
         mask_head=MaskHeadConfig(conv_dim=64, incoherence_dim=32),
-        transfiner=TransfinerConfig(d_model=64, num_heads=4, num_layers=3, dim_feedforward=256),
+        # No dropout: it costs a quarter of a CPU training step and a short schedule needs none.
+        transfiner=TransfinerConfig(d_model=64, num_heads=4, num_layers=3, dim_feedforward=256, dropout=0.0),
         class_names=class_names,
         category_ids=category_ids or tuple(range(1, num_classes + 1)),
     )

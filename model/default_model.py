@@ -5,13 +5,14 @@ Every command that takes weights accepts ``--model default`` or ``--model PATH``
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
 import torch
 
 from .checkpoint_io import CheckpointError
-from .config import ModelConfig, preset
+from .config import PRESET_NAMES, ModelConfig, preset
 
 # The small model trained by our own `transfiner train` on make-shapes data (see its README).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
@@ -44,3 +45,22 @@ def load_predictor(
     weights = resolve_weights(model)
     cfg = preset(config) if isinstance(config, str) else config
     return Predictor(cfg, weights, device)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``/``--weights``, ``--config`` and ``--device``, the same for every command."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--model", default=None, help="'default' (the shipped model, the default) or a checkpoint")
+    group.add_argument("--weights", default=None, help="checkpoint file (same as --model FILE)")
+    parser.add_argument("--config", default=None, choices=PRESET_NAMES,
+                        help="model preset (default: the one stored in the checkpoint)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
+
+def model_from_args(args: argparse.Namespace) -> str | Path:
+    """What ``--model``/``--weights`` name; the default model when neither is given."""
+    return args.weights or args.model or "default"
+
+
+def predictor_from_args(args: argparse.Namespace):
+    return load_predictor(model_from_args(args), args.config, args.device)

@@ -28,6 +28,17 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
 
 
+def get_norm(norm: str, channels: int) -> nn.Module:
+    """detectron2's norm names: "FrozenBN" (pretrained backbones), "GN" (training from scratch), "BN"."""
+    if norm == "FrozenBN":
+        return FrozenBatchNorm2d(channels)
+    if norm == "GN":
+        return nn.GroupNorm(32, channels)
+    if norm == "BN":
+        return nn.BatchNorm2d(channels)
+    raise ValueError(f"unknown norm {norm!r}; use FrozenBN, GN or BN")
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` with an optional ``norm`` child, as detectron2's (keys ``conv.norm.*``)."""
 

@@ -11,6 +11,7 @@ import torch
 
 from .checkpoint import build_model, load_checkpoint
 from .config import ModelConfig, preset
+from .default_model import resolve_weights
 from .postprocess import encode_rle, paste_masks
 from .preprocess import ImageLike, prepare_batch, to_rgb_tensor
 from .rcnn import InferenceOptions, MaskTransfiner, RawOutputs
@@ -38,6 +39,20 @@ class Prediction:
             self._rles = encode_rle(self.masks)
         return self._rles
 
+    def coco_records(self, image_id, category_ids: Sequence[int]) -> list[dict]:
+        """One COCO results record per instance: bbox as xywh, compressed RLE with str counts."""
+        records = []
+        for box, score, cls, rle in zip(self.boxes, self.scores, self.classes, self.rles):
+            x0, y0, x1, y1 = (float(v) for v in box)
+            records.append({
+                "image_id": image_id,
+                "category_id": int(category_ids[int(cls)]),
+                "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                "score": round(float(score), 5),
+                "segmentation": rle,
+            })
+        return records
+
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
@@ -48,6 +63,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 class Predictor:
     """Runs Mask Transfiner on RGB images, as a batch, on one device.
 
+    >>> predictor = Predictor()                             # the shipped default model
     >>> predictor = Predictor("small")                      # preset, random weights
     >>> predictor = Predictor(weights="model.pth")          # config read from the checkpoint
     >>> prediction = predictor(image)                       # one image -> Prediction
@@ -58,11 +74,12 @@ class Predictor:
         self, config: str | ModelConfig | None = None, weights: str | os.PathLike | None = None,
         device: str | torch.device | None = "auto",
     ) -> None:
+        if config is None and weights is None:
+            weights = resolve_weights("default")
         if config is None:
-            stored = load_checkpoint(weights)[0] if weights is not None else None
-            if stored is None:
-                raise ValueError("give a config (or a checkpoint that contains one)")
-            config = stored
+            config = load_checkpoint(weights)[0]
+            if config is None:
+                raise ValueError(f"{weights} holds no config: give one (e.g. --config R50-FPN)")
         self.cfg = preset(config) if isinstance(config, str) else config
         self.device = resolve_device(device)
         self.model: MaskTransfiner = build_model(self.cfg, weights, self.device)
@@ -94,13 +111,14 @@ class Predictor:
         options = InferenceOptions(score_threshold, max_detections, refine)
         raw = self.model(batch, sizes, options)
         original = [tuple(image.shape[-2:]) for image in rgb]
-        return [self._postprocess(raw, i, sizes[i], original[i], mask_threshold) for i in range(len(rgb))]
+        return [self.postprocess(raw, i, sizes[i], original[i], mask_threshold) for i in range(len(rgb))]
 
     @staticmethod
-    def _postprocess(
+    def postprocess(
         raw: RawOutputs, index: int, input_size: torch.Tensor, original: tuple[int, int], mask_threshold: float
     ) -> Prediction:
-        """Detectron2's ``detector_postprocess``: rescale boxes, drop empty ones, paste masks."""
+        """Detectron2's ``detector_postprocess`` for image ``index`` of a batch: rescale boxes from
+        the network input (``input_size`` (h, w)) to ``original``, drop empty ones, paste masks."""
         rows = raw.batch_index == index
         boxes = raw.boxes[rows]
         height, width = original

@@ -92,17 +92,24 @@ class PointQuadtree(nn.Module):
         cols = col[:, None, None] * c + sub[None, None, :]
         return (rows * size + cols).reshape(-1, c * c)
 
-    def forward(self, incoherence: torch.Tensor) -> list[QuadtreeLevel]:
-        """incoherence [R, 28, 28] probabilities -> one ``QuadtreeLevel`` per level."""
+    def forward(self, incoherence: torch.Tensor, random_order: bool = False) -> list[QuadtreeLevel]:
+        """incoherence [R, 28, 28] probabilities -> one ``QuadtreeLevel`` per level.
+
+        At inference the k most incoherent cells are taken. With ``random_order`` (training, as
+        the official random node sampling) k random cells among those above the threshold are.
+        """
         scores = incoherence.flatten(1)  # [R, 784]
         levels = []
         for size, threshold, k in zip(LEVEL_SIZES, self.thresholds, self.max_cells):
+            above = scores >= threshold
             if k == scores.shape[1]:
                 # Every cell is a candidate: keep raster order, no sort needed.
                 cells = torch.arange(k, device=scores.device).expand(scores.shape[0], k)
+            elif random_order:
+                cells = (torch.rand_like(scores) + above.to(scores.dtype)).topk(k, dim=1).indices
             else:
                 cells = scores.topk(k, dim=1).indices
-            valid = scores.gather(1, cells) >= threshold  # [R, k]
+            valid = above.gather(1, cells)  # [R, k]
             c = size // LEVEL_SIZES[0]
             if c == 1:
                 nodes = cells
@@ -293,21 +300,16 @@ class TransfinerRefiner(nn.Module):
                 out.append(pooled.flatten(2).transpose(1, 2).reshape(num, k * c * c, pooled.shape[1]))
         return out
 
-    def forward(
+    def decode(
         self, features: list[torch.Tensor], boxes: torch.Tensor, batch_index: torch.Tensor,
-        box_levels: torch.Tensor, context: torch.Tensor, coarse: torch.Tensor, incoherence: torch.Tensor,
-    ) -> torch.Tensor:
-        """Refines R boxes at once.
+        box_levels: torch.Tensor, context: torch.Tensor, coarse: torch.Tensor, levels: list[QuadtreeLevel],
+    ) -> list[torch.Tensor]:
+        """Builds each box's token sequence, encodes all boxes at once, decodes probabilities.
 
-        features: P2 (+ semantic enhancement), P3, P4, P5; boxes [R, 4] in input-image pixels;
-        batch_index [R]; box_levels [R] (0 = P2) from the box size; context [R, C, 14, 14] RoI
-        features; coarse [R, 28, 28] and incoherence [R, 28, 28] probabilities.
-        Returns [R, 112, 112] mask probabilities.
+        Returns [context [R, 196], level 28 [R, n28], level 56 [R, n56], level 112 [R, n112]].
         """
         num = boxes.shape[0]
-        levels = self.quadtree(incoherence)
         level_features = self.node_features(features, boxes, batch_index, box_levels, levels)
-
         coarse_1 = coarse[:, None].float()
         # Coarse probability at the context grid and at each level's nodes (bilinear, as official).
         context_probs = F.interpolate(coarse_1, size=(CONTEXT_SIZE,) * 2, mode="bilinear").flatten(1)
@@ -329,7 +331,21 @@ class TransfinerRefiner(nn.Module):
         pos = torch.cat(positions, dim=1).to(tokens.dtype)
         padding_mask = torch.cat(padding, dim=1)
         decoded = self.pixel_decoder(self.sequence_encoder(tokens, pos, padding_mask))  # [R, L]
-
         sizes = [CONTEXT_SIZE**2] + [level.nodes.shape[1] for level in levels]
-        refined = decoded.split(sizes, dim=1)[1:]  # context outputs are only supervised in training
-        return propagate(coarse.float(), levels, list(refined))
+        return list(decoded.split(sizes, dim=1))
+
+    def forward(
+        self, features: list[torch.Tensor], boxes: torch.Tensor, batch_index: torch.Tensor,
+        box_levels: torch.Tensor, context: torch.Tensor, coarse: torch.Tensor, incoherence: torch.Tensor,
+    ) -> torch.Tensor:
+        """Refines R boxes at once.
+
+        features: P2 (+ semantic enhancement), P3, P4, P5; boxes [R, 4] in input-image pixels;
+        batch_index [R]; box_levels [R] (0 = P2) from the box size; context [R, C, 14, 14] RoI
+        features; coarse [R, 28, 28] and incoherence [R, 28, 28] probabilities.
+        Returns [R, 112, 112] mask probabilities.
+        """
+        levels = self.quadtree(incoherence)
+        decoded = self.decode(features, boxes, batch_index, box_levels, context, coarse, levels)
+        # The context tokens' outputs are only supervised in training.
+        return propagate(coarse.float(), levels, decoded[1:])

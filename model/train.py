@@ -1,0 +1,292 @@
+"""``transfiner train``: iteration-based training on any COCO-format data set, CPU or GPU.
+
+Writes into ``--out``: ``last.pth`` (everything needed to ``--resume``), ``model_final.pth``
+(our inference checkpoint), ``metrics.jsonl`` (one line per logged iteration), ``loss_curve.png``
+and, with ``--val``, an evaluation report in ``eval/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint_io import CheckpointError
+from .config import PRESET_NAMES, ModelConfig, preset, small_config
+from .data import CocoDataset, make_loader
+from .losses import TrainingLosses
+from .predictor import resolve_device
+from .preprocess import pad_batch
+from .rcnn import MaskTransfiner
+
+TRAIN_STATE_FORMAT = "transfiner-train/1"
+
+
+@dataclass
+class SolverConfig:
+    iters: int = 3000
+    batch_size: int = 4
+    optimizer: str = "sgd"  # or "adamw"
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 200
+    warmup_factor: float = 0.001
+    steps: tuple[float, ...] = (0.75, 0.9)  # fractions of `iters` where the lr drops by `gamma`
+    gamma: float = 0.1
+    clip_grad: float | None = None  # max gradient norm
+    amp: bool = True  # mixed precision, used on CUDA only
+    checkpoint_period: int = 500
+    log_period: int = 20
+    seed: int = 0
+    workers: int = 0
+    semantic_loss: bool = True
+    boundary_loss: bool = True
+
+    def lr_at(self, iteration: int) -> float:
+        """Linear warm-up, then step decay (detectron2's WarmupMultiStepLR)."""
+        factor = self.gamma ** sum(iteration >= int(s * self.iters) for s in self.steps)
+        if iteration < self.warmup_iters:
+            alpha = iteration / self.warmup_iters
+            factor *= self.warmup_factor * (1 - alpha) + alpha
+        return self.lr * factor
+
+
+def model_config_for_data(name: str | ModelConfig, dataset: CocoDataset) -> ModelConfig:
+    """The preset with the data set's classes (the head sizes follow the number of classes).
+
+    A ``ModelConfig`` is used as it is, after checking that its classes are the data set's."""
+    names, ids = tuple(dataset.class_names), tuple(dataset.category_ids)
+    if isinstance(name, ModelConfig):
+        if (name.class_names, name.category_ids) != (names, ids):
+            raise ValueError(f"config classes {name.class_names} differ from the data set's {names}")
+        return name
+    if name == "small":
+        return small_config(names, ids)
+    cfg = preset(name)
+    if names == cfg.class_names and ids == cfg.category_ids:
+        return cfg
+    heads = dataclasses.replace(cfg.roi_heads, num_classes=len(names))
+    return dataclasses.replace(cfg, roi_heads=heads, class_names=names, category_ids=ids)
+
+
+def load_matching_weights(model: MaskTransfiner, path: str | Path) -> list[str]:
+    """Initialises from a checkpoint, skipping tensors whose shape differs (e.g. class heads when
+    fine-tuning an 80-class model on other classes). Returns the skipped names."""
+    _, state = load_checkpoint(path)
+    target = model.state_dict()
+    usable = {k: v.float() if v.is_floating_point() else v for k, v in state.items()
+              if k in target and v.shape == target[k].shape}
+    if not usable:
+        raise CheckpointError(f"{path} shares no weights with config {model.cfg.name!r}")
+    model.load_state_dict(usable, strict=False)
+    return sorted(set(target) - set(usable))
+
+
+def build_optimizer(parameters: list[torch.nn.Parameter], solver: SolverConfig) -> torch.optim.Optimizer:
+    # No weight decay on norms and biases, as detectron2 (WEIGHT_DECAY_NORM = 0).
+    decay = [p for p in parameters if p.ndim > 1]
+    no_decay = [p for p in parameters if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": solver.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if solver.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=solver.lr, momentum=solver.momentum)
+    if solver.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=solver.lr)
+    raise ValueError(f"unknown optimizer {solver.optimizer!r}; use sgd or adamw")
+
+
+def train(
+    config_name: str | ModelConfig, data: str | Path, out: str | Path, solver: SolverConfig, val: str | Path | None = None,
+    resume: bool = False, init_weights: str | Path | None = None, device: str = "auto",
+    image_root: str | Path | None = None,
+) -> Path:
+    """Trains and returns the path of the final inference checkpoint."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(device)
+    torch.manual_seed(solver.seed)
+    random.seed(solver.seed)
+    np.random.seed(solver.seed)
+
+    state_path = out / "last.pth"
+    state = None
+    if resume:
+        if not state_path.is_file():
+            raise CheckpointError(f"--resume: no {state_path} to resume from")
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        solver = SolverConfig(**{**state["solver"], "iters": solver.iters})
+
+    dataset = CocoDataset(data, image_root=image_root, train=True, seed=solver.seed)
+    cfg = ModelConfig.from_dict(state["config"]) if state else model_config_for_data(config_name, dataset)
+    dataset.input_cfg = cfg.input
+    model = MaskTransfiner(cfg).to(device)
+    losses_fn = TrainingLosses(model, solver.semantic_loss, solver.boundary_loss).to(device)
+    if init_weights is not None and state is None:
+        skipped = load_matching_weights(model, init_weights)
+        print(f"initialised from {init_weights}; {len(skipped)} tensors kept their fresh initialisation")
+    parameters = [p for p in list(model.parameters()) + list(losses_fn.parameters()) if p.requires_grad]
+    optimizer = build_optimizer(parameters, solver)
+    use_amp = solver.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start = 0
+    if state:
+        model.load_state_dict(state["model"])
+        losses_fn.load_state_dict(state["aux"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        start = state["iter"]
+
+    (out / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "solver": dataclasses.asdict(solver)}, indent=2))
+    metrics_path = out / "metrics.jsonl"
+    if not resume and metrics_path.exists():
+        metrics_path.unlink()
+
+    def save_state(iteration: int) -> None:
+        torch.save({
+            "format": TRAIN_STATE_FORMAT, "config": cfg.to_dict(), "solver": dataclasses.asdict(solver),
+            "model": model.state_dict(), "aux": losses_fn.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "iter": iteration,
+        }, state_path)
+
+    model.train()
+    loader = make_loader(dataset, solver.batch_size, shuffle=True, num_workers=solver.workers, seed=solver.seed)
+    epoch = start * solver.batch_size // max(len(dataset), 1)
+    batches = _cycle(loader, dataset, epoch)
+    progress = tqdm(range(start, solver.iters), initial=start, total=solver.iters, desc="train", disable=None)
+    window: list[dict[str, float]] = []
+    tic = time.perf_counter()
+    for iteration in progress:
+        samples = next(batches)
+        images, sizes = pad_batch([s.image.to(device) for s in samples], cfg.input)
+        lr = solver.lr_at(iteration)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            losses = losses_fn(model, images, sizes, samples)
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"loss became {total.item()} at iteration {iteration}: {_fmt(losses)}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        if solver.clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(parameters, solver.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+
+        window.append({k: float(v.detach()) for k, v in losses.items()} | {"total": float(total.detach())})
+        if (iteration + 1) % solver.log_period == 0 or iteration + 1 == solver.iters:
+            mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+            elapsed = time.perf_counter() - tic
+            record = {"iter": iteration + 1, "lr": lr, "s_per_iter": elapsed / len(window)} | mean
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            progress.set_postfix(loss=f"{mean['total']:.3f}", lr=f"{lr:.2g}")
+            window, tic = [], time.perf_counter()
+        if (iteration + 1) % solver.checkpoint_period == 0:
+            save_state(iteration + 1)
+            plot_losses(metrics_path, out / "loss_curve.png")
+
+    save_state(solver.iters)
+    model.eval()
+    final = out / "model_final.pth"
+    save_checkpoint(final, model, trained_iters=solver.iters, data=str(data))
+    plot_losses(metrics_path, out / "loss_curve.png")
+    if val is not None:
+        from .evaluate import evaluate
+        from .predictor import Predictor
+
+        evaluate(Predictor(cfg, final, device), val, out / "eval")
+    return final
+
+
+def _cycle(loader, dataset: CocoDataset, epoch: int):
+    while True:
+        dataset.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _fmt(losses: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    """Each loss (and the total) against the iteration, log scale."""
+    if not metrics_path.exists():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not records:
+        return
+    names = [k for k in records[0] if k.startswith("loss") or k == "total"]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    iters = [r["iter"] for r in records]
+    for name in names:
+        ax.plot(iters, [r[name] for r in records], label=name, linewidth=2.5 if name == "total" else 1.2)
+    ax.set(xlabel="iteration", ylabel="loss", yscale="log", title="training losses")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = SolverConfig()
+    parser.add_argument("--config", default="small", choices=PRESET_NAMES, help="model preset")
+    parser.add_argument("--data", required=True, help="training annotations (COCO json)")
+    parser.add_argument("--val", default=None, help="validation annotations, evaluated at the end")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")
+    parser.add_argument("--weights", default=None, help="initialise from a checkpoint (e.g. a converted official one)")
+    parser.add_argument("--image-root", default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--iters", type=int, default=defaults.iters)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--optimizer", default=defaults.optimizer, choices=["sgd", "adamw"])
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--warmup-iters", type=int, default=defaults.warmup_iters)
+    parser.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
+    parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    parser.add_argument("--checkpoint-period", type=int, default=defaults.checkpoint_period)
+    parser.add_argument("--log-period", type=int, default=defaults.log_period)
+    parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--no-semantic-loss", action="store_true")
+    parser.add_argument("--no-boundary-loss", action="store_true")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    for name in ("iters", "batch_size", "checkpoint_period", "log_period"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise ValueError("--lr must be a positive number")
+    solver = SolverConfig(
+        iters=args.iters, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, clip_grad=args.clip_grad,
+        amp=not args.no_amp, checkpoint_period=args.checkpoint_period, log_period=args.log_period,
+        seed=args.seed, workers=args.workers, semantic_loss=not args.no_semantic_loss,
+        boundary_loss=not args.no_boundary_loss,
+    )
+    final = train(args.config, args.data, args.out, solver, args.val, args.resume, args.weights, args.device, args.image_root)
+    print(f"wrote {final}")
+    return 0
+

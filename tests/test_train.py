@@ -1,0 +1,138 @@
+"""Training: matcher and sampling, ground-truth targets, and a real few-iteration run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dataclasses
+
+from model.cli import main
+from model.config import InputConfig, small_config
+from model.losses import Matcher, dice_loss, subsample_labels
+from model.predictor import Predictor
+from model.shapes import make_shapes
+from model.targets import crop_masks, gt_incoherence, incoherence_maps, mask_boundary
+from model.train import SolverConfig, train
+
+
+def test_matcher_thresholds_and_low_quality_matches():
+    iou = torch.tensor([[0.9, 0.5, 0.1, 0.2], [0.1, 0.65, 0.25, 0.0]])
+    matcher = Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=False)
+    matches, labels = matcher(iou)
+    assert matches.tolist() == [0, 1, 1, 0]
+    assert labels.tolist() == [1, -1, 0, 0]
+    # With low-quality matches, ground truth 1's best prediction (0.65) becomes foreground.
+    _, labels = Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True)(iou)
+    assert labels.tolist() == [1, 1, 0, 0]
+    # No ground truth: everything is background.
+    matches, labels = matcher(torch.zeros(0, 3))
+    assert labels.tolist() == [0, 0, 0]
+
+
+def test_subsample_labels_respects_fraction():
+    labels = torch.tensor([1] * 50 + [0] * 200 + [-1] * 10)
+    torch.manual_seed(0)
+    pos, neg = subsample_labels(labels, 64, 0.25, 0)
+    assert len(pos) == 16 and len(neg) == 48
+    assert torch.all(labels[pos] == 1) and torch.all(labels[neg] == 0)
+    assert len(set(pos.tolist())) == 16
+    pos, neg = subsample_labels(torch.tensor([1, 1, 0, 0, 0]), 64, 0.5, 0)
+    assert len(pos) == 2 and len(neg) == 3
+
+
+def test_dice_loss():
+    target = torch.zeros(2, 4, 4)
+    target[:, 1:3, 1:3] = 1
+    assert dice_loss(target, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert dice_loss(1 - target, target).item() == pytest.approx(1 - 1 / 17, abs=1e-6)
+
+
+def test_incoherence_of_known_masks():
+    masks = torch.zeros(3, 64, 64)
+    masks[0, 16:48, 16:48] = 1  # a square on even coordinates survives 2x down/up sampling inside
+    masks[1, :, 31] = 1  # a 1-pixel line cannot survive
+    maps = incoherence_maps(masks)
+    assert maps.shape == (3, 32, 32)
+    assert maps[2].sum() == 0  # empty mask: nothing incoherent
+    assert maps[0, 12:20, 12:20].max() == 0  # deep inside the square: coherent
+    assert maps[0, 8, 12:20].max() == 1  # on the square's edge: incoherent
+    assert maps[1, :, 15].min() == 1  # the whole thin line is incoherent
+    # On the 28x28 box grid the square's border cells are incoherent, its centre is not.
+    boxes = torch.tensor([[8.0, 8.0, 56.0, 56.0]])
+    inc = gt_incoherence(masks, boxes, torch.tensor([0]))
+    assert inc.shape == (1, 28, 28)
+    assert not inc[0, 12:16, 12:16].any() and inc[0, 4:24, 4:6].any()
+    area = inc.float().mean()
+    assert 0.05 < area < 0.5
+
+
+def test_crop_masks_and_boundary():
+    masks = torch.zeros(1, 40, 40)
+    masks[0, 10:30, 10:30] = 1
+    crop = crop_masks(masks, torch.tensor([[10.0, 10.0, 30.0, 30.0]]), torch.tensor([0]), 28)
+    assert crop.all()  # the box is exactly the mask
+    crop = crop_masks(masks, torch.tensor([[0.0, 0.0, 40.0, 40.0]]), torch.tensor([0]), 4)
+    assert crop[0].tolist() == [[False] * 4, [False, True, True, False], [False, True, True, False], [False] * 4]
+    square = torch.zeros(1, 8, 8, dtype=torch.bool)
+    square[0, 2:6, 2:6] = True
+    boundary = mask_boundary(square)
+    # Dilation adds the 4-neighbour ring, erosion removes the square's own border.
+    assert boundary[0, 2, 2] and boundary[0, 1, 3] and not boundary[0, 3, 3] and not boundary[0, 0, 0]
+    full = torch.ones(1, 5, 5, dtype=torch.bool)
+    assert not mask_boundary(full).any()  # skimage's erosion keeps the grid edge
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    return make_shapes(root, num_images=4, seed=3, size=(160, 160))
+
+
+def tiny_config(annotations):
+    """The small preset at the data's own 160 px, with fewer refinement nodes: fast on 2 cores."""
+    categories = json.loads(annotations.read_text())["categories"]
+    cfg = small_config(tuple(c["name"] for c in categories), tuple(c["id"] for c in categories))
+    return dataclasses.replace(
+        cfg,
+        input=InputConfig(min_size_test=160, max_size_test=160, min_size_train=(160,), max_size_train=160),
+        transfiner=dataclasses.replace(cfg.transfiner, max_cells=(784, 64, 16), train_nodes_per_level=48),
+    )
+
+
+def test_training_reduces_loss_and_resumes(tiny_data, tmp_path):
+    solver = SolverConfig(iters=24, batch_size=2, lr=0.01, warmup_iters=4, log_period=4, checkpoint_period=12)
+    out = tmp_path / "run"
+    torch.manual_seed(0)
+    final = train(tiny_config(tiny_data), tiny_data, out, solver, device="cpu")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records] == [4, 8, 12, 16, 20, 24]
+    expected = {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask", "loss_mask_uncertain",
+                "loss_mask_refine", "loss_bound", "loss_semantic"}
+    assert expected <= set(records[0])
+    first, last = records[0], records[-1]
+    assert last["total"] < 0.8 * first["total"], (first["total"], last["total"])
+    assert last["loss_rpn_cls"] < first["loss_rpn_cls"]
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert (out / "last.pth").exists()
+
+    # Resume continues from the saved iteration and appends to the log.
+    train(tiny_config(tiny_data), tiny_data, out, SolverConfig(**{**solver.__dict__, "iters": 28}), resume=True, device="cpu")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records][-2:] == [24, 28]
+
+    # The final checkpoint is a self-describing inference model.
+    predictor = Predictor(weights=final, device="cpu")
+    assert predictor.cfg == tiny_config(tiny_data)
+    assert len(predictor(torch.zeros(3, 160, 160, dtype=torch.uint8), max_detections=3).masks) <= 3
+
+
+def test_train_cli_errors(tiny_data, tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "o"), "--iters", "0"]) == 2
+    assert "--iters" in capsys.readouterr().err
+    assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "fresh"), "--resume"]) == 2
+    assert "resume" in capsys.readouterr().err
