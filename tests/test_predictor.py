@@ -144,7 +144,7 @@ def test_predict_cli_writes_coco_results(tmp_path, small_model, image, capsys):
     assert main(["predict", str(tmp_path / "broken.png"), "--weights", str(weights), "--out", str(out)]) == 2
     assert "cannot read image" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "nope.png"), "--weights", str(weights), "--out", str(out)]) == 2
-    assert "image not found" in capsys.readouterr().err
+    assert "image file not found" in capsys.readouterr().err
 
 
 def test_upsampled_coarse_is_bilinear_of_28(predictor, image):
