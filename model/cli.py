@@ -13,25 +13,8 @@ from pathlib import Path
 
 from .checkpoint_io import CheckpointError
 from .config import PRESET_NAMES
-from .data import DatasetError
+from .data import DatasetError, load_image_rgb
 from .default_model import add_model_arguments
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for; printed without a traceback."""
-
-
-def _load_image(path: Path):
-    import numpy as np
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    except FileNotFoundError:
-        raise UsageError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise UsageError(f"cannot read image {path}: {error}") from None
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -48,7 +31,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     records = []
     for start in tqdm(range(0, len(paths), args.batch_size), desc="predict", unit="batch", disable=None):
         chunk = paths[start : start + args.batch_size]
-        images = [_load_image(p) for p in chunk]
+        images = [load_image_rgb(p) for p in chunk]
         predictions = predictor.predict(
             images, score_threshold=args.score_threshold, max_detections=args.max_detections,
             refine=not args.no_refine,
@@ -128,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="box, mask and boundary AP of coarse vs refined masks")
     add_evaluate_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    from service.cli import add_serve_arguments, cmd_serve
+
+    serve = commands.add_parser("serve", help="run the REST service (FastAPI, dynamic batching)")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -138,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (UsageError, CheckpointError, DatasetError, ValueError) as error:
+    except (CheckpointError, DatasetError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

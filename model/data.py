@@ -76,13 +76,16 @@ def load_image_rgb(path: PathLike) -> np.ndarray:
         raise DatasetError(f"{path}: image file not found")
     try:
         with Image.open(path) as image:
-            return _to_rgb_array(ImageOps.exif_transpose(image))
+            return image_to_rgb(image)
     # Pillow reports corrupt files with many exception types (OSError, SyntaxError, struct.error...).
     except Exception as error:  # noqa: BLE001
         raise DatasetError(f"{path}: cannot read image ({type(error).__name__}: {error})") from None
 
 
-def _to_rgb_array(image: Image.Image) -> np.ndarray:
+def image_to_rgb(image: Image.Image) -> np.ndarray:
+    """An opened PIL image (file or bytes; the first frame if animated) -> uint8 RGB [H, W, 3],
+    upright by its EXIF orientation, any mode converted as ``load_image_rgb`` says."""
+    image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16") or image.mode == "I":
         grey = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)

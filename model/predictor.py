@@ -54,6 +54,19 @@ class Prediction:
         return records
 
 
+def rescale_boxes(
+    boxes: torch.Tensor, input_size: torch.Tensor, original: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes [N, 4] from network-input pixels (``input_size`` (h, w)) to the ``original`` image's,
+    clipped to it; and [N] bool: which are non-empty (detectron2 drops the others)."""
+    height, width = original
+    scale = torch.tensor([width / input_size[1].item(), height / input_size[0].item()] * 2, device=boxes.device)
+    boxes = boxes * scale
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    return boxes, (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,15 +133,8 @@ class Predictor:
         """Detectron2's ``detector_postprocess`` for image ``index`` of a batch: rescale boxes from
         the network input (``input_size`` (h, w)) to ``original``, drop empty ones, paste masks."""
         rows = raw.batch_index == index
-        boxes = raw.boxes[rows]
         height, width = original
-        scale = torch.tensor(
-            [width / input_size[1].item(), height / input_size[0].item()] * 2, device=boxes.device
-        )
-        boxes = boxes * scale
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-        nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, nonempty = rescale_boxes(raw.boxes[rows], input_size, original)
         boxes = boxes[nonempty]
         probs = raw.mask_probs[rows][nonempty]
         masks = paste_masks(probs, boxes, (height, width), mask_threshold)

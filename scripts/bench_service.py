@@ -1,0 +1,337 @@
+"""Benchmark the service: in-process vs over HTTP, and dynamic batching on vs off.
+
+For every (mode, batching, concurrency) it runs a closed loop of ``concurrency`` clients that each
+send the next request as soon as the previous answer arrives, and reports throughput (images/s),
+p50/p99 latency and the mean batch size the server formed.
+
+* in-process: the service's own runtime (decode -> batcher -> worker -> paste + RLE) driven from
+  Python in this process, no HTTP: the ceiling for the HTTP numbers;
+* http: ``transfiner serve`` in a subprocess, httpx clients here, PNG bodies, JSON answers.
+
+The HTTP/in-process throughput ratio at the highest concurrency with batching on is the
+"HTTP overhead at saturation" figure (goal: at least 0.95). Batching off is ``max_batch_size=1``.
+
+    .venv/bin/python scripts/bench_service.py --model default --out bench-results/service
+    .venv/bin/python scripts/bench_service.py --model tiny.pth --requests 16 --concurrency 1 4 --out /tmp/b
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from service.runtime import ServiceRuntime
+from service.settings import ServiceSettings
+
+
+def synthetic_png(height: int, width: int) -> bytes:
+    """A picture with a few filled shapes (random weights or not, the model gets work to do)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = np.full((height, width, 3), 40, np.uint8)
+    yy, xx = np.mgrid[:height, :width]
+    for _ in range(6):
+        cy, cx, r = rng.integers(0, height), rng.integers(0, width), rng.integers(min(height, width) // 12,
+                                                                                   min(height, width) // 4)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = rng.integers(60, 255, 3)
+    img = img + rng.integers(0, 12, img.shape, dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(img).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def summarise(latencies: list[float], wall: float) -> dict:
+    ordered = sorted(latencies)
+
+    def pct(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] * 1000
+
+    return {
+        "requests": len(ordered), "throughput": len(ordered) / wall, "p50_ms": pct(0.50), "p99_ms": pct(0.99),
+        "mean_ms": statistics.fmean(ordered) * 1000,
+    }
+
+
+async def closed_loop(send, concurrency: int, total: int) -> tuple[list[float], float]:
+    """``concurrency`` workers sharing ``total`` requests; returns (latencies, wall seconds)."""
+    remaining = total
+    latencies: list[float] = []
+
+    async def client() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            started = time.perf_counter()
+            await send()
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return latencies, time.perf_counter() - started
+
+
+def _batch_stats(samples: dict[str, float]) -> tuple[float, float]:
+    return samples.get("transfiner_batch_size_sum", 0.0), samples.get("transfiner_batch_size_count", 0.0)
+
+
+# -- in-process ------------------------------------------------------------------------------------
+
+
+async def run_in_process(settings: ServiceSettings, png: bytes, params: dict, plan: list[tuple[int, int]]) -> list[dict]:
+    from service.schemas import SegmentParams
+
+    runtime = ServiceRuntime(settings)
+    await runtime.start()
+    if not runtime.ready:
+        raise SystemExit(f"in-process runtime failed: {runtime.detail}")
+    segment_params = SegmentParams.model_validate(params)
+
+    async def send() -> None:
+        async with runtime.admission("bench"):
+            await runtime.segment(png, segment_params, time.monotonic() + 600)
+
+    def batches() -> tuple[float, float]:
+        reg = runtime.metrics.registry
+        return (reg.get_sample_value("transfiner_batch_size_sum") or 0.0,
+                reg.get_sample_value("transfiner_batch_size_count") or 0.0)
+
+    rows = []
+    try:
+        for concurrency, total in plan:
+            await closed_loop(send, concurrency, min(total, 2 * concurrency))  # warm this concurrency
+            s0, c0 = batches()
+            latencies, wall = await closed_loop(send, concurrency, total)
+            s1, c1 = batches()
+            rows.append({"concurrency": concurrency, **summarise(latencies, wall),
+                         "mean_batch": (s1 - s0) / max(c1 - c0, 1)})
+    finally:
+        await runtime.stop()
+    return rows
+
+
+# -- over HTTP -------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(url: str) -> dict[str, float]:
+    samples = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("transfiner_batch_size_sum") or line.startswith("transfiner_batch_size_count"):
+            name, value = line.split()
+            samples[name] = float(value)
+    return samples
+
+
+async def run_http(settings: ServiceSettings, png: bytes, params: dict, plan: list[tuple[int, int]],
+                   log_path: Path) -> list[dict]:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable, "-m", "model.cli", "serve", "--model", settings.model, "--port", str(port),
+        "--max-batch-size", str(settings.max_batch_size), "--max-delay-ms", str(settings.max_delay_ms),
+        "--max-queue-size", str(settings.max_queue_size), "--log-level", "warning",
+    ]
+    if settings.device:
+        command += ["--device", settings.device]
+    if settings.workers:
+        command += ["--workers", str(settings.workers)]
+    env = dict(os.environ)
+    if settings.torch_threads:
+        env["TRANSFINER_TORCH_THREADS"] = str(settings.torch_threads)
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"server exited with {server.returncode}; see {log_path}")
+            try:
+                if httpx.get(url + "/health/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"server not ready; see {log_path}")
+            await asyncio.sleep(0.2)
+        rows = []
+        for concurrency, total in plan:
+            limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+            async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+                async def send() -> None:
+                    response = await client.post(
+                        "/v1/segment", content=png, params=params, headers={"Content-Type": "image/png"}
+                    )
+                    response.raise_for_status()
+                    response.json()  # a real client parses the answer
+
+                await closed_loop(send, concurrency, min(total, 2 * concurrency))
+                s0, c0 = _batch_stats(_scrape(url))
+                latencies, wall = await closed_loop(send, concurrency, total)
+                s1, c1 = _batch_stats(_scrape(url))
+            rows.append({"concurrency": concurrency, **summarise(latencies, wall),
+                         "mean_batch": (s1 - s0) / max(c1 - c0, 1)})
+        return rows
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| mode | batching | concurrency | images/s | p50 ms | p99 ms | mean batch |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['batching']} | {r['concurrency']} | {r['throughput']:.2f} | {r['p50_ms']:.1f} "
+            f"| {r['p99_ms']:.1f} | {r['mean_batch']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in ("in-process", "http"):
+        for batching, style in (("on", "-"), ("off", "--")):
+            series = sorted((r for r in rows if r["mode"] == mode and r["batching"] == batching),
+                            key=lambda r: r["concurrency"])
+            if not series:
+                continue
+            xs = [r["concurrency"] for r in series]
+            label = f"{mode}, batching {batching}"
+            left.plot(xs, [r["throughput"] for r in series], style, marker="o", label=label)
+            right.plot(xs, [r["p99_ms"] for r in series], style, marker="o", label=label)
+    ticks = sorted({r["concurrency"] for r in rows})
+    for axis, title in ((left, "throughput (images/s)"), (right, "p99 latency (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(ticks, [str(t) for t in ticks])
+        axis.minorticks_off()
+        axis.set_xlabel("concurrent clients")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default", help="'default' or a checkpoint")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=64, help="measured requests per configuration (min 2x concurrency)")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="batching on")
+    parser.add_argument("--max-delay-ms", type=float, default=5.0)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--image", default=None, help="an image file instead of the synthetic picture")
+    parser.add_argument("--score-threshold", type=float, default=0.5)
+    parser.add_argument("--max-detections", type=int, default=100)
+    parser.add_argument("--mask-format", default="rle", choices=["rle", "polygon", "none"])
+    parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument("--modes", nargs="+", default=["in-process", "http"], choices=["in-process", "http"])
+    parser.add_argument("--out", default="bench-results/service")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = Path(args.image).read_bytes() if args.image else synthetic_png(args.height, args.width)
+    params = {"score_threshold": args.score_threshold, "max_detections": args.max_detections,
+              "mask_format": args.mask_format}
+    plan = [(c, max(args.requests, 2 * c)) for c in args.concurrency]
+
+    rows = []
+    for batching, batch_size in (("on", args.max_batch_size), ("off", 1)):
+        settings = ServiceSettings(
+            model=args.model, device=args.device, max_batch_size=batch_size, max_delay_ms=args.max_delay_ms,
+            max_queue_size=max(64, 4 * max(args.concurrency)), torch_threads=args.torch_threads,
+            warmup_batches=2,
+        )
+        for mode in args.modes:
+            print(f"{mode}, batching {batching} (max_batch_size={batch_size}) ...", flush=True)
+            if mode == "in-process":
+                results = asyncio.run(run_in_process(settings, png, params, plan))
+            else:
+                results = asyncio.run(run_http(settings, png, params, plan, out / f"server-batching-{batching}.log"))
+            rows.extend({"mode": mode, "batching": batching, **r} for r in results)
+
+    def find(mode: str, batching: str, concurrency: int) -> dict | None:
+        return next((r for r in rows if (r["mode"], r["batching"], r["concurrency"]) == (mode, batching, concurrency)),
+                    None)
+
+    top = max(args.concurrency)
+    http, local = find("http", "on", top), find("in-process", "on", top)
+    ratio = http["throughput"] / local["throughput"] if http and local else None
+    gains = {}
+    for mode in args.modes:
+        for c in args.concurrency:
+            on, off = find(mode, "on", c), find(mode, "off", c)
+            if on and off:
+                gains[f"{mode}@{c}"] = on["throughput"] / off["throughput"]
+
+    report = {
+        "settings": {**vars(args), "image_bytes": len(png)},
+        "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                    "cpus": os.cpu_count()},
+        "rows": rows,
+        "http_over_in_process_throughput_at_saturation": ratio,
+        "batching_gain": gains,
+    }
+    try:
+        import torch
+
+        report["machine"]["torch"] = torch.__version__
+        report["machine"]["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - machine details are informative only
+        pass
+
+    text = table(rows)
+    summary = [
+        f"HTTP / in-process throughput at concurrency {top}, batching on: "
+        + (f"{ratio:.3f} (goal >= 0.95)" if ratio is not None else "n/a"),
+        "Batching on / off throughput: " + ", ".join(f"{k} {v:.2f}x" for k, v in gains.items()),
+    ]
+    print(text)
+    print("\n".join(summary))
+    (out / "bench_service.json").write_text(json.dumps(report, indent=2))
+    (out / "bench_service.md").write_text(
+        "# Service benchmark\n\n" + text + "\n\n" + "\n\n".join(summary) + "\n\n"
+        + f"Settings: `{json.dumps(report['settings'])}`\n\nMachine: `{json.dumps(report['machine'])}`\n"
+    )
+    plot(rows, out / "bench_service.png")
+    print(f"wrote {out}/bench_service.json, .md, .png")
+
+
+if __name__ == "__main__":
+    main()

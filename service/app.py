@@ -1,0 +1,57 @@
+"""The FastAPI application factory: ``create_app(settings)``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from .errors import install_error_handlers
+from .metrics import ServiceMetrics
+from .middleware import BodyLimitMiddleware, MetricsMiddleware
+from .routes import health, models, segment
+from .runtime import ModelLoader, ServiceRuntime, load_model
+from .settings import ServiceSettings
+
+DESCRIPTION = """\
+Mask Transfiner instance segmentation. `POST /v1/segment` takes one image (multipart field
+`image`, a raw `image/*` body, or base64 in JSON) and returns COCO result records (compressed
+RLE by default) that `pycocotools.COCO.loadRes` accepts as they are. Errors are
+`{"error": {"code", "message"}}`.
+"""
+
+
+def create_app(settings: ServiceSettings | None = None, *, loader: ModelLoader = load_model) -> FastAPI:
+    """A new, independent service (its own metrics registry, runtime and thread pools).
+
+    The model loads in the background once the server starts: liveness answers at once,
+    readiness turns 200 after the warm-up batch.
+    """
+    settings = settings or ServiceSettings()
+    metrics = ServiceMetrics()
+    runtime = ServiceRuntime(settings, metrics, loader)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    from . import __version__
+
+    app = FastAPI(title="Mask Transfiner service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    app.include_router(segment.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    # Added last = outermost: the metrics middleware also counts the limit's early 413s.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
+    known = frozenset(route.path for router in (segment.router, models.router, health.router) for route in router.routes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, known_paths=known)
+    return app

@@ -1,0 +1,246 @@
+"""An asyncio dynamic batcher: a bounded queue, one dispatcher per worker, size/delay/pixel caps.
+
+A dispatcher takes a batch only when its worker is free, so under load batches fill from the
+queue with no waiting at all, and ``max_delay`` is only paid when the service is idle enough
+that a lone request would otherwise run alone. Jobs whose deadline has passed are failed with
+``DeadlineExceeded`` and jobs whose future is already done (the client went away, or its handler
+gave up) are skipped, both before they reach a worker. Nothing here knows about HTTP or models:
+a worker is anything with ``async run(jobs)`` that settles each job's future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+log = logging.getLogger("service")
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue_size`` jobs; ``retry_after`` estimates when it will have room."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"queue full, retry after {retry_after:.1f} s")
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(Exception):
+    """The job's deadline passed before a worker took it."""
+
+
+class BatcherClosed(Exception):
+    """The batcher no longer accepts jobs (shutting down)."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's unit of work. ``payload`` is for the worker; the batcher only reads the rest."""
+
+    payload: Any
+    deadline: float  # time.monotonic() seconds
+    shape: tuple[int, int] = (0, 0)  # network input (h, w), for max_batch_pixels
+    enqueued_at: float = field(default_factory=time.monotonic)
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    dispatched_at: float | None = None
+
+
+class BatchRunner(Protocol):
+    async def run(self, jobs: list[Job]) -> None:
+        """Processes the jobs as one batch and settles every job's future."""
+        ...
+
+
+class BatchObserver(Protocol):
+    """What the batcher reports (``ServiceMetrics`` fits through ``MetricsObserver``)."""
+
+    def queue_depth(self, depth: int) -> None: ...
+
+    def batch(self, jobs: Sequence[Job]) -> None: ...
+
+
+class Batcher:
+    def __init__(
+        self, runners: Sequence[BatchRunner], *, max_batch_size: int, max_delay_s: float,
+        max_queue_size: int, max_batch_pixels: int | None = None, observer: BatchObserver | None = None,
+        history: int = 32,
+    ) -> None:
+        if not runners:
+            raise ValueError("a batcher needs at least one runner")
+        self.runners = list(runners)
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue_size = max_queue_size
+        self.max_batch_pixels = max_batch_pixels
+        self.observer = observer
+        self._queue: collections.deque[Job] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self._tasks: list[asyncio.Task] = []
+        self._busy = 0
+        self._batch_seconds: collections.deque[float] = collections.deque(maxlen=history)
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy_workers(self) -> int:
+        return self._busy
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and self._busy == 0
+
+    def recent_batch_seconds(self) -> float | None:
+        """Median duration of the recent batches (None before the first one)."""
+        return statistics.median(self._batch_seconds) if self._batch_seconds else None
+
+    def estimate_wait(self, waiting: int | None = None) -> float:
+        """Seconds until ``waiting`` queued requests (default: the queue) have been taken:
+        the batches ahead of them, over the workers, times the median batch time."""
+        waiting = self.depth if waiting is None else waiting
+        per_batch = self.recent_batch_seconds()
+        if per_batch is None:
+            per_batch = self.max_delay_s + 1.0  # no history yet: a conservative second
+        rounds = (waiting // (self.max_batch_size * len(self.runners))) + 1
+        return rounds * per_batch
+
+    # -- producer side ---------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Queues ``job``; raises ``QueueFull`` (with a retry estimate) or ``BatcherClosed``."""
+        if self._closed:
+            raise BatcherClosed("the service is shutting down")
+        if len(self._queue) >= self.max_queue_size:
+            raise QueueFull(self.estimate_wait())
+        self._queue.append(job)
+        self._report_depth()
+        self._wakeup.set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._tasks:
+            return
+        self._tasks = [
+            asyncio.create_task(self._dispatch(runner), name=f"batcher-{i}") for i, runner in enumerate(self.runners)
+        ]
+
+    async def close(self, drain: bool = True) -> None:
+        """Stops accepting jobs; with ``drain`` the queued ones still run, else they fail."""
+        self._closed = True
+        if not drain:
+            while self._queue:
+                job = self._queue.popleft()
+                if not job.future.done():
+                    job.future.set_exception(BatcherClosed("the service is shutting down"))
+            self._report_depth()
+        self._wakeup.set()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tasks = []
+
+    # -- consumer side ---------------------------------------------------------------------------
+
+    async def _dispatch(self, runner: BatchRunner) -> None:
+        while True:
+            jobs = await self._next_batch()
+            if jobs is None:
+                return
+            self._busy += 1
+            started = time.monotonic()
+            for job in jobs:
+                job.dispatched_at = started
+            if self.observer is not None:
+                self.observer.batch(jobs)
+            try:
+                await runner.run(jobs)
+            except Exception as error:  # noqa: BLE001 - a failing batch must not stop the dispatcher
+                log.exception("batch of %d failed", len(jobs))
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(error)
+            finally:
+                self._busy -= 1
+                self._batch_seconds.append(time.monotonic() - started)
+
+    async def _next_batch(self) -> list[Job] | None:
+        """Waits for a first live job, then fills the batch until it is full, ``max_delay``
+        after that job arrived, or the pixel budget is reached. None when closed and empty."""
+        while True:
+            batch: list[Job] = []
+            while not batch:
+                if not self._queue:
+                    if self._closed:
+                        return None
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                self._take(batch)
+            flush_at = batch[0].enqueued_at + self.max_delay_s
+            while len(batch) < self.max_batch_size and not self._full_by_pixels(batch) and not self._closed:
+                remaining = flush_at - time.monotonic()
+                if remaining <= 0:
+                    break
+                if not self._queue:
+                    self._wakeup.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    # Another dispatcher may have emptied the queue meanwhile; _take copes.
+                self._take(batch)
+            # Jobs taken early may have died while the batch filled: they must not reach the model.
+            batch = [job for job in batch if self._alive(job, time.monotonic())]
+            if batch:
+                return batch
+
+    @staticmethod
+    def _alive(job: Job, now: float) -> bool:
+        """False for a job whose future is settled (cancelled) or whose deadline passed (failed
+        here with ``DeadlineExceeded``)."""
+        if job.future.done():  # cancelled: the client left or its handler timed out
+            return False
+        if job.deadline <= now:
+            job.future.set_exception(DeadlineExceeded("the request's deadline passed in the queue"))
+            return False
+        return True
+
+    def _take(self, batch: list[Job]) -> None:
+        """Moves live jobs from the queue into ``batch`` while they fit."""
+        now = time.monotonic()
+        while self._queue and len(batch) < self.max_batch_size:
+            job = self._queue[0]
+            if not self._alive(job, now):
+                self._queue.popleft()
+                continue
+            if batch and not self._fits(batch, job):
+                break
+            batch.append(self._queue.popleft())
+        self._report_depth()
+
+    def _padded_pixels(self, jobs: Sequence[Job]) -> int:
+        height = max(job.shape[0] for job in jobs)
+        width = max(job.shape[1] for job in jobs)
+        return len(jobs) * height * width
+
+    def _fits(self, batch: list[Job], job: Job) -> bool:
+        if self.max_batch_pixels is None:
+            return True
+        return self._padded_pixels([*batch, job]) <= self.max_batch_pixels
+
+    def _full_by_pixels(self, batch: list[Job]) -> bool:
+        # Full when the queue's next job would not fit; a later, smaller one may, so keep
+        # waiting only while nothing is queued.
+        return self.max_batch_pixels is not None and bool(self._queue) and not self._fits(batch, self._queue[0])
+
+    def _report_depth(self) -> None:
+        if self.observer is not None:
+            self.observer.queue_depth(len(self._queue))

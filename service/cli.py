@@ -1,0 +1,61 @@
+"""``transfiner serve``: flags override ``TRANSFINER_*`` environment variables, which override defaults.
+
+SIGTERM (or Ctrl-C) drains instead of dropping work: readiness turns 503 and new segment requests
+are refused, queued and in-flight requests finish (up to ``drain_timeout_s``), readiness stays
+503 for at least ``shutdown_grace_s`` so load balancers notice, then the port closes. A second
+signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from model.default_model import add_model_arguments, resolve_weights
+
+# Flag -> settings field, for the flags that map one to one.
+_FLAGS = (
+    "config", "device", "workers", "max_batch_size", "max_delay_ms", "max_queue_size", "host", "port",
+    "log_level",
+)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    # None = not given, so TRANSFINER_DEVICE (or the settings default) applies.
+    parser.set_defaults(device=None)
+    parser.add_argument("--workers", type=int, default=None, help="model workers (default: one per GPU, or 1)")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="images per forward pass (default 4)")
+    parser.add_argument("--max-delay-ms", type=float, default=None, help="how long a batch waits to fill (5)")
+    parser.add_argument("--max-queue-size", type=int, default=None, help="queued requests before 503 (64)")
+    parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
+    parser.add_argument("--port", type=int, default=None, help="default 8000 (0: any free port)")
+    parser.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"])
+
+
+def settings_from_args(args: argparse.Namespace):
+    from .settings import ServiceSettings
+
+    overrides = {name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None}
+    model = args.weights or args.model
+    if model is not None:
+        overrides["model"] = str(model)
+    return ServiceSettings(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .server import DrainingServer
+
+    settings = settings_from_args(args)
+    resolve_weights(settings.model)  # a missing model fails here, as one line, before binding the port
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
+        timeout_graceful_shutdown=max(5.0, settings.drain_timeout_s),
+    )
+    DrainingServer(config, app.state.runtime).run()
+    return 0

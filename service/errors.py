@@ -1,0 +1,86 @@
+"""The one error shape every failure takes: ``{"error": {"code", "message"}}`` with its status.
+
+Handlers are installed for our own errors, FastAPI's validation errors, Starlette's HTTP errors
+(404, 405) and anything unexpected (500, logged here, never shown to the client).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("service")
+
+
+class ServiceError(Exception):
+    """A request that cannot be served; ``reason`` (if any) labels the rejection metric."""
+
+    def __init__(
+        self, status: int, code: str, message: str, *, reason: str | None = None,
+        retry_after: float | None = None, headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.retry_after = retry_after
+        self.extra_headers = headers or {}
+
+    def headers(self) -> dict[str, str]:
+        headers = dict(self.extra_headers)
+        if self.retry_after is not None:
+            # Retry-After takes whole seconds; never 0, which clients read as "hammer now".
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        return headers
+
+
+def bad_request(message: str) -> ServiceError:
+    return ServiceError(400, "bad_request", message)
+
+
+def invalid_parameter(message: str) -> ServiceError:
+    return ServiceError(422, "invalid_parameter", message)
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def _format_validation(error: RequestValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item.get("loc", ()) if p not in ("body", "query"))
+        parts.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Routes every failure, expected or not, to the JSON error shape."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
+        metrics = getattr(request.app.state, "metrics", None)
+        if error.reason and metrics is not None:
+            metrics.rejections.labels(reason=error.reason).inc()
+        return error_response(error.status, error.code, error.message, error.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(422, "invalid_parameter", _format_validation(error))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        code = codes.get(error.status_code, "http_error")
+        return error_response(error.status_code, code, str(error.detail), dict(error.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "internal server error (logged on the server)")

@@ -1,0 +1,166 @@
+"""Prometheus metrics of one service instance, on a registry of its own (no global state).
+
+Durations are histograms in seconds. GPU gauges exist only when CUDA is available: torch's
+allocator memory always, utilisation and device memory from NVML when the ``pynvml`` module
+(package ``nvidia-ml-py``) is installed too; the import is guarded.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger("service")
+
+# Sub-millisecond decode of a thumbnail up to tens of seconds on a saturated CPU.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+INSTANCE_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100)
+MEGAPIXEL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 12, 24, 50)
+
+REJECTION_REASONS = (
+    "queue_full", "deadline", "bad_image", "too_large", "unsupported_type", "unauthorized",
+    "client_limit", "draining", "not_ready", "client_disconnected",
+)
+
+
+class ServiceMetrics:
+    """Every metric the service exports; ``render()`` is the /metrics body."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_seconds = Histogram(
+            "transfiner_request_duration_seconds", "End-to-end time of HTTP requests, by route",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "transfiner_queue_wait_seconds", "Time a request waits in the batch queue",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.decode_seconds = Histogram(
+            "transfiner_decode_seconds", "Image decoding (sniff, decode, EXIF, mode conversion)",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.preprocess_seconds = Histogram(
+            "transfiner_preprocess_seconds", "Resize and pad of a batch (inside the worker)",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "transfiner_inference_seconds", "Model forward pass of a batch",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.postprocess_seconds = Histogram(
+            "transfiner_postprocess_seconds", "Per request: mask pasting, RLE/polygon encoding, JSON encoding",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "transfiner_batch_size", "Images per forward pass", buckets=BATCH_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge("transfiner_queue_depth", "Requests waiting in the batch queue", registry=r)
+        self.inflight = Gauge(
+            "transfiner_inflight_requests", "Segment requests admitted and not yet answered", registry=r,
+        )
+        self.instances = Histogram(
+            "transfiner_instances_per_image", "Instances returned per image",
+            buckets=INSTANCE_BUCKETS, registry=r,
+        )
+        self.megapixels = Histogram(
+            "transfiner_input_megapixels", "Decoded input size in megapixels",
+            buckets=MEGAPIXEL_BUCKETS, registry=r,
+        )
+        self.requests = Counter(
+            "transfiner_requests", "HTTP requests by route, method and status",
+            ["route", "method", "status"], registry=r,
+        )
+        self.rejections = Counter(
+            "transfiner_rejections", "Requests refused, by reason", ["reason"], registry=r,
+        )
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason=reason)  # export zeros, so rate() works from the start
+        self.model_info = Gauge(
+            "transfiner_model_info", "The served model (value 1)",
+            ["name", "version", "backend", "device"], registry=r,
+        )
+        self.ready = Gauge("transfiner_ready", "1 when the service accepts segment requests", registry=r)
+
+    def set_model(self, name: str, version: str, backend: str, devices: list[str]) -> None:
+        self.model_info.labels(name=name, version=version, backend=backend, device=",".join(devices)).set(1)
+
+    def enable_gpu_metrics(self) -> bool:
+        """Registers the GPU collector when CUDA is available; True if it did."""
+        collector = GpuCollector.create()
+        if collector is None:
+            return False
+        self.registry.register(collector)
+        return True
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class GpuCollector:
+    """Per-GPU gauges read at each scrape: utilisation and device memory from NVML (when the
+    ``pynvml`` module of package nvidia-ml-py is installed), and the memory torch's caching
+    allocator holds for this process (always)."""
+
+    def __init__(self, torch_cuda, nvml, handles: list) -> None:
+        self._cuda = torch_cuda
+        self._nvml = nvml
+        self._handles = handles
+
+    @classmethod
+    def create(cls) -> "GpuCollector | None":
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        nvml, handles = None, []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(torch.cuda.device_count())]
+            nvml = pynvml
+        except Exception as error:  # noqa: BLE001 - without NVML only the allocator gauges remain
+            log.info("NVML unavailable (%s): GPU utilisation is not exported", error)
+        return cls(torch.cuda, nvml, handles)
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        allocated = GaugeMetricFamily(
+            "transfiner_gpu_torch_allocated_bytes", "Memory held by tensors of this process (torch)", labels=["gpu"]
+        )
+        reserved = GaugeMetricFamily(
+            "transfiner_gpu_torch_reserved_bytes", "Memory cached by torch's allocator in this process",
+            labels=["gpu"],
+        )
+        for index in range(self._cuda.device_count()):
+            allocated.add_metric([str(index)], float(self._cuda.memory_allocated(index)))
+            reserved.add_metric([str(index)], float(self._cuda.memory_reserved(index)))
+        yield allocated
+        yield reserved
+        if self._nvml is None:
+            return
+        util = GaugeMetricFamily("transfiner_gpu_utilization_ratio", "GPU busy fraction (NVML)", labels=["gpu"])
+        used = GaugeMetricFamily("transfiner_gpu_memory_used_bytes", "GPU memory in use, all processes (NVML)",
+                                 labels=["gpu"])
+        total = GaugeMetricFamily("transfiner_gpu_memory_total_bytes", "GPU memory (NVML)", labels=["gpu"])
+        for index, handle in enumerate(self._handles):
+            try:
+                rates = self._nvml.nvmlDeviceGetUtilizationRates(handle)
+                memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+            except Exception:  # noqa: BLE001 - a failing read must not break the scrape
+                continue
+            util.add_metric([str(index)], rates.gpu / 100.0)
+            used.add_metric([str(index)], float(memory.used))
+            total.add_metric([str(index)], float(memory.total))
+        yield util
+        yield used
+        yield total

@@ -1,0 +1,100 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it would buffer bodies and break disconnect
+detection): request metrics, and the request body limit."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ServiceError
+from .metrics import ServiceMetrics
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route template, method and status, and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, known_paths: frozenset[str] = frozenset()) -> None:
+        self.app = app
+        self.metrics = metrics
+        # For requests answered before routing (the body limit's early 413).
+        self.known_paths = known_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # if the app raises before responding, the error middleware answers 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            # The router stores the matched route in the scope; raw paths would explode label counts.
+            route = getattr(scope.get("route"), "path", None)
+            if route is None:
+                route = scope["path"] if scope["path"] in self.known_paths else "unmatched"
+            self.metrics.requests.labels(route=route, method=scope["method"], status=str(status)).inc()
+            self.metrics.request_seconds.labels(route=route).observe(time.perf_counter() - started)
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over ``max_bytes``: at once from Content-Length, or while streaming
+    (chunked uploads) by raising ``ServiceError`` from ``receive`` inside the route."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = None
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await _send_error(send, 400, "bad_request", "invalid Content-Length header")
+                    return
+        if declared is not None and declared > self.max_bytes:
+            self.metrics.rejections.labels(reason="too_large").inc()
+            await _send_error(
+                send, 413, "body_too_large", f"request body of {declared} bytes exceeds the limit of {self.max_bytes}"
+            )
+            return
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise ServiceError(
+                        413, "body_too_large", f"request body exceeds the limit of {self.max_bytes} bytes",
+                        reason="too_large",
+                    )
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _send_error(send: Send, status: int, code: str, message: str) -> None:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    await send({
+        "type": "http.response.start", "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close")],
+    })
+    await send({"type": "http.response.body", "body": body})

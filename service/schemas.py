@@ -1,0 +1,134 @@
+"""Request parameters and response bodies (pydantic 2); they also document the API in /docs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ImageId = Union[int, str]
+
+
+class SegmentParams(BaseModel):
+    """Per-request options of ``POST /v1/segment`` (query string, form fields or JSON keys).
+
+    They are applied to this request only, after the forward pass it shares with its batch.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="keep detections scoring above this")
+    max_detections: int = Field(100, ge=1, le=100, description="per image, best scores first")
+    classes: list[ImageId] | None = Field(
+        None, description="keep only these classes: category ids or names (comma-separated in a query)"
+    )
+    mask_threshold: float = Field(0.5, ge=0.0, le=1.0, description="binarises the soft masks (>=)")
+    mask_format: Literal["rle", "polygon", "none"] = "rle"
+    refine: bool = Field(True, description="false: the coarse Mask R-CNN masks only")
+    image_id: ImageId | None = Field(None, description="echoed; a query/form string of digits becomes an integer")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _split_classes(cls, value: Any) -> Any:
+        # Query strings and form fields carry "1,3" or repeated keys; JSON carries a list or a string.
+        if isinstance(value, (str, int)):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            items: list[Any] = []
+            for item in value:
+                if isinstance(item, str):
+                    items.extend(part.strip() for part in item.split(",") if part.strip())
+                else:
+                    items.append(item)
+            return [int(i) if isinstance(i, str) and i.isdigit() else i for i in items]
+        return value
+
+    @field_validator("image_id", mode="before")
+    @classmethod
+    def _numeric_id(cls, value: Any) -> Any:
+        # Only canonical digits: "0042" stays a string, so the echo is exactly what was sent.
+        if isinstance(value, str) and value.isdigit() and str(int(value)) == value:
+            return int(value)
+        return value
+
+
+class RLE(BaseModel):
+    size: list[int] = Field(description="[height, width]")
+    counts: str = Field(description="COCO compressed RLE (column-major runs)")
+
+
+class Instance(BaseModel):
+    """One detection, a COCO results record (``COCO.loadRes`` takes a list of them as is)."""
+
+    image_id: ImageId | None
+    bbox: list[float] = Field(description="[x, y, width, height] in the image's pixels")
+    score: float
+    category_id: int
+    category_name: str
+    area: float = Field(description="mask pixels; the box area when mask_format is none")
+    segmentation: RLE | list[list[float]] | None = Field(
+        None, description="RLE, or polygons [[x0, y0, x1, y1, ...], ...] along pixel corners"
+    )
+
+
+class ImageInfo(BaseModel):
+    width: int
+    height: int
+    image_id: ImageId | None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    backend: str
+
+
+class Timing(BaseModel):
+    queue_ms: float
+    inference_ms: float
+    postprocess_ms: float
+    total_ms: float
+
+
+class SegmentResponse(BaseModel):
+    image: ImageInfo
+    model: ModelInfo
+    instances: list[Instance]
+    timing: Timing
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class BatchingInfo(BaseModel):
+    max_batch_size: int
+    max_delay_ms: float
+    max_batch_pixels: int | None
+    max_queue_size: int
+    workers: int
+
+
+class ModelCard(BaseModel):
+    name: str
+    version: str
+    backend: str
+    device: list[str]
+    ready: bool
+    classes: list[dict[str, Any]] = Field(description="[{id, name}] in the model's class order")
+    input: dict[str, int] = Field(description="network input: min_size, max_size")
+    batching: BatchingInfo
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelCard]
+
+
+class HealthResponse(BaseModel):
+    status: str
+    detail: str | None = None

@@ -1,0 +1,57 @@
+"""Service settings: environment variables ``TRANSFINER_*``, overridden by ``transfiner serve`` flags."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Everything the service can be told; each field is also ``TRANSFINER_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="TRANSFINER_", extra="ignore", protected_namespaces=())
+
+    # Model
+    model: str = Field("default", description="'default' (the shipped model) or a checkpoint path")
+    config: str | None = Field(None, description="preset name, only for checkpoints that hold no config")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    workers: int | None = Field(
+        None, ge=1, le=64, description="model workers; default one per GPU (round robin), else 1 on CPU"
+    )
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+
+    # HTTP
+    host: str = "127.0.0.1"  # 0.0.0.0 in containers, via TRANSFINER_HOST
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr | None = Field(None, description="if set, /v1/* needs X-API-Key or a Bearer token")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard: width x height")
+    log_level: str = "info"
+
+    # Batching
+    max_batch_size: int = Field(4, ge=1, le=256)
+    max_delay_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits to fill")
+    max_batch_pixels: int | None = Field(
+        None, ge=1, description="cap on batch size x padded network-input pixels (None: no cap)"
+    )
+    max_queue_size: int = Field(64, ge=1, description="requests waiting beyond what the workers hold")
+    max_client_inflight: int = Field(0, ge=0, description="per client (API key or address); 0: no limit -> 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline when X-Request-Timeout is absent")
+    max_request_timeout_s: float = Field(300.0, gt=0)
+
+    # Threads off the event loop
+    decode_threads: int = Field(2, ge=1)
+    postprocess_threads: int = Field(2, ge=1)
+
+    # Lifecycle
+    warmup_batches: int = Field(1, ge=0)
+    drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: longest wait for in-flight work")
+    shutdown_grace_s: float = Field(
+        0.0, ge=0, description="SIGTERM: minimum time readiness reports 503 before the port closes"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServiceSettings":
+        if self.request_timeout_s > self.max_request_timeout_s:
+            raise ValueError("request_timeout_s must not exceed max_request_timeout_s")
+        return self

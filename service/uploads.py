@@ -1,0 +1,133 @@
+"""The three ways an image reaches ``POST /v1/segment``, reduced to (bytes, parameters).
+
+* ``multipart/form-data``: the file in field ``image``, parameters as other fields;
+* ``application/json``: ``{"image": "<base64 or data: URL>", "score_threshold": ...}``;
+* anything else: the body is the image (``image/*``, ``application/octet-stream``, or no type).
+
+Query parameters apply to all three. The body's declared type only picks the transport; what the
+image is gets decided later by sniffing its bytes (``service.imaging``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+
+from .errors import ServiceError, bad_request, invalid_parameter
+from .schemas import SegmentParams
+
+MAX_FORM_FIELDS = 32
+
+
+def _multi(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Repeated keys become lists (``classes=1&classes=3``)."""
+    out: dict[str, Any] = {}
+    for key, value in items:
+        if key in out:
+            out[key] = (out[key] if isinstance(out[key], list) else [out[key]]) + [value]
+        else:
+            out[key] = value
+    return out
+
+
+def _decode_base64(text: Any) -> bytes:
+    if not isinstance(text, str) or not text:
+        raise bad_request("JSON field 'image' must be a non-empty base64 string")
+    if text.startswith("data:"):  # data:image/png;base64,....
+        header, _, text = text.partition(",")
+        if ";base64" not in header:
+            raise bad_request("a data: URL image must be base64-encoded")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request("JSON field 'image' is not valid base64") from None
+
+
+async def _read_multipart(request: Request) -> tuple[bytes, dict[str, Any]]:
+    try:
+        form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
+    except HTTPException as error:  # Starlette's parser reports malformed forms this way
+        raise bad_request(f"malformed multipart body: {error.detail}") from None
+    try:
+        image = form.get("image")
+        if image is None:
+            raise bad_request("multipart body has no 'image' field")
+        if not isinstance(image, UploadFile):
+            raise bad_request("multipart field 'image' must be a file part, not a text field")
+        fields = []
+        for key, value in form.multi_items():
+            if key == "image":
+                continue
+            if isinstance(value, UploadFile):
+                raise bad_request(f"unexpected file field {key!r}: send one image in 'image'")
+            fields.append((key, value))
+        return await image.read(), _multi(fields)
+    finally:
+        await form.close()
+
+
+async def _read_json(request: Request) -> tuple[bytes, dict[str, Any]]:
+    try:
+        body = json.loads(await request.body())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise bad_request(f"malformed JSON body: {error}") from None
+    if not isinstance(body, dict):
+        raise bad_request("the JSON body must be an object with an 'image' field")
+    if "image" not in body:
+        raise bad_request("JSON body has no 'image' field")
+    data = _decode_base64(body.pop("image"))
+    return data, body
+
+
+async def read_segment_request(request: Request) -> tuple[bytes, SegmentParams]:
+    """The image bytes and validated parameters; raises ``ServiceError`` 400/415/422 (499 if the
+    client leaves during the upload)."""
+    try:
+        return await _read_segment_request(request)
+    except ClientDisconnect:
+        raise ServiceError(
+            499, "client_disconnected", "the client disconnected during the upload", reason="client_disconnected"
+        ) from None
+
+
+async def _read_segment_request(request: Request) -> tuple[bytes, SegmentParams]:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        data, body_params = await _read_multipart(request)
+    elif content_type == "application/json" or content_type.endswith("+json"):
+        data, body_params = await _read_json(request)
+    elif content_type == "application/x-www-form-urlencoded":
+        raise ServiceError(
+            415, "unsupported_media_type",
+            "send the image as multipart/form-data, as a raw image body, or base64 in JSON",
+            reason="unsupported_type",
+        )
+    else:
+        data, body_params = await request.body(), {}
+    params = _multi(list(request.query_params.multi_items()))
+    twice = sorted(set(params) & set(body_params))
+    if twice:
+        raise invalid_parameter(f"parameters given both in the query and the body: {', '.join(twice)}")
+    params.update(body_params)
+    if not data:
+        raise bad_request("the request carries no image")
+    return data, validate_params(params)
+
+
+def validate_params(params: dict[str, Any]) -> SegmentParams:
+    try:
+        return SegmentParams.model_validate(params)
+    except ValidationError as error:
+        parts = []
+        for item in error.errors():
+            where = ".".join(str(p) for p in item["loc"])
+            parts.append(f"{where}: {item['msg']}" if where else item["msg"])
+        raise invalid_parameter("; ".join(parts)) from None

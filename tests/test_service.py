@@ -1,0 +1,512 @@
+"""The service over real HTTP: uvicorn on a free loopback port, httpx clients, the tiny real model.
+
+Masks decoded with pycocotools must equal the Predictor's for the same image; concurrency must
+form batches (read from /metrics); every error class answers its status and JSON body while the
+server keeps serving; overload answers 429/503 with Retry-After; deadlines answer 504 and never
+reach the model; readiness goes 503 -> 200 -> 503 around a SIGTERM (a `transfiner serve` process).
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from model.data import load_image_rgb
+from model.default_model import load_predictor
+from service.settings import ServiceSettings
+
+from .test_service_support import (
+    CATEGORY_IDS, CLASS_NAMES, ThreadServer, encode, metric, scene, wait_ready, write_tiny_checkpoint,
+)
+
+pytestmark = pytest.mark.timeout(300)
+API_KEY = "s3cret-key"
+MAX_BODY = 64 * 1024
+MAX_PIXELS = 200_000
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("service") / "tiny.pth")
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint):
+    return load_predictor(checkpoint, None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    """Batches of up to 4 that wait 150 ms to fill: concurrent requests batch reliably, and a lone
+    request sits in the queue long enough for deadline and disconnect tests."""
+    settings = ServiceSettings(
+        model=str(checkpoint), device="cpu", api_key=API_KEY, max_batch_size=4, max_delay_ms=150,
+        max_body_bytes=MAX_BODY, max_pixels=MAX_PIXELS,
+    )
+    srv = ThreadServer(settings).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=120) as c:
+        yield c
+
+
+def decode_masks(instances: list[dict]) -> np.ndarray:
+    if not instances:
+        return np.zeros((0,), dtype=bool)
+    return mask_util.decode([i["segmentation"] for i in instances]).transpose(2, 0, 1).astype(bool)
+
+
+def assert_same_as_prediction(instances: list[dict], prediction, image_id=None) -> None:
+    """Exact agreement with the Predictor: masks pixel for pixel, records as coco_records."""
+    assert len(instances) == len(prediction) > 0
+    np.testing.assert_array_equal(decode_masks(instances), prediction.masks)
+    expected = prediction.coco_records(image_id, CATEGORY_IDS)
+    for got, want, cls in zip(instances, expected, prediction.classes):
+        assert got["bbox"] == want["bbox"] and got["score"] == want["score"]
+        assert got["category_id"] == want["category_id"] and got["category_name"] == CLASS_NAMES[cls]
+        assert got["segmentation"] == want["segmentation"] and got["image_id"] == image_id
+        assert got["area"] == float(mask_util.area(want["segmentation"]))
+
+
+def test_health_models_docs(client):
+    assert client.get("/health/live").json() == {"status": "alive"}
+    assert client.get("/health/ready").status_code == 200
+    card = client.get("/v1/models").json()["models"][0]
+    assert card["name"] == "tiny" and len(card["version"]) == 12 and card["backend"] == "pytorch"
+    assert card["device"] == ["cpu"] and card["ready"] is True
+    assert card["classes"] == [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"}]
+    assert card["batching"]["max_batch_size"] == 4 and card["batching"]["workers"] == 1
+    assert "swagger" in client.get("/docs").text.lower()
+    body = client.get("/openapi.json").json()["paths"]["/v1/segment"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "image/*", "application/json"} <= set(body)
+
+
+def test_rle_equals_predictor_and_coco_loadres(client, predictor):
+    image = scene()
+    response = client.post(
+        "/v1/segment", content=encode(image), headers={"Content-Type": "image/png"},
+        params={"score_threshold": 0.0, "max_detections": 6, "image_id": "42"},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["image"] == {"width": 128, "height": 96, "image_id": 42}
+    assert body["model"]["backend"] == "pytorch"
+    assert set(body["timing"]) == {"queue_ms", "inference_ms", "postprocess_ms", "total_ms"}
+    assert body["timing"]["total_ms"] >= body["timing"]["inference_ms"] > 0
+    expected = predictor(image, score_threshold=0.0, max_detections=6)
+    assert_same_as_prediction(body["instances"], expected, image_id=42)
+
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": 42, "width": 128, "height": 96}],
+        "categories": [{"id": i, "name": n} for i, n in zip(CATEGORY_IDS, CLASS_NAMES)],
+        "annotations": [],
+    }
+    gt.createIndex()
+    results = gt.loadRes(body["instances"])  # unchanged
+    assert len(results.anns) == len(body["instances"])
+    for ann, instance in zip(results.anns.values(), body["instances"]):
+        np.testing.assert_array_equal(results.annToMask(ann), mask_util.decode(instance["segmentation"]))
+
+
+def test_upload_forms_and_declared_type_agree(client):
+    image = scene(seed=1)
+    png = encode(image)
+    params = {"score_threshold": "0", "max_detections": "4"}
+    raw = client.post("/v1/segment", content=png, params=params, headers={"Content-Type": "image/png"})
+    # The declared type is ignored: a PNG sent as JPEG (or untyped) is still a PNG.
+    mislabelled = client.post("/v1/segment", content=png, params=params, headers={"Content-Type": "image/jpeg"})
+    form = client.post("/v1/segment", files={"image": ("x.bin", png, "text/plain")}, data=params)
+    as_json = client.post("/v1/segment", json={
+        "image": "data:image/png;base64," + base64.b64encode(png).decode(), "score_threshold": 0,
+        "max_detections": 4,
+    })
+    bodies = [r.json() for r in (raw, mislabelled, form, as_json)]
+    assert [r.status_code for r in (raw, mislabelled, form, as_json)] == [200] * 4
+    for other in bodies[1:]:
+        assert other["instances"] == bodies[0]["instances"]
+
+
+def test_per_request_parameters(client, predictor):
+    """Each option is applied to its own request; results match the Predictor run with it."""
+    image = scene(seed=2)
+    png = encode(image)
+
+    def post(**params):
+        response = client.post("/v1/segment", content=png, params={"score_threshold": 0, **params})
+        assert response.status_code == 200, response.text
+        return response.json()["instances"]
+
+    coarse = post(refine="false", max_detections=5)
+    assert_same_as_prediction(coarse, predictor(image, score_threshold=0.0, max_detections=5, refine=False))
+    strict = post(mask_threshold=0.8, max_detections=5)
+    assert_same_as_prediction(strict, predictor(image, score_threshold=0.0, max_detections=5, mask_threshold=0.8))
+
+    # A class filter keeps that class among the model's full top-k, then cuts to max_detections.
+    full = predictor(image, score_threshold=0.0)
+    squares = [i for i, c in enumerate(full.classes) if c == 1][:3]
+    by_name = post(classes="square", max_detections=3)
+    assert [i["category_id"] for i in by_name] == [7] * len(squares)
+    np.testing.assert_array_equal(decode_masks(by_name), full.masks[squares])
+    assert post(classes="7", max_detections=3) == by_name
+
+    boxes_only = post(mask_format="none", max_detections=5)
+    with_masks = post(max_detections=5)
+    assert all("segmentation" not in i for i in boxes_only)
+    assert [i["bbox"] for i in boxes_only] == [i["bbox"] for i in with_masks]
+
+    polygons = post(mask_format="polygon", max_detections=5)
+    assert [i["bbox"] for i in polygons] == [i["bbox"] for i in with_masks]
+    for polygon, rle in zip(polygons, with_masks):
+        assert polygon["area"] == rle["area"]
+        if not polygon["segmentation"]:
+            continue
+        drawn = mask_util.decode(mask_util.merge(mask_util.frPyObjects(polygon["segmentation"], 96, 128)))
+        truth = mask_util.decode(rle["segmentation"])
+        assert (drawn & truth).sum() / (drawn | truth).sum() >= 0.9
+
+
+def test_exif_orientation_applied(client, predictor):
+    picture = Image.fromarray(scene(80, 120, seed=3))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    jpeg = encode(picture, "JPEG", exif=exif.tobytes(), quality=95)
+    response = client.post("/v1/segment", content=jpeg, params={"score_threshold": 0, "max_detections": 3})
+    assert response.status_code == 200, response.text
+    assert response.json()["image"] | {"image_id": None} == {"width": 80, "height": 120, "image_id": None}
+    upright = load_image_rgb_from_bytes(jpeg)
+    assert upright.shape == (120, 80, 3)
+    assert_same_as_prediction(
+        response.json()["instances"], predictor(upright, score_threshold=0.0, max_detections=3)
+    )
+
+
+def load_image_rgb_from_bytes(data: bytes) -> np.ndarray:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".img") as file:
+        file.write(data)
+        file.flush()
+        return load_image_rgb(file.name)
+
+
+def test_concurrent_requests_form_batches(server, client):
+    count0 = metric(server.url, "transfiner_batch_size_count")
+    singles0 = metric(server.url, "transfiner_batch_size_bucket", le="1.0")
+    images = [encode(scene(seed=10 + i)) for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(
+            lambda png: client.post("/v1/segment", content=png, params={"score_threshold": 0, "max_detections": 2}),
+            images,
+        ))
+    assert [r.status_code for r in responses] == [200] * 4
+    batches = metric(server.url, "transfiner_batch_size_count") - count0
+    multi = batches - (metric(server.url, "transfiner_batch_size_bucket", le="1.0") - singles0)
+    assert batches < 4 and multi >= 1, f"{batches} batches, {multi} of them larger than 1"
+    assert all(len(r.json()["instances"]) == 2 for r in responses)
+
+
+def _chunks(data: bytes, size: int = 8192):
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+def error_cases():
+    png = encode(scene())
+    big_pixels = encode(np.zeros((500, 500, 3), np.uint8))  # 250,000 pixels > 200,000, a tiny file
+    assert len(big_pixels) < MAX_BODY
+    jpeg = encode(scene(), "JPEG")
+    b64 = base64.b64encode(png).decode()
+    form_ct = {"Content-Type": "application/x-www-form-urlencoded"}
+    big_form = httpx.Request("POST", "http://x/", files={"image": ("a.png", os.urandom(2 * MAX_BODY))})
+    streamed_form = dict(content=_chunks(big_form.read()), headers={"Content-Type": big_form.headers["Content-Type"]})
+    return {
+        "empty body": (dict(content=b""), 400, "bad_request"),
+        "multipart without image": (dict(files={"picture": ("a.png", png)}), 400, "bad_request"),
+        "multipart image as text": (dict(data={"image": "not a file"}, files={"x": ("", b"")}), 400, "bad_request"),
+        "malformed json": (dict(content=b'{"image": ', headers={"Content-Type": "application/json"}), 400,
+                           "bad_request"),
+        "json without image": (dict(json={"score_threshold": 0.5}), 400, "bad_request"),
+        "json bad base64": (dict(json={"image": "***"}), 400, "bad_request"),
+        "json not an object": (dict(json=[b64]), 400, "bad_request"),
+        "no api key": (dict(content=png, headers={"X-API-Key": ""}), 401, "unauthorized"),
+        "wrong api key": (dict(content=png, headers={"X-API-Key": API_KEY + "x"}), 401, "unauthorized"),
+        "wrong bearer": (dict(content=png, headers={"X-API-Key": "", "Authorization": "Bearer nope"}), 401,
+                         "unauthorized"),
+        "body too large": (dict(content=os.urandom(MAX_BODY + 1)), 413, "body_too_large"),
+        "chunked body too large": (dict(content=_chunks(os.urandom(2 * MAX_BODY))), 413, "body_too_large"),
+        "chunked multipart too large": (streamed_form, 413, "body_too_large"),
+        "too many pixels": (dict(content=big_pixels), 413, "image_too_large"),
+        "text as jpeg": (dict(content=b"hello, world", headers={"Content-Type": "image/jpeg"}), 415,
+                         "unsupported_media_type"),
+        "svg": (dict(content=b"<svg xmlns='http://www.w3.org/2000/svg'/>"), 415, "unsupported_media_type"),
+        "urlencoded form": (dict(content=b"image=abc", headers=form_ct), 415, "unsupported_media_type"),
+        "score above 1": (dict(content=png, params={"score_threshold": 2}), 422, "invalid_parameter"),
+        "zero detections": (dict(content=png, params={"max_detections": 0}), 422, "invalid_parameter"),
+        "101 detections": (dict(content=png, params={"max_detections": 101}), 422, "invalid_parameter"),
+        "bad mask format": (dict(content=png, params={"mask_format": "png"}), 422, "invalid_parameter"),
+        "unknown parameter": (dict(content=png, params={"score": 0.5}), 422, "invalid_parameter"),
+        "unknown class": (dict(content=png, params={"classes": "dog"}), 422, "invalid_parameter"),
+        "parameter twice": (dict(json={"image": b64, "refine": False}, params={"refine": "true"}), 422,
+                            "invalid_parameter"),
+        "bad timeout header": (dict(content=png, headers={"X-Request-Timeout": "soon"}), 422, "invalid_parameter"),
+        "negative timeout": (dict(content=png, headers={"X-Request-Timeout": "-1"}), 422, "invalid_parameter"),
+        "truncated png": (dict(content=png[: len(png) * 2 // 3]), 422, "invalid_image"),
+        "corrupt jpeg": (dict(content=jpeg[:20] + bytes(200) + b"\xff\xd9"), 422, "invalid_image"),
+    }
+
+
+def test_every_error_class_answers_json_and_the_server_keeps_serving(server, client):
+    reasons = ("too_large", "unsupported_type", "bad_image", "unauthorized")
+    before = {r: metric(server.url, "transfiner_rejections_total", reason=r) for r in reasons}
+    failures = []
+    for name, (kwargs, status, code) in error_cases().items():
+        response = client.post("/v1/segment", **kwargs)
+        body = response.json() if response.headers.get("content-type", "").startswith("application/json") else None
+        ok = (
+            response.status_code == status and body is not None and set(body) == {"error"}
+            and body["error"]["code"] == code and isinstance(body["error"]["message"], str)
+            and "Traceback" not in response.text
+        )
+        if not ok:
+            failures.append(f"{name}: {response.status_code} {response.text[:200]}")
+    assert not failures, "\n".join(failures)
+    assert client.post("/v1/segment", content=b"x", headers={"X-API-Key": ""}).headers["WWW-Authenticate"] == "Bearer"
+    for path, method, status in (("/nope", "GET", 404), ("/v1/segment", "GET", 405)):
+        response = client.request(method, path)
+        assert response.status_code == status and "error" in response.json()
+    after = {r: metric(server.url, "transfiner_rejections_total", reason=r) for r in reasons}
+    assert all(after[r] > before[r] for r in reasons), (before, after)
+    # Still serving, with the right key in either header.
+    assert client.get("/health/ready").status_code == 200
+    ok = client.post("/v1/segment", content=encode(scene()), params={"mask_format": "none"},
+                     headers={"X-API-Key": "", "Authorization": f"Bearer {API_KEY}"})
+    assert ok.status_code == 200, ok.text
+
+
+def test_deadline_answers_504_and_never_reaches_the_model(server, client):
+    batches0 = metric(server.url, "transfiner_batch_size_count")
+    deadlines0 = metric(server.url, "transfiner_rejections_total", reason="deadline")
+    # Alone, the request waits max_delay (150 ms) for batch-mates: its 50 ms deadline passes first.
+    response = client.post("/v1/segment", content=encode(scene()), headers={"X-Request-Timeout": "0.05"})
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "deadline_exceeded"
+    time.sleep(0.4)  # past the batch delay: had it not been dropped, it would have run by now
+    assert metric(server.url, "transfiner_batch_size_count") == batches0
+    assert metric(server.url, "transfiner_rejections_total", reason="deadline") == deadlines0 + 1
+
+
+def test_disconnected_client_is_dropped_from_the_queue(server):
+    batches0 = metric(server.url, "transfiner_batch_size_count")
+    gone0 = metric(server.url, "transfiner_rejections_total", reason="client_disconnected")
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=0.06) as impatient:
+        with pytest.raises(httpx.ReadTimeout):
+            impatient.post("/v1/segment", content=encode(scene()))
+    deadline = time.monotonic() + 5
+    while metric(server.url, "transfiner_rejections_total", reason="client_disconnected") == gone0:
+        assert time.monotonic() < deadline, "the disconnect was not noticed"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert metric(server.url, "transfiner_batch_size_count") == batches0
+
+
+def test_client_leaving_mid_upload_is_counted_not_an_error(server):
+    gone0 = metric(server.url, "transfiner_rejections_total", reason="client_disconnected")
+    errors0 = metric(server.url, "transfiner_requests_total", status="500")
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        raw.sendall(
+            b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nX-API-Key: " + API_KEY.encode()
+            + b"\r\nContent-Length: 50000\r\n\r\n" + encode(scene())[:1000]
+        )
+        time.sleep(0.2)
+    deadline = time.monotonic() + 5
+    while metric(server.url, "transfiner_rejections_total", reason="client_disconnected") == gone0:
+        assert time.monotonic() < deadline, "the disconnect was not noticed"
+        time.sleep(0.05)
+    assert metric(server.url, "transfiner_requests_total", status="500") == errors0
+    assert metric(server.url, "transfiner_inflight_requests") == 0
+
+
+METRIC_NAMES = (
+    "transfiner_request_duration_seconds", "transfiner_queue_wait_seconds", "transfiner_decode_seconds",
+    "transfiner_inference_seconds", "transfiner_postprocess_seconds", "transfiner_batch_size",
+    "transfiner_queue_depth", "transfiner_inflight_requests", "transfiner_instances_per_image",
+    "transfiner_input_megapixels", "transfiner_requests_total", "transfiner_rejections_total",
+    "transfiner_model_info",
+)
+HISTOGRAMS = (
+    "transfiner_queue_wait_seconds", "transfiner_decode_seconds", "transfiner_inference_seconds",
+    "transfiner_postprocess_seconds", "transfiner_batch_size", "transfiner_instances_per_image",
+    "transfiner_input_megapixels",
+)
+
+
+def test_metric_names_exist_and_move(server, client):
+    text = client.get("/metrics").text
+    for name in METRIC_NAMES:
+        assert f"# TYPE {name} " in text, name
+    for reason in ("queue_full", "deadline", "bad_image", "too_large", "unsupported_type", "unauthorized"):
+        assert f'reason="{reason}"' in text
+    assert metric(server.url, "transfiner_model_info", name="tiny", backend="pytorch", device="cpu") == 1
+    before = {name: metric(server.url, name + "_count") for name in HISTOGRAMS}
+    ok0 = metric(server.url, "transfiner_requests_total", route="/v1/segment", method="POST", status="200")
+    e2e0 = metric(server.url, "transfiner_request_duration_seconds_count", route="/v1/segment")
+    assert client.post("/v1/segment", content=encode(scene()), params={"max_detections": 1}).status_code == 200
+    for name in HISTOGRAMS:
+        assert metric(server.url, name + "_count") > before[name], name
+    assert metric(server.url, "transfiner_requests_total", route="/v1/segment", method="POST", status="200") == ok0 + 1
+    assert metric(server.url, "transfiner_request_duration_seconds_count", route="/v1/segment") == e2e0 + 1
+    assert metric(server.url, "transfiner_inflight_requests") == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Overload: a second server with room for 3 requests in flight, at most 2 per client.
+
+
+class FaultyBackend:
+    """The real backend, except that batches padded to 64 rows fail: fault injection for the
+    'a failing forward pass answers 500 and the server goes on' test."""
+
+    def __init__(self, backend) -> None:
+        self.inner, self.name, self.device, self.cfg = backend, backend.name, backend.device, backend.cfg
+
+    def infer(self, images, image_sizes, options):
+        if images.shape[-2] == 64:
+            raise RuntimeError("injected failure")
+        return self.inner.infer(images, image_sizes, options)
+
+
+def faulty_loader(settings):
+    from service.runtime import load_model
+
+    loaded = load_model(settings)
+    loaded.backends = [FaultyBackend(b) for b in loaded.backends]
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def small_server(checkpoint):
+    settings = ServiceSettings(
+        model=str(checkpoint), device="cpu", max_batch_size=1, max_delay_ms=0, max_queue_size=2,
+        max_client_inflight=2, warmup_batches=0,
+    )
+    srv = ThreadServer(settings, loader=faulty_loader).start()
+    yield srv
+    srv.stop()
+
+
+def test_overload_answers_429_and_503_with_retry_after(small_server):
+    png = encode(scene())
+    barrier = threading.Barrier(8)
+
+    def post(address: str):
+        transport = httpx.HTTPTransport(local_address=address)  # two clients: two source addresses
+        with httpx.Client(base_url=small_server.url, transport=transport, timeout=120) as c:
+            barrier.wait()
+            return c.post("/v1/segment", content=png, params={"score_threshold": 0, "max_detections": 1})
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(post, ["127.0.0.1"] * 4 + ["127.0.0.2"] * 4))
+    statuses = sorted(r.status_code for r in responses)
+    assert 429 in statuses and 503 in statuses and 200 in statuses, statuses
+    for response in responses:
+        if response.status_code == 200:
+            continue
+        assert int(response.headers["Retry-After"]) >= 1
+        code = response.json()["error"]["code"]
+        assert code == {429: "too_many_requests", 503: "queue_full"}[response.status_code]
+    assert metric(small_server.url, "transfiner_rejections_total", reason="queue_full") >= 1
+    assert metric(small_server.url, "transfiner_rejections_total", reason="client_limit") >= 1
+    # Still serving.
+    assert httpx.post(small_server.url + "/v1/segment", content=png, timeout=120).status_code == 200
+
+
+def test_a_failing_forward_pass_answers_500_and_the_server_goes_on(small_server):
+    wide = encode(scene(96, 200))  # resized to 61x128, padded to 64 rows: the injected failure
+    response = httpx.post(small_server.url + "/v1/segment", content=wide, timeout=120)
+    assert response.status_code == 500
+    assert response.json() == {"error": {"code": "internal_error", "message": "inference failed (logged on the server)"}}
+    assert httpx.post(small_server.url + "/v1/segment", content=encode(scene()), timeout=120).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------
+# `transfiner serve` in its own process: readiness 503 -> 200, SIGTERM drains, readiness 503, exit 0.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_process_readiness_and_graceful_sigterm(checkpoint, tmp_path):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(
+        os.environ, TRANSFINER_SHUTDOWN_GRACE_S="1.5", TRANSFINER_WARMUP_BATCHES="3", TRANSFINER_DEVICE="cpu",
+        TRANSFINER_TORCH_THREADS="1",
+    )
+    log = open(tmp_path / "serve.log", "w+")
+    command = [sys.executable, "-m", "model.cli", "serve", "--model", str(checkpoint), "--port", str(port),
+               "--max-delay-ms", "300", "--log-level", "warning"]
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
+    try:
+        seen = wait_ready(url, timeout=120)
+        assert 503 in seen and seen[-1] == 200, seen  # not ready while loading / warming up
+        png = encode(scene())
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            inflight = [pool.submit(httpx.post, url + "/v1/segment", content=png, timeout=60) for _ in range(3)]
+            deadline = time.monotonic() + 30
+            # A batch waits 300 ms to fill: all three are admitted and waiting when SIGTERM comes.
+            while metric(url, "transfiner_inflight_requests") < 3:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while httpx.get(url + "/health/ready").status_code != 503:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert httpx.get(url + "/health/live").status_code == 200
+            refused = httpx.post(url + "/v1/segment", content=png, timeout=60)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+            assert [f.result().status_code for f in inflight] == [200] * 3  # in-flight work finished
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.seek(0)
+        output = log.read()
+        log.close()
+    assert "Traceback" not in output, output
+
+
+def test_serve_defaults_and_missing_model(capsys):
+    from model.cli import build_parser, main
+    from service.cli import settings_from_args
+
+    settings = settings_from_args(build_parser().parse_args(["serve"]))
+    assert (settings.model, settings.host, settings.port) == ("default", "127.0.0.1", 8000)
+    flags = build_parser().parse_args(["serve", "--model", "x.pth", "--max-batch-size", "8", "--device", "cpu"])
+    settings = settings_from_args(flags)
+    assert (settings.model, settings.max_batch_size, settings.device) == ("x.pth", 8, "cpu")
+    assert main(["serve", "--model", "/nonexistent/model.pth"]) == 2
+    assert "model not found" in capsys.readouterr().err

@@ -1,0 +1,505 @@
+"""The service's parts without HTTP: batcher, worker + shared pipeline vs the Predictor, image
+decoding vs ``model.data.load_image_rgb``, polygon tracing vs pycocotools, settings, parameters."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+from PIL import Image
+
+from model.data import load_image_rgb
+from model.default_model import load_predictor
+from model.predictor import Predictor
+from service.backends import TorchBackend
+from service.batcher import Batcher, BatcherClosed, DeadlineExceeded, Job, QueueFull
+from service.errors import ServiceError
+from service.imaging import decode_image, sniff_format
+from service.pipeline import RequestOptions, batch_options, postprocess, preprocess, scaled_boxes, select
+from service.polygons import mask_to_polygons
+from service.schemas import SegmentParams
+from service.settings import ServiceSettings
+from service.worker import SegmentJob, Worker
+
+from .test_service_support import CATEGORY_IDS, encode, scene, write_tiny_checkpoint
+
+pytestmark = pytest.mark.timeout(120)
+
+# ------------------------------------------------------------------------------------------------
+# Batcher
+
+
+class Recorder:
+    """A batch runner that records what it is given (the batcher's contract, nothing more)."""
+
+    def __init__(self, delay: float = 0.0, fail: bool = False) -> None:
+        self.delay = delay
+        self.fail = fail
+        self.batches: list[list] = []
+
+    async def run(self, jobs: list[Job]) -> None:
+        self.batches.append([job.payload for job in jobs])
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("boom")
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_result(job.payload)
+
+
+def job(payload, timeout: float = 30.0, shape=(100, 100)) -> Job:
+    return Job(payload, deadline=time.monotonic() + timeout, shape=shape)
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 30))
+
+
+def test_batches_fill_up_to_max_size():
+    async def main():
+        runner = Recorder()
+        batcher = Batcher([runner], max_batch_size=3, max_delay_s=0.05, max_queue_size=100)
+        batcher.start()
+        jobs = [job(i) for i in range(7)]
+        for j in jobs:
+            batcher.submit(j)
+        results = await asyncio.gather(*(j.future for j in jobs))
+        await batcher.close()
+        return runner.batches, results
+
+    batches, results = run(main())
+    assert batches == [[0, 1, 2], [3, 4, 5], [6]] and results == list(range(7))
+
+
+def test_lone_job_waits_max_delay_then_runs_alone():
+    async def main():
+        runner = Recorder()
+        batcher = Batcher([runner], max_batch_size=4, max_delay_s=0.2, max_queue_size=10)
+        batcher.start()
+        j = job("a")
+        batcher.submit(j)
+        await j.future
+        waited = j.dispatched_at - j.enqueued_at
+        await batcher.close()
+        return runner.batches, waited
+
+    batches, waited = run(main())
+    assert batches == [["a"]] and waited >= 0.19
+
+
+def test_busy_worker_means_the_next_batch_forms_without_delay():
+    async def main():
+        runner = Recorder(delay=0.3)
+        batcher = Batcher([runner], max_batch_size=8, max_delay_s=0.0, max_queue_size=10)
+        batcher.start()
+        first = job(0)
+        batcher.submit(first)
+        await asyncio.sleep(0.05)  # the worker is busy with job 0
+        rest = [job(i) for i in range(1, 4)]
+        for j in rest:
+            batcher.submit(j)
+        await asyncio.gather(first.future, *(j.future for j in rest))
+        await batcher.close()
+        return runner.batches
+
+    assert run(main()) == [[0], [1, 2, 3]]
+
+
+def test_expired_and_cancelled_jobs_never_reach_the_runner():
+    async def main():
+        runner = Recorder()
+        batcher = Batcher([runner], max_batch_size=4, max_delay_s=0.3, max_queue_size=10)
+        expired, cancelled, expiring, alive = job("expired", -1), job("cancelled"), job("expiring", 0.1), job("ok")
+        for j in (expired, cancelled, expiring, alive):
+            batcher.submit(j)
+        cancelled.future.cancel()  # the client went away
+        batcher.start()
+        assert await alive.future == "ok"
+        for j in (expired, expiring):
+            with pytest.raises(DeadlineExceeded):
+                await j.future
+        await batcher.close()
+        return runner.batches
+
+    # "expiring" was live when taken but its deadline passed while the batch waited to fill.
+    assert run(main()) == [["ok"]]
+
+
+def test_a_batch_whose_jobs_all_died_is_not_run():
+    async def main():
+        runner = Recorder()
+        batcher = Batcher([runner], max_batch_size=4, max_delay_s=0.2, max_queue_size=10)
+        batcher.start()
+        j = job("late", 0.05)
+        batcher.submit(j)
+        with pytest.raises(DeadlineExceeded):
+            await j.future
+        await asyncio.sleep(0.25)
+        await batcher.close()
+        return runner.batches
+
+    assert run(main()) == []
+
+
+def test_queue_full_with_retry_after_from_recent_batch_times():
+    async def main():
+        runner = Recorder(delay=0.2)
+        batcher = Batcher([runner], max_batch_size=1, max_delay_s=0.0, max_queue_size=2)
+        batcher.start()
+        warm = job("warm")
+        batcher.submit(warm)
+        await warm.future  # one batch of history: about 0.2 s
+        jobs = [job(i) for i in range(3)]
+        batcher.submit(jobs[0])
+        await asyncio.sleep(0.05)  # the worker takes job 0
+        batcher.submit(jobs[1])
+        batcher.submit(jobs[2])
+        with pytest.raises(QueueFull) as full:
+            batcher.submit(job("one too many"))
+        per_batch = batcher.recent_batch_seconds()
+        await asyncio.gather(*(j.future for j in jobs))
+        await batcher.close()
+        return full.value.retry_after, per_batch
+
+    retry_after, per_batch = run(main())
+    # Two queued, one batch of one at a time: three rounds of the median batch time.
+    assert per_batch >= 0.19 and retry_after == pytest.approx(3 * per_batch)
+
+
+def test_close_drains_the_queue_or_fails_it():
+    async def main(drain: bool):
+        runner = Recorder(delay=0.05)
+        batcher = Batcher([runner], max_batch_size=2, max_delay_s=0.0, max_queue_size=10)
+        batcher.start()
+        jobs = [job(i) for i in range(5)]
+        for j in jobs:
+            batcher.submit(j)
+        await asyncio.sleep(0)
+        await batcher.close(drain=drain)
+        with pytest.raises(BatcherClosed):
+            batcher.submit(job("after"))
+        return await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+
+    assert run(main(True)) == [0, 1, 2, 3, 4]
+    failed = run(main(False))
+    assert any(isinstance(r, BatcherClosed) for r in failed)
+
+
+def test_pixel_budget_caps_batches():
+    async def main():
+        runner = Recorder()
+        batcher = Batcher([runner], max_batch_size=8, max_delay_s=0.05, max_queue_size=10,
+                          max_batch_pixels=2 * 100 * 100)
+        jobs = [job(0, shape=(100, 100)), job(1, shape=(100, 100)), job(2, shape=(100, 100)),
+                job(3, shape=(50, 50))]
+        for j in jobs:
+            batcher.submit(j)
+        batcher.start()
+        await asyncio.gather(*(j.future for j in jobs))
+        await batcher.close()
+        return runner.batches
+
+    assert run(main()) == [[0, 1], [2, 3]]
+
+
+def test_a_failing_batch_fails_its_jobs_and_the_batcher_goes_on():
+    async def main():
+        bad = Recorder(fail=True)
+        batcher = Batcher([bad], max_batch_size=2, max_delay_s=0.0, max_queue_size=10)
+        batcher.start()
+        first = job("a")
+        batcher.submit(first)
+        with pytest.raises(RuntimeError):
+            await first.future
+        bad.fail = False
+        second = job("b")
+        batcher.submit(second)
+        result = await second.future
+        await batcher.close()
+        return result
+
+    assert run(main()) == "b"
+
+
+def test_several_runners_share_the_queue():
+    async def main():
+        runners = [Recorder(delay=0.1), Recorder(delay=0.1)]
+        batcher = Batcher(runners, max_batch_size=1, max_delay_s=0.0, max_queue_size=10)
+        batcher.start()
+        jobs = [job(i) for i in range(4)]
+        for j in jobs:
+            batcher.submit(j)
+        await asyncio.gather(*(j.future for j in jobs))
+        await batcher.close()
+        return runners
+
+    runners = run(main())
+    assert all(r.batches for r in runners) and sum(len(r.batches) for r in runners) == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker + shared pipeline on the real (tiny) model
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory) -> Predictor:
+    return load_predictor(write_tiny_checkpoint(tmp_path_factory.mktemp("units") / "tiny.pth"), None, "cpu")
+
+
+def test_mixed_batch_gives_each_request_what_its_own_options_give(predictor):
+    """One forward pass, four requests with different options: each equals the Predictor run on
+    the same batch with that request's options alone."""
+    images = [scene(seed=s) for s in range(4)]
+    probe = predictor(images[0], score_threshold=0.0)
+    middle = float(probe.scores[len(probe) // 2])
+    options = [
+        RequestOptions(score_threshold=0.0, max_detections=5),
+        RequestOptions(score_threshold=middle, max_detections=2, refine=False, mask_threshold=0.7),
+        RequestOptions(score_threshold=0.0, max_detections=3, classes=frozenset({1})),
+        RequestOptions(score_threshold=0.0, max_detections=4, mask_format="none"),
+    ]
+    worker = Worker(TorchBackend(predictor.model))
+
+    async def main():
+        jobs = [Job(SegmentJob(img, opt), deadline=time.monotonic() + 60) for img, opt in zip(images, options)]
+        await worker.run(jobs)
+        return [j.future.result() for j in jobs]
+
+    try:
+        results = run(main())
+    finally:
+        worker.close()
+    assert {r.batch_size for r in results} == {4}
+    cfg = predictor.cfg
+    for i, (opt, result) in enumerate(zip(options, results)):
+        got = postprocess(result.raw, result.index, result.input_size, result.original, opt, cfg, "img")
+        top_k = None if opt.classes is not None else opt.max_detections
+        want = predictor.predict(
+            images, score_threshold=opt.score_threshold, max_detections=top_k, refine=opt.refine,
+            mask_threshold=opt.mask_threshold,
+        )[i]
+        keep = np.arange(len(want))
+        if opt.classes is not None:
+            keep = keep[np.isin(want.classes, sorted(opt.classes))][: opt.max_detections]
+        assert len(got) == len(keep) > 0
+        np.testing.assert_array_equal([g["score"] for g in got], np.round(want.scores[keep].astype(float), 5))
+        assert [g["category_id"] for g in got] == [CATEGORY_IDS[c] for c in want.classes[keep]]
+        if opt.mask_format == "none":
+            assert all("segmentation" not in g for g in got)
+            continue
+        masks = mask_util.decode([g["segmentation"] for g in got]).transpose(2, 0, 1).astype(bool)
+        np.testing.assert_array_equal(masks, want.masks[keep])
+
+
+def test_scaled_boxes_is_the_box_half_of_predictor_postprocess(predictor):
+    image = scene(150, 200, seed=5)
+    opt = RequestOptions(score_threshold=0.0, max_detections=10)
+    batch = preprocess([image], predictor.cfg.input, predictor.device)
+    with torch.inference_mode():
+        raw = predictor.model(batch.images, batch.sizes, batch_options([opt], predictor.cfg))
+    chosen = select(raw, 0, opt)
+    boxes, scores, classes = scaled_boxes(chosen, batch.sizes[0], (150, 200))
+    full = Predictor.postprocess(chosen, 0, batch.sizes[0], (150, 200), 0.5)
+    np.testing.assert_array_equal(boxes, full.boxes)
+    np.testing.assert_array_equal(scores, full.scores)
+    np.testing.assert_array_equal(classes, full.classes)
+
+
+# ------------------------------------------------------------------------------------------------
+# Image decoding: same pixels as the training/CLI reader, by sniffing, with a pixel guard
+
+
+def _as_file_and_bytes(tmp_path, picture: Image.Image, fmt: str, **save_args) -> tuple[np.ndarray, bytes]:
+    data = encode(picture, fmt, **save_args)
+    path = tmp_path / f"image.{fmt.lower()}"
+    path.write_bytes(data)
+    return load_image_rgb(path), data
+
+
+def _pictures():
+    rgb = Image.fromarray(scene(40, 60, seed=7))
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 90 degrees anticlockwise on display
+    grey16 = Image.fromarray((np.arange(40 * 60).reshape(40, 60) * 27).astype(np.uint16))
+    return {
+        "grey PNG": (rgb.convert("L"), "PNG", {}),
+        "RGBA PNG": (rgb.convert("RGBA"), "PNG", {}),
+        "LA PNG": (rgb.convert("LA"), "PNG", {}),
+        "palette PNG": (rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG", {}),
+        "16-bit grey PNG": (grey16, "PNG", {}),
+        "CMYK JPEG": (rgb.convert("CMYK"), "JPEG", {}),
+        "EXIF-rotated JPEG": (rgb, "JPEG", {"exif": exif.tobytes()}),
+        "1-bit BMP": (rgb.convert("1"), "BMP", {}),
+        "RGB TIFF": (rgb, "TIFF", {}),
+        "lossless WEBP": (rgb, "WEBP", {"lossless": True}),
+        "GIF": (rgb, "GIF", {}),
+    }
+
+
+@pytest.mark.parametrize("name", list(_pictures()))
+def test_decode_matches_load_image_rgb(tmp_path, name):
+    picture, fmt, save_args = _pictures()[name]
+    expected, data = _as_file_and_bytes(tmp_path, picture, fmt, **save_args)
+    decoded = decode_image(data, max_pixels=10_000)
+    assert decoded.format == fmt and sniff_format(data) == fmt
+    np.testing.assert_array_equal(decoded.rgb, expected)
+    if name.startswith("EXIF"):
+        assert decoded.rgb.shape == (60, 40, 3)
+
+
+def test_animated_gif_gives_its_first_frame():
+    frames = [Image.new("RGB", (30, 20), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    decoded = decode_image(buffer.getvalue(), max_pixels=10_000)
+    assert decoded.rgb.shape == (20, 30, 3)
+    assert tuple(decoded.rgb[10, 10]) == (255, 0, 0)
+
+
+def test_decode_errors():
+    png = encode(scene(40, 60))
+    cases = [
+        (b"", 400, "bad_request"),
+        (b"%PDF-1.7 not an image", 415, "unsupported_media_type"),
+        (b"\x00\x00\x01\x00" + bytes(100), 415, "unsupported_media_type"),  # ICO: not accepted
+        (png[: len(png) // 2], 422, "invalid_image"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(50), 422, "invalid_image"),
+    ]
+    for data, status, code in cases:
+        with pytest.raises(ServiceError) as error:
+            decode_image(data, max_pixels=10_000)
+        assert (error.value.status, error.value.code) == (status, code), data[:12]
+    with pytest.raises(ServiceError) as error:
+        decode_image(png, max_pixels=40 * 60 - 1)
+    assert (error.value.status, error.value.reason) == (413, "too_large")
+
+
+# ------------------------------------------------------------------------------------------------
+# Polygons: traced along pixel corners, rasterised back by pycocotools
+
+
+def _rasterise(polygons, height, width) -> np.ndarray:
+    if not polygons:
+        return np.zeros((height, width), dtype=bool)
+    return mask_util.decode(mask_util.merge(mask_util.frPyObjects(polygons, height, width))).astype(bool)
+
+
+def _shapes() -> dict[str, np.ndarray]:
+    h, w = 40, 50
+    yy, xx = np.mgrid[:h, :w]
+    shapes = {}
+    rect = np.zeros((h, w), bool)
+    rect[5:20, 8:30] = True
+    shapes["rectangle"] = rect
+    ell = rect.copy()
+    ell[20:35, 8:15] = True
+    shapes["L"] = ell
+    shapes["disk"] = (yy - 20) ** 2 + (xx - 25) ** 2 < 12**2
+    shapes["ellipse at the border"] = ((yy - 0) / 15.0) ** 2 + ((xx - 49) / 20.0) ** 2 < 1
+    two = np.zeros((h, w), bool)
+    two[2:8, 2:8] = True
+    two[20:30, 30:45] = True
+    shapes["two parts"] = two
+    single = np.zeros((h, w), bool)
+    single[7, 9] = True
+    shapes["one pixel"] = single
+    stairs = np.zeros((h, w), bool)
+    for i in range(10):
+        stairs[10 + i, 10 : 12 + i] = True
+    shapes["staircase"] = stairs
+    diagonal = np.zeros((h, w), bool)
+    diagonal[10, 10] = diagonal[11, 11] = diagonal[12, 12] = True
+    shapes["diagonal pixels"] = diagonal
+    rng = np.random.default_rng(0)
+    blobs = np.zeros((h, w), bool)
+    for cy, cx, r in zip(rng.integers(5, 35, 6), rng.integers(5, 45, 6), rng.integers(3, 9, 6)):
+        blobs |= (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+    shapes["overlapping disks"] = blobs
+    return shapes
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """The mask plus every background region not reachable from the border (8-connected
+    background, the dual of the tracer's 4-connected foreground)."""
+    outside = np.zeros_like(mask)
+    outside[0, :], outside[-1, :], outside[:, 0], outside[:, -1] = ~mask[0, :], ~mask[-1, :], ~mask[:, 0], ~mask[:, -1]
+    while True:
+        padded = np.pad(outside, 1)
+        grown = np.zeros_like(outside)
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                grown |= padded[dy : dy + mask.shape[0], dx : dx + mask.shape[1]]
+        grown &= ~mask
+        if (grown == outside).all():
+            return ~outside
+        outside = grown
+
+
+@pytest.mark.parametrize("name", list(_shapes()))
+def test_polygons_rasterise_back_to_the_mask(name):
+    mask = _shapes()[name]
+    polygons = mask_to_polygons(mask)
+    assert all(len(p) >= 6 and len(p) % 2 == 0 for p in polygons)
+    drawn = _rasterise(polygons, *mask.shape)
+    iou = (drawn & mask).sum() / (drawn | mask).sum()
+    assert iou >= 0.9, iou
+    np.testing.assert_array_equal(drawn, _fill_holes(mask))  # exact, but for holes
+
+
+def test_polygons_of_a_ring_lose_only_the_hole():
+    yy, xx = np.mgrid[:40, :40]
+    distance = (yy - 20) ** 2 + (xx - 20) ** 2
+    ring = (distance < 15**2) & (distance >= 6**2)
+    polygons = mask_to_polygons(ring)
+    assert len(polygons) == 1  # the outer boundary; COCO polygons cannot cut holes
+    np.testing.assert_array_equal(_rasterise(polygons, 40, 40), distance < 15**2)
+    assert (ring.sum() / (distance < 15**2).sum()) >= 0.8
+
+
+def test_polygons_of_an_empty_mask():
+    assert mask_to_polygons(np.zeros((5, 5), bool)) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings and parameters
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("TRANSFINER_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("TRANSFINER_API_KEY", "abc")
+    monkeypatch.setenv("TRANSFINER_HOST", "0.0.0.0")
+    settings = ServiceSettings()
+    assert (settings.max_batch_size, settings.api_key.get_secret_value(), settings.host) == (7, "abc", "0.0.0.0")
+    assert "abc" not in repr(settings)  # the key never lands in logs
+    assert ServiceSettings(max_batch_size=2).max_batch_size == 2  # explicit values beat the environment
+    monkeypatch.setenv("TRANSFINER_MAX_BATCH_SIZE", "0")
+    with pytest.raises(ValueError):
+        ServiceSettings()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only case")
+def test_no_gpu_metrics_without_a_gpu():
+    from service.metrics import ServiceMetrics
+
+    metrics = ServiceMetrics()
+    assert metrics.enable_gpu_metrics() is False
+    assert b"transfiner_gpu" not in metrics.render()
+
+
+def test_segment_params_parsing():
+    params = SegmentParams.model_validate({"classes": ["1,square", "7"], "image_id": "42", "refine": "false"})
+    assert params.classes == [1, "square", 7] and params.image_id == 42 and params.refine is False
+    assert SegmentParams.model_validate({"image_id": "0042"}).image_id == "0042"
+    assert SegmentParams.model_validate({"classes": 3}).classes == [3]
+    assert SegmentParams().model_dump() == {
+        "score_threshold": 0.5, "max_detections": 100, "classes": None, "mask_threshold": 0.5,
+        "mask_format": "rle", "refine": True, "image_id": None,
+    }
+    for bad in ({"score_threshold": -0.1}, {"max_detections": 101}, {"mask_format": "png"}, {"nope": 1}):
+        with pytest.raises(ValueError):
+            SegmentParams.model_validate(bad)
