@@ -2,7 +2,8 @@
 
 * ``multipart/form-data``: the file in field ``image``, parameters as other fields;
 * ``application/json``: ``{"image": "<base64 or data: URL>", "score_threshold": ...}``;
-* anything else: the body is the image (``image/*``, ``application/octet-stream``, or no type).
+* anything else: the body is the image (``image/*``, ``application/octet-stream``, no type, or
+  ``application/x-www-form-urlencoded`` as ``curl --data-binary`` declares it).
 
 Query parameters apply to all three. The body's declared type only picks the transport; what the
 image is gets decided later by sniffing its bytes (``service.imaging``).
@@ -104,13 +105,9 @@ async def _read_segment_request(request: Request) -> tuple[bytes, SegmentParams]
         data, body_params = await _read_multipart(request)
     elif content_type == "application/json" or content_type.endswith("+json"):
         data, body_params = await _read_json(request)
-    elif content_type == "application/x-www-form-urlencoded":
-        raise ServiceError(
-            415, "unsupported_media_type",
-            "send the image as multipart/form-data, as a raw image body, or base64 in JSON",
-            reason="unsupported_type",
-        )
     else:
+        # Raw bytes, whatever the declared type: `curl --data-binary @img.png` declares
+        # application/x-www-form-urlencoded. Sniffing the bytes decides what the image is.
         data, body_params = await request.body(), {}
     params = _multi(list(request.query_params.multi_items()))
     twice = sorted(set(params) & set(body_params))

@@ -136,12 +136,17 @@ def test_upload_forms_and_declared_type_agree(client):
     # The declared type is ignored: a PNG sent as JPEG (or untyped) is still a PNG.
     mislabelled = client.post("/v1/segment", content=png, params=params, headers={"Content-Type": "image/jpeg"})
     form = client.post("/v1/segment", files={"image": ("x.bin", png, "text/plain")}, data=params)
+    # What `curl --data-binary @img.png` sends: raw bytes declared as a urlencoded form.
+    curl_default = client.post(
+        "/v1/segment", content=png, params=params, headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
     as_json = client.post("/v1/segment", json={
         "image": "data:image/png;base64," + base64.b64encode(png).decode(), "score_threshold": 0,
         "max_detections": 4,
     })
-    bodies = [r.json() for r in (raw, mislabelled, form, as_json)]
-    assert [r.status_code for r in (raw, mislabelled, form, as_json)] == [200] * 4
+    responses = (raw, mislabelled, form, curl_default, as_json)
+    assert [r.status_code for r in responses] == [200] * 5, [r.text for r in responses]
+    bodies = [r.json() for r in responses]
     for other in bodies[1:]:
         assert other["instances"] == bodies[0]["instances"]
 
