@@ -136,3 +136,26 @@ def test_train_cli_errors(tiny_data, tmp_path, capsys):
     assert "--iters" in capsys.readouterr().err
     assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "fresh"), "--resume"]) == 2
     assert "resume" in capsys.readouterr().err
+
+
+def test_fine_tune_from_a_checkpoint_with_other_classes(tiny_data, tmp_path):
+    """As from a converted 80-class official checkpoint: shared weights load, class heads start fresh."""
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.config import COCO_CATEGORY_IDS, COCO_CLASSES
+    from model.rcnn import MaskTransfiner
+
+    torch.manual_seed(5)
+    coco_cfg = dataclasses.replace(tiny_config(tiny_data), roi_heads=dataclasses.replace(
+        tiny_config(tiny_data).roi_heads, num_classes=80), class_names=COCO_CLASSES, category_ids=COCO_CATEGORY_IDS)
+    source = MaskTransfiner(coco_cfg)
+    save_checkpoint(tmp_path / "coco.pth", source)
+    solver = SolverConfig(iters=1, batch_size=1, lr=1e-9, warmup_iters=1, log_period=1, checkpoint_period=100)
+    final = train(tiny_config(tiny_data), tiny_data, tmp_path / "ft", solver, init_weights=tmp_path / "coco.pth", device="cpu")
+    _, tuned = load_checkpoint(final)
+    before = source.state_dict()
+    # A backbone weight and a refiner weight came from the checkpoint (lr ~ 0 keeps them)...
+    for name in ("backbone.bottom_up.res3.0.conv1.weight", "mask_head.refiner.node_encoder.fuse.weight"):
+        torch.testing.assert_close(tuned[name], before[name], rtol=0, atol=1e-6)
+    # ...the class-specific heads have the data set's 7 classes.
+    assert tuned["roi_heads.box_predictor.cls_score.weight"].shape[0] == 8
+    assert tuned["mask_head.coarse.predictor.weight"].shape[0] == 7
