@@ -94,29 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help="allow reading .pkl files (numpy arrays only; pickle can run code)")
     convert.set_defaults(func=cmd_convert_official)
 
-    from .shapes import add_make_shapes_arguments, cmd_make_shapes
-
-    shapes = commands.add_parser("make-shapes", help="write a synthetic fine-detail COCO data set")
-    add_make_shapes_arguments(shapes)
-    shapes.set_defaults(func=cmd_make_shapes)
-
-    from .train import add_train_arguments, cmd_train
-
-    train = commands.add_parser("train", help="train on a COCO-format data set")
-    add_train_arguments(train)
-    train.set_defaults(func=cmd_train)
-
-    from .evaluate import add_evaluate_arguments, cmd_evaluate
-
-    evaluate = commands.add_parser("evaluate", help="box, mask and boundary AP of coarse vs refined masks")
-    add_evaluate_arguments(evaluate)
-    evaluate.set_defaults(func=cmd_evaluate)
-
     from service.cli import add_serve_arguments, cmd_serve
 
-    serve = commands.add_parser("serve", help="run the REST service (FastAPI, dynamic batching)")
-    add_serve_arguments(serve)
-    serve.set_defaults(func=cmd_serve)
+    from .evaluate import add_evaluate_arguments, cmd_evaluate
+    from .shapes import add_make_shapes_arguments, cmd_make_shapes
+    from .train import add_train_arguments, cmd_train
+
+    # Sub-commands whose arguments live next to their implementation.
+    for name, help_text, add_arguments, command in (
+        ("make-shapes", "write a synthetic fine-detail COCO data set", add_make_shapes_arguments, cmd_make_shapes),
+        ("train", "train on a COCO-format data set", add_train_arguments, cmd_train),
+        ("evaluate", "box, mask and boundary AP of coarse vs refined masks", add_evaluate_arguments, cmd_evaluate),
+        ("serve", "run the REST service (FastAPI, dynamic batching)", add_serve_arguments, cmd_serve),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        add_arguments(sub)
+        sub.set_defaults(func=command)
     return parser
 
 
