@@ -117,10 +117,17 @@ class TransfinerMaskHead(nn.Module):
         self, features: list[torch.Tensor], boxes: torch.Tensor, classes: torch.Tensor, batch_index: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (14x14 RoI features [R, C, 14, 14], coarse [R, 28, 28], incoherence [R, 28, 28])."""
+        roi_features, mask_features, coarse = self._coarse(features, boxes, classes, batch_index)
+        return roi_features, coarse, self.incoherence(roi_features, mask_features)
+
+    def _coarse(
+        self, features: list[torch.Tensor], boxes: torch.Tensor, classes: torch.Tensor, batch_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (RoI features [R, C, 14, 14], mask features [R, D, 14, 14], coarse probs [R, 28, 28])."""
         roi_features = self.pooler(features, boxes, batch_index)
         logits, mask_features = self.coarse(roi_features)
         coarse = logits[torch.arange(logits.shape[0], device=logits.device), classes].sigmoid()
-        return roi_features, coarse, self.incoherence(roi_features, mask_features)
+        return roi_features, mask_features, coarse
 
     def forward(
         self, features: list[torch.Tensor], boxes: torch.Tensor, classes: torch.Tensor,
@@ -133,9 +140,7 @@ class TransfinerMaskHead(nn.Module):
         coarse is the 28x28 mask bilinearly upsampled (as the official code for boxes it does not
         refine); masks is refined where chosen and equal to coarse elsewhere.
         """
-        roi_features = self.pooler(features, boxes, batch_index)  # [D, C, 14, 14]
-        logits, mask_features = self.coarse(roi_features)
-        coarse = logits[torch.arange(logits.shape[0], device=logits.device), classes].sigmoid()
+        roi_features, mask_features, coarse = self._coarse(features, boxes, classes, batch_index)
         size = LEVEL_SIZES[-1]
         upsampled = F.interpolate(coarse[:, None].float(), size=(size, size), mode="bilinear")[:, 0]
         if not (refine and self.cfg.enabled):
