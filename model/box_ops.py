@@ -59,9 +59,35 @@ class Box2BoxTransform:
 
 def clip_boxes(boxes: torch.Tensor, height: torch.Tensor | int, width: torch.Tensor | int) -> torch.Tensor:
     """Clips xyxy boxes [..., 4] to [0, width] x [0, height]."""
-    x = boxes[..., 0::2].clamp(min=0).minimum(torch.as_tensor(width, dtype=boxes.dtype, device=boxes.device))
-    y = boxes[..., 1::2].clamp(min=0).minimum(torch.as_tensor(height, dtype=boxes.dtype, device=boxes.device))
+    # Tensors go in as they are: torch.as_tensor would freeze them into a traced (exported) graph.
+    if not isinstance(width, torch.Tensor):
+        width = torch.tensor(width, dtype=boxes.dtype, device=boxes.device)
+    if not isinstance(height, torch.Tensor):
+        height = torch.tensor(height, dtype=boxes.dtype, device=boxes.device)
+    x = boxes[..., 0::2].clamp(min=0).minimum(width.to(boxes.dtype))
+    y = boxes[..., 1::2].clamp(min=0).minimum(height.to(boxes.dtype))
     return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
+
+
+def rank_within_image(batch_index: torch.Tensor, num_images: int) -> torch.Tensor:
+    """0-based position of each row among the rows of its image ([D] -> [D]); rows keep order."""
+    one_hot = (batch_index[:, None] == torch.arange(num_images, device=batch_index.device)).to(torch.int64)
+    return (one_hot.cumsum(0) * one_hot).sum(1) - 1
+
+
+def group_by_image(batch_index: torch.Tensor, num_images: int | torch.Tensor) -> torch.Tensor:
+    """The permutation that groups rows by image and keeps their order inside an image.
+
+    batch_index [D] -> [D] int64. Equal to a stable sort of ``batch_index``, but built from a
+    cumulative sum and a scatter instead: the ONNX exporter cannot export a stable sort, and a
+    plain Sort would become a TopK whose k (the detection count) has no bound.
+    """
+    one_hot = (batch_index[:, None] == torch.arange(num_images, device=batch_index.device)).to(torch.int64)
+    rank = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # position inside its image
+    counts = one_hot.sum(0)  # [num_images]
+    destination = (counts.cumsum(0) - counts)[batch_index] + rank
+    order = torch.arange(batch_index.shape[0], device=batch_index.device)
+    return torch.zeros_like(order).scatter(0, destination, order)
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:

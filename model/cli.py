@@ -14,7 +14,7 @@ from pathlib import Path
 from .checkpoint_io import CheckpointError
 from .config import PRESET_NAMES
 from .data import DatasetError, load_image_rgb
-from .default_model import add_model_arguments
+from .default_model import add_backend_argument, add_model_arguments
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="segment images, write COCO results JSON")
     predict.add_argument("images", nargs="+", help="image files")
     add_model_arguments(predict)
+    add_backend_argument(predict)
     predict.add_argument("--out", required=True, help="results JSON path")
     predict.add_argument("--overlay", default=None, help="folder for overlay PNGs")
     predict.add_argument("--batch-size", type=int, default=2)
@@ -94,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="allow reading .pkl files (numpy arrays only; pickle can run code)")
     convert.set_defaults(func=cmd_convert_official)
 
+    from export.cli import add_export_arguments, cmd_export
     from service.cli import add_serve_arguments, cmd_serve
+    from service.loadtest.cli import add_bench_arguments, cmd_bench
 
     from .evaluate import add_evaluate_arguments, cmd_evaluate
     from .shapes import add_make_shapes_arguments, cmd_make_shapes
@@ -106,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "train on a COCO-format data set", add_train_arguments, cmd_train),
         ("evaluate", "box, mask and boundary AP of coarse vs refined masks", add_evaluate_arguments, cmd_evaluate),
         ("serve", "run the REST service (FastAPI, dynamic batching)", add_serve_arguments, cmd_serve),
+        ("export", "export as TorchScript or ONNX (and check the TensorRT path)", add_export_arguments, cmd_export),
+        ("bench", "load-test a running service", add_bench_arguments, cmd_bench),
     ):
         sub = commands.add_parser(name, help=help_text)
         add_arguments(sub)
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (CheckpointError, DatasetError, ValueError) as error:
+    except (CheckpointError, DatasetError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,6 +1,7 @@
 """Where models come from: the shipped default model, or a checkpoint the user names.
 
-Every command that takes weights accepts ``--model default`` or ``--model PATH`` (a checkpoint).
+Every command that takes weights accepts ``--model default`` or ``--model PATH`` (a checkpoint);
+those with ``--backend`` also take a ``transfiner export`` folder.
 """
 
 from __future__ import annotations
@@ -62,5 +63,25 @@ def model_from_args(args: argparse.Namespace) -> str | Path:
     return args.weights or args.model or "default"
 
 
+def add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    from .backend import BACKEND_NAMES
+
+    parser.add_argument(
+        "--backend", default=None, choices=BACKEND_NAMES,
+        help="pytorch (eager, the default), torchscript or onnxruntime; --model may then also be a "
+             "`transfiner export` folder (a checkpoint is exported once into ~/.cache/transfiner)",
+    )
+
+
 def predictor_from_args(args: argparse.Namespace):
-    return load_predictor(model_from_args(args), args.config, args.device)
+    backend = getattr(args, "backend", None) or "pytorch"
+    if backend == "pytorch" and Path(str(model_from_args(args))).is_dir():
+        raise CheckpointError(f"{model_from_args(args)} is a folder: for an exported model add --backend "
+                              "onnxruntime or --backend torchscript")
+    if backend == "pytorch":
+        return load_predictor(model_from_args(args), args.config, args.device)
+    from export.runtimes import load_backend
+
+    from .predictor import Predictor
+
+    return Predictor.from_backend(load_backend(model_from_args(args), backend, args.config, args.device))

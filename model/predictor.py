@@ -14,6 +14,7 @@ from .config import ModelConfig, preset
 from .default_model import resolve_weights
 from .postprocess import encode_rle, paste_masks
 from .preprocess import ImageLike, prepare_batch, to_rgb_tensor
+from .backend import Backend, TorchBackend
 from .rcnn import InferenceOptions, MaskTransfiner, RawOutputs
 
 
@@ -81,6 +82,9 @@ class Predictor:
     >>> predictor = Predictor(weights="model.pth")          # config read from the checkpoint
     >>> prediction = predictor(image)                       # one image -> Prediction
     >>> predictions = predictor.predict([image_a, image_b]) # one batch -> list[Prediction]
+
+    Exported models (TorchScript, ONNX Runtime) run through the same object:
+    ``Predictor.from_backend(export.runtimes.load_backend("model-onnx/", "onnxruntime"))``.
     """
 
     def __init__(
@@ -93,9 +97,27 @@ class Predictor:
             config = load_checkpoint(weights)[0]
             if config is None:
                 raise ValueError(f"{weights} holds no config: give one (e.g. --config R50-FPN)")
-        self.cfg = preset(config) if isinstance(config, str) else config
-        self.device = resolve_device(device)
-        self.model: MaskTransfiner = build_model(self.cfg, weights, self.device)
+        cfg = preset(config) if isinstance(config, str) else config
+        self._use(TorchBackend(build_model(cfg, weights, resolve_device(device))))
+
+    @classmethod
+    def from_backend(cls, backend: Backend) -> "Predictor":
+        """A Predictor on any runtime (eager, TorchScript, ONNX Runtime)."""
+        predictor = cls.__new__(cls)
+        predictor._use(backend)
+        return predictor
+
+    @classmethod
+    def from_model(cls, model: MaskTransfiner) -> "Predictor":
+        """A Predictor on a model already built (eval mode, its own device)."""
+        return cls.from_backend(TorchBackend(model))
+
+    def _use(self, backend: Backend) -> None:
+        self.backend = backend
+        self.cfg: ModelConfig = backend.cfg
+        self.device = backend.device
+        # The eager module, for what needs more than outputs (evaluation's incoherence statistics).
+        self.model: MaskTransfiner | None = getattr(backend, "model", None)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -122,7 +144,7 @@ class Predictor:
         rgb = [to_rgb_tensor(image) for image in images]
         batch, sizes = prepare_batch(rgb, self.cfg.input, self.device)
         options = InferenceOptions(score_threshold, max_detections, refine)
-        raw = self.model(batch, sizes, options)
+        raw = self.backend.infer(batch, sizes, options)
         original = [tuple(image.shape[-2:]) for image in rgb]
         return [self.postprocess(raw, i, sizes[i], original[i], mask_threshold) for i in range(len(rgb))]
 

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from .backbone import build_backbone
+from .box_ops import rank_within_image
 from .config import ModelConfig
 from .mask_head import TransfinerMaskHead
-from .roi_heads import BoxROIHeads, rank_within_image
+from .roi_heads import BoxROIHeads
 from .rpn import RPN
 
 
@@ -74,11 +75,9 @@ class MaskTransfiner(nn.Module):
         of each image before padding."""
         options = options or InferenceOptions()
         features = self.backbone(self.normalize(images))
-        proposals, *_ = self.proposal_generator(features, image_sizes)
-        proposal_batch = torch.cat(
-            [torch.full((len(p),), i, dtype=torch.int64, device=images.device) for i, p in enumerate(proposals)]
-        )
-        proposal_boxes = torch.cat([p[:, :4] for p in proposals])
+        rpn = self.proposal_generator
+        anchors = rpn.anchor_generator(features)
+        proposal_boxes, _, proposal_batch = rpn.propose(anchors, *rpn.rpn_head(features), image_sizes)
         box_features = features[:4]  # P2..P5; P6 only feeds the RPN
         logits, deltas = self.roi_heads(box_features, proposal_boxes, proposal_batch)
         detections = self.roi_heads.inference(

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import batched_nms
 
-from .box_ops import Box2BoxTransform, clip_boxes
+from .box_ops import Box2BoxTransform, clip_boxes, group_by_image, rank_within_image
 from .config import ROIHeadsConfig
 from .layers import c2_xavier_fill
 from .poolers import ROIPooler
@@ -53,12 +53,6 @@ class Detections:
         self.batch_index = batch_index  # [D] int64
 
 
-def rank_within_image(batch_index: torch.Tensor, num_images: int) -> torch.Tensor:
-    """0-based position of each row among the rows of its image ([D] -> [D]); rows keep order."""
-    one_hot = (batch_index[:, None] == torch.arange(num_images, device=batch_index.device)).to(torch.int64)
-    return (one_hot.cumsum(0) * one_hot).sum(1) - 1
-
-
 class BoxROIHeads(nn.Module):
     """Scores and refines proposals, then NMS per image and class into final detections."""
 
@@ -101,8 +95,9 @@ class BoxROIHeads(nn.Module):
 
         # One NMS group per (image, class); the result is sorted by decreasing score.
         keep = batched_nms(boxes, scores, batch_index * num_classes + classes, self.cfg.nms_thresh_test)
-        # Group by image, keeping score order inside each image, then cut to top-k per image.
-        keep = keep[torch.sort(batch_index[keep], stable=True).indices]
-        if top_k >= 0:  # as detectron2, a negative top-k keeps every detection
-            keep = keep[rank_within_image(batch_index[keep], image_sizes.shape[0]) < top_k]
+        # Top-k per image (as detectron2, a negative top-k keeps every detection; no Python branch
+        # on it, as it is a graph input in exported models), then group the rows by image.
+        num_images = image_sizes.shape[0]
+        keep = keep[(rank_within_image(batch_index[keep], num_images) < top_k) | (top_k < 0)]
+        keep = keep[group_by_image(batch_index[keep], num_images)]
         return Detections(boxes[keep], scores[keep], classes[keep], batch_index[keep])

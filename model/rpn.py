@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import batched_nms
 
-from .box_ops import AnchorGenerator, Box2BoxTransform, clip_boxes
+from .box_ops import AnchorGenerator, Box2BoxTransform, clip_boxes, rank_within_image
 from .config import RPNConfig
 
 
@@ -55,38 +55,58 @@ class RPN(nn.Module):
         """
         anchors = self.anchor_generator(features)
         logits, deltas = self.rpn_head(features)
-        pre_topk = self.cfg.pre_nms_topk_train if self.training else self.cfg.pre_nms_topk_test
-        post_topk = self.cfg.post_nms_topk_train if self.training else self.cfg.post_nms_topk_test
         with torch.no_grad():
-            proposals = self._top_proposals(anchors, logits, deltas, image_sizes, pre_topk, post_topk)
+            boxes, scores, batch_index = self.propose(anchors, logits, deltas, image_sizes)
+        proposals = [
+            torch.cat((boxes[batch_index == i], scores[batch_index == i, None]), dim=1)
+            for i in range(image_sizes.shape[0])
+        ]
         return proposals, anchors, logits, deltas
 
-    def _top_proposals(
+    def propose(
         self, anchors: list[torch.Tensor], logits: list[torch.Tensor], deltas: list[torch.Tensor],
-        image_sizes: torch.Tensor, pre_topk: int, post_topk: int,
-    ) -> list[torch.Tensor]:
-        batch = logits[0].shape[0]
+        image_sizes: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """detectron2's ``find_top_rpn_proposals`` for the whole batch at once.
+
+        Returns the proposals of all images flattened, in decreasing objectness (so also within
+        each image): boxes [P, 4], objectness logits [P], batch index [P]. There is no loop over
+        images and no Python number taken from a tensor, so the same code traces (TorchScript,
+        ONNX) for any batch size, image size and proposal count.
+        """
+        pre_topk = self.cfg.pre_nms_topk_train if self.training else self.cfg.pre_nms_topk_test
+        post_topk = self.cfg.post_nms_topk_train if self.training else self.cfg.post_nms_topk_test
+        batch = image_sizes.shape[0]
         boxes_per_level, scores_per_level, level_ids = [], [], []
         for level, (anchors_l, logits_l, deltas_l) in enumerate(zip(anchors, logits, deltas)):
-            num = min(pre_topk, logits_l.shape[1])
-            scores, index = logits_l.topk(num, dim=1)  # [B, num], sorted
+            scores, index = logits_l.topk(_top_count(logits_l.shape[1], pre_topk), dim=1)  # [B, n], sorted
             picked_deltas = torch.gather(deltas_l, 1, index[..., None].expand(-1, -1, 4))
             picked_anchors = anchors_l[index.reshape(-1)]
             boxes = self.box2box.apply_deltas(picked_deltas.reshape(-1, 4), picked_anchors)
-            boxes_per_level.append(boxes.view(batch, num, 4))
+            boxes_per_level.append(boxes.view(batch, -1, 4))
             scores_per_level.append(scores)
-            level_ids.append(torch.full((num,), level, dtype=torch.int64, device=scores.device))
-        boxes_all = torch.cat(boxes_per_level, dim=1)
-        scores_all = torch.cat(scores_per_level, dim=1)
-        level_all = torch.cat(level_ids)
+            level_ids.append(torch.full_like(index[0], level))
+        boxes = torch.cat(boxes_per_level, dim=1)  # [B, N, 4]
+        scores = torch.cat(scores_per_level, dim=1)  # [B, N]
+        levels = torch.cat(level_ids)  # [N]
 
-        proposals = []
-        for i in range(batch):
-            boxes, scores, levels = boxes_all[i], scores_all[i], level_all
-            boxes = clip_boxes(boxes, image_sizes[i, 0], image_sizes[i, 1])
-            keep = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
-            keep &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-            boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
-            kept = batched_nms(boxes, scores, levels, self.cfg.nms_thresh)[:post_topk]
-            proposals.append(torch.cat((boxes[kept], scores[kept, None]), dim=1))
-        return proposals
+        sizes = image_sizes[:, None, :].to(boxes.dtype)  # [B, 1, 2]
+        boxes = clip_boxes(boxes, sizes[..., 0:1], sizes[..., 1:2])
+        keep = torch.isfinite(boxes).all(dim=2) & torch.isfinite(scores)
+        keep = keep & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+        batch_index, anchor_index = torch.nonzero(keep, as_tuple=True)
+        boxes, scores, levels = boxes[batch_index, anchor_index], scores[batch_index, anchor_index], levels[anchor_index]
+
+        # NMS inside each (image, level); the result is sorted by decreasing score, so each
+        # image's rows are too, and its first post_topk rows are its best.
+        kept = batched_nms(boxes, scores, batch_index * len(anchors) + levels, self.cfg.nms_thresh)
+        kept = kept[rank_within_image(batch_index[kept], batch) < post_topk]
+        return boxes[kept], scores[kept], batch_index[kept]
+
+
+def _top_count(available: int | torch.Tensor, wanted: int) -> int | torch.Tensor:
+    """min(available, wanted); while tracing, ``available`` is a tensor and must stay one so the
+    exported graph works for every image size."""
+    if isinstance(available, torch.Tensor):
+        return available.clamp(max=wanted)
+    return min(available, wanted)

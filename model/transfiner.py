@@ -117,7 +117,7 @@ class PointQuadtree(nn.Module):
             else:
                 children = getattr(self, f"children_{size}")  # [784, c*c]
                 nodes = children[cells].flatten(1)  # [R, k*c*c]
-                valid = valid.repeat_interleave(c * c, dim=1)
+                valid = valid[:, :, None].expand(-1, -1, c * c).flatten(1)
             levels.append(QuadtreeLevel(size, cells, nodes, valid))
         return levels
 
@@ -163,11 +163,44 @@ class MultiheadSelfAttention(nn.Module):
         v = F.linear(x, w_v, b_v)
         heads = (batch, length, self.num_heads, d_model // self.num_heads)
         q, k, v = (t.reshape(heads).transpose(1, 2) for t in (q, k, v))  # [R, h, L, d/h]
-        keep = ~padding_mask[:, None, None, :]  # [R, 1, 1, L] True = attend
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0
-        )
+        if torch.onnx.is_in_onnx_export():
+            out = exportable_attention(q, k, v, padding_mask)
+        else:
+            keep = ~padding_mask[:, None, None, :]  # [R, 1, 1, L] True = attend
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0
+            )
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, d_model))
+
+
+# Queries per attention block in exported graphs (see ``exportable_attention``).
+EXPORT_QUERY_BLOCK = 256
+
+
+def exportable_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor
+) -> torch.Tensor:
+    """Attention as two MatMuls and a Softmax, for ONNX graphs.
+
+    q, k, v [R, h, L, d]; padding_mask [R, L] True = ignore that key. ONNX (opset 17) has no fused
+    attention, and the exporter's SDPA translation adds NaN guards over the whole [R, h, L, L]
+    score tensor. Here the key-padding mask rides inside the first MatMul: queries get an extra
+    component 1 and keys an extra component 0 (attend) or -1e9 (ignore), so no pass over the
+    score tensor is spent on masking (every sequence has unmasked context tokens, so no row is
+    all masked). Queries go in blocks of ``EXPORT_QUERY_BLOCK``, so the largest live tensor is
+    [R, h, block, L] instead of [R, h, L, L]; L is static (fixed top-k), so the blocks are
+    unrolled at export time.
+    """
+    heads = q.shape[1]
+    bias = torch.zeros_like(padding_mask, dtype=q.dtype).masked_fill(padding_mask, -1e9)  # [R, L]
+    bias = bias[:, None, :, None].expand(-1, heads, -1, 1)  # [R, h, L, 1]
+    queries = torch.cat((q * (q.shape[-1] ** -0.5), torch.ones_like(q[..., :1])), dim=3)  # [R, h, L, d+1]
+    keys = torch.cat((k, bias), dim=3).transpose(2, 3)  # [R, h, d+1, L]
+    blocks = []
+    for start in range(0, queries.shape[2], EXPORT_QUERY_BLOCK):
+        scores = queries[:, :, start : start + EXPORT_QUERY_BLOCK] @ keys
+        blocks.append(scores.softmax(dim=-1) @ v)
+    return torch.cat(blocks, dim=2)
 
 
 class SequenceEncoderLayer(nn.Module):
@@ -289,16 +322,22 @@ class TransfinerRefiner(nn.Module):
                 rois = torch.cat((batch_index[:, None].to(boxes.dtype), boxes), dim=1)
                 pooled = multilevel_roi_align(features, rois, fpn_level, level.size, self.scales)
                 # [R, C, 28, 28] -> the chosen cells [R, k, C]
-                flat = pooled.flatten(2).transpose(1, 2)
+                flat = pooled.reshape(num, pooled.shape[1], level.size**2).transpose(1, 2)
                 out.append(flat.gather(1, level.cells[..., None].expand(-1, -1, flat.shape[2])))
             else:
                 k = level.cells.shape[1]
-                sub = cell_boxes(boxes, level.cells).reshape(-1, 4)  # [R*k, 4]
-                rois = torch.cat((batch_index.repeat_interleave(k)[:, None].to(sub.dtype), sub), dim=1)
+                # Explicit sizes, never -1: a -1 cannot be resolved for 0 boxes in ONNX Runtime.
+                sub = cell_boxes(boxes, level.cells).reshape(num * k, 4)
+                # Each box's values repeated for its k cells (expand, not repeat_interleave, which
+                # ONNX export cannot do for a dynamic box count).
+                cell_batch = batch_index[:, None].expand(num, k).reshape(num * k, 1).to(sub.dtype)
+                cell_level = fpn_level[:, None].expand(num, k).reshape(num * k)
+                rois = torch.cat((cell_batch, sub), dim=1)
                 pooled = multilevel_roi_align(
-                    features, rois, fpn_level.repeat_interleave(k), c, self.scales
+                    features, rois, cell_level, c, self.scales
                 )  # [R*k, C, c, c], children in (row, col) order like the node indices
-                out.append(pooled.flatten(2).transpose(1, 2).reshape(num, k * c * c, pooled.shape[1]))
+                channels = pooled.shape[1]
+                out.append(pooled.reshape(num * k, channels, c * c).transpose(1, 2).reshape(num, k * c * c, channels))
         return out
 
     def decode(
@@ -314,7 +353,7 @@ class TransfinerRefiner(nn.Module):
         coarse_1 = coarse[:, None].float()
         # Coarse probability at the context grid and at each level's nodes (bilinear, as official).
         context_probs = F.interpolate(coarse_1, size=(CONTEXT_SIZE,) * 2, mode="bilinear").flatten(1)
-        token_features = [context.flatten(2).transpose(1, 2)]
+        token_features = [context.reshape(num, context.shape[1], CONTEXT_SIZE**2).transpose(1, 2)]
         token_probs = [context_probs]
         positions = [self.pos_14.expand(num, -1, -1)]
         padding = [torch.zeros((num, CONTEXT_SIZE**2), dtype=torch.bool, device=boxes.device)]

@@ -11,6 +11,10 @@ p50/p99 latency and the mean batch size the server formed.
 The HTTP/in-process throughput ratio at the highest concurrency with batching on is the
 "HTTP overhead at saturation" figure (goal: at least 0.95). Batching off is ``max_batch_size=1``.
 
+The closed loop, the HTTP client and the /metrics differences are those of ``transfiner bench``
+(``service.loadtest``); for load tests of a deployed service (open loop, sweeps, server
+breakdown) use that command. This script is the in-process vs HTTP and batching comparison.
+
     .venv/bin/python scripts/bench_service.py --model default --out bench-results/service
     .venv/bin/python scripts/bench_service.py --model tiny.pth --requests 16 --concurrency 1 4 --out /tmp/b
 """
@@ -19,11 +23,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -32,14 +36,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from service.loadtest.client import RunResult, SegmentClient, WorkloadImage, run_closed_loop
+from service.loadtest.metrics_delta import Scrape, scrape
+from service.loadtest.report import LatencyStats
 from service.runtime import ServiceRuntime
 from service.settings import ServiceSettings
 
 
 def synthetic_png(height: int, width: int) -> bytes:
     """A picture with a few filled shapes (random weights or not, the model gets work to do)."""
-    import io
-
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -55,38 +60,21 @@ def synthetic_png(height: int, width: int) -> bytes:
     return buffer.getvalue()
 
 
-def summarise(latencies: list[float], wall: float) -> dict:
-    ordered = sorted(latencies)
-
-    def pct(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] * 1000
-
+def summarise(run: RunResult) -> dict:
+    """Throughput and latency of a closed-loop run; any failed request aborts the benchmark."""
+    failed = [r for r in run.records if not r.ok]
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(run.records)} requests failed, e.g. "
+                         f"{failed[0].status or failed[0].error}")
+    stats = LatencyStats.of([r.latency_s for r in run.records])
     return {
-        "requests": len(ordered), "throughput": len(ordered) / wall, "p50_ms": pct(0.50), "p99_ms": pct(0.99),
-        "mean_ms": statistics.fmean(ordered) * 1000,
+        "requests": len(run.records), "throughput": len(run.records) / run.duration_s,
+        "p50_ms": stats.p50_s * 1000, "p99_ms": stats.p99_s * 1000, "mean_ms": stats.mean_s * 1000,
     }
 
 
-async def closed_loop(send, concurrency: int, total: int) -> tuple[list[float], float]:
-    """``concurrency`` workers sharing ``total`` requests; returns (latencies, wall seconds)."""
-    remaining = total
-    latencies: list[float] = []
-
-    async def client() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            started = time.perf_counter()
-            await send()
-            latencies.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    return latencies, time.perf_counter() - started
-
-
-def _batch_stats(samples: dict[str, float]) -> tuple[float, float]:
-    return samples.get("transfiner_batch_size_sum", 0.0), samples.get("transfiner_batch_size_count", 0.0)
+def mean_batch(before: Scrape, after: Scrape) -> float:
+    return after.minus(before).histogram("transfiner_batch_size").mean or 0.0
 
 
 # -- in-process ------------------------------------------------------------------------------------
@@ -101,24 +89,21 @@ async def run_in_process(settings: ServiceSettings, png: bytes, params: dict, pl
         raise SystemExit(f"in-process runtime failed: {runtime.detail}")
     segment_params = SegmentParams.model_validate(params)
 
-    async def send() -> None:
+    async def send(index: int) -> int:
         async with runtime.admission("bench"):
             await runtime.segment(png, segment_params, time.monotonic() + 600)
+        return 200  # a refusal raises ServiceError, which aborts the benchmark
 
-    def batches() -> tuple[float, float]:
-        reg = runtime.metrics.registry
-        return (reg.get_sample_value("transfiner_batch_size_sum") or 0.0,
-                reg.get_sample_value("transfiner_batch_size_count") or 0.0)
+    def metrics() -> Scrape:
+        return Scrape.parse(runtime.metrics.render().decode())
 
     rows = []
     try:
         for concurrency, total in plan:
-            await closed_loop(send, concurrency, min(total, 2 * concurrency))  # warm this concurrency
-            s0, c0 = batches()
-            latencies, wall = await closed_loop(send, concurrency, total)
-            s1, c1 = batches()
-            rows.append({"concurrency": concurrency, **summarise(latencies, wall),
-                         "mean_batch": (s1 - s0) / max(c1 - c0, 1)})
+            await run_closed_loop(send, concurrency, requests=min(total, 2 * concurrency))  # warm this concurrency
+            before = metrics()
+            run = await run_closed_loop(send, concurrency, requests=total)
+            rows.append({"concurrency": concurrency, **summarise(run), "mean_batch": mean_batch(before, metrics())})
     finally:
         await runtime.stop()
     return rows
@@ -131,15 +116,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _scrape(url: str) -> dict[str, float]:
-    samples = {}
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith("transfiner_batch_size_sum") or line.startswith("transfiner_batch_size_count"):
-            name, value = line.split()
-            samples[name] = float(value)
-    return samples
 
 
 async def run_http(settings: ServiceSettings, png: bytes, params: dict, plan: list[tuple[int, int]],
@@ -174,23 +150,20 @@ async def run_http(settings: ServiceSettings, png: bytes, params: dict, plan: li
                 raise SystemExit(f"server not ready; see {log_path}")
             await asyncio.sleep(0.2)
         rows = []
+        from PIL import Image
+
+        width, height = Image.open(io.BytesIO(png)).size
+        image = WorkloadImage("bench.png", png, "image/png", width, height)
+        metrics_urls = [url + "/metrics"]
         for concurrency, total in plan:
-            limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-            async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-
-                async def send() -> None:
-                    response = await client.post(
-                        "/v1/segment", content=png, params=params, headers={"Content-Type": "image/png"}
-                    )
-                    response.raise_for_status()
-                    response.json()  # a real client parses the answer
-
-                await closed_loop(send, concurrency, min(total, 2 * concurrency))
-                s0, c0 = _batch_stats(_scrape(url))
-                latencies, wall = await closed_loop(send, concurrency, total)
-                s1, c1 = _batch_stats(_scrape(url))
-            rows.append({"concurrency": concurrency, **summarise(latencies, wall),
-                         "mean_batch": (s1 - s0) / max(c1 - c0, 1)})
+            # A client per concurrency, with exactly that many connections, as `transfiner bench` does.
+            async with SegmentClient(url, [image], params={k: str(v) for k, v in params.items()}, timeout_s=600,
+                                     max_connections=concurrency) as client:
+                await run_closed_loop(client.send, concurrency, requests=min(total, 2 * concurrency))
+                before = await scrape(client.http, metrics_urls)
+                run = await run_closed_loop(client.send, concurrency, requests=total)
+                after = await scrape(client.http, metrics_urls)
+            rows.append({"concurrency": concurrency, **summarise(run), "mean_batch": mean_batch(before, after)})
         return rows
     finally:
         server.terminate()

@@ -1,9 +1,8 @@
-"""Runtimes behind one interface: a padded BGR batch in, ``RawOutputs`` out.
+"""The runtimes behind the workers: one ``model.backend.Backend`` per worker.
 
-Only the tensor part differs between runtimes; decoding, resizing and padding
-(``service.pipeline.preprocess``) and mask pasting + RLE encoding (``service.pipeline.postprocess``)
-are shared, so every backend gives the same JSON for the same network outputs. An ONNX Runtime
-backend (export issue) implements ``Backend`` and is added to ``build_backends``.
+``model.backend`` defines the interface (a padded BGR batch in, ``RawOutputs`` out) and eager
+PyTorch; ``export.runtimes`` adds TorchScript and ONNX Runtime. Pre-processing and pasting + RLE
+(``service.pipeline``) are shared, so every backend gives the same JSON for the same outputs.
 """
 
 from __future__ import annotations
@@ -12,45 +11,14 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import torch
 
+from model.backend import Backend, TorchBackend
 from model.config import ModelConfig
 from model.default_model import load_predictor, resolve_weights
-from model.rcnn import InferenceOptions, MaskTransfiner, RawOutputs
 
-
-@runtime_checkable
-class Backend(Protocol):
-    """What a worker needs from a runtime."""
-
-    name: str  # "pytorch", "onnxruntime", ...
-    device: torch.device  # where pre-processing should put the batch
-    cfg: ModelConfig
-
-    def infer(self, images: torch.Tensor, image_sizes: torch.Tensor, options: InferenceOptions) -> RawOutputs:
-        """images [B, 3, H, W] float BGR 0..255 padded with the pixel mean; image_sizes [B, 2] (h, w)."""
-        ...
-
-
-class TorchBackend:
-    """Eager PyTorch on one device. ``infer`` may be called from any thread (eval mode, no grad)."""
-
-    name = "pytorch"
-
-    def __init__(self, model: MaskTransfiner) -> None:
-        self.model = model.eval()
-        self.cfg = model.cfg
-        self.device = model.device
-
-    @torch.inference_mode()
-    def infer(self, images: torch.Tensor, image_sizes: torch.Tensor, options: InferenceOptions) -> RawOutputs:
-        raw = self.model(images, image_sizes, options)
-        if self.device.type == "cuda":
-            # Timings (and the post-processing threads) must see finished kernels.
-            torch.cuda.synchronize(self.device)
-        return raw
+__all__ = ["Backend", "LoadedModel", "TorchBackend", "build_backends", "checkpoint_version", "worker_devices"]
 
 
 @dataclass
@@ -89,16 +57,26 @@ def worker_devices(device: str, workers: int | None) -> list[torch.device]:
     return [gpus[i % len(gpus)] for i in range(count)]
 
 
-def build_backends(model: str, config: str | None, device: str, workers: int | None) -> LoadedModel:
-    """Loads the checkpoint once per distinct device; workers on the same device share it
-    (forward passes in eval mode do not mutate the module)."""
-    weights = resolve_weights(model)
+def build_backends(
+    model: str, config: str | None, device: str, workers: int | None, backend: str = "pytorch",
+    threads: int | None = None,
+) -> LoadedModel:
+    """Loads the model once per distinct device; workers on the same device share it (forward
+    passes in eval mode do not mutate the module; ONNX Runtime sessions are thread-safe)."""
+    from export.exporter import find_export
+    from export.runtimes import load_backend
+
     devices = worker_devices(device, workers)
-    by_device: dict[torch.device, TorchBackend] = {}
+    by_device: dict[torch.device, Backend] = {}
     for dev in devices:
         if dev not in by_device:
-            by_device[dev] = TorchBackend(load_predictor(model, config, dev).model)
+            if backend == "pytorch":
+                by_device[dev] = load_predictor(model, config, dev).backend
+            else:
+                by_device[dev] = load_backend(model, backend, config, dev, threads)
     backends: list[Backend] = [by_device[dev] for dev in devices]
+    found = find_export(model) if backend != "pytorch" and str(model) != "default" else None
+    weights = found[0] if found else resolve_weights(model)
     version = checkpoint_version(weights) if weights is not None else "random"
-    name = "default" if str(model) == "default" else Path(weights).stem
-    return LoadedModel(backends, name, version, TorchBackend.name, [str(d) for d in devices])
+    name = "default" if str(model) == "default" else (Path(model).name if found else Path(weights).stem)
+    return LoadedModel(backends, name, version, backend, [str(d) for d in devices])

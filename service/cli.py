@@ -11,17 +11,18 @@ from __future__ import annotations
 import argparse
 import logging
 
-from model.default_model import add_model_arguments, resolve_weights
+from model.default_model import add_backend_argument, add_model_arguments, resolve_weights
 
 # Flag -> settings field, for the flags that map one to one.
 _FLAGS = (
-    "config", "device", "workers", "max_batch_size", "max_delay_ms", "max_queue_size", "host", "port",
+    "config", "device", "backend", "workers", "max_batch_size", "max_delay_ms", "max_queue_size", "host", "port",
     "log_level",
 )
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_backend_argument(parser)
     # None = not given, so TRANSFINER_DEVICE (or the settings default) applies.
     parser.set_defaults(device=None)
     parser.add_argument("--workers", type=int, default=None, help="model workers (default: one per GPU, or 1)")
@@ -50,7 +51,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import DrainingServer
 
     settings = settings_from_args(args)
-    resolve_weights(settings.model)  # a missing model fails here, as one line, before binding the port
+    if settings.backend == "pytorch":
+        resolve_weights(settings.model)  # a missing model fails here, as one line, before binding the port
+    else:
+        from export.exporter import find_export
+
+        if find_export(settings.model) is None and str(settings.model) != "default":
+            resolve_weights(settings.model)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     config = uvicorn.Config(

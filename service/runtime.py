@@ -35,7 +35,9 @@ ModelLoader = Callable[[ServiceSettings], LoadedModel]
 
 
 def load_model(settings: ServiceSettings) -> LoadedModel:
-    return build_backends(settings.model, settings.config, settings.device, settings.workers)
+    return build_backends(
+        settings.model, settings.config, settings.device, settings.workers, settings.backend, settings.torch_threads
+    )
 
 
 class MetricsObserver:

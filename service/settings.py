@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -12,13 +14,21 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRANSFINER_", extra="ignore", protected_namespaces=())
 
     # Model
-    model: str = Field("default", description="'default' (the shipped model) or a checkpoint path")
+    model: str = Field(
+        "default", description="'default' (the shipped model), a checkpoint path, or (for the torchscript and "
+        "onnxruntime backends) a `transfiner export` folder"
+    )
+    backend: Literal["pytorch", "torchscript", "onnxruntime"] = Field(
+        "pytorch", description="runtime; torchscript/onnxruntime export a checkpoint once into a cache folder"
+    )
     config: str | None = Field(None, description="preset name, only for checkpoints that hold no config")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     workers: int | None = Field(
         None, ge=1, le=64, description="model workers; default one per GPU (round robin), else 1 on CPU"
     )
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads of torch (and of ONNX Runtime sessions); default: theirs"
+    )
 
     # HTTP
     host: str = "127.0.0.1"  # 0.0.0.0 in containers, via TRANSFINER_HOST

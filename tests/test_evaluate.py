@@ -64,9 +64,7 @@ def shapes_model() -> MaskTransfiner:
 
 
 def wrap(model: MaskTransfiner) -> Predictor:
-    predictor = Predictor.__new__(Predictor)
-    predictor.cfg, predictor.device, predictor.model = model.cfg, torch.device("cpu"), model
-    return predictor
+    return Predictor.from_model(model)
 
 
 # ------------------------------------------------------------------------------ COCO metrics

@@ -22,9 +22,7 @@ from model.rcnn import InferenceOptions
 
 @pytest.fixture(scope="module")
 def predictor(small_model) -> Predictor:
-    p = Predictor.__new__(Predictor)  # wrap the seeded session model instead of building another
-    p.cfg, p.device, p.model = small_model.cfg, torch.device("cpu"), small_model
-    return p
+    return Predictor.from_model(small_model)  # wrap the seeded session model instead of building another
 
 
 @pytest.fixture(scope="module")

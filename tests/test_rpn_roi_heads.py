@@ -9,7 +9,8 @@ from torchvision.ops import box_iou, nms
 
 from model.box_ops import Box2BoxTransform
 from model.config import ROIHeadsConfig, RPNConfig
-from model.roi_heads import BoxROIHeads, rank_within_image
+from model.box_ops import rank_within_image
+from model.roi_heads import BoxROIHeads
 from model.rpn import RPN, RPNHead
 
 STRIDES = (4, 8, 16, 32, 64)

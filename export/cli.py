@@ -1,0 +1,123 @@
+"""``transfiner export --format {onnx,torchscript,tensorrt} --model M --out DIR``.
+
+Writes the model file and ``metadata.json`` into DIR, then (unless ``--no-check``) runs the
+exported file in its runtime on a fresh input unlike the tracing example and compares it with
+eager PyTorch. ``--format tensorrt`` writes the ONNX file, checks its operators against
+TensorRT's support matrix and says how to build the engine: TensorRT is not installed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from model.default_model import add_model_arguments, model_from_args, resolve_weights
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", required=True, choices=["onnx", "torchscript", "tensorrt"])
+    add_model_arguments(parser)
+    parser.set_defaults(device="cpu")
+    parser.add_argument("--out", required=True, help="output folder (model file + metadata.json)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17, at least 17)")
+    parser.add_argument("--no-check", action="store_true", help="skip the parity check against eager PyTorch")
+
+
+def parity_check(model, fmt: str, out: Path) -> dict:
+    """Eager vs the exported file on two seeded images of sizes the trace never saw."""
+    from model.backend import TorchBackend
+    from model.preprocess import prepare_batch
+    from model.rcnn import InferenceOptions
+
+    from .runtimes import load_backend
+
+    runtime = load_backend(out, "onnxruntime" if fmt == "onnx" else "torchscript", device=model.device)
+    generator = torch.Generator().manual_seed(1)
+    images = [(torch.rand(3, h, w, generator=generator) * 255).to(torch.uint8) for h, w in ((211, 317), (290, 180))]
+    batch, sizes = prepare_batch(images, model.cfg.input, model.device)
+    options = InferenceOptions(score_threshold=0.0, max_detections=5)
+    expected = TorchBackend(model).infer(batch, sizes, options)
+    got = runtime.infer(batch, sizes, options)
+    return compare_outputs(expected, got)
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Per-instance IoU of two [N, S, S] probability stacks at ``threshold``; 1 where both are empty."""
+    a, b = a > threshold, b > threshold
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+
+
+def compare_outputs(expected, got) -> dict:
+    """How far ``got`` is from ``expected`` (both ``RawOutputs``): the figures the parity tests bound."""
+    same_rows = expected.classes.shape == got.classes.shape
+    report = {"detections": [int(expected.classes.numel()), int(got.classes.numel())], "same_rows": same_rows}
+    if same_rows:
+        report["same_classes"] = bool(torch.equal(expected.classes.cpu(), got.classes.cpu()))
+        report["same_batch_index"] = bool(torch.equal(expected.batch_index.cpu(), got.batch_index.cpu()))
+        if expected.classes.numel():
+            e, g = expected.boxes.cpu().float(), got.boxes.cpu().float()
+            report["box_max_rel_diff"] = float(((e - g).abs() / e.abs().clamp(min=1.0)).max())
+            report["mask_min_iou"] = float(mask_iou(expected.mask_probs.cpu(), got.mask_probs.cpu()).min())
+            report["mask_max_abs_diff"] = float((expected.mask_probs.cpu() - got.mask_probs.cpu()).abs().max())
+    report["ok"] = bool(
+        same_rows and report.get("same_classes", False) and report.get("same_batch_index", False)
+        and report.get("box_max_rel_diff", 0.0) <= 1e-3 and report.get("mask_min_iou", 1.0) >= 0.99
+    )
+    return report
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from model.checkpoint import build_model, load_checkpoint
+    from model.config import preset
+    from model.predictor import resolve_device
+
+    from .exporter import DEFAULT_OPSET, export_model
+    from .tensorrt import build_instructions, check_onnx, tensorrt_available
+
+    weights = resolve_weights(model_from_args(args))
+    cfg = preset(args.config) if args.config else load_checkpoint(weights)[0]
+    if cfg is None:
+        raise ValueError(f"{weights} holds no config: give one (e.g. --config R50-FPN)")
+    fmt = "onnx" if args.format == "tensorrt" else args.format
+    out = Path(args.out)
+    steps = ["load", "export"] + ([] if args.no_check else ["check"]) + (["tensorrt"] if fmt == "onnx" else [])
+    progress = tqdm(steps, desc="export", unit="step", disable=None)
+    progress.set_postfix_str("load")
+    model = build_model(cfg, weights, resolve_device(args.device)).eval()
+    progress.update()
+    progress.set_postfix_str(f"trace + {fmt}")
+    result = export_model(model, fmt, out, source=weights, opset=args.opset or DEFAULT_OPSET)
+    progress.update()
+    summary = {"format": fmt, "file": str(result.model_file), "size_mb": round(result.size_bytes / 2**20, 2),
+               "seconds": round(result.seconds, 1)}
+    if not args.no_check:
+        progress.set_postfix_str("parity check")
+        summary["parity"] = parity_check(model, fmt, out)
+        progress.update()
+    report = None
+    if fmt == "onnx":
+        progress.set_postfix_str("TensorRT operator check")
+        report = check_onnx(result.model_file)
+        summary["tensorrt_operator_check"] = {"tensorrt": report.tensorrt_version, "ok": report.ok,
+                                              "problems": report.problems, "topk_max_k": max(report.topk_bounds)}
+        progress.update()
+    progress.close()
+    print(json.dumps(summary, indent=2))
+    if "parity" in summary and not summary["parity"]["ok"]:
+        print("error: the exported model does not match eager PyTorch (see parity above)", file=sys.stderr)
+        return 1
+    if args.format == "tensorrt":
+        # No engine is built here either way: engines belong to the GPU and TensorRT version
+        # that will run them. Without TensorRT the requested artifact does not exist: exit 2.
+        installed = tensorrt_available()
+        print(build_instructions(result.model_file, installed), file=sys.stderr)
+        return 0 if installed and report is not None and report.ok else 2
+    return 0

@@ -1,0 +1,178 @@
+"""TorchScript and ONNX Runtime behind ``model.backend.Backend``, and ``load_backend`` by name.
+
+``load_backend(model, "onnxruntime")`` accepts an export folder (``transfiner export``), a model
+file inside one, or what ``--model`` accepts elsewhere (``default``, a checkpoint): those are
+exported once into a cache folder (``$TRANSFINER_CACHE``, default ``~/.cache/transfiner``) keyed
+by the checkpoint's digest, so ``transfiner serve --backend onnxruntime`` works on the default
+model with no extra step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.backend import BACKEND_NAMES, Backend, TorchBackend
+from model.checkpoint import build_model, load_checkpoint
+from model.config import ModelConfig, preset
+from model.default_model import resolve_weights
+from model.predictor import resolve_device
+from model.rcnn import InferenceOptions, RawOutputs
+
+from .exporter import ExportError, export_model, file_digest, find_export
+from .graph import INPUT_NAMES, graph_arguments, raw_outputs
+
+logger = logging.getLogger(__name__)
+
+# Which export format each runtime reads.
+RUNTIME_FORMATS = {"torchscript": "torchscript", "onnxruntime": "onnx"}
+
+
+def _keep_options(raw: RawOutputs, options: InferenceOptions) -> RawOutputs:
+    """The exported graph always refines; ``refine=False`` takes the coarse masks it also returns."""
+    if options.refine:
+        return raw
+    return RawOutputs(raw.boxes, raw.scores, raw.classes, raw.batch_index, raw.coarse_probs, raw.coarse_probs)
+
+
+class TorchScriptBackend:
+    """A traced ``model.ts`` on the device it was traced for (traces keep device constants)."""
+
+    name = "torchscript"
+
+    def __init__(self, model_file: Path, metadata: dict, device: torch.device) -> None:
+        traced_on = torch.device(metadata.get("traced_on") or "cpu")
+        if traced_on.type != device.type:
+            raise ExportError(
+                f"{model_file} was traced on {traced_on.type} and cannot run on {device.type}: export it "
+                f"again with --device {device.type}"
+            )
+        import torchvision  # noqa: F401  (registers torchvision::nms and roi_align for the loaded graph)
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+                self.module = torch.jit.load(str(model_file), map_location=device).eval()
+        except RuntimeError as error:
+            raise ExportError(f"{model_file} cannot be loaded as TorchScript: {error}") from error
+        self.cfg = ModelConfig.from_dict(metadata["config"])
+        self.device = device
+
+    @torch.inference_mode()
+    def infer(self, images: torch.Tensor, image_sizes: torch.Tensor, options: InferenceOptions) -> RawOutputs:
+        threshold, top_k = graph_arguments(self.cfg, options, self.device)
+        outputs = self.module(images.to(self.device), image_sizes.to(self.device), threshold, top_k)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return _keep_options(raw_outputs(outputs), options)
+
+
+class OnnxRuntimeBackend:
+    """``model.onnx`` in an ONNX Runtime session: the CUDA provider on a GPU, else the CPU one.
+
+    Sessions are thread-safe, so the service's workers may share one. Pre-processing happens on
+    the CPU (``device``); inputs and outputs cross as numpy arrays.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, model_file: Path, metadata: dict, device: torch.device, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        providers: list = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ExportError("this onnxruntime has no CUDA provider: install onnxruntime-gpu")
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()  # CUDA/cuDNN from the nvidia wheels torch brought
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        session_options = ort.SessionOptions()
+        if threads:
+            session_options.intra_op_num_threads = threads
+        session_options.log_severity_level = 3  # the exporter's unused-initializer notes are noise
+        try:
+            self.session = ort.InferenceSession(str(model_file), session_options, providers=providers)
+        except Exception as error:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+            raise ExportError(f"{model_file} cannot be loaded by ONNX Runtime: {error}") from error
+        if device.type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise ExportError(f"ONNX Runtime could not start its CUDA provider for {device}")
+        self.cfg = ModelConfig.from_dict(metadata["config"])
+        self.device = torch.device("cpu")
+        self.providers = self.session.get_providers()
+
+    def infer(self, images: torch.Tensor, image_sizes: torch.Tensor, options: InferenceOptions) -> RawOutputs:
+        threshold, top_k = graph_arguments(self.cfg, options)
+        values = (images.float(), image_sizes.long(), threshold, top_k)
+        feeds = {name: value.cpu().numpy() for name, value in zip(INPUT_NAMES, values)}
+        outputs = self.session.run(None, feeds)
+        return _keep_options(raw_outputs([torch.from_numpy(np.asarray(o)) for o in outputs]), options)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TRANSFINER_CACHE") or Path.home() / ".cache" / "transfiner")
+
+
+def exported_copy(
+    model: str | os.PathLike, fmt: str, config: str | ModelConfig | None, device: torch.device
+) -> Path:
+    """The cached export of a checkpoint (``default`` or a path), made on first use."""
+    weights = resolve_weights(model)
+    key = f"{file_digest(weights)}-{fmt}" + (f"-{device.type}" if fmt == "torchscript" else "")
+    folder = cache_root() / "exports" / key
+    if (folder / "metadata.json").is_file():
+        return folder
+    cfg = load_checkpoint(weights)[0] if config is None else config
+    if cfg is None:
+        raise ValueError(f"{weights} holds no config: give one (e.g. --config R50-FPN)")
+    cfg = preset(cfg) if isinstance(cfg, str) else cfg
+    logger.info("exporting %s as %s into %s (first use)", model, fmt, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Export next to the target, then rename: a half-written folder is never taken for an export.
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
+    try:
+        export_model(build_model(cfg, weights, device), fmt, staging, source=weights)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process finished the same export first
+            if not (folder / "metadata.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def load_backend(
+    model: str | os.PathLike = "default", backend: str = "pytorch", config: str | ModelConfig | None = None,
+    device: str | torch.device | None = "auto", threads: int | None = None,
+) -> Backend:
+    """A runtime by name (``pytorch``, ``torchscript``, ``onnxruntime``) for ``model``."""
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    device = resolve_device(device)
+    found = find_export(model) if str(model) != "default" else None
+    if backend == "pytorch":
+        if found is not None:
+            runtime = next(name for name, fmt in RUNTIME_FORMATS.items() if fmt == found[1]["format"])
+            raise ExportError(f"{model} is an exported model: run it with --backend {runtime}")
+        from model.default_model import load_predictor
+
+        return load_predictor(model, config, device).backend
+    fmt = RUNTIME_FORMATS[backend]
+    if found is None:
+        found = find_export(exported_copy(model, fmt, config, device))
+    model_file, metadata = found
+    if metadata["format"] != fmt:
+        raise ExportError(f"{model_file} holds a {metadata['format']} export; --backend {backend} needs {fmt}")
+    if backend == "torchscript":
+        return TorchScriptBackend(model_file, metadata, device)
+    return OnnxRuntimeBackend(model_file, metadata, device, threads)
+
+
+__all__ = ["OnnxRuntimeBackend", "TorchBackend", "TorchScriptBackend", "load_backend", "exported_copy"]

@@ -1,0 +1,213 @@
+"""The load generator: an HTTP client for ``POST /v1/segment`` and two drivers.
+
+Both drivers take ``send(index) -> HTTP status`` (an awaitable), so the same loops also drive the
+service's runtime in-process (``scripts/bench_service.py``).
+
+* Closed loop (``run_closed_loop``): ``concurrency`` users, each sending its next request as soon
+  as its previous answer arrived. Throughput at a given concurrency; but when the server slows
+  down the users slow down with it, so the queueing a real arrival stream would meet is hidden.
+* Open loop (``run_open_loop``): requests are sent at the times of a Poisson process of the
+  target rate (``poisson_arrivals``), independently of completions, and every latency is counted
+  from the scheduled arrival time, so a server (or a client) falling behind shows as latency and
+  is not silently absorbed ("coordinated omission"). Outstanding requests are capped, generously;
+  an arrival that finds the cap reached is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+
+# send(index) -> HTTP status. Transport failures raise; the drivers record them as errors.
+Send = Callable[[int], Awaitable[int]]
+Progress = Callable[[], None]
+
+
+
+class InvalidAnswer(Exception):
+    """A success status whose body is not the complete JSON answer."""
+
+
+# Raised by a send that got no usable answer: connection refused or reset, timeouts, protocol
+# errors, a truncated body. The drivers record them as errors; anything else is a bug and raises.
+TRANSPORT_ERRORS = (httpx.TransportError, OSError, asyncio.TimeoutError, InvalidAnswer)
+
+
+@dataclass(frozen=True)
+class WorkloadImage:
+    name: str
+    data: bytes
+    content_type: str
+    width: int
+    height: int
+
+
+@dataclass
+class RequestRecord:
+    """One request. Times are seconds since the start of the run (``time.perf_counter`` based)."""
+
+    index: int
+    scheduled_s: float  # when it was due: the arrival time (open loop), or when the user sent it (closed)
+    sent_s: float
+    finished_s: float
+    status: int | None  # None: no HTTP answer (see ``error``)
+    error: str | None = None  # exception class name for transport failures
+
+    @property
+    def latency_s(self) -> float:
+        return self.finished_s - self.scheduled_s
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+@dataclass
+class RunResult:
+    """A driver's outcome: every completed request, the run's wall time and dropped arrivals."""
+
+    records: list[RequestRecord] = field(default_factory=list)
+    duration_s: float = 0.0  # from the start of the run to the last answer
+    dropped: int = 0  # open loop: arrivals not sent because ``max_outstanding`` requests were in flight
+    arrivals: int = 0  # open loop: arrivals scheduled (sent + dropped)
+    arrival_window_s: float = 0.0  # open loop: time of the last scheduled arrival
+
+
+async def _timed(send: Send, index: int, scheduled: float, origin: float) -> RequestRecord:
+    sent = time.perf_counter()
+    try:
+        status, error = await send(index), None
+    except TRANSPORT_ERRORS as exc:
+        status, error = None, type(exc).__name__
+    return RequestRecord(index, scheduled - origin, sent - origin, time.perf_counter() - origin, status, error)
+
+
+async def run_closed_loop(
+    send: Send, concurrency: int, *, requests: int | None = None, duration_s: float | None = None,
+    progress: Progress | None = None,
+) -> RunResult:
+    """``concurrency`` users share ``requests`` requests, or send until ``duration_s`` has passed
+    (requests in flight then are finished and counted)."""
+    if requests is None and duration_s is None:
+        raise ValueError("a closed loop needs a number of requests or a duration")
+    origin = time.perf_counter()
+    result = RunResult()
+    next_index = 0  # shared by the users; asyncio runs one at a time, so no lock is needed
+
+    async def user() -> None:
+        nonlocal next_index
+        while True:
+            if requests is not None and next_index >= requests:
+                return
+            now = time.perf_counter()
+            if duration_s is not None and now - origin >= duration_s:
+                return
+            index, next_index = next_index, next_index + 1
+            result.records.append(await _timed(send, index, now, origin))
+            if progress is not None:
+                progress()
+
+    await asyncio.gather(*(user() for _ in range(concurrency)))
+    result.duration_s = time.perf_counter() - origin
+    return result
+
+
+def poisson_arrivals(
+    rate: float, *, count: int | None = None, duration_s: float | None = None, seed: int = 0,
+) -> list[float]:
+    """Arrival times (seconds from 0) of a Poisson process of ``rate`` per second: exponential
+    gaps of mean ``1 / rate``. Stops after ``count`` arrivals or before ``duration_s``."""
+    if rate <= 0:
+        raise ValueError(f"the arrival rate must be positive, got {rate}")
+    if count is None and duration_s is None:
+        raise ValueError("an open loop needs a number of requests or a duration")
+    rng = np.random.default_rng(seed)
+    arrivals: list[float] = []
+    t = 0.0
+    while count is None or len(arrivals) < count:
+        t += float(rng.exponential(1.0 / rate))
+        if duration_s is not None and t >= duration_s:
+            break
+        arrivals.append(t)
+    return arrivals
+
+
+async def run_open_loop(
+    send: Send, arrivals: Sequence[float], *, max_outstanding: int, progress: Progress | None = None,
+) -> RunResult:
+    """Sends request ``i`` at ``arrivals[i]`` seconds after the start, whatever earlier requests
+    are doing. Latency runs from the scheduled time, so lateness of this loop counts too."""
+    origin = time.perf_counter()
+    result = RunResult(arrivals=len(arrivals), arrival_window_s=arrivals[-1] if arrivals else 0.0)
+    tasks: list[asyncio.Task] = []
+    outstanding: set[asyncio.Task] = set()
+
+    def finished(task: asyncio.Task) -> None:
+        outstanding.discard(task)
+        if progress is not None:
+            progress()
+
+    for index, offset in enumerate(arrivals):
+        delay = origin + offset - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if len(outstanding) >= max_outstanding:
+            result.dropped += 1
+            if progress is not None:
+                progress()
+            continue
+        task = asyncio.create_task(_timed(send, index, origin + offset, origin))
+        tasks.append(task)
+        outstanding.add(task)
+        task.add_done_callback(finished)
+    result.records = list(await asyncio.gather(*tasks))
+    result.duration_s = time.perf_counter() - origin
+    return result
+
+
+class SegmentClient:
+    """One shared ``httpx.AsyncClient`` posting the workload's images to ``/v1/segment``, in
+    turn (request ``i`` sends image ``i mod n``), as raw bodies with the query ``params``."""
+
+    def __init__(
+        self, url: str, images: Sequence[WorkloadImage], *, params: dict[str, str] | None = None,
+        api_key: str | None = None, timeout_s: float = 120.0, max_connections: int = 64,
+    ) -> None:
+        if not images:
+            raise ValueError("the workload has no images")
+        self.images = list(images)
+        self.params = dict(params or {})
+        headers = {"X-API-Key": api_key} if api_key else {}
+        # Enough connections for every request in flight: a smaller pool would queue requests
+        # inside this client, where the server's queue-wait metric cannot see them.
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self.http = httpx.AsyncClient(
+            base_url=url.rstrip("/"), headers=headers, timeout=timeout_s, limits=limits,
+        )
+
+    async def send(self, index: int) -> int:
+        image = self.images[index % len(self.images)]
+        response = await self.http.post(
+            "/v1/segment", content=image.data, params=self.params, headers={"Content-Type": image.content_type},
+        )
+        if response.is_success:
+            try:
+                json.loads(response.content)  # a real client reads the answer
+            except ValueError:
+                raise InvalidAnswer(f"status {response.status_code} with a body that is not JSON") from None
+        return response.status_code
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> "SegmentClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()

