@@ -105,6 +105,7 @@ def check_onnx(path: str | os.PathLike) -> TensorRTReport:
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
     matrix = support_matrix()
     supported = matrix["operators"]
+    widened = matrix.get("importer_types", {})
     graph = model.graph
     producers = _producers(graph)
     types = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
@@ -119,9 +120,10 @@ def check_onnx(path: str | os.PathLike) -> TensorRTReport:
     for node in graph.node:
         entry = supported.get(node.op_type)
         if entry and entry["types"] and node.input:
+            allowed = set(entry["types"]) | set(widened.get(node.op_type, {}).get("types", []))
             dtype = _TYPE_NAMES.get(types.get(node.input[0], 0))
-            if dtype is not None and dtype not in entry["types"]:
-                type_notes.append(f"{node.op_type} ({dtype} input; matrix lists {', '.join(entry['types'])})")
+            if dtype is not None and dtype not in allowed:
+                type_notes.append(f"{node.op_type} ({dtype} input; TensorRT lists {', '.join(sorted(allowed))})")
         if node.op_type == "TopK":
             bound = _upper_bound(node.input[1], graph, producers)
             if bound is None:

@@ -69,10 +69,17 @@ def clip_boxes(boxes: torch.Tensor, height: torch.Tensor | int, width: torch.Ten
     return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
 
 
-def rank_within_image(batch_index: torch.Tensor, num_images: int) -> torch.Tensor:
+def _image_one_hot(batch_index: torch.Tensor, num_images: int | torch.Tensor) -> torch.Tensor:
+    """[D] -> [D, num_images] float32. Float, not int64, because exported graphs take cumulative
+    sums of it and TensorRT's CumSum is float-only; counts stay exact below 2**24 rows."""
+    images = torch.arange(num_images, device=batch_index.device)
+    return (batch_index[:, None] == images).to(torch.float32)
+
+
+def rank_within_image(batch_index: torch.Tensor, num_images: int | torch.Tensor) -> torch.Tensor:
     """0-based position of each row among the rows of its image ([D] -> [D]); rows keep order."""
-    one_hot = (batch_index[:, None] == torch.arange(num_images, device=batch_index.device)).to(torch.int64)
-    return (one_hot.cumsum(0) * one_hot).sum(1) - 1
+    one_hot = _image_one_hot(batch_index, num_images)
+    return ((one_hot.cumsum(0) * one_hot).sum(1) - 1).to(torch.int64)
 
 
 def group_by_image(batch_index: torch.Tensor, num_images: int | torch.Tensor) -> torch.Tensor:
@@ -82,12 +89,17 @@ def group_by_image(batch_index: torch.Tensor, num_images: int | torch.Tensor) ->
     cumulative sum and a scatter instead: the ONNX exporter cannot export a stable sort, and a
     plain Sort would become a TopK whose k (the detection count) has no bound.
     """
-    one_hot = (batch_index[:, None] == torch.arange(num_images, device=batch_index.device)).to(torch.int64)
-    rank = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # position inside its image
-    counts = one_hot.sum(0)  # [num_images]
-    destination = (counts.cumsum(0) - counts)[batch_index] + rank
+    counts = _image_one_hot(batch_index, num_images).sum(0)  # [num_images]
+    first_row = (counts.cumsum(0) - counts).to(torch.int64)  # where each image's rows start
+    destination = first_row[batch_index] + rank_within_image(batch_index, num_images)
     order = torch.arange(batch_index.shape[0], device=batch_index.device)
     return torch.zeros_like(order).scatter(0, destination, order)
+
+
+def is_finite(x: torch.Tensor) -> torch.Tensor:
+    """``torch.isfinite``, written so the ONNX exporter does not cast the input to DOUBLE (which
+    it does for IsInf, and TensorRT only takes by casting down): NaN and +-inf compare False."""
+    return x.abs() < math.inf
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import batched_nms
 
-from .box_ops import Box2BoxTransform, clip_boxes, group_by_image, rank_within_image
+from .box_ops import Box2BoxTransform, clip_boxes, group_by_image, is_finite, rank_within_image
 from .config import ROIHeadsConfig
 from .layers import c2_xavier_fill
 from .poolers import ROIPooler
@@ -83,7 +83,7 @@ class BoxROIHeads(nn.Module):
         boxes = self.box2box.apply_deltas(deltas, proposals).view(-1, num_classes, 4)
         # As detectron2: a proposal with any non-finite box or score is dropped whole, and before
         # clipping (clipping would turn an infinite box into a finite one on the border).
-        finite = torch.isfinite(boxes).flatten(1).all(dim=1) & torch.isfinite(probs).all(dim=1)  # [P]
+        finite = is_finite(boxes).flatten(1).all(dim=1) & is_finite(probs).all(dim=1)  # [P]
         scores = probs[:, :-1]  # drop background: [P, K]
         sizes = image_sizes[proposal_batch]  # [P, 2]
         boxes = clip_boxes(boxes, sizes[:, None, 0:1].to(boxes.dtype), sizes[:, None, 1:2].to(boxes.dtype))

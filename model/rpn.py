@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import batched_nms
 
-from .box_ops import AnchorGenerator, Box2BoxTransform, clip_boxes, rank_within_image
+from .box_ops import AnchorGenerator, Box2BoxTransform, clip_boxes, is_finite, rank_within_image
 from .config import RPNConfig
 
 
@@ -92,7 +92,7 @@ class RPN(nn.Module):
 
         sizes = image_sizes[:, None, :].to(boxes.dtype)  # [B, 1, 2]
         boxes = clip_boxes(boxes, sizes[..., 0:1], sizes[..., 1:2])
-        keep = torch.isfinite(boxes).all(dim=2) & torch.isfinite(scores)
+        keep = is_finite(boxes).all(dim=2) & is_finite(scores)
         keep = keep & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
         batch_index, anchor_index = torch.nonzero(keep, as_tuple=True)
         boxes, scores, levels = boxes[batch_index, anchor_index], scores[batch_index, anchor_index], levels[anchor_index]
