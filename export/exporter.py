@@ -13,7 +13,6 @@ on inputs unlike the example.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from model.checkpoint_io import file_digest
 from model.config import ModelConfig
 from model.rcnn import MaskTransfiner
 
@@ -60,14 +60,6 @@ def _versions() -> dict[str, str]:
         except package_metadata.PackageNotFoundError:
             pass
     return versions
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
 
 
 def trace(model: MaskTransfiner) -> torch.jit.ScriptModule:

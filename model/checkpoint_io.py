@@ -7,6 +7,7 @@ is the loader's job.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import collections
 import importlib
 import os
@@ -177,3 +178,12 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             if isinstance(cls, type) and issubclass(cls, np.dtype):
                 return cls
         raise CheckpointError(f"the pickle asks for {module}.{name}, which is not a numpy array or plain container")
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The first 12 hex digits of a file's SHA-256: a version that changes whenever the weights do."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]

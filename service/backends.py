@@ -7,18 +7,17 @@ PyTorch; ``export.runtimes`` adds TorchScript and ONNX Runtime. Pre-processing a
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from model.backend import Backend, TorchBackend
+from model.checkpoint_io import file_digest
 from model.config import ModelConfig
 from model.default_model import load_predictor, resolve_weights
 
-__all__ = ["Backend", "LoadedModel", "TorchBackend", "build_backends", "checkpoint_version", "worker_devices"]
+__all__ = ["Backend", "LoadedModel", "TorchBackend", "build_backends", "worker_devices"]
 
 
 @dataclass
@@ -34,15 +33,6 @@ class LoadedModel:
     @property
     def cfg(self) -> ModelConfig:
         return self.backends[0].cfg
-
-
-def checkpoint_version(path: str | os.PathLike) -> str:
-    """The first 12 hex digits of the checkpoint's SHA-256: changes whenever the weights do."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
 
 
 def worker_devices(device: str, workers: int | None) -> list[torch.device]:
@@ -77,6 +67,6 @@ def build_backends(
     backends: list[Backend] = [by_device[dev] for dev in devices]
     found = find_export(model) if backend != "pytorch" and str(model) != "default" else None
     weights = found[0] if found else resolve_weights(model)
-    version = checkpoint_version(weights) if weights is not None else "random"
+    version = file_digest(weights) if weights is not None else "random"
     name = "default" if str(model) == "default" else (Path(model).name if found else Path(weights).stem)
     return LoadedModel(backends, name, version, backend, [str(d) for d in devices])
