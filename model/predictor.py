@@ -69,9 +69,19 @@ def rescale_boxes(
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None -> CUDA when available, else the CPU; a CUDA device must exist (a clear
+    ValueError here instead of a driver error deep inside the first forward pass)."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"not a device: {device!r} (use cpu, cuda, cuda:N or auto)") from error
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            raise ValueError(f"{resolved} is not available here ({count} CUDA devices); use --device cpu")
+    return resolved
 
 
 class Predictor:

@@ -157,3 +157,13 @@ def test_upsampled_coarse_is_bilinear_of_28(predictor, image):
         probs = logits[torch.arange(len(out.classes)), out.classes].sigmoid()
     expected = F.interpolate(probs[:, None], (112, 112), mode="bilinear")[:, 0]
     torch.testing.assert_close(out.mask_probs, expected)
+
+
+def test_unavailable_or_malformed_device_is_a_clear_error():
+    from model.predictor import resolve_device
+
+    with pytest.raises(ValueError, match="not available"):
+        resolve_device("cuda:99")
+    with pytest.raises(ValueError, match="not a device"):
+        resolve_device("gpu9")
+    assert resolve_device("cpu") == torch.device("cpu")
