@@ -198,7 +198,7 @@ def _markdown(report: dict) -> str:
     lines = [
         f"# Evaluation: {report['config']} on {report['num_images']} images",
         "",
-        f"weights: `{report['weights']}`  ",
+        f"weights: `{report['weights']}` (backend: {report.get('backend', 'pytorch')})  ",
         f"data: `{report['data']}`",
         "",
         "| " + " | ".join(header) + " |",
@@ -307,15 +307,17 @@ def evaluate(
     image_ids: list[int] = []
     used_names: set[str] = set()
     captured: list[list[torch.Tensor]] = []
-    hook = model.backbone.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    # Incoherence statistics need the eager model's features; exported runtimes give outputs only.
+    hook = None
+    if model is not None:
+        hook = model.backbone.register_forward_hook(lambda module, inputs, output: captured.append(output))
     try:
         with torch.inference_mode():
             for samples in tqdm(loader, desc="evaluate", unit="batch", disable=None):
                 images = [s.image.to(predictor.device) for s in samples]
                 batch, sizes = pad_batch(images, cfg.input)
                 captured.clear()
-                raw = model(batch, sizes, options)
-                features = captured[-1][:4]  # P2..P5, as the mask head reads them
+                raw = predictor.backend.infer(batch, sizes, options)
                 coarse_raw = dataclasses.replace(raw, mask_probs=raw.coarse_probs)
                 for i, sample in enumerate(samples):
                     refined = Predictor.postprocess(raw, i, sizes[i], sample.original_size, 0.5)
@@ -328,9 +330,12 @@ def evaluate(
                         rgb = load_image_rgb(dataset.image_root / info["file_name"])
                         picture = _overlay_pair(rgb, coarse, refined, cfg.class_names)
                         picture.save(overlay_dir / _overlay_name(info["file_name"], sample.image_id, used_names))
-                _update_incoherence(incoherence, model, features, samples, predictor.device)
+                if model is not None:
+                    features = captured[-1][:4]  # P2..P5, as the mask head reads them
+                    _update_incoherence(incoherence, model, features, samples, predictor.device)
     finally:
-        hook.remove()
+        if hook is not None:
+            hook.remove()
 
     metrics = {name: {} for name in results}
     for name, records in results.items():
@@ -354,6 +359,7 @@ def evaluate(
         "num_images": len(image_ids),
         "num_detections": len(results["refined"]),
         "config": cfg.name,
+        "backend": predictor.backend.name,
         "weights": None if weights is None else str(weights),
         "data": str(data_json),
         "boundary_dilation_ratio": BOUNDARY_DILATION_RATIO,
@@ -387,7 +393,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     """Adds ``transfiner evaluate``'s arguments to ``parser``."""
     from .default_model import add_model_arguments
 
+    from .default_model import add_backend_argument
+
     add_model_arguments(parser)
+    add_backend_argument(parser)
     parser.add_argument("--data", required=True, help="COCO annotations json of the val set")
     parser.add_argument("--image-root", default=None,
                         help="folder the json's file names are relative to (default: next to the json)")

@@ -275,3 +275,19 @@ def test_service_serves_the_onnx_backend(exports, model):
     assert len(instances) == len(expected) > 0
     for instance, mask in zip(instances, expected.masks):
         assert np.array_equal(mask_utils.decode(instance["segmentation"]).astype(bool), mask)
+
+
+def test_evaluate_runs_on_the_exported_model(model, runtimes, tmp_path):
+    """`transfiner evaluate --backend onnxruntime`: the same AP as eager, up to rounding."""
+    from model.evaluate import evaluate
+    from model.shapes import make_shapes
+
+    data = make_shapes(tmp_path / "shapes", num_images=3, seed=11)
+    eager = evaluate(Predictor.from_model(model), data, tmp_path / "eager", num_overlays=0)
+    exported = evaluate(Predictor.from_backend(runtimes["onnxruntime"]), data, tmp_path / "onnx", num_overlays=0)
+    assert exported["backend"] == "onnxruntime" and eager["backend"] == "pytorch"
+    assert exported["num_detections"] == eager["num_detections"] > 0
+    assert eager["refined"]["AP"] > 0
+    assert abs(exported["refined"]["AP"] - eager["refined"]["AP"]) < 1.0
+    assert abs(exported["bbox_AP"] - eager["bbox_AP"]) < 0.5
+    assert exported["incoherence_recall"] is None  # needs the eager model's features
