@@ -13,6 +13,7 @@ on inputs unlike the example.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -62,34 +63,36 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+@contextlib.contextmanager
+def _tracing():
+    """No grad, and no tracer chatter. The tracer warns about every Python bool it meets; the ones
+    here are static (config values, the fixed top-k sizes, torchvision's empty-input shortcut),
+    and the parity tests check the result on other sizes and counts. torch.jit and the legacy
+    ONNX exporter also announce their deprecation on every call."""
+    with warnings.catch_warnings(), torch.no_grad():
+        for category in (torch.jit.TracerWarning, FutureWarning, DeprecationWarning):
+            warnings.simplefilter("ignore", category)
+        yield
+
+
 def trace(model: MaskTransfiner) -> torch.jit.ScriptModule:
     """TorchScript trace of the whole network on ``example_inputs`` (on the model's device)."""
-    wrapper = ExportableMaskTransfiner(model)
-    with warnings.catch_warnings():
-        # The tracer warns about every Python bool it meets; the ones here are static (config
-        # values, the fixed top-k sizes, torchvision's empty-input shortcut), and the parity
-        # tests check the result on other sizes and counts.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
-        with torch.no_grad():
-            return torch.jit.trace(wrapper, example_inputs(model.cfg, model.device), check_trace=False)
+    with _tracing():
+        return torch.jit.trace(
+            ExportableMaskTransfiner(model), example_inputs(model.cfg, model.device), check_trace=False
+        )
 
 
 def _export_onnx(model: MaskTransfiner, path: Path, opset: int) -> None:
-    wrapper = ExportableMaskTransfiner(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
-        with torch.no_grad():
-            # The TorchScript-based exporter: it keeps NonZero/NonMaxSuppression with dynamic
-            # output sizes, which torch.export (dynamo=True) would need guards for everywhere.
-            torch.onnx.export(
-                wrapper, example_inputs(model.cfg, model.device), str(path), dynamo=False,
-                opset_version=opset, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-                dynamic_axes=dynamic_axes(), do_constant_folding=True,
-            )
+    with _tracing(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the exporter's notes on constant folding
+        # The TorchScript-based exporter: it keeps NonZero/NonMaxSuppression with dynamic output
+        # sizes, which torch.export (dynamo=True) would need guards for everywhere.
+        torch.onnx.export(
+            ExportableMaskTransfiner(model), example_inputs(model.cfg, model.device), str(path), dynamo=False,
+            opset_version=opset, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+            dynamic_axes=dynamic_axes(), do_constant_folding=True,
+        )
 
 
 def export_model(

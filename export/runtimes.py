@@ -156,8 +156,11 @@ def load_backend(
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
     device = resolve_device(device)
-    found = find_export(model) if str(model) != "default" else None
     if backend == "pytorch":
+        try:
+            found = find_export(model) if str(model) != "default" else None
+        except ExportError:  # not an export at all: load_predictor names what is wrong with it
+            found = None
         if found is not None:
             runtime = next(name for name, fmt in RUNTIME_FORMATS.items() if fmt == found[1]["format"])
             raise ExportError(f"{model} is an exported model: run it with --backend {runtime}")
@@ -165,6 +168,7 @@ def load_backend(
 
         return load_predictor(model, config, device).backend
     fmt = RUNTIME_FORMATS[backend]
+    found = find_export(model) if str(model) != "default" else None
     if found is None:
         found = find_export(exported_copy(model, fmt, config, device))
     model_file, metadata = found

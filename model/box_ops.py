@@ -76,10 +76,13 @@ def _image_one_hot(batch_index: torch.Tensor, num_images: int | torch.Tensor) ->
     return (batch_index[:, None] == images).to(torch.float32)
 
 
+def _rank(one_hot: torch.Tensor) -> torch.Tensor:
+    return ((one_hot.cumsum(0) * one_hot).sum(1) - 1).to(torch.int64)
+
+
 def rank_within_image(batch_index: torch.Tensor, num_images: int | torch.Tensor) -> torch.Tensor:
     """0-based position of each row among the rows of its image ([D] -> [D]); rows keep order."""
-    one_hot = _image_one_hot(batch_index, num_images)
-    return ((one_hot.cumsum(0) * one_hot).sum(1) - 1).to(torch.int64)
+    return _rank(_image_one_hot(batch_index, num_images))
 
 
 def group_by_image(batch_index: torch.Tensor, num_images: int | torch.Tensor) -> torch.Tensor:
@@ -89,9 +92,10 @@ def group_by_image(batch_index: torch.Tensor, num_images: int | torch.Tensor) ->
     cumulative sum and a scatter instead: the ONNX exporter cannot export a stable sort, and a
     plain Sort would become a TopK whose k (the detection count) has no bound.
     """
-    counts = _image_one_hot(batch_index, num_images).sum(0)  # [num_images]
+    one_hot = _image_one_hot(batch_index, num_images)
+    counts = one_hot.sum(0)  # [num_images]
     first_row = (counts.cumsum(0) - counts).to(torch.int64)  # where each image's rows start
-    destination = first_row[batch_index] + rank_within_image(batch_index, num_images)
+    destination = first_row[batch_index] + _rank(one_hot)
     order = torch.arange(batch_index.shape[0], device=batch_index.device)
     return torch.zeros_like(order).scatter(0, destination, order)
 

@@ -7,8 +7,8 @@ is the loader's job.
 from __future__ import annotations
 
 import codecs
-import hashlib
 import collections
+import hashlib
 import importlib
 import os
 import pickle

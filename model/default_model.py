@@ -30,7 +30,8 @@ def resolve_weights(model: str | os.PathLike | None) -> Path | None:
         return DEFAULT_WEIGHTS
     path = Path(model)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; give a checkpoint file (.pth)")
+        raise CheckpointError(f"{path} is a folder; give a checkpoint file (.pth), or, for a `transfiner export` "
+                              "folder, --backend onnxruntime or torchscript")
     if not path.is_file():
         raise CheckpointError(f"model not found: {path}")
     return path
@@ -74,14 +75,9 @@ def add_backend_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def predictor_from_args(args: argparse.Namespace):
-    backend = getattr(args, "backend", None) or "pytorch"
-    if backend == "pytorch" and Path(str(model_from_args(args))).is_dir():
-        raise CheckpointError(f"{model_from_args(args)} is a folder: for an exported model add --backend "
-                              "onnxruntime or --backend torchscript")
-    if backend == "pytorch":
-        return load_predictor(model_from_args(args), args.config, args.device)
     from export.runtimes import load_backend
 
     from .predictor import Predictor
 
+    backend = getattr(args, "backend", None) or "pytorch"
     return Predictor.from_backend(load_backend(model_from_args(args), backend, args.config, args.device))

@@ -391,9 +391,7 @@ def _update_incoherence(stats: IncoherenceStats, model, features, samples, devic
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds ``transfiner evaluate``'s arguments to ``parser``."""
-    from .default_model import add_model_arguments
-
-    from .default_model import add_backend_argument
+    from .default_model import add_backend_argument, add_model_arguments
 
     add_model_arguments(parser)
     add_backend_argument(parser)

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .backend import Backend, TorchBackend
 from .checkpoint import build_model, load_checkpoint
 from .config import ModelConfig, preset
 from .default_model import resolve_weights
 from .postprocess import encode_rle, paste_masks
 from .preprocess import ImageLike, prepare_batch, to_rgb_tensor
-from .backend import Backend, TorchBackend
 from .rcnn import InferenceOptions, MaskTransfiner, RawOutputs
 
 

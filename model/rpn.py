@@ -57,10 +57,8 @@ class RPN(nn.Module):
         logits, deltas = self.rpn_head(features)
         with torch.no_grad():
             boxes, scores, batch_index = self.propose(anchors, logits, deltas, image_sizes)
-        proposals = [
-            torch.cat((boxes[batch_index == i], scores[batch_index == i, None]), dim=1)
-            for i in range(image_sizes.shape[0])
-        ]
+        rows = [batch_index == i for i in range(image_sizes.shape[0])]
+        proposals = [torch.cat((boxes[r], scores[r, None]), dim=1) for r in rows]
         return proposals, anchors, logits, deltas
 
     def propose(

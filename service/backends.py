@@ -15,7 +15,7 @@ import torch
 from model.backend import Backend, TorchBackend
 from model.checkpoint_io import file_digest
 from model.config import ModelConfig
-from model.default_model import load_predictor, resolve_weights
+from model.default_model import resolve_weights
 
 __all__ = ["Backend", "LoadedModel", "TorchBackend", "build_backends", "worker_devices"]
 
@@ -60,10 +60,7 @@ def build_backends(
     by_device: dict[torch.device, Backend] = {}
     for dev in devices:
         if dev not in by_device:
-            if backend == "pytorch":
-                by_device[dev] = load_predictor(model, config, dev).backend
-            else:
-                by_device[dev] = load_backend(model, backend, config, dev, threads)
+            by_device[dev] = load_backend(model, backend, config, dev, threads)
     backends: list[Backend] = [by_device[dev] for dev in devices]
     found = find_export(model) if backend != "pytorch" and str(model) != "default" else None
     weights = found[0] if found else resolve_weights(model)
