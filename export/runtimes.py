@@ -64,6 +64,7 @@ class TorchScriptBackend:
             raise ExportError(f"{model_file} cannot be loaded as TorchScript: {error}") from error
         self.cfg = ModelConfig.from_dict(metadata["config"])
         self.device = device
+        self.precision = "fp32"  # traced in float32
 
     @torch.inference_mode()
     def infer(self, images: torch.Tensor, image_sizes: torch.Tensor, options: InferenceOptions) -> RawOutputs:
@@ -105,6 +106,7 @@ class OnnxRuntimeBackend:
             raise ExportError(f"ONNX Runtime could not start its CUDA provider for {device}")
         self.cfg = ModelConfig.from_dict(metadata["config"])
         self.device = torch.device("cpu")
+        self.precision = "fp32"  # exported in float32
         self.providers = self.session.get_providers()
 
     def infer(self, images: torch.Tensor, image_sizes: torch.Tensor, options: InferenceOptions) -> RawOutputs:
@@ -150,12 +152,15 @@ def exported_copy(
 
 def load_backend(
     model: str | os.PathLike = "default", backend: str = "pytorch", config: str | ModelConfig | None = None,
-    device: str | torch.device | None = "auto", threads: int | None = None,
+    device: str | torch.device | None = "auto", threads: int | None = None, precision: str | None = "auto",
 ) -> Backend:
-    """A runtime by name (``pytorch``, ``torchscript``, ``onnxruntime``) for ``model``."""
+    """A runtime by name (``pytorch``, ``torchscript``, ``onnxruntime``) for ``model``, at
+    ``precision`` (``model.precision``; exported graphs are float32, so they take auto or fp32)."""
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
     device = resolve_device(device)
+    if backend != "pytorch" and precision not in (None, "auto", "fp32"):
+        raise ValueError(f"the {backend} backend runs the float32 export; --precision {precision} needs --backend pytorch")
     if backend == "pytorch":
         try:
             found = find_export(model) if str(model) != "default" else None
@@ -166,7 +171,7 @@ def load_backend(
             raise ExportError(f"{model} is an exported model: run it with --backend {runtime}")
         from model.default_model import load_predictor
 
-        return load_predictor(model, config, device).backend
+        return load_predictor(model, config, device, precision).backend
     fmt = RUNTIME_FORMATS[backend]
     found = find_export(model) if str(model) != "default" else None
     if found is None:

@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from .config import ModelConfig
+from .precision import autocast, resolve_precision
 from .rcnn import InferenceOptions, MaskTransfiner, RawOutputs
 
 BACKEND_NAMES = ("pytorch", "torchscript", "onnxruntime")
@@ -25,6 +26,7 @@ class Backend(Protocol):
     name: str  # one of BACKEND_NAMES
     device: torch.device  # where pre-processing should put the batch
     cfg: ModelConfig
+    precision: str  # fp32, bf16 or fp16 (see model.precision)
 
     def infer(self, images: torch.Tensor, image_sizes: torch.Tensor, options: InferenceOptions) -> RawOutputs:
         """images [B, 3, H, W] float BGR 0..255 padded with the pixel mean; image_sizes [B, 2] (h, w)."""
@@ -32,18 +34,21 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """Eager PyTorch on one device. ``infer`` may be called from any thread (eval mode, no grad)."""
+    """Eager PyTorch on one device at one precision (``auto``: bf16 on CUDA that supports it,
+    else fp32). ``infer`` may be called from any thread (eval mode, no grad)."""
 
     name = "pytorch"
 
-    def __init__(self, model: MaskTransfiner) -> None:
+    def __init__(self, model: MaskTransfiner, precision: str | None = "fp32") -> None:
         self.model = model.eval()
         self.cfg = model.cfg
         self.device = model.device
+        self.precision = resolve_precision(precision, self.device)
 
     @torch.inference_mode()
     def infer(self, images: torch.Tensor, image_sizes: torch.Tensor, options: InferenceOptions) -> RawOutputs:
-        raw = self.model(images, image_sizes, options)
+        with autocast(self.precision, self.device):
+            raw = self.model(images, image_sizes, options)
         if self.device.type == "cuda":
             # Timings (and the post-processing threads) must see finished kernels.
             torch.cuda.synchronize(self.device)

@@ -69,35 +69,24 @@ def clip_boxes(boxes: torch.Tensor, height: torch.Tensor | int, width: torch.Ten
     return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
 
 
-def _image_one_hot(batch_index: torch.Tensor, num_images: int | torch.Tensor) -> torch.Tensor:
-    """[D] -> [D, num_images] float32. Float, not int64, because exported graphs take cumulative
-    sums of it and TensorRT's CumSum is float-only; counts stay exact below 2**24 rows."""
-    images = torch.arange(num_images, device=batch_index.device)
-    return (batch_index[:, None] == images).to(torch.float32)
-
-
-def _rank(one_hot: torch.Tensor) -> torch.Tensor:
-    return ((one_hot.cumsum(0) * one_hot).sum(1) - 1).to(torch.int64)
-
-
 def rank_within_image(batch_index: torch.Tensor, num_images: int | torch.Tensor) -> torch.Tensor:
-    """0-based position of each row among the rows of its image ([D] -> [D]); rows keep order."""
-    return _rank(_image_one_hot(batch_index, num_images))
+    """0-based position of each row among the rows of its image ([D] -> [D]); rows keep order.
 
-
-def group_by_image(batch_index: torch.Tensor, num_images: int | torch.Tensor) -> torch.Tensor:
-    """The permutation that groups rows by image and keeps their order inside an image.
-
-    batch_index [D] -> [D] int64. Equal to a stable sort of ``batch_index``, but built from a
-    cumulative sum and a scatter instead: the ONNX exporter cannot export a stable sort, and a
-    plain Sort would become a TopK whose k (the detection count) has no bound.
+    A cumulative sum along the rows of the [num_images, D] membership mask: along the last,
+    contiguous dimension, which CUDA scans far faster than the first of a [D, num_images] one.
+    Float, not int64, because TensorRT's CumSum is float-only; exact below 2**24 rows.
     """
-    one_hot = _image_one_hot(batch_index, num_images)
-    counts = one_hot.sum(0)  # [num_images]
-    first_row = (counts.cumsum(0) - counts).to(torch.int64)  # where each image's rows start
-    destination = first_row[batch_index] + _rank(one_hot)
-    order = torch.arange(batch_index.shape[0], device=batch_index.device)
-    return torch.zeros_like(order).scatter(0, destination, order)
+    images = torch.arange(num_images, device=batch_index.device)
+    member = (images[:, None] == batch_index[None, :]).to(torch.float32)  # [B, D]
+    return (member.cumsum(1).gather(0, batch_index[None, :]).squeeze(0) - 1).to(torch.int64)
+
+
+def top_count(available: int | torch.Tensor, wanted: int) -> int | torch.Tensor:
+    """min(available, wanted), the k of a top-k; while tracing, ``available`` is a tensor and must
+    stay one so the exported graph works for every size (and TopK's k keeps a constant bound)."""
+    if isinstance(available, torch.Tensor):
+        return available.clamp(max=wanted)
+    return min(available, wanted)
 
 
 def is_finite(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from pathlib import Path
 from .checkpoint_io import CheckpointError
 from .config import PRESET_NAMES
 from .data import DatasetError, load_image_rgb
-from .default_model import add_backend_argument, add_model_arguments
+from .default_model import add_backend_argument, add_model_arguments, add_precision_argument
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files")
     add_model_arguments(predict)
     add_backend_argument(predict)
+    add_precision_argument(predict)
     predict.add_argument("--out", required=True, help="results JSON path")
     predict.add_argument("--overlay", default=None, help="folder for overlay PNGs")
     predict.add_argument("--batch-size", type=int, default=2)

@@ -92,6 +92,15 @@ class ROIHeadsConfig:
     score_thresh_test: float = 0.05
     nms_thresh_test: float = 0.5
     detections_per_image: int = 100
+    # Per image, only the best-scoring (proposal, class) candidates above the score threshold go
+    # into NMS (mmdetection's ``nms_pre``), so NMS work is bounded at any threshold. Why 3000:
+    # at the usual 0.05 an image has far fewer (a proposal gives at most 19, and most proposals
+    # lean to the background or one class; the synthetic R50-sized outputs of
+    # scripts/bench_box_inference.py give 1,100), so results are those without a bound; at
+    # threshold 0 (80,000 per image) NMS time grows with the bound, and 3000 keeps box inference
+    # at 3 ms per image on an H200 (3500: 4.3 ms); and it must stay below 3840, TensorRT's
+    # largest TopK.
+    pre_nms_topk_test: int = 3000
 
 
 @dataclass
@@ -122,6 +131,9 @@ class TransfinerConfig:
     max_cells: tuple[int, int, int] = (784, 196, 64)
     # How many detections per image are refined (the official code: 10 for the whole batch).
     max_refined_per_image: int = 100
+    # Boxes refined together in one pass: peak memory grows with this, not with the detection
+    # count (each box is independent, so the chunking never changes a result).
+    boxes_per_chunk: int = 64
     # Training: nodes sampled per level and box, as the official code (issue 3 uses these).
     train_thresholds: tuple[float, float, float] = (0.125, 0.5, 0.5)
     train_nodes_per_level: int = 150

@@ -14,6 +14,7 @@ import torch
 
 from .checkpoint_io import CheckpointError
 from .config import PRESET_NAMES, ModelConfig, preset
+from .precision import PRECISIONS
 
 # The small model trained by our own `transfiner train` on make-shapes data (see its README).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
@@ -39,14 +40,14 @@ def resolve_weights(model: str | os.PathLike | None) -> Path | None:
 
 def load_predictor(
     model: str | os.PathLike | None = "default", config: str | ModelConfig | None = None,
-    device: str | torch.device | None = "auto",
+    device: str | torch.device | None = "auto", precision: str | None = "auto",
 ):
     """A ``Predictor`` for ``--model`` (and optionally ``--config``, needed for bare state dicts)."""
     from .predictor import Predictor
 
     weights = resolve_weights(model)
     cfg = preset(config) if isinstance(config, str) else config
-    return Predictor(cfg, weights, device)
+    return Predictor(cfg, weights, device, precision)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,10 +75,20 @@ def add_backend_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision", default=None, choices=PRECISIONS,
+        help="auto (the default: bf16 on CUDA that supports it, else fp32), fp32, bf16 or fp16; exported "
+             "models run fp32",
+    )
+
+
 def predictor_from_args(args: argparse.Namespace):
     from export.runtimes import load_backend
 
     from .predictor import Predictor
 
     backend = getattr(args, "backend", None) or "pytorch"
-    return Predictor.from_backend(load_backend(model_from_args(args), backend, args.config, args.device))
+    return Predictor.from_backend(
+        load_backend(model_from_args(args), backend, args.config, args.device, precision=args.precision)
+    )

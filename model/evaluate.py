@@ -35,6 +35,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .data import CocoDataset, DatasetError, load_image_rgb, make_loader
+from .precision import autocast
 from .preprocess import pad_batch
 from .rcnn import InferenceOptions
 from .targets import gt_incoherence
@@ -198,7 +199,8 @@ def _markdown(report: dict) -> str:
     lines = [
         f"# Evaluation: {report['config']} on {report['num_images']} images",
         "",
-        f"weights: `{report['weights']}` (backend: {report.get('backend', 'pytorch')})  ",
+        f"weights: `{report['weights']}` (backend: {report.get('backend', 'pytorch')}, "
+        f"precision: {report.get('precision', 'fp32')})  ",
         f"data: `{report['data']}`",
         "",
         "| " + " | ".join(header) + " |",
@@ -332,7 +334,8 @@ def evaluate(
                         picture.save(overlay_dir / _overlay_name(info["file_name"], sample.image_id, used_names))
                 if model is not None:
                     features = captured[-1][:4]  # P2..P5, as the mask head reads them
-                    _update_incoherence(incoherence, model, features, samples, predictor.device)
+                    with autocast(predictor.precision, predictor.device):  # as the forward pass ran
+                        _update_incoherence(incoherence, model, features, samples, predictor.device)
     finally:
         if hook is not None:
             hook.remove()
@@ -360,6 +363,7 @@ def evaluate(
         "num_detections": len(results["refined"]),
         "config": cfg.name,
         "backend": predictor.backend.name,
+        "precision": predictor.precision,
         "weights": None if weights is None else str(weights),
         "data": str(data_json),
         "boundary_dilation_ratio": BOUNDARY_DILATION_RATIO,
@@ -391,10 +395,11 @@ def _update_incoherence(stats: IncoherenceStats, model, features, samples, devic
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds ``transfiner evaluate``'s arguments to ``parser``."""
-    from .default_model import add_backend_argument, add_model_arguments
+    from .default_model import add_backend_argument, add_model_arguments, add_precision_argument
 
     add_model_arguments(parser)
     add_backend_argument(parser)
+    add_precision_argument(parser)
     parser.add_argument("--data", required=True, help="COCO annotations json of the val set")
     parser.add_argument("--image-root", default=None,
                         help="folder the json's file names are relative to (default: next to the json)")

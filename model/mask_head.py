@@ -72,7 +72,8 @@ class IncoherenceDetector(nn.Module):
         x = roi_features.detach() + mask_features
         for index in range(1, self.num_conv + 1):
             x = F.relu(getattr(self, f"conv{index}")(x))
-        return self.predictor(self.deconv(x)).squeeze(1).sigmoid()
+        # float32 probabilities: the quadtree thresholds them (1e-6 is below bf16's resolution near 0.5).
+        return self.predictor(self.deconv(x)).squeeze(1).float().sigmoid()
 
 
 class SemanticEnhancer(nn.Module):
@@ -126,7 +127,7 @@ class TransfinerMaskHead(nn.Module):
         """-> (RoI features [R, C, 14, 14], mask features [R, D, 14, 14], coarse probs [R, 28, 28])."""
         roi_features = self.pooler(features, boxes, batch_index)
         logits, mask_features = self.coarse(roi_features)
-        coarse = logits[torch.arange(logits.shape[0], device=logits.device), classes].sigmoid()
+        coarse = logits[torch.arange(logits.shape[0], device=logits.device), classes].float().sigmoid()
         return roi_features, mask_features, coarse
 
     def forward(

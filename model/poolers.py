@@ -32,10 +32,13 @@ def multilevel_roi_align(
     output = features[0].new_zeros((rois.shape[0], channels, output_size, output_size))
     for level, (feature, scale) in enumerate(zip(features, scales)):
         index = torch.nonzero(levels == level).squeeze(1)
+        # RoI coordinates stay float32 at every precision (bf16 would round a coordinate near 1000
+        # to a multiple of 4 pixels), so a bf16/fp16 feature map is sampled in float32, as
+        # torchvision's CUDA autocast does (its CPU kernel wants equal types).
         pooled = roi_align(
-            feature, rois[index].to(feature.dtype), output_size, spatial_scale=scale,
-            sampling_ratio=sampling_ratio, aligned=True,
-        )
+            feature if feature.dtype == rois.dtype else feature.to(rois.dtype), rois[index], output_size,
+            spatial_scale=scale, sampling_ratio=sampling_ratio, aligned=True,
+        ).to(feature.dtype)
         output = output.index_put((index,), pooled)
     return output
 

@@ -13,32 +13,59 @@ from .backend import Backend, TorchBackend
 from .checkpoint import build_model, load_checkpoint
 from .config import ModelConfig, preset
 from .default_model import resolve_weights
-from .postprocess import encode_rle, paste_masks
-from .preprocess import ImageLike, prepare_batch, to_rgb_tensor
+from .postprocess import masks_to_rle, paste_masks, paste_windows
+from .preprocess import ImageLike, group_by_canvas, prepare_batch, to_rgb_tensor
 from .rcnn import InferenceOptions, MaskTransfiner, RawOutputs
 
 
 @dataclass
 class Prediction:
-    """The instances found in one image, in the image's own pixel coordinates."""
+    """The instances found in one image, in the image's own pixel coordinates.
+
+    Binary masks are sampled from ``mask_probs`` when first asked for, on ``device`` (the
+    model's: CUDA and CPU bilinear sampling may differ in the last bit, which can move an edge
+    pixel), and only inside each box's window: ``rles`` and ``mask_windows`` never build the
+    [N, H, W] full-image ``masks`` (100 of them at 1333x800 are 107 MB), which are pasted only
+    if read.
+    """
 
     image_size: tuple[int, int]  # (height, width)
     boxes: np.ndarray  # [N, 4] float32 xyxy
     scores: np.ndarray  # [N] float32
     classes: np.ndarray  # [N] int64 contiguous class index
     mask_probs: np.ndarray  # [N, 112, 112] float32 soft masks inside each box
-    masks: np.ndarray  # [N, H, W] bool full-image masks
+    mask_threshold: float = 0.5  # a pixel is foreground when its sampled probability >= this
+    device: str | torch.device = "cpu"  # where binary masks are sampled
+    _masks: np.ndarray | None = field(default=None, repr=False)
     _rles: list[dict] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.scores)
 
+    def _mask_inputs(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], float]:
+        """The arguments of ``model.postprocess``'s samplers, on ``device``."""
+        probs = torch.as_tensor(self.mask_probs, device=self.device)  # [N, S, S]
+        boxes = torch.as_tensor(self.boxes, device=self.device)  # [N, 4]
+        return probs, boxes, self.image_size, self.mask_threshold
+
+    @property
+    def masks(self) -> np.ndarray:
+        """[N, H, W] bool full-image masks, pasted once when first read."""
+        if self._masks is None:
+            self._masks = paste_masks(*self._mask_inputs()).cpu().numpy()
+        return self._masks
+
     @property
     def rles(self) -> list[dict]:
-        """COCO compressed RLE of ``masks`` (``counts`` as str), computed once."""
+        """COCO compressed RLE of ``masks`` (``counts`` as str), computed once from the windows."""
         if self._rles is None:
-            self._rles = encode_rle(self.masks)
+            self._rles = masks_to_rle(*self._mask_inputs())
         return self._rles
+
+    def mask_windows(self) -> list[tuple[np.ndarray, tuple[int, int]]]:
+        """Each instance's mask inside the window around its box ([h, w] bool) and the window's
+        top-left pixel (x, y): ``masks[i]`` is that window there, background elsewhere."""
+        return [(window.cpu().numpy(), origin) for window, origin in paste_windows(*self._mask_inputs())]
 
     def coco_records(self, image_id, category_ids: Sequence[int]) -> list[dict]:
         """One COCO results record per instance: bbox as xywh, compressed RLE with str counts."""
@@ -99,7 +126,7 @@ class Predictor:
 
     def __init__(
         self, config: str | ModelConfig | None = None, weights: str | os.PathLike | None = None,
-        device: str | torch.device | None = "auto",
+        device: str | torch.device | None = "auto", precision: str | None = "auto",
     ) -> None:
         if config is None and weights is None:
             weights = resolve_weights("default")
@@ -108,7 +135,7 @@ class Predictor:
             if config is None:
                 raise ValueError(f"{weights} holds no config: give one (e.g. --config R50-FPN)")
         cfg = preset(config) if isinstance(config, str) else config
-        self._use(TorchBackend(build_model(cfg, weights, resolve_device(device))))
+        self._use(TorchBackend(build_model(cfg, weights, resolve_device(device)), precision))
 
     @classmethod
     def from_backend(cls, backend: Backend) -> "Predictor":
@@ -126,6 +153,7 @@ class Predictor:
         self.backend = backend
         self.cfg: ModelConfig = backend.cfg
         self.device = backend.device
+        self.precision = backend.precision  # fp32, bf16 or fp16
         # The eager module, for what needs more than outputs (evaluation's incoherence statistics).
         self.model: MaskTransfiner | None = getattr(backend, "model", None)
 
@@ -141,7 +169,8 @@ class Predictor:
         self, images: Sequence[ImageLike], score_threshold: float | None = None,
         max_detections: int | None = None, mask_threshold: float = 0.5, refine: bool = True,
     ) -> list[Prediction]:
-        """Predicts a batch of RGB images (numpy HxWx3 uint8, PIL images, or tensors).
+        """Predicts a batch of RGB images (numpy HxWx3 uint8, PIL images, or tensors), in order.
+        Images of different padded canvases (``canvas_shape``) run as separate forward passes.
 
         score_threshold: keep detections above it (default: the config's, 0.05 as detectron2);
         max_detections: per image, 1..100 (default: the config's); mask_threshold: binarises the
@@ -152,29 +181,36 @@ class Predictor:
         if max_detections is not None and max_detections < 1:
             raise ValueError("max_detections must be at least 1")
         rgb = [to_rgb_tensor(image) for image in images]
-        batch, sizes = prepare_batch(rgb, self.cfg.input, self.device)
-        options = InferenceOptions(score_threshold, max_detections, refine)
-        raw = self.backend.infer(batch, sizes, options)
         original = [tuple(image.shape[-2:]) for image in rgb]
-        return [self.postprocess(raw, i, sizes[i], original[i], mask_threshold) for i in range(len(rgb))]
+        options = InferenceOptions(score_threshold, max_detections, refine)
+        predictions: list[Prediction | None] = [None] * len(rgb)
+        # One forward pass per canvas: padding to a batch-mate's larger canvas would change the
+        # answer, so each image gets exactly what it gets alone.
+        for indices in group_by_canvas(original, self.cfg.input).values():
+            batch, sizes = prepare_batch([rgb[i] for i in indices], self.cfg.input, self.device)
+            raw = self.backend.infer(batch, sizes, options)
+            for row, i in enumerate(indices):
+                predictions[i] = self.postprocess(raw, row, sizes[row], original[i], mask_threshold)
+        return predictions
 
     @staticmethod
     def postprocess(
         raw: RawOutputs, index: int, input_size: torch.Tensor, original: tuple[int, int], mask_threshold: float
     ) -> Prediction:
         """Detectron2's ``detector_postprocess`` for image ``index`` of a batch: rescale boxes from
-        the network input (``input_size`` (h, w)) to ``original``, drop empty ones, paste masks."""
+        the network input (``input_size`` (h, w)) to ``original``, drop empty ones. Masks are
+        sampled later, when asked for, on this device (``Prediction``)."""
         rows = raw.batch_index == index
         height, width = original
         boxes, nonempty = rescale_boxes(raw.boxes[rows], input_size, original)
         boxes = boxes[nonempty]
         probs = raw.mask_probs[rows][nonempty]
-        masks = paste_masks(probs, boxes, (height, width), mask_threshold)
         return Prediction(
             image_size=(height, width),
             boxes=boxes.float().cpu().numpy(),
             scores=raw.scores[rows][nonempty].float().cpu().numpy(),
             classes=raw.classes[rows][nonempty].cpu().numpy(),
             mask_probs=probs.float().cpu().numpy(),
-            masks=masks.cpu().numpy(),
+            mask_threshold=mask_threshold,
+            device=probs.device,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Union
 
 import numpy as np
@@ -54,34 +55,74 @@ def resized_shape(height: int, width: int, short_edge: int, max_size: int) -> tu
     return int(new_h + 0.5), int(new_w + 0.5)
 
 
+def network_shape(height: int, width: int, cfg: InputConfig) -> tuple[int, int]:
+    """(h, w) the network sees an image of this (original) size at: its test-time resize."""
+    return resized_shape(height, width, cfg.min_size_test, cfg.max_size_test)
+
+
+def _round_up(size: int, divisor: int) -> int:
+    return (size + divisor - 1) // divisor * divisor
+
+
+def canvas_shape(height: int, width: int, cfg: InputConfig) -> tuple[int, int]:
+    """(H, W) of the padded canvas an image of this (original) size runs on: its network size
+    rounded up to ``size_divisibility``, as detectron2 pads a lone image.
+
+    It depends on the image alone, so an image's answer never depends on its batch-mates as long
+    as a batch only holds images of one canvas (padding is seen by every convolution near the
+    border, and by GroupNorm's statistics): ``Predictor.predict`` and the service's batcher
+    group by it.
+    """
+    new_h, new_w = network_shape(height, width, cfg)
+    return _round_up(new_h, cfg.size_divisibility), _round_up(new_w, cfg.size_divisibility)
+
+
+def group_by_canvas(sizes: Sequence[tuple[int, int]], cfg: InputConfig) -> dict[tuple[int, int], list[int]]:
+    """Original (h, w) sizes -> {canvas: indices of the images on it}, in input order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (height, width) in enumerate(sizes):
+        groups.setdefault(canvas_shape(height, width, cfg), []).append(i)
+    return groups
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int], device: torch.device | str) -> torch.Tensor:
+    """RGB [3, H, W] (uint8 or float, 0..255) -> BGR float32 [3, h, w] resized to ``size``.
+
+    Antialiased bilinear, as PIL's resize in detectron2's ``ResizeShortestEdge``. The one resize
+    of the test-time input: the Predictor, the exporters' checks and the service all use it.
+    """
+    x = image.to(device=device, dtype=torch.float32).flip(0)[None]  # RGB -> BGR, [1, 3, H, W]
+    if tuple(size) != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    return x[0].clamp_(0, 255)
+
+
 def prepare_batch(
     images: list[torch.Tensor], cfg: InputConfig, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RGB [3, H, W] tensors -> (batch [B, 3, Hp, Wp] float BGR 0..255, sizes [B, 2] (h, w)).
 
     Each image is resized so its short edge is ``min_size_test`` (long edge at most
-    ``max_size_test``) with antialiased bilinear interpolation, as PIL's resize in detectron2.
-    Padding (to a multiple of ``size_divisibility``) is filled with the pixel mean, so it is 0
+    ``max_size_test``) by ``resize_image``. Padding is filled with the pixel mean, so it is 0
     after the model's normalisation, as detectron2 pads normalised images with 0.
+
+    Images of one ``canvas_shape`` give each exactly the canvas it has alone. Images of several
+    canvases are padded to the smallest canvas holding them all (what the export checks feed
+    the graphs); their answers then depend on the batch, so callers that must not (the
+    Predictor, the service) batch one canvas at a time.
     """
-    resized = []
-    for image in images:
-        height, width = image.shape[-2:]
-        new_h, new_w = resized_shape(height, width, cfg.min_size_test, cfg.max_size_test)
-        x = image.to(device=device, dtype=torch.float32).flip(0)[None]  # RGB -> BGR
-        if (new_h, new_w) != (height, width):
-            x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-        resized.append(x[0].clamp_(0, 255))
+    resized = [resize_image(image, network_shape(*image.shape[-2:], cfg), device) for image in images]
     return pad_batch(resized, cfg)
 
 
 def pad_batch(images: list[torch.Tensor], cfg: InputConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """BGR [3, h, w] float tensors -> (padded batch [B, 3, Hp, Wp], sizes [B, 2] int64)."""
+    """BGR [3, h, w] float tensors -> (padded batch [B, 3, Hp, Wp], sizes [B, 2] int64).
+
+    (Hp, Wp): the largest (h, w), each rounded up to ``size_divisibility``; for images of one
+    canvas, that canvas."""
     divisor = cfg.size_divisibility
-    max_h = max(img.shape[1] for img in images)
-    max_w = max(img.shape[2] for img in images)
-    pad_h = (max_h + divisor - 1) // divisor * divisor
-    pad_w = (max_w + divisor - 1) // divisor * divisor
+    pad_h = _round_up(max(img.shape[1] for img in images), divisor)
+    pad_w = _round_up(max(img.shape[2] for img in images), divisor)
     device = images[0].device
     mean = torch.tensor(cfg.pixel_mean, device=device).view(3, 1, 1)
     batch = mean.expand(len(images), 3, pad_h, pad_w).clone()

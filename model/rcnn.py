@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from .backbone import build_backbone
-from .box_ops import rank_within_image
 from .config import ModelConfig
 from .mask_head import TransfinerMaskHead
 from .roi_heads import BoxROIHeads
@@ -86,7 +85,7 @@ class MaskTransfiner(nn.Module):
         )
         cap = options.max_refined_per_image
         cap = self.cfg.transfiner.max_refined_per_image if cap is None else cap
-        refine_mask = rank_within_image(detections.batch_index, images.shape[0]) < cap
+        refine_mask = detections.rank < cap
         mask_probs, coarse_probs = self.mask_head(
             box_features, detections.boxes, detections.classes, detections.batch_index,
             refine_mask, options.refine,

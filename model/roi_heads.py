@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
-from .box_ops import Box2BoxTransform, clip_boxes, group_by_image, is_finite, rank_within_image
+from .box_ops import Box2BoxTransform, clip_boxes, is_finite, rank_within_image, top_count
 from .config import ROIHeadsConfig
 from .layers import c2_xavier_fill
 from .poolers import ROIPooler
@@ -46,11 +48,15 @@ class BoxPredictor(nn.Module):
 class Detections:
     """Detections of a whole batch, flattened: rows are grouped by image, best score first."""
 
-    def __init__(self, boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, batch_index: torch.Tensor):
+    def __init__(
+        self, boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, batch_index: torch.Tensor,
+        rank: torch.Tensor,
+    ):
         self.boxes = boxes  # [D, 4] xyxy in input-image pixels
         self.scores = scores  # [D]
         self.classes = classes  # [D] int64, 0..K-1
         self.batch_index = batch_index  # [D] int64
+        self.rank = rank  # [D] int64, 0-based position within its image (0: its best detection)
 
 
 class BoxROIHeads(nn.Module):
@@ -75,29 +81,75 @@ class BoxROIHeads(nn.Module):
         proposal_batch: torch.Tensor, image_sizes: torch.Tensor, score_thresh: float | None = None,
         detections_per_image: int | None = None,
     ) -> Detections:
-        """Detectron2's ``fast_rcnn_inference`` for all images at once (no per-image loop)."""
+        """Detectron2's ``fast_rcnn_inference`` for all images at once (no per-image loop).
+
+        One difference: per image, only the ``cfg.pre_nms_topk_test`` best (proposal, class)
+        candidates above the threshold enter NMS; an image with more loses its lowest-scoring
+        ones (with the default bound, in practice only at thresholds well below the usual 0.05).
+        Proposals may come in any order of images. Also returns each detection's rank in its
+        image, which the mask head's refinement cap uses.
+        """
         score_thresh = self.cfg.score_thresh_test if score_thresh is None else score_thresh
         top_k = self.cfg.detections_per_image if detections_per_image is None else detections_per_image
         num_classes = self.cfg.num_classes
+        num_images = image_sizes.shape[0]
+        # Scores, decoded boxes and NMS stay float32 when the network ran in lower precision.
         probs = F.softmax(logits.float(), dim=-1)
-        boxes = self.box2box.apply_deltas(deltas, proposals).view(-1, num_classes, 4)
+        boxes = self.box2box.apply_deltas(deltas.float(), proposals.float()).view(-1, num_classes, 4)
         # As detectron2: a proposal with any non-finite box or score is dropped whole, and before
         # clipping (clipping would turn an infinite box into a finite one on the border).
         finite = is_finite(boxes).flatten(1).all(dim=1) & is_finite(probs).all(dim=1)  # [P]
         scores = probs[:, :-1]  # drop background: [P, K]
-        sizes = image_sizes[proposal_batch]  # [P, 2]
-        boxes = clip_boxes(boxes, sizes[:, None, 0:1].to(boxes.dtype), sizes[:, None, 1:2].to(boxes.dtype))
+        valid = (scores > score_thresh) & finite[:, None]  # [P, K]
 
-        proposal_index, classes = torch.nonzero((scores > score_thresh) & finite[:, None], as_tuple=True)
-        boxes = boxes[proposal_index, classes]
-        scores = scores[proposal_index, classes]
-        batch_index = proposal_batch[proposal_index]
+        # Lay the candidates out per image, [B, S * K]: S is the most proposals of any image, row
+        # b holds image b's proposals in their order (they may come in any order of images), and
+        # -inf marks what is no candidate. S is a graph value when traced, as are the sizes that
+        # follow from it; the appended -1 makes it 0, not an error, when there are no proposals.
+        # The RPN's proposals come sorted by score across the batch, images interleaved, so
+        # their slots take a [B, P] cumulative sum (P rows, not the P * K candidates).
+        slot = rank_within_image(proposal_batch, num_images)  # [P]
+        most = torch.cat((slot, slot.new_full((1,), -1))).max() + 1  # S
+        row = proposal_batch * most + slot  # [P] each proposal's row of [B * S, K]
+        proposal_at = torch.zeros(num_images * most, dtype=torch.int64, device=row.device)
+        proposal_at = proposal_at.scatter(0, row, torch.arange(row.shape[0], device=row.device))  # [B * S]
+        candidates = torch.full((num_images * most, num_classes), -math.inf, device=scores.device)
+        candidates = candidates.index_put((row,), torch.where(valid, scores, -math.inf)).view(num_images, -1)
 
-        # One NMS group per (image, class); the result is sorted by decreasing score.
-        keep = batched_nms(boxes, scores, batch_index * num_classes + classes, self.cfg.nms_thresh_test)
-        # Top-k per image (as detectron2, a negative top-k keeps every detection; no Python branch
-        # on it, as it is a graph input in exported models), then group the rows by image.
-        num_images = image_sizes.shape[0]
-        keep = keep[(rank_within_image(batch_index[keep], num_images) < top_k) | (top_k < 0)]
-        keep = keep[group_by_image(batch_index[keep], num_images)]
-        return Detections(boxes[keep], scores[keep], classes[keep], batch_index[keep])
+        # Per image, the best k candidates, best first ([B, k] -> flattened [B * k]).
+        k = top_count(candidates.shape[1], self.cfg.pre_nms_topk_test)
+        top_scores, top_index = candidates.topk(k, dim=1)
+        width = top_scores.shape[1]  # k
+        top_slots = top_index.div(num_classes, rounding_mode="floor")
+        top_proposals = proposal_at.view(num_images, -1).gather(1, top_slots)
+        images = torch.arange(num_images, device=row.device)[:, None].expand(-1, width).flatten()
+        classes = (top_index % num_classes).flatten()
+        top_proposals, top_scores = top_proposals.flatten(), top_scores.flatten()
+
+        # One NMS for the whole batch on the valid candidates (scores are finite where valid):
+        # each (image, class) group is moved by its own offset so that groups never overlap.
+        # This is torchvision's coordinate trick, used at any size: its batched_nms switches to
+        # one NMS per group above 20,000 boxes on CUDA, hundreds of launches.
+        index = torch.nonzero(top_scores > -math.inf).squeeze(1)  # [V] into [B * k]
+        nms_boxes = _clipped(boxes[top_proposals[index], classes[index]], image_sizes[images[index]])
+        groups = images[index] * num_classes + classes[index]  # [V], as nms_boxes [V, 4]
+        # Boxes are clipped, so >= 0: the appended 0 only makes the max of no boxes 0.
+        max_coordinate = torch.cat((nms_boxes.flatten(), nms_boxes.new_zeros(1))).max()
+        offsets = groups.to(nms_boxes) * (max_coordinate + torch.tensor(1).to(nms_boxes))
+        kept = index[nms(nms_boxes + offsets[:, None], top_scores[index], self.cfg.nms_thresh_test)]
+        kept = torch.zeros_like(top_scores).scatter(0, kept, torch.ones_like(kept, dtype=torch.float32))
+
+        # Rank of each kept detection in its image (a float cumsum along the [B, k] rows: TensorRT's
+        # CumSum is float-only), the top-k per image (as detectron2, a negative top-k keeps every
+        # detection; no Python branch on it, as it is a graph input in exported models), and the
+        # rows of [B, k] in order, which groups them by image, best first.
+        rank = (kept.view(num_images, width).cumsum(1) - 1).flatten().to(torch.int64)  # [B * k]
+        final = torch.nonzero((kept > 0) & ((rank < top_k) | (top_k < 0))).squeeze(1)  # [D]
+        final_boxes = _clipped(boxes[top_proposals[final], classes[final]], image_sizes[images[final]])
+        return Detections(final_boxes, top_scores[final], classes[final], images[final], rank[final])
+
+
+def _clipped(boxes: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """boxes [N, 4] clipped to sizes [N, 2] (h, w). Only the candidates that go on are clipped,
+    not all P * K decoded boxes: the same values, as clipping is per coordinate."""
+    return clip_boxes(boxes, sizes[:, 0:1].to(boxes.dtype), sizes[:, 1:2].to(boxes.dtype))

@@ -77,7 +77,8 @@ class RPN(nn.Module):
         batch = image_sizes.shape[0]
         boxes_per_level, scores_per_level, level_ids = [], [], []
         for level, (anchors_l, logits_l, deltas_l) in enumerate(zip(anchors, logits, deltas)):
-            scores, index = logits_l.topk(_top_count(logits_l.shape[1], pre_topk), dim=1)  # [B, n], sorted
+            # Objectness in float32 at every precision: it ranks the proposals and feeds NMS.
+            scores, index = logits_l.float().topk(_top_count(logits_l.shape[1], pre_topk), dim=1)  # [B, n], sorted
             picked_deltas = torch.gather(deltas_l, 1, index[..., None].expand(-1, -1, 4))
             picked_anchors = anchors_l[index.reshape(-1)]
             boxes = self.box2box.apply_deltas(picked_deltas.reshape(-1, 4), picked_anchors)

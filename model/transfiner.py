@@ -163,14 +163,52 @@ class MultiheadSelfAttention(nn.Module):
         v = F.linear(x, w_v, b_v)
         heads = (batch, length, self.num_heads, d_model // self.num_heads)
         q, k, v = (t.reshape(heads).transpose(1, 2) for t in (q, k, v))  # [R, h, L, d/h]
-        if torch.onnx.is_in_onnx_export():
-            out = exportable_attention(q, k, v, padding_mask)
-        else:
-            keep = ~padding_mask[:, None, None, :]  # [R, 1, 1, L] True = attend
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0
-            )
+        out = key_masked_attention(q, k, v, padding_mask, self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, d_model))
+
+
+def key_masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """Attention of q, k, v [R, h, L, d] in which no query attends to a key with
+    ``padding_mask`` [R, L] True, by the fastest kernel that can express that mask here."""
+    if torch.onnx.is_in_onnx_export():
+        return exportable_attention(q, k, v, padding_mask)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0:
+        return key_bias_attention(q, k, v, padding_mask)
+    keep = ~padding_mask[:, None, None, :]  # [R, 1, 1, L] True = attend
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p)
+
+
+# Extra head-dimension lanes that carry the key mask in ``key_bias_attention``; flash kernels
+# take head dimensions in multiples of 8.
+KEY_BIAS_LANES = 8
+
+
+def key_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    """Key-masked attention on the FlashAttention kernel, which takes no mask argument.
+
+    q, k, v [R, h, L, d] in bf16/fp16. Any attention mask sends SDPA to a slower kernel, yet
+    this mask only depends on the key, i.e. it is a per-key additive bias. That bias rides in
+    extra head-dimension lanes: every query gets a 1 and every key its bias (0, or a large
+    negative number for padding) in the first extra lane, zeros elsewhere, and values get zeros.
+    The scores are then q.k + bias exactly (the extra products are exact in the kernel's
+    float32 accumulator), masked keys get weight exp(-huge) = 0, and the extra output lanes are 0.
+    """
+    rows, heads, length, dim = q.shape
+    # fp16-representable, and still below -3,700 after the 1/sqrt(d) scaling (d <= 256): far
+    # below any real score.
+    masked = -6e4
+    lanes = q.new_zeros((rows, heads, length, KEY_BIAS_LANES))
+    q_lanes = lanes.clone()
+    q_lanes[..., 0] = 1
+    k_lanes = lanes.clone()
+    k_lanes[..., 0] = torch.zeros_like(padding_mask, dtype=q.dtype).masked_fill(padding_mask, masked)[:, None, :]
+    out = F.scaled_dot_product_attention(
+        torch.cat((q, q_lanes), dim=3), torch.cat((k, k_lanes), dim=3), torch.cat((v, lanes), dim=3),
+        scale=dim**-0.5,
+    )
+    return out[..., :dim]
 
 
 # Queries per attention block in exported graphs (see ``exportable_attention``).
@@ -249,7 +287,7 @@ class PixelDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [R, L, d] -> probabilities [R, L]."""
-        return self.layers(tokens).squeeze(-1).sigmoid()
+        return self.layers(tokens).squeeze(-1).float().sigmoid()
 
 
 def write_nodes(grid: torch.Tensor, level: QuadtreeLevel, values: torch.Tensor) -> torch.Tensor:
@@ -295,6 +333,7 @@ class TransfinerRefiner(nn.Module):
         if cfg.d_model % 2 or cfg.d_model % cfg.num_heads:
             raise ValueError("d_model must be even and divisible by num_heads")
         self.scales = scales
+        self.boxes_per_chunk = cfg.boxes_per_chunk
         self.quadtree = PointQuadtree(cfg.thresholds, cfg.max_cells)
         self.node_encoder = NodeEncoder(in_channels, cfg.d_model)
         self.sequence_encoder = SequenceEncoder(cfg)
@@ -384,7 +423,25 @@ class TransfinerRefiner(nn.Module):
         batch_index [R]; box_levels [R] (0 = P2) from the box size; context [R, C, 14, 14] RoI
         features; coarse [R, 28, 28] and incoherence [R, 28, 28] probabilities.
         Returns [R, 112, 112] mask probabilities.
+
+        Boxes go through in chunks of ``boxes_per_chunk``, so peak memory is flat in R. A traced
+        graph (TorchScript, ONNX) takes all boxes in one chunk, as its box count is dynamic.
         """
+        per_box = (boxes, batch_index, box_levels, context, coarse, incoherence)
+        num = boxes.shape[0]
+        if torch.jit.is_tracing() or num <= self.boxes_per_chunk:
+            return self.refine_chunk(features, *per_box)
+        chunks = [
+            self.refine_chunk(features, *(t[start : start + self.boxes_per_chunk] for t in per_box))
+            for start in range(0, num, self.boxes_per_chunk)
+        ]
+        return torch.cat(chunks)
+
+    def refine_chunk(
+        self, features: list[torch.Tensor], boxes: torch.Tensor, batch_index: torch.Tensor,
+        box_levels: torch.Tensor, context: torch.Tensor, coarse: torch.Tensor, incoherence: torch.Tensor,
+    ) -> torch.Tensor:
+        """``forward`` for one chunk of boxes."""
         levels = self.quadtree(incoherence)
         decoded = self.decode(features, boxes, batch_index, box_levels, context, coarse, levels)
         # The context tokens' outputs are only supervised in training.

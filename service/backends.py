@@ -34,6 +34,10 @@ class LoadedModel:
     def cfg(self) -> ModelConfig:
         return self.backends[0].cfg
 
+    @property
+    def precision(self) -> str:
+        return self.backends[0].precision
+
 
 def worker_devices(device: str, workers: int | None) -> list[torch.device]:
     """One worker per GPU by default (``auto``/``cuda``), else one CPU worker; more cycle over them."""
@@ -49,7 +53,7 @@ def worker_devices(device: str, workers: int | None) -> list[torch.device]:
 
 def build_backends(
     model: str, config: str | None, device: str, workers: int | None, backend: str = "pytorch",
-    threads: int | None = None,
+    threads: int | None = None, precision: str = "auto",
 ) -> LoadedModel:
     """Loads the model once per distinct device; workers on the same device share it (forward
     passes in eval mode do not mutate the module; ONNX Runtime sessions are thread-safe)."""
@@ -60,7 +64,7 @@ def build_backends(
     by_device: dict[torch.device, Backend] = {}
     for dev in devices:
         if dev not in by_device:
-            by_device[dev] = load_backend(model, backend, config, dev, threads)
+            by_device[dev] = load_backend(model, backend, config, dev, threads, precision)
     backends: list[Backend] = [by_device[dev] for dev in devices]
     found = find_export(model) if backend != "pytorch" and str(model) != "default" else None
     weights = found[0] if found else resolve_weights(model)

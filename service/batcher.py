@@ -1,5 +1,10 @@
 """An asyncio dynamic batcher: a bounded queue, one dispatcher per worker, size/delay/pixel caps.
 
+A batch only holds jobs of one canvas (the padded network input size, ``Job.canvas``), so no
+request's answer depends on its batch-mates. The oldest waiting job always leads the next batch
+(no starvation); its batch takes the queued jobs of its canvas in arrival order, the others keep
+their place for a later batch (FIFO within each canvas).
+
 A dispatcher takes a batch only when its worker is free, so under load batches fill from the
 queue with no waiting at all, and ``max_delay`` is only paid when the service is idle enough
 that a lone request would otherwise run alone. Jobs whose deadline has passed are failed with
@@ -45,7 +50,7 @@ class Job:
 
     payload: Any
     deadline: float  # time.monotonic() seconds
-    shape: tuple[int, int] = (0, 0)  # network input (h, w), for max_batch_pixels
+    canvas: tuple[int, int] = (0, 0)  # padded network input (H, W): batch-mates share it
     enqueued_at: float = field(default_factory=time.monotonic)
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     dispatched_at: float | None = None
@@ -174,8 +179,9 @@ class Batcher:
                 self._batch_seconds.append(time.monotonic() - started)
 
     async def _next_batch(self) -> list[Job] | None:
-        """Waits for a first live job, then fills the batch until it is full, ``max_delay``
-        after that job arrived, or the pixel budget is reached. None when closed and empty."""
+        """Waits for a first live job, then fills the batch with jobs of its canvas until it is
+        full (size or pixel budget) or ``max_delay`` after that job arrived. None when closed
+        and empty."""
         while True:
             batch: list[Job] = []
             while not batch:
@@ -187,15 +193,15 @@ class Batcher:
                     continue
                 self._take(batch)
             flush_at = batch[0].enqueued_at + self.max_delay_s
-            while len(batch) < self.max_batch_size and not self._full_by_pixels(batch) and not self._closed:
+            while not self._full(batch) and not self._closed:
                 remaining = flush_at - time.monotonic()
                 if remaining <= 0:
                     break
-                if not self._queue:
-                    self._wakeup.clear()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), remaining)
-                    # Another dispatcher may have emptied the queue meanwhile; _take copes.
+                # Everything of this canvas is taken; what is left is another canvas's, so wait
+                # for a new arrival (another dispatcher may take it first; _take copes).
+                self._wakeup.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
                 self._take(batch)
             # Jobs taken early may have died while the batch filled: they must not reach the model.
             batch = [job for job in batch if self._alive(job, time.monotonic())]
@@ -214,32 +220,28 @@ class Batcher:
         return True
 
     def _take(self, batch: list[Job]) -> None:
-        """Moves live jobs from the queue into ``batch`` while they fit."""
+        """Moves live jobs from the queue into ``batch`` in arrival order: the oldest leads an
+        empty batch, then the jobs of its canvas while the batch is not full. Dead jobs anywhere
+        in the queue are dropped; the others stay queued, in order."""
         now = time.monotonic()
-        while self._queue and len(batch) < self.max_batch_size:
-            job = self._queue[0]
+        left: collections.deque[Job] = collections.deque()
+        while self._queue:
+            job = self._queue.popleft()
             if not self._alive(job, now):
-                self._queue.popleft()
                 continue
-            if batch and not self._fits(batch, job):
-                break
-            batch.append(self._queue.popleft())
+            if not batch or (job.canvas == batch[0].canvas and not self._full(batch)):
+                batch.append(job)
+            else:
+                left.append(job)
+        self._queue = left
         self._report_depth()
 
-    def _padded_pixels(self, jobs: Sequence[Job]) -> int:
-        height = max(job.shape[0] for job in jobs)
-        width = max(job.shape[1] for job in jobs)
-        return len(jobs) * height * width
-
-    def _fits(self, batch: list[Job], job: Job) -> bool:
-        if self.max_batch_pixels is None:
+    def _full(self, batch: list[Job]) -> bool:
+        """No room for one more job of the batch's canvas (all its jobs pad to the same pixels)."""
+        if len(batch) >= self.max_batch_size:
             return True
-        return self._padded_pixels([*batch, job]) <= self.max_batch_pixels
-
-    def _full_by_pixels(self, batch: list[Job]) -> bool:
-        # Full when the queue's next job would not fit; a later, smaller one may, so keep
-        # waiting only while nothing is queued.
-        return self.max_batch_pixels is not None and bool(self._queue) and not self._fits(batch, self._queue[0])
+        height, width = batch[0].canvas
+        return self.max_batch_pixels is not None and (len(batch) + 1) * height * width > self.max_batch_pixels
 
     def _report_depth(self) -> None:
         if self.observer is not None:

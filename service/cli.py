@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-from model.default_model import add_backend_argument, add_model_arguments, resolve_weights
+from model.default_model import add_backend_argument, add_model_arguments, add_precision_argument, resolve_weights
 
 # Flag -> settings field, for the flags that map one to one.
 _FLAGS = (
-    "config", "device", "backend", "workers", "max_batch_size", "max_delay_ms", "max_queue_size", "host", "port",
+    "config", "device", "backend", "precision", "workers", "max_batch_size", "max_delay_ms", "max_queue_size", "host", "port",
     "log_level",
 )
 
@@ -23,6 +23,7 @@ _FLAGS = (
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_backend_argument(parser)
+    add_precision_argument(parser)
     # None = not given, so TRANSFINER_DEVICE (or the settings default) applies.
     parser.set_defaults(device=None)
     parser.add_argument("--workers", type=int, default=None, help="model workers (default: one per GPU, or 1)")

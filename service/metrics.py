@@ -84,12 +84,14 @@ class ServiceMetrics:
             self.rejections.labels(reason=reason)  # export zeros, so rate() works from the start
         self.model_info = Gauge(
             "transfiner_model_info", "The served model (value 1)",
-            ["name", "version", "backend", "device"], registry=r,
+            ["name", "version", "backend", "precision", "device"], registry=r,
         )
         self.ready = Gauge("transfiner_ready", "1 when the service accepts segment requests", registry=r)
 
-    def set_model(self, name: str, version: str, backend: str, devices: list[str]) -> None:
-        self.model_info.labels(name=name, version=version, backend=backend, device=",".join(devices)).set(1)
+    def set_model(self, name: str, version: str, backend: str, precision: str, devices: list[str]) -> None:
+        self.model_info.labels(
+            name=name, version=version, backend=backend, precision=precision, device=",".join(devices)
+        ).set(1)
 
     def enable_gpu_metrics(self) -> bool:
         """Registers the GPU collector when CUDA is available; True if it did."""

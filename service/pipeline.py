@@ -2,13 +2,15 @@
 
 * ``batch_options``: the one ``InferenceOptions`` a batch runs with, the most permissive any of
   its requests needs (lowest score threshold, most detections, refinement if anyone wants it).
-* ``preprocess``: decoded RGB arrays -> the padded BGR batch (``model.preprocess``).
+* ``network_image``: a decoded upload -> what waits in the queue (``NetworkImage``), on a decode
+  thread; ``preprocess``: those of one canvas -> the padded BGR batch (``model.preprocess``).
 * ``select``: one request's rows of the batch outputs. Detections come out of the model sorted
   by score within each image and NMS only lets a box suppress lower-scored ones, so a higher
   threshold or a smaller top-k applied here gives exactly what a forward pass run with them
   would have given; ``refine=false`` takes the coarse masks of the same detections.
-* ``postprocess``: boxes back to image pixels, masks pasted, then RLE or polygons, as the
-  ``Predictor`` does (``Predictor.postprocess``), and the COCO result records.
+* ``postprocess``: boxes back to image pixels, then RLE or polygons from each mask's window
+  around its box (no full-image masks), as the ``Predictor`` does (``Predictor.postprocess``),
+  and the COCO result records.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from model.config import InputConfig, ModelConfig
 from model.predictor import Predictor, rescale_boxes
-from model.preprocess import prepare_batch, resized_shape, to_rgb_tensor
+from model.preprocess import canvas_shape, network_shape, pad_batch, resize_image
 from model.rcnn import InferenceOptions, RawOutputs
 
 from .polygons import mask_to_polygons
@@ -42,15 +44,34 @@ class RequestOptions:
 
 
 @dataclass
+class NetworkImage:
+    """An upload as it waits in the queue: pixels that give the network input exactly, in
+    whichever form takes fewer bytes (see ``network_image``)."""
+
+    pixels: torch.Tensor  # [3, h, w]: uint8 RGB as decoded, or float32 BGR at ``network`` if ``resized``
+    resized: bool
+    original: tuple[int, int]  # (h, w) of the uploaded image, upright: boxes and masks come back in it
+    network: tuple[int, int]  # (h, w) of the network input (``model.preprocess.network_shape``)
+    canvas: tuple[int, int]  # (H, W) padded network input: a batch holds one canvas
+
+    @property
+    def height(self) -> int:
+        return self.original[0]
+
+    @property
+    def width(self) -> int:
+        return self.original[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.pixels.numel() * self.pixels.element_size()
+
+
+@dataclass
 class PreparedBatch:
-    images: torch.Tensor  # [B, 3, H, W] BGR, padded
+    images: torch.Tensor  # [B, 3, H, W] BGR, padded to the batch's one canvas
     sizes: torch.Tensor  # [B, 2] (h, w) network input size of each image
-    originals: list[tuple[int, int]]  # (h, w) of each decoded image
-
-
-def network_input_shape(height: int, width: int, cfg: InputConfig) -> tuple[int, int]:
-    """(h, w) an image of this size is resized to before padding (for the pixel budget)."""
-    return resized_shape(height, width, cfg.min_size_test, cfg.max_size_test)
+    originals: list[tuple[int, int]]  # (h, w) of each uploaded image
 
 
 def batch_options(options: Sequence[RequestOptions], cfg: ModelConfig) -> InferenceOptions:
@@ -73,11 +94,36 @@ def batch_options(options: Sequence[RequestOptions], cfg: ModelConfig) -> Infere
     )
 
 
-def preprocess(images: Sequence[np.ndarray], cfg: InputConfig, device: torch.device) -> PreparedBatch:
-    """[H, W, 3] uint8 RGB arrays -> the padded network batch, exactly as the ``Predictor``."""
-    rgb = [to_rgb_tensor(image) for image in images]
-    batch, sizes = prepare_batch(rgb, cfg, device)
-    return PreparedBatch(batch, sizes, [(int(i.shape[0]), int(i.shape[1])) for i in images])
+def network_image(rgb: np.ndarray, original: tuple[int, int], cfg: InputConfig) -> NetworkImage:
+    """A decoded [h, w, 3] uint8 RGB array (``original`` (h, w) upright, larger when the JPEG was
+    decoded at a reduced scale) -> what its request holds while it waits for a batch.
+
+    The network input is float32 (4 bytes a value): when that is smaller than the decoded uint8
+    pixels (shrinking by more than 2x a side: large photos) the resize runs here, on the decode
+    thread, and the decoded pixels are freed before the request queues; otherwise (small images,
+    upscaled to ``min_size_test``) the uint8 pixels wait and the worker resizes them. Either way
+    by ``model.preprocess.resize_image`` to the original's network size, so the input is the
+    Predictor's (on CPU to the bit; a CUDA worker resizes small images on the GPU).
+    """
+    pixels = torch.from_numpy(rgb).permute(2, 0, 1)  # [3, h, w] uint8, a view
+    network = network_shape(*original, cfg)
+    resized = 4 * network[0] * network[1] < pixels.shape[1] * pixels.shape[2]
+    if resized:
+        pixels = resize_image(pixels, network, "cpu")
+    return NetworkImage(pixels, resized, tuple(original), network, canvas_shape(*original, cfg))
+
+
+def preprocess(images: Sequence[NetworkImage], cfg: InputConfig, device: torch.device) -> PreparedBatch:
+    """Queued images of one canvas -> the padded network batch, exactly as the ``Predictor``."""
+    canvases = {image.canvas for image in images}
+    if len(canvases) > 1:
+        raise ValueError(f"a batch must hold one canvas, got {sorted(canvases)}: the batcher groups by canvas")
+    resized = [
+        image.pixels.to(device) if image.resized else resize_image(image.pixels, image.network, device)
+        for image in images
+    ]
+    batch, sizes = pad_batch(resized, cfg)
+    return PreparedBatch(batch, sizes, [image.original for image in images])
 
 
 def select(raw: RawOutputs, index: int, options: RequestOptions) -> RawOutputs:
@@ -121,8 +167,10 @@ def postprocess(
         return records(boxes, scores, classes, [None] * len(boxes), areas, cfg, image_id)
     prediction = Predictor.postprocess(chosen, 0, input_size, original, options.mask_threshold)
     if options.mask_format == "polygon":
-        segmentations: list[Any] = [mask_to_polygons(mask) for mask in prediction.masks]
-        areas = [float(a) for a in prediction.masks.reshape(len(prediction), -1).sum(axis=1)]
+        # Each mask's window only: the full-image masks are never built.
+        windows = prediction.mask_windows()
+        segmentations: list[Any] = [mask_to_polygons(window, origin) for window, origin in windows]
+        areas = [float(window.sum()) for window, _ in windows]
     else:
         segmentations = prediction.rles
         areas = [float(a) for a in mask_util.area(segmentations)] if segmentations else []

@@ -79,11 +79,15 @@ def _signed_area(points: list[tuple[int, int]]) -> float:
     return 0.5 * float(np.dot(xs, np.roll(ys, -1)) - np.dot(np.roll(xs, -1), ys))
 
 
-def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
+def mask_to_polygons(mask: np.ndarray, offset: tuple[int, int] = (0, 0)) -> list[list[float]]:
     """A [H, W] binary mask -> COCO polygons ``[[x0, y0, x1, y1, ...], ...]`` (outer boundaries).
 
     Coordinates are pixel corners (pixel (x, y) spans x..x+1, y..y+1), as pycocotools'
     ``frPyObjects`` expects for an exact round trip. Largest polygon first.
+
+    ``offset`` (x, y) places ``mask`` in a larger image whose other pixels are background: a
+    detection's window (``model.postprocess.paste_windows``) gives the polygons of its
+    full-image mask, identical, since tracing and ordering do not change under translation.
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
@@ -94,6 +98,6 @@ def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
     for points in _trace_loops(_boundary_edges(mask)):
         area = _signed_area(points)
         if area > 0:  # clockwise in image coordinates: an outer boundary, not a hole
-            polygons.append((area, [float(v) for point in points for v in point]))
+            polygons.append((area, [float(v + o) for point in points for v, o in zip(point, offset)]))
     polygons.sort(key=lambda item: -item[0])
     return [polygon for _, polygon in polygons]

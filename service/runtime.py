@@ -19,12 +19,14 @@ from typing import Any
 
 import torch
 
+from model.preprocess import network_shape
+
 from .backends import LoadedModel, build_backends
 from .batcher import Batcher, BatcherClosed, DeadlineExceeded, Job, QueueFull
 from .errors import ServiceError, invalid_parameter
-from .imaging import DecodedImage, decode_image
+from .imaging import decode_image
 from .metrics import ServiceMetrics
-from .pipeline import RequestOptions, network_input_shape, postprocess
+from .pipeline import NetworkImage, RequestOptions, network_image, postprocess
 from .schemas import SegmentParams
 from .settings import ServiceSettings
 from .worker import InferenceResult, SegmentJob, Worker, WorkerError
@@ -36,7 +38,8 @@ ModelLoader = Callable[[ServiceSettings], LoadedModel]
 
 def load_model(settings: ServiceSettings) -> LoadedModel:
     return build_backends(
-        settings.model, settings.config, settings.device, settings.workers, settings.backend, settings.torch_threads
+        settings.model, settings.config, settings.device, settings.workers, settings.backend, settings.torch_threads,
+        settings.precision,
     )
 
 
@@ -59,7 +62,7 @@ class MetricsObserver:
 class SegmentOutcome:
     """A finished request: what the route serialises."""
 
-    image: DecodedImage
+    image: NetworkImage
     instances: list[dict[str, Any]]
     instances_json: bytes | None  # the instances as JSON, when asked for (encoded off the loop)
     queue_s: float
@@ -134,7 +137,7 @@ class ServiceRuntime:
             observer=MetricsObserver(self.metrics),
         )
         self.batcher.start()
-        self.metrics.set_model(model.name, model.version, model.backend, model.devices)
+        self.metrics.set_model(model.name, model.version, model.backend, model.precision, model.devices)
         self.metrics.enable_gpu_metrics()
         if self.state == "starting":  # a SIGTERM during start-up wins
             self.state, self.detail = "ready", None
@@ -251,18 +254,15 @@ class ServiceRuntime:
         options = self.request_options(params)
         loop = asyncio.get_running_loop()
 
+        cfg = self.model.cfg
         started = time.perf_counter()
-        image = await loop.run_in_executor(self._decode_pool, decode_image, data, self.settings.max_pixels)
+        image = await loop.run_in_executor(self._decode_pool, self._decode, data)
         self.metrics.decode_seconds.observe(time.perf_counter() - started)
         self.metrics.megapixels.observe(image.width * image.height / 1e6)
         if time.monotonic() >= deadline:
             raise _deadline_error("while decoding")
 
-        cfg = self.model.cfg
-        job = Job(
-            SegmentJob(image.rgb, options), deadline=deadline,
-            shape=network_input_shape(image.height, image.width, cfg.input),
-        )
+        job = Job(SegmentJob(image, options), deadline=deadline, canvas=image.canvas)
         try:
             self.batcher.submit(job)
         except QueueFull as full:
@@ -285,6 +285,13 @@ class ServiceRuntime:
         self.metrics.postprocess_seconds.observe(post_s)
         self.metrics.instances.observe(len(instances))
         return SegmentOutcome(image, instances, encoded, queue_s, result.preprocess_s + result.inference_s, post_s)
+
+    def _decode(self, data: bytes) -> NetworkImage:
+        """On a decode thread: the upload (JPEGs at a reduced scale, never below the network
+        input) -> what waits in the queue; the full decoded pixels are freed here."""
+        cfg = self.model.cfg.input
+        decoded = decode_image(data, self.settings.max_pixels, reduce_to=lambda h, w: network_shape(h, w, cfg))
+        return network_image(decoded.rgb, decoded.size, cfg)
 
     async def _wait(
         self, job: Job, deadline: float, disconnected: Callable[[], Awaitable[Any]] | None,

@@ -81,6 +81,7 @@ class ModelInfo(BaseModel):
     name: str
     version: str
     backend: str
+    precision: str = Field(description="fp32, bf16 or fp16")
 
 
 class Timing(BaseModel):
@@ -118,6 +119,7 @@ class ModelCard(BaseModel):
     name: str
     version: str
     backend: str
+    precision: str = Field(description="fp32, bf16 or fp16: what the forward pass computes in")
     device: list[str]
     ready: bool
     classes: list[dict[str, Any]] = Field(description="[{id, name}] in the model's class order")

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, as a container's cpuset sets)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 class ServiceSettings(BaseSettings):
@@ -20,6 +28,9 @@ class ServiceSettings(BaseSettings):
     )
     backend: Literal["pytorch", "torchscript", "onnxruntime"] = Field(
         "pytorch", description="runtime; torchscript/onnxruntime export a checkpoint once into a cache folder"
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on CUDA devices that support it, else fp32 (exported models: fp32)"
     )
     config: str | None = Field(None, description="preset name, only for checkpoints that hold no config")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
@@ -49,9 +60,10 @@ class ServiceSettings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="deadline when X-Request-Timeout is absent")
     max_request_timeout_s: float = Field(300.0, gt=0)
 
-    # Threads off the event loop
-    decode_threads: int = Field(2, ge=1)
-    postprocess_threads: int = Field(2, ge=1)
+    # Threads off the event loop (decoding and resizing, pasting and encoding: all release the GIL
+    # for most of their time, so one per core keeps the cores busy)
+    decode_threads: int = Field(default_factory=available_cores, ge=1, description="default: the cores")
+    postprocess_threads: int = Field(default_factory=available_cores, ge=1, description="default: the cores")
 
     # Lifecycle
     warmup_batches: int = Field(1, ge=0)

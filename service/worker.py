@@ -20,14 +20,16 @@ from model.rcnn import InferenceOptions, RawOutputs
 
 from .backends import Backend
 from .batcher import Job
-from .pipeline import PreparedBatch, RequestOptions, batch_options, postprocess, preprocess
+from .pipeline import (
+    NetworkImage, PreparedBatch, RequestOptions, batch_options, network_image, postprocess, preprocess,
+)
 
 
 @dataclass
 class SegmentJob:
-    """A job's payload: the decoded image and the request's options."""
+    """A job's payload: the image, as it waits for the network, and the request's options."""
 
-    image: np.ndarray  # [H, W, 3] uint8 RGB
+    image: NetworkImage
     options: RequestOptions
 
 
@@ -38,7 +40,7 @@ class InferenceResult:
     raw: RawOutputs
     index: int
     input_size: torch.Tensor  # (h, w) of the network input
-    original: tuple[int, int]  # (h, w) of the decoded image
+    original: tuple[int, int]  # (h, w) of the uploaded image
     batch_size: int
     preprocess_s: float
     inference_s: float
@@ -57,8 +59,10 @@ class Worker:
         self.metrics = metrics
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"transfiner-worker-{index}")
 
-    def forward(self, images: list[np.ndarray], options: InferenceOptions) -> tuple[PreparedBatch, RawOutputs, float, float]:
-        """Synchronous: pre-process and run one batch (called in the worker thread)."""
+    def forward(
+        self, images: list[NetworkImage], options: InferenceOptions
+    ) -> tuple[PreparedBatch, RawOutputs, float, float]:
+        """Synchronous: pre-process and run one batch of one canvas (called in the worker thread)."""
         started = time.perf_counter()
         prepared = preprocess(images, self.backend.cfg.input, self.backend.device)
         ready = time.perf_counter()
@@ -93,8 +97,9 @@ class Worker:
         cfg = self.backend.cfg
         side = cfg.input.min_size_test
         rng = np.random.default_rng(0)
-        image = rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
-        image[side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = (200, 60, 40)  # something to find
+        rgb = rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+        rgb[side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = (200, 60, 40)  # something to find
+        image = network_image(rgb, (side, side), cfg.input)
         request = RequestOptions(score_threshold=0.0, max_detections=5)
 
         def one_batch() -> None:

@@ -7,7 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.postprocess import encode_rle, paste_masks
+import model.postprocess as pp
+from model.postprocess import encode_rle, masks_to_rle, paste_masks, paste_windows
+from model.predictor import Prediction
+from service.polygons import mask_to_polygons
 
 
 def reference_paste(probs, boxes, image_size, threshold=0.5):
@@ -134,3 +137,121 @@ def test_paste_then_encode():
     masks = paste_masks(probs, boxes, (32, 48))
     decoded = mask_util.decode([{"size": r["size"], "counts": r["counts"]} for r in encode_rle(masks)])
     np.testing.assert_array_equal(decoded.transpose(2, 0, 1), masks.numpy().astype(np.uint8))
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def random_case(rng, device):
+    """One random masks_to_rle case: image size (1xN and Nx1 included), S, threshold, and boxes
+    inside, across and touching the border, entirely outside, full height, empty, NaN, sub-pixel."""
+    h, w = (int(v) for v in rng.integers(1, 70, size=2))
+    if rng.random() < 0.15:
+        h = 1
+    elif rng.random() < 0.15:
+        w = 1
+    n = int(rng.integers(0, 12))
+    size = int(rng.choice([28, 112]))
+    kind = rng.random()
+    if kind < 0.15:
+        probs = torch.ones(n, size, size)
+    else:
+        coarse = torch.from_numpy(rng.random((n, 1, 7, 7), dtype=np.float32))
+        probs = F.interpolate(coarse, size=(size, size), mode="bilinear")[:, 0] if n else torch.zeros(0, size, size)
+    threshold = float(rng.choice([0.5, rng.random(), 0.0, 1.01]))
+    cx, cy = rng.uniform(-0.3, 1.3, n) * w, rng.uniform(-0.3, 1.3, n) * h
+    bw, bh = rng.uniform(0, 1.2, n) * w, rng.uniform(0, 1.2, n) * h
+    boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1)  # [n, 4]
+    for i in range(n):
+        special = rng.random()
+        if special < 0.1:
+            boxes[i, 1], boxes[i, 3] = -rng.random() * 3, h + rng.random() * 3  # full height
+        elif special < 0.15:
+            boxes[i, 2] = boxes[i, 0]  # zero width
+        elif special < 0.2:
+            boxes[i, 3] = boxes[i, 1] - rng.random()  # negative height
+        elif special < 0.25:
+            boxes[i, int(rng.integers(0, 4))] = np.nan
+        elif special < 0.35:
+            boxes[i, 2:] = boxes[i, :2] + rng.random(2) * 0.05  # sub-pixel
+        elif special < 0.4:
+            boxes[i] += [w + 5, 0, w + 5, 0]  # right of the image
+    boxes = torch.from_numpy(boxes.astype(np.float32))
+    return probs.to(device), boxes.to(device), (h, w), threshold
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masks_to_rle_equals_encoded_paste(device):
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        probs, boxes, (h, w), threshold = random_case(rng, device)
+        pasted = paste_masks(probs, boxes, (h, w), threshold).cpu().numpy()  # [n, h, w]
+        want = mask_util.encode(np.asfortranarray(pasted.transpose(1, 2, 0).astype(np.uint8)))
+        got = masks_to_rle(probs, boxes, (h, w), threshold)
+        assert len(got) == len(pasted)
+        for rle, ref, mask in zip(got, want, pasted):
+            assert rle["size"] == [h, w] == list(ref["size"])
+            assert rle["counts"] == ref["counts"].decode("ascii")
+            np.testing.assert_array_equal(mask_util.decode(rle), mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("waste, threads", [(1.0, 2), (1e9, 2), (1.0, 7)])
+def test_masks_to_rle_does_not_depend_on_grouping(device, waste, threads, monkeypatch):
+    # Many windows of very different shapes, full-image boxes included, sampled one group per
+    # box (waste 1) or all padded together, and on the CPU cut into strips of rows for the
+    # threads: each detection's pixels are those of its own paste.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(pp, "_GROUP_WASTE", {"cpu": waste})
+    monkeypatch.setattr(pp, "_GROUP_WASTE_ACCELERATOR", waste)
+    monkeypatch.setattr(pp, "_GROUP_PIXELS", 1 << 40)
+    gen = torch.Generator().manual_seed(3)
+    h, w = 90, 140
+    boxes = random_boxes(gen, 60, h, w)
+    boxes[:5] = torch.tensor([-1.0, -1.0, w + 1.0, h + 1.0])
+    probs = F.interpolate(torch.rand(60, 1, 7, 7, generator=gen), size=(112, 112), mode="bilinear")[:, 0]
+    probs, boxes = probs.to(device), boxes.to(device)
+    alone = [encode_rle(paste_masks(probs[i : i + 1], boxes[i : i + 1], (h, w), 0.4))[0] for i in range(60)]
+    assert masks_to_rle(probs, boxes, (h, w), 0.4) == alone
+    assert encode_rle(paste_masks(probs, boxes, (h, w), 0.4)) == alone
+
+
+def test_masks_to_rle_empty_and_mismatch():
+    assert masks_to_rle(torch.zeros(0, 28, 28), torch.zeros(0, 4), (5, 6)) == []
+    with pytest.raises(ValueError):
+        masks_to_rle(torch.zeros(2, 28, 28), torch.zeros(3, 4), (5, 6))
+
+
+def test_paste_windows_hold_the_pasted_mask():
+    gen = torch.Generator().manual_seed(4)
+    boxes = random_boxes(gen, 20, 40, 50)
+    probs = torch.rand(20, 28, 28, generator=gen)
+    full = paste_masks(probs, boxes, (40, 50))
+    for mask, (window, (x, y)) in zip(full, paste_windows(probs, boxes, (40, 50))):
+        h, w = window.shape
+        assert torch.equal(mask[y : y + h, x : x + w], window)
+        assert int(mask.sum()) == int(window.sum())  # nothing outside the window
+
+
+def test_window_polygons_equal_full_image_polygons():
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        probs, boxes, (h, w), threshold = random_case(rng, "cpu")
+        full = paste_masks(probs, boxes, (h, w), threshold).numpy()
+        for mask, (window, origin) in zip(full, paste_windows(probs, boxes, (h, w), threshold)):
+            assert mask_to_polygons(window.numpy(), origin) == mask_to_polygons(mask)
+
+
+def test_prediction_masks_are_lazy():
+    gen = torch.Generator().manual_seed(6)
+    h, w = 30, 45
+    boxes = random_boxes(gen, 8, h, w).numpy()
+    probs = torch.rand(8, 28, 28, generator=gen).numpy()
+    prediction = Prediction((h, w), boxes, np.ones(8, np.float32), np.zeros(8, np.int64), probs, 0.3)
+    expected = paste_masks(torch.from_numpy(probs), torch.from_numpy(boxes), (h, w), 0.3).numpy()
+    assert prediction.rles == encode_rle(expected)
+    windows = prediction.mask_windows()
+    assert prediction._masks is None  # RLE and windows never build full-image masks
+    for mask, (window, (x, y)) in zip(expected, windows):
+        np.testing.assert_array_equal(mask[y : y + window.shape[0], x : x + window.shape[1]], window)
+    np.testing.assert_array_equal(prediction.masks, expected)

@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 from model.checkpoint import save_checkpoint
 from model.cli import main
 from model.predictor import Predictor
-from model.preprocess import prepare_batch, resized_shape, to_rgb_tensor
+from model.preprocess import canvas_shape, group_by_canvas, prepare_batch, resized_shape, to_rgb_tensor
 from model.rcnn import InferenceOptions
 
 
@@ -167,3 +167,36 @@ def test_unavailable_or_malformed_device_is_a_clear_error():
     with pytest.raises(ValueError, match="not a device"):
         resolve_device("gpu9")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_an_answer_does_not_depend_on_batch_mates_of_other_canvases(predictor, image):
+    """Padding is decided per image (``canvas_shape``): an image batched with images of other
+    sizes gets exactly what it gets alone, and predictions come back in input order."""
+    cfg = predictor.cfg.input
+    wide = np.ascontiguousarray(np.concatenate([image, image[:, ::-1]], axis=1))  # 150x400
+    tall = np.ascontiguousarray(image.transpose(1, 0, 2))  # 200x150
+    assert len({canvas_shape(*x.shape[:2], cfg) for x in (image, wide, tall)}) == 3
+    alone = predictor(image, score_threshold=0.0, max_detections=6)
+    batch = predictor.predict([wide, image, tall], score_threshold=0.0, max_detections=6)
+    assert [p.image_size for p in batch] == [(150, 400), (150, 200), (200, 150)]
+    mixed = batch[1]
+    assert len(alone) > 0
+    np.testing.assert_array_equal(mixed.boxes, alone.boxes)
+    np.testing.assert_array_equal(mixed.scores, alone.scores)
+    np.testing.assert_array_equal(mixed.classes, alone.classes)
+    assert mixed.rles == alone.rles
+    assert predictor(wide, score_threshold=0.0, max_detections=6).rles == batch[0].rles
+
+
+def test_canvas_is_the_image_own_padded_network_size():
+    from model.config import InputConfig
+
+    cfg = InputConfig(min_size_test=800, max_size_test=1333)
+    assert canvas_shape(480, 640, cfg) == (800, 1088)  # resized to 800x1067, padded to /32
+    assert canvas_shape(240, 320, cfg) == canvas_shape(480, 640, cfg)  # same network size
+    assert canvas_shape(640, 480, cfg) == (1088, 800)
+    assert group_by_canvas([(480, 640), (640, 480), (240, 320)], cfg) == {(800, 1088): [0, 2], (1088, 800): [1]}
+    # prepare_batch pads a batch of one canvas to exactly it.
+    images = [torch.zeros(3, 480, 640, dtype=torch.uint8), torch.zeros(3, 240, 320, dtype=torch.uint8)]
+    batch, sizes = prepare_batch(images, cfg, "cpu")
+    assert batch.shape[-2:] == (800, 1088) and sizes.tolist() == [[800, 1067], [800, 1067]]

@@ -337,7 +337,7 @@ def test_box_inference_unordered_batch_and_empty_image():
     det = heads.inference(logits[perm], deltas[perm], proposals[perm], batch, sizes)
     assert det.batch_index.tolist() == [0, 0, 0, 2, 2, 2, 2]
     torch.testing.assert_close(det.scores, torch.tensor([0.60, 0.40, 0.30, 0.90, 0.70, 0.55, 0.20]))
-    assert rank_within_image(det.batch_index, 3).tolist() == [0, 1, 2, 0, 1, 2, 3]
+    assert det.rank.tolist() == [0, 1, 2, 0, 1, 2, 3]
 
 
 def test_rank_within_image():

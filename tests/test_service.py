@@ -92,6 +92,7 @@ def test_health_models_docs(client):
     assert client.get("/health/ready").status_code == 200
     card = client.get("/v1/models").json()["models"][0]
     assert card["name"] == "tiny" and len(card["version"]) == 12 and card["backend"] == "pytorch"
+    assert card["precision"] == "fp32"  # auto on a CPU
     assert card["device"] == ["cpu"] and card["ready"] is True
     assert card["classes"] == [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"}]
     assert card["batching"]["max_batch_size"] == 4 and card["batching"]["workers"] == 1
@@ -109,7 +110,7 @@ def test_rle_equals_predictor_and_coco_loadres(client, predictor):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["image"] == {"width": 128, "height": 96, "image_id": 42}
-    assert body["model"]["backend"] == "pytorch"
+    assert body["model"]["backend"] == "pytorch" and body["model"]["precision"] == "fp32"
     assert set(body["timing"]) == {"queue_ms", "inference_ms", "postprocess_ms", "total_ms"}
     assert body["timing"]["total_ms"] >= body["timing"]["inference_ms"] > 0
     expected = predictor(image, score_threshold=0.0, max_detections=6)
@@ -228,6 +229,57 @@ def test_concurrent_requests_form_batches(server, client):
     multi = batches - (metric(server.url, "transfiner_batch_size_bucket", le="1.0") - singles0)
     assert batches < 4 and multi >= 1, f"{batches} batches, {multi} of them larger than 1"
     assert all(len(r.json()["instances"]) == 2 for r in responses)
+
+
+def test_an_answer_does_not_depend_on_its_batch_mates(server, client):
+    """Served alone or sent together with images of other sizes (one of them on the same canvas,
+    so they share a batch; the others on their own canvases), an image gets the same answer."""
+    image = scene(seed=20)  # 96x128: network input 96x128, canvas 96x128
+    mates = [scene(48, 64, seed=21), scene(128, 96, seed=22), scene(96, 200, seed=23)]  # canvases: same, 2 others
+    params = {"score_threshold": 0, "max_detections": 6}
+    alone = client.post("/v1/segment", content=encode(image), params=params)
+    assert alone.status_code == 200, alone.text
+
+    count0 = metric(server.url, "transfiner_batch_size_count")
+    singles0 = metric(server.url, "transfiner_batch_size_bucket", le="1.0")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(
+            lambda png: client.post("/v1/segment", content=png, params=params), [encode(x) for x in [image, *mates]]
+        ))
+    assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
+    batches = metric(server.url, "transfiner_batch_size_count") - count0
+    singles = metric(server.url, "transfiner_batch_size_bucket", le="1.0") - singles0
+    assert (batches, singles) == (3, 2), "one batch per canvas: the 96x128 pair, then each other canvas alone"
+    assert len(alone.json()["instances"]) > 0
+    assert responses[0].json()["instances"] == alone.json()["instances"]
+
+
+def test_large_jpeg_is_decoded_reduced_and_answered_in_its_own_pixels(client):
+    """A JPEG four times the network input is decoded at 1/4 scale; boxes and masks still come
+    back in the uploaded image's coordinates."""
+    picture = Image.fromarray(scene(seed=24)).resize((500, 400), Image.Resampling.BILINEAR)
+    jpeg = encode(picture, "JPEG", quality=90)
+    assert len(jpeg) < MAX_BODY
+    response = client.post("/v1/segment", content=jpeg, params={"score_threshold": 0, "max_detections": 5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["image"] | {"image_id": None} == {"width": 500, "height": 400, "image_id": None}
+    assert len(body["instances"]) > 0
+    for instance in body["instances"]:
+        assert instance["segmentation"]["size"] == [400, 500]
+        x, y, w, h = instance["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= 500.01 and y + h <= 400.01
+    assert decode_masks(body["instances"]).shape == (len(body["instances"]), 400, 500)
+
+
+def test_large_png_equals_the_predictor(client, predictor):
+    """A PNG large enough to be resized on the decode thread gives the Predictor's answer exactly."""
+    image = np.asarray(Image.fromarray(scene(seed=25)).resize((480, 400), Image.Resampling.NEAREST))
+    png = encode(image)
+    assert len(png) < MAX_BODY
+    response = client.post("/v1/segment", content=png, params={"score_threshold": 0, "max_detections": 5})
+    assert response.status_code == 200, response.text
+    assert_same_as_prediction(response.json()["instances"], predictor(image, score_threshold=0.0, max_detections=5))
 
 
 def _chunks(data: bytes, size: int = 8192):
@@ -371,7 +423,7 @@ def test_metric_names_exist_and_move(server, client):
         assert f"# TYPE {name} " in text, name
     for reason in ("queue_full", "deadline", "bad_image", "too_large", "unsupported_type", "unauthorized"):
         assert f'reason="{reason}"' in text
-    assert metric(server.url, "transfiner_model_info", name="tiny", backend="pytorch", device="cpu") == 1
+    assert metric(server.url, "transfiner_model_info", name="tiny", backend="pytorch", precision="fp32", device="cpu") == 1
     before = {name: metric(server.url, name + "_count") for name in HISTOGRAMS}
     ok0 = metric(server.url, "transfiner_requests_total", route="/v1/segment", method="POST", status="200")
     e2e0 = metric(server.url, "transfiner_request_duration_seconds_count", route="/v1/segment")
@@ -393,6 +445,7 @@ class FaultyBackend:
 
     def __init__(self, backend) -> None:
         self.inner, self.name, self.device, self.cfg = backend, backend.name, backend.device, backend.cfg
+        self.precision = backend.precision
 
     def infer(self, images, image_sizes, options):
         if images.shape[-2] == 64:

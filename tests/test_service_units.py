@@ -16,17 +16,20 @@ from PIL import Image
 from model.data import load_image_rgb
 from model.default_model import load_predictor
 from model.predictor import Predictor
+from model.preprocess import network_shape, prepare_batch, to_rgb_tensor
 from service.backends import TorchBackend
 from service.batcher import Batcher, BatcherClosed, DeadlineExceeded, Job, QueueFull
 from service.errors import ServiceError
 from service.imaging import decode_image, sniff_format
-from service.pipeline import RequestOptions, batch_options, postprocess, preprocess, scaled_boxes, select
+from service.pipeline import (
+    RequestOptions, batch_options, network_image, postprocess, preprocess, scaled_boxes, select,
+)
 from service.polygons import mask_to_polygons
 from service.schemas import SegmentParams
 from service.settings import ServiceSettings
 from service.worker import SegmentJob, Worker
 
-from .test_service_support import CATEGORY_IDS, encode, scene, write_tiny_checkpoint
+from .test_service_support import CATEGORY_IDS, encode, scene, tiny_config, write_tiny_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,8 +55,8 @@ class Recorder:
                 job.future.set_result(job.payload)
 
 
-def job(payload, timeout: float = 30.0, shape=(100, 100)) -> Job:
-    return Job(payload, deadline=time.monotonic() + timeout, shape=shape)
+def job(payload, timeout: float = 30.0, canvas=(100, 100)) -> Job:
+    return Job(payload, deadline=time.monotonic() + timeout, canvas=canvas)
 
 
 def run(coroutine):
@@ -195,8 +198,7 @@ def test_pixel_budget_caps_batches():
         runner = Recorder()
         batcher = Batcher([runner], max_batch_size=8, max_delay_s=0.05, max_queue_size=10,
                           max_batch_pixels=2 * 100 * 100)
-        jobs = [job(0, shape=(100, 100)), job(1, shape=(100, 100)), job(2, shape=(100, 100)),
-                job(3, shape=(50, 50))]
+        jobs = [job(i, canvas=(100, 100)) for i in range(5)] + [job(5, canvas=(300, 300))]
         for j in jobs:
             batcher.submit(j)
         batcher.start()
@@ -204,7 +206,44 @@ def test_pixel_budget_caps_batches():
         await batcher.close()
         return runner.batches
 
-    assert run(main()) == [[0, 1], [2, 3]]
+    # A canvas over the budget still runs, alone.
+    assert run(main()) == [[0, 1], [2, 3], [4], [5]]
+
+
+def test_batches_hold_one_canvas_fifo_per_canvas_and_the_oldest_leads():
+    async def main():
+        runner = Recorder()
+        batcher = Batcher([runner], max_batch_size=3, max_delay_s=0.05, max_queue_size=100)
+        canvases = "ABAACBBAB"
+        jobs = [job(f"{c}{i}", canvas=(ord(c), 32)) for i, c in enumerate(canvases)]
+        for j in jobs:
+            batcher.submit(j)
+        batcher.start()
+        await asyncio.gather(*(j.future for j in jobs))
+        await batcher.close()
+        return runner.batches
+
+    batches = run(main())
+    # Each batch: the oldest job still waiting, then the next ones of its canvas, in order.
+    assert batches == [["A0", "A2", "A3"], ["B1", "B5", "B6"], ["C4"], ["A7"], ["B8"]]
+
+
+def test_a_filling_batch_takes_later_arrivals_of_its_canvas_only():
+    async def main():
+        runner = Recorder()
+        batcher = Batcher([runner], max_batch_size=4, max_delay_s=0.3, max_queue_size=100)
+        batcher.start()
+        first = job("A0", canvas=(64, 64))
+        batcher.submit(first)
+        await asyncio.sleep(0.05)  # the batch of A0 is filling
+        later = [job("B1", canvas=(64, 96)), job("A2", canvas=(64, 64)), job("B3", canvas=(64, 96))]
+        for j in later:
+            batcher.submit(j)
+        await asyncio.gather(first.future, *(j.future for j in later))
+        await batcher.close()
+        return runner.batches
+
+    assert run(main()) == [["A0", "A2"], ["B1", "B3"]]
 
 
 def test_a_failing_batch_fails_its_jobs_and_the_batcher_goes_on():
@@ -266,7 +305,10 @@ def test_mixed_batch_gives_each_request_what_its_own_options_give(predictor):
     worker = Worker(TorchBackend(predictor.model))
 
     async def main():
-        jobs = [Job(SegmentJob(img, opt), deadline=time.monotonic() + 60) for img, opt in zip(images, options)]
+        jobs = [
+            Job(SegmentJob(network_image(img, img.shape[:2], predictor.cfg.input), opt), deadline=time.monotonic() + 60)
+            for img, opt in zip(images, options)
+        ]
         await worker.run(jobs)
         return [j.future.result() for j in jobs]
 
@@ -299,7 +341,7 @@ def test_mixed_batch_gives_each_request_what_its_own_options_give(predictor):
 def test_scaled_boxes_is_the_box_half_of_predictor_postprocess(predictor):
     image = scene(150, 200, seed=5)
     opt = RequestOptions(score_threshold=0.0, max_detections=10)
-    batch = preprocess([image], predictor.cfg.input, predictor.device)
+    batch = preprocess([network_image(image, (150, 200), predictor.cfg.input)], predictor.cfg.input, predictor.device)
     with torch.inference_mode():
         raw = predictor.model(batch.images, batch.sizes, batch_options([opt], predictor.cfg))
     chosen = select(raw, 0, opt)
@@ -348,8 +390,11 @@ def test_decode_matches_load_image_rgb(tmp_path, name):
     decoded = decode_image(data, max_pixels=10_000)
     assert decoded.format == fmt and sniff_format(data) == fmt
     np.testing.assert_array_equal(decoded.rgb, expected)
+    assert decoded.size == expected.shape[:2]
     if name.startswith("EXIF"):
         assert decoded.rgb.shape == (60, 40, 3)
+    # Asked for no less than the full size, nothing is reduced (JPEGs included).
+    np.testing.assert_array_equal(decode_image(data, 10_000, reduce_to=lambda h, w: (h, w)).rgb, expected)
 
 
 def test_animated_gif_gives_its_first_frame():
@@ -359,6 +404,72 @@ def test_animated_gif_gives_its_first_frame():
     decoded = decode_image(buffer.getvalue(), max_pixels=10_000)
     assert decoded.rgb.shape == (20, 30, 3)
     assert tuple(decoded.rgb[10, 10]) == (255, 0, 0)
+
+
+def _large_jpeg(height: int, width: int, **save_args) -> bytes:
+    """A smooth photo-like JPEG (a scene scaled up, so reduced decoding has detail to keep)."""
+    picture = Image.fromarray(scene(96, 128, seed=3)).resize((width, height), Image.Resampling.BILINEAR)
+    return encode(picture, "JPEG", quality=92, **save_args)
+
+
+TINY_INPUT = tiny_config().input  # network inputs of 96..128 pixels a side
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_but_never_below_the_network_input():
+    data = _large_jpeg(1000, 1250)
+    network = network_shape(1000, 1250, TINY_INPUT)  # (96, 120)
+    decoded = decode_image(data, 2_000_000, reduce_to=lambda h, w: network_shape(h, w, TINY_INPUT))
+    assert decoded.size == (1000, 1250) and (decoded.height, decoded.width) == (1000, 1250)
+    assert decoded.rgb.shape == (125, 157, 3)  # 1/8 scale: the largest that keeps >= 96x120
+    assert decoded.rgb.shape[0] >= network[0] and decoded.rgb.shape[1] >= network[1]
+    # The network input from the reduced decode is close to the one from the full decode.
+    full = decode_image(data, 2_000_000)
+    assert full.rgb.shape == (1000, 1250, 3)
+    reduced_input = preprocess([network_image(decoded.rgb, decoded.size, TINY_INPUT)], TINY_INPUT, "cpu")
+    full_input = preprocess([network_image(full.rgb, full.size, TINY_INPUT)], TINY_INPUT, "cpu")
+    assert torch.equal(reduced_input.sizes, full_input.sizes)
+    assert (reduced_input.images - full_input.images).abs().mean() < 2.0
+
+
+def test_reduced_jpeg_decoding_respects_exif_orientation():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 1250 wide x 1000 high, shown 1000 wide x 1250 high
+    data = _large_jpeg(1000, 1250, exif=exif.tobytes())
+    decoded = decode_image(data, 2_000_000, reduce_to=lambda h, w: network_shape(h, w, TINY_INPUT))
+    assert decoded.size == (1250, 1000)
+    assert decoded.rgb.shape == (157, 125, 3)
+    network = network_shape(1250, 1000, TINY_INPUT)
+    assert decoded.rgb.shape[0] >= network[0] and decoded.rgb.shape[1] >= network[1]
+
+
+def test_other_formats_are_always_decoded_in_full():
+    big = np.asarray(Image.fromarray(scene(96, 128, seed=3)).resize((1250, 1000)))
+    for fmt in ("PNG", "WEBP", "BMP"):
+        save_args = {"lossless": True} if fmt == "WEBP" else {}
+        decoded = decode_image(encode(big, fmt, **save_args), 2_000_000, reduce_to=lambda h, w: (96, 120))
+        np.testing.assert_array_equal(decoded.rgb, big)
+
+
+@pytest.mark.parametrize("size", [(48, 64), (96, 128), (600, 800)])
+def test_a_queued_image_holds_the_smaller_form_and_gives_the_predictor_input_exactly(size):
+    """Large images wait as the float32 network input (resized on the decode thread), small ones
+    as their uint8 pixels (resized by the worker); the batch is ``prepare_batch``'s to the bit."""
+    rgb = scene(*size, seed=4)
+    queued = network_image(rgb, size, TINY_INPUT)
+    network = network_shape(*size, TINY_INPUT)
+    assert queued.network == network and queued.original == size and queued.canvas == (96, 128)
+    assert queued.nbytes == min(rgb.nbytes, 4 * 3 * network[0] * network[1])
+    assert queued.resized == (size == (600, 800))
+    got = preprocess([queued, queued], TINY_INPUT, "cpu")
+    want, sizes = prepare_batch([to_rgb_tensor(rgb)] * 2, TINY_INPUT, "cpu")
+    assert torch.equal(got.images, want) and torch.equal(got.sizes, sizes) and got.originals == [size, size]
+
+
+def test_preprocess_refuses_a_batch_of_several_canvases():
+    square, wide = (network_image(scene(h, w), (h, w), TINY_INPUT) for h, w in ((96, 96), (96, 128)))
+    assert square.canvas != wide.canvas
+    with pytest.raises(ValueError, match="one canvas"):
+        preprocess([square, wide], TINY_INPUT, "cpu")
 
 
 def test_decode_errors():
@@ -480,6 +591,15 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("TRANSFINER_MAX_BATCH_SIZE", "0")
     with pytest.raises(ValueError):
         ServiceSettings()
+
+
+def test_thread_pools_default_to_the_cores(monkeypatch):
+    from service.settings import available_cores
+
+    settings = ServiceSettings()
+    assert settings.decode_threads == settings.postprocess_threads == available_cores() >= 1
+    monkeypatch.setenv("TRANSFINER_DECODE_THREADS", "3")
+    assert (ServiceSettings().decode_threads, ServiceSettings(postprocess_threads=5).postprocess_threads) == (3, 5)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only case")

@@ -175,6 +175,7 @@ def markdown(report: BenchReport) -> str:
         f"`{report.command}` ({report.started_at})",
         "",
         f"* model: {card.get('name', '?')} (version {card.get('version', '?')}, backend {card.get('backend', '?')}, "
+        f"precision {card.get('precision', '?')}, "
         f"device {','.join(card.get('device', []) or ['?'])}); batching: max_batch_size "
         f"{batching.get('max_batch_size', '?')}, max_delay_ms {batching.get('max_delay_ms', '?')}, "
         f"workers {batching.get('workers', '?')}",

@@ -26,6 +26,7 @@ async def models(request: Request) -> dict:
         "name": model.name,
         "version": model.version,
         "backend": model.backend,
+        "precision": model.precision,
         "device": model.devices,
         "ready": runtime.ready,
         "classes": [{"id": cid, "name": name} for cid, name in zip(cfg.category_ids, cfg.class_names)],

@@ -112,7 +112,9 @@ async def segment(
     # small parts are encoded here, on the event loop.
     body = b"".join((
         b'{"image":', dumps(image),
-        b',"model":', dumps({"name": model.name, "version": model.version, "backend": model.backend}),
+        b',"model":', dumps({
+            "name": model.name, "version": model.version, "backend": model.backend, "precision": model.precision,
+        }),
         b',"instances":', outcome.instances_json,
         b',"timing":', dumps(timing), b"}",
     ))

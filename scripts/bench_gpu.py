@@ -1,0 +1,487 @@
+"""GPU benchmark: in-process model and HTTP service on one card, in a few minutes.
+
+R50-FPN with random weights (FrozenBN calibrated, so the random network yields distinct boxes)
+at 800x1333, score threshold 0 so every image has exactly the asked number of detections, all
+refined. In-process: 10 and 100 detections, fp32 and bf16, batch 1 and 8; per-stage times
+(CUDA events around the model's own modules), peak GPU memory, and the refiner's achieved
+TFLOP/s next to the card's measured matmul peak. Then the same checkpoint behind
+``transfiner serve`` on the same card, loaded by ``transfiner bench`` with the same images.
+Also: key-masked attention kernels side by side, box inference and post-processing alone.
+
+    python scripts/bench_gpu.py --out bench-results/gpu            # on a GPU machine, ~4 minutes
+    python scripts/bench_gpu.py --quick --out bench-results/gpu    # small, on the CPU
+
+Writes ``bench_gpu.json`` and ``bench_gpu.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_model's calibration
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run from elsewhere
+
+from bench_model import calibrate_frozen_bn  # noqa: E402
+
+from model.checkpoint import build_model, save_checkpoint  # noqa: E402
+from model.config import ModelConfig, preset  # noqa: E402
+from model.postprocess import masks_to_rle  # noqa: E402
+from model.precision import autocast  # noqa: E402
+from model.preprocess import prepare_batch  # noqa: E402
+from model.rcnn import InferenceOptions, MaskTransfiner  # noqa: E402
+from model.shapes import ShapesConfig, render_image  # noqa: E402
+from model.transfiner import CONTEXT_SIZE, key_bias_attention  # noqa: E402
+
+# The `transfiner` command without relying on an installed console script (GPU images lack it).
+TRANSFINER = [sys.executable, "-c", "import sys; from model.cli import main; sys.exit(main())"]
+
+
+@dataclass
+class Workload:
+    config: str
+    height: int
+    width: int
+    detections: tuple[int, ...]
+    batch_sizes: tuple[int, ...]
+    precisions: tuple[str, ...]
+    seconds_per_case: float  # measure each case for about this long (at least 2 batches)
+    http_requests: int
+    http_concurrency: tuple[int, ...]
+    http_batch_size: int
+
+
+FULL = Workload("R50-FPN", 800, 1333, (10, 100), (1, 8), ("fp32", "bf16"), 3.0, 160, (8, 32), 8)
+QUICK = Workload("small", 384, 640, (5, 20), (1, 2), ("fp32", "bf16"), 0.5, 8, (2,), 2)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StageTimer:
+    """Wall-clock time of the model's stages, from hooks on its own modules (so the benchmark
+    times the real ``MaskTransfiner.forward``, not a copy of it). Gaps between modules are the
+    stages that are methods: RPN proposals (after the backbone) and box inference (before the
+    mask head). CUDA events keep the GPU running; the times are read after the forward pass."""
+
+    MARKS = ("start", "backbone", "rpn", "box_head", "box_inference", "mask_head")
+
+    def __init__(self, model: MaskTransfiner, device: torch.device) -> None:
+        self.device = device
+        self.marks: dict[str, object] = {}
+        self.refiner_s = 0.0
+        self.handles = [
+            model.backbone.register_forward_hook(lambda *_: self._mark("backbone")),
+            model.roi_heads.register_forward_pre_hook(lambda *_: self._mark("rpn")),
+            model.roi_heads.register_forward_hook(lambda *_: self._mark("box_head")),
+            model.mask_head.register_forward_pre_hook(lambda *_: self._mark("box_inference")),
+            model.mask_head.register_forward_hook(lambda *_: self._mark("mask_head")),
+            model.mask_head.refiner.register_forward_pre_hook(lambda *_: self._mark("refiner_start")),
+            model.mask_head.refiner.register_forward_hook(lambda *_: self._mark("refiner_end")),
+        ]
+
+    def _mark(self, name: str) -> None:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks[name] = event
+        else:
+            self.marks[name] = time.perf_counter()
+
+    def start(self) -> None:
+        self.marks = {}
+        self._mark("start")
+
+    def _between(self, a: str, b: str) -> float:
+        if a not in self.marks or b not in self.marks:
+            return 0.0
+        if self.device.type == "cuda":
+            return self.marks[a].elapsed_time(self.marks[b]) / 1000
+        return self.marks[b] - self.marks[a]
+
+    def stages(self) -> dict[str, float]:
+        sync(self.device)
+        out = {b: self._between(a, b) for a, b in zip(self.MARKS, self.MARKS[1:])}
+        out["refiner"] = self._between("refiner_start", "refiner_end")
+        return out
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def refiner_flops(cfg: ModelConfig, boxes: int) -> float:
+    """Model FLOPs of refining ``boxes`` boxes: node encoder, sequence encoder (padded length,
+    attention counted as QK^T and PV), pixel decoder. Matmuls only; 2 FLOPs per multiply-add."""
+    t = cfg.transfiner
+    k28, k56, k112 = t.max_cells
+    length = CONTEXT_SIZE**2 + k28 + 4 * k56 + 16 * k112
+    d, ff, c = t.d_model, t.dim_feedforward, cfg.fpn.out_channels
+    per_layer = 2 * length * d * 3 * d + 4 * length * length * d + 2 * length * d * d + 4 * length * d * ff
+    encoder = 2 * length * (c + 1) * d
+    decoder = 2 * length * d * d + 2 * length * d
+    return boxes * (t.num_layers * per_layer + encoder + decoder)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 8192, repeats: int = 10) -> float:
+    """Measured dense matmul TFLOP/s (the card's practical peak for the head's kind of work)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def make_images(workload: Workload, count: int, folder: Path) -> list[np.ndarray]:
+    """``count`` make-shapes scenes at the workload's size, also written as PNGs for HTTP."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    shapes = ShapesConfig(num_images=count, seed=7, width=workload.width, height=workload.height)
+    for index in range(count):
+        rgb, _ = render_image(shapes, index)
+        Image.fromarray(rgb).save(folder / f"{index:03d}.png")
+        images.append(rgb)
+    return images
+
+
+def time_case(model, batch, sizes, originals, options, precision, device, seconds) -> dict:
+    """One (batch, detections, precision) case: median per-batch time and stages, peak memory."""
+    timer = StageTimer(model, device)
+    try:
+        with torch.inference_mode(), autocast(precision, device):
+            raw = model(batch, sizes, options)  # warm-up (and the detection count check)
+            sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            runs = []
+            begin = time.perf_counter()
+            while len(runs) < 2 or (time.perf_counter() - begin < seconds and len(runs) < 50):
+                timer.start()
+                start = time.perf_counter()
+                raw = model(batch, sizes, options)
+                sync(device)
+                forward_s = time.perf_counter() - start
+                stages = timer.stages()
+                start = time.perf_counter()
+                for i, original in enumerate(originals):
+                    rows = raw.batch_index == i
+                    scale = torch.tensor(
+                        [original[1] / sizes[i, 1].item(), original[0] / sizes[i, 0].item()] * 2, device=device
+                    )
+                    masks_to_rle(raw.mask_probs[rows], raw.boxes[rows] * scale, original, 0.5)
+                post_s = time.perf_counter() - start
+                runs.append({"forward_s": forward_s, "postprocess_s": post_s, **stages})
+    finally:
+        timer.close()
+    median = {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
+    return {
+        "runs": len(runs),
+        "detections_found": int(len(raw.scores)),
+        "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        **median,
+    }
+
+
+def bench_in_process(workload: Workload, model: MaskTransfiner, images, device, peak_tflops, log) -> list[dict]:
+    rows = []
+    for precision in workload.precisions:
+        for batch_size in workload.batch_sizes:
+            chosen = [torch.from_numpy(images[i % len(images)]).permute(2, 0, 1) for i in range(batch_size)]
+            batch, sizes = prepare_batch(chosen, model.cfg.input, device)
+            originals = [tuple(image.shape[-2:]) for image in chosen]
+            for detections in workload.detections:
+                options = InferenceOptions(score_threshold=0.0, max_detections=detections)
+                case = {"precision": precision, "batch": batch_size, "detections": detections}
+                try:
+                    result = time_case(
+                        model, batch, sizes, originals, options, precision, device, workload.seconds_per_case
+                    )
+                except Exception as error:  # noqa: BLE001 - one failed case must not lose the others
+                    case["error"] = f"{type(error).__name__}: {error}"
+                    log(f"in-process {case}: {case['error']}")
+                    rows.append(case)
+                    continue
+                flops = refiner_flops(model.cfg, result["detections_found"])
+                result["refiner_tflops"] = flops / result["refiner"] / 1e12 if result["refiner"] else None
+                result["refiner_share_of_peak"] = (
+                    result["refiner_tflops"] / peak_tflops[precision]
+                    if result["refiner_tflops"] and peak_tflops.get(precision) else None
+                )
+                result["images_per_s"] = batch_size / (result["forward_s"] + result["postprocess_s"])
+                case.update(result)
+                rows.append(case)
+                log(
+                    f"in-process {precision} batch {batch_size} det {detections}: "
+                    f"{case['images_per_s']:.1f} img/s, forward {result['forward_s'] * 1000:.0f} ms, "
+                    f"box inference {result['box_inference'] * 1000:.1f} ms, mask head "
+                    f"{result['mask_head'] * 1000:.0f} ms, peak {result['peak_gpu_gib'] or 0:.1f} GiB"
+                )
+    return rows
+
+
+def bench_attention(device: torch.device, log) -> list[dict]:
+    """Key-masked attention at the refiner's shape: the kernels SDPA offers for it, side by side."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows_, heads, length, dim = 64, 4, 2788, 64
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(rows_, heads, length, dim, device=device, dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))
+    padding = torch.rand(rows_, length, device=device, generator=gen) < 0.05
+    padding[:, :CONTEXT_SIZE**2] = False
+    keep = ~padding[:, None, None, :]
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=keep)
+
+    def masked(backend):
+        def run():
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return run
+
+    def key_bias(backend=None):
+        def run():
+            with sdpa_kernel([backend]) if backend else contextlib.nullcontext():
+                return key_bias_attention(q, k, v, padding)
+        return run
+
+    def unmasked():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    variants = {
+        "bool mask, SDPA's choice": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep),
+        "bool mask, memory-efficient": masked(SDPBackend.EFFICIENT_ATTENTION),
+        "bool mask, cuDNN": masked(SDPBackend.CUDNN_ATTENTION),
+        "key bias in head dim, SDPA's choice (model)": key_bias(),
+        "key bias in head dim, flash": key_bias(SDPBackend.FLASH_ATTENTION),
+        "key bias in head dim, cuDNN": key_bias(SDPBackend.CUDNN_ATTENTION),
+        "no mask, flash (bound, wrong result)": unmasked,
+    }
+    flops = 4 * rows_ * heads * length * length * dim
+    results = []
+    for name, fn in variants.items():
+        row = {"variant": name}
+        try:
+            out = fn()
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(5):
+                out = fn()
+            sync(device)
+            seconds = (time.perf_counter() - start) / 5
+            row.update(ms=seconds * 1000, tflops=flops / seconds / 1e12,
+                       max_abs_error=float((out.float() - reference).abs().max()))
+        except Exception as error:  # noqa: BLE001 - unsupported kernels are a result too
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        results.append(row)
+        log(f"attention {name}: {row.get('ms', 0):.2f} ms, {row.get('tflops', 0):.0f} TFLOP/s {row.get('error', '')}")
+    return results
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_http(workload: Workload, checkpoint: Path, image_dir: Path, out: Path, device: str, log) -> list[dict]:
+    """The same checkpoint behind ``transfiner serve``, loaded with ``transfiner bench``."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server_log = (out / "server.log").open("w")
+    server = subprocess.Popen(
+        [*TRANSFINER, "serve", "--model", str(checkpoint), "--device", device, "--port", str(port),
+         "--max-batch-size", str(workload.http_batch_size), "--max-queue-size", "256", "--log-level", "warning"],
+        stdout=server_log, stderr=subprocess.STDOUT,
+    )
+    results = []
+    try:
+        for detections in sorted(workload.detections, reverse=True):
+            step_out = out / f"http-{detections}"
+            command = [
+                *TRANSFINER, "bench", "--url", url, "--wait-ready", "180", "--images", str(image_dir),
+                "--concurrency", *map(str, workload.http_concurrency), "--requests", str(workload.http_requests),
+                "--warmup", str(2 * workload.http_batch_size), "--param", "score_threshold=0",
+                "--param", f"max_detections={detections}", "--out", str(step_out),
+            ]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                results.append({"detections": detections, "error": done.stderr.strip()[-400:]})
+                log(f"http det {detections}: failed: {done.stderr.strip()[-400:]}")
+                continue
+            report = json.loads((step_out / "report.json").read_text())
+            card = (report["target"].get("models") or [{}])[0]
+            for step in report["steps"]:
+                server_side = step.get("server") or {}
+                results.append({
+                    "detections": detections, "concurrency": step["concurrency"], "ok": step["ok"],
+                    "requests": step["requests"], "images_per_s": step["images_per_s"],
+                    "p50_ms": (step.get("latency") or {}).get("p50_s", 0) * 1000,
+                    "p99_ms": (step.get("latency") or {}).get("p99_s", 0) * 1000,
+                    "precision": card.get("precision"), "server": server_side,
+                })
+                log(f"http det {detections} c={step['concurrency']}: {step['images_per_s']:.1f} img/s "
+                    f"({step['ok']}/{step['requests']} ok), precision {card.get('precision')}")
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        server_log.close()
+    return results
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# GPU benchmark: {report['config']} at {report['image'][0]}x{report['image'][1]}, {report['device_name']}",
+        "",
+        f"{report['date']}, torch {report['torch']}; score threshold 0, every detection refined. "
+        f"Measured matmul peak: bf16 {report['matmul_tflops'].get('bf16', 0):.0f} TFLOP/s, "
+        f"fp32 {report['matmul_tflops'].get('fp32', 0):.0f} TFLOP/s.",
+        "",
+        "## In-process (per batch, median)",
+        "",
+        "| precision | batch | det/img | img/s | forward ms | backbone | RPN | box head | box inference "
+        "| mask head | refiner | refiner TFLOP/s (% of peak) | post-process ms | peak GiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["in_process"]:
+        if "error" in r:
+            lines.append(f"| {r['precision']} | {r['batch']} | {r['detections']} | error: {r['error'][:80]} |")
+            continue
+        ms = {k: r[k] * 1000 for k in ("forward_s", "backbone", "rpn", "box_head", "box_inference", "mask_head",
+                                        "refiner", "postprocess_s")}
+        share = f" ({100 * r['refiner_share_of_peak']:.0f}%)" if r.get("refiner_share_of_peak") else ""
+        tflops = f"{r['refiner_tflops']:.0f}{share}" if r.get("refiner_tflops") else "-"
+        peak = f"{r['peak_gpu_gib']:.1f}" if r.get("peak_gpu_gib") is not None else "-"
+        lines.append(
+            f"| {r['precision']} | {r['batch']} | {r['detections']} | {r['images_per_s']:.1f} | {ms['forward_s']:.0f} "
+            f"| {ms['backbone']:.0f} | {ms['rpn']:.0f} | {ms['box_head']:.0f} | {ms['box_inference']:.1f} "
+            f"| {ms['mask_head']:.0f} | {ms['refiner']:.0f} | {tflops} | {ms['postprocess_s']:.1f} | {peak} |"
+        )
+    if report.get("http"):
+        lines += [
+            "", f"## HTTP (`transfiner serve --max-batch-size {report['http_batch_size']}`, `transfiner bench`, "
+            f"{report['image'][1]}x{report['image'][0]} PNGs)", "",
+            "| det/img | clients | precision | ok | img/s | p50 ms | p99 ms | vs in-process batch "
+            f"{report['http_batch_size']} |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for h in report["http"]:
+            if "error" in h:
+                lines.append(f"| {h['detections']} | | | error: {h['error'][:100]} |")
+                continue
+            same = next((r for r in report["in_process"] if r.get("precision") == h["precision"]
+                         and r.get("batch") == report["http_batch_size"] and r.get("detections") == h["detections"]
+                         and "error" not in r), None)
+            ratio = f"{100 * h['images_per_s'] / same['images_per_s']:.0f}%" if same else "-"
+            lines.append(
+                f"| {h['detections']} | {h['concurrency']} | {h['precision']} | {h['ok']}/{h['requests']} "
+                f"| {h['images_per_s']:.1f} | {h['p50_ms']:.0f} | {h['p99_ms']:.0f} | {ratio} |"
+            )
+    if report.get("attention"):
+        lines += ["", "## Key-masked attention, 64 boxes x 4 heads x 2788 tokens x 64, bf16", "",
+                  "| variant | ms | TFLOP/s | max abs error vs fp32 |", "|---|---:|---:|---:|"]
+        for a in report["attention"]:
+            if "error" in a:
+                lines.append(f"| {a['variant']} | unsupported: {a['error'][:90]} | | |")
+            else:
+                lines.append(f"| {a['variant']} | {a['ms']:.2f} | {a['tflops']:.0f} | {a['max_abs_error']:.4f} |")
+    if report.get("errors"):
+        lines += ["", "## Errors", ""] + [f"* {e}" for e in report["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small model and images, for the CPU")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--out", default="bench-results/gpu")
+    parser.add_argument("--no-http", action="store_true", help="in-process only")
+    args = parser.parse_args()
+
+    workload = QUICK if args.quick else FULL
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - began:6.1f}s] {message}", flush=True)
+
+    report: dict = {
+        "config": workload.config, "image": [workload.height, workload.width], "date": time.strftime("%Y-%m-%d"),
+        "device": str(device), "torch": torch.__version__, "http_batch_size": workload.http_batch_size,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "errors": [],
+    }
+
+    def attempt(name: str, fn):
+        try:
+            return fn()
+        except Exception as error:  # noqa: BLE001 - later parts still run and the report is written
+            report["errors"].append(f"{name}: {type(error).__name__}: {error}")
+            log(f"{name} failed:\n{traceback.format_exc()}")
+            return None
+
+    torch.manual_seed(0)
+    images = make_images(workload, 8, out / "images")
+    model = MaskTransfiner(preset(workload.config)).eval()
+    calibration, _ = prepare_batch([torch.from_numpy(images[0]).permute(2, 0, 1)], model.cfg.input, "cpu")
+    calibrate_frozen_bn(model, calibration)
+    checkpoint = out / "random-calibrated.pth"
+    save_checkpoint(checkpoint, model)  # the same weights in-process and behind HTTP
+    model = build_model(model.cfg, checkpoint, device)
+    log(f"model ready on {report['device_name']}")
+
+    peak = {}
+    if device.type == "cuda":
+        peak["bf16"] = attempt("matmul peak bf16", lambda: matmul_peak(device, torch.bfloat16))
+        peak["fp32"] = attempt("matmul peak fp32", lambda: matmul_peak(device, torch.float32))
+        report["attention"] = attempt("attention", lambda: bench_attention(device, log))
+    report["matmul_tflops"] = {k: v for k, v in peak.items() if v}
+    report["in_process"] = attempt(
+        "in-process", lambda: bench_in_process(workload, model, images, device, report["matmul_tflops"], log)
+    ) or []
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if not args.no_http:
+        report["http"] = attempt("http", lambda: bench_http(workload, checkpoint, out / "images", out, str(device), log))
+    checkpoint.unlink(missing_ok=True)
+    report["seconds"] = time.perf_counter() - began
+    (out / "bench_gpu.json").write_text(json.dumps(report, indent=2, default=str))
+    text = markdown(report)
+    (out / "bench_gpu.md").write_text(text)
+    print(text)
+    log(f"wrote {out / 'bench_gpu.json'} and {out / 'bench_gpu.md'}")
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
