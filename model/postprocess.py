@@ -25,8 +25,9 @@ __all__ = ["box_windows", "sample_windows", "paste_windows", "paste_masks", "enc
 # bounds the [n, h, w, 2] float32 sampling grid (32 MB) however many large boxes there are.
 _GROUP_PIXELS = 1 << 22
 # ... and pads to its largest window by at most this factor over the pixels it really needs. On
-# the CPU a padded pixel costs as much as a real one; on a GPU padding is nearly free and every
-# group costs a dozen kernel launches and a sync, so fewer, fuller groups win there.
+# the CPU a padded pixel costs as much as a real one (1.25 was fastest at 1 and 2 threads on
+# scripts/bench_postprocess.py; 1.5 at 16, by 15%); on a GPU padding is nearly free and every
+# group costs kernel launches and a sync: fewer, fuller groups.
 _GROUP_WASTE = {"cpu": 1.25}
 _GROUP_WASTE_ACCELERATOR = 8.0
 
@@ -60,15 +61,15 @@ def _window_groups(windows: np.ndarray, device: torch.device) -> list[np.ndarray
     """Indices of the non-empty windows, grouped to be sampled together: largest first, a group
     closed when padding to its largest height and width would waste too much or hold too many
     pixels. One launch per group instead of per box, without one big box padding all the others."""
-    widths = windows[:, 2] - windows[:, 0]
-    heights = windows[:, 3] - windows[:, 1]
-    areas = widths * heights
-    order = np.argsort(-areas, kind="stable")
+    widths = (windows[:, 2] - windows[:, 0]).tolist()  # Python ints: the loop stays cheap
+    heights = (windows[:, 3] - windows[:, 1]).tolist()
+    areas = [w * h for w, h in zip(widths, heights)]
+    order = sorted((i for i in range(len(areas)) if areas[i] > 0), key=lambda i: -areas[i])
     waste = _GROUP_WASTE.get(device.type, _GROUP_WASTE_ACCELERATOR)
     groups: list[list[int]] = []
     group: list[int] = []
     need = pad_w = pad_h = 0
-    for i in order[areas[order] > 0].tolist():
+    for i in order:
         w, h = max(pad_w, widths[i]), max(pad_h, heights[i])
         padded = (len(group) + 1) * w * h
         if group and (padded > _GROUP_PIXELS or padded > waste * (need + areas[i])):
@@ -139,9 +140,8 @@ def sample_windows(
         grid = torch.empty(g, strips * strip, w, 2, device=device)  # [g, h', w, 2] as (x, y)
         grid[..., 0] = gx[index, None, :w]
         grid[..., 1] = gy[index, : strips * strip, None]
-        items = probs[index].repeat_interleave(strips, dim=0)[:, None]  # [g * strips, 1, S, S]
-        grid = grid.view(g * strips, strip, w, 2)
-        sampled = F.grid_sample(items, grid, mode="bilinear", align_corners=False)  # [g * strips, 1, strip, w]
+        items = probs[index.repeat_interleave(strips), None]  # [g * strips, 1, S, S]
+        sampled = F.grid_sample(items, grid.view(g * strips, strip, w, 2), mode="bilinear", align_corners=False)
         binary = (sampled.view(g, strips * strip, w) >= threshold)[:, :h]  # [g, h, w]
         if not threshold > 0:  # then the padding's zeros pass: mask it out (a rare threshold)
             binary &= inside_y[index, :h, None] & inside_x[index, None, :w]
@@ -226,14 +226,32 @@ def masks_to_rle(
         flat_changes.append(_flat_nonzero(change))  # [T] ascending: sorted by (j, x, k)
     # The only copy to the host: where the changes are, for all groups at once.
     found = torch.cat(flat_changes).cpu().numpy() if groups else np.zeros(0, dtype=np.int64)
-    changes = [np.zeros(0, dtype=np.int64)] * n  # per detection: ascending column-major indices
-    ends = np.cumsum([len(flat) for flat in flat_changes])
-    for (group, (g, w, k1)), flat in zip(groups, np.split(found, ends[:-1])):
-        j, x, k = flat // (w * k1), flat // k1 % w, flat % k1
-        at = (windows[group[j], 0] + x) * height + windows[group[j], 1] + k  # x * H + y
-        for i, part in zip(group, np.split(at, np.searchsorted(j, np.arange(1, g)))):
-            changes[i] = part
-    uncompressed = [{"size": [height, width], "counts": _run_lengths(c, height * width)} for c in changes]
+    ends = np.cumsum([len(flat) for flat in flat_changes], dtype=np.int64)
+    at, owner = [np.zeros(1, np.int64)], [np.full(1, n)]  # a sentinel past the last detection
+    for (group, (_, w, k1)), flat in zip(groups, np.split(found, ends[:-1])):
+        j, x, k = flat // (w * k1), flat // k1 % w, flat % k1  # detection group[j], window column x
+        detection = group[j]
+        at.append((windows[detection, 0] + x) * height + windows[detection, 1] + k)  # image x * H + y
+        owner.append(detection)
+    at, owner = np.concatenate(at), np.concatenate(owner)
+    order = np.argsort(owner, kind="stable")  # by detection, each one's changes still ascending
+    at, owner = at[order], owner[order]
+    # A run ending at the bottom of a full-height window column and one starting at the top of
+    # the next column are one run: the two changes at the same index cancel.
+    repeated = (at[1:] == at[:-1]) & (owner[1:] == owner[:-1])
+    keep = np.ones(len(at), dtype=bool)
+    keep[1:] &= ~repeated
+    keep[:-1] &= ~repeated
+    at, owner = at[keep], owner[keep]
+    starts = np.searchsorted(owner, np.arange(n + 1))  # detection i's changes: starts[i]:starts[i + 1]
+    total = height * width
+    uncompressed = []
+    for i in range(n):
+        changes = at[starts[i] : starts[i + 1]]
+        counts = np.diff(changes, prepend=0, append=total)  # a background run first, maybe empty
+        if len(changes) and changes[-1] == total:
+            counts = counts[:-1]  # the mask ends with foreground: no background run after it
+        uncompressed.append({"size": [height, width], "counts": counts})
     rles = mask_util.frPyObjects(uncompressed, height, width)  # compresses in C, as encode
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
@@ -245,22 +263,6 @@ def _flat_nonzero(flags: torch.Tensor) -> torch.Tensor:
     if flags.device.type == "cpu":  # numpy's is several times faster than torch's on the CPU
         return torch.from_numpy(np.flatnonzero(flags.numpy()))
     return flags.view(-1).nonzero()[:, 0]
-
-
-def _run_lengths(changes: np.ndarray, total: int) -> np.ndarray:
-    """COCO counts (a background run first, possibly empty) of a mask of ``total`` pixels whose
-    value changes at these ascending positions."""
-    # A run ending at the bottom of a full-height window column and one starting at the top of
-    # the next column are one run: the two changes at the same index cancel.
-    repeated = changes[1:] == changes[:-1]
-    keep = np.ones(len(changes), dtype=bool)
-    keep[1:] &= ~repeated
-    keep[:-1] &= ~repeated
-    changes = changes[keep]
-    counts = np.diff(changes, prepend=0, append=total)
-    if len(changes) and changes[-1] == total:
-        counts = counts[:-1]  # the mask ends with foreground: no background run after it
-    return counts
 
 
 def _check(mask_probs: torch.Tensor, boxes: torch.Tensor) -> int:

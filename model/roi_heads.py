@@ -42,7 +42,11 @@ class BoxPredictor(nn.Module):
         nn.init.zeros_(self.bbox_pred.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cls_score(x), self.bbox_pred(x)
+        # Always float32 (two small layers): class scores and box deltas decide which detections
+        # exist and where, and bf16 deltas would move a box edge by a pixel or more.
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            return self.cls_score(x), self.bbox_pred(x)
 
 
 class Detections:

@@ -65,10 +65,12 @@ class Workload:
     http_requests: int
     http_concurrency: tuple[int, ...]
     http_batch_size: int
+    chunk_sizes: tuple[int, ...]  # boxes refined per pass, swept at the largest case
 
 
-FULL = Workload("R50-FPN", 800, 1333, (10, 100), (1, 8), ("fp32", "bf16"), 3.0, 160, (8, 32), 8)
-QUICK = Workload("small", 384, 640, (5, 20), (1, 2), ("fp32", "bf16"), 0.5, 8, (2,), 2)
+# bf16 first: the service runs it (precision auto on a GPU), and HTTP is compared with it.
+FULL = Workload("R50-FPN", 800, 1333, (10, 100), (1, 8), ("bf16", "fp32"), 1.5, 128, (8, 32), 8, (32, 64, 128, 256))
+QUICK = Workload("small", 384, 640, (5, 20), (1, 2), ("bf16", "fp32"), 0.5, 8, (2,), 2, (8, 40))
 
 
 def sync(device: torch.device) -> None:
@@ -205,9 +207,11 @@ def time_case(model, batch, sizes, originals, options, precision, device, second
     }
 
 
-def bench_in_process(workload: Workload, model: MaskTransfiner, images, device, peak_tflops, log) -> list[dict]:
+def bench_in_process(
+    workload: Workload, precisions: tuple[str, ...], model: MaskTransfiner, images, device, peak_tflops, log
+) -> list[dict]:
     rows = []
-    for precision in workload.precisions:
+    for precision in precisions:
         for batch_size in workload.batch_sizes:
             chosen = [torch.from_numpy(images[i % len(images)]).permute(2, 0, 1) for i in range(batch_size)]
             batch, sizes = prepare_batch(chosen, model.cfg.input, device)
@@ -239,6 +243,29 @@ def bench_in_process(workload: Workload, model: MaskTransfiner, images, device, 
                     f"box inference {result['box_inference'] * 1000:.1f} ms, mask head "
                     f"{result['mask_head'] * 1000:.0f} ms, peak {result['peak_gpu_gib'] or 0:.1f} GiB"
                 )
+    return rows
+
+
+def bench_chunks(workload: Workload, model: MaskTransfiner, images, device, log) -> list[dict]:
+    """Boxes refined per pass against speed and peak memory, at the largest in-process case."""
+    precision, batch_size, detections = workload.precisions[0], max(workload.batch_sizes), max(workload.detections)
+    chosen = [torch.from_numpy(images[i % len(images)]).permute(2, 0, 1) for i in range(batch_size)]
+    batch, sizes = prepare_batch(chosen, model.cfg.input, device)
+    options = InferenceOptions(score_threshold=0.0, max_detections=detections)
+    refiner = model.mask_head.refiner
+    default = refiner.boxes_per_chunk
+    rows = []
+    try:
+        for chunk in workload.chunk_sizes:
+            refiner.boxes_per_chunk = chunk
+            result = time_case(model, batch, sizes, [], options, precision, device, workload.seconds_per_case / 3)
+            rows.append({"boxes_per_chunk": chunk, "precision": precision, "batch": batch_size,
+                         "detections": detections, "mask_head_s": result["mask_head"],
+                         "refiner_s": result["refiner"], "forward_s": result["forward_s"],
+                         "peak_gpu_gib": result["peak_gpu_gib"]})
+            log(f"chunk {chunk}: mask head {result['mask_head'] * 1000:.0f} ms, peak {result['peak_gpu_gib'] or 0:.1f} GiB")
+    finally:
+        refiner.boxes_per_chunk = default
     return rows
 
 
@@ -307,11 +334,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_http(workload: Workload, checkpoint: Path, image_dir: Path, out: Path, device: str, log) -> list[dict]:
+def bench_http(workload: Workload, checkpoint: Path, image_dir: Path, work: Path, device: str, log) -> list[dict]:
     """The same checkpoint behind ``transfiner serve``, loaded with ``transfiner bench``."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server_log = (out / "server.log").open("w")
+    server_log = (work / "server.log").open("w")
     server = subprocess.Popen(
         [*TRANSFINER, "serve", "--model", str(checkpoint), "--device", device, "--port", str(port),
          "--max-batch-size", str(workload.http_batch_size), "--max-queue-size", "256", "--log-level", "warning"],
@@ -320,7 +347,7 @@ def bench_http(workload: Workload, checkpoint: Path, image_dir: Path, out: Path,
     results = []
     try:
         for detections in sorted(workload.detections, reverse=True):
-            step_out = out / f"http-{detections}"
+            step_out = work / f"http-{detections}"
             command = [
                 *TRANSFINER, "bench", "--url", url, "--wait-ready", "180", "--images", str(image_dir),
                 "--concurrency", *map(str, workload.http_concurrency), "--requests", str(workload.http_requests),
@@ -330,7 +357,8 @@ def bench_http(workload: Workload, checkpoint: Path, image_dir: Path, out: Path,
             done = subprocess.run(command, capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
                 results.append({"detections": detections, "error": done.stderr.strip()[-400:]})
-                log(f"http det {detections}: failed: {done.stderr.strip()[-400:]}")
+                log(f"http det {detections}: failed: {done.stderr.strip()[-400:]}\nserver log:\n"
+                    + (work / "server.log").read_text()[-2000:])
                 continue
             report = json.loads((step_out / "report.json").read_text())
             card = (report["target"].get("models") or [{}])[0]
@@ -360,8 +388,8 @@ def markdown(report: dict) -> str:
         f"# GPU benchmark: {report['config']} at {report['image'][0]}x{report['image'][1]}, {report['device_name']}",
         "",
         f"{report['date']}, torch {report['torch']}; score threshold 0, every detection refined. "
-        f"Measured matmul peak: bf16 {report['matmul_tflops'].get('bf16', 0):.0f} TFLOP/s, "
-        f"fp32 {report['matmul_tflops'].get('fp32', 0):.0f} TFLOP/s.",
+        f"Measured matmul peak: bf16 {(report['matmul_tflops'].get('bf16') or 0):.0f} TFLOP/s, "
+        f"fp32 {(report['matmul_tflops'].get('fp32') or 0):.0f} TFLOP/s.",
         "",
         "## In-process (per batch, median)",
         "",
@@ -403,6 +431,13 @@ def markdown(report: dict) -> str:
                 f"| {h['detections']} | {h['concurrency']} | {h['precision']} | {h['ok']}/{h['requests']} "
                 f"| {h['images_per_s']:.1f} | {h['p50_ms']:.0f} | {h['p99_ms']:.0f} | {ratio} |"
             )
+    if report.get("chunks"):
+        lines += ["", "## Boxes per refinement pass (the largest in-process case)", "",
+                  "| boxes per chunk | mask head ms | refiner ms | forward ms | peak GiB |", "|---:|---:|---:|---:|---:|"]
+        for c in report["chunks"]:
+            peak = f"{c['peak_gpu_gib']:.1f}" if c.get("peak_gpu_gib") is not None else "-"
+            lines.append(f"| {c['boxes_per_chunk']} | {c['mask_head_s'] * 1000:.0f} | {c['refiner_s'] * 1000:.0f} "
+                         f"| {c['forward_s'] * 1000:.0f} | {peak} |")
     if report.get("attention"):
         lines += ["", "## Key-masked attention, 64 boxes x 4 heads x 2788 tokens x 64, bf16", "",
                   "| variant | ms | TFLOP/s | max abs error vs fp32 |", "|---|---:|---:|---:|"]
@@ -420,14 +455,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model and images, for the CPU")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--out", default="bench-results/gpu")
+    parser.add_argument("--out", default="bench-results/gpu", help="bench_gpu.json and bench_gpu.md go here")
+    parser.add_argument("--work", default=None, help="images, checkpoint, server log, load-test reports "
+                        "(default: OUT/work)")
     parser.add_argument("--no-http", action="store_true", help="in-process only")
     args = parser.parse_args()
 
     workload = QUICK if args.quick else FULL
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.out)
+    work = Path(args.work) if args.work else out / "work"
     out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
 
     def log(message: str) -> None:
@@ -438,8 +477,14 @@ def main() -> int:
         "device": str(device), "torch": torch.__version__, "http_batch_size": workload.http_batch_size,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "errors": [],
+        "matmul_tflops": {}, "in_process": [], "errors": [],
     }
+
+    def save() -> None:
+        """After every part, so a run cut short still leaves what it measured."""
+        report["seconds"] = time.perf_counter() - began
+        (out / "bench_gpu.json").write_text(json.dumps(report, indent=2, default=str))
+        (out / "bench_gpu.md").write_text(markdown(report))
 
     def attempt(name: str, fn):
         try:
@@ -448,37 +493,41 @@ def main() -> int:
             report["errors"].append(f"{name}: {type(error).__name__}: {error}")
             log(f"{name} failed:\n{traceback.format_exc()}")
             return None
+        finally:
+            save()
 
     torch.manual_seed(0)
-    images = make_images(workload, 8, out / "images")
+    images = make_images(workload, 8, work / "images")
     model = MaskTransfiner(preset(workload.config)).eval()
     calibration, _ = prepare_batch([torch.from_numpy(images[0]).permute(2, 0, 1)], model.cfg.input, "cpu")
     calibrate_frozen_bn(model, calibration)
-    checkpoint = out / "random-calibrated.pth"
+    checkpoint = work / "random-calibrated.pth"
     save_checkpoint(checkpoint, model)  # the same weights in-process and behind HTTP
     model = build_model(model.cfg, checkpoint, device)
     log(f"model ready on {report['device_name']}")
 
-    peak = {}
     if device.type == "cuda":
-        peak["bf16"] = attempt("matmul peak bf16", lambda: matmul_peak(device, torch.bfloat16))
-        peak["fp32"] = attempt("matmul peak fp32", lambda: matmul_peak(device, torch.float32))
+        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            report["matmul_tflops"][name] = attempt(f"matmul peak {name}", lambda: matmul_peak(device, dtype))
         report["attention"] = attempt("attention", lambda: bench_attention(device, log))
-    report["matmul_tflops"] = {k: v for k, v in peak.items() if v}
-    report["in_process"] = attempt(
-        "in-process", lambda: bench_in_process(workload, model, images, device, report["matmul_tflops"], log)
-    ) or []
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+
+    def in_process(precisions: tuple[str, ...]) -> None:
+        rows = attempt(f"in-process {precisions}", lambda: bench_in_process(
+            workload, precisions, model, images, device, report["matmul_tflops"], log))
+        report["in_process"] += rows or []
+        save()
+
+    # The service's precision (auto) first, then HTTP, then the rest.
+    in_process(workload.precisions[:1])
     if not args.no_http:
-        report["http"] = attempt("http", lambda: bench_http(workload, checkpoint, out / "images", out, str(device), log))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the server shares the card
+        report["http"] = attempt("http", lambda: bench_http(workload, checkpoint, work / "images", work, str(device), log))
+    in_process(workload.precisions[1:])
+    report["chunks"] = attempt("chunks", lambda: bench_chunks(workload, model, images, device, log))
     checkpoint.unlink(missing_ok=True)
-    report["seconds"] = time.perf_counter() - began
-    (out / "bench_gpu.json").write_text(json.dumps(report, indent=2, default=str))
-    text = markdown(report)
-    (out / "bench_gpu.md").write_text(text)
-    print(text)
+    save()
+    print(markdown(report))
     log(f"wrote {out / 'bench_gpu.json'} and {out / 'bench_gpu.md'}")
     return 1 if report["errors"] else 0
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model.postprocess import encode_rle, masks_to_rle, paste_masks
+from model.postprocess import box_windows, encode_rle, masks_to_rle, paste_masks
 
 
 def parse_args() -> argparse.Namespace:
@@ -96,14 +96,16 @@ def main() -> None:
             raise SystemExit(f"{name}: masks_to_rle differs from encode_rle(paste_masks(...))")
         full_ms = median_ms(full, device, args.warmup, args.repeats)
         window_ms = median_ms(windows, device, args.warmup, args.repeats)
+        cpu = f"cpu ({torch.get_num_threads()} threads)"
         rows.append({
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
             "paste_encode_ms": round(full_ms, 2),
             "masks_to_rle_ms": round(window_ms, 2),
             "speedup": round(full_ms / window_ms, 2),
         })
 
-    window_pixels = ((boxes[:, 2].ceil() - boxes[:, 0].floor() + 2) * (boxes[:, 3].ceil() - boxes[:, 1].floor() + 2)).sum()
+    windows = box_windows(boxes, (height, width))  # [N, 4] the pixels each detection samples
+    window_pixels = ((windows[:, 2] - windows[:, 0]) * (windows[:, 3] - windows[:, 1])).sum()
     result = {
         "masks": args.masks, "image_wxh": [width, height], "mask_size": args.mask_size,
         "full_image_mask_mb": round(args.masks * height * width / 2**20, 1),
@@ -120,7 +122,8 @@ def main() -> None:
         "",
         "| device | encode_rle(paste_masks) ms | masks_to_rle ms | speed-up |",
         "|---|---:|---:|---:|",
-        *(f"| {r['device']} | {r['paste_encode_ms']:.1f} | {r['masks_to_rle_ms']:.1f} | {r['speedup']:.1f}x |" for r in rows),
+        *(f"| {r['device']} | {r['paste_encode_ms']:.1f} | {r['masks_to_rle_ms']:.1f} | {r['speedup']:.1f}x |"
+          for r in rows),
     ]
     markdown = "\n".join(table) + "\n"
     print(markdown)
