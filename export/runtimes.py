@@ -71,7 +71,7 @@ class TorchScriptBackend:
         threshold, top_k = graph_arguments(self.cfg, options, self.device)
         outputs = self.module(images.to(self.device), image_sizes.to(self.device), threshold, top_k)
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()  # as TorchBackend
         return _keep_options(raw_outputs(outputs), options)
 
 

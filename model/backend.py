@@ -50,6 +50,7 @@ class TorchBackend:
         with autocast(self.precision, self.device):
             raw = self.model(images, image_sizes, options)
         if self.device.type == "cuda":
-            # Timings (and the post-processing threads) must see finished kernels.
-            torch.cuda.synchronize(self.device)
+            # Timings (and the post-processing threads) must see finished kernels; this stream's
+            # only, as the service post-processes earlier batches on streams of its own meanwhile.
+            torch.cuda.current_stream(self.device).synchronize()
         return raw

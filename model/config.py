@@ -133,7 +133,7 @@ class TransfinerConfig:
     max_refined_per_image: int = 100
     # Boxes refined together in one pass: peak memory grows with this, not with the detection
     # count (each box is independent, so the chunking never changes a result).
-    boxes_per_chunk: int = 64
+    boxes_per_chunk: int = 128
     # Training: nodes sampled per level and box, as the official code (issue 3 uses these).
     train_thresholds: tuple[float, float, float] = (0.125, 0.5, 0.5)
     train_nodes_per_level: int = 150

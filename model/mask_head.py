@@ -159,5 +159,9 @@ class TransfinerMaskHead(nn.Module):
         return upsampled.index_put((index,), refined), upsampled
 
     def enhanced_features(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """P2 + semantic(P2), P3, P4, P5: what the 28/56/112 RoIAligns read (official pooler)."""
-        return [features[0] + self.semantic(features[0])] + list(features[1:4])
+        """P2 + semantic(P2), P3, P4, P5: what the 28/56/112 RoIAligns read (official pooler).
+
+        In float32 whatever the precision: RoIAlign samples in float32 (``multilevel_roi_align``),
+        and the refiner reads these maps once per chunk of boxes and level, so they are cast once
+        here instead of in every one of those calls."""
+        return [(features[0] + self.semantic(features[0])).float()] + [f.float() for f in features[1:4]]

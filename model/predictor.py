@@ -38,14 +38,20 @@ class Prediction:
     device: str | torch.device = "cpu"  # where binary masks are sampled
     _masks: np.ndarray | None = field(default=None, repr=False)
     _rles: list[dict] | None = field(default=None, repr=False)
+    # (mask_probs, boxes) as tensors on ``device`` when the model left them there: sampling then
+    # needs no copy back from the host.
+    _tensors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.scores)
 
     def _mask_inputs(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], float]:
         """The arguments of ``model.postprocess``'s samplers, on ``device``."""
-        probs = torch.as_tensor(self.mask_probs, device=self.device)  # [N, S, S]
-        boxes = torch.as_tensor(self.boxes, device=self.device)  # [N, 4]
+        if self._tensors is not None:
+            probs, boxes = self._tensors
+        else:
+            probs = torch.as_tensor(self.mask_probs, device=self.device)  # [N, S, S]
+            boxes = torch.as_tensor(self.boxes, device=self.device)  # [N, 4]
         return probs, boxes, self.image_size, self.mask_threshold
 
     @property
@@ -203,8 +209,8 @@ class Predictor:
         rows = raw.batch_index == index
         height, width = original
         boxes, nonempty = rescale_boxes(raw.boxes[rows], input_size, original)
-        boxes = boxes[nonempty]
-        probs = raw.mask_probs[rows][nonempty]
+        boxes = boxes[nonempty].float()
+        probs = raw.mask_probs[rows][nonempty].float()
         return Prediction(
             image_size=(height, width),
             boxes=boxes.float().cpu().numpy(),
@@ -213,4 +219,5 @@ class Predictor:
             mask_probs=probs.float().cpu().numpy(),
             mask_threshold=mask_threshold,
             device=probs.device,
+            _tensors=(probs, boxes) if probs.device.type != "cpu" else None,
         )

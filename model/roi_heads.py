@@ -43,7 +43,7 @@ class BoxPredictor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Always float32 (two small layers): class scores and box deltas decide which detections
-        # exist and where, and bf16 deltas would move a box edge by a pixel or more.
+        # exist and where.
         with torch.autocast(x.device.type, enabled=False):
             x = x.float()
             return self.cls_score(x), self.bbox_pred(x)

@@ -24,7 +24,15 @@ class RPNHead(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """-> per level: logits [B, H*W*A] and deltas [B, H*W*A, 4], in the anchors' order."""
+        """-> per level: logits [B, H*W*A] and deltas [B, H*W*A, 4], in the anchors' order.
+
+        Always in float32 (a few percent of the network's work): objectness ranks the proposals
+        and feeds NMS, and the deltas place every proposal; in bf16 the default model lost 0.5
+        box AP here (CPU, 100 validation images), and nothing measurable elsewhere."""
+        with torch.autocast(features[0].device.type, enabled=False):
+            return self._forward([f.float() for f in features])
+
+    def _forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         logits, deltas = [], []
         for x in features:
             t = F.relu(self.conv(x))
@@ -77,8 +85,7 @@ class RPN(nn.Module):
         batch = image_sizes.shape[0]
         boxes_per_level, scores_per_level, level_ids = [], [], []
         for level, (anchors_l, logits_l, deltas_l) in enumerate(zip(anchors, logits, deltas)):
-            # Objectness in float32 at every precision: it ranks the proposals and feeds NMS.
-            scores, index = logits_l.float().topk(_top_count(logits_l.shape[1], pre_topk), dim=1)  # [B, n], sorted
+            scores, index = logits_l.topk(_top_count(logits_l.shape[1], pre_topk), dim=1)  # [B, n], sorted
             picked_deltas = torch.gather(deltas_l, 1, index[..., None].expand(-1, -1, 4))
             picked_anchors = anchors_l[index.reshape(-1)]
             boxes = self.box2box.apply_deltas(picked_deltas.reshape(-1, 4), picked_anchors)

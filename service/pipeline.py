@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -118,12 +120,41 @@ def preprocess(images: Sequence[NetworkImage], cfg: InputConfig, device: torch.d
     canvases = {image.canvas for image in images}
     if len(canvases) > 1:
         raise ValueError(f"a batch must hold one canvas, got {sorted(canvases)}: the batcher groups by canvas")
+    uploaded = [_upload(image.pixels, device) for image in images]
     resized = [
-        image.pixels.to(device) if image.resized else resize_image(image.pixels, image.network, device)
-        for image in images
+        pixels if image.resized else resize_image(pixels, image.network, device)
+        for image, pixels in zip(images, uploaded)
     ]
     batch, sizes = pad_batch(resized, cfg)
     return PreparedBatch(batch, sizes, [image.original for image in images])
+
+
+def _upload(pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Pixels onto the worker's device. To a GPU from page-locked memory, asynchronously: a copy
+    from ordinary memory would make the worker thread wait for the GPU to drain first."""
+    if torch.device(device).type != "cuda":
+        return pixels.to(device)
+    return pixels.pin_memory().to(device, non_blocking=True)
+
+
+# Each post-processing thread's own CUDA stream (see ``postprocessing_stream``).
+_thread_streams = threading.local()
+
+
+def postprocessing_stream(device: torch.device) -> contextlib.AbstractContextManager:
+    """Post-processing kernels on a CUDA stream of the calling thread's own, not the worker's.
+
+    On one stream they would queue behind the next batch's forward pass (and it behind them);
+    on their own they overlap it. The batch outputs they read are finished (the worker waits for
+    its stream before handing them over), and each request's post-processing ends by copying its
+    results to the host, so nothing it reads is freed while its kernels still run.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    stream = getattr(_thread_streams, "stream", None)
+    if stream is None or stream.device != device:
+        stream = _thread_streams.stream = torch.cuda.Stream(device)
+    return torch.cuda.stream(stream)
 
 
 def select(raw: RawOutputs, index: int, options: RequestOptions) -> RawOutputs:
@@ -160,6 +191,14 @@ def postprocess(
     options: RequestOptions, cfg: ModelConfig, image_id: Any,
 ) -> list[dict[str, Any]]:
     """One request's COCO result records (see ``schemas.Instance``) from the batch outputs."""
+    with postprocessing_stream(raw.boxes.device):
+        return _postprocess(raw, index, input_size, original, options, cfg, image_id)
+
+
+def _postprocess(
+    raw: RawOutputs, index: int, input_size: torch.Tensor, original: tuple[int, int],
+    options: RequestOptions, cfg: ModelConfig, image_id: Any,
+) -> list[dict[str, Any]]:
     chosen = select(raw, index, options)
     if options.mask_format == "none":
         boxes, scores, classes = scaled_boxes(chosen, input_size, original)

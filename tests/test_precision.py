@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from torchvision.ops import box_iou
 
 from model.backend import TorchBackend
 from model.checkpoint import save_checkpoint
 from model.cli import main
 from model.precision import resolve_precision
 from model.predictor import Predictor
-from model.transfiner import key_bias_attention, key_masked_attention
+from model.transfiner import layer_norm
 
 from .test_transfiner import build_refiner, make_inputs, run
 
@@ -28,6 +28,11 @@ def scene(seed: int = 0) -> np.ndarray:
     img[20:120, 30:130] = (210, 90, 40)
     img[60:140, 140:210] = (30, 170, 220)
     return img
+
+
+def matched_iou(boxes: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Each box's best IoU with any reference box."""
+    return box_iou(torch.from_numpy(boxes), torch.from_numpy(reference)).max(dim=1).values.numpy()
 
 
 def test_auto_precision_is_fp32_on_the_cpu_and_names_are_checked():
@@ -45,9 +50,10 @@ def test_bf16_gives_the_fp32_detections_with_float32_outputs(small_model):
     bf16_backend = TorchBackend(small_model, "bf16")
     bf16 = Predictor.from_backend(bf16_backend)(image, score_threshold=0.0, max_detections=8)
     assert bf16_backend.precision == "bf16" and len(fp32) == len(bf16) == 8
-    # The same boxes (float32 decoding and NMS; bf16 features move them by a fraction of a pixel).
-    np.testing.assert_allclose(bf16.boxes, fp32.boxes, atol=3.0)
-    np.testing.assert_allclose(bf16.scores, fp32.scores, atol=0.05)
+    # The same boxes (float32 decoding and NMS; bf16 features move them a little). Near-tied
+    # scores of a random model may swap places: match boxes, not rows.
+    assert (matched_iou(bf16.boxes, fp32.boxes) > 0.9).all()
+    np.testing.assert_allclose(np.sort(bf16.scores), np.sort(fp32.scores), atol=0.05)
     assert bf16.mask_probs.dtype == np.float32
     assert np.abs(bf16.mask_probs - fp32.mask_probs).mean() < 0.05
     # And the stage that ran in bf16 really ran in bf16: the outputs are not the fp32 ones.
@@ -64,20 +70,17 @@ def test_refining_in_chunks_equals_one_pass():
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
 
 
-def test_key_bias_attention_equals_masked_attention():
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 4, 200, 16, generator=g) for _ in range(3))
-    padding = torch.rand(3, 200, generator=g) < 0.4
-    padding[:, :20] = False  # every sequence keeps its context tokens
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=~padding[:, None, None, :])
-    torch.testing.assert_close(key_bias_attention(q, k, v, padding), expected, rtol=1e-5, atol=1e-6)
-    # What padded keys hold never matters.
-    k2, v2 = k.clone(), v.clone()
-    k2[padding[:, None, :, None].expand_as(k2)] = 1e3
-    v2[padding[:, None, :, None].expand_as(v2)] = -1e3
-    torch.testing.assert_close(key_bias_attention(q, k2, v2, padding), expected, rtol=1e-5, atol=1e-6)
-    half = key_bias_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), padding).float()
-    assert (half - expected).abs().max() < 0.05
+def test_encoder_keeps_a_half_precision_stream_under_autocast():
+    """LayerNorm under CUDA autocast returns float32; the encoder's own LayerNorm keeps bf16
+    tokens bf16 (computing in float32 inside) and is nn.LayerNorm itself in float32."""
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(32)
+    x = torch.randn(5, 7, 32) * 3 + 1
+    assert torch.equal(layer_norm(norm, x), norm(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer_norm(norm, x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), norm(x.bfloat16().float()), rtol=0.02, atol=0.02)
 
 
 def test_cli_precision_flag(tmp_path, small_model):
@@ -111,22 +114,14 @@ def test_exported_backends_refuse_reduced_precision(tmp_path, small_model):
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cuda_predictor_matches_cpu(small_model, precision):
-    image = scene()
-    cpu = Predictor.from_backend(TorchBackend(small_model, "fp32"))(image, score_threshold=0.0, max_detections=6)
     import copy
 
+    image = scene()
+    cpu = Predictor.from_backend(TorchBackend(small_model, "fp32"))(image, score_threshold=0.0, max_detections=6)
     gpu_model = copy.deepcopy(small_model).to("cuda")
     gpu = Predictor.from_backend(TorchBackend(gpu_model, precision))(image, score_threshold=0.0, max_detections=6)
-    assert len(gpu) == len(cpu)
-    np.testing.assert_allclose(gpu.boxes, cpu.boxes, atol=0.5 if precision == "fp32" else 3.0)
-    assert gpu.mask_probs.dtype == np.float32
-
-
-@needs_cuda
-def test_cuda_key_masked_attention_uses_the_key_bias_kernel_correctly():
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 700, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
-    padding = torch.rand(2, 700, device="cuda", generator=g) < 0.3
-    padding[:, :196] = False
-    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=~padding[:, None, None, :])
-    assert (key_masked_attention(q, k, v, padding).float() - expected).abs().max() < 0.05
+    assert len(gpu) == len(cpu) and gpu.mask_probs.dtype == np.float32
+    if precision == "fp32":
+        np.testing.assert_allclose(gpu.boxes, cpu.boxes, atol=0.5)
+    else:
+        assert (matched_iou(gpu.boxes, cpu.boxes) > 0.9).all()

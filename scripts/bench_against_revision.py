@@ -1,0 +1,99 @@
+"""The service of this working tree against the service of an earlier git revision, side by side.
+
+Both serve the same model on this machine, one at a time, in alternating rounds (old, new, old,
+new, ...), each loaded by the same ``transfiner bench`` closed loop, so slow drifts of a shared
+machine hit both alike. Prints images/s per round, the medians and their ratio.
+
+    .venv/bin/python scripts/bench_against_revision.py 054c9aa --rounds 2 --out bench-results/vs-054c9aa
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRY = "import sys; from model.cli import main; sys.exit(main())"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_round(tree: Path, args: argparse.Namespace, out: Path) -> dict:
+    """Serve from ``tree``, load it, stop it; -> {concurrency: images/s}."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    server = subprocess.Popen(
+        [sys.executable, "-c", ENTRY, "serve", "--model", args.model, "--device", "cpu", "--port", str(port),
+         "--log-level", "warning"],
+        cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        subprocess.run(
+            [sys.executable, "-c", ENTRY, "bench", "--url", f"http://127.0.0.1:{port}", "--wait-ready", "120",
+             "--concurrency", *map(str, args.concurrency), "--requests", str(args.requests),
+             "--num-images", "8", "--out", str(out)],
+            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True, capture_output=True, timeout=900,
+        )
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=60)
+    report = json.loads((out / "report.json").read_text())
+    return {str(step["concurrency"]): step["images_per_s"] for step in report["steps"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("revision", help="the git revision to compare with, e.g. a commit of main")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default="bench-results/vs-revision")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        old_tree = Path(scratch) / "old"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old_tree), args.revision],
+                       check=True, capture_output=True)
+        try:
+            rounds = []
+            for index in range(args.rounds):
+                for name, tree in (("old", old_tree), ("new", ROOT)):
+                    result = one_round(tree, args, Path(scratch) / f"{name}-{index}")
+                    rounds.append({"round": index, "tree": name, "images_per_s": result})
+                    print(f"round {index} {name}: " + ", ".join(f"c={c} {v:.2f} img/s" for c, v in result.items()),
+                          flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_tree)], check=False)
+
+    lines = [f"# Service throughput: working tree vs {args.revision} (model {args.model}, CPU)", "",
+             "| clients | old img/s (median) | new img/s (median) | new / old |", "|---:|---:|---:|---:|"]
+    summary = {}
+    for c in map(str, args.concurrency):
+        old = statistics.median(r["images_per_s"][c] for r in rounds if r["tree"] == "old")
+        new = statistics.median(r["images_per_s"][c] for r in rounds if r["tree"] == "new")
+        summary[c] = {"old": old, "new": new, "ratio": new / old}
+        lines.append(f"| {c} | {old:.2f} | {new:.2f} | {new / old:.2f}x |")
+    (out / "bench_against_revision.json").write_text(json.dumps(
+        {"revision": args.revision, "model": args.model, "rounds": rounds, "summary": summary}, indent=2))
+    (out / "bench_against_revision.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
