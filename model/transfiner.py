@@ -227,15 +227,16 @@ class SequenceEncoderLayer(nn.Module):
 def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)`` that keeps a bf16/fp16 token stream in its dtype under autocast.
 
-    Autocast runs LayerNorm in float32 *and returns float32*, which would turn the whole
+    CUDA autocast runs LayerNorm in float32 *and returns float32*, which would turn the whole
     residual stream of the encoder into float32: twice the memory traffic in every add, and a
-    cast before every linear layer. LayerNorm's kernels take half-precision input with float32
-    parameters and compute in float32 inside, so only the stored stream is half precision.
+    cast before every linear layer. Here the stream stays in its dtype; the kernel still
+    accumulates in float32. CUDA's kernel wants the parameters in the input's dtype (CPU's also
+    takes float32 ones), so they are rounded to it, as in any half-precision transformer.
     """
     if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
         return norm(x)
     with torch.autocast(x.device.type, enabled=False):
-        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
 
 
 class SequenceEncoder(nn.Module):

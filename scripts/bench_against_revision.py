@@ -56,6 +56,8 @@ def one_round(tree: Path, args: argparse.Namespace, out: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("revision", help="the git revision to compare with, e.g. a commit of main")
+    parser.add_argument("--new", default=None, metavar="REVISION",
+                        help="compare this revision instead of the working tree")
     parser.add_argument("--model", default="default")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--requests", type=int, default=24)
@@ -66,21 +68,25 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
-        old_tree = Path(scratch) / "old"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old_tree), args.revision],
-                       check=True, capture_output=True)
+        trees = {"old": Path(scratch) / "old", "new": Path(scratch) / "new" if args.new else ROOT}
+        for name, revision in (("old", args.revision), ("new", args.new)):
+            if revision:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(trees[name]), revision],
+                               check=True, capture_output=True)
         try:
             rounds = []
             for index in range(args.rounds):
-                for name, tree in (("old", old_tree), ("new", ROOT)):
+                for name, tree in trees.items():
                     result = one_round(tree, args, Path(scratch) / f"{name}-{index}")
                     rounds.append({"round": index, "tree": name, "images_per_s": result})
                     print(f"round {index} {name}: " + ", ".join(f"c={c} {v:.2f} img/s" for c, v in result.items()),
                           flush=True)
         finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_tree)], check=False)
+            for tree in trees.values():
+                if tree != ROOT:
+                    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
 
-    lines = [f"# Service throughput: working tree vs {args.revision} (model {args.model}, CPU)", "",
+    lines = [f"# Service throughput: {args.new or 'working tree'} vs {args.revision} (model {args.model}, CPU)", "",
              "| clients | old img/s (median) | new img/s (median) | new / old |", "|---:|---:|---:|---:|"]
     summary = {}
     for c in map(str, args.concurrency):

@@ -324,6 +324,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(server: subprocess.Popen, url: str, log_file: Path, timeout: float) -> None:
+    """Until the server answers ready; a server that exits first fails at once, with its log."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited ({server.returncode}):\n{log_file.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the server was not ready in {timeout:.0f} s:\n{log_file.read_text()[-3000:]}")
+
+
 def bench_http(workload: Workload, checkpoint: Path, image_dir: Path, work: Path, device: str, log) -> list[dict]:
     """The same checkpoint behind ``transfiner serve``, loaded with ``transfiner bench``."""
     port = free_port()
@@ -336,10 +353,11 @@ def bench_http(workload: Workload, checkpoint: Path, image_dir: Path, work: Path
     )
     results = []
     try:
+        wait_ready(server, url, work / "server.log", timeout=180)
         for detections in sorted(workload.detections, reverse=True):
             step_out = work / f"http-{detections}"
             command = [
-                *TRANSFINER, "bench", "--url", url, "--wait-ready", "180", "--images", str(image_dir),
+                *TRANSFINER, "bench", "--url", url, "--images", str(image_dir),
                 "--concurrency", *map(str, workload.http_concurrency), "--requests", str(workload.http_requests),
                 "--warmup", str(2 * workload.http_batch_size), "--param", "score_threshold=0",
                 "--param", f"max_detections={detections}", "--out", str(step_out),
