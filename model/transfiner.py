@@ -1,6 +1,7 @@
 """The Transfiner refinement: point quadtree, node encoder, sequence encoder, pixel decoder, propagation.
 
-Every detection of every image is refined in one pass. Each box becomes one padded token
+Every detection of every image is refined together, in chunks of ``boxes_per_chunk`` boxes so
+that memory does not grow with the detection count. Each box becomes one padded token
 sequence (196 context tokens + the selected nodes of the three quadtree levels), boxes are
 stacked along the batch dimension, and a key-padding mask hides the unselected slots, so the
 result of a box never depends on the other boxes or on how much padding it got.
@@ -15,9 +16,8 @@ number of cells above the threshold, the selected node set is exactly the offici
 Memory bound per box: at most ``L = 196 + k28 + 4 k56 + 16 k112`` tokens (2788 with the default
 ``max_cells = (784, 196, 64)``; the official code has no bound, up to 16,660). Attention runs
 through ``scaled_dot_product_attention`` whose fused kernels keep O(L) memory per head (no
-L x L attention matrix), so a box's memory is linear in L and independent of the image size:
-measured about 60 MB per refined box at the R50 widths in float32 on the CPU
-(``scripts/bench_model.py``: 6.1 GB peak for 100 boxes).
+L x L attention matrix), so a box's memory is linear in L and independent of the image size
+(``scripts/bench_model.py`` and ``scripts/bench_gpu.py`` measure it).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from .errors import install_error_handlers
 from .metrics import ServiceMetrics
 from .middleware import BodyLimitMiddleware, MetricsMiddleware
-from .routes import health, models, segment
+from .routes import demo, health, models, segment
 from .runtime import ModelLoader, ServiceRuntime, load_model
 from .settings import ServiceSettings
 
@@ -50,6 +50,8 @@ def create_app(settings: ServiceSettings | None = None, *, loader: ModelLoader =
     app.include_router(segment.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    if settings.demo:
+        app.include_router(demo.router)
     # Added last = outermost: the metrics middleware also counts the limit's early 413s.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
     known = frozenset(route.path for router in (segment.router, models.router, health.router) for route in router.routes)

@@ -48,6 +48,7 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard: width x height")
     log_level: str = "info"
+    demo: bool = Field(True, description="serve the browser demo page at / and /demo (TRANSFINER_DEMO=false: 404)")
 
     # Batching
     max_batch_size: int = Field(4, ge=1, le=256)
