@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import batched_nms
 
-from .box_ops import AnchorGenerator, Box2BoxTransform, clip_boxes, is_finite, rank_within_image
+from .box_ops import AnchorGenerator, Box2BoxTransform, clip_boxes, is_finite, rank_within_image, top_count
 from .config import RPNConfig
 
 
@@ -85,7 +85,7 @@ class RPN(nn.Module):
         batch = image_sizes.shape[0]
         boxes_per_level, scores_per_level, level_ids = [], [], []
         for level, (anchors_l, logits_l, deltas_l) in enumerate(zip(anchors, logits, deltas)):
-            scores, index = logits_l.topk(_top_count(logits_l.shape[1], pre_topk), dim=1)  # [B, n], sorted
+            scores, index = logits_l.topk(top_count(logits_l.shape[1], pre_topk), dim=1)  # [B, n], sorted
             picked_deltas = torch.gather(deltas_l, 1, index[..., None].expand(-1, -1, 4))
             picked_anchors = anchors_l[index.reshape(-1)]
             boxes = self.box2box.apply_deltas(picked_deltas.reshape(-1, 4), picked_anchors)
@@ -109,10 +109,3 @@ class RPN(nn.Module):
         kept = kept[rank_within_image(batch_index[kept], batch) < post_topk]
         return boxes[kept], scores[kept], batch_index[kept]
 
-
-def _top_count(available: int | torch.Tensor, wanted: int) -> int | torch.Tensor:
-    """min(available, wanted); while tracing, ``available`` is a tensor and must stay one so the
-    exported graph works for every image size."""
-    if isinstance(available, torch.Tensor):
-        return available.clamp(max=wanted)
-    return min(available, wanted)
