@@ -46,13 +46,19 @@ def to_rgb_tensor(image: ImageLike) -> torch.Tensor:
 
 
 def resized_shape(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
-    """Detectron2's ``ResizeShortestEdge`` output size (rounded half up)."""
+    """Detectron2's ``ResizeShortestEdge`` output size (rounded half up), never below 1 a side.
+
+    Past an aspect ratio of about ``2 * max_size / short_edge`` (1281x1 at 800/1333) the long-edge
+    cap shrinks the short side below half a pixel; detectron2 rounds it to 0 and its resize
+    raises. Keeping 1 pixel leaves every size detectron2 can run unchanged and makes such an
+    image a valid (if uninformative) input rather than a failure of its whole batch.
+    """
     scale = short_edge / min(height, width)
     new_h, new_w = height * scale, width * scale
     if max(new_h, new_w) > max_size:
         shrink = max_size / max(new_h, new_w)
         new_h, new_w = new_h * shrink, new_w * shrink
-    return int(new_h + 0.5), int(new_w + 0.5)
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
 
 def network_shape(height: int, width: int, cfg: InputConfig) -> tuple[int, int]:

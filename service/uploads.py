@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import sys
 from typing import Any
 
 from fastapi import Request
@@ -26,6 +27,7 @@ from .errors import ServiceError, bad_request, invalid_parameter
 from .schemas import SegmentParams
 
 MAX_FORM_FIELDS = 32
+TOO_DEEP = "the JSON body is nested too deeply"
 
 
 def _multi(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -75,16 +77,39 @@ async def _read_multipart(request: Request) -> tuple[bytes, dict[str, Any]]:
         await form.close()
 
 
-async def _read_json(request: Request) -> tuple[bytes, dict[str, Any]]:
+def _parse_json(raw: bytes) -> Any:
+    """``json.loads``, with the ways valid-looking JSON still makes Python raise as 400s."""
     try:
-        body = json.loads(await request.body())
+        return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise bad_request(f"malformed JSON body: {error}") from None
+    except RecursionError:
+        raise bad_request(TOO_DEEP) from None
+    except ValueError:  # Python's cap on int <-> str conversion (CVE-2020-10735)
+        raise bad_request(
+            f"a number in the JSON body has more than {sys.get_int_max_str_digits()} digits"
+        ) from None
+
+
+def _check_unicode(params: dict[str, Any]) -> None:
+    """JSON may escape lone surrogates (``"\\ud800"``), which Python parses but cannot encode
+    as UTF-8: echoed (``image_id``) or quoted in an error message, they would fail the response."""
+    try:
+        json.dumps(params, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request("the JSON body contains a lone surrogate (\\ud800-\\udfff): not valid Unicode") from None
+    except RecursionError:
+        raise bad_request(TOO_DEEP) from None
+
+
+async def _read_json(request: Request) -> tuple[bytes, dict[str, Any]]:
+    body = _parse_json(await request.body())
     if not isinstance(body, dict):
         raise bad_request("the JSON body must be an object with an 'image' field")
     if "image" not in body:
         raise bad_request("JSON body has no 'image' field")
-    data = _decode_base64(body.pop("image"))
+    data = _decode_base64(body.pop("image"))  # non-ASCII, surrogates included, is not base64
+    _check_unicode(body)
     return data, body
 
 

@@ -98,6 +98,9 @@ def test_refine_off_gives_upsampled_coarse_masks(predictor, image):
 def test_preprocessing_matches_detectron2_sizes():
     assert resized_shape(480, 640, 800, 1333) == (800, 1067)
     assert resized_shape(100, 1000, 800, 1333) == (133, 1333)
+    # Past ~1280:1 detectron2 rounds the short side to 0 (and its resize raises); we keep 1.
+    assert resized_shape(1, 1281, 800, 1333) == (1, 1333)
+    assert resized_shape(10000, 2, 800, 1333) == (1333, 1)
     cfg = dataclasses.replace(
         __import__("model.config", fromlist=["InputConfig"]).InputConfig(), min_size_test=64, max_size_test=100
     )

@@ -191,6 +191,45 @@ def test_per_request_parameters(client, predictor):
         assert (drawn & truth).sum() / (drawn | truth).sum() >= 0.9
 
 
+def test_polygons_with_no_instance_left_answer_an_empty_list(client):
+    png = encode(scene(seed=2))
+    everything = client.post("/v1/segment", content=png, params={"score_threshold": 0, "mask_format": "none"})
+    best = {}
+    for instance in everything.json()["instances"]:
+        best[instance["category_name"]] = max(best.get(instance["category_name"], 0), instance["score"])
+    # A threshold above every detection of the weaker class, a filter keeping only that class:
+    # the stronger class's detections pass the threshold and the filter removes them all.
+    weaker, stronger = sorted(CLASS_NAMES, key=lambda name: best.get(name, 0))
+    threshold = best.get(weaker, 0) + 1e-4
+    assert best[stronger] > threshold, best
+    for name, params in {
+        "nothing detected": {"score_threshold": 1},
+        "class filter removes all": {"score_threshold": threshold, "classes": weaker},
+    }.items():
+        response = client.post("/v1/segment", content=png, params={"mask_format": "polygon", **params})
+        assert response.status_code == 200, (name, response.text)
+        assert response.json()["instances"] == [], name
+
+
+def test_extreme_aspect_ratios_are_served_and_spare_their_batch_mates(client):
+    """Past ~1280:1 (here past 256:1: network sides 96/128) the resized short side rounds below
+    one pixel; the image is still served, and requests arriving with it are unaffected."""
+    extremes = [np.full((1, 1281, 3), 200, np.uint8), np.full((10000, 2, 3), 50, np.uint8)]
+    bodies = [encode(image) for image in [*extremes, scene(seed=4)]]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(
+            lambda body: client.post("/v1/segment", content=body, params={"score_threshold": 0}), bodies
+        ))
+    assert [r.status_code for r in responses] == [200] * 3, [r.text for r in responses]
+    for response, image in zip(responses, extremes):
+        assert response.json()["image"]["height"] == image.shape[0]
+        assert response.json()["image"]["width"] == image.shape[1]
+        for instance in response.json()["instances"]:
+            x, y, w, h = instance["bbox"]
+            assert 0 <= x and x + w <= image.shape[1] + 0.01 and 0 <= y and y + h <= image.shape[0] + 0.01
+    assert len(responses[-1].json()["instances"]) > 0
+
+
 def test_exif_orientation_applied(client, predictor):
     picture = Image.fromarray(scene(80, 120, seed=3))
     exif = Image.Exif()
@@ -287,6 +326,12 @@ def _chunks(data: bytes, size: int = 8192):
         yield data[start : start + size]
 
 
+def json_body(b64: str, image_id: bytes) -> dict:
+    """A JSON request whose ``image_id`` is raw JSON text (what ``json=`` could not send)."""
+    content = b'{"image": "' + b64.encode() + b'", "image_id": ' + image_id + b"}"
+    return dict(content=content, headers={"Content-Type": "application/json"})
+
+
 def error_cases():
     png = encode(scene())
     big_pixels = encode(np.zeros((500, 500, 3), np.uint8))  # 250,000 pixels > 200,000, a tiny file
@@ -305,6 +350,9 @@ def error_cases():
         "json without image": (dict(json={"score_threshold": 0.5}), 400, "bad_request"),
         "json bad base64": (dict(json={"image": "***"}), 400, "bad_request"),
         "json not an object": (dict(json=[b64]), 400, "bad_request"),
+        "json 5000-digit integer": (json_body(b64, b"1" * 5000), 400, "bad_request"),
+        "json nested 2000 deep": (json_body(b64, b"[" * 2000 + b"]" * 2000), 400, "bad_request"),
+        "json lone surrogate": (json_body(b64, rb'"\ud800"'), 400, "bad_request"),
         "no api key": (dict(content=png, headers={"X-API-Key": ""}), 401, "unauthorized"),
         "wrong api key": (dict(content=png, headers={"X-API-Key": API_KEY + "x"}), 401, "unauthorized"),
         "wrong bearer": (dict(content=png, headers={"X-API-Key": "", "Authorization": "Bearer nope"}), 401,

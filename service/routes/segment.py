@@ -45,7 +45,7 @@ def _openapi_extra() -> dict[str, Any]:
 ERRORS = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
-        400: "malformed request (no image, bad multipart/JSON/base64)",
+        400: "malformed request (no image; bad multipart, JSON or base64; huge int, deep nesting, lone surrogate)",
         401: "missing or wrong API key",
         413: "body or pixel count over the limit",
         415: "not a supported image (PNG, JPEG, GIF, WEBP, BMP, TIFF), decided from the bytes",
