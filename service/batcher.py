@@ -126,6 +126,10 @@ class Batcher:
         if self._closed:
             raise BatcherClosed("the service is shutting down")
         if len(self._queue) >= self.max_queue_size:
+            # Requests whose clients left or whose deadline passed only give their places up
+            # when a worker next takes a batch; a full queue must not turn a new one away for them.
+            self._drop_dead()
+        if len(self._queue) >= self.max_queue_size:
             raise QueueFull(self.estimate_wait())
         self._queue.append(job)
         self._report_depth()
@@ -234,6 +238,11 @@ class Batcher:
             else:
                 left.append(job)
         self._queue = left
+        self._report_depth()
+
+    def _drop_dead(self) -> None:
+        now = time.monotonic()
+        self._queue = collections.deque(job for job in self._queue if self._alive(job, now))
         self._report_depth()
 
     def _full(self, batch: list[Job]) -> bool:

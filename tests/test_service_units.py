@@ -174,6 +174,38 @@ def test_queue_full_with_retry_after_from_recent_batch_times():
     assert per_batch >= 0.19 and retry_after == pytest.approx(3 * per_batch)
 
 
+def test_a_full_queue_of_dead_requests_turns_no_new_one_away():
+    """Queued requests whose clients left or whose deadline passed give their places up when a
+    new one arrives, not only when the busy worker next takes a batch."""
+
+    async def main():
+        runner = Recorder(delay=0.3)
+        batcher = Batcher([runner], max_batch_size=1, max_delay_s=0.0, max_queue_size=2)
+        batcher.start()
+        busy = job("busy")
+        batcher.submit(busy)
+        await asyncio.sleep(0.05)  # the only worker is busy for 0.3 s from here
+        left, expired = job("left"), job("expired", timeout=0.01)
+        batcher.submit(left)
+        batcher.submit(expired)
+        with pytest.raises(QueueFull):
+            batcher.submit(job("while both are live"))
+        left.future.cancel()  # the client went away
+        await asyncio.sleep(0.02)  # the other's deadline passes
+        fresh = [job("fresh 1"), job("fresh 2")]
+        for j in fresh:
+            batcher.submit(j)  # no QueueFull: the two dead places are free
+        assert await asyncio.gather(*(j.future for j in fresh)) == ["fresh 1", "fresh 2"]
+        with pytest.raises(DeadlineExceeded):
+            await expired.future
+        await busy.future
+        await batcher.close()
+        return runner.batches
+
+    # The dead requests never reached the worker.
+    assert run(main()) == [["busy"], ["fresh 1"], ["fresh 2"]]
+
+
 def test_close_drains_the_queue_or_fails_it():
     async def main(drain: bool):
         runner = Recorder(delay=0.05)
