@@ -1,7 +1,7 @@
-"""The ``transfiner`` command line.
+"""The model's own sub-commands of ``transfiner``: ``predict`` and ``convert-official``.
 
-Every sub-command reports bad input as one clear line on stderr and exit status 2 (1 for a
-failed check such as an incomplete checkpoint conversion), never a traceback.
+The command table and ``main`` live above the packages, in ``transfiner.cli``, since the
+commands come from ``model``, ``export`` and ``service`` alike and ``model`` imports neither.
 """
 
 from __future__ import annotations
@@ -9,21 +9,39 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .checkpoint_io import CheckpointError
 from .config import PRESET_NAMES
-from .data import DatasetError, load_image_rgb
+from .data import load_image_rgb
 from .default_model import add_backend_argument, add_model_arguments, add_precision_argument
 
+if TYPE_CHECKING:
+    from .predictor import Predictor
 
-def cmd_predict(args: argparse.Namespace) -> int:
+
+def add_predict_arguments(predict: argparse.ArgumentParser) -> None:
+    predict.add_argument("images", nargs="+", help="image files")
+    add_model_arguments(predict)
+    add_backend_argument(predict)
+    add_precision_argument(predict)
+    predict.add_argument("--out", required=True, help="results JSON path")
+    predict.add_argument("--overlay", default=None, help="folder for overlay PNGs")
+    predict.add_argument("--batch-size", type=int, default=2)
+    predict.add_argument("--score-threshold", type=float, default=None)
+    predict.add_argument("--max-detections", type=int, default=None, help="per image (default: 100)")
+    predict.add_argument("--mask-threshold", type=float, default=0.5)
+    predict.add_argument("--no-refine", action="store_true", help="coarse Mask R-CNN masks only")
+
+
+def cmd_predict(args: argparse.Namespace, make_predictor: Callable[[argparse.Namespace], Predictor]) -> int:
+    """``transfiner predict`` on the predictor ``make_predictor`` builds from the arguments."""
     from tqdm import tqdm
 
-    from .default_model import predictor_from_args
     from .visualize import draw_overlay
 
-    predictor = predictor_from_args(args)
+    predictor = make_predictor(args)
     cfg = predictor.cfg
     paths = [Path(p) for p in args.images]
     if args.overlay:
@@ -70,68 +88,9 @@ def cmd_convert_official(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="transfiner", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    predict = commands.add_parser("predict", help="segment images, write COCO results JSON")
-    predict.add_argument("images", nargs="+", help="image files")
-    add_model_arguments(predict)
-    add_backend_argument(predict)
-    add_precision_argument(predict)
-    predict.add_argument("--out", required=True, help="results JSON path")
-    predict.add_argument("--overlay", default=None, help="folder for overlay PNGs")
-    predict.add_argument("--batch-size", type=int, default=2)
-    predict.add_argument("--score-threshold", type=float, default=None)
-    predict.add_argument("--max-detections", type=int, default=None, help="per image (default: 100)")
-    predict.add_argument("--mask-threshold", type=float, default=0.5)
-    predict.add_argument("--no-refine", action="store_true", help="coarse Mask R-CNN masks only")
-    predict.set_defaults(func=cmd_predict)
-
-    convert = commands.add_parser("convert-official", help="convert an official SysCV/transfiner checkpoint")
+def add_convert_arguments(convert: argparse.ArgumentParser) -> None:
     convert.add_argument("input", help="detectron2-format .pth (or .pkl with --allow-pickle)")
     convert.add_argument("output", help="where to write our checkpoint")
     convert.add_argument("--config", required=True, choices=[n for n in PRESET_NAMES if n != "small"])
     convert.add_argument("--allow-pickle", action="store_true",
                          help="allow reading .pkl files (numpy arrays only; pickle can run code)")
-    convert.set_defaults(func=cmd_convert_official)
-
-    from export.cli import add_export_arguments, cmd_export
-    from service.cli import add_serve_arguments, cmd_serve
-    from service.loadtest.cli import add_bench_arguments, cmd_bench
-
-    from .evaluate import add_evaluate_arguments, cmd_evaluate
-    from .shapes import add_make_shapes_arguments, cmd_make_shapes
-    from .train import add_train_arguments, cmd_train
-
-    # Sub-commands whose arguments live next to their implementation.
-    for name, help_text, add_arguments, command in (
-        ("make-shapes", "write a synthetic fine-detail COCO data set", add_make_shapes_arguments, cmd_make_shapes),
-        ("train", "train on a COCO-format data set", add_train_arguments, cmd_train),
-        ("evaluate", "box, mask and boundary AP of coarse vs refined masks", add_evaluate_arguments, cmd_evaluate),
-        ("serve", "run the REST service (FastAPI, dynamic batching)", add_serve_arguments, cmd_serve),
-        ("export", "export as TorchScript or ONNX (and check the TensorRT path)", add_export_arguments, cmd_export),
-        ("bench", "load-test a running service", add_bench_arguments, cmd_bench),
-    ):
-        sub = commands.add_parser(name, help=help_text)
-        add_arguments(sub)
-        sub.set_defaults(func=command)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "batch_size", 1) < 1:
-        print("error: --batch-size must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        return args.func(args)
-    except (CheckpointError, DatasetError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

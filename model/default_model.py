@@ -82,13 +82,3 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
              "models run fp32",
     )
 
-
-def predictor_from_args(args: argparse.Namespace):
-    from export.runtimes import load_backend
-
-    from .predictor import Predictor
-
-    backend = getattr(args, "backend", None) or "pytorch"
-    return Predictor.from_backend(
-        load_backend(model_from_args(args), backend, args.config, args.device, precision=args.precision)
-    )

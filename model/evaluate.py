@@ -25,10 +25,10 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from .precision import autocast
 from .preprocess import pad_batch
 from .rcnn import InferenceOptions
 from .targets import gt_incoherence
+
+if TYPE_CHECKING:
+    from .predictor import Predictor
 
 __all__ = [
     "BOUNDARY_DILATION_RATIO", "METRIC_NAMES", "IncoherenceStats", "check_categories", "coco_metrics",
@@ -412,13 +415,15 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Runs ``transfiner evaluate``; bad input raises ValueError / DatasetError / CheckpointError."""
-    from .default_model import model_from_args, predictor_from_args
+def cmd_evaluate(args: argparse.Namespace, make_predictor: Callable[[argparse.Namespace], Predictor]) -> int:
+    """Runs ``transfiner evaluate`` on the predictor ``make_predictor`` builds from the arguments
+    (any backend: the command line above the packages knows them); bad input raises ValueError /
+    DatasetError / CheckpointError."""
+    from .default_model import model_from_args
 
     if getattr(args, "workers", 0) < 0:
         raise ValueError(f"--workers cannot be negative, got {args.workers}")
-    predictor = predictor_from_args(args)
+    predictor = make_predictor(args)
     report = evaluate(
         predictor, args.data, args.out, image_root=args.image_root, batch_size=args.batch_size,
         max_images=args.max_images, num_overlays=getattr(args, "num_overlays", 4),

@@ -21,7 +21,12 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY = "import sys; from model.cli import main; sys.exit(main())"
+
+
+def command(tree: Path) -> list[str]:
+    """``transfiner`` as the tree runs it, installed or not (older trees kept it in ``model.cli``)."""
+    module = "transfiner.cli" if (tree / "transfiner" / "cli.py").is_file() else "model.cli"
+    return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
 
 
 def free_port() -> int:
@@ -35,13 +40,13 @@ def one_round(tree: Path, args: argparse.Namespace, out: Path) -> dict:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(tree))
     server = subprocess.Popen(
-        [sys.executable, "-c", ENTRY, "serve", "--model", args.model, "--device", "cpu", "--port", str(port),
+        [*command(tree), "serve", "--model", args.model, "--device", "cpu", "--port", str(port),
          "--log-level", "warning"],
         cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         subprocess.run(
-            [sys.executable, "-c", ENTRY, "bench", "--url", f"http://127.0.0.1:{port}", "--wait-ready", "120",
+            [*command(ROOT), "bench", "--url", f"http://127.0.0.1:{port}", "--wait-ready", "120",
              "--concurrency", *map(str, args.concurrency), "--requests", str(args.requests),
              "--num-images", "8", "--out", str(out)],
             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True, capture_output=True, timeout=900,

@@ -49,7 +49,7 @@ from model.shapes import ShapesConfig, render_image  # noqa: E402
 from model.transfiner import CONTEXT_SIZE  # noqa: E402
 
 # The `transfiner` command without relying on an installed console script (GPU images lack it).
-TRANSFINER = [sys.executable, "-c", "import sys; from model.cli import main; sys.exit(main())"]
+TRANSFINER = [sys.executable, "-m", "transfiner"]
 
 
 @dataclass

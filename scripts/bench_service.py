@@ -123,7 +123,7 @@ async def run_http(settings: ServiceSettings, png: bytes, params: dict, plan: li
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     command = [
-        sys.executable, "-m", "model.cli", "serve", "--model", settings.model, "--port", str(port),
+        sys.executable, "-m", "transfiner", "serve", "--model", settings.model, "--port", str(port),
         "--max-batch-size", str(settings.max_batch_size), "--max-delay-ms", str(settings.max_delay_ms),
         "--max-queue-size", str(settings.max_queue_size), "--log-level", "warning",
     ]

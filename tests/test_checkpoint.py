@@ -10,7 +10,7 @@ import torch
 
 from model.checkpoint import build_model, convert_official_state_dict, load_checkpoint, official_to_ours, save_checkpoint
 from model.checkpoint_io import CheckpointError
-from model.cli import main
+from transfiner.cli import main
 from model.config import preset, small_config
 from model.rcnn import MaskTransfiner
 

@@ -25,6 +25,7 @@ from model.rcnn import MaskTransfiner
 from model.shapes import CATEGORIES, make_shapes
 from model.targets import gt_incoherence
 from tests.conftest import tiny_transfiner_config
+from transfiner.cli import predictor_from_args
 
 IMAGE_IDS = (10, 20)  # not 1, 2: results must carry the json's own ids
 
@@ -180,7 +181,7 @@ def test_cmd_evaluate_end_to_end(shapes_json, tmp_path, capsys):
         "--weights", str(weights), "--data", str(shapes_json), "--out", str(out), "--device", "cpu",
         "--batch-size", "2", "--max-detections", "4",
     ])
-    assert cmd_evaluate(args) == 0
+    assert cmd_evaluate(args, predictor_from_args) == 0
     assert "refined" in capsys.readouterr().out
 
     report = json.loads((out / "report.json").read_text())
@@ -221,4 +222,4 @@ def test_bad_arguments(shapes_json, tmp_path):
     from model.checkpoint_io import CheckpointError
 
     with pytest.raises(CheckpointError, match="model not found"):
-        cmd_evaluate(args)
+        cmd_evaluate(args, predictor_from_args)

@@ -26,7 +26,7 @@ from export.runtimes import OnnxRuntimeBackend, TorchScriptBackend, load_backend
 from export.tensorrt import GRAPH_OPERATORS, check_onnx, graph_operators, support_matrix
 from model.backend import TorchBackend
 from model.checkpoint import build_model, load_checkpoint, save_checkpoint
-from model.cli import main
+from transfiner.cli import main
 from model.default_model import DEFAULT_WEIGHTS
 from model.predictor import Predictor
 from model.preprocess import prepare_batch

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.cli import build_parser, main
+from transfiner.cli import build_parser, main
 from model.shapes import make_shapes
 from service.loadtest.cli import command_line
 from service.loadtest.client import RequestRecord, RunResult, poisson_arrivals, run_closed_loop, run_open_loop

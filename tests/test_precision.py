@@ -12,7 +12,7 @@ from torchvision.ops import box_iou
 
 from model.backend import TorchBackend
 from model.checkpoint import save_checkpoint
-from model.cli import main
+from transfiner.cli import main
 from model.precision import resolve_precision
 from model.predictor import Predictor
 from model.transfiner import layer_norm

@@ -14,7 +14,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from model.checkpoint import save_checkpoint
-from model.cli import main
+from transfiner.cli import main
 from model.predictor import Predictor
 from model.preprocess import canvas_shape, group_by_canvas, prepare_batch, resized_shape, to_rgb_tensor
 from model.rcnn import InferenceOptions

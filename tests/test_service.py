@@ -572,7 +572,7 @@ def test_serve_process_readiness_and_graceful_sigterm(checkpoint, tmp_path):
         TRANSFINER_TORCH_THREADS="1",
     )
     log = open(tmp_path / "serve.log", "w+")
-    command = [sys.executable, "-m", "model.cli", "serve", "--model", str(checkpoint), "--port", str(port),
+    command = [sys.executable, "-m", "transfiner", "serve", "--model", str(checkpoint), "--port", str(port),
                "--max-delay-ms", "300", "--log-level", "warning"]
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
     try:
@@ -606,7 +606,7 @@ def test_serve_process_readiness_and_graceful_sigterm(checkpoint, tmp_path):
 
 
 def test_serve_defaults_and_missing_model(capsys):
-    from model.cli import build_parser, main
+    from transfiner.cli import build_parser, main
     from service.cli import settings_from_args
 
     settings = settings_from_args(build_parser().parse_args(["serve"]))

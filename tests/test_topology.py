@@ -136,7 +136,7 @@ def topology(tmp_path_factory):
         for index in range(2):
             port = _free_port()
             env = dict(os.environ, TRANSFINER_DEVICE="cpu", TRANSFINER_TORCH_THREADS="1", TRANSFINER_MODEL="default")
-            command = [sys.executable, "-m", "model.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            command = [sys.executable, "-m", "transfiner", "serve", "--host", "127.0.0.1", "--port", str(port),
                        "--log-level", "warning"]
             replicas.append((port, *topo.start(f"replica{index}", command, env=env, cwd=REPO)))
             topo.replica_ports.append(port)

@@ -9,7 +9,7 @@ import torch
 
 import dataclasses
 
-from model.cli import main
+from transfiner.cli import main
 from model.config import InputConfig, small_config
 from model.losses import Matcher, dice_loss, subsample_labels
 from model.predictor import Predictor
