@@ -377,6 +377,13 @@ def test_dockerfile_is_multi_stage_pinned_non_root_and_healthchecked(dockerfile)
             for source in sources:
                 assert (REPO / source).exists(), f"{dockerfile.name} copies {source}, which does not exist"
                 assert not _dockerignore_excludes(source), f"{dockerfile.name} copies {source}, which .dockerignore drops"
+    # Every package pyproject.toml installs is in the image (the console script imports them all).
+    import tomllib
+
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    copied = {args.split()[0] for keyword, args in instructions if keyword == "COPY" and "--from=" not in args}
+    for pattern in packages:
+        assert pattern.rstrip("*") in copied, f"{dockerfile.name} does not copy the {pattern.rstrip('*')} package"
     # Versions are pinned: every pip install names exact versions or installs the package under
     # constraints.txt.
     for keyword, args in instructions:
