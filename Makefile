@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all serve bench clean
+.PHONY: install test test-fast serve bench clean
 
 install: $(STAMP)
 
@@ -14,11 +14,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# Everything, slow tests included: what .ci/run runs.
 test: install
-	$(BIN)/python -m pytest -m "not slow" -q
-
-test-all: install
 	$(BIN)/python -m pytest -q
+
+# Leaves out the tests marked slow (training runs, real process topologies) while iterating.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" -q
 
 serve: install
 	$(BIN)/transfiner serve

@@ -75,23 +75,19 @@ def compare_outputs(expected, got) -> dict:
 def cmd_export(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from model.checkpoint import build_model, load_checkpoint
-    from model.config import preset
+    from model.checkpoint import load_model
     from model.predictor import resolve_device
 
     from .exporter import DEFAULT_OPSET, export_model
     from .tensorrt import build_instructions, check_onnx, tensorrt_available
 
     weights = resolve_weights(model_from_args(args))
-    cfg = preset(args.config) if args.config else load_checkpoint(weights)[0]
-    if cfg is None:
-        raise ValueError(f"{weights} holds no config: give one (e.g. --config R50-FPN)")
     fmt = "onnx" if args.format == "tensorrt" else args.format
     out = Path(args.out)
     steps = ["load", "export"] + ([] if args.no_check else ["check"]) + (["tensorrt"] if fmt == "onnx" else [])
     progress = tqdm(steps, desc="export", unit="step", disable=None)
     progress.set_postfix_str("load")
-    model = build_model(cfg, weights, resolve_device(args.device)).eval()
+    model = load_model(weights, args.config, resolve_device(args.device))
     progress.update()
     progress.set_postfix_str(f"trace + {fmt}")
     result = export_model(model, fmt, out, source=weights, opset=args.opset or DEFAULT_OPSET)

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from model.checkpoint_io import file_digest
-from model.config import ModelConfig
+from model.config import COVERING_MAX_CELLS, ModelConfig
 from model.rcnn import MaskTransfiner
+from model.transfiner import tokens_per_box
 
 from .graph import (
     INPUT_NAMES, INPUTS, OUTPUT_NAMES, OUTPUTS, ExportableMaskTransfiner, dynamic_axes, example_inputs,
@@ -149,6 +150,14 @@ def build_metadata(
         "inputs": specs_as_dicts(INPUTS),
         "outputs": specs_as_dicts(OUTPUTS),
         "max_refined_per_image": cfg.transfiner.max_refined_per_image,
+        # The graph's shapes are static: every box is padded to these caps. Where a box has more
+        # above-threshold cells than its level's cap, the graph refines fewer nodes than the
+        # official code (see the README); with 784 at every level it selects exactly its nodes.
+        "node_selection": {
+            "max_cells": list(cfg.transfiner.max_cells),
+            "tokens_per_box": tokens_per_box(cfg.transfiner.max_cells),
+            "official": tuple(cfg.transfiner.max_cells) == COVERING_MAX_CELLS,
+        },
         "config": cfg.to_dict(),
         "source": {"checkpoint": str(source) if source else None,
                    "sha256_12": file_digest(source) if source and Path(source).is_file() else None},
@@ -161,6 +170,11 @@ def find_export(path: str | os.PathLike) -> tuple[Path, dict] | None:
     """An export folder (or a model file inside one) -> (model file, metadata); None if ``path``
     is not an export at all (e.g. a checkpoint). Raises ``ExportError`` for a broken one."""
     path = Path(path)
+    if not path.exists():
+        # Not an export: the caller's checkpoint reader reports the missing path. Looking in its
+        # parent folder instead would take a mistyped name inside an export folder (the current
+        # directory, for a bare name) for that folder's model.
+        return None
     folder = path if path.is_dir() else path.parent
     metadata_file = folder / METADATA_FILE
     if path.is_file() and path.suffix not in (".onnx", ".ts"):

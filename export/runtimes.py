@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from model.backend import BACKEND_NAMES, Backend, TorchBackend
-from model.checkpoint import build_model, load_checkpoint
-from model.config import ModelConfig, preset
+from model.checkpoint import load_model
+from model.config import ModelConfig
 from model.default_model import resolve_weights
 from model.predictor import resolve_device
 from model.rcnn import InferenceOptions, RawOutputs
@@ -68,6 +68,7 @@ class TorchScriptBackend:
 
     @torch.inference_mode()
     def infer(self, images: torch.Tensor, image_sizes: torch.Tensor, options: InferenceOptions) -> RawOutputs:
+        options = options.batch_wide()  # the graph takes one value per batch
         threshold, top_k = graph_arguments(self.cfg, options, self.device)
         outputs = self.module(images.to(self.device), image_sizes.to(self.device), threshold, top_k)
         if self.device.type == "cuda":
@@ -110,6 +111,7 @@ class OnnxRuntimeBackend:
         self.providers = self.session.get_providers()
 
     def infer(self, images: torch.Tensor, image_sizes: torch.Tensor, options: InferenceOptions) -> RawOutputs:
+        options = options.batch_wide()  # the graph takes one value per batch
         threshold, top_k = graph_arguments(self.cfg, options)
         values = (images.float(), image_sizes.long(), threshold, top_k)
         feeds = {name: value.cpu().numpy() for name, value in zip(INPUT_NAMES, values)}
@@ -122,24 +124,24 @@ def cache_root() -> Path:
 
 
 def exported_copy(
-    model: str | os.PathLike, fmt: str, config: str | ModelConfig | None, device: torch.device
+    model: str | os.PathLike, fmt: str, config: str | ModelConfig | None, device: torch.device,
+    max_cells: tuple[int, int, int] | None = None,
 ) -> Path:
-    """The cached export of a checkpoint (``default`` or a path), made on first use."""
+    """The cached export of a checkpoint (``default`` or a path), made on first use; with
+    ``max_cells``, exported with those node caps instead of the checkpoint's."""
     weights = resolve_weights(model)
     key = f"{file_digest(weights)}-{fmt}" + (f"-{device.type}" if fmt == "torchscript" else "")
+    if max_cells is not None:
+        key += "-cells" + "-".join(str(k) for k in max_cells)
     folder = cache_root() / "exports" / key
     if (folder / "metadata.json").is_file():
         return folder
-    cfg = load_checkpoint(weights)[0] if config is None else config
-    if cfg is None:
-        raise ValueError(f"{weights} holds no config: give one (e.g. --config R50-FPN)")
-    cfg = preset(cfg) if isinstance(cfg, str) else cfg
     logger.info("exporting %s as %s into %s (first use)", model, fmt, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Export next to the target, then rename: a half-written folder is never taken for an export.
     staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
     try:
-        export_model(build_model(cfg, weights, device), fmt, staging, source=weights)
+        export_model(load_model(weights, config, device, max_cells), fmt, staging, source=weights)
         try:
             staging.rename(folder)
         except OSError:  # another process finished the same export first
@@ -153,9 +155,11 @@ def exported_copy(
 def load_backend(
     model: str | os.PathLike = "default", backend: str = "pytorch", config: str | ModelConfig | None = None,
     device: str | torch.device | None = "auto", threads: int | None = None, precision: str | None = "auto",
+    max_cells: tuple[int, int, int] | None = None,
 ) -> Backend:
     """A runtime by name (``pytorch``, ``torchscript``, ``onnxruntime``) for ``model``, at
-    ``precision`` (``model.precision``; exported graphs are float32, so they take auto or fp32)."""
+    ``precision`` (``model.precision``; exported graphs are float32, so they take auto or fp32),
+    with node caps ``max_cells`` (default: the checkpoint's; an export folder keeps its own)."""
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
     device = resolve_device(device)
@@ -171,12 +175,16 @@ def load_backend(
             raise ExportError(f"{model} is an exported model: run it with --backend {runtime}")
         from model.default_model import load_predictor
 
-        return load_predictor(model, config, device, precision).backend
+        return load_predictor(model, config, device, precision, max_cells).backend
     fmt = RUNTIME_FORMATS[backend]
     found = find_export(model) if str(model) != "default" else None
     if found is None:
-        found = find_export(exported_copy(model, fmt, config, device))
+        found = find_export(exported_copy(model, fmt, config, device, max_cells))
     model_file, metadata = found
+    exported_caps = tuple(metadata["config"]["transfiner"]["max_cells"])
+    if max_cells is not None and tuple(max_cells) != exported_caps:
+        raise ValueError(f"{model_file} was exported with max cells {exported_caps}: its graph's shapes are "
+                         "static, so export the checkpoint again with other caps (or give the checkpoint)")
     if metadata["format"] != fmt:
         raise ExportError(f"{model_file} holds a {metadata['format']} export; --backend {backend} needs {fmt}")
     if backend == "torchscript":

@@ -8,6 +8,7 @@ TorchScript and ONNX Runtime, and ``export.runtimes.load_backend`` picks one by 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -35,15 +36,19 @@ class Backend(Protocol):
 
 class TorchBackend:
     """Eager PyTorch on one device at one precision (``auto``: bf16 on CUDA that supports it,
-    else fp32). ``infer`` may be called from any thread (eval mode, no grad)."""
+    else fp32). ``infer`` may be called from any thread (eval mode, no grad).
+
+    ``boxes_per_group``: how many refined boxes ``infer_lightest_first`` puts in one mask-head
+    call (about one refiner chunk, so grouping costs the GPU little)."""
 
     name = "pytorch"
 
-    def __init__(self, model: MaskTransfiner, precision: str | None = "fp32") -> None:
+    def __init__(self, model: MaskTransfiner, precision: str | None = "fp32", boxes_per_group: int = 128) -> None:
         self.model = model.eval()
         self.cfg = model.cfg
         self.device = model.device
         self.precision = resolve_precision(precision, self.device)
+        self.boxes_per_group = boxes_per_group
 
     @torch.inference_mode()
     def infer(self, images: torch.Tensor, image_sizes: torch.Tensor, options: InferenceOptions) -> RawOutputs:
@@ -54,3 +59,32 @@ class TorchBackend:
             # only, as the service post-processes earlier batches on streams of its own meanwhile.
             torch.cuda.current_stream(self.device).synchronize()
         return raw
+
+    def infer_lightest_first(
+        self, images: torch.Tensor, image_sizes: torch.Tensor, options: InferenceOptions
+    ) -> Iterator[tuple[list[int], RawOutputs]]:
+        """``infer`` in steps: detection for the whole batch, then the masks of groups of images,
+        the images with the fewest detections to refine first (``MaskTransfiner.segment_lightest_first``).
+        Each step runs when the caller asks for the next group, in the caller's thread."""
+        with torch.inference_mode(), autocast(self.precision, self.device):
+            detected = self.model.detect(images, image_sizes, options)
+            groups = self.model.segment_lightest_first(detected, self.boxes_per_group)
+        while True:
+            with torch.inference_mode(), autocast(self.precision, self.device):
+                step = next(groups, None)
+            if step is None:
+                return
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # as infer
+            yield step
+
+
+def infer_lightest_first(
+    backend: Backend, images: torch.Tensor, image_sizes: torch.Tensor, options: InferenceOptions
+) -> Iterator[tuple[list[int], RawOutputs]]:
+    """(image indices, their outputs) for a batch, in steps where the backend can (eager PyTorch),
+    else one step with every image (an exported graph runs whole)."""
+    if isinstance(backend, TorchBackend):
+        yield from backend.infer_lightest_first(images, image_sizes, options)
+    else:
+        yield list(range(images.shape[0])), backend.infer(images, image_sizes, options)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint_io import CheckpointError, read_state_dict
-from .config import ModelConfig
+from .checkpoint_io import CheckpointError, load_torch_file, state_dict_of
+from .config import COVERING_MAX_CELLS, ModelConfig, preset, with_max_cells
 from .rcnn import MaskTransfiner
 
 FORMAT = "transfiner/1"
@@ -70,6 +71,13 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+def official_config(name: str) -> ModelConfig:
+    """The config a converted official checkpoint stores: the preset, with node caps that cover
+    every cell, so the converted model selects exactly the official nodes in every box (the
+    official code has no cap). ``--max-cells`` trades that for speed at inference."""
+    return with_max_cells(preset(name), COVERING_MAX_CELLS)
+
+
 def convert_official_state_dict(
     official: dict[str, torch.Tensor], model: MaskTransfiner
 ) -> tuple[dict[str, torch.Tensor], ConversionReport]:
@@ -102,16 +110,28 @@ def save_checkpoint(path: str | os.PathLike, model: MaskTransfiner, **extra) -> 
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig | None, dict[str, torch.Tensor]]:
-    """Reads our checkpoint (config + weights) or a bare state dict (config ``None``)."""
+    """Reads our checkpoint (config + weights) or a bare state dict (config ``None``), once."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+    data = load_torch_file(Path(path))
     if isinstance(data, dict) and data.get("format") == FORMAT:
         return ModelConfig.from_dict(data["config"]), data["model"]
-    return None, read_state_dict(path)
+    return None, state_dict_of(data, Path(path))
+
+
+def load_model(
+    weights: str | os.PathLike, config: str | ModelConfig | None = None, device: str | torch.device = "cpu",
+    max_cells: tuple[int, int, int] | None = None,
+) -> MaskTransfiner:
+    """A model in eval mode from a checkpoint file, read once: with the config stored in it unless
+    ``config`` (a preset name or a ``ModelConfig``; needed for a bare state dict) is given, and
+    with node caps ``max_cells`` instead of the config's."""
+    stored, state = load_checkpoint(weights)
+    config = stored if config is None else config
+    if config is None:
+        raise ValueError(f"{weights} holds no config: give one (e.g. --config R50-FPN)")
+    cfg = with_max_cells(preset(config) if isinstance(config, str) else config, max_cells)
+    return _with_weights(MaskTransfiner(cfg), state, weights).to(device).eval()
 
 
 def build_model(
@@ -120,18 +140,23 @@ def build_model(
     """A model in eval mode; with ``weights``, every parameter must load (strict)."""
     model = MaskTransfiner(config)
     if weights is not None:
-        _, state = load_checkpoint(weights)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        target = model.state_dict()
-        missing = sorted(set(target) - set(state))
-        unexpected = sorted(set(state) - set(target))
-        wrong = sorted(k for k in set(state) & set(target) if state[k].shape != target[k].shape)
-        if missing or unexpected or wrong:
-            raise CheckpointError(
-                f"{weights} does not match config {config.name!r}: {len(missing)} missing keys "
-                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-                f"{len(wrong)} of another shape (e.g. {wrong[:3]}). "
-                "Official checkpoints must be converted first: transfiner convert-official."
-            )
-        model.load_state_dict(state)
+        model = _with_weights(model, load_checkpoint(weights)[1], weights)
     return model.to(device).eval()
+
+
+def _with_weights(model: MaskTransfiner, state: dict[str, torch.Tensor], source: str | os.PathLike) -> MaskTransfiner:
+    """Loads every parameter of ``model`` from ``state`` (strict), or says what does not match."""
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    target = model.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    wrong = sorted(k for k in set(state) & set(target) if state[k].shape != target[k].shape)
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{source} does not match config {model.cfg.name!r}: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(wrong)} of another shape (e.g. {wrong[:3]}). "
+            "Official checkpoints must be converted first: transfiner convert-official."
+        )
+    model.load_state_dict(state)
+    return model

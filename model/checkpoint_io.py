@@ -65,8 +65,13 @@ def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict
 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    return state_dict_of(load_torch_file(path), path)
+
+
+def load_torch_file(path: Path) -> Any:
+    """What a ``.pth`` file holds, read with ``torch.load(weights_only=True)``."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"cannot read checkpoint {path}: it is corrupt or not a plain weights file "
@@ -75,6 +80,10 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     except Exception as e:  # torch raises many types (zip, EOF, ...) for bad files
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in what a ``.pth`` file held (bare, or detectron2's ``{"model": ...}``)."""
     sd = _unwrap(obj, path)
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):

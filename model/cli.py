@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from .config import PRESET_NAMES
 from .data import load_image_rgb
-from .default_model import add_backend_argument, add_model_arguments, add_precision_argument
+from .default_model import add_backend_argument, add_max_cells_argument, add_model_arguments, add_precision_argument
 
 if TYPE_CHECKING:
     from .predictor import Predictor
@@ -26,6 +26,7 @@ def add_predict_arguments(predict: argparse.ArgumentParser) -> None:
     add_model_arguments(predict)
     add_backend_argument(predict)
     add_precision_argument(predict)
+    add_max_cells_argument(predict)
     predict.add_argument("--out", required=True, help="results JSON path")
     predict.add_argument("--overlay", default=None, help="folder for overlay PNGs")
     predict.add_argument("--batch-size", type=int, default=2)
@@ -68,13 +69,12 @@ def cmd_predict(args: argparse.Namespace, make_predictor: Callable[[argparse.Nam
 
 
 def cmd_convert_official(args: argparse.Namespace) -> int:
-    from .checkpoint import convert_official_state_dict, save_checkpoint
+    from .checkpoint import convert_official_state_dict, official_config, save_checkpoint
     from .checkpoint_io import read_state_dict
-    from .config import preset
     from .rcnn import MaskTransfiner
 
     official = read_state_dict(args.input, allow_pickle=args.allow_pickle)
-    model = MaskTransfiner(preset(args.config))
+    model = MaskTransfiner(official_config(args.config))
     converted, report = convert_official_state_dict(official, model)
     print(report.format())
     if not report.ok:

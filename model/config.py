@@ -1,7 +1,8 @@
 """Typed model configuration and the named presets.
 
-Defaults follow detectron2's ``Base-RCNN-FPN.yaml`` and the official Transfiner code, whose
-Transfiner constants are hard-coded there (see ``shared/reference/official-transfiner-code.md``).
+Defaults follow detectron2's ``Base-RCNN-FPN.yaml`` and the official SysCV/transfiner code, which
+hard-codes the Transfiner constants in its mask head and pooler (``detectron2/modeling/roi_heads/
+mask_head.py``, ``detectron2/modeling/poolers.py``) rather than in its configs.
 A config round-trips through ``to_dict`` / ``from_dict`` so it can be stored inside checkpoints.
 """
 
@@ -112,6 +113,12 @@ class MaskHeadConfig:
     incoherence_dim: int = 128
 
 
+# Caps that cover every 28-cell at every level: node selection is then exactly the official
+# thresholding (up to 196 + 784 + 3136 + 12544 = 16,660 tokens a box; compute follows the real
+# nodes, see model.transfiner).
+COVERING_MAX_CELLS: tuple[int, int, int] = (784, 784, 784)
+
+
 @dataclass
 class TransfinerConfig:
     """The refinement head. Node selection is per level of the point quadtree (28, 56, 112).
@@ -119,6 +126,8 @@ class TransfinerConfig:
     ``thresholds`` are the official inference thresholds on the predicted incoherence;
     ``max_cells`` bounds how many 28x28 cells each level may take (a fixed-size top-k), so a
     box contributes at most ``196 + max_cells[0] + 4 * max_cells[1] + 16 * max_cells[2]`` tokens.
+    The default covers every cell (the official selection); smaller caps are a speed knob that
+    changes results wherever a box has more above-threshold cells than its cap.
     """
 
     enabled: bool = True
@@ -128,11 +137,14 @@ class TransfinerConfig:
     dim_feedforward: int = 2048
     dropout: float = 0.1
     thresholds: tuple[float, float, float] = (1e-6, 0.125, 0.8)
-    max_cells: tuple[int, int, int] = (784, 196, 64)
+    max_cells: tuple[int, int, int] = COVERING_MAX_CELLS
     # How many detections per image are refined (the official code: 10 for the whole batch).
     max_refined_per_image: int = 100
-    # Boxes refined together in one pass: peak memory grows with this, not with the detection
-    # count (each box is independent, so the chunking never changes a result).
+    # Tokens (boxes x padded sequence length) refined together in one pass: peak memory grows
+    # with this, not with the detection count or the caps (each box is independent, so the
+    # chunking never changes a result). Exported graphs take all boxes in one pass.
+    tokens_per_chunk: int = 65_536
+    # And at most this many boxes per pass.
     boxes_per_chunk: int = 128
     # Training: nodes sampled per level and box, as the official code (issue 3 uses these).
     train_thresholds: tuple[float, float, float] = (0.125, 0.5, 0.5)
@@ -188,6 +200,24 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+def parse_max_cells(text: str) -> tuple[int, int, int]:
+    """``"A,B,C"`` (the ``--max-cells`` / ``TRANSFINER_MAX_CELLS`` form) -> caps per level, each 1..784."""
+    try:
+        caps = tuple(int(part) for part in str(text).split(","))
+    except ValueError:
+        caps = ()
+    if len(caps) != 3 or not all(1 <= k <= 784 for k in caps):
+        raise ValueError(f"max cells must be three integers in 1..784 as A,B,C (e.g. 784,196,64), got {text!r}")
+    return caps  # type: ignore[return-value]
+
+
+def with_max_cells(cfg: ModelConfig, max_cells: tuple[int, int, int] | None) -> ModelConfig:
+    """``cfg`` with other node caps (``None``: unchanged). Caps change no weight, only inference."""
+    if max_cells is None:
+        return cfg
+    return dataclasses.replace(cfg, transfiner=dataclasses.replace(cfg.transfiner, max_cells=tuple(max_cells)))
+
+
 PRESET_NAMES = ("R50-FPN", "R101-FPN", "R50-FPN-DCN", "R101-FPN-DCN", "small")
 
 
@@ -231,7 +261,10 @@ def small_config(
         roi_heads=ROIHeadsConfig(num_classes=num_classes, fc_dim=256, batch_size_per_image=128),
         mask_head=MaskHeadConfig(conv_dim=64, incoherence_dim=32),
         # No dropout: it costs a quarter of a CPU training step and a short schedule needs none.
-        transfiner=TransfinerConfig(d_model=64, num_heads=4, num_layers=3, dim_feedforward=256, dropout=0.0),
+        # Caps as the default model was trained and evaluated with (covering caps: README table).
+        transfiner=TransfinerConfig(
+            d_model=64, num_heads=4, num_layers=3, dim_feedforward=256, dropout=0.0, max_cells=(784, 196, 64),
+        ),
         class_names=class_names,
         category_ids=category_ids or tuple(range(1, num_classes + 1)),
     )

@@ -26,7 +26,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
@@ -85,14 +85,33 @@ def load_image_rgb(path: PathLike) -> np.ndarray:
 def image_to_rgb(image: Image.Image) -> np.ndarray:
     """An opened PIL image (file or bytes; the first frame if animated) -> uint8 RGB [H, W, 3],
     upright by its EXIF orientation, any mode converted as ``load_image_rgb`` says."""
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)  # a copy, so only when there is something to turn
     if image.mode.startswith("I;16") or image.mode == "I":
         grey = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
     if image.mode == "F":
         grey = np.clip(np.asarray(image, dtype=np.float64), 0, 255).round().astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
-    return np.array(image.convert("RGB"), dtype=np.uint8)
+    return _rgb_in_strips(image)
+
+
+# Rows per strip of ``_rgb_in_strips``: about 4 MB of RGB at a time.
+_STRIP_BYTES = 4 * 1024 * 1024
+
+
+def _rgb_in_strips(image: Image.Image) -> np.ndarray:
+    """``np.asarray(image.convert("RGB"))`` with one full-size copy of the pixels instead of up
+    to three (the conversion, and the bytes Pillow hands numpy, which it joins from pieces): for
+    a 40-megapixel upload, hundreds of megabytes. Mode conversions are per pixel, so converting
+    strip by strip gives the same values."""
+    width, height = image.size
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, _STRIP_BYTES // (3 * width))
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(height, top + rows)))
+        out[top : top + strip.height] = np.asarray(strip if strip.mode == "RGB" else strip.convert("RGB"))
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint_io import CheckpointError
-from .config import PRESET_NAMES, ModelConfig, preset
+from .config import PRESET_NAMES, ModelConfig, parse_max_cells, preset
 from .precision import PRECISIONS
 
 # The small model trained by our own `transfiner train` on make-shapes data (see its README).
@@ -41,13 +41,15 @@ def resolve_weights(model: str | os.PathLike | None) -> Path | None:
 def load_predictor(
     model: str | os.PathLike | None = "default", config: str | ModelConfig | None = None,
     device: str | torch.device | None = "auto", precision: str | None = "auto",
+    max_cells: tuple[int, int, int] | None = None,
 ):
-    """A ``Predictor`` for ``--model`` (and optionally ``--config``, needed for bare state dicts)."""
+    """A ``Predictor`` for ``--model`` (and optionally ``--config``, needed for bare state dicts;
+    ``max_cells``, the node caps, instead of the checkpoint's)."""
     from .predictor import Predictor
 
     weights = resolve_weights(model)
     cfg = preset(config) if isinstance(config, str) else config
-    return Predictor(cfg, weights, device, precision)
+    return Predictor(cfg, weights, device, precision, max_cells=max_cells)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +74,15 @@ def add_backend_argument(parser: argparse.ArgumentParser) -> None:
         "--backend", default=None, choices=BACKEND_NAMES,
         help="pytorch (eager, the default), torchscript or onnxruntime; --model may then also be a "
              "`transfiner export` folder (a checkpoint is exported once into ~/.cache/transfiner)",
+    )
+
+
+def add_max_cells_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-cells", default=None, type=parse_max_cells, metavar="A,B,C",
+        help="node caps per quadtree level, 28-cells of the 28/56/112 levels (default: the checkpoint's; "
+             "784,784,784 selects exactly the official nodes; smaller is faster and differs where a box "
+             "has more incoherent cells). Exported models keep the caps they were exported with",
     )
 
 

@@ -398,11 +398,12 @@ def _update_incoherence(stats: IncoherenceStats, model, features, samples, devic
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds ``transfiner evaluate``'s arguments to ``parser``."""
-    from .default_model import add_backend_argument, add_model_arguments, add_precision_argument
+    from .default_model import add_backend_argument, add_max_cells_argument, add_model_arguments, add_precision_argument
 
     add_model_arguments(parser)
     add_backend_argument(parser)
     add_precision_argument(parser)
+    add_max_cells_argument(parser)
     parser.add_argument("--data", required=True, help="COCO annotations json of the val set")
     parser.add_argument("--image-root", default=None,
                         help="folder the json's file names are relative to (default: next to the json)")

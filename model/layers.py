@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import deform_conv2d
 
@@ -23,6 +24,18 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features) - eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, C, H, W] -> the same shape. Two forms, as detectron2's ``FrozenBatchNorm2d``:
+
+        Without gradients, ``F.batch_norm`` with the frozen statistics: detectron2's (and so the
+        official code's) inference op, bit for bit; a folded ``x * scale + shift`` rounds
+        differently in the last bit, which moves scores, and with them NMS ties and boxes. When
+        ``x`` needs gradients (training from ``--weights``), the folded form: ``F.batch_norm``'s
+        backward also computes gradients for the frozen weight and bias, and keeps more memory.
+        """
+        if not x.requires_grad:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps
+            )
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
         return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
@@ -92,8 +105,3 @@ def c2_xavier_fill(module: nn.Module) -> None:
     nn.init.kaiming_uniform_(module.weight, a=1)
     if module.bias is not None:
         nn.init.zeros_(module.bias)
-
-
-def cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
-    """``torch.cat`` that skips the copy for a single tensor."""
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)

@@ -133,6 +133,7 @@ class TransfinerMaskHead(nn.Module):
     def forward(
         self, features: list[torch.Tensor], boxes: torch.Tensor, classes: torch.Tensor,
         batch_index: torch.Tensor, refine_mask: torch.Tensor | None = None, refine: bool = True,
+        enhanced: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask probabilities of every detection.
 
@@ -151,7 +152,8 @@ class TransfinerMaskHead(nn.Module):
         if refine_mask is not None:
             index = index[refine_mask]
         incoherence = self.incoherence(roi_features[index], mask_features[index])
-        enhanced = self.enhanced_features(features)
+        if enhanced is None:
+            enhanced = self.enhanced_features(features)
         refined = self.refiner(
             enhanced, boxes[index], batch_index[index], self.pooler.levels(boxes[index]),
             roi_features[index], coarse[index], incoherence,

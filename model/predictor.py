@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from .backend import Backend, TorchBackend
-from .checkpoint import build_model, load_checkpoint
-from .config import ModelConfig, preset
+from .checkpoint import build_model, load_model
+from .config import ModelConfig, preset, with_max_cells
 from .default_model import resolve_weights
 from .postprocess import masks_to_rle, paste_masks, paste_windows
 from .preprocess import ImageLike, group_by_canvas, prepare_batch, to_rgb_tensor
@@ -133,15 +133,16 @@ class Predictor:
     def __init__(
         self, config: str | ModelConfig | None = None, weights: str | os.PathLike | None = None,
         device: str | torch.device | None = "auto", precision: str | None = "auto",
+        max_cells: tuple[int, int, int] | None = None,
     ) -> None:
         if config is None and weights is None:
             weights = resolve_weights("default")
-        if config is None:
-            config = load_checkpoint(weights)[0]
-            if config is None:
-                raise ValueError(f"{weights} holds no config: give one (e.g. --config R50-FPN)")
-        cfg = preset(config) if isinstance(config, str) else config
-        self._use(TorchBackend(build_model(cfg, weights, resolve_device(device)), precision))
+        if weights is None:  # random weights: a config is all there is
+            cfg = with_max_cells(preset(config) if isinstance(config, str) else config, max_cells)
+            model = build_model(cfg, None, resolve_device(device))
+        else:
+            model = load_model(weights, config, resolve_device(device), max_cells)
+        self._use(TorchBackend(model, precision))
 
     @classmethod
     def from_backend(cls, backend: Backend) -> "Predictor":

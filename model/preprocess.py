@@ -97,10 +97,44 @@ def resize_image(image: torch.Tensor, size: tuple[int, int], device: torch.devic
     Antialiased bilinear, as PIL's resize in detectron2's ``ResizeShortestEdge``. The one resize
     of the test-time input: the Predictor, the exporters' checks and the service all use it.
     """
+    size = tuple(size)
+    if torch.device(device).type == "cpu" and image.device.type == "cpu" and size != tuple(image.shape[-2:]):
+        return _resize_on_cpu(image, size).clamp_(0, 255)
     x = image.to(device=device, dtype=torch.float32).flip(0)[None]  # RGB -> BGR, [1, 3, H, W]
-    if tuple(size) != tuple(x.shape[-2:]):
-        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    if size != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     return x[0].clamp_(0, 255)
+
+
+# Rows of the input converted to float at a time by ``_resize_on_cpu``.
+_BAND_ROWS = 256
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[H, W] float -> [h, w], antialiased bilinear."""
+    return F.interpolate(x[None, None], size=size, mode="bilinear", align_corners=False, antialias=True)[0, 0]
+
+
+def _resize_on_cpu(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``resize_image`` for a CPU tensor, in bounded memory: the same values to the bit.
+
+    The one-call form converts the whole upload to float32 and flips it first (for a 40-megapixel
+    upload two copies of 480 MB each). The antialiased resize is separable and treats channels
+    alike, so it runs per channel, the width pass on bands of rows (converted through one float
+    buffer: a fresh one per band fragments the heap by hundreds of megabytes) and the height pass
+    on the [H, w] result, channels taken in BGR order. tests/test_predictor.py checks the equality.
+    """
+    height, width = image.shape[-2:]
+    band = torch.empty(min(_BAND_ROWS, height), width)  # one float buffer, reused for every band
+    channels = []
+    for index in (2, 1, 0):  # BGR; not image.flip(0), which would copy the whole upload
+        rows = []
+        for top in range(0, height, _BAND_ROWS):
+            part = band[: min(_BAND_ROWS, height - top)]
+            part.copy_(image[index, top : top + part.shape[0]])
+            rows.append(_resize(part, (part.shape[0], size[1])))
+        channels.append(_resize(torch.cat(rows), size))  # [H, w] -> [h, w]
+    return torch.stack(channels)
 
 
 def prepare_batch(

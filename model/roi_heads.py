@@ -62,6 +62,18 @@ class Detections:
         self.batch_index = batch_index  # [D] int64
         self.rank = rank  # [D] int64, 0-based position within its image (0: its best detection)
 
+    def take(self, rows: torch.Tensor) -> "Detections":
+        """The detections ``rows`` ([R] int64, in order), ranks unchanged."""
+        return Detections(self.boxes[rows], self.scores[rows], self.classes[rows], self.batch_index[rows], self.rank[rows])
+
+
+def per_image(value, index: torch.Tensor):
+    """An option given once (a number or 0-dim tensor) or per image ([B] tensor), as the value
+    for each entry of ``index`` (image indices of any shape); a single value stays as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        return value.to(index.device)[index]
+    return value
+
 
 class BoxROIHeads(nn.Module):
     """Scores and refines proposals, then NMS per image and class into final detections."""
@@ -82,8 +94,8 @@ class BoxROIHeads(nn.Module):
 
     def inference(
         self, logits: torch.Tensor, deltas: torch.Tensor, proposals: torch.Tensor,
-        proposal_batch: torch.Tensor, image_sizes: torch.Tensor, score_thresh: float | None = None,
-        detections_per_image: int | None = None,
+        proposal_batch: torch.Tensor, image_sizes: torch.Tensor, score_thresh: float | torch.Tensor | None = None,
+        detections_per_image: int | torch.Tensor | None = None,
     ) -> Detections:
         """Detectron2's ``fast_rcnn_inference`` for all images at once (no per-image loop).
 
@@ -91,7 +103,8 @@ class BoxROIHeads(nn.Module):
         candidates above the threshold enter NMS; an image with more loses its lowest-scoring
         ones (with the default bound, in practice only at thresholds well below the usual 0.05).
         Proposals may come in any order of images. Also returns each detection's rank in its
-        image, which the mask head's refinement cap uses.
+        image, which the mask head's refinement cap uses. The threshold and the top-k may be one
+        value for the batch or one per image ([B] tensors).
         """
         score_thresh = self.cfg.score_thresh_test if score_thresh is None else score_thresh
         top_k = self.cfg.detections_per_image if detections_per_image is None else detections_per_image
@@ -104,7 +117,7 @@ class BoxROIHeads(nn.Module):
         # clipping (clipping would turn an infinite box into a finite one on the border).
         finite = is_finite(boxes).flatten(1).all(dim=1) & is_finite(probs).all(dim=1)  # [P]
         scores = probs[:, :-1]  # drop background: [P, K]
-        valid = (scores > score_thresh) & finite[:, None]  # [P, K]
+        valid = (scores > per_image(score_thresh, proposal_batch[:, None])) & finite[:, None]  # [P, K]
 
         # Lay the candidates out per image, [B, S * K]: S is the most proposals of any image, row
         # b holds image b's proposals in their order (they may come in any order of images), and
@@ -148,6 +161,7 @@ class BoxROIHeads(nn.Module):
         # detection; no Python branch on it, as it is a graph input in exported models), and the
         # rows of [B, k] in order, which groups them by image, best first.
         rank = (kept.view(num_images, width).cumsum(1) - 1).flatten().to(torch.int64)  # [B * k]
+        top_k = per_image(top_k, images)  # a number, or [B * k]
         final = torch.nonzero((kept > 0) & ((rank < top_k) | (top_k < 0))).squeeze(1)  # [D]
         final_boxes = _clipped(boxes[top_proposals[final], classes[final]], image_sizes[images[final]])
         return Detections(final_boxes, top_scores[final], classes[final], images[final], rank[final])

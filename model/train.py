@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .checkpoint_io import CheckpointError
+from .checkpoint_io import CheckpointError, load_torch_file
 from .config import PRESET_NAMES, ModelConfig, preset, small_config
 from .data import CocoDataset, make_loader
 from .losses import TrainingLosses
@@ -93,6 +93,19 @@ def load_matching_weights(model: MaskTransfiner, path: str | Path) -> list[str]:
     return sorted(set(target) - set(usable))
 
 
+def read_train_state(path: Path) -> dict:
+    """The training state ``train`` saves in ``last.pth``, read with ``weights_only=True``: it holds
+    only tensors and plain containers, so resuming runs no code from the file."""
+    if not path.is_file():
+        raise CheckpointError(f"--resume: no {path} to resume from")
+    state = load_torch_file(path)
+    found = state.get("format") if isinstance(state, dict) else None
+    if found != TRAIN_STATE_FORMAT:
+        raise CheckpointError(f"--resume: {path} is not a training state this version can resume "
+                              f"(format {found!r}, expected {TRAIN_STATE_FORMAT!r}); start a new --out")
+    return state
+
+
 def build_optimizer(parameters: list[torch.nn.Parameter], solver: SolverConfig) -> torch.optim.Optimizer:
     # No weight decay on norms and biases, as detectron2 (WEIGHT_DECAY_NORM = 0).
     decay = [p for p in parameters if p.ndim > 1]
@@ -121,9 +134,7 @@ def train(
     state_path = out / "last.pth"
     state = None
     if resume:
-        if not state_path.is_file():
-            raise CheckpointError(f"--resume: no {state_path} to resume from")
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = read_train_state(state_path)
         solver = SolverConfig(**{**state["solver"], "iters": solver.iters})
 
     dataset = CocoDataset(data, image_root=image_root, train=True, seed=solver.seed)

@@ -1,23 +1,26 @@
 """The Transfiner refinement: point quadtree, node encoder, sequence encoder, pixel decoder, propagation.
 
-Every detection of every image is refined together, in chunks of ``boxes_per_chunk`` boxes so
-that memory does not grow with the detection count. Each box becomes one padded token
-sequence (196 context tokens + the selected nodes of the three quadtree levels), boxes are
-stacked along the batch dimension, and a key-padding mask hides the unselected slots, so the
-result of a box never depends on the other boxes or on how much padding it got.
+Every detection of every image is refined, in chunks of boxes sized by a token budget
+(``tokens_per_chunk``) so that memory does not grow with the detection count. Each box becomes
+one padded token sequence (196 context tokens + the selected nodes of the three quadtree levels),
+boxes are stacked along the batch dimension, and a key-padding mask hides the unselected slots,
+so the result of a box never depends on the other boxes or on how much padding it got.
 
 Nodes are cells of three fixed grids inside the box: 28x28, 56x56 and 112x112. Because the
 official code thresholds *nearest-upsampled* copies of the single 28x28 incoherence map, the
 nodes of the 56 (112) level are exactly the 2x2 (4x4) children of chosen 28-cells. Selection is
 therefore done once, on the 28x28 map: per level a fixed-size top-k of cells (``max_cells``),
 combined with that level's threshold as a validity mask. When ``max_cells`` is at least the
-number of cells above the threshold, the selected node set is exactly the official one.
+number of cells above the threshold (always with 784, the default for official weights), the
+selected node set is exactly the official one.
 
-Memory bound per box: at most ``L = 196 + k28 + 4 k56 + 16 k112`` tokens (2788 with the default
-``max_cells = (784, 196, 64)``; the official code has no bound, up to 16,660). Attention runs
+Compute follows the nodes, not the caps: in eager mode the boxes are sorted by their real token
+count, grouped into chunks that fit the budget, and each chunk's levels are trimmed to the
+largest real cell count of the chunk (``trim_level``), so a box with 300 nodes does not pay for
+the caps. A traced graph (TorchScript, ONNX) has static shapes: one chunk, padded to the caps,
+``L = 196 + k28 + 4 k56 + 16 k112`` tokens per box (16,660 with covering caps). Attention runs
 through ``scaled_dot_product_attention`` whose fused kernels keep O(L) memory per head (no
-L x L attention matrix), so a box's memory is linear in L and independent of the image size
-(``scripts/bench_model.py`` and ``scripts/bench_gpu.py`` measure it).
+L x L attention matrix), so a chunk's memory is linear in its tokens.
 """
 
 from __future__ import annotations
@@ -58,15 +61,28 @@ def sine_position_table(grid: int, dim: int, temperature: float = 10000.0) -> to
 class QuadtreeLevel:
     """The nodes of one quadtree level for every box.
 
-    cells: [R, k] indices of the chosen 28-grid cells (row * 28 + col);
-    nodes: [R, k * c * c] indices into this level's ``S x S`` grid (c = S / 28), the children of
-    ``cells`` in (cell, child row, child col) order; valid: [R, k * c * c] bool.
+    cells: [R, k] indices of the chosen 28-grid cells (row * 28 + col); cell_valid: [R, k] bool,
+    the cells above this level's threshold; nodes: [R, k * c * c] indices into this level's
+    ``S x S`` grid (c = S / 28), the children of ``cells`` in (cell, child row, child col) order;
+    valid: [R, k * c * c] bool, ``cell_valid`` repeated for each child.
     """
 
     size: int
     cells: torch.Tensor
+    cell_valid: torch.Tensor
     nodes: torch.Tensor
     valid: torch.Tensor
+
+
+def child_offsets(size: int) -> torch.Tensor:
+    """[28 * 28, c * c]: the ``size``-grid indices of the children of every 28-cell."""
+    c = size // LEVEL_SIZES[0]
+    cell = torch.arange(LEVEL_SIZES[0] ** 2)
+    row, col = cell // LEVEL_SIZES[0], cell % LEVEL_SIZES[0]
+    sub = torch.arange(c)
+    rows = row[:, None, None] * c + sub[None, :, None]
+    cols = col[:, None, None] * c + sub[None, None, :]
+    return (rows * size + cols).reshape(-1, c * c)
 
 
 class PointQuadtree(nn.Module):
@@ -80,18 +96,7 @@ class PointQuadtree(nn.Module):
         self.thresholds = thresholds
         self.max_cells = max_cells
         for size in LEVEL_SIZES[1:]:
-            self.register_buffer(f"children_{size}", self._child_offsets(size), persistent=False)
-
-    @staticmethod
-    def _child_offsets(size: int) -> torch.Tensor:
-        """[28 * 28, c * c]: the ``size``-grid indices of the children of every 28-cell."""
-        c = size // LEVEL_SIZES[0]
-        cell = torch.arange(LEVEL_SIZES[0] ** 2)
-        row, col = cell // LEVEL_SIZES[0], cell % LEVEL_SIZES[0]
-        sub = torch.arange(c)
-        rows = row[:, None, None] * c + sub[None, :, None]
-        cols = col[:, None, None] * c + sub[None, None, :]
-        return (rows * size + cols).reshape(-1, c * c)
+            self.register_buffer(f"children_{size}", child_offsets(size), persistent=False)
 
     def forward(self, incoherence: torch.Tensor, random_order: bool = False) -> list[QuadtreeLevel]:
         """incoherence [R, 28, 28] probabilities -> one ``QuadtreeLevel`` per level.
@@ -110,16 +115,61 @@ class PointQuadtree(nn.Module):
                 cells = (torch.rand_like(scores) + above.to(scores.dtype)).topk(k, dim=1).indices
             else:
                 cells = scores.topk(k, dim=1).indices
-            valid = above.gather(1, cells)  # [R, k]
-            c = size // LEVEL_SIZES[0]
-            if c == 1:
-                nodes = cells
-            else:
-                children = getattr(self, f"children_{size}")  # [784, c*c]
-                nodes = children[cells].flatten(1)  # [R, k*c*c]
-                valid = valid[:, :, None].expand(-1, -1, c * c).flatten(1)
-            levels.append(QuadtreeLevel(size, cells, nodes, valid))
+            levels.append(self.level(size, cells, above.gather(1, cells)))
         return levels
+
+    def level(self, size: int, cells: torch.Tensor, cell_valid: torch.Tensor) -> QuadtreeLevel:
+        """The ``QuadtreeLevel`` of grid ``size`` whose nodes are the children of ``cells`` [R, k]."""
+        c = size // LEVEL_SIZES[0]
+        if c == 1:
+            return QuadtreeLevel(size, cells, cell_valid, cells, cell_valid)
+        children = getattr(self, f"children_{size}")  # [784, c*c]
+        nodes = children[cells].flatten(1)  # [R, k*c*c]
+        valid = cell_valid[:, :, None].expand(-1, -1, c * c).flatten(1)
+        return QuadtreeLevel(size, cells, cell_valid, nodes, valid)
+
+    def trim_level(self, level: QuadtreeLevel, boxes: torch.Tensor, slots: int) -> QuadtreeLevel:
+        """``level`` for the boxes ``boxes`` [n] (indices), with ``slots`` cells per box.
+
+        Valid cells move to the front (stable, so they keep their order) and the rest is cut off:
+        with ``slots`` at least every one of these boxes' valid cell count, no valid node is lost,
+        and only padding, which never changes an output, is dropped.
+        """
+        cell_valid = level.cell_valid[boxes]  # [n, k]
+        order = torch.sort((~cell_valid).to(torch.uint8), dim=1, stable=True).indices[:, :slots]
+        return self.level(level.size, level.cells[boxes].gather(1, order), cell_valid.gather(1, order))
+
+
+def tokens_per_box(cells: tuple[int, ...] | list[int]) -> int:
+    """Sequence length of a box with ``cells`` 28-cells per level: context + every level's nodes."""
+    return CONTEXT_SIZE**2 + sum(k * (size // LEVEL_SIZES[0]) ** 2 for k, size in zip(cells, LEVEL_SIZES))
+
+
+def plan_chunks(
+    cell_counts: list[list[int]], token_budget: int, max_boxes: int
+) -> list[tuple[list[int], tuple[int, ...]]]:
+    """Groups boxes into chunks: -> [(box indices, cells per level to keep)].
+
+    ``cell_counts[r]`` is box r's count of valid cells per level. Boxes go longest first, so
+    boxes of similar length share a chunk and little padding is computed; a chunk grows while
+    (its boxes) x (its padded length, every level at the chunk's largest count) stays within
+    ``token_budget`` and it holds at most ``max_boxes``. A box longer than the budget gets a
+    chunk of its own.
+    """
+    order = sorted(range(len(cell_counts)), key=lambda r: -tokens_per_box(cell_counts[r]))
+    chunks: list[tuple[list[int], tuple[int, ...]]] = []
+    members: list[int] = []
+    slots: tuple[int, ...] = ()
+    for r in order:
+        grown = tuple(max(a, b) for a, b in zip(slots, cell_counts[r])) if members else tuple(cell_counts[r])
+        if members and (len(members) >= max_boxes or (len(members) + 1) * tokens_per_box(grown) > token_budget):
+            chunks.append((members, slots))
+            members, grown = [], tuple(cell_counts[r])
+        members.append(r)
+        slots = grown
+    if members:
+        chunks.append((members, slots))
+    return chunks
 
 
 class NodeEncoder(nn.Module):
@@ -313,6 +363,7 @@ class TransfinerRefiner(nn.Module):
         if cfg.d_model % 2 or cfg.d_model % cfg.num_heads:
             raise ValueError("d_model must be even and divisible by num_heads")
         self.scales = scales
+        self.tokens_per_chunk = cfg.tokens_per_chunk
         self.boxes_per_chunk = cfg.boxes_per_chunk
         self.quadtree = PointQuadtree(cfg.thresholds, cfg.max_cells)
         self.node_encoder = NodeEncoder(in_channels, cfg.d_model)
@@ -397,32 +448,42 @@ class TransfinerRefiner(nn.Module):
         self, features: list[torch.Tensor], boxes: torch.Tensor, batch_index: torch.Tensor,
         box_levels: torch.Tensor, context: torch.Tensor, coarse: torch.Tensor, incoherence: torch.Tensor,
     ) -> torch.Tensor:
-        """Refines R boxes at once.
+        """Refines R boxes.
 
         features: P2 (+ semantic enhancement), P3, P4, P5; boxes [R, 4] in input-image pixels;
         batch_index [R]; box_levels [R] (0 = P2) from the box size; context [R, C, 14, 14] RoI
         features; coarse [R, 28, 28] and incoherence [R, 28, 28] probabilities.
         Returns [R, 112, 112] mask probabilities.
 
-        Boxes go through in chunks of ``boxes_per_chunk``, so peak memory is flat in R. A traced
-        graph (TorchScript, ONNX) takes all boxes in one chunk, as its box count is dynamic.
+        Eager: boxes go in chunks of at most ``tokens_per_chunk`` tokens (and ``boxes_per_chunk``
+        boxes), every level trimmed to the chunk's real cells, so peak memory is flat in R and
+        compute follows the real nodes (``plan_chunks``). The plan needs the node counts on the
+        host: one device sync per call. A traced graph (TorchScript, ONNX) has static shapes and
+        a dynamic box count: all boxes in one chunk, padded to the caps.
         """
-        per_box = (boxes, batch_index, box_levels, context, coarse, incoherence)
-        num = boxes.shape[0]
-        if torch.jit.is_tracing() or num <= self.boxes_per_chunk:
-            return self.refine_chunk(features, *per_box)
-        chunks = [
-            self.refine_chunk(features, *(t[start : start + self.boxes_per_chunk] for t in per_box))
-            for start in range(0, num, self.boxes_per_chunk)
-        ]
-        return torch.cat(chunks)
+        per_box = (boxes, batch_index, box_levels, context, coarse)
+        if torch.jit.is_tracing():
+            return self.refine_chunk(features, *per_box, self.quadtree(incoherence))
+        refined = coarse.new_empty((boxes.shape[0], LEVEL_SIZES[-1], LEVEL_SIZES[-1]), dtype=torch.float32)
+        for index, levels in self.chunks(incoherence):
+            refined.index_copy_(0, index, self.refine_chunk(features, *(t[index] for t in per_box), levels))
+        return refined
+
+    def chunks(self, incoherence: torch.Tensor) -> list[tuple[torch.Tensor, list[QuadtreeLevel]]]:
+        """incoherence [R, 28, 28] -> per chunk: (its boxes [n] as indices, its trimmed levels)."""
+        levels = self.quadtree(incoherence)
+        counts = torch.stack([level.cell_valid.sum(1) for level in levels], dim=1)  # [R, 3]
+        out = []
+        for members, slots in plan_chunks(counts.tolist(), self.tokens_per_chunk, self.boxes_per_chunk):
+            index = torch.tensor(members, device=incoherence.device)
+            out.append((index, [self.quadtree.trim_level(level, index, n) for level, n in zip(levels, slots)]))
+        return out
 
     def refine_chunk(
         self, features: list[torch.Tensor], boxes: torch.Tensor, batch_index: torch.Tensor,
-        box_levels: torch.Tensor, context: torch.Tensor, coarse: torch.Tensor, incoherence: torch.Tensor,
+        box_levels: torch.Tensor, context: torch.Tensor, coarse: torch.Tensor, levels: list[QuadtreeLevel],
     ) -> torch.Tensor:
-        """``forward`` for one chunk of boxes."""
-        levels = self.quadtree(incoherence)
+        """``forward`` for one chunk of boxes and its chosen nodes -> [n, 112, 112]."""
         decoded = self.decode(features, boxes, batch_index, box_levels, context, coarse, levels)
         # The context tokens' outputs are only supervised in training.
         return propagate(coarse.float(), levels, decoded[1:])

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from export.exporter import export_model
 from export.runtimes import load_backend
 from model.backend import TorchBackend
-from model.checkpoint import build_model, load_checkpoint
+from model.checkpoint import load_model
 from model.default_model import resolve_weights
 from model.preprocess import prepare_batch, to_rgb_tensor
 from model.rcnn import InferenceOptions
@@ -52,8 +52,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     weights = resolve_weights(args.model)
-    cfg = load_checkpoint(weights)[0]
-    model = build_model(cfg, weights, "cpu").eval()
+    model = load_model(weights, device="cpu")
+    cfg = model.cfg
 
     exports = Path(tempfile.mkdtemp(prefix="bench-export-"))
     sizes_mb = {"checkpoint": weights.stat().st_size / 2**20}
@@ -115,7 +115,7 @@ def main() -> None:
     for name in BACKENDS:
         latency = summary["latency_ms"][name]
         lines.append(f"| {name} | {latency['median']:.0f} | {latency['mean']:.0f} | {ratios[name]:.2f}x |")
-    lines += ["", "| file | MB |", "|---|---:|"]
+    lines += ["", "| file | MiB |", "|---|---:|"]
     lines += [f"| {name} | {size:.1f} |" for name, size in sizes_mb.items()]
     (out / "bench_export.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -6,7 +6,21 @@ threshold of 0 give exactly the asked number of detections. Peak memory is the p
 resident set size during the measured call, reset before each call (Linux ``clear_refs``), minus
 the resident size just before it.
 
+The refiner section compares, on the same detections and the same module, the refinement as it
+was (every box padded to the caps ``--padded-cells``, chunks of ``boxes_per_chunk`` boxes) with
+the refinement now (covering caps, chunks by token budget, trimmed to the real nodes). Random
+weights give incoherence ~0.5 everywhere: all 28- and 56-level cells and no 112-level one, 4,116
+tokens a box, as many as the official code refines there; ``--padded-cells 784,784,1`` pads that
+to 4,132.
+
     .venv/bin/python scripts/bench_model.py --out bench-results/model
+    .venv/bin/python scripts/bench_model.py --skip-model --detections 10 50 100 --out bench-results/refiner
+
+``--caps-data annotations.json`` instead evaluates the shipped default model on make-shapes
+images at several node caps (``--caps``): mask AP / AP^B and forward time per image, and the
+tokens a refined box really had (trimmed; the caps' padded length in brackets).
+
+    .venv/bin/python scripts/bench_model.py --caps-data data/val/annotations.json --max-images 20 --out bench-results/caps
 """
 
 from __future__ import annotations
@@ -22,11 +36,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.config import preset
+from model.config import COVERING_MAX_CELLS, parse_max_cells, preset
 from model.layers import FrozenBatchNorm2d
 from model.preprocess import prepare_batch
 from model.rcnn import InferenceOptions, MaskTransfiner
-from model.transfiner import CONTEXT_SIZE
+from model.transfiner import PointQuadtree, tokens_per_box
 
 
 def _rss_kib(field: str) -> int:
@@ -86,20 +100,34 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1333)
+    parser.add_argument("--max-cells", type=parse_max_cells, default=None, help="caps of the whole-model rows")
+    parser.add_argument("--padded-cells", type=parse_max_cells, default=(784, 784, 1),
+                        help="caps of the padded (before) refiner rows")
+    parser.add_argument("--skip-model", action="store_true", help="only the refiner section")
+    parser.add_argument("--skip-padded", action="store_true", help="refiner section: only the trimmed rows")
+    parser.add_argument("--caps-data", default=None, help="COCO json: run the default model's caps sweep instead")
+    parser.add_argument("--caps", type=parse_max_cells, nargs="+",
+                        default=[(784, 196, 64), (784, 392, 128), (784, 588, 256), COVERING_MAX_CELLS])
+    parser.add_argument("--max-images", type=int, default=20, help="caps sweep: first N images of --caps-data")
     parser.add_argument("--out", default="bench-results/model")
     args = parser.parse_args()
+    if args.caps_data:
+        bench_caps(args)
+        return
 
     torch.manual_seed(0)
     cfg = preset(args.config)
+    if args.max_cells is not None:
+        cfg.transfiner.max_cells = args.max_cells
     model = MaskTransfiner(cfg).eval()
     image = torch.randint(0, 256, (3, args.height, args.width), dtype=torch.uint8)
     batch, sizes = prepare_batch([image], cfg.input, "cpu")
     calibrate_frozen_bn(model, batch)
     k28, k56, k112 = cfg.transfiner.max_cells
-    tokens = CONTEXT_SIZE**2 + k28 + 4 * k56 + 16 * k112
+    tokens = tokens_per_box(cfg.transfiner.max_cells)
 
     rows = []
-    cases = [(n, refine) for n in args.detections for refine in (False, True)]
+    cases = [] if args.skip_model else [(n, refine) for n in args.detections for refine in (False, True)]
     with torch.inference_mode():
         model(batch, sizes, InferenceOptions(score_threshold=0.0, max_detections=2))  # warm-up
         features = model.backbone(model.normalize(batch))[:4]
@@ -119,6 +147,8 @@ def main() -> None:
                 "mask_head_s": head_s, "mask_head_peak_mib": head_mib,
             })
 
+        refiner_rows = bench_refiner(model, batch, sizes, features, args)
+
     by_key = {(r["detections"], r["refine"]): r for r in rows}
     for r in rows:
         r["model_ratio_refined_vs_coarse"] = r["model_s"] / by_key[(r["detections"], False)]["model_s"]
@@ -126,7 +156,8 @@ def main() -> None:
         "config": args.config, "image": [args.height, args.width], "device": "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "max_cells": [k28, k56, k112], "tokens_per_box": tokens, "official_worst_case_tokens": 196 + 784 + 3136 + 12544,
-        "rows": rows,
+        "tokens_per_chunk": cfg.transfiner.tokens_per_chunk, "boxes_per_chunk": cfg.transfiner.boxes_per_chunk,
+        "rows": rows, "refiner_rows": refiner_rows,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,10 +175,78 @@ def main() -> None:
             f"{r['model_peak_mib']:.0f} | {r['mask_head_s']:.2f} | {r['mask_head_peak_mib']:.0f} | "
             f"{r['model_ratio_refined_vs_coarse']:.2f}x |"
         )
+    lines += [
+        "",
+        f"Refiner alone, same detections: padded to caps {list(args.padded_cells)} in chunks of "
+        f"{cfg.transfiner.boxes_per_chunk} boxes (before) vs covering caps, chunks of at most "
+        f"{cfg.transfiner.tokens_per_chunk} tokens, trimmed to the real nodes (now).",
+        "",
+        "| detections | refinement | real tokens/box (mean) | computed tokens | s | peak MiB | max abs diff vs padded |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in refiner_rows:
+        diff = "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
+        lines.append(
+            f"| {r['detections']} | {r['mode']} | {r['real_tokens_mean']:.0f} | {r['computed_tokens']} | "
+            f"{r['seconds']:.2f} | {r['peak_mib']:.0f} | {diff} |"
+        )
     table = "\n".join(lines)
     (out / "bench_model.md").write_text(table + "\n")
     print(table)
-    _plot(rows, out / "bench_model.png", args.config)
+    if rows:
+        _plot(rows, out / "bench_model.png", args.config)
+
+
+def bench_refiner(model: MaskTransfiner, batch, sizes, features, args) -> list[dict]:
+    """The refinement of the same detections, padded to caps as before vs trimmed as now."""
+    head = model.mask_head
+    refiner = head.refiner
+    thresholds = model.cfg.transfiner.thresholds
+    covering = PointQuadtree(thresholds, COVERING_MAX_CELLS)
+    padded = PointQuadtree(thresholds, args.padded_cells)
+    enhanced = head.enhanced_features(features)
+    rows = []
+    for count in args.detections:
+        det = model(batch, sizes, InferenceOptions(score_threshold=0.0, max_detections=count, refine=False))
+        roi_features, mask_features, coarse = head._coarse(features, det.boxes, det.classes, det.batch_index)
+        incoherence = head.incoherence(roi_features, mask_features)
+        per_box = (det.boxes, det.batch_index, head.pooler.levels(det.boxes), roi_features, coarse)
+        real = sum(tokens_per_box(level) for level in
+                   torch.stack([lv.cell_valid.sum(1) for lv in covering(incoherence)], 1).tolist()) / count
+
+        def before() -> torch.Tensor:
+            step = refiner.boxes_per_chunk
+            return torch.cat([
+                refiner.refine_chunk(enhanced, *(t[s : s + step] for t in per_box), padded(incoherence[s : s + step]))
+                for s in range(0, count, step)
+            ])
+
+        def now() -> torch.Tensor:
+            refiner.quadtree = covering
+            try:
+                return refiner(enhanced, *per_box, incoherence)
+            finally:
+                refiner.quadtree = default
+
+        default = refiner.quadtree
+        reference = None
+        cases = [("trimmed (now)", now)] if args.skip_padded else [("padded (before)", before), ("trimmed (now)", now)]
+        for mode, fn in cases:
+            outputs = []
+            seconds, peak = measure(lambda: outputs.append(fn()), args.repeats)
+            result = outputs.pop()
+            outputs.clear()
+            refiner.quadtree = covering
+            chunks = refiner.chunks(incoherence)
+            refiner.quadtree = default
+            computed = (count * tokens_per_box(args.padded_cells) if mode.startswith("padded") else
+                        sum(len(index) * (196 + sum(lv.nodes.shape[1] for lv in levels)) for index, levels in chunks))
+            diff = None if reference is None else float((result - reference).abs().max())
+            reference = result if reference is None else reference
+            rows.append({"detections": count, "mode": mode, "real_tokens_mean": real, "computed_tokens": computed,
+                         "seconds": seconds, "peak_mib": peak, "max_abs_diff": diff})
+            print(rows[-1], flush=True)
+    return rows
 
 
 def _plot(rows: list[dict], path: Path, name: str) -> None:
@@ -172,6 +271,72 @@ def _plot(rows: list[dict], path: Path, name: str) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+class TimedBackend:
+    """A backend that adds up the seconds of its forward passes (the Predictor's ``infer``)."""
+
+    def __init__(self, backend) -> None:
+        self.inner = backend
+        self.name, self.device, self.cfg, self.precision = backend.name, backend.device, backend.cfg, backend.precision
+        self.model = backend.model
+        self.seconds = 0.0
+        self.images = 0
+
+    def infer(self, images, image_sizes, options):
+        start = time.perf_counter()
+        raw = self.inner.infer(images, image_sizes, options)
+        self.seconds += time.perf_counter() - start
+        self.images += images.shape[0]
+        return raw
+
+
+def bench_caps(args) -> None:
+    """The default model at each of ``args.caps``: AP, AP^B, forward time, tokens per refined box."""
+    from model.default_model import load_predictor
+    from model.evaluate import evaluate
+    from model.predictor import Predictor
+
+    out = Path(args.out)
+    rows = []
+    for caps in args.caps:
+        base = load_predictor("default", device="cpu", precision="fp32", max_cells=caps)
+        timed = TimedBackend(base.backend)
+        refiner = timed.model.mask_head.refiner
+        incoherence: list[torch.Tensor] = []  # of the refined boxes; their tokens are counted after timing
+        hook = refiner.register_forward_hook(lambda module, inputs, output: incoherence.append(inputs[-1]))
+        try:
+            report = evaluate(Predictor.from_backend(timed), args.caps_data, out / "-".join(map(str, caps)),
+                              batch_size=1, max_images=args.max_images, num_overlays=0)
+        finally:
+            hook.remove()
+        real: list[int] = []
+        for maps in incoherence:
+            for index, levels in refiner.chunks(maps):
+                real.extend((196 + sum(lv.valid.sum(1) for lv in levels)).tolist())
+        rows.append({
+            "max_cells": list(caps), "padded_tokens": tokens_per_box(caps),
+            "real_tokens_mean": sum(real) / max(len(real), 1), "refined_boxes": len(real),
+            "mask_AP": report["refined"]["AP"], "boundary_AP": report["refined"]["boundary_AP"],
+            "box_AP": report["bbox_AP"], "coarse_mask_AP": report["coarse"]["AP"],
+            "forward_s_per_image": timed.seconds / timed.images, "images": timed.images,
+        })
+        print(rows[-1], flush=True)
+    lines = [
+        f"# Default model, {rows[0]['images']} make-shapes images ({args.caps_data}), CPU ({torch.get_num_threads()} threads), fp32",
+        "",
+        "| max cells | tokens/box real (padded) | mask AP | AP^B | box AP | forward s/img |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {','.join(map(str, r['max_cells']))} | {r['real_tokens_mean']:.0f} ({r['padded_tokens']}) | "
+            f"{r['mask_AP']:.2f} | {r['boundary_AP']:.2f} | {r['box_AP']:.2f} | {r['forward_s_per_image']:.3f} |"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_caps.json").write_text(json.dumps(rows, indent=2))
+    (out / "bench_caps.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

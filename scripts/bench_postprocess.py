@@ -117,7 +117,7 @@ def main() -> None:
     table = [
         f"# Post-processing: {args.masks} masks of {args.mask_size}x{args.mask_size} at {width}x{height} -> COCO RLE",
         "",
-        f"Full-image masks: {result['full_image_mask_mb']} MB; box windows: {result['window_pixels_m']} M pixels. "
+        f"Full-image masks: {result['full_image_mask_mb']} MiB; box windows: {result['window_pixels_m']} M pixels. "
         f"Median of {args.repeats} runs after {args.warmup} warm-up; answers byte-identical.",
         "",
         "| device | encode_rle(paste_masks) ms | masks_to_rle ms | speed-up |",

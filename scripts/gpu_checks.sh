@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What this project measures and checks on a lent GPU machine, in one run of about 2 minutes on
 # an H200: the CUDA tests (seconds), then scripts/bench_gpu.py (in-process and HTTP). Run from
-# the project root there, with the wheels of ../shared/gpu/fetch-wheels.sh in .whl/ (carry it).
+# the project root there, with cp312 wheels of what the machine's image lacks (fastapi, pydantic,
+# uvicorn, pycocotools, ...: it has no network) downloaded beforehand into .whl/ (carry it).
 # bench_gpu.json and bench_gpu.md go to $OUT (default bench-results/gpu), rewritten after each
 # part so a run cut short still brings back what it measured; scratch files stay in /tmp.
 set -uo pipefail
@@ -14,7 +15,8 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 status=0
-timeout 90 python3 -m pytest -q -p no:cacheprovider -k "cuda" tests/test_precision.py tests/test_postprocess.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider -k "cuda" tests/test_precision.py tests/test_postprocess.py \
+    tests/test_cuda_smoke.py \
     2>&1 | tail -15 | tee "$OUT/cuda-tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 timeout "${BENCH_TIMEOUT:-400}" python3 scripts/bench_gpu.py --out "$OUT" --work "$(mktemp -d)" || status=1

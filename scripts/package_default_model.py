@@ -4,7 +4,7 @@ Stores the weights in half precision (loading converts them back to float32), co
 evaluation report and an overlay picture, and writes a README with the commands that made it.
 
     .venv/bin/python scripts/package_default_model.py RUN_DIR EVAL_DIR model/default_model \\
-        --commands scripts/train_default_model.sh --wall-time-min 95
+        --commands scripts/train_default_model.sh --wall-time-min 78
 """
 
 from __future__ import annotations
@@ -44,14 +44,14 @@ def main() -> None:
     config = checkpoint["config"]
     report = json.loads((evaluation / "report.json").read_text())
     commands = Path(args.commands).read_text().strip()
-    size_mb = (out / "model.pth").stat().st_size / 1e6
+    size_mib = (out / "model.pth").stat().st_size / 2**20
     readme = f"""# The default model
 
 The model every command and the service use when no weights are given (`--model default`).
 A `{config["name"]}` Mask Transfiner (ResNet-18 + GroupNorm, FPN 64, Transfiner d=64) trained
 from scratch by our own `transfiner train` on `transfiner make-shapes` data, on a 2-core CPU.
 
-* weights: `model.pth` ({size_mb:.1f} MB, float16 storage; loaded as float32), config inside
+* weights: `model.pth` ({size_mib:.1f} MiB, float16 storage; loaded as float32), config inside
 * classes: {", ".join(config["class_names"])} (category ids {", ".join(str(i) for i in config["category_ids"])})
 * training wall time: {args.wall_time_min:.0f} minutes on 2 CPU cores ({checkpoint.get("trained_iters", "?")} iterations)
 * evaluation on a separately generated validation set (another seed): `report.json`, `report.md`
@@ -71,7 +71,7 @@ from scratch by our own `transfiner train` on `transfiner make-shapes` data, on 
 ```
 """
     (out / "README.md").write_text(readme)
-    print(f"wrote {out} ({size_mb:.1f} MB)")
+    print(f"wrote {out} ({size_mib:.1f} MiB)")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 Layout: ``settings`` (env ``TRANSFINER_*``), ``app`` (``create_app``), ``routes`` (HTTP only),
 ``runtime`` (lifecycle, admission, the segment flow), ``batcher`` and ``worker`` (plain classes,
-no HTTP), ``backends`` (the runtime interface; PyTorch now), ``pipeline`` (shared pre/post-
-processing), ``imaging`` (hardened decoding), ``polygons``, ``metrics``, ``cli`` (``transfiner serve``).
+no HTTP), ``backends`` (one model backend per worker: eager PyTorch, TorchScript or ONNX Runtime,
+and the version the service reports), ``pipeline`` (shared pre/post-processing), ``imaging``
+(hardened decoding), ``polygons``, ``metrics``, ``cli`` (``transfiner serve``), ``ray_serve`` (the
+same app on Ray Serve: ``transfiner serve --engine ray``; needs the ``ray`` extra).
 """
 
 __version__ = "0.1.0"

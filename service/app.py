@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from .errors import install_error_handlers
+from .errors import COMMON_ERRORS, install_error_handlers
 from .metrics import ServiceMetrics
 from .middleware import BodyLimitMiddleware, MetricsMiddleware
 from .routes import demo, health, models, segment
-from .runtime import ModelLoader, ServiceRuntime, load_model
+from .runtime import BatcherFactory, ModelLoader, ServiceRuntime, load_model
 from .settings import ServiceSettings
 
 DESCRIPTION = """\
@@ -22,7 +22,10 @@ RLE by default) that `pycocotools.COCO.loadRes` accepts as they are. Errors are
 """
 
 
-def create_app(settings: ServiceSettings | None = None, *, loader: ModelLoader = load_model) -> FastAPI:
+def create_app(
+    settings: ServiceSettings | None = None, *, loader: ModelLoader = load_model,
+    batcher_factory: BatcherFactory | None = None,
+) -> FastAPI:
     """A new, independent service (its own metrics registry, runtime and thread pools).
 
     The model loads in the background once the server starts: liveness answers at once,
@@ -30,7 +33,7 @@ def create_app(settings: ServiceSettings | None = None, *, loader: ModelLoader =
     """
     settings = settings or ServiceSettings()
     metrics = ServiceMetrics()
-    runtime = ServiceRuntime(settings, metrics, loader)
+    runtime = ServiceRuntime(settings, metrics, loader, batcher_factory)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -42,7 +45,10 @@ def create_app(settings: ServiceSettings | None = None, *, loader: ModelLoader =
 
     from . import __version__
 
-    app = FastAPI(title="Mask Transfiner service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="Mask Transfiner service", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+        responses=COMMON_ERRORS,  # documented on every operation; a route's own entries take precedence
+    )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.runtime = runtime

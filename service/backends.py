@@ -53,7 +53,7 @@ def worker_devices(device: str, workers: int | None) -> list[torch.device]:
 
 def build_backends(
     model: str, config: str | None, device: str, workers: int | None, backend: str = "pytorch",
-    threads: int | None = None, precision: str = "auto",
+    threads: int | None = None, precision: str = "auto", max_cells: tuple[int, int, int] | None = None,
 ) -> LoadedModel:
     """Loads the model once per distinct device; workers on the same device share it (forward
     passes in eval mode do not mutate the module; ONNX Runtime sessions are thread-safe)."""
@@ -64,10 +64,18 @@ def build_backends(
     by_device: dict[torch.device, Backend] = {}
     for dev in devices:
         if dev not in by_device:
-            by_device[dev] = load_backend(model, backend, config, dev, threads, precision)
+            by_device[dev] = load_backend(model, backend, config, dev, threads, precision, max_cells)
     backends: list[Backend] = [by_device[dev] for dev in devices]
     found = find_export(model) if backend != "pytorch" and str(model) != "default" else None
-    weights = found[0] if found else resolve_weights(model)
-    version = file_digest(weights) if weights is not None else "random"
-    name = "default" if str(model) == "default" else (Path(model).name if found else Path(weights).stem)
+    if found:
+        model_file, metadata = found
+        name = Path(model).name
+        # The digest of the checkpoint it was exported from, so that every backend (and the CPU
+        # and GPU images) reports the same version for the same weights. Only an export of
+        # weights that never were a file has none; its own file is then all that identifies it.
+        version = metadata["source"]["sha256_12"] or file_digest(model_file)
+    else:
+        weights = resolve_weights(model)
+        name = "default" if str(model) == "default" else weights.stem
+        version = file_digest(weights)
     return LoadedModel(backends, name, version, backend, [str(d) for d in devices])

@@ -7,9 +7,10 @@ their place for a later batch (FIFO within each canvas).
 
 A dispatcher takes a batch only when its worker is free, so under load batches fill from the
 queue with no waiting at all, and ``max_delay`` is only paid when the service is idle enough
-that a lone request would otherwise run alone. Jobs whose deadline has passed are failed with
-``DeadlineExceeded`` and jobs whose future is already done (the client went away, or its handler
-gave up) are skipped, both before they reach a worker. Nothing here knows about HTTP or models:
+that a lone request would otherwise run alone. Jobs whose deadline would pass before their batch
+is done (by the recent batch times) are failed with ``DeadlineExceeded``, and jobs whose future is
+settled (the client went away, or its handler gave up) leave the queue at once; neither reaches a
+worker. Nothing here knows about HTTP or models:
 a worker is anything with ``async run(jobs)`` that settles each job's future.
 """
 
@@ -19,7 +20,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-import statistics
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -97,27 +98,26 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    @property
-    def busy_workers(self) -> int:
-        return self._busy
-
-    @property
-    def idle(self) -> bool:
-        return not self._queue and self._busy == 0
-
     def recent_batch_seconds(self) -> float | None:
-        """Median duration of the recent batches (None before the first one)."""
-        return statistics.median(self._batch_seconds) if self._batch_seconds else None
+        """How long a batch takes, on the slow side: the 90th percentile of the recent batch
+        times (None before the first batch). Deadlines are judged by it, so that a request is
+        refused, rather than computed for a client that has given up, when a batch runs slow."""
+        if not self._batch_seconds:
+            return None
+        ordered = sorted(self._batch_seconds)
+        return ordered[math.ceil(0.9 * len(ordered)) - 1]
 
     def estimate_wait(self, waiting: int | None = None) -> float:
-        """Seconds until ``waiting`` queued requests (default: the queue) have been taken:
-        the batches ahead of them, over the workers, times the median batch time."""
+        """Seconds until a request queued now behind ``waiting`` others (default: the queue) is
+        through the model: the batches running now, then the batches ahead of it and its own,
+        over the workers, each taking ``recent_batch_seconds``."""
         waiting = self.depth if waiting is None else waiting
         per_batch = self.recent_batch_seconds()
         if per_batch is None:
             per_batch = self.max_delay_s + 1.0  # no history yet: a conservative second
-        rounds = (waiting // (self.max_batch_size * len(self.runners))) + 1
-        return rounds * per_batch
+        rounds = math.ceil((waiting + 1) / (self.max_batch_size * len(self.runners)))
+        running = 1 if self._busy else 0
+        return (running + rounds) * per_batch
 
     # -- producer side ---------------------------------------------------------------------------
 
@@ -132,8 +132,16 @@ class Batcher:
         if len(self._queue) >= self.max_queue_size:
             raise QueueFull(self.estimate_wait())
         self._queue.append(job)
+        # A job settled while queued (its client left, its handler gave up at the deadline)
+        # leaves the queue, and the depth gauge, at once.
+        job.future.add_done_callback(lambda _: self._discard(job))
         self._report_depth()
         self._wakeup.set()
+
+    def _discard(self, job: Job) -> None:
+        with contextlib.suppress(ValueError):  # already taken into a batch
+            self._queue.remove(job)
+            self._report_depth()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -212,14 +220,15 @@ class Batcher:
             if batch:
                 return batch
 
-    @staticmethod
-    def _alive(job: Job, now: float) -> bool:
-        """False for a job whose future is settled (cancelled) or whose deadline passed (failed
-        here with ``DeadlineExceeded``)."""
+    def _alive(self, job: Job, now: float) -> bool:
+        """False for a job whose future is settled (cancelled), or whose deadline will have
+        passed before a batch started now is done (the median recent batch time): such a job is
+        failed here with ``DeadlineExceeded`` instead of spending the model on an answer that
+        nobody will read."""
         if job.future.done():  # cancelled: the client left or its handler timed out
             return False
-        if job.deadline <= now:
-            job.future.set_exception(DeadlineExceeded("the request's deadline passed in the queue"))
+        if job.deadline <= now + (self.recent_batch_seconds() or 0.0):
+            job.future.set_exception(DeadlineExceeded("the request's deadline would pass before its batch is done"))
             return False
         return True
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import logging
 
-from model.default_model import add_backend_argument, add_model_arguments, add_precision_argument, resolve_weights
+from model.default_model import (
+    add_backend_argument, add_max_cells_argument, add_model_arguments, add_precision_argument, resolve_weights,
+)
 
 # Flag -> settings field, for the flags that map one to one.
 _FLAGS = (
-    "config", "device", "backend", "precision", "workers", "max_batch_size", "max_delay_ms", "max_queue_size", "host", "port",
+    "config", "device", "backend", "precision", "max_cells", "workers", "max_batch_size", "max_delay_ms", "max_queue_size", "host", "port",
     "log_level",
 )
 
@@ -24,6 +26,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_backend_argument(parser)
     add_precision_argument(parser)
+    add_max_cells_argument(parser)
     # None = not given, so TRANSFINER_DEVICE (or the settings default) applies.
     parser.set_defaults(device=None)
     parser.add_argument("--workers", type=int, default=None, help="model workers (default: one per GPU, or 1)")
@@ -45,12 +48,8 @@ def settings_from_args(args: argparse.Namespace):
     return ServiceSettings(**overrides)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .app import create_app
-    from .server import DrainingServer
-
+def checked_settings(args: argparse.Namespace):
+    """The settings, once the model they name is known to exist (for every engine)."""
     settings = settings_from_args(args)
     if settings.backend == "pytorch":
         resolve_weights(settings.model)  # a missing model fails here, as one line, before binding the port
@@ -59,11 +58,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         if find_export(settings.model) is None and str(settings.model) != "default":
             resolve_weights(settings.model)
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import create_app
+    from .server import DrainingServer, uvicorn_config
+
+    settings = checked_settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
-        timeout_graceful_shutdown=max(5.0, settings.drain_timeout_s),
-    )
-    DrainingServer(config, app.state.runtime).run()
+    DrainingServer(uvicorn_config(app, settings), app.state.runtime).run()
     return 0

@@ -8,13 +8,29 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .schemas import ErrorResponse
+
 log = logging.getLogger("service")
+
+# What any route can answer, whatever it does (for /openapi.json; ``FastAPI(responses=...)``):
+# the HTTP layer's and the body limit's refusals, and the catch-all 500.
+COMMON_ERRORS: dict[int | str, dict] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "malformed HTTP (request line, headers, Content-Length or chunked framing); the connection closes",
+        408: "the request head did not arrive within head_timeout_s; the connection closes",
+        413: "body over max_body_bytes",
+        431: "request line and headers over 64 KiB; the connection closes",
+        500: "unexpected error (logged on the server); the connection closes",
+    }.items()
+}
 
 
 class ServiceError(Exception):
@@ -48,7 +64,20 @@ def invalid_parameter(message: str) -> ServiceError:
     return ServiceError(422, "invalid_parameter", message)
 
 
+# Object reprs such as "<_io.BytesIO object at 0x7f...>" (Pillow puts them in its messages): the
+# client learns nothing from them and heap addresses are not for the outside.
+_OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
+
+
+# Messages quote what was sent (unknown parameters and classes, parser errors): a hostile request
+# must not turn a 4xx into megabytes of echo.
+MAX_MESSAGE_CHARS = 2000
+
+
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    message = _OBJECT_REPR.sub("<object>", message)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
@@ -83,4 +112,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal server error (logged on the server)")
+        # Starlette re-raises after this answer and the server then drops the connection: say so,
+        # or a keep-alive client sends its next request into a closed socket.
+        return error_response(
+            500, "internal_error", "internal server error (logged on the server)", {"Connection": "close"}
+        )

@@ -24,7 +24,8 @@ MEGAPIXEL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 12, 24, 50)
 
 REJECTION_REASONS = (
     "queue_full", "deadline", "bad_image", "too_large", "unsupported_type", "unauthorized",
-    "client_limit", "draining", "not_ready", "client_disconnected",
+    "client_limit", "draining", "not_ready", "client_disconnected", "deadline_unmeetable", "memory_budget",
+    "body_timeout",
 )
 
 
@@ -64,6 +65,10 @@ class ServiceMetrics:
         self.queue_depth = Gauge("transfiner_queue_depth", "Requests waiting in the batch queue", registry=r)
         self.inflight = Gauge(
             "transfiner_inflight_requests", "Segment requests admitted and not yet answered", registry=r,
+        )
+        self.queued_bytes = Gauge(
+            "transfiner_queued_image_bytes", "Bytes of decoded images held by requests not yet through the model",
+            registry=r,
         )
         self.instances = Histogram(
             "transfiner_instances_per_image", "Instances returned per image",

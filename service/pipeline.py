@@ -1,7 +1,7 @@
 """The backend-independent steps around the forward pass, shared by every runtime.
 
-* ``batch_options``: the one ``InferenceOptions`` a batch runs with, the most permissive any of
-  its requests needs (lowest score threshold, most detections, refinement if anyone wants it).
+* ``batch_options``: the ``InferenceOptions`` a batch runs with: per image, its own request's
+  threshold, detection cap, class filter and refinement, so no request pays for a batch-mate's.
 * ``network_image``: a decoded upload -> what waits in the queue (``NetworkImage``), on a decode
   thread; ``preprocess``: those of one canvas -> the padded BGR batch (``model.preprocess``).
 * ``select``: one request's rows of the batch outputs. Detections come out of the model sorted
@@ -77,22 +77,24 @@ class PreparedBatch:
 
 
 def batch_options(options: Sequence[RequestOptions], cfg: ModelConfig) -> InferenceOptions:
-    """The forward-pass settings that serve every request of a batch.
-
-    A class filter is applied to the model's full top-k (the config's ``detections_per_image``)
-    before the request's own ``max_detections``, so a batch holding such a request runs the full
-    top-k; otherwise the largest ``max_detections`` asked for is enough.
-    """
+    """Each image's forward-pass settings from its own request ([B] tensors, see
+    ``model.rcnn.InferenceOptions``): the model then keeps, and computes masks for, only the
+    detections each request gets back. A request without masks (``mask_format=none``) skips
+    refinement; one with a class filter picks from the model's top-k (the config's
+    ``detections_per_image``) before its own ``max_detections``, as ``select`` does."""
     cap = cfg.roi_heads.detections_per_image
+    classes = None
     if any(o.classes is not None for o in options):
-        top_k = cap
-    else:
-        wanted = max(o.max_detections for o in options)
-        top_k = wanted if cap < 0 else min(wanted, cap)
+        classes = torch.ones(len(options), cfg.roi_heads.num_classes, dtype=torch.bool)  # [B, K]
+        for row, o in zip(classes, options):
+            if o.classes is not None:
+                row[:] = False
+                row[sorted(o.classes)] = True
     return InferenceOptions(
-        score_threshold=min(o.score_threshold for o in options),
-        max_detections=top_k,
-        refine=any(o.refine for o in options),
+        score_threshold=torch.tensor([o.score_threshold for o in options], dtype=torch.float32),
+        max_detections=torch.tensor([o.max_detections if cap < 0 else min(o.max_detections, cap) for o in options]),
+        refine=torch.tensor([o.refine and o.mask_format != "none" for o in options]),
+        classes=classes,
     )
 
 

@@ -24,7 +24,7 @@ from model.preprocess import network_shape
 from .backends import LoadedModel, build_backends
 from .batcher import Batcher, BatcherClosed, DeadlineExceeded, Job, QueueFull
 from .errors import ServiceError, invalid_parameter
-from .imaging import decode_image
+from .imaging import decode_image, release_freed_memory
 from .metrics import ServiceMetrics
 from .pipeline import NetworkImage, RequestOptions, network_image, postprocess
 from .schemas import SegmentParams
@@ -34,12 +34,16 @@ from .worker import InferenceResult, SegmentJob, Worker, WorkerError
 log = logging.getLogger("service")
 
 ModelLoader = Callable[[ServiceSettings], LoadedModel]
+# Decoded uploads from this size on give their freed memory back to the system at once.
+LARGE_DECODE_BYTES = 64 * 1024 * 1024
+# (workers, observer) -> an object with Batcher's submit/start/close/estimate_wait.
+BatcherFactory = Callable[[Sequence[Worker], "MetricsObserver"], Any]
 
 
 def load_model(settings: ServiceSettings) -> LoadedModel:
     return build_backends(
         settings.model, settings.config, settings.device, settings.workers, settings.backend, settings.torch_threads,
-        settings.precision,
+        settings.precision, settings.max_cells,
     )
 
 
@@ -75,10 +79,13 @@ class ServiceRuntime:
 
     def __init__(
         self, settings: ServiceSettings, metrics: ServiceMetrics | None = None, loader: ModelLoader = load_model,
+        batcher_factory: BatcherFactory | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or ServiceMetrics()
         self.loader = loader
+        # Another batching engine for the workers (Ray Serve's, see service/ray_serve.py); None: ``Batcher``.
+        self.batcher_factory = batcher_factory
         self.state = "starting"
         self.detail: str | None = "loading the model"
         self.model: LoadedModel | None = None
@@ -87,6 +94,8 @@ class ServiceRuntime:
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="transfiner-decode")
         self._post_pool = ThreadPoolExecutor(settings.postprocess_threads, thread_name_prefix="transfiner-post")
         self._inflight = 0
+        self._queued_bytes = 0  # network-size pixels of the jobs not yet settled
+        self._decoding = 0  # admitted requests whose upload is being decoded
         self._per_client: Counter[str] = Counter()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -131,11 +140,14 @@ class ServiceRuntime:
         cfg = model.cfg
         self._class_index = {name: i for i, name in enumerate(cfg.class_names)}
         self._class_index.update({str(cid): i for i, cid in enumerate(cfg.category_ids)})
-        self.batcher = Batcher(
-            workers, max_batch_size=settings.max_batch_size, max_delay_s=settings.max_delay_ms / 1000,
-            max_queue_size=self.capacity, max_batch_pixels=settings.max_batch_pixels,
-            observer=MetricsObserver(self.metrics),
-        )
+        if self.batcher_factory is not None:
+            self.batcher = self.batcher_factory(workers, MetricsObserver(self.metrics))
+        else:
+            self.batcher = Batcher(
+                workers, max_batch_size=settings.max_batch_size, max_delay_s=settings.max_delay_ms / 1000,
+                max_queue_size=self.capacity, max_batch_pixels=settings.max_batch_pixels,
+                observer=MetricsObserver(self.metrics),
+            )
         self.batcher.start()
         self.metrics.set_model(model.name, model.version, model.backend, model.precision, model.devices)
         self.metrics.enable_gpu_metrics()
@@ -187,14 +199,16 @@ class ServiceRuntime:
     # -- admission -------------------------------------------------------------------------------
 
     def retry_after(self) -> float:
-        """Seconds until the requests ahead of a new one are done: queue depth x batch time."""
+        """Seconds until a request sent now would be through the model (``Batcher.estimate_wait``)."""
         if self.batcher is None:
             return 5.0
-        return self.batcher.estimate_wait(self._inflight)
+        return self.batcher.estimate_wait(self.batcher.depth + self._decoding)
 
     @contextlib.asynccontextmanager
-    async def admission(self, client: str) -> AsyncIterator[None]:
-        """Holds one in-flight slot for a segment request, or refuses it (503/429)."""
+    async def admission(self, client: str, deadline: float | None = None) -> AsyncIterator[None]:
+        """Holds one in-flight slot for a segment request, or refuses it (503/429): when the
+        service is not ready, the client has its limit in flight, the queue is full, or the
+        requests ahead would take it past its ``deadline`` (time.monotonic() seconds)."""
         if self.state != "ready":
             if self.state == "draining":
                 raise ServiceError(503, "shutting_down", "the service is shutting down", reason="draining",
@@ -212,6 +226,17 @@ class ServiceRuntime:
                 503, "queue_full", f"the queue is full ({self._inflight} requests in flight)",
                 reason="queue_full", retry_after=self.retry_after(),
             )
+        if deadline is not None and self.batcher is not None and self.batcher.recent_batch_seconds() is not None:
+            # Refused now rather than computed for a client that has given up by then. Ahead of
+            # it: the queue, and the admitted requests still being decoded (they queue first).
+            ahead = self.batcher.depth + self._decoding
+            wait = self.batcher.estimate_wait(ahead)
+            if time.monotonic() + wait > deadline:
+                raise ServiceError(
+                    503, "overloaded",
+                    f"the {ahead} requests queued ahead take about {wait:.1f} s, past this request's deadline",
+                    reason="deadline_unmeetable", retry_after=wait,
+                )
         self._inflight += 1
         self._per_client[client] += 1
         self._idle.clear()
@@ -256,13 +281,25 @@ class ServiceRuntime:
 
         cfg = self.model.cfg
         started = time.perf_counter()
-        image = await loop.run_in_executor(self._decode_pool, self._decode, data)
+        self._decoding += 1
+        try:
+            image = await loop.run_in_executor(self._decode_pool, self._decode, data)
+        finally:
+            self._decoding -= 1
         self.metrics.decode_seconds.observe(time.perf_counter() - started)
         self.metrics.megapixels.observe(image.width * image.height / 1e6)
         if time.monotonic() >= deadline:
             raise _deadline_error("while decoding")
 
+        budget = self.settings.max_queued_bytes
+        if self._queued_bytes + image.nbytes > budget:
+            raise ServiceError(
+                503, "memory_budget", f"the queued images hold {self._queued_bytes} bytes; this one "
+                f"({image.nbytes} bytes) would pass the budget of {budget}",
+                reason="memory_budget", retry_after=self.retry_after(),
+            )
         job = Job(SegmentJob(image, options), deadline=deadline, canvas=image.canvas)
+        self._hold_bytes(job, image.nbytes)
         try:
             self.batcher.submit(job)
         except QueueFull as full:
@@ -286,12 +323,28 @@ class ServiceRuntime:
         self.metrics.instances.observe(len(instances))
         return SegmentOutcome(image, instances, encoded, queue_s, result.preprocess_s + result.inference_s, post_s)
 
+    def _hold_bytes(self, job: Job, nbytes: int) -> None:
+        """Counts the image against ``max_queued_bytes`` until its job is settled (answered,
+        failed, or cancelled because its client left or its deadline passed)."""
+        self._queued_bytes += nbytes
+        self.metrics.queued_bytes.set(self._queued_bytes)
+
+        def release(_: asyncio.Future) -> None:
+            self._queued_bytes -= nbytes
+            self.metrics.queued_bytes.set(self._queued_bytes)
+
+        job.future.add_done_callback(release)
+
     def _decode(self, data: bytes) -> NetworkImage:
         """On a decode thread: the upload (JPEGs at a reduced scale, never below the network
         input) -> what waits in the queue; the full decoded pixels are freed here."""
         cfg = self.model.cfg.input
         decoded = decode_image(data, self.settings.max_pixels, reduce_to=lambda h, w: network_shape(h, w, cfg))
-        return network_image(decoded.rgb, decoded.size, cfg)
+        image = network_image(decoded.rgb, decoded.size, cfg)
+        if decoded.rgb.nbytes >= LARGE_DECODE_BYTES:
+            del decoded
+            release_freed_memory()
+        return image
 
     async def _wait(
         self, job: Job, deadline: float, disconnected: Callable[[], Awaitable[Any]] | None,

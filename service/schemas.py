@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-ImageId = Union[int, str]
+# Bounds on what a request may make the service repeat: ``image_id`` is echoed in the response
+# and in every instance (a 19 MB id with 100 detections would be a 1.9 GB answer), and unknown
+# classes are listed in the 422's message.
+MAX_ID_CHARS = 1024
+MAX_CLASSES = 1000
+
+ImageId = Union[int, Annotated[str, StringConstraints(max_length=MAX_ID_CHARS)]]
 
 
 class SegmentParams(BaseModel):
@@ -20,7 +26,8 @@ class SegmentParams(BaseModel):
     score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="keep detections scoring above this")
     max_detections: int = Field(100, ge=1, le=100, description="per image, best scores first")
     classes: list[ImageId] | None = Field(
-        None, description="keep only these classes: category ids or names (comma-separated in a query)"
+        None, max_length=MAX_CLASSES,
+        description="keep only these classes: category ids or names (comma-separated in a query)",
     )
     mask_threshold: float = Field(0.5, ge=0.0, le=1.0, description="binarises the soft masks (>=)")
     mask_format: Literal["rle", "polygon", "none"] = "rle"

@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from .errors import ServiceError
+
+# Declared as security schemes so that /openapi.json (and /docs' "Authorize") shows both ways of
+# sending the key; an operation lists them as alternatives (either one is enough). auto_error is
+# off: they never answer by themselves (FastAPI's own 403/401 would not be the service's error
+# shape), and with no key configured every request passes.
+API_KEY_HEADER = APIKeyHeader(
+    name="X-API-Key", scheme_name="ApiKey", auto_error=False,
+    description="the service's API key (needed only when the service is configured with one)",
+)
+BEARER = HTTPBearer(
+    scheme_name="Bearer", auto_error=False,
+    description="the service's API key as a Bearer token (needed only when the service is configured with one)",
+)
 
 
 def supplied_key(request: Request) -> str | None:
@@ -17,8 +31,16 @@ def supplied_key(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-async def require_api_key(request: Request) -> None:
-    """FastAPI dependency: 401 unless the settings hold no key or the request carries it."""
+async def require_api_key(
+    request: Request,
+    _header: str | None = Security(API_KEY_HEADER),
+    _bearer: HTTPAuthorizationCredentials | None = Security(BEARER),
+) -> None:
+    """FastAPI dependency: 401 unless the settings hold no key or the request carries it.
+
+    The two security parameters document the schemes; the key itself is read by
+    ``supplied_key``, the one definition that ``client_key`` shares (a Bearer token is stripped
+    of surrounding blanks there, which HTTPBearer does not do)."""
     expected = request.app.state.settings.api_key
     if expected is None:
         return

@@ -1,15 +1,157 @@
-"""A uvicorn server whose first SIGTERM/SIGINT drains the service before the port closes."""
+"""The uvicorn server: its limits from the settings, a timeout on incomplete request heads, and a
+first SIGTERM/SIGINT that drains the service before the port closes."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 from types import FrameType
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .runtime import ServiceRuntime
+from .settings import ServiceSettings
+
+
+def _error_response(status_line: str, code: str, message: str) -> bytes:
+    """A complete JSON error response written straight to the transport (before or outside the
+    app, so in the same ``{"error": {"code", "message"}}`` shape by hand), then the connection closes."""
+    body = json.dumps({"error": {"code": code, "message": message}})
+    return (
+        f"HTTP/1.1 {status_line}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        f"content-length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+
+
+def _timeout_response() -> bytes:
+    return _error_response("408 Request Timeout", "request_timeout", "the request head was not received in time")
+
+
+# Request line plus headers; nginx's default (large_client_header_buffers) is 4 x 8 KiB per line.
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class HeadTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol (httptools, a dependency), plus a deadline for each request's line and headers.
+
+    uvicorn only times out idle keep-alive connections: a client that opens a connection and
+    sends nothing, or half a request head, holds it (and a file descriptor) for ever. Here the
+    head must be complete ``head_timeout_s`` after the connection opens or the request's first
+    byte arrives, else the connection gets a 408 and is closed, as nginx's client_header_timeout.
+    """
+
+    head_timeout_s = 10.0  # set per server by ``uvicorn_config``
+    max_head_bytes = MAX_HEAD_BYTES
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        # Bytes received while a request head is incomplete: httptools buffers header lines
+        # without limit, so a flood of headers (or one endless line) would grow memory until the
+        # head timeout; past ``max_head_bytes`` the client gets 431 and the connection closes.
+        self._in_head = self._head_unfinished = True
+        self._head_bytes = 0
+        self._bad_request_pending = False
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        # Counted only when no head ended in this data: a whole small request arriving in one
+        # piece is never mistaken for a long head (a head begun in such a piece is undercounted
+        # by less than that piece).
+        self._head_unfinished = self._in_head
+        super().data_received(data)
+        if self._head_unfinished and self._in_head and not self._bad_request_pending:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
+                self._disarm_head_timer()
+                self.transport.write(_error_response(
+                    "431 Request Header Fields Too Large", "headers_too_large",
+                    f"the request line and headers exceed {self.max_head_bytes} bytes",
+                ))
+                self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """What httptools cannot parse (bad request line, header, Content-Length or chunk framing):
+        uvicorn's own answer is plain text; this is the service's JSON error shape.
+
+        When the bad bytes follow complete requests on the same connection (pipelining) whose
+        answers are still being made, uvicorn would close the connection under them; here they
+        are answered first and the 400 comes after them (``on_response_complete``)."""
+        self._disarm_head_timer()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and not cycle.more_body:
+            self._bad_request_pending = True
+            self.flow.pause_reading()
+            return
+        self._send_bad_request()
+
+    def _send_bad_request(self) -> None:
+        self._bad_request_pending = False
+        if self.transport.is_closing():
+            return
+        self.transport.write(_error_response(
+            "400 Bad Request", "bad_request",
+            "invalid HTTP request: malformed request line, header, Content-Length or chunked framing",
+        ))
+        self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._bad_request_pending and not self.pipeline and self.cycle.response_complete:
+            self._send_bad_request()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_head_timer()
+
+    def on_headers_complete(self) -> None:
+        self._disarm_head_timer()
+        self._in_head = self._head_unfinished = False
+        self._head_bytes = 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True  # what follows on this connection is the next request's head
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        self._disarm_head_timer()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        timer = getattr(self, "_head_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.write(_timeout_response())
+            self.transport.close()
+
+
+def uvicorn_config(app: Any, settings: ServiceSettings, **overrides: Any) -> uvicorn.Config:
+    """The server for ``app`` with the settings' connection limits and timeouts."""
+    protocol = type("HeadTimeoutProtocol", (HeadTimeoutProtocol,), {"head_timeout_s": settings.head_timeout_s})
+    options: dict[str, Any] = dict(
+        host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on", http=protocol,
+        timeout_graceful_shutdown=max(5.0, settings.drain_timeout_s), timeout_keep_alive=settings.keep_alive_s,
+        limit_concurrency=settings.max_connections,
+        # No route takes a WebSocket: an Upgrade request is plain HTTP (uvicorn's WebSocket
+        # protocol would answer a bad handshake itself, in plain text).
+        ws="none",
+    )
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
 
 log = logging.getLogger("service")
 

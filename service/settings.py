@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from model.config import parse_max_cells
 
 
 def available_cores() -> int:
@@ -32,6 +34,10 @@ class ServiceSettings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on CUDA devices that support it, else fp32 (exported models: fp32)"
     )
+    max_cells: Annotated[tuple[int, int, int] | None, NoDecode] = Field(
+        None, description="node caps per quadtree level as A,B,C (default: the checkpoint's; 784,784,784 selects "
+        "exactly the official nodes, smaller is faster); exported models keep their own"
+    )
     config: str | None = Field(None, description="preset name, only for checkpoints that hold no config")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     workers: int | None = Field(
@@ -47,6 +53,12 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="if set, /v1/* needs X-API-Key or a Bearer token")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard: width x height")
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="a request body must arrive within this, else 408 (before any queue place is taken)"
+    )
+    head_timeout_s: float = Field(10.0, gt=0, description="request line and headers must arrive within this")
+    keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
+    max_connections: int = Field(1000, ge=1, description="open connections and requests at once; beyond: 503")
     log_level: str = "info"
     demo: bool = Field(True, description="serve the browser demo page at / and /demo (TRANSFINER_DEMO=false: 404)")
 
@@ -58,6 +70,10 @@ class ServiceSettings(BaseSettings):
     )
     max_queue_size: int = Field(64, ge=1, description="requests waiting beyond what the workers hold")
     max_client_inflight: int = Field(0, ge=0, description="per client (API key or address); 0: no limit -> 429")
+    max_queued_bytes: int = Field(
+        1024 * 1024 * 1024, ge=1, description="pixels held by admitted requests (decoded, at network size); "
+        "beyond it 503 + Retry-After"
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="deadline when X-Request-Timeout is absent")
     max_request_timeout_s: float = Field(300.0, gt=0)
 
@@ -72,6 +88,12 @@ class ServiceSettings(BaseSettings):
     shutdown_grace_s: float = Field(
         0.0, ge=0, description="SIGTERM: minimum time readiness reports 503 before the port closes"
     )
+
+    @field_validator("max_cells", mode="before")
+    @classmethod
+    def _parse_max_cells(cls, value: object) -> object:
+        # TRANSFINER_MAX_CELLS=784,196,64 (the flag's form), not JSON.
+        return parse_max_cells(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> "ServiceSettings":

@@ -4,25 +4,34 @@ Torch releases the GIL inside its kernels, so the event loop keeps accepting and
 a batch runs. The worker only does pre-processing and the forward pass; each request pastes and
 encodes its own masks afterwards (``service.pipeline.postprocess`` in the post-processing pool),
 so the worker is free for the next batch as soon as the forward pass ends.
+
+Each image of a batch runs with its own request's options (``pipeline.batch_options``), and on
+eager PyTorch the masks come in groups of images, fewest detections first: a request is answered
+as soon as its own masks are done, so a batch-mate that asked for many detections costs it
+little. A batch that fails is retried one request at a time, so only the request that causes the
+failure gets the error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from model.rcnn import InferenceOptions, RawOutputs
+from model.backend import infer_lightest_first
+from model.rcnn import RawOutputs
 
 from .backends import Backend
 from .batcher import Job
-from .pipeline import (
-    NetworkImage, PreparedBatch, RequestOptions, batch_options, network_image, postprocess, preprocess,
-)
+from .pipeline import NetworkImage, PreparedBatch, RequestOptions, batch_options, network_image, postprocess, preprocess
+
+log = logging.getLogger("service")
 
 
 @dataclass
@@ -35,19 +44,22 @@ class SegmentJob:
 
 @dataclass
 class InferenceResult:
-    """What a request gets back from its batch: the shared outputs and where it sits in them."""
+    """What a request gets back from its batch: outputs holding its image and where it sits in them."""
 
-    raw: RawOutputs
-    index: int
+    raw: RawOutputs  # the outputs of the request's group of images (batch indices of the whole batch)
+    index: int  # the request's image in the batch
     input_size: torch.Tensor  # (h, w) of the network input
     original: tuple[int, int]  # (h, w) of the uploaded image
     batch_size: int
     preprocess_s: float
-    inference_s: float
+    inference_s: float  # from the start of the forward pass until this request's masks were done
 
 
 class WorkerError(Exception):
-    """The forward pass failed; the batch's requests answer 500, the worker keeps running."""
+    """The forward pass failed for this request; it answers 500, the worker keeps running."""
+
+
+Steps = Iterator[tuple[list[int], RawOutputs]]
 
 
 class Worker:
@@ -59,37 +71,61 @@ class Worker:
         self.metrics = metrics
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"transfiner-worker-{index}")
 
-    def forward(
-        self, images: list[NetworkImage], options: InferenceOptions
-    ) -> tuple[PreparedBatch, RawOutputs, float, float]:
-        """Synchronous: pre-process and run one batch of one canvas (called in the worker thread)."""
+    def start(self, images: list[NetworkImage], options: list[RequestOptions]) -> tuple[PreparedBatch, Steps, float]:
+        """Synchronous, in the worker thread: pre-process one batch of one canvas and set up its
+        forward pass, whose steps (``model.backend.infer_lightest_first``) run as they are asked for."""
         started = time.perf_counter()
         prepared = preprocess(images, self.backend.cfg.input, self.backend.device)
-        ready = time.perf_counter()
-        raw = self.backend.infer(prepared.images, prepared.sizes, options)
-        return prepared, raw, ready - started, time.perf_counter() - ready
+        steps = infer_lightest_first(
+            self.backend, prepared.images, prepared.sizes, batch_options(options, self.backend.cfg)
+        )
+        return prepared, steps, time.perf_counter() - started
 
     async def run(self, jobs: list[Job]) -> None:
         live = [job for job in jobs if not job.future.done()]
         if not live:
             return
-        payloads: list[SegmentJob] = [job.payload for job in live]
-        options = batch_options([p.options for p in payloads], self.backend.cfg)
-        loop = asyncio.get_running_loop()
         try:
-            prepared, raw, pre_s, infer_s = await loop.run_in_executor(
-                self._executor, self.forward, [p.image for p in payloads], options
-            )
-        except Exception as error:  # noqa: BLE001 - reported per request, logged by the batcher
-            raise WorkerError(f"inference failed: {type(error).__name__}") from error
+            await self._run_batch(live)
+            return
+        except Exception as error:  # noqa: BLE001 - answered per request below
+            failed = [job for job in live if not job.future.done()]
+            if len(live) == 1:
+                _fail(failed, error)
+                return
+            log.warning("a batch of %d failed (%s: %s); retrying its %d unanswered requests one by one",
+                        len(live), type(error).__name__, error, len(failed))
+        for job in failed:
+            if job.future.done():
+                continue
+            try:
+                await self._run_batch([job])
+            except Exception as error:  # noqa: BLE001
+                _fail([job], error)
+
+    async def _run_batch(self, jobs: list[Job]) -> None:
+        """Runs ``jobs`` as one batch and settles each job's future as soon as its masks are done."""
+        payloads: list[SegmentJob] = [job.payload for job in jobs]
+        loop = asyncio.get_running_loop()
+        prepared, steps, pre_s = await loop.run_in_executor(
+            self._executor, self.start, [p.image for p in payloads], [p.options for p in payloads]
+        )
+        started = time.perf_counter()
+        while True:
+            step = await loop.run_in_executor(self._executor, next, steps, None)
+            if step is None:
+                break
+            indices, raw = step
+            inference_s = time.perf_counter() - started
+            for i in indices:
+                job = jobs[i]
+                if not job.future.done():
+                    job.future.set_result(InferenceResult(
+                        raw, i, prepared.sizes[i], prepared.originals[i], len(jobs), pre_s, inference_s,
+                    ))
         if self.metrics is not None:
             self.metrics.preprocess_seconds.observe(pre_s)
-            self.metrics.inference_seconds.observe(infer_s)
-        for i, job in enumerate(live):
-            if not job.future.done():
-                job.future.set_result(InferenceResult(
-                    raw, i, prepared.sizes[i], prepared.originals[i], len(live), pre_s, infer_s,
-                ))
+            self.metrics.inference_seconds.observe(time.perf_counter() - started)
 
     def warm_up(self, batches: int, batch_size: int) -> None:
         """Synchronous: runs ``batches`` synthetic batches (in the worker thread) so the first real
@@ -103,11 +139,20 @@ class Worker:
         request = RequestOptions(score_threshold=0.0, max_detections=5)
 
         def one_batch() -> None:
-            prepared, raw, _, _ = self.forward([image] * batch_size, batch_options([request], cfg))
-            postprocess(raw, 0, prepared.sizes[0], prepared.originals[0], request, cfg, None)
+            prepared, steps, _ = self.start([image] * batch_size, [request] * batch_size)
+            for indices, raw in steps:
+                postprocess(raw, indices[0], prepared.sizes[indices[0]], prepared.originals[indices[0]], request,
+                            cfg, None)
 
         for _ in range(batches):
             self._executor.submit(one_batch).result()  # on the worker's own thread, as real batches
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+def _fail(jobs: list[Job], error: Exception) -> None:
+    log.error("inference failed for a request: %s: %s", type(error).__name__, error, exc_info=error)
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(WorkerError(f"inference failed: {type(error).__name__}"))

@@ -1,8 +1,10 @@
-"""Shared fixtures: tiny, seeded pieces of the real model (no mocks)."""
+"""Shared fixtures: tiny, seeded pieces of the real model (no mocks), and the tiny checkpoint the
+service tests serve (the servers and helpers themselves are in test_service_support.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +28,15 @@ def random_boxes(generator: torch.Generator, count: int, image_size: int, min_si
     x0 = torch.rand(count, generator=generator) * (image_size - sides[:, 0])
     y0 = torch.rand(count, generator=generator) * (image_size - sides[:, 1])
     return torch.stack((x0, y0, x0 + sides[:, 0], y0 + sides[:, 1]), dim=1)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """The service tests' tiny real checkpoint (``test_service_support.tiny_config``, seeded
+    weights), written once for the whole session; tests only read it."""
+    from .test_service_support import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint") / "tiny.pth")
 
 
 @pytest.fixture(scope="session")

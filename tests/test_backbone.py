@@ -145,8 +145,20 @@ def test_frozen_batchnorm_equals_batchnorm_eval():
         module.bias.data.copy_(bias)
         module.running_mean.copy_(mean)
         module.running_var.copy_(var)
-    x = torch.randn(3, 6, 5, 7, generator=g)
-    torch.testing.assert_close(frozen(x), reference(x))
+    x = torch.randn(3, 6, 5, 7, generator=g) * 10
+    with torch.no_grad():
+        # Bit for bit: inference is detectron2's F.batch_norm (nn.BatchNorm2d in eval calls it
+        # too). The folded x * scale + shift rounds differently, so this fails for it.
+        assert torch.equal(frozen(x), reference(x))
+        scale = weight * (var + frozen.eps).rsqrt()
+        folded = x * scale.view(1, -1, 1, 1) + (bias - mean * scale).view(1, -1, 1, 1)
+        assert not torch.equal(folded, reference(x))
+    # With gradients (training) the folded form: the same values to rounding, gradients flow to x.
+    x_grad = x.clone().requires_grad_()
+    out = frozen(x_grad)
+    torch.testing.assert_close(out, reference(x).detach())
+    out.sum().backward()
+    torch.testing.assert_close(x_grad.grad, (weight * (var + frozen.eps).rsqrt()).view(1, -1, 1, 1).expand_as(x))
     # Defaults are the identity (running_var = 1 - eps, as detectron2).
     torch.testing.assert_close(FrozenBatchNorm2d(6)(x), x)
     assert set(dict(frozen.named_buffers())) == {"weight", "bias", "running_mean", "running_var"}

@@ -90,6 +90,27 @@ def test_convert_official_cli(tmp_path, r50_official, capsys):
         r50_official["roi_heads.mask_head.encoder.conv_fuse.weight"][:, :, 0, 0],
     )
 
+    # Caps that cover every cell: the converted model selects exactly the official nodes, even
+    # where the incoherence saturates (the default caps (784, 196, 64) would drop most of them).
+    assert config.transfiner.max_cells == (784, 784, 784)
+    refiner = build_model(config, out).mask_head.refiner
+    g = torch.Generator().manual_seed(5)
+    incoherence = torch.rand(4, 28, 28, generator=g) * 0.5 + 0.1
+    incoherence[0] = 0.95  # every node of every level: 16,660 tokens
+    incoherence[1, 3:20, 5:25] = 0.9
+    incoherence[2] = torch.rand(28, 28, generator=g)
+    selected = {}
+    for index, levels in refiner.chunks(incoherence):
+        for row, box in enumerate(index.tolist()):
+            selected[box] = [set(level.nodes[row][level.valid[row]].tolist()) for level in levels]
+    assert sorted(selected) == [0, 1, 2, 3]
+    for box in range(4):
+        for size, threshold, nodes in zip((28, 56, 112), config.transfiner.thresholds, selected[box]):
+            # The official selection: nonzero of the nearest-upsampled map against the threshold.
+            upsampled = torch.nn.functional.interpolate(incoherence[box][None, None], size=(size, size))[0, 0]
+            assert nodes == set(torch.nonzero(upsampled.flatten() >= threshold).flatten().tolist()), (box, size)
+    assert [len(n) for n in selected[0]] == [784, 3136, 12544]
+
     # A bare state dict works too; a checkpoint with a missing key fails with status 1.
     broken = {k: v for k, v in r50_official.items() if "mask_fcn_uncertain2" not in k}
     torch.save(broken, tmp_path / "broken.pth")
@@ -139,3 +160,79 @@ def test_half_precision_checkpoint_loads_as_float32(tmp_path):
     weight = loaded.state_dict()["mask_head.coarse.predictor.weight"]
     assert weight.dtype == torch.float32
     np.testing.assert_allclose(weight.numpy(), model.state_dict()["mask_head.coarse.predictor.weight"].numpy(), atol=1e-3)
+
+
+@pytest.fixture
+def torch_loads(monkeypatch):
+    """Every file torch.load reads, in order (the real torch.load still does the reading)."""
+    reads = []
+    real_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        reads.append(Path(f).name)
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    return reads
+
+
+def test_building_a_model_reads_its_checkpoint_once(tmp_path, torch_loads):
+    from model.default_model import load_predictor
+    from model.predictor import Predictor
+
+    torch.manual_seed(5)
+    model = MaskTransfiner(small_config(("a", "b"))).eval()
+    save_checkpoint(tmp_path / "ours.pth", model)
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    torch_loads.clear()
+
+    # Config from the checkpoint, then its weights: one read.
+    predictor = Predictor(weights=tmp_path / "ours.pth", device="cpu")
+    assert torch_loads == ["ours.pth"]
+    assert predictor.cfg == model.cfg
+    for (name, a), b in zip(model.state_dict().items(), predictor.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # A bare state dict with a given config (what --config is for): one read too.
+    load_predictor(tmp_path / "bare.pth", model.cfg, "cpu")
+    assert torch_loads == ["ours.pth", "bare.pth"]
+    # A bare state dict without a config says so, after its one read.
+    with pytest.raises(ValueError, match="holds no config"):
+        Predictor(weights=tmp_path / "bare.pth", device="cpu")
+    assert torch_loads == ["ours.pth", "bare.pth", "bare.pth"]
+
+
+def test_max_cells_override_the_checkpoint_caps(tmp_path, capsys):
+    """``--max-cells`` / ``max_cells=`` replaces the stored caps at inference only."""
+    from model.config import parse_max_cells
+    from model.default_model import load_predictor
+    from transfiner.cli import build_parser
+
+    torch.manual_seed(5)
+    save_checkpoint(tmp_path / "m.pth", MaskTransfiner(small_config()).eval())
+    stored = load_predictor(tmp_path / "m.pth", device="cpu")
+    assert stored.cfg.transfiner.max_cells == (784, 196, 64)
+    covering = load_predictor(tmp_path / "m.pth", device="cpu", max_cells=(784, 784, 784))
+    assert covering.model.mask_head.refiner.quadtree.max_cells == (784, 784, 784)
+    for a, b in zip(stored.model.state_dict().values(), covering.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+    assert parse_max_cells("784,196,64") == (784, 196, 64)
+    for bad in ("784,196", "0,1,1", "785,1,1", "a,b,c"):
+        with pytest.raises(ValueError, match="max cells"):
+            parse_max_cells(bad)
+    args = build_parser().parse_args(["predict", "x.png", "--out", "r.json", "--max-cells", "784,392,128"])
+    assert args.max_cells == (784, 392, 128)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-cells", "784,392"])
+    assert "--max-cells" in capsys.readouterr().err
+
+
+def test_service_max_cells_setting(monkeypatch):
+    from service.settings import ServiceSettings
+
+    assert ServiceSettings().max_cells is None  # the checkpoint's caps
+    monkeypatch.setenv("TRANSFINER_MAX_CELLS", "784,196,64")
+    assert ServiceSettings().max_cells == (784, 196, 64)
+    monkeypatch.setenv("TRANSFINER_MAX_CELLS", "784,196")
+    with pytest.raises(ValueError, match="max cells"):
+        ServiceSettings()

@@ -190,8 +190,8 @@ def test_unknown_extension_and_directory(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- official key lists
 
-# The mask head of the official checkpoint, transcribed from
-# shared/reference/official-transfiner-code.md section 3 (COCO, 80 classes).
+# The mask head of the official checkpoint (COCO, 80 classes), transcribed from the module
+# definitions of the official SysCV/transfiner code (detectron2/modeling/roi_heads/mask_head.py).
 _MASK_HEAD_SPEC: dict[str, tuple[int, ...]] = {}
 for _i in range(1, 5):
     _MASK_HEAD_SPEC |= {f"mask_fcn{_i}.weight": (256, 256, 3, 3), f"mask_fcn{_i}.bias": (256,)}

@@ -33,7 +33,7 @@ from model.shapes import make_shapes
 from service.app import create_app
 from service.settings import ServiceSettings
 
-from .test_service_support import ThreadServer, write_tiny_checkpoint
+from .test_service_support import ThreadServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -340,8 +340,8 @@ def test_browser_rle_decoder_equals_pycocotools(demo, server, image_path):
     assert message and "truncated" in message
 
 
-def test_the_page_asks_for_the_api_key_and_sends_it(browser, image_path, tmp_path):
-    settings = ServiceSettings(model=str(write_tiny_checkpoint(tmp_path / "tiny.pth")), device="cpu", api_key=API_KEY)
+def test_the_page_asks_for_the_api_key_and_sends_it(browser, image_path, checkpoint):
+    settings = ServiceSettings(model=str(checkpoint), device="cpu", api_key=API_KEY)
     srv = ThreadServer(settings).start()
     demo = Page(browser, srv.url)
     try:

@@ -6,6 +6,8 @@ same topology with real processes."""
 
 from __future__ import annotations
 
+import ast
+import io
 import json
 import re
 import shutil
@@ -16,6 +18,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from dockerfile_parse import DockerfileParser
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from service.settings import ServiceSettings
 
@@ -125,15 +130,11 @@ def test_long_running_services_have_health_checks_that_match_what_they_serve(com
     for name in REPLICA_SERVICES:
         test = services[name]["healthcheck"]["test"]
         assert test[-1] == "/opt/transfiner/healthcheck.py", test
-    script = (DOCKER_DIR / "healthcheck.py").read_text()
-    assert "/health/ready" in script and "TRANSFINER_PORT" in script
-    from service.routes.health import router
-
-    assert "/health/ready" in {route.path for route in router.routes}
+    # (tests/test_topology.py runs that script against a real replica, ready and not.)
     # The others ask their own port.
     nginx = services["nginx"]
+    # (tests/test_topology.py asks the nginx rendered from the template for /nginx-health.)
     assert f"127.0.0.1:{nginx['environment']['NGINX_PORT']}/nginx-health" in nginx["healthcheck"]["test"][-1]
-    assert "location = /nginx-health" in NGINX_TEMPLATE.read_text()
     assert "127.0.0.1:9090/" in services["prometheus"]["healthcheck"]["test"][-1]
     assert "127.0.0.1:3000/" in services["grafana"]["healthcheck"]["test"][-1]
     # Readiness may take a model load and a warm-up: the replicas get a start period.
@@ -154,9 +155,8 @@ def test_service_port_is_the_same_everywhere(compose):
     job = _prometheus_job()
     assert [sd["port"] for sd in job["dns_sd_configs"]] == [port]
     for dockerfile in DOCKERFILES:
-        text = dockerfile.read_text()
-        assert re.search(rf"^EXPOSE {port}$", text, re.M), dockerfile.name
-        assert re.search(rf"TRANSFINER_PORT={port}\b", text), dockerfile.name
+        assert ("EXPOSE", str(port)) in _instructions(dockerfile), dockerfile.name
+        assert _runtime_environment(dockerfile)["TRANSFINER_PORT"] == str(port), dockerfile.name
 
 
 def test_every_service_setting_reaches_the_replicas_and_none_is_set_empty(compose):
@@ -204,8 +204,8 @@ def test_nginx_template_fits_compose_and_the_service_limits(compose):
     defaults = ServiceSettings()
     # The service's own 413 (JSON) must be reachable, and so must its longest allowed deadline.
     assert _size_bytes(environment["NGINX_CLIENT_MAX_BODY_SIZE"]) > defaults.max_body_bytes
+    # (That nginx waits NGINX_PROXY_TIMEOUT for an answer is tested on a real nginx in test_topology.py.)
     assert _seconds(environment["NGINX_PROXY_TIMEOUT"]) > defaults.max_request_timeout_s
-    assert "proxy_read_timeout ${NGINX_PROXY_TIMEOUT};" in NGINX_TEMPLATE.read_text()
     assert environment["NGINX_RESOLVER"] == "127.0.0.11"  # Docker's embedded DNS
 
 
@@ -285,12 +285,38 @@ def test_dashboard_uses_only_metrics_the_service_exports():
         "GPU utilisation": "transfiner_gpu_utilization_ratio",
     }
     assert not {topic for topic, name in wanted.items() if name not in used}
-    # Label values the queries filter on exist.
-    from service.metrics import REJECTION_REASONS
+    # The route the queries filter on exists.
     from service.routes.segment import router
 
     assert "/v1/segment" in {route.path for route in router.routes}
-    assert REJECTION_REASONS
+
+
+def _reasons_given_in_code() -> set[str]:
+    """Every constant ``reason="..."`` a call in service/ passes (ServiceError, rejections.labels)."""
+    reasons = set()
+    for path in (REPO / "service").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.keyword) and node.arg == "reason" and isinstance(node.value, ast.Constant):
+                reasons.add(node.value.value)
+    return reasons
+
+
+def test_every_rejection_reason_is_a_series_before_the_first_rejection():
+    """The "Rejections by reason" panel rates transfiner_rejections_total by reason: a reason that
+    only appears at its first rejection has no earlier sample, so rate() misses that rejection."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.metrics import ServiceMetrics
+
+    exported = {
+        sample.labels["reason"]: sample.value
+        for family in text_string_to_metric_families(ServiceMetrics().render().decode())
+        for sample in family.samples if sample.name == "transfiner_rejections_total"
+    }
+    given = _reasons_given_in_code()
+    assert {"queue_full", "client_disconnected", "too_large"} <= given  # the scan finds them
+    assert given <= set(exported), f"not exported before use: {given - set(exported)}"
+    assert set(exported.values()) == {0.0}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,16 +357,18 @@ def test_every_ignored_hadolint_rule_is_justified_next_to_it():
                 assert rule in text and len(text.split()) >= 12, f"{dockerfile.name}:{index + 1} {rule} is not justified"
 
 
+def _parsed(dockerfile: Path) -> DockerfileParser:
+    return DockerfileParser(fileobj=io.BytesIO(dockerfile.read_bytes()))  # no build context needed
+
+
 def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    joined = re.sub(r"\\\n(\s*#.*\n)*", " ", dockerfile.read_text())
-    result = []
-    for line in joined.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            keyword, _, rest = line.partition(" ")
-            result.append((keyword.upper(), rest.strip()))
-    return result
+    return [(i["instruction"], i["value"]) for i in _parsed(dockerfile).structure if i["instruction"] != "COMMENT"]
+
+
+def _runtime_environment(dockerfile: Path) -> dict[str, str]:
+    """The ENV of the last stage (the image that runs), with ``$VAR`` references expanded."""
+    return _parsed(dockerfile).envs
 
 
 def _dockerignore_excludes(path: str) -> bool:
@@ -368,8 +396,7 @@ def test_dockerfile_is_multi_stage_pinned_non_root_and_healthchecked(dockerfile)
     assert len(healthchecks) == 1 and "/opt/transfiner/healthcheck.py" in healthchecks[0]
     assert any(k == "VOLUME" and "/models" in a for k, a in runtime), "a volume for user models"
     assert ("ENTRYPOINT", '["transfiner", "serve"]') in runtime  # exec form: SIGTERM reaches the service
-    environment = " ".join(args for keyword, args in runtime if keyword == "ENV")
-    assert "TRANSFINER_HOST=0.0.0.0" in environment
+    assert _runtime_environment(dockerfile)["TRANSFINER_HOST"] == "0.0.0.0"
     # Everything copied from the context exists and is not excluded by .dockerignore.
     for keyword, args in instructions:
         if keyword in ("COPY", "ADD") and "--from=" not in args:
@@ -397,12 +424,36 @@ def test_dockerfile_is_multi_stage_pinned_non_root_and_healthchecked(dockerfile)
 
 
 def test_cpu_image_serves_the_default_checkpoint_with_pytorch():
-    runtime_env = " ".join(args for keyword, args in _instructions(DOCKER_DIR / "Dockerfile.cpu") if keyword == "ENV")
-    assert "TRANSFINER_BACKEND=pytorch" in runtime_env and "TRANSFINER_MODEL=default" in runtime_env
-    text = (DOCKER_DIR / "Dockerfile.cpu").read_text()
-    assert "torch==2.14.1+cpu" in text and "torchvision==0.29.1+cpu" in text
-    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line)
-    assert (pins["torch"], pins["torchvision"]) == ("2.14.1", "0.29.1"), "keep the +cpu wheels at the pinned release"
+    environment = _runtime_environment(DOCKER_DIR / "Dockerfile.cpu")
+    assert (environment["TRANSFINER_BACKEND"], environment["TRANSFINER_MODEL"]) == ("pytorch", "default")
+
+
+def test_cpu_image_installs_the_cpu_build_of_the_pinned_torch():
+    """torch and torchvision come from PyTorch's CPU index as the +cpu build of the release
+    constraints.txt pins: the package install that follows (under those constraints) then keeps
+    them, where another release would make pip replace them with PyPI's CUDA build."""
+    constraints = {
+        requirement.name: requirement.specifier
+        for requirement in (Requirement(line) for line in (REPO / "constraints.txt").read_text().splitlines()
+                            if line.strip() and not line.startswith("#"))
+    }
+    installed = {}
+    for keyword, args in _instructions(DOCKER_DIR / "Dockerfile.cpu"):
+        for command in re.findall(r"pip install ([^&]+)", args) if keyword == "RUN" else []:
+            words = command.split()
+            for word in words:
+                if not word.startswith("-") and "==" in word:
+                    requirement = Requirement(word)
+                    installed[requirement.name] = (requirement, words)
+    for name in ("torch", "torchvision"):
+        requirement, words = installed[name]
+        (pin,) = requirement.specifier
+        version = Version(pin.version)
+        assert pin.operator == "==" and version.local == "cpu", requirement
+        assert "https://download.pytorch.org/whl/cpu" in words, f"{name} is not from the CPU index"
+        assert constraints[name].contains(version), f"{requirement} does not satisfy constraints.txt's {name}{constraints[name]}"
+    # The check has teeth: a release other than the pinned one fails it.
+    assert not constraints["torch"].contains(Version("2.0.0+cpu"))
 
 
 def test_gpu_image_exports_the_default_model_and_serves_it_with_onnxruntime():

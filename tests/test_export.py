@@ -26,6 +26,7 @@ from export.runtimes import OnnxRuntimeBackend, TorchScriptBackend, load_backend
 from export.tensorrt import GRAPH_OPERATORS, check_onnx, graph_operators, support_matrix
 from model.backend import TorchBackend
 from model.checkpoint import build_model, load_checkpoint, save_checkpoint
+from model.checkpoint_io import file_digest
 from transfiner.cli import main
 from model.default_model import DEFAULT_WEIGHTS
 from model.predictor import Predictor
@@ -85,12 +86,16 @@ def test_example_differs_from_test_inputs(model, batch):
 
 
 def test_torchscript_is_identical_to_eager(model, runtimes, batch):
+    """Detections and coarse masks to the bit. The refined masks to float noise only: eager
+    PyTorch trims each chunk's token sequences to its real nodes, the traced graph keeps the
+    static caps (masked padding changes the order of the attention's sums, not what is summed)."""
     eager, got = run_all(model, {"torchscript": runtimes["torchscript"]}, batch, InferenceOptions(0.05, 100))
     traced = got["torchscript"]
     assert 3 <= len(eager.scores) < 300
     assert set(eager.batch_index.tolist()) == {0, 1, 2}
-    for field in ("boxes", "scores", "classes", "batch_index", "mask_probs", "coarse_probs"):
+    for field in ("boxes", "scores", "classes", "batch_index", "coarse_probs"):
         assert torch.equal(getattr(eager, field), getattr(traced, field)), field
+    torch.testing.assert_close(traced.mask_probs, eager.mask_probs, rtol=0, atol=1e-5)
 
 
 def test_onnxruntime_matches_eager(model, runtimes, batch):
@@ -179,6 +184,9 @@ def test_metadata_describes_the_file(model, exports):
     assert metadata["preprocessing"]["min_size_test"] == 256
     assert {"torch", "torchvision", "onnx"} <= set(metadata["exported_by"])
     assert metadata["source"]["sha256_12"]
+    # Static caps are stated: these bind wherever a box has more than 49 (16) incoherent cells.
+    assert metadata["node_selection"] == {"max_cells": [784, 49, 16], "tokens_per_box": 196 + 784 + 4 * 49 + 16 * 16,
+                                          "official": False}
     session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == list(INPUT_NAMES) == [i["name"] for i in metadata["inputs"]]
     assert [o.name for o in session.get_outputs()] == list(OUTPUT_NAMES) == [o["name"] for o in metadata["outputs"]]
@@ -206,6 +214,7 @@ def test_runtime_errors_are_clear(exports, tmp_path):
         TorchScriptBackend(exports["torchscript"].model_file, metadata, torch.device("cuda"))
 
 
+@pytest.mark.slow  # an export of the checkpoint: half a minute or more on 2 cores
 def test_checkpoint_is_exported_once_into_the_cache(model, tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFINER_CACHE", str(tmp_path / "cache"))
     checkpoint = tmp_path / "m.pth"
@@ -217,8 +226,15 @@ def test_checkpoint_is_exported_once_into_the_cache(model, tmp_path, monkeypatch
     stamp = (folders[0] / "model.onnx").stat().st_mtime_ns
     load_backend(checkpoint, "onnxruntime", device="cpu")
     assert (folders[0] / "model.onnx").stat().st_mtime_ns == stamp  # reused, not exported again
+    # Other caps are another graph (static shapes); an export folder refuses caps it lacks.
+    load_backend(checkpoint, "onnxruntime", device="cpu", max_cells=(784, 16, 4))
+    metadata = [json.loads((f / "metadata.json").read_text()) for f in (tmp_path / "cache" / "exports").iterdir()]
+    assert sorted(m["node_selection"]["max_cells"] for m in metadata) == [[784, 16, 4], [784, 49, 16]]
+    with pytest.raises(ValueError, match="exported with max cells"):
+        load_backend(folders[0], "onnxruntime", device="cpu", max_cells=(784, 16, 4))
 
 
+@pytest.mark.slow  # an export and two prediction runs of the default model: half a minute or more on 2 cores
 def test_cli_export_predict_with_each_backend(tmp_path, capsys):
     """`transfiner export` then `transfiner predict --backend ...` give the eager masks."""
     image = tmp_path / "scene.png"
@@ -256,6 +272,36 @@ def test_cli_errors(tmp_path, capsys):
     assert "opset" in capsys.readouterr().err
 
 
+def test_a_mistyped_model_inside_an_export_folder_is_an_error(exports, tmp_path, monkeypatch, capsys):
+    """From inside an export folder, --model typo.pth names no file: an error, never that folder's model."""
+    monkeypatch.chdir(exports["onnx"].model_file.parent)
+    monkeypatch.setenv("TRANSFINER_CACHE", str(tmp_path / "cache"))
+    assert find_export("typo.pth") is None and find_export("typo.onnx") is None
+    image = tmp_path / "scene.png"
+    image.write_bytes(encode(scene(64, 64, seed=1)))
+    for backend in ("onnxruntime", "torchscript", "pytorch"):
+        code = main(["predict", str(image), "--backend", backend, "--model", "typo.pth", "--out", str(tmp_path / "o.json")])
+        assert code == 2, backend
+        assert "model not found: typo.pth" in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
+    # The folder, named, is still the export.
+    assert find_export(".")[0].resolve() == exports["onnx"].model_file.resolve()
+
+
+def test_every_backend_reports_the_version_of_the_weights(exports):
+    """The version is the source checkpoint's digest (the exports' own files differ), so the
+    eager, TorchScript and ONNX Runtime services, CPU or GPU, agree for the same weights."""
+    from service.backends import build_backends
+
+    weights_version = file_digest(DEFAULT_WEIGHTS)
+    assert file_digest(exports["onnx"].model_file) != weights_version
+    assert build_backends("default", None, "cpu", 1, "pytorch").version == weights_version
+    for fmt, backend in (("onnx", "onnxruntime"), ("torchscript", "torchscript")):
+        folder = exports[fmt].model_file.parent
+        assert build_backends(str(folder), None, "cpu", 1, backend).version == weights_version, backend
+        assert build_backends(str(exports[fmt].model_file), None, "cpu", 1, backend).version == weights_version
+
+
 def test_service_serves_the_onnx_backend(exports, model):
     """The real server with --backend onnxruntime answers with the ONNX model's masks."""
     folder = exports["onnx"].model_file.parent
@@ -271,12 +317,14 @@ def test_service_serves_the_onnx_backend(exports, model):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model"]["backend"] == "onnxruntime"
+    assert body["model"]["version"] == file_digest(DEFAULT_WEIGHTS)  # the weights', not the export file's
     instances = body["instances"]
     assert len(instances) == len(expected) > 0
     for instance, mask in zip(instances, expected.masks):
         assert np.array_equal(mask_utils.decode(instance["segmentation"]).astype(bool), mask)
 
 
+@pytest.mark.slow  # two evaluations: half a minute or more on 2 cores
 def test_evaluate_runs_on_the_exported_model(model, runtimes, tmp_path):
     """`transfiner evaluate --backend onnxruntime`: the same AP as eager, up to rounding."""
     from model.evaluate import evaluate

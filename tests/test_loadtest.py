@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from service.loadtest.report import StepResult
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
 
-from .test_service_support import ThreadServer, write_tiny_checkpoint
+from .test_service_support import free_port, running
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -32,13 +31,10 @@ SERVER_STAGES = ("request", "queue_wait", "decode", "preprocess", "inference", "
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("loadtest") / "tiny.pth")
+def server(checkpoint):
     # A 20 ms batching window: concurrent requests of the sweep can share batches.
-    settings = ServiceSettings(model=str(checkpoint), device="cpu", max_batch_size=4, max_delay_ms=20)
-    srv = ThreadServer(settings).start()
-    yield srv
-    srv.stop()
+    with running(ServiceSettings(model=str(checkpoint), device="cpu", max_batch_size=4, max_delay_ms=20)) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -127,14 +123,8 @@ def test_open_loop_with_generated_images(server, tmp_path, capsys):
 # -- bad input: one error line, exit 2 ------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_url_is_one_error_line(images, tmp_path, capsys):
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     assert main(["bench", "--url", url, "--images", str(images), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot reach {url}") and err.count("\n") == 1 and "Traceback" not in err

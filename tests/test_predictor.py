@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 from model.checkpoint import save_checkpoint
 from transfiner.cli import main
 from model.predictor import Predictor
-from model.preprocess import canvas_shape, group_by_canvas, prepare_batch, resized_shape, to_rgb_tensor
+from model.preprocess import canvas_shape, group_by_canvas, prepare_batch, resize_image, resized_shape, to_rgb_tensor
 from model.rcnn import InferenceOptions
 
 
@@ -203,3 +203,16 @@ def test_canvas_is_the_image_own_padded_network_size():
     images = [torch.zeros(3, 480, 640, dtype=torch.uint8), torch.zeros(3, 240, 320, dtype=torch.uint8)]
     batch, sizes = prepare_batch(images, cfg, "cpu")
     assert batch.shape[-2:] == (800, 1088) and sizes.tolist() == [[800, 1067], [800, 1067]]
+
+
+@pytest.mark.parametrize(
+    "source, target",
+    [((3000, 2000), (1200, 800)), ((500, 700), (800, 1120)), ((1281, 1), (800, 1)), ((10, 2000), (8, 1333)), ((257, 300), (257, 301))],
+)
+def test_cpu_resize_in_bands_equals_the_one_call_resize_to_the_bit(source, target):
+    """``resize_image`` on the CPU works per channel and in bands of rows (bounded memory); it
+    must give exactly what one antialiased interpolate of the whole float image gives."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, *source), dtype=torch.uint8, generator=generator)
+    whole = F.interpolate(image.float().flip(0)[None], size=target, mode="bilinear", align_corners=False, antialias=True)
+    assert torch.equal(resize_image(image, target, "cpu"), whole[0].clamp(0, 255))

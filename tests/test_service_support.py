@@ -1,12 +1,12 @@
-"""Helpers for the service tests (no tests here): a tiny real checkpoint, test images, and a
-real uvicorn server on a free loopback port, run in a thread of the test process."""
+"""Helpers for the service tests (no tests here): a tiny real checkpoint, test images, a real
+uvicorn server on a free loopback port, run in a thread of the test process, free ports for
+servers in other processes, and /metrics samples."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import io
-import re
 import socket
 import threading
 import time
@@ -18,11 +18,13 @@ import numpy as np
 import torch
 import uvicorn
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig, small_config
 from model.rcnn import MaskTransfiner
 from service.app import create_app
+from service.server import uvicorn_config
 from service.settings import ServiceSettings
 
 CLASS_NAMES = ("circle", "square")
@@ -76,7 +78,7 @@ class ThreadServer:
         self._socket.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port
         self.port = self._socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn_config(self.app, settings, log_level="warning"))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True)
 
     def start(self, ready_timeout: float = 120.0) -> "ThreadServer":
@@ -99,6 +101,14 @@ def running(settings: ServiceSettings, **app_args) -> Iterator[ThreadServer]:
         server.stop()
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now, for a server in another process (which binds it
+    itself; ``ThreadServer`` binds its socket before starting instead)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_ready(url: str, timeout: float) -> list[int]:
     """Polls /health/ready until 200; returns every status seen (None for refused connections)."""
     seen: list = []
@@ -116,22 +126,13 @@ def wait_ready(url: str, timeout: float) -> list[int]:
     raise TimeoutError(f"{url} not ready after {timeout} s (saw {seen})")
 
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)$")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def metric_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
-    """Prometheus text -> [(name, labels, value)]."""
-    samples = []
-    for line in text.splitlines():
-        match = _SAMPLE.match(line.strip())
-        if match:
-            labels = dict(_LABEL.findall(match.group(2) or ""))
-            samples.append((match.group(1), labels, float(match.group(3))))
-    return samples
-
-
 def metric(url: str, metric_name: str, **labels: str) -> float:
-    """The sum of the samples called ``metric_name`` whose labels include ``labels``."""
+    """The sum of the samples called ``metric_name`` (``_total``, ``_count``... included) on
+    ``url``'s /metrics whose labels include ``labels``, read with Prometheus' own text parser."""
     text = httpx.get(url + "/metrics").text
-    return sum(v for n, l, v in metric_samples(text) if n == metric_name and all(l.get(k) == w for k, w in labels.items()))
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == metric_name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )

@@ -27,15 +27,9 @@ from .deploy_support import (
     PROMETHEUS_CONFIG, REPO, SERVICE, dashboard_queries, grafana_to_promql, load_compose, missing_tool,
     render_nginx_template,
 )
-from .test_service_support import encode, scene, wait_ready
+from .test_service_support import encode, free_port, scene, wait_ready
 
 REQUESTS = 6  # through nginx; round robin gives each replica three
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, timeout: float, process: subprocess.Popen, log: Path) -> None:
@@ -117,13 +111,33 @@ class Topology:
                 process.wait()
 
 
-@pytest.fixture(scope="module")
-def topology(tmp_path_factory):
+def _nginx_binary() -> str:
     # Debian puts nginx in /usr/sbin, which a non-root user's PATH often lacks.
     nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
-    prometheus = shutil.which("prometheus")
     if nginx is None:
         missing_tool("nginx (Debian package nginx)")
+    return nginx
+
+
+def _start_nginx(topo: Topology, nginx: str, **variables: str) -> tuple[subprocess.Popen, Path]:
+    """nginx from docker/nginx.conf.template with compose's NGINX_* values, ``variables`` replacing
+    some, checked with ``nginx -t`` first."""
+    values = {key: str(value) for key, value in load_compose()["services"]["nginx"]["environment"].items()}
+    values.update(variables)
+    server_config = topo.workdir / "default.conf"
+    server_config.write_text(render_nginx_template(values))
+    main_config = topo.workdir / "nginx.conf"
+    main_config.write_text(_nginx_main_config(topo.workdir, server_config))
+    error_log = str(topo.workdir / "error.log")
+    check = subprocess.run([nginx, "-t", "-q", "-e", error_log, "-c", str(main_config)], capture_output=True, text=True)
+    assert check.returncode == 0, f"nginx rejects the rendered template:\n{check.stderr}\n{server_config.read_text()}"
+    return topo.start("nginx", [nginx, "-e", error_log, "-c", str(main_config)])
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory):
+    nginx = _nginx_binary()
+    prometheus = shutil.which("prometheus")
     if prometheus is None:
         missing_tool("prometheus (Debian package prometheus)")
 
@@ -134,7 +148,7 @@ def topology(tmp_path_factory):
         # `transfiner serve`; loopback instead of 0.0.0.0 here). One torch thread each: CPU is shared.
         replicas = []
         for index in range(2):
-            port = _free_port()
+            port = free_port()
             env = dict(os.environ, TRANSFINER_DEVICE="cpu", TRANSFINER_TORCH_THREADS="1", TRANSFINER_MODEL="default")
             command = [sys.executable, "-m", "transfiner", "serve", "--host", "127.0.0.1", "--port", str(port),
                        "--log-level", "warning"]
@@ -142,25 +156,16 @@ def topology(tmp_path_factory):
             topo.replica_ports.append(port)
 
         # nginx from the compose template; only the upstream servers, port and resolver differ.
-        compose_nginx = load_compose()["services"]["nginx"]["environment"]
-        topo.nginx_port = _free_port()
-        variables = {key: str(value) for key, value in compose_nginx.items()}
-        variables.update(
+        topo.nginx_port = free_port()
+        nginx_process, nginx_log = _start_nginx(
+            topo, nginx,
             NGINX_PORT=f"127.0.0.1:{topo.nginx_port}",
             NGINX_RESOLVER="127.0.0.1",  # nothing is resolved: the servers are addresses
             NGINX_UPSTREAM_SERVERS=" ".join(f"server 127.0.0.1:{p} max_fails=0;" for p in topo.replica_ports),
         )
-        server_config = workdir / "default.conf"
-        server_config.write_text(render_nginx_template(variables))
-        main_config = workdir / "nginx.conf"
-        main_config.write_text(_nginx_main_config(workdir, server_config))
-        check = subprocess.run([nginx, "-t", "-q", "-e", str(workdir / "error.log"), "-c", str(main_config)],
-                               capture_output=True, text=True)
-        assert check.returncode == 0, f"nginx rejects the rendered template:\n{check.stderr}\n{server_config.read_text()}"
-        nginx_process, nginx_log = topo.start("nginx", [nginx, "-e", str(workdir / "error.log"), "-c", str(main_config)])
 
         # Prometheus with the compose job, its own storage and port; not the packaged daemon.
-        topo.prometheus_port = _free_port()
+        topo.prometheus_port = free_port()
         config = workdir / "prometheus.yml"
         config.write_text(yaml.safe_dump(_prometheus_config([f"127.0.0.1:{p}" for p in topo.replica_ports])))
         prometheus_process, prometheus_log = topo.start("prometheus", [
@@ -189,6 +194,7 @@ def _query(topo: Topology, promql: str) -> list[dict]:
     return body["data"]["result"]
 
 
+@pytest.mark.slow  # two replicas, nginx and Prometheus as processes
 def test_requests_through_nginx_reach_both_replicas_and_prometheus_sees_both(topology):
     png = encode(scene(96, 96))
     with httpx.Client(base_url=topology.nginx_url, timeout=60) as client:
@@ -215,6 +221,7 @@ def test_requests_through_nginx_reach_both_replicas_and_prometheus_sees_both(top
     assert up == {instance: "1" for instance in expected}
 
 
+@pytest.mark.slow  # two replicas, nginx and Prometheus as processes
 def test_every_dashboard_query_evaluates_on_the_real_prometheus(topology):
     """Grafana's panels, with $instance = all and $__rate_interval = 1m: valid PromQL for a real
     Prometheus, and the core panels return data for the replicas (rates need two scrapes after the
@@ -236,10 +243,40 @@ def test_every_dashboard_query_evaluates_on_the_real_prometheus(topology):
     assert {s["value"][1] for s in by_title["Replicas ready"]} >= {"2"}  # sum(transfiner_ready), count(up)
 
 
+@pytest.mark.slow  # two replicas, nginx and Prometheus as processes
 def test_container_healthcheck_script_reports_readiness(topology):
     script = str(REPO / "docker" / "healthcheck.py")
     env = dict(os.environ, TRANSFINER_PORT=str(topology.replica_ports[0]))
     assert subprocess.run([sys.executable, script], env=env, capture_output=True).returncode == 0
-    env["TRANSFINER_PORT"] = str(_free_port())  # nothing listens there
+    env["TRANSFINER_PORT"] = str(free_port())  # nothing listens there
     failed = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True)
     assert failed.returncode == 1 and "not ready" in failed.stderr
+
+
+def test_nginx_answers_its_health_check_and_waits_the_proxy_timeout(tmp_path):
+    """The template's own health route answers without a replica; NGINX_PROXY_TIMEOUT is how long
+    nginx waits for a replica's answer (compose sets it above the service's longest deadline,
+    tests/test_deploy.py, so the service's own 504 comes first). Here it is 1 s, in front of an
+    upstream that accepts connections and never answers: nginx gives up after 1 s with 504,
+    where its built-in default would wait 60 s."""
+    nginx = _nginx_binary()
+    topo = Topology(tmp_path)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshakes; nothing ever reads or answers
+        port = free_port()
+        try:
+            process, log = _start_nginx(
+                topo, nginx, NGINX_PORT=f"127.0.0.1:{port}", NGINX_RESOLVER="127.0.0.1", NGINX_PROXY_TIMEOUT="1s",
+                NGINX_UPSTREAM_SERVERS=f"server 127.0.0.1:{silent.getsockname()[1]} max_fails=0;",
+            )
+            url = f"http://127.0.0.1:{port}"
+            _wait_http(url + "/nginx-health", 30, process, log)
+            assert httpx.get(url + "/nginx-health").text == "ok\n"
+            started = time.monotonic()
+            response = httpx.post(url + "/v1/segment", content=b"an image", timeout=30)
+            waited = time.monotonic() - started
+        finally:
+            topo.stop()
+    assert response.status_code == 504, response.text
+    assert 0.9 < waited < 10, waited

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,11 +12,12 @@ import dataclasses
 
 from transfiner.cli import main
 from model.config import InputConfig, small_config
+from model.checkpoint_io import CheckpointError
 from model.losses import Matcher, dice_loss, subsample_labels
 from model.predictor import Predictor
 from model.shapes import make_shapes
 from model.targets import crop_masks, gt_incoherence, incoherence_maps, mask_boundary
-from model.train import SolverConfig, train
+from model.train import TRAIN_STATE_FORMAT, SolverConfig, train
 
 
 def test_matcher_thresholds_and_low_quality_matches():
@@ -102,6 +104,7 @@ def tiny_config(annotations):
     )
 
 
+@pytest.mark.slow  # a real training run of 24 + 4 iterations: minutes on 2 cores
 def test_training_reduces_loss_and_resumes(tiny_data, tmp_path):
     solver = SolverConfig(iters=24, batch_size=2, lr=0.01, warmup_iters=4, log_period=4, checkpoint_period=12)
     out = tmp_path / "run"
@@ -136,6 +139,40 @@ def test_train_cli_errors(tiny_data, tmp_path, capsys):
     assert "--iters" in capsys.readouterr().err
     assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "fresh"), "--resume"]) == 2
     assert "resume" in capsys.readouterr().err
+
+
+class _Trap:
+    """Unpickling this runs code (touches a file): what a tampered last.pth could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_reads_only_plain_data(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    marker = tmp_path / "code-ran"
+    solver = SolverConfig(iters=1, batch_size=1)
+    torch.save({"format": TRAIN_STATE_FORMAT, "solver": dataclasses.asdict(solver), "trap": _Trap(marker)},
+               out / "last.pth")
+    with pytest.raises(CheckpointError, match="not a plain weights file"):
+        train(tiny_config(tiny_data), tiny_data, out, solver, resume=True, device="cpu")
+    assert not marker.exists()
+
+
+def test_resume_refuses_another_state_format(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    solver = SolverConfig(iters=1, batch_size=1)
+    torch.save({"format": "transfiner-train/0", "solver": dataclasses.asdict(solver)}, out / "last.pth")
+    with pytest.raises(CheckpointError, match="transfiner-train/0.*start a new --out"):
+        train(tiny_config(tiny_data), tiny_data, out, solver, resume=True, device="cpu")
+    torch.save({"model": {}}, out / "last.pth")  # an inference checkpoint, say
+    with pytest.raises(CheckpointError, match="format None"):
+        train(tiny_config(tiny_data), tiny_data, out, solver, resume=True, device="cpu")
 
 
 def test_fine_tune_from_a_checkpoint_with_other_classes(tiny_data, tmp_path):

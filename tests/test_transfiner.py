@@ -12,8 +12,8 @@ from torchvision.ops import roi_align
 
 from model.poolers import assign_fpn_levels
 from model.transfiner import (
-    LEVEL_SIZES, PointQuadtree, SequenceEncoder, TransfinerRefiner, propagate, sine_position_table,
-    write_nodes,
+    LEVEL_SIZES, PointQuadtree, SequenceEncoder, TransfinerRefiner, plan_chunks, propagate, sine_position_table,
+    tokens_per_box, write_nodes,
 )
 
 from .conftest import random_boxes, tiny_transfiner_config
@@ -282,3 +282,81 @@ def test_zero_boxes():
     out = run(refiner, features, empty, torch.zeros(0, dtype=torch.int64), torch.zeros(0, CHANNELS, 14, 14),
               torch.zeros(0, 28, 28), torch.zeros(0, 28, 28))
     assert out.shape == (0, 112, 112)
+
+
+# ----------------------------------------------------------------------------- nodes, not caps
+
+
+def saturating_incoherence(seed: int, count: int) -> torch.Tensor:
+    """[count, 28, 28] maps like a checkpoint whose incoherence saturates: every cell above the
+    56-level threshold, and a blob of cells above the 112-level one whose size varies per box
+    (the official code then refines 4,000-6,000 tokens a box)."""
+    g = torch.Generator().manual_seed(seed)
+    incoherence = 0.2 + 0.5 * torch.rand(count, 28, 28, generator=g)  # above 0.125, below 0.8
+    for r in range(count):
+        side = 2 + 3 * r
+        top, left = torch.randint(0, 28 - side, (2,), generator=g).tolist()
+        incoherence[r, top : top + side, left : left + side] = 0.9
+    return incoherence
+
+
+def test_covering_caps_equal_official_selection_when_incoherence_saturates():
+    """Caps of 784 everywhere (what convert-official stores) give the official masks where the
+    default caps (784, 196, 64) would drop most 56- and 112-level nodes."""
+    thresholds = (1e-6, 0.125, 0.8)
+    features, boxes, batch_index, context, coarse, _ = make_inputs(seed=11, count=3)
+    incoherence = saturating_incoherence(seed=11, count=3)
+    inputs = (features, boxes, batch_index, context, coarse, incoherence)
+    assert needed_cells(incoherence, thresholds)[1] == 784  # the default cap of 196 binds
+    covering = build_refiner(thresholds, (784, 784, 784))
+    ours = run(covering, *inputs)
+    with torch.no_grad():
+        reference = official_refine(covering, *inputs, thresholds)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=2e-5)
+    capped = run(build_refiner(thresholds, (784, 196, 64)), *inputs)
+    assert (capped - reference).abs().max() > 0.05
+
+
+def test_trimming_changes_no_output():
+    """Chunks trimmed to their real node counts equal one pass padded to the caps, and the
+    trimmed chunks really are shorter than the caps."""
+    refiner = build_refiner((1e-6, 0.3, 0.8), (784, 784, 784))
+    features, boxes, batch_index, context, coarse, _ = make_inputs(seed=12, count=6)
+    incoherence = saturating_incoherence(seed=12, count=6) * torch.linspace(0.4, 1.2, 6)[:, None, None]
+    inputs = (features, boxes, batch_index, context, coarse, incoherence.clamp(max=1))
+    refiner.tokens_per_chunk = 12_000  # several chunks of different lengths
+    trimmed = run(refiner, *inputs)
+    with torch.no_grad():
+        padded = refiner.refine_chunk(
+            features, boxes, batch_index, assign_fpn_levels(boxes), context, coarse, refiner.quadtree(inputs[5])
+        )
+    torch.testing.assert_close(trimmed, padded, rtol=1e-4, atol=2e-5)
+
+    chunks = refiner.chunks(inputs[5])
+    assert len(chunks) > 1
+    assert sorted(torch.cat([index for index, _ in chunks]).tolist()) == list(range(6))
+    for index, levels in chunks:
+        assert len(index) * (196 + sum(level.nodes.shape[1] for level in levels)) <= 12_000 or len(index) == 1
+        for level in levels:
+            # Every valid node survived trimming, and at least one box fills the kept slots.
+            full = refiner.quadtree(inputs[5])[LEVEL_SIZES.index(level.size)]
+            assert torch.equal(level.valid.sum(1), full.valid[index].sum(1))
+            assert level.cells.shape[1] == int(level.cell_valid.sum(1).max())
+            assert level.cells.shape[1] < 784 or level.size == 28
+
+
+def test_chunk_plan_respects_the_token_budget():
+    g = torch.Generator().manual_seed(13)
+    counts = torch.randint(0, 785, (50, 3), generator=g).tolist()
+    counts[7] = [784, 784, 784]  # 16,660 tokens: two would exceed the budget, so alone in its chunk
+    plan = plan_chunks(counts, token_budget=30_000, max_boxes=8)
+    assert sorted(r for members, _ in plan for r in members) == list(range(50))
+    for members, slots in plan:
+        assert slots == tuple(max(counts[r][level] for r in members) for level in range(3))
+        assert len(members) <= 8
+        assert len(members) == 1 or len(members) * tokens_per_box(slots) <= 30_000
+    assert ([7], (784, 784, 784)) in plan
+    assert plan_chunks([], 1000, 8) == []
+    # Longest box first, so boxes of similar length share a chunk.
+    visited = [tokens_per_box(counts[r]) for members, _ in plan for r in members]
+    assert visited == sorted(visited, reverse=True)

@@ -33,8 +33,75 @@ def predictor_from_args(args: argparse.Namespace) -> Predictor:
     """The Predictor ``--model``, ``--backend``, ``--config``, ``--device`` and ``--precision`` name."""
     backend = getattr(args, "backend", None) or "pytorch"
     return Predictor.from_backend(
-        load_backend(model_from_args(args), backend, args.config, args.device, precision=args.precision)
+        load_backend(model_from_args(args), backend, args.config, args.device, precision=args.precision,
+                     max_cells=getattr(args, "max_cells", None))
     )
+
+
+# ``transfiner serve --engine``: the FastAPI server (default), or the same app as a Ray Serve
+# application on a Ray cluster (service/ray_serve.py; Ray is the optional extra ``transfiner[ray]``).
+_RAY_FLAGS = ("ray_address", "replicas", "min_replicas", "max_replicas", "replica_cpus", "replica_gpus",
+              "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s", "metrics_export_port")
+
+
+def add_serve_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    add_serve_arguments(parser)
+    parser.add_argument("--engine", choices=["fastapi", "ray"], default="fastapi",
+                        help="fastapi: this process serves (default); ray: Ray Serve replicas on a Ray cluster")
+    ray = parser.add_argument_group("--engine ray")
+    ray.add_argument("--ray-address", default=None,
+                     help="the cluster to join (e.g. auto, HOST:6379), or local to start one here (default)")
+    ray.add_argument("--replicas", type=int, default=None, help="fixed number of replicas (default 1)")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling: at least this many replicas")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling: at most this many replicas")
+    ray.add_argument("--target-ongoing-requests", type=float, default=None,
+                     help="autoscaling: requests in flight per replica to aim for (default: --max-batch-size)")
+    ray.add_argument("--upscale-delay-s", type=float, default=None,
+                     help="autoscaling: how long load must stay high before replicas are added (10)")
+    ray.add_argument("--downscale-delay-s", type=float, default=None,
+                     help="autoscaling: how long load must stay low before replicas are removed (300)")
+    ray.add_argument("--replica-cpus", type=float, default=None, help="CPUs Ray reserves per replica (default 1)")
+    ray.add_argument("--replica-gpus", type=float, default=None,
+                     help="GPUs per replica, fractions allowed (0.5: two replicas share a GPU); default 1 with "
+                          "--device cuda, else 0")
+    ray.add_argument("--metrics-export-port", type=int, default=None,
+                     help="with --ray-address local: the port of Ray's Prometheus metrics (ray_serve_*)")
+
+
+def cmd_serve_engine(args: argparse.Namespace) -> int:
+    if args.engine == "fastapi":
+        given = [f"--{name.replace('_', '-')}" for name in _RAY_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --engine ray")
+        return cmd_serve(args)
+    try:
+        from service.ray_serve import Scaling, serve_on_ray
+    except ImportError as error:
+        raise ValueError(f"--engine ray needs Ray Serve: pip install 'transfiner[ray]' ({error})") from None
+    from service.cli import checked_settings
+
+    if args.workers is not None:
+        raise ValueError("--workers: with --engine ray each replica runs one model worker; scale with --replicas")
+    autoscale = args.min_replicas is not None or args.max_replicas is not None
+    tuning = [f"--{n.replace('_', '-')}" for n in ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")
+              if getattr(args, n) is not None]
+    if tuning and not autoscale:
+        raise ValueError(f"{', '.join(tuning)}: only with --min-replicas/--max-replicas (autoscaling)")
+    settings = checked_settings(args)
+    gpus = args.replica_gpus
+    if gpus is None:
+        gpus = 1.0 if settings.device.startswith("cuda") else 0.0
+    scaling = Scaling(
+        replicas=args.replicas if autoscale or args.replicas is not None else 1, min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas, replica_cpus=1.0 if args.replica_cpus is None else args.replica_cpus,
+        replica_gpus=gpus, target_ongoing_requests=args.target_ongoing_requests,
+        **{name: getattr(args, name) for name in ("upscale_delay_s", "downscale_delay_s")
+           if getattr(args, name) is not None},
+    )
+    if args.metrics_export_port is not None and (args.ray_address or "local") != "local":
+        raise ValueError("--metrics-export-port applies to a cluster started here (--ray-address local); "
+                         "a running cluster's nodes set theirs with `ray start --metrics-export-port`")
+    return serve_on_ray(settings, scaling, args.ray_address or "local", args.metrics_export_port)
 
 
 # name, help, add its arguments, run it
@@ -47,7 +114,8 @@ COMMANDS = (
     ("train", "train on a COCO-format data set", add_train_arguments, cmd_train),
     ("evaluate", "box, mask and boundary AP of coarse vs refined masks", add_evaluate_arguments,
      lambda args: cmd_evaluate(args, predictor_from_args)),
-    ("serve", "run the REST service (FastAPI, dynamic batching)", add_serve_arguments, cmd_serve),
+    ("serve", "run the REST service (FastAPI, dynamic batching; or Ray Serve with --engine ray)",
+     add_serve_engine_arguments, cmd_serve_engine),
     ("export", "export as TorchScript or ONNX (and check the TensorRT path)", add_export_arguments, cmd_export),
     ("bench", "load-test a running service", add_bench_arguments, cmd_bench),
 )

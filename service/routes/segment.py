@@ -7,16 +7,19 @@ import math
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from ..errors import ServiceError, invalid_parameter
 from ..schemas import ErrorResponse, SegmentParams, SegmentResponse
 from ..runtime import dumps
 from ..security import client_key, require_api_key
+from ..settings import ServiceSettings
 from ..uploads import read_segment_request
 
 router = APIRouter(tags=["segment"], dependencies=[Depends(require_api_key)])
+_DEFAULT_MAX_TIMEOUT = ServiceSettings.model_fields["max_request_timeout_s"].default
+_MIN_DOCUMENTED_TIMEOUT = 1.0
 
 
 def _openapi_extra() -> dict[str, Any]:
@@ -27,6 +30,17 @@ def _openapi_extra() -> dict[str, Any]:
         {"name": name, "in": "query", "required": False, "schema": prop, "description": prop.get("description", "")}
         for name, prop in schema["properties"].items()
     ]
+    # Parsed by the route (its upper bound is a setting); declared here with the default bound.
+    # The documented minimum is the useful range: any positive value is accepted, but one shorter
+    # than a request can take answers 504 (or 503), which a client reading the document should
+    # not have to expect for a well-formed request.
+    params.append({
+        "name": "X-Request-Timeout", "in": "header", "required": False,
+        "schema": {"type": "number", "minimum": _MIN_DOCUMENTED_TIMEOUT, "maximum": _DEFAULT_MAX_TIMEOUT},
+        "description": f"deadline in seconds from arrival, {_MIN_DOCUMENTED_TIMEOUT:g} to max_request_timeout_s "
+        f"({_DEFAULT_MAX_TIMEOUT:g} by default); past it 504. Shorter positive values are accepted but may "
+        "expire before any answer (504), or be refused when the queue ahead is longer (503)",
+    })
     json_props = {"image": {"type": "string", "format": "byte", "description": "base64 or a data: URL"}}
     json_props.update(schema["properties"])
     return {
@@ -42,16 +56,23 @@ def _openapi_extra() -> dict[str, Any]:
     }
 
 
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer", "minimum": 1}}}
+_HEADERS = {401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+            429: _RETRY_AFTER, 503: _RETRY_AFTER}
 ERRORS = {
-    status: {"model": ErrorResponse, "description": text}
+    status: {"model": ErrorResponse, "description": text, **({"headers": _HEADERS[status]} if status in _HEADERS else {})}
     for status, text in {
-        400: "malformed request (no image; bad multipart, JSON or base64; huge int, deep nesting, lone surrogate)",
+        400: "malformed request (no image; bad multipart, JSON or base64; huge int, deep nesting, lone surrogate; "
+        "invalid Content-Length)",
         401: "missing or wrong API key",
+        408: "the request head or body did not arrive within head_timeout_s / body_timeout_s (the connection closes)",
         413: "body or pixel count over the limit",
         415: "not a supported image (PNG, JPEG, GIF, WEBP, BMP, TIFF), decided from the bytes",
         422: "invalid parameters, or an image that does not decode",
         429: "too many requests in flight for this client (Retry-After)",
-        503: "queue full, not ready or shutting down (Retry-After)",
+        431: "request line and headers over 64 KiB (the connection closes)",
+        500: "inference failed (logged on the server)",
+        503: "queue full, deadline cannot be met, memory budget spent, not ready or shutting down (Retry-After)",
         504: "the deadline (X-Request-Timeout or the default) passed",
     }.items()
 }
@@ -81,22 +102,29 @@ async def _disconnect(request: Request) -> None:
     "/v1/segment", response_model=SegmentResponse, responses=ERRORS, openapi_extra=_openapi_extra(),
     summary="Segment the instances of one image",
 )
-async def segment(
-    request: Request,
-    x_request_timeout: str | None = Header(None, description="deadline in seconds from arrival"),
-) -> Response:
+async def segment(request: Request) -> Response:
     arrived = time.monotonic()
     runtime = request.app.state.runtime
     settings = runtime.settings
-    deadline = arrived + request_timeout(x_request_timeout, settings.request_timeout_s, settings.max_request_timeout_s)
-    async with runtime.admission(client_key(request)):
-        try:
-            # A slow upload must not hold its in-flight slot past the deadline.
-            data, params = await asyncio.wait_for(read_segment_request(request), deadline - time.monotonic())
-        except asyncio.TimeoutError:
+    timeout = request_timeout(
+        request.headers.get("x-request-timeout"), settings.request_timeout_s, settings.max_request_timeout_s
+    )
+    deadline = arrived + timeout
+    # The body is read before the request takes a place in the queue: a slow or stalled upload
+    # holds a connection (bounded by body_timeout_s and max_connections), never a queue place.
+    body_deadline = min(deadline, arrived + settings.body_timeout_s)
+    try:
+        data, params = await asyncio.wait_for(read_segment_request(request), body_deadline - time.monotonic())
+    except asyncio.TimeoutError:
+        if body_deadline >= deadline:
             raise ServiceError(
                 504, "deadline_exceeded", "the request's deadline passed while its body was read", reason="deadline"
             ) from None
+        raise ServiceError(
+            408, "request_timeout", f"the request body did not arrive within {settings.body_timeout_s:g} s",
+            reason="body_timeout", headers={"Connection": "close"},
+        ) from None
+    async with runtime.admission(client_key(request), deadline):
         outcome = await runtime.segment(
             data, params, deadline, disconnected=lambda: _disconnect(request), as_json=True
         )
