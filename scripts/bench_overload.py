@@ -379,7 +379,7 @@ async def main_async(args: argparse.Namespace, url: str, port: int, pid: int) ->
         if "mates" in args.phases:
             print("costly batch-mate ...", flush=True)
             # A patient client: the costly request takes many times an ordinary one's deadline.
-            patient = Client(url, 600.0, images)
+            patient = Client(url, 300.0, images)  # the service's longest deadline
             try:
                 report["costly_batch_mate"] = await costly_batch_mate(patient, args.rounds, args.max_batch_size - 1)
             finally:
