@@ -12,7 +12,7 @@ from fastapi.responses import Response
 
 from ..errors import ServiceError, invalid_parameter
 from ..schemas import ErrorResponse, SegmentParams, SegmentResponse
-from ..runtime import dumps
+from ..segmenting import dumps
 from ..security import client_key, require_api_key
 from ..settings import ServiceSettings
 from ..uploads import read_segment_request
