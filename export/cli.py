@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from model.default_model import add_model_arguments, model_from_args, resolve_weights
+from model.default_model import add_model_arguments, model_from_args
+
+from .resolve import resolve_model, runtime_for
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +37,7 @@ def parity_check(model, fmt: str, out: Path) -> dict:
 
     from .runtimes import load_backend
 
-    runtime = load_backend(out, "onnxruntime" if fmt == "onnx" else "torchscript", device=model.device)
+    runtime = load_backend(out, runtime_for(fmt), device=model.device)
     generator = torch.Generator().manual_seed(1)
     images = [(torch.rand(3, h, w, generator=generator) * 255).to(torch.uint8) for h, w in ((211, 317), (290, 180))]
     batch, sizes = prepare_batch(images, model.cfg.input, model.device)
@@ -81,7 +83,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .exporter import DEFAULT_OPSET, export_model
     from .tensorrt import build_instructions, check_onnx, tensorrt_available
 
-    weights = resolve_weights(model_from_args(args))
+    # Exporting runs the eager model, so --model must name a checkpoint (or the default).
+    weights = resolve_model(model_from_args(args), "pytorch").path
     fmt = "onnx" if args.format == "tensorrt" else args.format
     out = Path(args.out)
     steps = ["load", "export"] + ([] if args.no_check else ["check"]) + (["tensorrt"] if fmt == "onnx" else [])

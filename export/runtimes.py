@@ -1,10 +1,10 @@
 """TorchScript and ONNX Runtime behind ``model.backend.Backend``, and ``load_backend`` by name.
 
 ``load_backend(model, "onnxruntime")`` accepts an export folder (``transfiner export``), a model
-file inside one, or what ``--model`` accepts elsewhere (``default``, a checkpoint): those are
-exported once into a cache folder (``$TRANSFINER_CACHE``, default ``~/.cache/transfiner``) keyed
-by the checkpoint's digest, so ``transfiner serve --backend onnxruntime`` works on the default
-model with no extra step.
+file inside one, or what ``--model`` accepts elsewhere (``default``, a checkpoint), as
+``export.resolve.resolve_model`` decides. Checkpoints are exported once into a cache folder
+(``$TRANSFINER_CACHE``, default ``~/.cache/transfiner``) keyed by the checkpoint's digest, so
+``transfiner serve --backend onnxruntime`` works on the default model with no extra step.
 """
 
 from __future__ import annotations
@@ -19,21 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.backend import BACKEND_NAMES, Backend, TorchBackend
+from model.backend import Backend, TorchBackend
 from model.checkpoint import load_model
 from model.config import ModelConfig
-from model.default_model import resolve_weights
 from model.predictor import resolve_device
 from model.rcnn import InferenceOptions, RawOutputs
 
-from .exporter import ExportError, export_model, file_digest, find_export
+from .exporter import ExportError, export_model, find_export
 from .graph import INPUT_NAMES, graph_arguments, raw_outputs
+from .resolve import RUNTIME_FORMATS, ResolvedModel, check_backend_name, resolve_model
 
 logger = logging.getLogger(__name__)
-
-# Which export format each runtime reads.
-RUNTIME_FORMATS = {"torchscript": "torchscript", "onnxruntime": "onnx"}
-
 
 def _keep_options(raw: RawOutputs, options: InferenceOptions) -> RawOutputs:
     """The exported graph always refines; ``refine=False`` takes the coarse masks it also returns."""
@@ -124,24 +120,25 @@ def cache_root() -> Path:
 
 
 def exported_copy(
-    model: str | os.PathLike, fmt: str, config: str | ModelConfig | None, device: torch.device,
+    source: ResolvedModel, fmt: str, config: str | ModelConfig | None, device: torch.device,
     max_cells: tuple[int, int, int] | None = None,
 ) -> Path:
-    """The cached export of a checkpoint (``default`` or a path), made on first use; with
-    ``max_cells``, exported with those node caps instead of the checkpoint's."""
-    weights = resolve_weights(model)
-    key = f"{file_digest(weights)}-{fmt}" + (f"-{device.type}" if fmt == "torchscript" else "")
+    """The cached export of a checkpoint (``source``, from ``resolve_model``), made on first use;
+    with ``max_cells``, exported with those node caps instead of the checkpoint's."""
+    if not source.is_checkpoint:
+        raise ExportError(f"{source.path} is already an export; exported copies are made from checkpoints")
+    key = f"{source.weights_digest}-{fmt}" + (f"-{device.type}" if fmt == "torchscript" else "")
     if max_cells is not None:
         key += "-cells" + "-".join(str(k) for k in max_cells)
     folder = cache_root() / "exports" / key
     if (folder / "metadata.json").is_file():
         return folder
-    logger.info("exporting %s as %s into %s (first use)", model, fmt, folder)
+    logger.info("exporting %s as %s into %s (first use)", source.name, fmt, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Export next to the target, then rename: a half-written folder is never taken for an export.
     staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
     try:
-        export_model(load_model(weights, config, device, max_cells), fmt, staging, source=weights)
+        export_model(load_model(source.path, config, device, max_cells), fmt, staging, source=source.path)
         try:
             staging.rename(folder)
         except OSError:  # another process finished the same export first
@@ -153,39 +150,37 @@ def exported_copy(
 
 
 def load_backend(
-    model: str | os.PathLike = "default", backend: str = "pytorch", config: str | ModelConfig | None = None,
-    device: str | torch.device | None = "auto", threads: int | None = None, precision: str | None = "auto",
-    max_cells: tuple[int, int, int] | None = None,
+    model: str | os.PathLike | ResolvedModel = "default", backend: str = "pytorch",
+    config: str | ModelConfig | None = None, device: str | torch.device | None = "auto", threads: int | None = None,
+    precision: str | None = "auto", max_cells: tuple[int, int, int] | None = None,
 ) -> Backend:
-    """A runtime by name (``pytorch``, ``torchscript``, ``onnxruntime``) for ``model``, at
-    ``precision`` (``model.precision``; exported graphs are float32, so they take auto or fp32),
-    with node caps ``max_cells`` (default: the checkpoint's; an export folder keeps its own)."""
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    """A runtime by name (``pytorch``, ``torchscript``, ``onnxruntime``) for ``model`` (what
+    ``--model`` names, or ``resolve_model``'s answer for this backend, so that a caller that also
+    needs its name and version resolves once), at ``precision`` (``model.precision``; exported
+    graphs are float32, so they take auto or fp32), with node caps ``max_cells`` (default: the
+    checkpoint's; an export folder keeps its own)."""
+    check_backend_name(backend)
     device = resolve_device(device)
     if backend != "pytorch" and precision not in (None, "auto", "fp32"):
         raise ValueError(f"the {backend} backend runs the float32 export; --precision {precision} needs --backend pytorch")
+    resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, backend)
     if backend == "pytorch":
-        try:
-            found = find_export(model) if str(model) != "default" else None
-        except ExportError:  # not an export at all: load_predictor names what is wrong with it
-            found = None
-        if found is not None:
-            runtime = next(name for name, fmt in RUNTIME_FORMATS.items() if fmt == found[1]["format"])
-            raise ExportError(f"{model} is an exported model: run it with --backend {runtime}")
-        from model.default_model import load_predictor
-
-        return load_predictor(model, config, device, precision, max_cells).backend
+        if not resolved.is_checkpoint:  # resolved for another backend
+            raise ExportError(f"{resolved.path} is an exported model ({resolved.export_format}): the pytorch "
+                              "backend needs a checkpoint")
+        return TorchBackend(load_model(resolved.path, config, device, max_cells), precision)
     fmt = RUNTIME_FORMATS[backend]
-    found = find_export(model) if str(model) != "default" else None
-    if found is None:
-        found = find_export(exported_copy(model, fmt, config, device, max_cells))
-    model_file, metadata = found
+    if resolved.is_checkpoint:
+        found = find_export(exported_copy(resolved, fmt, config, device, max_cells))
+        assert found is not None, "exported_copy returns an export folder"
+        model_file, metadata = found
+    else:
+        model_file, metadata = resolved.path, resolved.metadata
     exported_caps = tuple(metadata["config"]["transfiner"]["max_cells"])
     if max_cells is not None and tuple(max_cells) != exported_caps:
         raise ValueError(f"{model_file} was exported with max cells {exported_caps}: its graph's shapes are "
                          "static, so export the checkpoint again with other caps (or give the checkpoint)")
-    if metadata["format"] != fmt:
+    if metadata["format"] != fmt:  # an answer of resolve_model for another backend
         raise ExportError(f"{model_file} holds a {metadata['format']} export; --backend {backend} needs {fmt}")
     if backend == "torchscript":
         return TorchScriptBackend(model_file, metadata, device)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import PRESET_NAMES
-from .data import load_image_rgb
 from .default_model import add_backend_argument, add_max_cells_argument, add_model_arguments, add_precision_argument
+from .images import load_image_rgb
 
 if TYPE_CHECKING:
     from .predictor import Predictor

@@ -1,4 +1,4 @@
-"""COCO-format instance segmentation data for training, and the image reader shared with the CLI.
+"""COCO-format instance segmentation data for training (images are read by ``model.images``).
 
 The json is parsed and validated when a :class:`CocoDataset` is built (structure, ids, boxes,
 segmentation encodings, that every image file exists); images and masks are decoded lazily, one
@@ -26,20 +26,16 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import ExifTags, Image, ImageOps
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 
 from .config import InputConfig
+from .images import DatasetError, load_image_rgb
 from .preprocess import resized_shape
 
 PathLike = Union[str, Path]
 Polygons = list[list[float]]
-
-
-class DatasetError(Exception):
-    """A data set that cannot be used; the message names the file and the image/annotation id."""
 
 
 class DatasetWarning(UserWarning):
@@ -59,59 +55,6 @@ class TrainingSample:
     # iscrowd=1 regions (xyxy): excluded from the targets, as detectron2; kept for samplers that
     # want to ignore proposals there.
     crowd_boxes: torch.Tensor = field(default_factory=lambda: torch.zeros((0, 4)))
-
-
-# --------------------------------------------------------------------------------------------
-# Images
-
-
-def load_image_rgb(path: PathLike) -> np.ndarray:
-    """An image file -> uint8 RGB array [H, W, 3], upright according to its EXIF orientation.
-
-    Any mode is converted: alpha is dropped (as detectron2), palette/CMYK/grey become RGB, and
-    16-bit grey (``I;16``, ``I``) is scaled by 1/257 to 0..255 rather than clipped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as image:
-            return image_to_rgb(image)
-    # Pillow reports corrupt files with many exception types (OSError, SyntaxError, struct.error...).
-    except Exception as error:  # noqa: BLE001
-        raise DatasetError(f"{path}: cannot read image ({type(error).__name__}: {error})") from None
-
-
-def image_to_rgb(image: Image.Image) -> np.ndarray:
-    """An opened PIL image (file or bytes; the first frame if animated) -> uint8 RGB [H, W, 3],
-    upright by its EXIF orientation, any mode converted as ``load_image_rgb`` says."""
-    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-        image = ImageOps.exif_transpose(image)  # a copy, so only when there is something to turn
-    if image.mode.startswith("I;16") or image.mode == "I":
-        grey = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
-    if image.mode == "F":
-        grey = np.clip(np.asarray(image, dtype=np.float64), 0, 255).round().astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
-    return _rgb_in_strips(image)
-
-
-# Rows per strip of ``_rgb_in_strips``: about 4 MB of RGB at a time.
-_STRIP_BYTES = 4 * 1024 * 1024
-
-
-def _rgb_in_strips(image: Image.Image) -> np.ndarray:
-    """``np.asarray(image.convert("RGB"))`` with one full-size copy of the pixels instead of up
-    to three (the conversion, and the bytes Pillow hands numpy, which it joins from pieces): for
-    a 40-megapixel upload, hundreds of megabytes. Mode conversions are per pixel, so converting
-    strip by strip gives the same values."""
-    width, height = image.size
-    out = np.empty((height, width, 3), dtype=np.uint8)
-    rows = max(1, _STRIP_BYTES // (3 * width))
-    for top in range(0, height, rows):
-        strip = image.crop((0, top, width, min(height, top + rows)))
-        out[top : top + strip.height] = np.asarray(strip if strip.mode == "RGB" else strip.convert("RGB"))
-    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Where models come from: the shipped default model, or a checkpoint the user names.
 
 Every command that takes weights accepts ``--model default`` or ``--model PATH`` (a checkpoint);
-those with ``--backend`` also take a ``transfiner export`` folder.
+those with ``--backend`` also take a ``transfiner export`` folder. This module knows checkpoints
+only; ``export.resolve.resolve_model`` makes the whole decision for the commands and the service.
 """
 
 from __future__ import annotations

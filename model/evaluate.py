@@ -3,7 +3,8 @@ detector judged against ground truth (paper Tables 1 and 3).
 
 One forward pass per batch gives both mask sets of the same detections (``RawOutputs.mask_probs``
 refined, ``RawOutputs.coarse_probs`` coarse); both go through the Predictor's own post-processing
-(boxes mapped back to the image, masks pasted), so the refined numbers are what users get.
+(``Prediction.from_outputs`` and ``coco_records``, i.e. ``model.postprocess``: boxes mapped back
+to the image, masks pasted, records rounded), so the refined numbers are what users get.
 
 Metrics come from faster-coco-eval: box AP (``bbox``), mask AP (``segm``) and boundary AP^B
 (``boundary``: Boundary IoU, Cheng et al. 2021, dilation 2% of the image diagonal; faster-coco-eval
@@ -34,7 +35,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .data import CocoDataset, DatasetError, load_image_rgb, make_loader
+from .data import CocoDataset, DatasetError, make_loader
+from .images import load_image_rgb
 from .precision import autocast
 from .preprocess import pad_batch
 from .rcnn import InferenceOptions
@@ -273,7 +275,7 @@ def evaluate(
     """
     from tqdm import tqdm
 
-    from .predictor import Predictor
+    from .predictor import Prediction
 
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -325,8 +327,8 @@ def evaluate(
                 raw = predictor.backend.infer(batch, sizes, options)
                 coarse_raw = dataclasses.replace(raw, mask_probs=raw.coarse_probs)
                 for i, sample in enumerate(samples):
-                    refined = Predictor.postprocess(raw, i, sizes[i], sample.original_size, 0.5)
-                    coarse = Predictor.postprocess(coarse_raw, i, sizes[i], sample.original_size, 0.5)
+                    refined = Prediction.from_outputs(raw, i, sizes[i], sample.original_size)
+                    coarse = Prediction.from_outputs(coarse_raw, i, sizes[i], sample.original_size)
                     results["refined"] += refined.coco_records(sample.image_id, cfg.category_ids)
                     results["coarse"] += coarse.coco_records(sample.image_id, cfg.category_ids)
                     image_ids.append(sample.image_id)

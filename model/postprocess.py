@@ -1,8 +1,16 @@
-"""Backend-independent post-processing: soft instance masks -> image masks -> COCO RLE.
+"""Backend-independent post-processing: the network's outputs -> an image's COCO results.
 
-Every backend (eager PyTorch, TorchScript, ONNX Runtime) ends with per-detection
-mask probabilities and boxes; this module is the one place that turns them into
-binary masks, so all backends produce identical results.
+Every backend (eager PyTorch, TorchScript, ONNX Runtime) ends with ``RawOutputs``: boxes in
+network-input pixels and per-detection mask probabilities. This module is the one place that
+turns them into results, for the ``Predictor``, evaluation and the service alike, so all of them
+produce identical records:
+
+* ``select_detections``: one image's rows of a batch, optionally narrowed (threshold, classes,
+  top-k, coarse masks); ``image_detections``: those rows in the image's own pixels
+  (``rescale_boxes``, as detectron2's ``detector_postprocess``);
+* masks: binary masks pasted from the soft ones (``paste_masks``), COCO RLE (``masks_to_rle``),
+  polygons (``model.polygons.mask_to_polygons`` on each window, ``segment``);
+* ``coco_records``: COCO result records, rounded.
 
 A detection can only be foreground inside the small integer window around its box
 (see ``box_windows``), so everything here samples those windows only
@@ -12,14 +20,158 @@ from them, and full-image masks (``paste_masks``) are built only when asked for.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
 
-__all__ = ["box_windows", "sample_windows", "paste_windows", "paste_masks", "encode_rle", "masks_to_rle"]
+from .polygons import mask_to_polygons
+from .rcnn import RawOutputs
+
+__all__ = [
+    "ImageDetections", "select_detections", "rescale_boxes", "image_detections", "segment", "coco_records",
+    "box_windows", "sample_windows", "paste_windows", "paste_masks", "encode_rle", "masks_to_rle",
+]
+
+MASK_FORMATS = ("rle", "polygon", "none")
+
+
+# --------------------------------------------------------------------------------------------
+# Detections of one image
+
+
+@dataclass
+class ImageDetections:
+    """One image's detections in its own pixels, on the device the outputs were left on."""
+
+    boxes: torch.Tensor  # [N, 4] float32 xyxy, clipped to the image, none empty
+    scores: torch.Tensor  # [N] float32
+    classes: torch.Tensor  # [N] int64 contiguous class index
+    mask_probs: torch.Tensor  # [N, S, S] float32 soft masks inside each box
+
+
+def select_detections(
+    raw: RawOutputs, index: int, score_threshold: float | None = None, classes: Collection[int] | None = None,
+    max_detections: int | None = None, refine: bool = True,
+) -> RawOutputs:
+    """Image ``index``'s detections, as a one-image ``RawOutputs`` (batch index 0): those scoring
+    above ``score_threshold``, of ``classes``, the first ``max_detections``; ``mask_probs`` holds
+    the coarse masks when ``refine`` is off.
+
+    Detections come out of the model sorted by score within each image and NMS only lets a box
+    suppress lower-scored ones, so a higher threshold or a smaller top-k applied here gives
+    exactly what a forward pass run with them would have given."""
+    rows = torch.nonzero(raw.batch_index == index).flatten()  # [n] in the model's order
+    if score_threshold is not None:
+        rows = rows[raw.scores[rows] > score_threshold]  # strict, as the model's own filter
+    if classes is not None:
+        allowed = torch.tensor(sorted(classes), dtype=raw.classes.dtype, device=rows.device)
+        rows = rows[torch.isin(raw.classes[rows], allowed)]
+    if max_detections is not None:
+        rows = rows[:max_detections]
+    probs = raw.mask_probs if refine else raw.coarse_probs
+    return RawOutputs(
+        boxes=raw.boxes[rows], scores=raw.scores[rows], classes=raw.classes[rows],
+        batch_index=torch.zeros_like(rows), mask_probs=probs[rows], coarse_probs=raw.coarse_probs[rows],
+    )
+
+
+def rescale_boxes(
+    boxes: torch.Tensor, input_size: torch.Tensor, original: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes [N, 4] from network-input pixels (``input_size`` (h, w)) to the ``original`` image's,
+    clipped to it; and [N] bool: which are non-empty (detectron2 drops the others)."""
+    height, width = original
+    scale = torch.tensor([width / input_size[1].item(), height / input_size[0].item()] * 2, device=boxes.device)
+    boxes = boxes * scale
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    return boxes, (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
+def image_detections(
+    raw: RawOutputs, index: int, input_size: torch.Tensor, original: tuple[int, int]
+) -> ImageDetections:
+    """Detectron2's ``detector_postprocess`` for image ``index`` of a batch: boxes rescaled from
+    the network input (``input_size`` (h, w)) to ``original`` (h, w), empty ones dropped. Nothing
+    leaves the device: masks are sampled from these later, where they are."""
+    rows = raw.batch_index == index  # [D] bool
+    boxes, nonempty = rescale_boxes(raw.boxes[rows], input_size, original)
+    return ImageDetections(
+        boxes=boxes[nonempty].float(),
+        scores=raw.scores[rows][nonempty].float(),
+        classes=raw.classes[rows][nonempty],
+        mask_probs=raw.mask_probs[rows][nonempty].float(),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Segmentations and COCO records
+
+
+def segment(
+    detections: ImageDetections, image_size: tuple[int, int], mask_format: str = "rle", threshold: float = 0.5,
+) -> tuple[list[Any] | None, list[float]]:
+    """Each detection's segmentation in ``mask_format`` and its area, from the windows around the
+    boxes (no full-image masks are built).
+
+    ``rle``: COCO compressed RLE (``masks_to_rle``), area its pixel count; ``polygon``: outer
+    boundaries (``mask_to_polygons``), area the mask's pixel count (holes included);
+    ``none``: no segmentations (None) and the boxes' areas.
+    """
+    if mask_format == "none":
+        boxes = detections.boxes.cpu().numpy()  # [N, 4]: float32 arithmetic, as the boxes reported
+        return None, [float((b[2] - b[0]) * (b[3] - b[1])) for b in boxes]
+    if mask_format == "polygon":
+        windows = [
+            (window.cpu().numpy(), origin)
+            for window, origin in paste_windows(detections.mask_probs, detections.boxes, image_size, threshold)
+        ]
+        return [mask_to_polygons(w, origin) for w, origin in windows], [float(w.sum()) for w, _ in windows]
+    if mask_format == "rle":
+        rles = masks_to_rle(detections.mask_probs, detections.boxes, image_size, threshold)
+        return rles, [float(a) for a in mask_util.area(rles)] if rles else []
+    raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+
+
+def coco_records(
+    image_id: Any, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, category_ids: Sequence[int],
+    segmentations: Sequence[Any] | None = None, areas: Sequence[float] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """One COCO results record per detection: ``image_id``, ``bbox`` as xywh rounded to 2
+    decimals, ``score`` rounded to 5, ``category_id``; then ``category_name``, ``area`` and
+    ``segmentation`` where given (``segment`` gives the last two). Keys in the order of the
+    service's ``schemas.Instance``, which sends these records as they are.
+
+    boxes: [N, 4] xyxy in image pixels; scores: [N]; classes: [N] contiguous class indices, mapped
+    through ``category_ids`` (and ``class_names``).
+    """
+    out = []
+    for i, (box, score, cls) in enumerate(zip(boxes, scores, classes)):
+        x0, y0, x1, y1 = (float(v) for v in box)
+        record = {
+            "image_id": image_id,
+            "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+            "score": round(float(score), 5),
+            "category_id": int(category_ids[int(cls)]),
+        }
+        if class_names is not None:
+            record["category_name"] = class_names[int(cls)]
+        if areas is not None:
+            record["area"] = areas[i]
+        if segmentations is not None:
+            record["segmentation"] = segmentations[i]
+        out.append(record)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Masks from the soft masks, inside each box's window
 
 # A group of windows sampled together holds at most this many (padded) pixels, or one window:
 # bounds the [n, h, w, 2] float32 sampling grid (32 MB) however many large boxes there are.

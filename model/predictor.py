@@ -13,7 +13,7 @@ from .backend import Backend, TorchBackend
 from .checkpoint import build_model, load_model
 from .config import ModelConfig, preset, with_max_cells
 from .default_model import resolve_weights
-from .postprocess import masks_to_rle, paste_masks, paste_windows
+from .postprocess import coco_records, image_detections, masks_to_rle, paste_masks, paste_windows
 from .preprocess import ImageLike, group_by_canvas, prepare_batch, to_rgb_tensor
 from .rcnn import InferenceOptions, MaskTransfiner, RawOutputs
 
@@ -74,31 +74,31 @@ class Prediction:
         return [(window.cpu().numpy(), origin) for window, origin in paste_windows(*self._mask_inputs())]
 
     def coco_records(self, image_id, category_ids: Sequence[int]) -> list[dict]:
-        """One COCO results record per instance: bbox as xywh, compressed RLE with str counts."""
-        records = []
-        for box, score, cls, rle in zip(self.boxes, self.scores, self.classes, self.rles):
-            x0, y0, x1, y1 = (float(v) for v in box)
-            records.append({
-                "image_id": image_id,
-                "category_id": int(category_ids[int(cls)]),
-                "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                "score": round(float(score), 5),
-                "segmentation": rle,
-            })
-        return records
+        """One COCO results record per instance: bbox as xywh, compressed RLE with str counts
+        (``model.postprocess.coco_records``)."""
+        return coco_records(image_id, self.boxes, self.scores, self.classes, category_ids, self.rles)
 
-
-def rescale_boxes(
-    boxes: torch.Tensor, input_size: torch.Tensor, original: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boxes [N, 4] from network-input pixels (``input_size`` (h, w)) to the ``original`` image's,
-    clipped to it; and [N] bool: which are non-empty (detectron2 drops the others)."""
-    height, width = original
-    scale = torch.tensor([width / input_size[1].item(), height / input_size[0].item()] * 2, device=boxes.device)
-    boxes = boxes * scale
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-    return boxes, (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    @classmethod
+    def from_outputs(
+        cls, raw: RawOutputs, index: int, input_size: torch.Tensor, original: tuple[int, int],
+        mask_threshold: float = 0.5,
+    ) -> "Prediction":
+        """Image ``index`` of a batch's outputs, in the ``original`` (h, w) image's pixels
+        (``model.postprocess.image_detections``; ``input_size`` (h, w) is its network input).
+        Masks are sampled later, when asked for, on the outputs' device."""
+        detections = image_detections(raw, index, input_size, original)
+        probs, boxes = detections.mask_probs, detections.boxes
+        height, width = original
+        return cls(
+            image_size=(height, width),
+            boxes=boxes.cpu().numpy(),
+            scores=detections.scores.cpu().numpy(),
+            classes=detections.classes.cpu().numpy(),
+            mask_probs=probs.cpu().numpy(),
+            mask_threshold=mask_threshold,
+            device=probs.device,
+            _tensors=(probs, boxes) if probs.device.type != "cpu" else None,
+        )
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -197,28 +197,5 @@ class Predictor:
             batch, sizes = prepare_batch([rgb[i] for i in indices], self.cfg.input, self.device)
             raw = self.backend.infer(batch, sizes, options)
             for row, i in enumerate(indices):
-                predictions[i] = self.postprocess(raw, row, sizes[row], original[i], mask_threshold)
+                predictions[i] = Prediction.from_outputs(raw, row, sizes[row], original[i], mask_threshold)
         return predictions
-
-    @staticmethod
-    def postprocess(
-        raw: RawOutputs, index: int, input_size: torch.Tensor, original: tuple[int, int], mask_threshold: float
-    ) -> Prediction:
-        """Detectron2's ``detector_postprocess`` for image ``index`` of a batch: rescale boxes from
-        the network input (``input_size`` (h, w)) to ``original``, drop empty ones. Masks are
-        sampled later, when asked for, on this device (``Prediction``)."""
-        rows = raw.batch_index == index
-        height, width = original
-        boxes, nonempty = rescale_boxes(raw.boxes[rows], input_size, original)
-        boxes = boxes[nonempty].float()
-        probs = raw.mask_probs[rows][nonempty].float()
-        return Prediction(
-            image_size=(height, width),
-            boxes=boxes.float().cpu().numpy(),
-            scores=raw.scores[rows][nonempty].float().cpu().numpy(),
-            classes=raw.classes[rows][nonempty].cpu().numpy(),
-            mask_probs=probs.float().cpu().numpy(),
-            mask_threshold=mask_threshold,
-            device=probs.device,
-            _tensors=(probs, boxes) if probs.device.type != "cpu" else None,
-        )

@@ -23,15 +23,13 @@ import torch
 from tqdm import tqdm
 
 from export.exporter import export_model
+from export.resolve import resolve_model
 from export.runtimes import load_backend
-from model.backend import TorchBackend
+from model.backend import BACKEND_NAMES, TorchBackend
 from model.checkpoint import load_model
-from model.default_model import resolve_weights
 from model.preprocess import prepare_batch, to_rgb_tensor
 from model.rcnn import InferenceOptions
 from model.shapes import ShapesConfig, render_image
-
-BACKENDS = ("pytorch", "torchscript", "onnxruntime")
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,7 +49,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    weights = resolve_weights(args.model)
+    weights = resolve_model(args.model, "pytorch").path
     model = load_model(weights, device="cpu")
     cfg = model.cfg
 
@@ -76,13 +74,13 @@ def main() -> None:
     for name, backend in backends.items():  # warm-up: first calls allocate and plan
         backend.infer(*inputs[0], options)
 
-    times: dict[str, list[float]] = {name: [] for name in BACKENDS}
+    times: dict[str, list[float]] = {name: [] for name in BACKEND_NAMES}
     detections = []
     steps = args.rounds * len(inputs)
     with tqdm(total=steps, desc="latency", unit="image", disable=None) as progress:
         for step in range(steps):
             batch, sizes = inputs[step % len(inputs)]
-            order = BACKENDS[step % 3:] + BACKENDS[: step % 3]
+            order = BACKEND_NAMES[step % 3:] + BACKEND_NAMES[: step % 3]
             for name in order:
                 start = time.perf_counter()
                 raw = backends[name].infer(batch, sizes, options)
@@ -91,7 +89,7 @@ def main() -> None:
                     detections.append(len(raw.scores))
             progress.update()
 
-    ratios = {name: statistics.median(e / t for e, t in zip(times["pytorch"], times[name])) for name in BACKENDS}
+    ratios = {name: statistics.median(e / t for e, t in zip(times["pytorch"], times[name])) for name in BACKEND_NAMES}
     summary = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads()},
@@ -112,7 +110,7 @@ def main() -> None:
         "| backend | median ms/img | mean ms/img | speed-up vs eager (median of per-image ratios) |",
         "|---|---:|---:|---:|",
     ]
-    for name in BACKENDS:
+    for name in BACKEND_NAMES:
         latency = summary["latency_ms"][name]
         lines.append(f"| {name} | {latency['median']:.0f} | {latency['mean']:.0f} | {ratios[name]:.2f}x |")
     lines += ["", "| file | MiB |", "|---|---:|"]
@@ -129,7 +127,7 @@ def plot(times: dict[str, list[float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.boxplot([[1e3 * t for t in times[name]] for name in BACKENDS], tick_labels=list(BACKENDS))
+    axis.boxplot([[1e3 * t for t in times[name]] for name in BACKEND_NAMES], tick_labels=list(BACKEND_NAMES))
     axis.set_ylabel("ms per image")
     axis.set_title("Per-image latency on CPU (same inputs)")
     figure.tight_layout()

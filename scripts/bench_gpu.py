@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,12 +40,13 @@ from bench_model import calibrate_frozen_bn  # noqa: E402
 
 from model.checkpoint import build_model, save_checkpoint  # noqa: E402
 from model.config import ModelConfig, preset  # noqa: E402
-from model.postprocess import masks_to_rle  # noqa: E402
+from model.postprocess import image_detections, masks_to_rle  # noqa: E402
 from model.precision import autocast  # noqa: E402
 from model.preprocess import prepare_batch  # noqa: E402
 from model.rcnn import InferenceOptions, MaskTransfiner  # noqa: E402
 from model.shapes import ShapesConfig, render_image  # noqa: E402
 from model.transfiner import CONTEXT_SIZE  # noqa: E402
+from service.loadtest.servers import free_port, wait_for_server  # noqa: E402
 
 # The `transfiner` command without relying on an installed console script (GPU images lack it).
 TRANSFINER = [sys.executable, "-m", "transfiner"]
@@ -188,11 +188,8 @@ def time_case(model, batch, sizes, originals, options, precision, device, second
                 stages = timer.stages()
                 start = time.perf_counter()
                 for i, original in enumerate(originals):
-                    rows = raw.batch_index == i
-                    scale = torch.tensor(
-                        [original[1] / sizes[i, 1].item(), original[0] / sizes[i, 0].item()] * 2, device=device
-                    )
-                    masks_to_rle(raw.mask_probs[rows], raw.boxes[rows] * scale, original, 0.5)
+                    detections = image_detections(raw, i, sizes[i], original)  # as the Predictor's
+                    masks_to_rle(detections.mask_probs, detections.boxes, original, 0.5)
                 post_s = time.perf_counter() - start
                 runs.append({"forward_s": forward_s, "postprocess_s": post_s, **stages})
     finally:
@@ -318,29 +315,6 @@ def bench_attention(device: torch.device, log) -> list[dict]:
     return results
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(server: subprocess.Popen, url: str, log_file: Path, timeout: float) -> None:
-    """Until the server answers ready; a server that exits first fails at once, with its log."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited ({server.returncode}):\n{log_file.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the server was not ready in {timeout:.0f} s:\n{log_file.read_text()[-3000:]}")
-
-
 def bench_http(workload: Workload, checkpoint: Path, image_dir: Path, work: Path, device: str, log) -> list[dict]:
     """The same checkpoint behind ``transfiner serve``, loaded with ``transfiner bench``."""
     port = free_port()
@@ -353,7 +327,7 @@ def bench_http(workload: Workload, checkpoint: Path, image_dir: Path, work: Path
     )
     results = []
     try:
-        wait_ready(server, url, work / "server.log", timeout=180)
+        wait_for_server(server, url, work / "server.log", timeout=180)
         for detections in sorted(workload.detections, reverse=True):
             step_out = work / f"http-{detections}"
             command = [

@@ -45,8 +45,9 @@ import numpy as np
 from PIL import Image
 
 from service.loadtest.client import TRANSPORT_ERRORS, poisson_arrivals, run_closed_loop, run_open_loop
-from service.loadtest.metrics_delta import Scrape, scrape
+from service.loadtest.metrics_delta import scrape
 from service.loadtest.report import LatencyStats
+from service.loadtest.servers import free_port, wait_for_server
 
 
 def picture_png(height: int, width: int, seed: int) -> bytes:
@@ -76,12 +77,6 @@ def resident_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- one request, as a client that keeps what a refusal says --------------------------------------
@@ -434,18 +429,7 @@ def main() -> int:
     with open(out / "server.log", "w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"the server exited ({server.returncode}); see {out / 'server.log'}")
-            try:
-                if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the server did not become ready in 10 minutes")
-            time.sleep(0.5)
+        wait_for_server(server, url, out / "server.log", timeout=600)
         report = asyncio.run(main_async(args, url, port, server.pid))
     finally:
         server.terminate()

@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -38,7 +37,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -46,6 +44,7 @@ sys.path.insert(0, str(REPO))
 from service.loadtest.cli import generate_images, machine_info  # noqa: E402
 from service.loadtest.client import InvalidAnswer, SegmentClient, WorkloadImage, run_closed_loop  # noqa: E402
 from service.loadtest.report import StepResult  # noqa: E402
+from service.loadtest.servers import free_port, wait_for_server  # noqa: E402
 
 SERVERS = ("fastapi", "ray", "litserve")
 LABELS = {"fastapi": "transfiner serve (FastAPI)", "ray": "transfiner serve --engine ray (Ray Serve)",
@@ -67,12 +66,6 @@ class MultipartSegmentClient(SegmentClient):
             except ValueError:
                 raise InvalidAnswer(f"status {response.status_code} with a body that is not JSON") from None
         return response.status_code
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- LitServe's own environment ---------------------------------------------------------------------
@@ -115,21 +108,6 @@ def start_server(name: str, args: argparse.Namespace, port: int, log: Path, lits
     handle = log.open("w")
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
                             start_new_session=True)
-
-
-def wait_ready(process: subprocess.Popen, url: str, name: str, log: Path, timeout: float = 300) -> None:
-    path = "/health" if name == "litserve" else "/health/ready"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + path, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{name} not ready after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def stop_server(process: subprocess.Popen) -> None:
@@ -300,14 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     results: dict[str, list[dict]] = {}
     for name in args.servers:
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         log = out / f"{name}.log"
         print(f"{LABELS[name]}: starting on {url}", flush=True)
         started = time.monotonic()
         process = start_server(name, args, port, log, litserve_python)
         try:
-            wait_ready(process, url, name, log)
+            ready_path = "/health" if name == "litserve" else "/health/ready"
+            wait_for_server(process, url, log, timeout=300, path=ready_path)
             print(f"  ready in {time.monotonic() - started:.1f} s", flush=True)
             results[name] = [_row(step) for step in asyncio.run(measure(url, images, args))]
         finally:

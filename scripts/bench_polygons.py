@@ -1,7 +1,7 @@
 """Benchmark: tracing COCO polygons (``mask_format=polygon``) from speckled masks.
 
 A speckled mask (each pixel foreground with probability 0.5, seeded) is the worst case for the
-tracer: about one piece per 15 pixels, each its own polygon. ``service.polygons.mask_to_polygons``
+tracer: about one piece per 15 pixels, each its own polygon. ``model.polygons.mask_to_polygons``
 is timed on a 2000x2000 one (the figure the README quotes) and, with the tracer it replaced
 (tests/polygon_reference.py, quadratic in the number of pieces), on small ones, where both
 answers are checked to be identical. Median seconds over the repeats.
@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not an installed package
 
-from service.polygons import mask_to_polygons  # noqa: E402
+from model.polygons import mask_to_polygons  # noqa: E402
 from tests.polygon_reference import reference_mask_to_polygons  # noqa: E402
 
 

@@ -27,18 +27,17 @@ import io
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from service.loadtest.client import RunResult, SegmentClient, WorkloadImage, run_closed_loop
 from service.loadtest.metrics_delta import Scrape, scrape
 from service.loadtest.report import LatencyStats
+from service.loadtest.servers import free_port, wait_for_server
 from service.runtime import ServiceRuntime
 from service.settings import ServiceSettings
 
@@ -112,15 +111,9 @@ async def run_in_process(settings: ServiceSettings, png: bytes, params: dict, pl
 # -- over HTTP -------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def run_http(settings: ServiceSettings, png: bytes, params: dict, plan: list[tuple[int, int]],
                    log_path: Path) -> list[dict]:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [
         sys.executable, "-m", "transfiner", "serve", "--model", settings.model, "--port", str(port),
@@ -137,18 +130,7 @@ async def run_http(settings: ServiceSettings, png: bytes, params: dict, plan: li
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"server exited with {server.returncode}; see {log_path}")
-            try:
-                if httpx.get(url + "/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"server not ready; see {log_path}")
-            await asyncio.sleep(0.2)
+        wait_for_server(server, url, log_path, timeout=600)
         rows = []
         from PIL import Image
 

@@ -8,14 +8,11 @@ PyTorch; ``export.runtimes`` adds TorchScript and ONNX Runtime. Pre-processing a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from model.backend import Backend, TorchBackend
-from model.checkpoint_io import file_digest
 from model.config import ModelConfig
-from model.default_model import resolve_weights
 
 __all__ = ["Backend", "LoadedModel", "TorchBackend", "build_backends", "worker_devices"]
 
@@ -57,25 +54,17 @@ def build_backends(
 ) -> LoadedModel:
     """Loads the model once per distinct device; workers on the same device share it (forward
     passes in eval mode do not mutate the module; ONNX Runtime sessions are thread-safe)."""
-    from export.exporter import find_export
+    from export.resolve import resolve_model
     from export.runtimes import load_backend
 
+    # Resolved once: every device's backend, the name and the version come from the same answer.
+    # The version is the weights' digest (for an export, its source checkpoint's), so every
+    # backend (and the CPU and GPU images) reports the same version for the same weights.
+    resolved = resolve_model(model, backend)
     devices = worker_devices(device, workers)
     by_device: dict[torch.device, Backend] = {}
     for dev in devices:
         if dev not in by_device:
-            by_device[dev] = load_backend(model, backend, config, dev, threads, precision, max_cells)
+            by_device[dev] = load_backend(resolved, backend, config, dev, threads, precision, max_cells)
     backends: list[Backend] = [by_device[dev] for dev in devices]
-    found = find_export(model) if backend != "pytorch" and str(model) != "default" else None
-    if found:
-        model_file, metadata = found
-        name = Path(model).name
-        # The digest of the checkpoint it was exported from, so that every backend (and the CPU
-        # and GPU images) reports the same version for the same weights. Only an export of
-        # weights that never were a file has none; its own file is then all that identifies it.
-        version = metadata["source"]["sha256_12"] or file_digest(model_file)
-    else:
-        weights = resolve_weights(model)
-        name = "default" if str(model) == "default" else weights.stem
-        version = file_digest(weights)
-    return LoadedModel(backends, name, version, backend, [str(d) for d in devices])
+    return LoadedModel(backends, resolved.name, resolved.weights_digest, backend, [str(d) for d in devices])

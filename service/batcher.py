@@ -57,6 +57,35 @@ class Job:
     dispatched_at: float | None = None
 
 
+class BatchTimes:
+    """The durations of the recent batches, and what they say about the wait ahead. Shared by
+    ``Batcher`` and the Ray Serve engine's batcher (``service.ray_serve``)."""
+
+    def __init__(self, history: int = 32) -> None:
+        self._seconds: collections.deque[float] = collections.deque(maxlen=history)
+
+    def record(self, seconds: float) -> None:
+        self._seconds.append(seconds)
+
+    def recent(self) -> float | None:
+        """How long a batch takes, on the slow side: the 90th percentile of the recent batch
+        times (None before the first batch). Deadlines are judged by it, so that a request is
+        refused, rather than computed for a client that has given up, when a batch runs slow."""
+        if not self._seconds:
+            return None
+        ordered = sorted(self._seconds)
+        return ordered[math.ceil(0.9 * len(ordered)) - 1]
+
+    def wait(self, waiting: int, per_round: int, running: bool, fallback: float) -> float:
+        """Seconds until a request queued behind ``waiting`` others is through the model: the
+        batches running now (if ``running``), then the rounds of ``per_round`` jobs (batch size x
+        workers) ahead of it and its own, each taking ``recent()`` (``fallback`` before any)."""
+        per_batch = self.recent()
+        if per_batch is None:
+            per_batch = fallback
+        return (int(running) + math.ceil((waiting + 1) / per_round)) * per_batch
+
+
 class BatchRunner(Protocol):
     async def run(self, jobs: list[Job]) -> None:
         """Processes the jobs as one batch and settles every job's future."""
@@ -90,7 +119,7 @@ class Batcher:
         self._closed = False
         self._tasks: list[asyncio.Task] = []
         self._busy = 0
-        self._batch_seconds: collections.deque[float] = collections.deque(maxlen=history)
+        self.batch_times = BatchTimes(history)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -99,25 +128,15 @@ class Batcher:
         return len(self._queue)
 
     def recent_batch_seconds(self) -> float | None:
-        """How long a batch takes, on the slow side: the 90th percentile of the recent batch
-        times (None before the first batch). Deadlines are judged by it, so that a request is
-        refused, rather than computed for a client that has given up, when a batch runs slow."""
-        if not self._batch_seconds:
-            return None
-        ordered = sorted(self._batch_seconds)
-        return ordered[math.ceil(0.9 * len(ordered)) - 1]
+        return self.batch_times.recent()
 
     def estimate_wait(self, waiting: int | None = None) -> float:
         """Seconds until a request queued now behind ``waiting`` others (default: the queue) is
-        through the model: the batches running now, then the batches ahead of it and its own,
-        over the workers, each taking ``recent_batch_seconds``."""
+        through the model (``BatchTimes.wait``)."""
         waiting = self.depth if waiting is None else waiting
-        per_batch = self.recent_batch_seconds()
-        if per_batch is None:
-            per_batch = self.max_delay_s + 1.0  # no history yet: a conservative second
-        rounds = math.ceil((waiting + 1) / (self.max_batch_size * len(self.runners)))
-        running = 1 if self._busy else 0
-        return (running + rounds) * per_batch
+        return self.batch_times.wait(
+            waiting, self.max_batch_size * len(self.runners), running=self._busy > 0, fallback=self.max_delay_s + 1.0,
+        )
 
     # -- producer side ---------------------------------------------------------------------------
 
@@ -188,7 +207,7 @@ class Batcher:
                         job.future.set_exception(error)
             finally:
                 self._busy -= 1
-                self._batch_seconds.append(time.monotonic() - started)
+                self.batch_times.record(time.monotonic() - started)
 
     async def _next_batch(self) -> list[Job] | None:
         """Waits for a first live job, then fills the batch with jobs of its canvas until it is

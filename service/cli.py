@@ -12,7 +12,7 @@ import argparse
 import logging
 
 from model.default_model import (
-    add_backend_argument, add_max_cells_argument, add_model_arguments, add_precision_argument, resolve_weights,
+    add_backend_argument, add_max_cells_argument, add_model_arguments, add_precision_argument,
 )
 
 # Flag -> settings field, for the flags that map one to one.
@@ -49,15 +49,12 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def checked_settings(args: argparse.Namespace):
-    """The settings, once the model they name is known to exist (for every engine)."""
-    settings = settings_from_args(args)
-    if settings.backend == "pytorch":
-        resolve_weights(settings.model)  # a missing model fails here, as one line, before binding the port
-    else:
-        from export.exporter import find_export
+    """The settings, once the model they name is known to exist and to suit the backend (for every
+    engine): a wrong --model fails here, as one line, before binding the port."""
+    from export.resolve import resolve_model
 
-        if find_export(settings.model) is None and str(settings.model) != "default":
-            resolve_weights(settings.model)
+    settings = settings_from_args(args)
+    resolve_model(settings.model, settings.backend)
     return settings
 
 

@@ -2,7 +2,7 @@
 
 The format is sniffed from magic bytes, Pillow is then told to try only that format (no other
 plugin ever parses the upload), the pixel count is checked from the header before anything is
-decoded, and the pixels go through the same conversion as ``model.data.load_image_rgb`` (EXIF
+decoded, and the pixels go through the same conversion as ``model.images.load_image_rgb`` (EXIF
 orientation; grey, palette, CMYK, alpha and 16-bit modes). Animated images give their first frame.
 
 Given ``reduce_to``, a JPEG is decoded by libjpeg's reduced DCT (Pillow's draft mode: 1/2, 1/4 or
@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image
 
-# The pixel conversion shared with the training data reader; see the report for making it public.
-from model.data import image_to_rgb
+from model.images import image_to_rgb
 
 from .errors import ServiceError
 

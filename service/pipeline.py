@@ -4,13 +4,12 @@
   threshold, detection cap, class filter and refinement, so no request pays for a batch-mate's.
 * ``network_image``: a decoded upload -> what waits in the queue (``NetworkImage``), on a decode
   thread; ``preprocess``: those of one canvas -> the padded BGR batch (``model.preprocess``).
-* ``select``: one request's rows of the batch outputs. Detections come out of the model sorted
-  by score within each image and NMS only lets a box suppress lower-scored ones, so a higher
-  threshold or a smaller top-k applied here gives exactly what a forward pass run with them
-  would have given; ``refine=false`` takes the coarse masks of the same detections.
-* ``postprocess``: boxes back to image pixels, then RLE or polygons from each mask's window
-  around its box (no full-image masks), as the ``Predictor`` does (``Predictor.postprocess``),
-  and the COCO result records.
+* ``select``: one request's rows of the batch outputs (``model.postprocess.select_detections``:
+  a higher threshold or a smaller top-k applied there gives exactly what a forward pass run
+  with them would have given); ``refine=false`` takes the coarse masks of the same detections.
+* ``postprocess``: the COCO result records of those rows, by ``model.postprocess`` as the
+  ``Predictor``'s: boxes back to image pixels, then RLE or polygons from each mask's window
+  around its box (no full-image masks), on a post-processing thread's own CUDA stream.
 """
 
 from __future__ import annotations
@@ -22,15 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
 
 from model.config import InputConfig, ModelConfig
-from model.predictor import Predictor, rescale_boxes
+from model.postprocess import coco_records, image_detections, segment, select_detections
 from model.preprocess import canvas_shape, network_shape, pad_batch, resize_image
 from model.rcnn import InferenceOptions, RawOutputs
-
-from .polygons import mask_to_polygons
 
 
 @dataclass(frozen=True)
@@ -162,29 +158,9 @@ def postprocessing_stream(device: torch.device) -> contextlib.AbstractContextMan
 def select(raw: RawOutputs, index: int, options: RequestOptions) -> RawOutputs:
     """Image ``index``'s detections that ``options`` asks for, as a one-image ``RawOutputs``
     (batch index 0); ``mask_probs`` holds the coarse masks when ``refine`` is off."""
-    rows = torch.nonzero(raw.batch_index == index).flatten()
-    rows = rows[raw.scores[rows] > options.score_threshold]  # strict, as the model's own filter
-    if options.classes is not None:
-        allowed = torch.tensor(sorted(options.classes), dtype=raw.classes.dtype, device=rows.device)
-        rows = rows[torch.isin(raw.classes[rows], allowed)]
-    rows = rows[: options.max_detections]
-    probs = raw.mask_probs if options.refine else raw.coarse_probs
-    return RawOutputs(
-        boxes=raw.boxes[rows], scores=raw.scores[rows], classes=raw.classes[rows],
-        batch_index=torch.zeros_like(rows), mask_probs=probs[rows], coarse_probs=raw.coarse_probs[rows],
-    )
-
-
-def scaled_boxes(
-    raw: RawOutputs, input_size: torch.Tensor, original: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Boxes, scores and classes of a one-image ``RawOutputs`` in image pixels, without pasting
-    masks (for ``mask_format=none``)."""
-    boxes, nonempty = rescale_boxes(raw.boxes, input_size, original)
-    return (
-        boxes[nonempty].float().cpu().numpy(),
-        raw.scores[nonempty].float().cpu().numpy(),
-        raw.classes[nonempty].cpu().numpy(),
+    return select_detections(
+        raw, index, score_threshold=options.score_threshold, classes=options.classes,
+        max_detections=options.max_detections, refine=options.refine,
     )
 
 
@@ -194,47 +170,9 @@ def postprocess(
 ) -> list[dict[str, Any]]:
     """One request's COCO result records (see ``schemas.Instance``) from the batch outputs."""
     with postprocessing_stream(raw.boxes.device):
-        return _postprocess(raw, index, input_size, original, options, cfg, image_id)
-
-
-def _postprocess(
-    raw: RawOutputs, index: int, input_size: torch.Tensor, original: tuple[int, int],
-    options: RequestOptions, cfg: ModelConfig, image_id: Any,
-) -> list[dict[str, Any]]:
-    chosen = select(raw, index, options)
-    if options.mask_format == "none":
-        boxes, scores, classes = scaled_boxes(chosen, input_size, original)
-        areas = [float((b[2] - b[0]) * (b[3] - b[1])) for b in boxes]
-        return records(boxes, scores, classes, [None] * len(boxes), areas, cfg, image_id)
-    prediction = Predictor.postprocess(chosen, 0, input_size, original, options.mask_threshold)
-    if options.mask_format == "polygon":
-        # Each mask's window only: the full-image masks are never built.
-        windows = prediction.mask_windows()
-        segmentations: list[Any] = [mask_to_polygons(window, origin) for window, origin in windows]
-        areas = [float(window.sum()) for window, _ in windows]
-    else:
-        segmentations = prediction.rles
-        areas = [float(a) for a in mask_util.area(segmentations)] if segmentations else []
-    return records(prediction.boxes, prediction.scores, prediction.classes, segmentations, areas, cfg, image_id)
-
-
-def records(
-    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, segmentations: Sequence[Any],
-    areas: Sequence[float], cfg: ModelConfig, image_id: Any,
-) -> list[dict[str, Any]]:
-    """COCO result records, rounded as ``Prediction.coco_records`` (xywh boxes)."""
-    out = []
-    for box, score, cls, segmentation, area in zip(boxes, scores, classes, segmentations, areas):
-        x0, y0, x1, y1 = (float(v) for v in box)
-        record = {
-            "image_id": image_id,
-            "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-            "score": round(float(score), 5),
-            "category_id": int(cfg.category_ids[int(cls)]),
-            "category_name": cfg.class_names[int(cls)],
-            "area": area,
-        }
-        if segmentation is not None:
-            record["segmentation"] = segmentation
-        out.append(record)
-    return out
+        detections = image_detections(select(raw, index, options), 0, input_size, original)
+        segmentations, areas = segment(detections, original, options.mask_format, options.mask_threshold)
+        return coco_records(
+            image_id, detections.boxes.cpu().numpy(), detections.scores.cpu().numpy(),
+            detections.classes.cpu().numpy(), cfg.category_ids, segmentations, areas, cfg.class_names,
+        )

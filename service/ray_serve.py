@@ -15,11 +15,9 @@ module, so the FastAPI engine runs without it.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import logging
 import signal
-import statistics
 import sys
 import threading
 import time
@@ -31,7 +29,7 @@ from ray import serve
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .app import create_app
-from .batcher import BatchObserver, BatcherClosed, BatchRunner, DeadlineExceeded, Job
+from .batcher import BatchObserver, BatcherClosed, BatchRunner, BatchTimes, DeadlineExceeded, Job
 from .settings import ServiceSettings
 
 log = logging.getLogger("service")
@@ -72,7 +70,7 @@ class RayServeBatcher:
         self._closed = False
         self._waiting = 0
         self._tasks: set[asyncio.Task] = set()
-        self._batch_seconds: collections.deque[float] = collections.deque(maxlen=history)
+        self.batch_times = BatchTimes(history)
 
         # A closure, not a method: Serve keeps one queue per decorated function, so a method
         # would share its queue between instances of this class.
@@ -91,15 +89,15 @@ class RayServeBatcher:
         return self._waiting
 
     def recent_batch_seconds(self) -> float | None:
-        return statistics.median(self._batch_seconds) if self._batch_seconds else None
+        return self.batch_times.recent()
 
     def estimate_wait(self, waiting: int | None = None) -> float:
-        """As ``Batcher.estimate_wait``: the batches ahead, over the workers, x the median batch."""
+        """As ``Batcher.estimate_wait`` (``BatchTimes.wait``)."""
         waiting = self.depth if waiting is None else waiting
-        per_batch = self.recent_batch_seconds()
-        if per_batch is None:
-            per_batch = self.max_delay_s + 1.0
-        return ((waiting // (self.max_batch_size * len(self.runners))) + 1) * per_batch
+        busy = len(self.runners) - self._idle.qsize()
+        return self.batch_times.wait(
+            waiting, self.max_batch_size * len(self.runners), running=busy > 0, fallback=self.max_delay_s + 1.0,
+        )
 
     def start(self) -> None:
         """Nothing to start: Serve's batch loop starts with the first request."""
@@ -162,7 +160,7 @@ class RayServeBatcher:
                         if not job.future.done():
                             job.future.set_exception(error)
                 finally:
-                    self._batch_seconds.append(time.monotonic() - started)
+                    self.batch_times.record(time.monotonic() - started)
         finally:
             self._idle.put_nowait(runner)
 

@@ -12,10 +12,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from model.config import InputConfig
-from model.data import (
-    CocoDataset, DatasetError, DatasetWarning, TrainingSample, decode_segmentation, load_image_rgb,
-    make_loader,
-)
+from model.data import CocoDataset, DatasetError, DatasetWarning, TrainingSample, decode_segmentation, make_loader
+from model.images import load_image_rgb
 from model.preprocess import resized_shape
 
 H, W = 30, 40

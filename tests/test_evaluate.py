@@ -15,10 +15,11 @@ import torch
 
 from model.checkpoint import save_checkpoint
 from model.config import small_config
-from model.data import CocoDataset, DatasetError, load_image_rgb
+from model.data import CocoDataset, DatasetError
 from model.evaluate import (
     METRIC_NAMES, IncoherenceStats, add_evaluate_arguments, check_categories, cmd_evaluate, coco_metrics, evaluate,
 )
+from model.images import load_image_rgb
 from model.predictor import Predictor
 from model.preprocess import pad_batch, prepare_batch, to_rgb_tensor
 from model.rcnn import MaskTransfiner

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from service.polygons import mask_to_polygons
+from model.polygons import mask_to_polygons
 from tests.polygon_reference import reference_mask_to_polygons
 
 

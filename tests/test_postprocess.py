@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import model.postprocess as pp
+from model.polygons import mask_to_polygons
 from model.postprocess import encode_rle, masks_to_rle, paste_masks, paste_windows
 from model.predictor import Prediction
-from service.polygons import mask_to_polygons
 
 
 def reference_paste(probs, boxes, image_size, threshold=0.5):
@@ -255,3 +255,14 @@ def test_prediction_masks_are_lazy():
     for mask, (window, (x, y)) in zip(expected, windows):
         np.testing.assert_array_equal(mask[y : y + window.shape[0], x : x + window.shape[1]], window)
     np.testing.assert_array_equal(prediction.masks, expected)
+
+
+def test_coco_records_round_and_carry_only_what_is_given():
+    boxes = np.array([[1.234, 2.0, 11.2391, 7.5]], np.float32)  # [1, 4] xyxy
+    plain = pp.coco_records(9, boxes, np.array([0.1234567], np.float32), np.array([1]), (3, 7))
+    assert plain == [{
+        "image_id": 9, "bbox": [1.23, 2.0, 10.01, 5.5], "score": 0.12346, "category_id": 7,
+    }]
+    full = pp.coco_records(9, boxes, np.array([0.5]), np.array([0]), (3, 7), [{"counts": "x"}], [4.0], ("a", "b"))
+    assert list(full[0]) == ["image_id", "bbox", "score", "category_id", "category_name", "area", "segmentation"]
+    assert full[0]["category_name"] == "a" and full[0]["area"] == 4.0 and full[0]["segmentation"] == {"counts": "x"}

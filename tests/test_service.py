@@ -26,8 +26,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from model.data import load_image_rgb
 from model.default_model import load_predictor
+from model.images import load_image_rgb
 from service.settings import ServiceSettings
 
 from .test_service_support import (

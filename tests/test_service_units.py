@@ -1,5 +1,5 @@
 """The service's parts without HTTP: batcher, worker + shared pipeline vs the Predictor, image
-decoding vs ``model.data.load_image_rgb``, polygon tracing vs pycocotools, settings, parameters."""
+decoding vs ``model.images.load_image_rgb``, polygon tracing vs pycocotools, settings, parameters."""
 
 from __future__ import annotations
 
@@ -13,18 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
-from model.data import load_image_rgb
 from model.default_model import load_predictor
-from model.predictor import Predictor
+from model.images import load_image_rgb
+from model.polygons import mask_to_polygons
+from model.predictor import Prediction, Predictor
 from model.preprocess import network_shape, prepare_batch, to_rgb_tensor
 from service.backends import TorchBackend
 from service.batcher import Batcher, BatcherClosed, DeadlineExceeded, Job, QueueFull
 from service.errors import ServiceError
 from service.imaging import decode_image, sniff_format
 from service.pipeline import (
-    RequestOptions, batch_options, network_image, postprocess, preprocess, scaled_boxes, select,
+    RequestOptions, batch_options, network_image, postprocess, preprocess, select,
 )
-from service.polygons import mask_to_polygons
 from service.schemas import SegmentParams
 from service.settings import ServiceSettings
 from service.worker import SegmentJob, Worker
@@ -370,18 +370,21 @@ def test_mixed_batch_gives_each_request_what_its_own_options_give(predictor):
         np.testing.assert_array_equal(masks, want.masks[keep])
 
 
-def test_scaled_boxes_is_the_box_half_of_predictor_postprocess(predictor):
+def test_box_only_records_are_the_predictors_boxes(predictor):
     image = scene(150, 200, seed=5)
     opt = RequestOptions(score_threshold=0.0, max_detections=10)
     batch = preprocess([network_image(image, (150, 200), predictor.cfg.input)], predictor.cfg.input, predictor.device)
     with torch.inference_mode():
         raw = predictor.model(batch.images, batch.sizes, batch_options([opt], predictor.cfg))
-    chosen = select(raw, 0, opt)
-    boxes, scores, classes = scaled_boxes(chosen, batch.sizes[0], (150, 200))
-    full = Predictor.postprocess(chosen, 0, batch.sizes[0], (150, 200), 0.5)
-    np.testing.assert_array_equal(boxes, full.boxes)
-    np.testing.assert_array_equal(scores, full.scores)
-    np.testing.assert_array_equal(classes, full.classes)
+    none = RequestOptions(score_threshold=0.0, max_detections=10, mask_format="none")
+    got = postprocess(raw, 0, batch.sizes[0], (150, 200), none, predictor.cfg, "x")
+    full = Prediction.from_outputs(select(raw, 0, opt), 0, batch.sizes[0], (150, 200))
+    want = full.coco_records("x", predictor.cfg.category_ids)
+    assert len(got) == len(want) > 0
+    for g, w, box in zip(got, want, full.boxes):
+        assert "segmentation" not in g
+        assert [g[k] for k in ("image_id", "bbox", "score", "category_id")] == [w[k] for k in ("image_id", "bbox", "score", "category_id")]
+        assert g["area"] == float((box[2] - box[0]) * (box[3] - box[1]))
 
 
 # ------------------------------------------------------------------------------------------------

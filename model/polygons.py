@@ -1,6 +1,6 @@
 """Binary masks -> COCO polygons, by tracing the pixel edges between foreground and background.
 
-pycocotools can rasterise polygons (``frPyObjects``) but not trace them, and the service has no
+pycocotools can rasterise polygons (``frPyObjects``) but not trace them, and the project has no
 OpenCV; this is a small crack-following tracer. Each polygon runs along pixel *corners*, so a
 mask is reproduced pixel for pixel when pycocotools rasterises it again, except where COCO
 polygons cannot express the shape:

@@ -1,0 +1,36 @@
+"""Running a server to benchmark: a free loopback port, and waiting until it answers ready (the
+benchmark scripts start ``transfiner serve``, or a peer, in a subprocess)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now, for a server the caller starts next."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_server(
+    process: subprocess.Popen, url: str, log: Path, timeout: float, path: str = "/health/ready",
+) -> None:
+    """Returns once ``url + path`` answers 200. A server that exits first, or is not ready within
+    ``timeout`` seconds, raises ``RuntimeError`` with the end of its ``log``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the server was not ready in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
