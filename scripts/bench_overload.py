@@ -49,20 +49,7 @@ from service.loadtest.metrics_delta import scrape
 from service.loadtest.report import LatencyStats
 from service.loadtest.servers import free_port, wait_for_server
 
-
-def picture_png(height: int, width: int, seed: int) -> bytes:
-    """A photo-sized picture with filled shapes: something for the model to find."""
-    rng = np.random.default_rng(seed)
-    img = np.full((height, width, 3), 40, np.uint8)
-    yy, xx = np.mgrid[:height, :width]
-    for _ in range(6):
-        cy, cx = rng.integers(0, height), rng.integers(0, width)
-        radius = rng.integers(min(height, width) // 12, min(height, width) // 4)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < radius**2] = rng.integers(60, 255, 3)
-    img = img + rng.integers(0, 12, img.shape, dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(img).save(buffer, "PNG")
-    return buffer.getvalue()
+from bench_service import synthetic_png  # scripts/, on the path when run as a script
 
 
 def zeros_png(side: int) -> bytes:
@@ -354,7 +341,7 @@ def machine() -> str:
 
 
 async def main_async(args: argparse.Namespace, url: str, port: int, pid: int) -> dict:
-    images = [picture_png(480, 640, seed) for seed in range(4)]
+    images = [synthetic_png(480, 640, seed) for seed in range(4)]
     client = Client(url, args.deadline, images)
     report: dict = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": machine(),
                     "deadline_s": args.deadline}

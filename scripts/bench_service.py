@@ -42,11 +42,11 @@ from service.runtime import ServiceRuntime
 from service.settings import ServiceSettings
 
 
-def synthetic_png(height: int, width: int) -> bytes:
+def synthetic_png(height: int, width: int, seed: int = 0) -> bytes:
     """A picture with a few filled shapes (random weights or not, the model gets work to do)."""
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     img = np.full((height, width, 3), 40, np.uint8)
     yy, xx = np.mgrid[:height, :width]
     for _ in range(6):
