@@ -11,10 +11,10 @@ import argparse
 import os
 from pathlib import Path
 
-import torch
 
+from .backend import BACKEND_NAMES
 from .checkpoint_io import CheckpointError
-from .config import PRESET_NAMES, ModelConfig, parse_max_cells, preset
+from .config import PRESET_NAMES, parse_max_cells
 from .precision import PRECISIONS
 
 # The small model trained by our own `transfiner train` on make-shapes data (see its README).
@@ -39,20 +39,6 @@ def resolve_weights(model: str | os.PathLike | None) -> Path | None:
     return path
 
 
-def load_predictor(
-    model: str | os.PathLike | None = "default", config: str | ModelConfig | None = None,
-    device: str | torch.device | None = "auto", precision: str | None = "auto",
-    max_cells: tuple[int, int, int] | None = None,
-):
-    """A ``Predictor`` for ``--model`` (and optionally ``--config``, needed for bare state dicts;
-    ``max_cells``, the node caps, instead of the checkpoint's)."""
-    from .predictor import Predictor
-
-    weights = resolve_weights(model)
-    cfg = preset(config) if isinstance(config, str) else config
-    return Predictor(cfg, weights, device, precision, max_cells=max_cells)
-
-
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model``/``--weights``, ``--config`` and ``--device``, the same for every command."""
     group = parser.add_mutually_exclusive_group()
@@ -69,8 +55,6 @@ def model_from_args(args: argparse.Namespace) -> str | Path:
 
 
 def add_backend_argument(parser: argparse.ArgumentParser) -> None:
-    from .backend import BACKEND_NAMES
-
     parser.add_argument(
         "--backend", default=None, choices=BACKEND_NAMES,
         help="pytorch (eager, the default), torchscript or onnxruntime; --model may then also be a "

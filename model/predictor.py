@@ -199,3 +199,15 @@ class Predictor:
             for row, i in enumerate(indices):
                 predictions[i] = Prediction.from_outputs(raw, row, sizes[row], original[i], mask_threshold)
         return predictions
+
+
+def load_predictor(
+    model: str | os.PathLike | None = "default", config: str | ModelConfig | None = None,
+    device: str | torch.device | None = "auto", precision: str | None = "auto",
+    max_cells: tuple[int, int, int] | None = None,
+) -> Predictor:
+    """A ``Predictor`` for ``--model`` (and optionally ``--config``, needed for bare state dicts;
+    ``max_cells``, the node caps, instead of the checkpoint's)."""
+    weights = resolve_weights(model)
+    cfg = preset(config) if isinstance(config, str) else config
+    return Predictor(cfg, weights, device, precision, max_cells=max_cells)

@@ -293,7 +293,7 @@ class TimedBackend:
 
 def bench_caps(args) -> None:
     """The default model at each of ``args.caps``: AP, AP^B, forward time, tokens per refined box."""
-    from model.default_model import load_predictor
+    from model.predictor import load_predictor
     from model.evaluate import evaluate
     from model.predictor import Predictor
 

@@ -14,7 +14,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,16 +21,12 @@ from pathlib import Path
 
 import httpx
 
+from service.loadtest.servers import free_port
+
 REPLICA_CLASS = "ServeReplica:transfiner:transfiner"  # Serve's actor class: ServeReplica:<app>:<deployment>
 # Series of Ray's metrics that every node with a replica that served must export.
 RAY_METRICS = ("ray_serve_deployment_request_counter_total", "ray_serve_actual_batch_size_count",
                "ray_serve_batch_wait_time_ms_count", "ray_serve_deployment_processing_latency_ms_count")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _replicas() -> list[dict]:
@@ -135,7 +130,7 @@ def _fixed_replicas(
     """Two replicas: placement, requests, the error model, a replica killed and replaced."""
     import ray
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = _start_server(workdir, "serve-fixed", address, port, checkpoint, "--replicas", "2")
     try:
@@ -211,7 +206,7 @@ def _autoscaling(report: dict, workdir: Path, address: str, checkpoint: Path, im
     """One replica to start with; under load Serve adds the second, which Ray puts on the other node."""
     import threading
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = _start_server(workdir, "serve-autoscaling", address, port, checkpoint,
                            "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "1",

@@ -177,7 +177,7 @@ def torch_loads(monkeypatch):
 
 
 def test_building_a_model_reads_its_checkpoint_once(tmp_path, torch_loads):
-    from model.default_model import load_predictor
+    from model.predictor import load_predictor
     from model.predictor import Predictor
 
     torch.manual_seed(5)
@@ -204,7 +204,7 @@ def test_building_a_model_reads_its_checkpoint_once(tmp_path, torch_loads):
 def test_max_cells_override_the_checkpoint_caps(tmp_path, capsys):
     """``--max-cells`` / ``max_cells=`` replaces the stored caps at inference only."""
     from model.config import parse_max_cells
-    from model.default_model import load_predictor
+    from model.predictor import load_predictor
     from transfiner.cli import build_parser
 
     torch.manual_seed(5)

@@ -14,7 +14,7 @@ import torch
 
 from export.runtimes import load_backend
 from model.backend import TorchBackend
-from model.default_model import load_predictor
+from model.predictor import load_predictor
 from service.batcher import Job
 from service.pipeline import RequestOptions, network_image, postprocess
 from service.worker import SegmentJob, Worker

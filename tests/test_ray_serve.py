@@ -30,7 +30,7 @@ from model.predictor import Predictor
 from service.settings import ServiceSettings
 
 from .ray_cluster_support import RAY_METRICS
-from .test_service_support import encode, running, scene, write_tiny_checkpoint
+from .test_service_support import encode, running, scene
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRE_ENV = "TRANSFINER_REQUIRE_RAY"
@@ -54,11 +54,6 @@ def _missing() -> str | None:
 def _images() -> tuple[np.ndarray, np.ndarray]:
     """Two pictures of different canvases (padded network input sizes) for the tiny model."""
     return scene(96, 128, seed=0), scene(128, 96, seed=1)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ray-model") / "tiny.pth")
 
 
 @pytest.fixture(scope="module")

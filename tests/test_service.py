@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from model.default_model import load_predictor
+from model.predictor import load_predictor
 from model.images import load_image_rgb
 from service.settings import ServiceSettings
 

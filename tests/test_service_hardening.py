@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from model.backend import TorchBackend
-from model.default_model import load_predictor
+from model.predictor import load_predictor
 from service.batcher import Batcher, DeadlineExceeded, Job
 from service.pipeline import RequestOptions, network_image, postprocess
 from service.settings import ServiceSettings

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.default_model import load_predictor
+from model.predictor import load_predictor
 from model.images import load_image_rgb
 from model.polygons import mask_to_polygons
 from model.predictor import Prediction, Predictor
