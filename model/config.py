@@ -142,8 +142,10 @@ class TransfinerConfig:
     max_refined_per_image: int = 100
     # Tokens (boxes x padded sequence length) refined together in one pass: peak memory grows
     # with this, not with the detection count or the caps (each box is independent, so the
-    # chunking never changes a result). Exported graphs take all boxes in one pass.
+    # chunking never changes a result). Exported graphs take all boxes in one pass. A CPU gains
+    # nothing from long passes; a GPU needs them to fill the card (README, "GPU performance").
     tokens_per_chunk: int = 65_536
+    gpu_tokens_per_chunk: int = 393_216
     # And at most this many boxes per pass.
     boxes_per_chunk: int = 128
     # Training: nodes sampled per level and box, as the official code (issue 3 uses these).

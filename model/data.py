@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import InputConfig
 from .images import DatasetError, load_image_rgb
-from .preprocess import resized_shape
+from .preprocess import padded_shape, resized_shape
 
 PathLike = Union[str, Path]
 Polygons = list[list[float]]
@@ -373,6 +373,21 @@ class CocoDataset(Dataset):
         copy the data set when an iteration starts)."""
         self.epoch = epoch
 
+    def _draw(self, index: int) -> tuple[tuple[int, int], bool]:
+        """Sample ``index``'s augmentation in this epoch: ((h, w) it is resized to, flipped?)."""
+        record, cfg = self._records[index], self.input_cfg
+        if not self.train:
+            return resized_shape(record.height, record.width, cfg.min_size_test, cfg.max_size_test), False
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        short = cfg.min_size_train[int(rng.integers(len(cfg.min_size_train)))]
+        flip = bool(rng.random() < 0.5)
+        return resized_shape(record.height, record.width, short, cfg.max_size_train), flip
+
+    def canvas(self, index: int) -> tuple[int, int]:
+        """(H, W) the sample ``index`` of this epoch is padded to alone (``padded_shape``), known
+        without reading the image: what ``CanvasBatchSampler`` groups by."""
+        return padded_shape(*self._draw(index)[0], self.input_cfg)
+
     def __getitem__(self, index: int) -> TrainingSample:
         record = self._records[index]
         where = f"image id {record.image_id} in {self.annotations_path}"
@@ -385,15 +400,8 @@ class CocoDataset(Dataset):
                 f"{record.path}: image is {rgb.shape[1]}x{rgb.shape[0]} (w x h, after EXIF orientation) "
                 f"but {where} says {record.width}x{record.height}"
             )
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        cfg = self.input_cfg
-        if self.train:
-            short, max_size = cfg.min_size_train[int(rng.integers(len(cfg.min_size_train)))], cfg.max_size_train
-            flip = bool(rng.random() < 0.5)
-        else:
-            short, max_size, flip = cfg.min_size_test, cfg.max_size_test, False
+        (new_h, new_w), flip = self._draw(index)
         height, width = record.height, record.width
-        new_h, new_w = resized_shape(height, width, short, max_size)
 
         image = torch.from_numpy(rgb).permute(2, 0, 1).flip(0).float()  # RGB -> BGR
         if (new_h, new_w) != (height, width):
@@ -475,6 +483,39 @@ def collate(samples: list[TrainingSample]) -> list[TrainingSample]:
     return list(samples)
 
 
+class CanvasBatchSampler(Sampler[list[int]]):
+    """Shuffled batches whose samples all have one canvas (``CocoDataset.canvas``), as the
+    Predictor and the service batch at inference: a sample is then padded exactly as it would be
+    alone, so the padding a model is trained with (which GroupNorm's statistics and every
+    convolution near the border see) is the padding it meets when served.
+
+    Each epoch walks a fresh permutation (from ``generator``) and fills one bucket per canvas, as
+    detectron2's aspect-ratio grouping; a full bucket is a batch, and the buckets left at the end
+    of the epoch are yielded as smaller batches, so every sample is seen once per epoch. Call the
+    data set's ``set_epoch`` before iterating, as for its augmentation draws.
+    """
+
+    def __init__(self, dataset: "CocoDataset", batch_size: int, generator: torch.Generator) -> None:
+        self.dataset, self.batch_size, self.generator = dataset, batch_size, generator
+
+    def __iter__(self):
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for index in torch.randperm(len(self.dataset), generator=self.generator).tolist():
+            bucket = buckets.setdefault(self.dataset.canvas(index), [])
+            bucket.append(index)
+            if len(bucket) == self.batch_size:
+                yield bucket.copy()
+                bucket.clear()
+        yield from (bucket for bucket in buckets.values() if bucket)
+
+    def __len__(self) -> int:
+        counts: dict[tuple[int, int], int] = {}
+        for index in range(len(self.dataset)):
+            canvas = self.dataset.canvas(index)
+            counts[canvas] = counts.get(canvas, 0) + 1
+        return sum(math.ceil(n / self.batch_size) for n in counts.values())
+
+
 def make_loader(
     dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0
 ) -> DataLoader:
@@ -482,9 +523,13 @@ def make_loader(
 
     The shuffle order follows a generator created here, so a run that iterates the same number
     of epochs from a fresh loader sees the same orders; augmentation draws come from the data
-    set's own ``(seed, epoch, index)`` rule, independent of workers.
+    set's own ``(seed, epoch, index)`` rule, independent of workers. Shuffled batches of a
+    :class:`CocoDataset` hold one canvas each (:class:`CanvasBatchSampler`).
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
+    if shuffle and isinstance(dataset, CocoDataset):
+        return DataLoader(dataset, batch_sampler=CanvasBatchSampler(dataset, batch_size, generator),
+                          num_workers=num_workers, collate_fn=collate)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       collate_fn=collate, generator=generator)

@@ -33,7 +33,8 @@ from .polygons import mask_to_polygons
 from .rcnn import RawOutputs
 
 __all__ = [
-    "ImageDetections", "select_detections", "rescale_boxes", "image_detections", "segment", "coco_records",
+    "ImageDetections", "select_detections", "rescale_boxes", "image_detections", "segment", "fetch_segments",
+    "finish_segments", "FetchedSegments", "coco_records",
     "box_windows", "sample_windows", "paste_windows", "paste_masks", "encode_rle", "masks_to_rle",
 ]
 
@@ -113,6 +114,45 @@ def image_detections(
 # Segmentations and COCO records
 
 
+@dataclass
+class FetchedSegments:
+    """What ``segment`` needs from the device, on the host: the part of post-processing that
+    launches kernels (``fetch_segments``) apart from the part that only needs the CPU
+    (``finish_segments``), so a GPU server can run the first in the one thread that drives the
+    GPU and the second anywhere."""
+
+    mask_format: str
+    rles: list[dict] | None = None  # rle: COCO compressed RLE
+    windows: list[tuple[np.ndarray, tuple[int, int]]] | None = None  # polygon: (bool window, (x0, y0))
+    boxes: np.ndarray | None = None  # none: [N, 4] float32, for the areas
+
+
+def fetch_segments(
+    detections: ImageDetections, image_size: tuple[int, int], mask_format: str = "rle", threshold: float = 0.5,
+) -> FetchedSegments:
+    """The device half of ``segment``: RLE from the windows around the boxes (``masks_to_rle``),
+    or the thresholded windows themselves (polygons), or the boxes; on the host."""
+    if mask_format == "none":
+        return FetchedSegments(mask_format, boxes=detections.boxes.cpu().numpy())
+    if mask_format == "polygon":
+        windows = paste_windows(detections.mask_probs, detections.boxes, image_size, threshold)
+        return FetchedSegments(mask_format, windows=[(window.cpu().numpy(), origin) for window, origin in windows])
+    if mask_format == "rle":
+        return FetchedSegments(mask_format, rles=masks_to_rle(detections.mask_probs, detections.boxes, image_size, threshold))
+    raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+
+
+def finish_segments(fetched: FetchedSegments) -> tuple[list[Any] | None, list[float]]:
+    """The host half of ``segment``: polygons traced from the windows, and the areas."""
+    if fetched.mask_format == "none":
+        return None, [float((b[2] - b[0]) * (b[3] - b[1])) for b in fetched.boxes]  # float32, as the boxes
+    if fetched.mask_format == "polygon":
+        return ([mask_to_polygons(w, origin) for w, origin in fetched.windows],
+                [float(w.sum()) for w, _ in fetched.windows])
+    rles = fetched.rles
+    return rles, [float(a) for a in mask_util.area(rles)] if rles else []
+
+
 def segment(
     detections: ImageDetections, image_size: tuple[int, int], mask_format: str = "rle", threshold: float = 0.5,
 ) -> tuple[list[Any] | None, list[float]]:
@@ -123,19 +163,7 @@ def segment(
     boundaries (``mask_to_polygons``), area the mask's pixel count (holes included);
     ``none``: no segmentations (None) and the boxes' areas.
     """
-    if mask_format == "none":
-        boxes = detections.boxes.cpu().numpy()  # [N, 4]: float32 arithmetic, as the boxes reported
-        return None, [float((b[2] - b[0]) * (b[3] - b[1])) for b in boxes]
-    if mask_format == "polygon":
-        windows = [
-            (window.cpu().numpy(), origin)
-            for window, origin in paste_windows(detections.mask_probs, detections.boxes, image_size, threshold)
-        ]
-        return [mask_to_polygons(w, origin) for w, origin in windows], [float(w.sum()) for w, _ in windows]
-    if mask_format == "rle":
-        rles = masks_to_rle(detections.mask_probs, detections.boxes, image_size, threshold)
-        return rles, [float(a) for a in mask_util.area(rles)] if rles else []
-    raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+    return finish_segments(fetch_segments(detections, image_size, mask_format, threshold))
 
 
 def coco_records(

@@ -70,6 +70,12 @@ def _round_up(size: int, divisor: int) -> int:
     return (size + divisor - 1) // divisor * divisor
 
 
+def padded_shape(height: int, width: int, cfg: InputConfig) -> tuple[int, int]:
+    """(H, W) of the canvas a network-size (h, w) image is padded to alone: each side rounded up
+    to ``size_divisibility``. Training pads its (jittered) samples the same way."""
+    return _round_up(height, cfg.size_divisibility), _round_up(width, cfg.size_divisibility)
+
+
 def canvas_shape(height: int, width: int, cfg: InputConfig) -> tuple[int, int]:
     """(H, W) of the padded canvas an image of this (original) size runs on: its network size
     rounded up to ``size_divisibility``, as detectron2 pads a lone image.
@@ -79,8 +85,7 @@ def canvas_shape(height: int, width: int, cfg: InputConfig) -> tuple[int, int]:
     border, and by GroupNorm's statistics): ``Predictor.predict`` and the service's batcher
     group by it.
     """
-    new_h, new_w = network_shape(height, width, cfg)
-    return _round_up(new_h, cfg.size_divisibility), _round_up(new_w, cfg.size_divisibility)
+    return padded_shape(*network_shape(height, width, cfg), cfg)
 
 
 def group_by_canvas(sizes: Sequence[tuple[int, int]], cfg: InputConfig) -> dict[tuple[int, int], list[int]]:
@@ -160,9 +165,7 @@ def pad_batch(images: list[torch.Tensor], cfg: InputConfig) -> tuple[torch.Tenso
 
     (Hp, Wp): the largest (h, w), each rounded up to ``size_divisibility``; for images of one
     canvas, that canvas."""
-    divisor = cfg.size_divisibility
-    pad_h = _round_up(max(img.shape[1] for img in images), divisor)
-    pad_w = _round_up(max(img.shape[2] for img in images), divisor)
+    pad_h, pad_w = padded_shape(max(img.shape[1] for img in images), max(img.shape[2] for img in images), cfg)
     device = images[0].device
     mean = torch.tensor(cfg.pixel_mean, device=device).view(3, 1, 1)
     batch = mean.expand(len(images), 3, pad_h, pad_w).clone()

@@ -37,7 +37,7 @@ import os
 import re
 import warnings
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -555,21 +555,37 @@ def _annotation(mask: np.ndarray, ann_id: int, image_id: int, category_id: int) 
     }
 
 
-def write_shapes(cfg: ShapesConfig, out_dir: str | os.PathLike) -> Path:
-    """Write the data set described by ``cfg`` to ``out_dir``; returns the annotations path."""
+def _write_image(cfg: ShapesConfig, out: Path, index: int) -> list[dict]:
+    """Renders and saves image ``index``; -> its annotations (ids filled in by the caller)."""
+    pixels, instances = render_image(cfg, index)
+    Image.fromarray(pixels).save(out / "images" / f"{index:06d}.png", format="PNG", compress_level=6)
+    return [_annotation(inst.mask, 0, index + 1, inst.category_id) for inst in instances]
+
+
+def write_shapes(cfg: ShapesConfig, out_dir: str | os.PathLike, workers: int = 1) -> Path:
+    """Write the data set described by ``cfg`` to ``out_dir``; returns the annotations path.
+
+    ``workers`` processes render in parallel; each image depends only on ``(seed, index)``, so
+    the files are the same for any number of workers."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
-    for index in tqdm(range(cfg.num_images), desc="make-shapes", unit="img", disable=None):
-        pixels, instances = render_image(cfg, index)
-        file_name = f"{index:06d}.png"
-        Image.fromarray(pixels).save(out / "images" / file_name, format="PNG", compress_level=6)
-        image_id = index + 1
-        images.append({"id": image_id, "file_name": file_name, "width": cfg.width, "height": cfg.height})
-        for inst in instances:
-            annotations.append(_annotation(inst.mask, len(annotations) + 1, image_id, inst.category_id))
+    indices = range(cfg.num_images)
+    write = partial(_write_image, cfg, out)
+    progress = dict(total=cfg.num_images, desc="make-shapes", unit="img", disable=None)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            per_image = list(tqdm(pool.map(write, indices, chunksize=8), **progress))
+    else:
+        per_image = list(tqdm(map(write, indices), **progress))
+    images = [{"id": index + 1, "file_name": f"{index:06d}.png", "width": cfg.width, "height": cfg.height}
+              for index in indices]
+    annotations = [annotation for image in per_image for annotation in image]
+    for number, annotation in enumerate(annotations, start=1):
+        annotation["id"] = number
     info = {
         "description": "transfiner synthetic fine-detail shapes (make-shapes)",
         "generator": "model.shapes",
@@ -586,10 +602,12 @@ def write_shapes(cfg: ShapesConfig, out_dir: str | os.PathLike) -> Path:
     return path
 
 
-def make_shapes(out_dir: str | os.PathLike, num_images: int, seed: int, size: tuple[int, int] = (384, 384)) -> Path:
+def make_shapes(
+    out_dir: str | os.PathLike, num_images: int, seed: int, size: tuple[int, int] = (384, 384), workers: int = 1
+) -> Path:
     """Write ``num_images`` images of ``size`` = (width, height) to ``out_dir``; returns annotations.json's path."""
     width, height = size
-    return write_shapes(ShapesConfig(num_images=num_images, seed=seed, width=width, height=height), out_dir)
+    return write_shapes(ShapesConfig(num_images=num_images, seed=seed, width=width, height=height), out_dir, workers)
 
 
 # --------------------------------------------------------------------------- command line
@@ -614,6 +632,8 @@ def add_make_shapes_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     parser.add_argument("--num-images", type=int, required=True, help="how many images to generate")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--size", default="384x384", help="image size WIDTHxHEIGHT (default 384x384)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes rendering in parallel (default 1; the output does not depend on it)")
     return parser
 
 
@@ -624,8 +644,11 @@ def cmd_make_shapes(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     if int(args.seed) < 0:
         raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
+    workers = int(getattr(args, "workers", 1))
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
     cfg = ShapesConfig(num_images=int(args.num_images), seed=int(args.seed), width=width, height=height)
-    path = write_shapes(cfg, args.out)
+    path = write_shapes(cfg, args.out, workers)
     count = len(json.loads(path.read_text())["annotations"])
     print(f"wrote {cfg.num_images} images ({width}x{height}, {count} instances, "
           f"{len(CATEGORIES)} categories) to {Path(args.out)}; annotations: {path}")

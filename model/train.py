@@ -23,10 +23,10 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint, save_checkpoint
 from .checkpoint_io import CheckpointError, load_torch_file
 from .config import PRESET_NAMES, ModelConfig, preset, small_config
-from .data import CocoDataset, make_loader
+from .data import CocoDataset, TrainingSample, make_loader
 from .losses import TrainingLosses
 from .predictor import resolve_device
-from .preprocess import pad_batch
+from .preprocess import pad_batch, padded_shape
 from .rcnn import MaskTransfiner
 
 TRAIN_STATE_FORMAT = "transfiner-train/1"
@@ -179,12 +179,11 @@ def train(
     tic = time.perf_counter()
     for iteration in progress:
         samples = next(batches)
-        images, sizes = pad_batch([s.image.to(device) for s in samples], cfg.input)
         lr = solver.lr_at(iteration)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            losses = losses_fn(model, images, sizes, samples)
+            losses = canvas_losses(losses_fn, model, samples, device)
         total = sum(losses.values())
         if not torch.isfinite(total):
             raise FloatingPointError(f"loss became {total.item()} at iteration {iteration}: {_fmt(losses)}")
@@ -220,6 +219,24 @@ def train(
 
         evaluate(Predictor(cfg, final, device), val, out / "eval")
     return final
+
+
+def canvas_losses(
+    losses_fn: TrainingLosses, model: MaskTransfiner, samples: list[TrainingSample], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The batch's losses with every sample padded to its own canvas (``padded_shape``), as the
+    Predictor and the service run it: one pass per canvas in the batch (a single pass for the
+    batches of ``CanvasBatchSampler``), each weighted by its share of the samples."""
+    groups: dict[tuple[int, int], list[TrainingSample]] = {}
+    for sample in samples:
+        groups.setdefault(padded_shape(*sample.image.shape[1:], model.cfg.input), []).append(sample)
+    losses: dict[str, torch.Tensor] = {}
+    for group in groups.values():
+        images, sizes = pad_batch([s.image.to(device) for s in group], model.cfg.input)
+        for name, value in losses_fn(model, images, sizes, group).items():
+            weighted = value * (len(group) / len(samples))
+            losses[name] = losses[name] + weighted if name in losses else weighted
+    return losses
 
 
 def _cycle(loader, dataset: CocoDataset, epoch: int):

@@ -364,6 +364,7 @@ class TransfinerRefiner(nn.Module):
             raise ValueError("d_model must be even and divisible by num_heads")
         self.scales = scales
         self.tokens_per_chunk = cfg.tokens_per_chunk
+        self.gpu_tokens_per_chunk = cfg.gpu_tokens_per_chunk
         self.boxes_per_chunk = cfg.boxes_per_chunk
         self.quadtree = PointQuadtree(cfg.thresholds, cfg.max_cells)
         self.node_encoder = NodeEncoder(in_channels, cfg.d_model)
@@ -455,8 +456,8 @@ class TransfinerRefiner(nn.Module):
         features; coarse [R, 28, 28] and incoherence [R, 28, 28] probabilities.
         Returns [R, 112, 112] mask probabilities.
 
-        Eager: boxes go in chunks of at most ``tokens_per_chunk`` tokens (and ``boxes_per_chunk``
-        boxes), every level trimmed to the chunk's real cells, so peak memory is flat in R and
+        Eager: boxes go in chunks of at most ``tokens_per_chunk`` tokens (``gpu_tokens_per_chunk``
+        off the CPU; and ``boxes_per_chunk`` boxes), every level trimmed to the chunk's real cells, so peak memory is flat in R and
         compute follows the real nodes (``plan_chunks``). The plan needs the node counts on the
         host: one device sync per call. A traced graph (TorchScript, ONNX) has static shapes and
         a dynamic box count: all boxes in one chunk, padded to the caps.
@@ -474,7 +475,8 @@ class TransfinerRefiner(nn.Module):
         levels = self.quadtree(incoherence)
         counts = torch.stack([level.cell_valid.sum(1) for level in levels], dim=1)  # [R, 3]
         out = []
-        for members, slots in plan_chunks(counts.tolist(), self.tokens_per_chunk, self.boxes_per_chunk):
+        budget = self.tokens_per_chunk if incoherence.device.type == "cpu" else self.gpu_tokens_per_chunk
+        for members, slots in plan_chunks(counts.tolist(), budget, self.boxes_per_chunk):
             index = torch.tensor(members, device=incoherence.device)
             out.append((index, [self.quadtree.trim_level(level, index, n) for level, n in zip(levels, slots)]))
         return out

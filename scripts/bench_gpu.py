@@ -64,12 +64,13 @@ class Workload:
     http_requests: int
     http_concurrency: tuple[int, ...]
     http_batch_size: int
-    chunk_sizes: tuple[int, ...]  # boxes refined per pass, swept at the largest case
+    chunk_tokens: tuple[int, ...]  # refiner token budgets per pass, swept at the largest case
 
 
 # bf16 first: the service runs it (precision auto on a GPU), and HTTP is compared with it.
-FULL = Workload("R50-FPN", 800, 1333, (10, 100), (1, 8), ("bf16", "fp32"), 1.5, 128, (8, 32), 8, (32, 64, 128, 256))
-QUICK = Workload("small", 384, 640, (5, 20), (1, 2), ("bf16", "fp32"), 0.5, 8, (2,), 2, (8, 40))
+FULL = Workload("R50-FPN", 800, 1333, (10, 100), (1, 8), ("bf16", "fp32"), 1.5, 128, (8, 32), 8,
+                 (65_536, 131_072, 262_144, 393_216, 786_432))
+QUICK = Workload("small", 384, 640, (5, 20), (1, 2), ("bf16", "fp32"), 0.5, 8, (2,), 2, (4_096, 65_536))
 
 
 def sync(device: torch.device) -> None:
@@ -129,17 +130,39 @@ class StageTimer:
             handle.remove()
 
 
-def refiner_flops(cfg: ModelConfig, boxes: int) -> float:
-    """Model FLOPs of refining ``boxes`` boxes: node encoder, sequence encoder (padded length,
-    attention counted as QK^T and PV), pixel decoder. Matmuls only; 2 FLOPs per multiply-add."""
+def refiner_flops(cfg: ModelConfig, chunks: list[tuple[int, int]]) -> float:
+    """Model FLOPs of refining ``chunks`` [(boxes, padded sequence length)] as the refiner ran
+    them: node encoder, sequence encoder (attention counted as QK^T and PV), pixel decoder.
+    Matmuls only; 2 FLOPs per multiply-add."""
     t = cfg.transfiner
-    k28, k56, k112 = t.max_cells
-    length = CONTEXT_SIZE**2 + k28 + 4 * k56 + 16 * k112
     d, ff, c = t.d_model, t.dim_feedforward, cfg.fpn.out_channels
-    per_layer = 2 * length * d * 3 * d + 4 * length * length * d + 2 * length * d * d + 4 * length * d * ff
-    encoder = 2 * length * (c + 1) * d
-    decoder = 2 * length * d * d + 2 * length * d
-    return boxes * (t.num_layers * per_layer + encoder + decoder)
+    total = 0.0
+    for boxes, length in chunks:
+        per_layer = 2 * length * d * 3 * d + 4 * length * length * d + 2 * length * d * d + 4 * length * d * ff
+        encoder = 2 * length * (c + 1) * d
+        decoder = 2 * length * d * d + 2 * length * d
+        total += boxes * (t.num_layers * per_layer + encoder + decoder)
+    return total
+
+
+class ChunkRecorder:
+    """(boxes, padded sequence length) of every refiner chunk of the last forward pass."""
+
+    def __init__(self, model: MaskTransfiner) -> None:
+        self.refiner = model.mask_head.refiner
+        self.plan = self.refiner.chunks
+        self.chunks: list[tuple[int, int]] = []
+
+        def recorded(incoherence):
+            planned = self.plan(incoherence)
+            self.chunks.extend((len(index), CONTEXT_SIZE**2 + sum(level.nodes.shape[1] for level in levels))
+                               for index, levels in planned)
+            return planned
+
+        self.refiner.chunks = recorded
+
+    def close(self) -> None:
+        del self.refiner.chunks
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 8192, repeats: int = 10) -> float:
@@ -171,6 +194,7 @@ def make_images(workload: Workload, count: int, folder: Path) -> list[np.ndarray
 def time_case(model, batch, sizes, originals, options, precision, device, seconds) -> dict:
     """One (batch, detections, precision) case: median per-batch time and stages, peak memory."""
     timer = StageTimer(model, device)
+    recorder = ChunkRecorder(model)
     try:
         with torch.inference_mode(), autocast(precision, device):
             raw = model(batch, sizes, options)  # warm-up (and the detection count check)
@@ -181,6 +205,7 @@ def time_case(model, batch, sizes, originals, options, precision, device, second
             begin = time.perf_counter()
             while len(runs) < 2 or (time.perf_counter() - begin < seconds and len(runs) < 50):
                 timer.start()
+                recorder.chunks = []
                 start = time.perf_counter()
                 raw = model(batch, sizes, options)
                 sync(device)
@@ -194,10 +219,13 @@ def time_case(model, batch, sizes, originals, options, precision, device, second
                 runs.append({"forward_s": forward_s, "postprocess_s": post_s, **stages})
     finally:
         timer.close()
+        recorder.close()
     median = {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
     return {
         "runs": len(runs),
         "detections_found": int(len(raw.scores)),
+        "refiner_chunks": recorder.chunks,  # [(boxes, padded length)] of the last pass
+        "refiner_tokens": sum(boxes * length for boxes, length in recorder.chunks),
         "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         **median,
     }
@@ -224,7 +252,7 @@ def bench_in_process(
                     log(f"in-process {case}: {case['error']}")
                     rows.append(case)
                     continue
-                flops = refiner_flops(model.cfg, result["detections_found"])
+                flops = refiner_flops(model.cfg, result["refiner_chunks"])
                 result["refiner_tflops"] = flops / result["refiner"] / 1e12 if result["refiner"] else None
                 result["refiner_share_of_peak"] = (
                     result["refiner_tflops"] / peak_tflops[precision]
@@ -243,25 +271,30 @@ def bench_in_process(
 
 
 def bench_chunks(workload: Workload, model: MaskTransfiner, images, device, log) -> list[dict]:
-    """Boxes refined per pass against speed and peak memory, at the largest in-process case."""
+    """Tokens refined per pass (the GPU's chunk budget) against speed and peak memory, at the
+    largest in-process case; the box cap is lifted so the token budget alone sets the chunks."""
     precision, batch_size, detections = workload.precisions[0], max(workload.batch_sizes), max(workload.detections)
     chosen = [torch.from_numpy(images[i % len(images)]).permute(2, 0, 1) for i in range(batch_size)]
     batch, sizes = prepare_batch(chosen, model.cfg.input, device)
     options = InferenceOptions(score_threshold=0.0, max_detections=detections)
     refiner = model.mask_head.refiner
-    default = refiner.boxes_per_chunk
+    defaults = refiner.tokens_per_chunk, refiner.gpu_tokens_per_chunk, refiner.boxes_per_chunk
     rows = []
+    refiner.boxes_per_chunk = 1 << 20
     try:
-        for chunk in workload.chunk_sizes:
-            refiner.boxes_per_chunk = chunk
+        for budget in workload.chunk_tokens:
+            refiner.tokens_per_chunk = refiner.gpu_tokens_per_chunk = budget
             result = time_case(model, batch, sizes, [], options, precision, device, workload.seconds_per_case / 3)
-            rows.append({"boxes_per_chunk": chunk, "precision": precision, "batch": batch_size,
-                         "detections": detections, "mask_head_s": result["mask_head"],
+            chunks = result["refiner_chunks"]
+            mean_boxes = sum(boxes for boxes, _ in chunks) / max(len(chunks), 1)
+            rows.append({"tokens_per_chunk": budget, "boxes_per_chunk": mean_boxes, "precision": precision,
+                         "batch": batch_size, "detections": detections, "mask_head_s": result["mask_head"],
                          "refiner_s": result["refiner"], "forward_s": result["forward_s"],
                          "peak_gpu_gib": result["peak_gpu_gib"]})
-            log(f"chunk {chunk}: mask head {result['mask_head'] * 1000:.0f} ms, peak {result['peak_gpu_gib'] or 0:.1f} GiB")
+            log(f"chunk budget {budget} tokens ({mean_boxes:.0f} boxes): mask head "
+                f"{result['mask_head'] * 1000:.0f} ms, peak {result['peak_gpu_gib'] or 0:.1f} GiB")
     finally:
-        refiner.boxes_per_chunk = default
+        refiner.tokens_per_chunk, refiner.gpu_tokens_per_chunk, refiner.boxes_per_chunk = defaults
     return rows
 
 
@@ -376,8 +409,8 @@ def markdown(report: dict) -> str:
         "## In-process (per batch, median)",
         "",
         "| precision | batch | det/img | img/s | forward ms | backbone | RPN | box head | box inference "
-        "| mask head | refiner | refiner TFLOP/s (% of peak) | post-process ms | peak GiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mask head | refiner | refined tokens/box | refiner TFLOP/s (% of peak) | post-process ms | peak GiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["in_process"]:
         if "error" in r:
@@ -391,7 +424,8 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['precision']} | {r['batch']} | {r['detections']} | {r['images_per_s']:.1f} | {ms['forward_s']:.0f} "
             f"| {ms['backbone']:.0f} | {ms['rpn']:.0f} | {ms['box_head']:.0f} | {ms['box_inference']:.1f} "
-            f"| {ms['mask_head']:.0f} | {ms['refiner']:.0f} | {tflops} | {ms['postprocess_s']:.1f} | {peak} |"
+            f"| {ms['mask_head']:.0f} | {ms['refiner']:.0f} | {r['refiner_tokens'] / max(r['detections_found'], 1):.0f} "
+            f"| {tflops} | {ms['postprocess_s']:.1f} | {peak} |"
         )
     if report.get("http"):
         lines += [
@@ -414,12 +448,13 @@ def markdown(report: dict) -> str:
                 f"| {h['images_per_s']:.1f} | {h['p50_ms']:.0f} | {h['p99_ms']:.0f} | {ratio} |"
             )
     if report.get("chunks"):
-        lines += ["", "## Boxes per refinement pass (the largest in-process case)", "",
-                  "| boxes per chunk | mask head ms | refiner ms | forward ms | peak GiB |", "|---:|---:|---:|---:|---:|"]
+        lines += ["", "## Tokens per refinement pass (the largest in-process case)", "",
+                  "| tokens per chunk | boxes per chunk (mean) | mask head ms | refiner ms | forward ms | peak GiB |",
+                  "|---:|---:|---:|---:|---:|---:|"]
         for c in report["chunks"]:
             peak = f"{c['peak_gpu_gib']:.1f}" if c.get("peak_gpu_gib") is not None else "-"
-            lines.append(f"| {c['boxes_per_chunk']} | {c['mask_head_s'] * 1000:.0f} | {c['refiner_s'] * 1000:.0f} "
-                         f"| {c['forward_s'] * 1000:.0f} | {peak} |")
+            lines.append(f"| {c['tokens_per_chunk']} | {c['boxes_per_chunk']:.0f} | {c['mask_head_s'] * 1000:.0f} "
+                         f"| {c['refiner_s'] * 1000:.0f} | {c['forward_s'] * 1000:.0f} | {peak} |")
     if report.get("attention"):
         lines += ["", "## Key-masked attention, 64 boxes x 4 heads x 2788 tokens x 64, bf16", "",
                   "| variant | ms | TFLOP/s | max abs error vs fp32 |", "|---|---:|---:|---:|"]

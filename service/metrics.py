@@ -56,7 +56,7 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.postprocess_seconds = Histogram(
-            "transfiner_postprocess_seconds", "Per request: mask pasting, RLE/polygon encoding, JSON encoding",
+            "transfiner_postprocess_seconds", "Per request: records, polygon tracing and JSON encoding (masks are sampled and run-length encoded by the worker, in its inference time)",
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.batch_size = Histogram(

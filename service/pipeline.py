@@ -9,13 +9,12 @@
   with them would have given); ``refine=false`` takes the coarse masks of the same detections.
 * ``postprocess``: the COCO result records of those rows, by ``model.postprocess`` as the
   ``Predictor``'s: boxes back to image pixels, then RLE or polygons from each mask's window
-  around its box (no full-image masks), on a post-processing thread's own CUDA stream.
+  around its box (no full-image masks). In two halves: ``fetch`` (every kernel, in the worker's
+  thread) and ``records`` (host only, in a post-processing thread).
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,9 @@ import numpy as np
 import torch
 
 from model.config import InputConfig, ModelConfig
-from model.postprocess import coco_records, image_detections, segment, select_detections
+from model.postprocess import (
+    FetchedSegments, coco_records, fetch_segments, finish_segments, image_detections, select_detections,
+)
 from model.preprocess import canvas_shape, network_shape, pad_batch, resize_image
 from model.rcnn import InferenceOptions, RawOutputs
 
@@ -135,26 +136,6 @@ def _upload(pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return pixels.pin_memory().to(device, non_blocking=True)
 
 
-# Each post-processing thread's own CUDA stream (see ``postprocessing_stream``).
-_thread_streams = threading.local()
-
-
-def postprocessing_stream(device: torch.device) -> contextlib.AbstractContextManager:
-    """Post-processing kernels on a CUDA stream of the calling thread's own, not the worker's.
-
-    On one stream they would queue behind the next batch's forward pass (and it behind them);
-    on their own they overlap it. The batch outputs they read are finished (the worker waits for
-    its stream before handing them over), and each request's post-processing ends by copying its
-    results to the host, so nothing it reads is freed while its kernels still run.
-    """
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    stream = getattr(_thread_streams, "stream", None)
-    if stream is None or stream.device != device:
-        stream = _thread_streams.stream = torch.cuda.Stream(device)
-    return torch.cuda.stream(stream)
-
-
 def select(raw: RawOutputs, index: int, options: RequestOptions) -> RawOutputs:
     """Image ``index``'s detections that ``options`` asks for, as a one-image ``RawOutputs``
     (batch index 0); ``mask_probs`` holds the coarse masks when ``refine`` is off."""
@@ -164,15 +145,44 @@ def select(raw: RawOutputs, index: int, options: RequestOptions) -> RawOutputs:
     )
 
 
+@dataclass
+class FetchedImage:
+    """One request's answer as the worker hands it over: everything on the host."""
+
+    boxes: np.ndarray  # [N, 4] xyxy in the uploaded image's pixels
+    scores: np.ndarray  # [N]
+    classes: np.ndarray  # [N] contiguous class indices
+    segments: FetchedSegments
+
+
+def fetch(
+    raw: RawOutputs, index: int, input_size: torch.Tensor, original: tuple[int, int], options: RequestOptions,
+) -> FetchedImage:
+    """The device half of one request's post-processing, in the worker's thread: its rows,
+    boxes in its own pixels, RLE (or polygon windows) from each mask's window, onto the host.
+
+    On a GPU this is the thread that launches the forward pass's kernels anyway; from a pool of
+    post-processing threads the same kernels contended with it for the GIL and the driver, and
+    slowed every forward pass by more than they cost here."""
+    detections = image_detections(select(raw, index, options), 0, input_size, original)
+    segments = fetch_segments(detections, original, options.mask_format, options.mask_threshold)
+    return FetchedImage(
+        detections.boxes.cpu().numpy(), detections.scores.cpu().numpy(), detections.classes.cpu().numpy(), segments
+    )
+
+
+def records(fetched: FetchedImage, cfg: ModelConfig, image_id: Any) -> list[dict[str, Any]]:
+    """The host half: one request's COCO result records (see ``schemas.Instance``)."""
+    segmentations, areas = finish_segments(fetched.segments)
+    return coco_records(
+        image_id, fetched.boxes, fetched.scores, fetched.classes, cfg.category_ids, segmentations, areas,
+        cfg.class_names,
+    )
+
+
 def postprocess(
     raw: RawOutputs, index: int, input_size: torch.Tensor, original: tuple[int, int],
     options: RequestOptions, cfg: ModelConfig, image_id: Any,
 ) -> list[dict[str, Any]]:
-    """One request's COCO result records (see ``schemas.Instance``) from the batch outputs."""
-    with postprocessing_stream(raw.boxes.device):
-        detections = image_detections(select(raw, index, options), 0, input_size, original)
-        segmentations, areas = segment(detections, original, options.mask_format, options.mask_threshold)
-        return coco_records(
-            image_id, detections.boxes.cpu().numpy(), detections.scores.cpu().numpy(),
-            detections.classes.cpu().numpy(), cfg.category_ids, segmentations, areas, cfg.class_names,
-        )
+    """``records(fetch(...))``: one request's COCO result records from the batch outputs."""
+    return records(fetch(raw, index, input_size, original, options), cfg, image_id)

@@ -23,7 +23,7 @@ from .batcher import Batcher, BatcherClosed, DeadlineExceeded, Job, QueueFull
 from .errors import ServiceError, invalid_parameter
 from .imaging import decode_image, release_freed_memory
 from .metrics import ServiceMetrics
-from .pipeline import NetworkImage, RequestOptions, network_image, postprocess
+from .pipeline import NetworkImage, RequestOptions, network_image, records
 from .schemas import SegmentParams
 from .settings import ServiceSettings
 from .worker import InferenceResult, SegmentJob, WorkerError
@@ -133,9 +133,7 @@ class SegmentFlow:
         cfg = self.model.cfg
 
         def finish() -> tuple[list[dict[str, Any]], bytes | None]:
-            instances = postprocess(
-                result.raw, result.index, result.input_size, result.original, options, cfg, params.image_id
-            )
+            instances = records(result.fetched, cfg, params.image_id)
             return instances, (dumps(instances) if as_json else None)
 
         started = time.perf_counter()

@@ -1,9 +1,10 @@
 """A model worker: runs batches on one backend in a dedicated thread, off the event loop.
 
 Torch releases the GIL inside its kernels, so the event loop keeps accepting and decoding while
-a batch runs. The worker only does pre-processing and the forward pass; each request pastes and
-encodes its own masks afterwards (``service.pipeline.postprocess`` in the post-processing pool),
-so the worker is free for the next batch as soon as the forward pass ends.
+a batch runs. The worker does pre-processing, the forward pass and the device half of each
+request's post-processing (``pipeline.fetch``: its rows, boxes and RLE, onto the host), so one
+thread launches every kernel; the host half (``pipeline.records``, polygon tracing, JSON) runs
+in the post-processing pool.
 
 Each image of a batch runs with its own request's options (``pipeline.batch_options``), and on
 eager PyTorch the masks come in groups of images, fewest detections first: a request is answered
@@ -22,14 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from model.backend import infer_lightest_first
-from model.rcnn import RawOutputs
 
 from .backends import Backend
 from .batcher import Job
-from .pipeline import NetworkImage, PreparedBatch, RequestOptions, batch_options, network_image, postprocess, preprocess
+from .pipeline import FetchedImage, NetworkImage, RequestOptions, batch_options, fetch, network_image, preprocess, records
 
 log = logging.getLogger("service")
 
@@ -44,22 +43,20 @@ class SegmentJob:
 
 @dataclass
 class InferenceResult:
-    """What a request gets back from its batch: outputs holding its image and where it sits in them."""
+    """What a request gets back from its batch: its detections and masks, on the host."""
 
-    raw: RawOutputs  # the outputs of the request's group of images (batch indices of the whole batch)
+    fetched: FetchedImage  # ``pipeline.records`` turns it into the response's instances
     index: int  # the request's image in the batch
-    input_size: torch.Tensor  # (h, w) of the network input
-    original: tuple[int, int]  # (h, w) of the uploaded image
     batch_size: int
     preprocess_s: float
-    inference_s: float  # from the start of the forward pass until this request's masks were done
+    inference_s: float  # from the start of the forward pass until this request's masks were fetched
 
 
 class WorkerError(Exception):
     """The forward pass failed for this request; it answers 500, the worker keeps running."""
 
 
-Steps = Iterator[tuple[list[int], RawOutputs]]
+Steps = Iterator[list[tuple[int, FetchedImage]]]
 
 
 class Worker:
@@ -71,15 +68,20 @@ class Worker:
         self.metrics = metrics
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"transfiner-worker-{index}")
 
-    def start(self, images: list[NetworkImage], options: list[RequestOptions]) -> tuple[PreparedBatch, Steps, float]:
+    def start(self, images: list[NetworkImage], options: list[RequestOptions]) -> tuple[Steps, float]:
         """Synchronous, in the worker thread: pre-process one batch of one canvas and set up its
-        forward pass, whose steps (``model.backend.infer_lightest_first``) run as they are asked for."""
+        forward pass, whose steps (``model.backend.infer_lightest_first``, then ``pipeline.fetch``
+        for each image of the step) run as they are asked for."""
         started = time.perf_counter()
         prepared = preprocess(images, self.backend.cfg.input, self.backend.device)
         steps = infer_lightest_first(
             self.backend, prepared.images, prepared.sizes, batch_options(options, self.backend.cfg)
         )
-        return prepared, steps, time.perf_counter() - started
+        fetched = (
+            [(i, fetch(raw, i, prepared.sizes[i], prepared.originals[i], options[i])) for i in indices]
+            for indices, raw in steps
+        )
+        return fetched, time.perf_counter() - started
 
     async def run(self, jobs: list[Job]) -> None:
         live = [job for job in jobs if not job.future.done()]
@@ -107,7 +109,7 @@ class Worker:
         """Runs ``jobs`` as one batch and settles each job's future as soon as its masks are done."""
         payloads: list[SegmentJob] = [job.payload for job in jobs]
         loop = asyncio.get_running_loop()
-        prepared, steps, pre_s = await loop.run_in_executor(
+        steps, pre_s = await loop.run_in_executor(
             self._executor, self.start, [p.image for p in payloads], [p.options for p in payloads]
         )
         started = time.perf_counter()
@@ -115,14 +117,11 @@ class Worker:
             step = await loop.run_in_executor(self._executor, next, steps, None)
             if step is None:
                 break
-            indices, raw = step
             inference_s = time.perf_counter() - started
-            for i in indices:
+            for i, fetched in step:
                 job = jobs[i]
                 if not job.future.done():
-                    job.future.set_result(InferenceResult(
-                        raw, i, prepared.sizes[i], prepared.originals[i], len(jobs), pre_s, inference_s,
-                    ))
+                    job.future.set_result(InferenceResult(fetched, i, len(jobs), pre_s, inference_s))
         if self.metrics is not None:
             self.metrics.preprocess_seconds.observe(pre_s)
             self.metrics.inference_seconds.observe(time.perf_counter() - started)
@@ -139,10 +138,9 @@ class Worker:
         request = RequestOptions(score_threshold=0.0, max_detections=5)
 
         def one_batch() -> None:
-            prepared, steps, _ = self.start([image] * batch_size, [request] * batch_size)
-            for indices, raw in steps:
-                postprocess(raw, indices[0], prepared.sizes[indices[0]], prepared.originals[indices[0]], request,
-                            cfg, None)
+            steps, _ = self.start([image] * batch_size, [request] * batch_size)
+            for step in steps:
+                records(step[0][1], cfg, None)
 
         for _ in range(batches):
             self._executor.submit(one_batch).result()  # on the worker's own thread, as real batches

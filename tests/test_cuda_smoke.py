@@ -16,7 +16,7 @@ from export.runtimes import load_backend
 from model.backend import TorchBackend
 from model.predictor import load_predictor
 from service.batcher import Job
-from service.pipeline import RequestOptions, network_image, postprocess
+from service.pipeline import RequestOptions, network_image, records
 from service.worker import SegmentJob, Worker
 
 from .test_service_support import scene
@@ -41,7 +41,7 @@ def run_worker(backend, images, options) -> list[list[dict]]:
     finally:
         worker.close()
     return [
-        postprocess(r.raw, r.index, r.input_size, r.original, opt, cfg, None) for r, opt in zip(results, options)
+        records(r.fetched, cfg, None) for r in results
     ]
 
 

@@ -209,6 +209,29 @@ def test_loader_yields_lists_of_samples(tmp_path):
     assert all(isinstance(b, list) and isinstance(b[0], TrainingSample) for b in loader)
 
 
+def test_shuffled_batches_hold_one_canvas_and_cover_the_epoch(tmp_path):
+    # Two aspect ratios and three jitter sizes: six canvases, drawn per (seed, epoch, index).
+    images = [{"id": i, "file_name": f"{i}.png", "width": 40 if i % 2 else 30, "height": 30 if i % 2 else 40}
+              for i in range(1, 25)]
+    path = write(tmp_path, [ann(i, RECT_POLYGON, image_id=i) for i in range(1, 25)], images)
+    cfg = InputConfig(min_size_train=(24, 30, 36), max_size_train=64, size_divisibility=8)
+    dataset = CocoDataset(path, input_cfg=cfg, seed=5)
+    loader = make_loader(dataset, batch_size=3, shuffle=True, seed=2)
+    canvases = set()
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == len(loader.batch_sampler)
+        assert sorted(s.image_id for batch in batches for s in batch) == list(range(1, 25))
+        for batch in batches:
+            shapes = {tuple(s.image.shape[1:]) for s in batch}
+            padded = {tuple(-(-side // 8) * 8 for side in shape) for shape in shapes}
+            assert len(padded) == 1, shapes  # pad_batch gives each sample its own canvas
+            canvases |= padded
+        assert sum(len(b) == 3 for b in batches) >= len(batches) - 6  # at most one partial batch per canvas
+    assert len(canvases) >= 4
+
+
 # -- image reading ---------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ import torch
 from model.backend import TorchBackend
 from model.predictor import load_predictor
 from service.batcher import Batcher, DeadlineExceeded, Job
-from service.pipeline import RequestOptions, network_image, postprocess
+from service.pipeline import RequestOptions, network_image, records
 from service.settings import ServiceSettings
 from service.worker import SegmentJob, Worker, WorkerError
 
@@ -37,7 +37,7 @@ def segment_job(predictor, image: np.ndarray, options: RequestOptions) -> Job:
 def answer(predictor, job: Job) -> list[dict]:
     result = job.future.result()
     options = job.payload.options
-    return postprocess(result.raw, result.index, result.input_size, result.original, options, predictor.cfg, None)
+    return records(result.fetched, predictor.cfg, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,19 +121,23 @@ def test_a_request_without_masks_is_not_refined(predictor):
     """``mask_format=none`` needs no masks: its detections skip the refiner (coarse masks only)."""
     worker = Worker(TorchBackend(predictor.model))
     image = scene(seed=1)
-    options = RequestOptions(score_threshold=0.0, max_detections=5, mask_format="none")
+    refined = []  # boxes per refiner call (features, boxes, ...)
+    hook = predictor.model.mask_head.refiner.register_forward_hook(lambda _, inputs, out: refined.append(len(inputs[1])))
 
-    async def main():
-        job = segment_job(predictor, image, options)
+    async def main(mask_format):
+        job = segment_job(predictor, image, RequestOptions(score_threshold=0.0, max_detections=5, mask_format=mask_format))
         await worker.run([job])
         return job.future.result()
 
     try:
-        result = asyncio.run(main())
+        boxes_only = asyncio.run(main("none"))
+        assert len(boxes_only.fetched.scores) == 5 and sum(refined) == 0
+        with_masks = asyncio.run(main("rle"))
+        assert len(with_masks.fetched.segments.rles) == 5 and sum(refined) == 5
     finally:
+        hook.remove()
         worker.close()
-    assert len(result.raw.scores) == 5
-    assert torch.equal(result.raw.mask_probs, result.raw.coarse_probs)
+    np.testing.assert_array_equal(boxes_only.fetched.boxes, with_masks.fetched.boxes)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from service.batcher import Batcher, BatcherClosed, DeadlineExceeded, Job, Queue
 from service.errors import ServiceError
 from service.imaging import decode_image, sniff_format
 from service.pipeline import (
-    RequestOptions, batch_options, network_image, postprocess, preprocess, select,
+    RequestOptions, batch_options, network_image, postprocess, preprocess, records, select,
 )
 from service.schemas import SegmentParams
 from service.settings import ServiceSettings
@@ -351,7 +351,7 @@ def test_mixed_batch_gives_each_request_what_its_own_options_give(predictor):
     assert {r.batch_size for r in results} == {4}
     cfg = predictor.cfg
     for i, (opt, result) in enumerate(zip(options, results)):
-        got = postprocess(result.raw, result.index, result.input_size, result.original, opt, cfg, "img")
+        got = records(result.fetched, cfg, "img")
         top_k = None if opt.classes is not None else opt.max_detections
         want = predictor.predict(
             images, score_threshold=opt.score_threshold, max_detections=top_k, refine=opt.refine,

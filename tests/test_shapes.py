@@ -80,6 +80,17 @@ def test_same_seed_same_bytes(tmp_path: Path, dataset: Path) -> None:
         assert np.array_equal(_pixels(again / name), _pixels(dataset / name))
 
 
+def test_parallel_workers_write_the_same_files(tmp_path: Path, dataset: Path) -> None:
+    make_shapes(tmp_path / "parallel", 4, seed=0, workers=2)
+    serial = json.loads((dataset / "annotations.json").read_text())
+    parallel = json.loads((tmp_path / "parallel" / "annotations.json").read_text())
+    assert parallel["images"] == serial["images"][:4]
+    assert parallel["annotations"] == [a for a in serial["annotations"] if a["image_id"] <= 4]
+    for i in range(4):
+        name = f"images/{i:06d}.png"
+        assert np.array_equal(_pixels(tmp_path / "parallel" / name), _pixels(dataset / name))
+
+
 def test_image_independent_of_count(tmp_path: Path) -> None:
     make_shapes(tmp_path / "three", 3, seed=7)
     make_shapes(tmp_path / "five", 5, seed=7)

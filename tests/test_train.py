@@ -13,11 +13,14 @@ import dataclasses
 from transfiner.cli import main
 from model.config import InputConfig, small_config
 from model.checkpoint_io import CheckpointError
-from model.losses import Matcher, dice_loss, subsample_labels
+from model.data import CocoDataset
+from model.losses import Matcher, TrainingLosses, dice_loss, subsample_labels
+from model.preprocess import pad_batch
+from model.rcnn import MaskTransfiner
 from model.predictor import Predictor
 from model.shapes import make_shapes
 from model.targets import crop_masks, gt_incoherence, incoherence_maps, mask_boundary
-from model.train import TRAIN_STATE_FORMAT, SolverConfig, train
+from model.train import TRAIN_STATE_FORMAT, SolverConfig, canvas_losses, train
 
 
 def test_matcher_thresholds_and_low_quality_matches():
@@ -196,3 +199,35 @@ def test_fine_tune_from_a_checkpoint_with_other_classes(tiny_data, tmp_path):
     # ...the class-specific heads have the data set's 7 classes.
     assert tuned["roi_heads.box_predictor.cls_score.weight"].shape[0] == 8
     assert tuned["mask_head.coarse.predictor.weight"].shape[0] == 7
+
+
+def test_each_sample_is_trained_on_its_own_canvas(tiny_data):
+    """A batch of two canvases gives the losses of each sample padded alone, weighted by share:
+    the padding a sample is trained with is the padding the Predictor gives it."""
+    cfg = tiny_config(tiny_data)
+    small = CocoDataset(tiny_data, input_cfg=dataclasses.replace(cfg.input, min_size_train=(128,)), seed=1)
+    large = CocoDataset(tiny_data, input_cfg=cfg.input, seed=1)
+    samples = [small[0], large[1], small[2]]
+    assert {tuple(s.image.shape[1:]) for s in samples} == {(128, 128), (160, 160)}
+    torch.manual_seed(0)
+    model = MaskTransfiner(cfg).train()
+    losses_fn = TrainingLosses(model, True, True)
+
+    torch.manual_seed(1)
+    expected: dict[str, torch.Tensor] = {}
+    for group in ([samples[0], samples[2]], [samples[1]]):  # canvases in order of first appearance
+        images, sizes = pad_batch([s.image for s in group], cfg.input)
+        assert images.shape[-2:] == group[0].image.shape[1:]
+        for name, value in losses_fn(model, images, sizes, group).items():
+            expected[name] = expected.get(name, 0) + value * len(group) / 3
+    torch.manual_seed(1)
+    got = canvas_losses(losses_fn, model, samples, torch.device("cpu"))
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7)
+
+    # Padding both to the larger canvas, as one batch, gives other losses.
+    torch.manual_seed(1)
+    images, sizes = pad_batch([s.image for s in samples], cfg.input)
+    together = losses_fn(model, images, sizes, samples)
+    assert max(abs(float(together[name] - got[name])) for name in got) > 1e-3
