@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -68,17 +68,19 @@ class Worker:
         self.metrics = metrics
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"transfiner-worker-{index}")
 
-    def start(self, images: list[NetworkImage], options: list[RequestOptions]) -> tuple[Steps, float]:
+    def start(
+        self, images: list[NetworkImage], options: list[RequestOptions], wanted: Callable[[int], bool] = lambda i: True,
+    ) -> tuple[Steps, float]:
         """Synchronous, in the worker thread: pre-process one batch of one canvas and set up its
         forward pass, whose steps (``model.backend.infer_lightest_first``, then ``pipeline.fetch``
-        for each image of the step) run as they are asked for."""
+        for each image of the step that is still ``wanted``) run as they are asked for."""
         started = time.perf_counter()
         prepared = preprocess(images, self.backend.cfg.input, self.backend.device)
         steps = infer_lightest_first(
             self.backend, prepared.images, prepared.sizes, batch_options(options, self.backend.cfg)
         )
         fetched = (
-            [(i, fetch(raw, i, prepared.sizes[i], prepared.originals[i], options[i])) for i in indices]
+            [(i, fetch(raw, i, prepared.sizes[i], prepared.originals[i], options[i])) for i in indices if wanted(i)]
             for indices, raw in steps
         )
         return fetched, time.perf_counter() - started
@@ -110,7 +112,8 @@ class Worker:
         payloads: list[SegmentJob] = [job.payload for job in jobs]
         loop = asyncio.get_running_loop()
         steps, pre_s = await loop.run_in_executor(
-            self._executor, self.start, [p.image for p in payloads], [p.options for p in payloads]
+            self._executor, self.start, [p.image for p in payloads], [p.options for p in payloads],
+            lambda i: not jobs[i].future.done(),  # a request whose client left needs no masks
         )
         started = time.perf_counter()
         while True:
