@@ -155,8 +155,33 @@ def plan_chunks(
     (its boxes) x (its padded length, every level at the chunk's largest count) stays within
     ``token_budget`` and it holds at most ``max_boxes``. A box longer than the budget gets a
     chunk of its own.
+
+    As few chunks as that, evened out: when the last would hold less than half as many boxes as
+    the largest (100 boxes at a 90-box budget: 90 + 10), the box cap is lowered to the smallest
+    that still needs no more chunks (50 + 50). A pass of a few boxes fills a GPU poorly and
+    costs nearly as much as a full one.
     """
     order = sorted(range(len(cell_counts)), key=lambda r: -tokens_per_box(cell_counts[r]))
+    chunks = _next_fit(cell_counts, order, token_budget, max_boxes)
+    sizes = [len(members) for members, _ in chunks]
+    if len(chunks) < 2 or 2 * sizes[-1] >= max(sizes):
+        return chunks
+    # Fewest chunks is monotone in the cap (next-fit is optimal for contiguous chunks of one
+    # order), so the smallest cap that keeps their number is found by bisection.
+    low, high = -(-len(order) // len(chunks)), max(sizes)
+    while low < high:
+        middle = (low + high) // 2
+        if len(_next_fit(cell_counts, order, token_budget, middle)) <= len(chunks):
+            high = middle
+        else:
+            low = middle + 1
+    return _next_fit(cell_counts, order, token_budget, low)
+
+
+def _next_fit(
+    cell_counts: list[list[int]], order: list[int], token_budget: int, max_boxes: int
+) -> list[tuple[list[int], tuple[int, ...]]]:
+    """``plan_chunks`` before evening out: each chunk as large as the limits allow, in ``order``."""
     chunks: list[tuple[list[int], tuple[int, ...]]] = []
     members: list[int] = []
     slots: tuple[int, ...] = ()

@@ -360,3 +360,29 @@ def test_chunk_plan_respects_the_token_budget():
     # Longest box first, so boxes of similar length share a chunk.
     visited = [tokens_per_box(counts[r]) for members, _ in plan for r in members]
     assert visited == sorted(visited, reverse=True)
+
+
+def test_chunk_plan_evens_out_a_small_last_chunk():
+    # 100 boxes of 4,116 tokens at a 90-box budget: as few passes as filling each one (2), but
+    # 50 + 50 instead of 90 + 10.
+    counts = [[196, 196, 196]] * 100
+    budget = 90 * tokens_per_box(counts[0])
+    plan = plan_chunks(counts, token_budget=budget, max_boxes=128)
+    assert sorted(len(members) for members, _ in plan) == [50, 50]
+    assert sorted(r for members, _ in plan for r in members) == list(range(100))
+    # Mixed lengths: never more chunks than filling each to the limits, none under half the largest.
+    g = torch.Generator().manual_seed(5)
+    for n in (17, 100, 129, 300):
+        counts = torch.randint(60, 300, (n, 3), generator=g).tolist()
+        plan = plan_chunks(counts, token_budget=120_000, max_boxes=64)
+        filled, members = 0, []
+        for r in sorted(range(n), key=lambda r: -tokens_per_box(counts[r])):
+            grown = [max(counts[m][level] for m in members + [r]) for level in range(3)]
+            if members and (len(members) == 64 or (len(members) + 1) * tokens_per_box(grown) > 120_000):
+                filled, members = filled + 1, []
+            members.append(r)
+        assert len(plan) == filled + 1
+        sizes = [len(m) for m, _ in plan]
+        assert 2 * min(sizes) >= max(sizes)
+        for chunk, slots in plan:
+            assert len(chunk) == 1 or len(chunk) * tokens_per_box(slots) <= 120_000
