@@ -31,10 +31,12 @@ import torch.nn.functional as F
 
 from .polygons import mask_to_polygons
 from .rcnn import RawOutputs
+from .transfer import to_device
 
 __all__ = [
-    "ImageDetections", "select_detections", "rescale_boxes", "image_detections", "segment", "fetch_segments",
-    "finish_segments", "FetchedSegments", "coco_records",
+    "ImageDetections", "select_detections", "detection_rows", "rescale_boxes", "image_detections", "segment",
+    "fetch_segments", "finish_segments", "FetchedSegments", "DetectionRequest", "FetchedDetections",
+    "fetch_detections", "coco_records", "WindowChanges", "window_changes", "changes_on_host", "rles_from_changes",
     "box_windows", "sample_windows", "paste_windows", "paste_masks", "encode_rle", "masks_to_rle",
 ]
 
@@ -60,25 +62,37 @@ def select_detections(
     max_detections: int | None = None, refine: bool = True,
 ) -> RawOutputs:
     """Image ``index``'s detections, as a one-image ``RawOutputs`` (batch index 0): those scoring
-    above ``score_threshold``, of ``classes``, the first ``max_detections``; ``mask_probs`` holds
-    the coarse masks when ``refine`` is off.
-
-    Detections come out of the model sorted by score within each image and NMS only lets a box
-    suppress lower-scored ones, so a higher threshold or a smaller top-k applied here gives
-    exactly what a forward pass run with them would have given."""
-    rows = torch.nonzero(raw.batch_index == index).flatten()  # [n] in the model's order
-    if score_threshold is not None:
-        rows = rows[raw.scores[rows] > score_threshold]  # strict, as the model's own filter
-    if classes is not None:
-        allowed = torch.tensor(sorted(classes), dtype=raw.classes.dtype, device=rows.device)
-        rows = rows[torch.isin(raw.classes[rows], allowed)]
-    if max_detections is not None:
-        rows = rows[:max_detections]
+    above ``score_threshold``, of ``classes``, the first ``max_detections`` (``detection_rows``);
+    ``mask_probs`` holds the coarse masks when ``refine`` is off."""
+    rows = detection_rows(raw.batch_index, raw.scores, raw.classes, index, score_threshold, classes, max_detections)
     probs = raw.mask_probs if refine else raw.coarse_probs
     return RawOutputs(
         boxes=raw.boxes[rows], scores=raw.scores[rows], classes=raw.classes[rows],
         batch_index=torch.zeros_like(rows), mask_probs=probs[rows], coarse_probs=raw.coarse_probs[rows],
     )
+
+
+def detection_rows(
+    batch_index: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, index: int,
+    score_threshold: float | None = None, kept_classes: Collection[int] | None = None,
+    max_detections: int | None = None,
+) -> torch.Tensor:
+    """The rows [n] of a batch's detections (batch_index, scores, classes [D], on any device)
+    that image ``index`` gets: scoring above ``score_threshold``, of ``kept_classes``, the first
+    ``max_detections``.
+
+    Detections come out of the model sorted by score within each image and NMS only lets a box
+    suppress lower-scored ones, so a higher threshold or a smaller top-k applied here gives
+    exactly what a forward pass run with them would have given."""
+    rows = torch.nonzero(batch_index == index).flatten()  # [n] in the model's order
+    if score_threshold is not None:
+        rows = rows[scores[rows] > score_threshold]  # strict, as the model's own filter
+    if kept_classes is not None:
+        allowed = torch.tensor(sorted(kept_classes), dtype=classes.dtype, device=rows.device)
+        rows = rows[torch.isin(classes[rows], allowed)]
+    if max_detections is not None:
+        rows = rows[:max_detections]
+    return rows
 
 
 def rescale_boxes(
@@ -132,14 +146,125 @@ def fetch_segments(
 ) -> FetchedSegments:
     """The device half of ``segment``: RLE from the windows around the boxes (``masks_to_rle``),
     or the thresholded windows themselves (polygons), or the boxes; on the host."""
+    pending = _start_segments(detections.mask_probs, detections.boxes, image_size, mask_format, threshold)
+    return _segments_on_host([pending])[0]
+
+
+@dataclass
+class _PendingSegments:
+    """``fetch_segments``' work queued on the device, before anything is copied back."""
+
+    mask_format: str
+    boxes: torch.Tensor  # [N, 4]
+    changes: WindowChanges | None = None  # rle
+    windows: np.ndarray | None = None  # polygon: [N, 4] ``box_windows``
+    sampled: list[tuple[np.ndarray, torch.Tensor]] | None = None  # polygon: ``sample_windows``' groups
+
+
+def _start_segments(
+    mask_probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], mask_format: str, threshold: float,
+) -> _PendingSegments:
     if mask_format == "none":
-        return FetchedSegments(mask_format, boxes=detections.boxes.cpu().numpy())
-    if mask_format == "polygon":
-        windows = paste_windows(detections.mask_probs, detections.boxes, image_size, threshold)
-        return FetchedSegments(mask_format, windows=[(window.cpu().numpy(), origin) for window, origin in windows])
+        return _PendingSegments(mask_format, boxes)
     if mask_format == "rle":
-        return FetchedSegments(mask_format, rles=masks_to_rle(detections.mask_probs, detections.boxes, image_size, threshold))
+        return _PendingSegments(mask_format, boxes, changes=window_changes(mask_probs, boxes, image_size, threshold))
+    if mask_format == "polygon":
+        _check(mask_probs, boxes)
+        windows = box_windows(boxes, image_size)
+        sampled = list(sample_windows(mask_probs, boxes, windows, threshold))
+        return _PendingSegments(mask_format, boxes, windows=windows, sampled=sampled)
     raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+
+
+def _segments_on_host(pending: Sequence[_PendingSegments]) -> list[FetchedSegments]:
+    """Several images' pending segments onto the host: one copy for all the run changes, one for
+    all the polygon windows."""
+    found = iter(changes_on_host([p.changes for p in pending if p.mask_format == "rle"]))
+    sampled = [binary for p in pending if p.mask_format == "polygon" for _, binary in p.sampled]
+    if sampled:
+        flat = torch.cat([b.reshape(-1) for b in sampled]).cpu().numpy()
+        on_host = iter(np.split(flat, np.cumsum([b.numel() for b in sampled])[:-1]))
+    out = []
+    for p in pending:
+        if p.mask_format == "none":
+            out.append(FetchedSegments("none", boxes=p.boxes.cpu().numpy()))
+        elif p.mask_format == "rle":
+            out.append(FetchedSegments("rle", rles=rles_from_changes(p.changes, next(found))))
+        else:
+            windows: list[tuple[np.ndarray, tuple[int, int]]] = [(np.zeros((0, 0), dtype=bool), (0, 0))] * len(p.windows)
+            for group, binary in p.sampled:
+                values = next(on_host).reshape(binary.shape)  # [g, h, w]
+                for window, (x0, y0, x1, y1), i in zip(values, p.windows[group].tolist(), group.tolist()):
+                    windows[i] = (window[: y1 - y0, : x1 - x0], (x0, y0))
+            out.append(FetchedSegments("polygon", windows=windows))
+    return out
+
+
+@dataclass(frozen=True)
+class DetectionRequest:
+    """What one image asks of its batch's outputs (``fetch_detections``)."""
+
+    index: int  # the image in the batch
+    input_size: tuple[int, int]  # (h, w) of its network input
+    original: tuple[int, int]  # (h, w) of the image the results are in
+    score_threshold: float | None = None
+    classes: Collection[int] | None = None
+    max_detections: int | None = None
+    refine: bool = True  # False: the coarse masks of the same detections
+    mask_format: str = "rle"
+    mask_threshold: float = 0.5
+
+
+@dataclass
+class FetchedDetections:
+    """One image's detections on the host; ``finish_segments`` completes their segments."""
+
+    boxes: np.ndarray  # [N, 4] float32 xyxy in the image's own pixels
+    scores: np.ndarray  # [N] float32
+    classes: np.ndarray  # [N] int64 contiguous class indices
+    segments: FetchedSegments
+
+
+def fetch_detections(raw: RawOutputs, requests: Sequence[DetectionRequest]) -> list[FetchedDetections]:
+    """``select_detections``, ``image_detections`` and ``fetch_segments`` for several images of
+    one batch, with the same results, and the host waiting for the device twice in all: for the
+    batch's boxes, scores and classes, then for every mask's run changes. Rows are picked and
+    boxes rescaled on the host; only the masks are sampled where they are.
+
+    Each wait lets the GPU run dry while the host prepares what comes next, and in a server the
+    waiting thread may then queue behind others for the interpreter lock: per image and step
+    (rows, boxes, every group of windows) the waits cost more than the work."""
+    if not requests:
+        return []
+    boxes, scores, classes, batch_index = _columns_on_host(raw)
+    device = raw.mask_probs.device
+    selected, pending = [], []
+    for r in requests:
+        rows = detection_rows(batch_index, scores, classes, r.index, r.score_threshold, r.classes, r.max_detections)
+        scaled, nonempty = rescale_boxes(boxes[rows], torch.tensor(r.input_size), r.original)
+        rows, scaled = rows[nonempty], scaled[nonempty].float()
+        selected.append((scaled, scores[rows].float(), classes[rows]))
+        if r.mask_format == "none":
+            probs = raw.mask_probs[:0]  # not sampled
+        else:
+            probs = (raw.mask_probs if r.refine else raw.coarse_probs).index_select(0, to_device(rows, device))
+        pending.append(_start_segments(probs.float(), scaled, r.original, r.mask_format, r.mask_threshold))
+    segments = _segments_on_host(pending)
+    return [
+        FetchedDetections(b.numpy(), s.numpy(), c.numpy(), segment)
+        for (b, s, c), segment in zip(selected, segments)
+    ]
+
+
+def _columns_on_host(raw: RawOutputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(boxes, scores, classes, batch_index) of a batch on the host, each in its own dtype, by
+    one copy: float64 holds every float16/bfloat16/float32 value and class or image index exactly."""
+    columns = (raw.boxes, raw.scores[:, None], raw.classes[:, None], raw.batch_index[:, None])
+    packed = torch.cat([c.to(torch.float64) for c in columns], dim=1).cpu()  # [D, 7]
+    return (
+        packed[:, :4].to(raw.boxes.dtype), packed[:, 4].to(raw.scores.dtype),
+        packed[:, 5].to(raw.classes.dtype), packed[:, 6].to(raw.batch_index.dtype),
+    )
 
 
 def finish_segments(fetched: FetchedSegments) -> tuple[list[Any] | None, list[float]]:
@@ -289,9 +414,9 @@ def sample_windows(
     device = mask_probs.device
     sizes = windows[:, 2:] - windows[:, :2]  # [N, 2] (w, h)
     width, height = (int(v) for v in sizes.max(axis=0))
-    origin = torch.as_tensor(windows[:, :2], device=device)  # [N, 2] (x0, y0)
-    extent = torch.as_tensor(sizes, device=device)  # [N, 2] (w, h)
-    boxes = boxes.to(device=device, dtype=torch.float32)  # [N, 4]
+    origin = to_device(windows[:, :2], device)  # [N, 2] (x0, y0)
+    extent = to_device(sizes, device)  # [N, 2] (w, h)
+    boxes = to_device(boxes, device).to(torch.float32)  # [N, 4]
     # On the CPU grid_sample runs the items of its batch in parallel: a group of fewer windows
     # than threads is cut into strips of rows, one item each, to keep every thread busy.
     threads = torch.get_num_threads() if device.type == "cpu" else 1
@@ -312,7 +437,7 @@ def sample_windows(
     gy = torch.where(inside_y, gy.clamp(-2, 2), 2.0)
     probs = mask_probs.to(torch.float32)  # [N, S, S]
     for group in groups:
-        index = torch.as_tensor(group, device=device)
+        index = to_device(group, device)
         g = len(group)
         w, h = (int(v) for v in sizes[group].max(axis=0))
         strips = min(h, -(-threads // g))
@@ -320,7 +445,7 @@ def sample_windows(
         grid = torch.empty(g, strips * strip, w, 2, device=device)  # [g, h', w, 2] as (x, y)
         grid[..., 0] = gx[index, None, :w]
         grid[..., 1] = gy[index, : strips * strip, None]
-        items = probs[index.repeat_interleave(strips), None]  # [g * strips, 1, S, S]
+        items = probs[index if strips == 1 else index.repeat_interleave(strips), None]  # [g * strips, 1, S, S]
         sampled = F.grid_sample(items, grid.view(g * strips, strip, w, 2), mode="bilinear", align_corners=False)
         binary = (sampled.view(g, strips * strip, w) >= threshold)[:, :h]  # [g, h, w]
         if not threshold > 0:  # then the padding's zeros pass: mask it out (a rare threshold)
@@ -384,31 +509,82 @@ def masks_to_rle(
 
     COCO RLE runs down the columns (index x * H + y, first run background). Outside its window
     a detection is background, so every change of value is at a window column's pixel rows
-    y0..y1: each window's columns are scanned on the device, and only the change positions go
-    to the host, where pycocotools compresses the runs.
+    y0..y1: each window's columns are scanned on the device (``window_changes``), and only the
+    change positions go to the host (``changes_on_host``), where pycocotools compresses the
+    runs (``rles_from_changes``).
 
     Args: as ``paste_masks``.
 
     Returns:
         N dicts ``{"size": [H, W], "counts": str}``, as ``encode_rle``.
     """
-    height, width = int(image_size[0]), int(image_size[1])
+    changes = window_changes(mask_probs, boxes, image_size, threshold)
+    return rles_from_changes(changes, changes_on_host([changes])[0])
+
+
+@dataclass
+class WindowChanges:
+    """``masks_to_rle``'s device half for one image: where each window column changes value."""
+
+    image_size: tuple[int, int]  # (H, W)
+    windows: np.ndarray  # [N, 4] int64 (x0, y0, x1, y1), ``box_windows``
+    # Per group of windows sampled together: its detection indices and the (w, h + 1) of their flags.
+    groups: list[tuple[np.ndarray, tuple[int, int]]]
+    # [T] bool on the device: every group's [g, w, h + 1] flags (a run starts or ends at row k of
+    # window column x), flattened and concatenated in the order of ``groups``.
+    flags: torch.Tensor
+
+
+def window_changes(
+    mask_probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], threshold: float = 0.5,
+) -> WindowChanges:
+    """Samples each detection's window (``sample_windows``) and marks, down each window column
+    with background above and below it, where the value changes. Queues kernels only: nothing
+    here waits for the device (boxes may be on the host)."""
     n = _check(mask_probs, boxes)
+    windows = box_windows(boxes, image_size)  # [N, 4]
+    groups, flags = [], []
+    if n:
+        for group, binary in sample_windows(mask_probs, boxes, windows, threshold):
+            cols = F.pad(binary.transpose(1, 2), (1, 1))  # [g, w, h + 2], column-major
+            change = cols[..., 1:] != cols[..., :-1]  # [g, w, h + 1]
+            groups.append((group, (change.shape[1], change.shape[2])))
+            flags.append(change.reshape(-1))
+    if not flags:
+        flat = torch.zeros(0, dtype=torch.bool, device=mask_probs.device)
+    else:
+        flat = flags[0] if len(flags) == 1 else torch.cat(flags)
+    return WindowChanges((int(image_size[0]), int(image_size[1])), windows, groups, flat)
+
+
+def changes_on_host(changes: Sequence[WindowChanges]) -> list[np.ndarray]:
+    """The positions of the set flags of several ``WindowChanges`` (ascending int64, one array
+    each), in one copy from the device: the host waits for it once, however many images."""
+    if not changes:
+        return []
+    flags = [c.flags for c in changes]
+    found = _flat_nonzero(flags[0] if len(flags) == 1 else torch.cat(flags)).cpu().numpy()
+    ends = np.cumsum([len(f) for f in flags])
+    cuts = np.searchsorted(found, ends[:-1])
+    starts = np.concatenate(([0], ends[:-1]))
+    return [part - start for part, start in zip(np.split(found, cuts), starts)]
+
+
+def rles_from_changes(changes: WindowChanges, found: np.ndarray) -> list[dict]:
+    """``masks_to_rle``'s host half: the compressed RLE of each detection, from the positions
+    ``found`` (ascending) of ``changes.flags``' set values."""
+    height, width = changes.image_size
+    windows = changes.windows
+    n = len(windows)
     if n == 0:
         return []
-    windows = box_windows(boxes, image_size)  # [N, 4]
-    groups, flat_changes = [], []
-    for group, binary in sample_windows(mask_probs, boxes, windows, threshold):
-        # Column-major, with background above and below every window column.
-        cols = F.pad(binary.transpose(1, 2), (1, 1))  # [g, w, h + 2]
-        change = cols[..., 1:] != cols[..., :-1]  # [g, w, h + 1]: a run starts or ends at row k
-        groups.append((group, change.shape))
-        flat_changes.append(_flat_nonzero(change))  # [T] ascending: sorted by (j, x, k)
-    # The only copy to the host: where the changes are, for all groups at once.
-    found = torch.cat(flat_changes).cpu().numpy() if groups else np.zeros(0, dtype=np.int64)
-    ends = np.cumsum([len(flat) for flat in flat_changes], dtype=np.int64)
+    sizes = [len(group) * w * k1 for group, (w, k1) in changes.groups]
+    cuts = np.searchsorted(found, np.cumsum(sizes)[:-1]) if sizes else []
     at, owner = [np.zeros(1, np.int64)], [np.full(1, n)]  # a sentinel past the last detection
-    for (group, (_, w, k1)), flat in zip(groups, np.split(found, ends[:-1])):
+    offset = 0
+    for (group, (w, k1)), flat, size in zip(changes.groups, np.split(found, cuts), sizes):
+        flat = flat - offset  # sorted by (j, x, k) within the group
+        offset += size
         j, x, k = flat // (w * k1), flat // k1 % w, flat % k1  # detection group[j], window column x
         detection = group[j]
         at.append((windows[detection, 0] + x) * height + windows[detection, 1] + k)  # image x * H + y
@@ -427,9 +603,9 @@ def masks_to_rle(
     total = height * width
     uncompressed = []
     for i in range(n):
-        changes = at[starts[i] : starts[i + 1]]
-        counts = np.diff(changes, prepend=0, append=total)  # a background run first, maybe empty
-        if len(changes) and changes[-1] == total:
+        positions = at[starts[i] : starts[i + 1]]
+        counts = np.diff(positions, prepend=0, append=total)  # a background run first, maybe empty
+        if len(positions) and positions[-1] == total:
             counts = counts[:-1]  # the mask ends with foreground: no background run after it
         uncompressed.append({"size": [height, width], "counts": counts})
     rles = mask_util.frPyObjects(uncompressed, height, width)  # compresses in C, as encode
@@ -439,10 +615,10 @@ def masks_to_rle(
 
 
 def _flat_nonzero(flags: torch.Tensor) -> torch.Tensor:
-    """Indices of the True values of contiguous ``flags`` flattened, ascending, on its device."""
+    """Indices of the True values of 1-D ``flags``, ascending, on its device."""
     if flags.device.type == "cpu":  # numpy's is several times faster than torch's on the CPU
         return torch.from_numpy(np.flatnonzero(flags.numpy()))
-    return flags.view(-1).nonzero()[:, 0]
+    return flags.nonzero()[:, 0]
 
 
 def _check(mask_probs: torch.Tensor, boxes: torch.Tensor) -> int:

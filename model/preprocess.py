@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import InputConfig
+from .transfer import to_device
 
 ImageLike = Union[np.ndarray, Image.Image, torch.Tensor]
 
@@ -167,9 +168,9 @@ def pad_batch(images: list[torch.Tensor], cfg: InputConfig) -> tuple[torch.Tenso
     canvas, that canvas."""
     pad_h, pad_w = padded_shape(max(img.shape[1] for img in images), max(img.shape[2] for img in images), cfg)
     device = images[0].device
-    mean = torch.tensor(cfg.pixel_mean, device=device).view(3, 1, 1)
+    mean = to_device(torch.tensor(cfg.pixel_mean), device).view(3, 1, 1)
     batch = mean.expand(len(images), 3, pad_h, pad_w).clone()
     for i, img in enumerate(images):
         batch[i, :, : img.shape[1], : img.shape[2]] = img
-    sizes = torch.tensor([[img.shape[1], img.shape[2]] for img in images], dtype=torch.int64, device=device)
+    sizes = to_device(torch.tensor([[img.shape[1], img.shape[2]] for img in images], dtype=torch.int64), device)
     return batch, sizes

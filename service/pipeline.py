@@ -4,13 +4,12 @@
   threshold, detection cap, class filter and refinement, so no request pays for a batch-mate's.
 * ``network_image``: a decoded upload -> what waits in the queue (``NetworkImage``), on a decode
   thread; ``preprocess``: those of one canvas -> the padded BGR batch (``model.preprocess``).
-* ``select``: one request's rows of the batch outputs (``model.postprocess.select_detections``:
-  a higher threshold or a smaller top-k applied there gives exactly what a forward pass run
-  with them would have given); ``refine=false`` takes the coarse masks of the same detections.
-* ``postprocess``: the COCO result records of those rows, by ``model.postprocess`` as the
-  ``Predictor``'s: boxes back to image pixels, then RLE or polygons from each mask's window
-  around its box (no full-image masks). In two halves: ``fetch`` (every kernel, in the worker's
-  thread) and ``records`` (host only, in a post-processing thread).
+* ``fetch``: each request's rows of the batch outputs (``model.postprocess.detection_rows``: a
+  higher threshold or a smaller top-k applied there gives exactly what a forward pass run with
+  them would have given; ``refine=false`` takes the coarse masks of the same detections), boxes
+  back to image pixels, RLE or polygon windows from each mask's window around its box (no
+  full-image masks), onto the host; in the worker's thread, by ``model.postprocess`` as the
+  ``Predictor``'s. ``records``: the COCO result records, host only, in a post-processing thread.
 """
 
 from __future__ import annotations
@@ -24,10 +23,11 @@ import torch
 
 from model.config import InputConfig, ModelConfig
 from model.postprocess import (
-    FetchedSegments, coco_records, fetch_segments, finish_segments, image_detections, select_detections,
+    DetectionRequest, FetchedDetections, coco_records, fetch_detections, finish_segments,
 )
 from model.preprocess import canvas_shape, network_shape, pad_batch, resize_image
 from model.rcnn import InferenceOptions, RawOutputs
+from model.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,8 @@ class NetworkImage:
 @dataclass
 class PreparedBatch:
     images: torch.Tensor  # [B, 3, H, W] BGR, padded to the batch's one canvas
-    sizes: torch.Tensor  # [B, 2] (h, w) network input size of each image
+    sizes: torch.Tensor  # [B, 2] (h, w) network input size of each image, on the images' device
+    network: list[tuple[int, int]]  # the same on the host
     originals: list[tuple[int, int]]  # (h, w) of each uploaded image
 
 
@@ -78,7 +79,7 @@ def batch_options(options: Sequence[RequestOptions], cfg: ModelConfig) -> Infere
     ``model.rcnn.InferenceOptions``): the model then keeps, and computes masks for, only the
     detections each request gets back. A request without masks (``mask_format=none``) skips
     refinement; one with a class filter picks from the model's top-k (the config's
-    ``detections_per_image``) before its own ``max_detections``, as ``select`` does."""
+    ``detections_per_image``) before its own ``max_detections``, as ``fetch`` does."""
     cap = cfg.roi_heads.detections_per_image
     classes = None
     if any(o.classes is not None for o in options):
@@ -119,59 +120,37 @@ def preprocess(images: Sequence[NetworkImage], cfg: InputConfig, device: torch.d
     canvases = {image.canvas for image in images}
     if len(canvases) > 1:
         raise ValueError(f"a batch must hold one canvas, got {sorted(canvases)}: the batcher groups by canvas")
-    uploaded = [_upload(image.pixels, device) for image in images]
+    uploaded = [to_device(image.pixels, device) for image in images]
     resized = [
         pixels if image.resized else resize_image(pixels, image.network, device)
         for image, pixels in zip(images, uploaded)
     ]
     batch, sizes = pad_batch(resized, cfg)
-    return PreparedBatch(batch, sizes, [image.original for image in images])
-
-
-def _upload(pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Pixels onto the worker's device. To a GPU from page-locked memory, asynchronously: a copy
-    from ordinary memory would make the worker thread wait for the GPU to drain first."""
-    if torch.device(device).type != "cuda":
-        return pixels.to(device)
-    return pixels.pin_memory().to(device, non_blocking=True)
-
-
-def select(raw: RawOutputs, index: int, options: RequestOptions) -> RawOutputs:
-    """Image ``index``'s detections that ``options`` asks for, as a one-image ``RawOutputs``
-    (batch index 0); ``mask_probs`` holds the coarse masks when ``refine`` is off."""
-    return select_detections(
-        raw, index, score_threshold=options.score_threshold, classes=options.classes,
-        max_detections=options.max_detections, refine=options.refine,
-    )
-
-
-@dataclass
-class FetchedImage:
-    """One request's answer as the worker hands it over: everything on the host."""
-
-    boxes: np.ndarray  # [N, 4] xyxy in the uploaded image's pixels
-    scores: np.ndarray  # [N]
-    classes: np.ndarray  # [N] contiguous class indices
-    segments: FetchedSegments
+    return PreparedBatch(batch, sizes, [image.network for image in images], [image.original for image in images])
 
 
 def fetch(
-    raw: RawOutputs, index: int, input_size: torch.Tensor, original: tuple[int, int], options: RequestOptions,
-) -> FetchedImage:
-    """The device half of one request's post-processing, in the worker's thread: its rows,
-    boxes in its own pixels, RLE (or polygon windows) from each mask's window, onto the host.
+    raw: RawOutputs, indices: Sequence[int], prepared: PreparedBatch, options: Sequence[RequestOptions],
+) -> list[FetchedDetections]:
+    """The device half of post-processing for the requests ``indices`` of a batch (``options``
+    by batch index), in the worker's thread: each one's rows, boxes in its own pixels, RLE (or
+    polygon windows) from each mask's window, onto the host in two copies for all of them
+    (``model.postprocess.fetch_detections``).
 
     On a GPU this is the thread that launches the forward pass's kernels anyway; from a pool of
     post-processing threads the same kernels contended with it for the GIL and the driver, and
     slowed every forward pass by more than they cost here."""
-    detections = image_detections(select(raw, index, options), 0, input_size, original)
-    segments = fetch_segments(detections, original, options.mask_format, options.mask_threshold)
-    return FetchedImage(
-        detections.boxes.cpu().numpy(), detections.scores.cpu().numpy(), detections.classes.cpu().numpy(), segments
-    )
+    requests = [
+        DetectionRequest(
+            i, prepared.network[i], prepared.originals[i], options[i].score_threshold, options[i].classes,
+            options[i].max_detections, options[i].refine, options[i].mask_format, options[i].mask_threshold,
+        )
+        for i in indices
+    ]
+    return fetch_detections(raw, requests)
 
 
-def records(fetched: FetchedImage, cfg: ModelConfig, image_id: Any) -> list[dict[str, Any]]:
+def records(fetched: FetchedDetections, cfg: ModelConfig, image_id: Any) -> list[dict[str, Any]]:
     """The host half: one request's COCO result records (see ``schemas.Instance``)."""
     segmentations, areas = finish_segments(fetched.segments)
     return coco_records(
@@ -179,10 +158,3 @@ def records(fetched: FetchedImage, cfg: ModelConfig, image_id: Any) -> list[dict
         cfg.class_names,
     )
 
-
-def postprocess(
-    raw: RawOutputs, index: int, input_size: torch.Tensor, original: tuple[int, int],
-    options: RequestOptions, cfg: ModelConfig, image_id: Any,
-) -> list[dict[str, Any]]:
-    """``records(fetch(...))``: one request's COCO result records from the batch outputs."""
-    return records(fetch(raw, index, input_size, original, options), cfg, image_id)

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.backend import infer_lightest_first
+from model.postprocess import FetchedDetections
 
 from .backends import Backend
 from .batcher import Job
-from .pipeline import FetchedImage, NetworkImage, RequestOptions, batch_options, fetch, network_image, preprocess, records
+from .pipeline import NetworkImage, RequestOptions, batch_options, fetch, network_image, preprocess, records
 
 log = logging.getLogger("service")
 
@@ -45,7 +46,7 @@ class SegmentJob:
 class InferenceResult:
     """What a request gets back from its batch: its detections and masks, on the host."""
 
-    fetched: FetchedImage  # ``pipeline.records`` turns it into the response's instances
+    fetched: FetchedDetections  # ``pipeline.records`` turns it into the response's instances
     index: int  # the request's image in the batch
     batch_size: int
     preprocess_s: float
@@ -56,7 +57,7 @@ class WorkerError(Exception):
     """The forward pass failed for this request; it answers 500, the worker keeps running."""
 
 
-Steps = Iterator[list[tuple[int, FetchedImage]]]
+Steps = Iterator[list[tuple[int, FetchedDetections]]]
 
 
 class Worker:
@@ -73,17 +74,18 @@ class Worker:
     ) -> tuple[Steps, float]:
         """Synchronous, in the worker thread: pre-process one batch of one canvas and set up its
         forward pass, whose steps (``model.backend.infer_lightest_first``, then ``pipeline.fetch``
-        for each image of the step that is still ``wanted``) run as they are asked for."""
+        for the images of the step that are still ``wanted``) run as they are asked for."""
         started = time.perf_counter()
         prepared = preprocess(images, self.backend.cfg.input, self.backend.device)
         steps = infer_lightest_first(
             self.backend, prepared.images, prepared.sizes, batch_options(options, self.backend.cfg)
         )
-        fetched = (
-            [(i, fetch(raw, i, prepared.sizes[i], prepared.originals[i], options[i])) for i in indices if wanted(i)]
-            for indices, raw in steps
-        )
-        return fetched, time.perf_counter() - started
+
+        def fetched(indices: list[int], raw) -> list[tuple[int, FetchedDetections]]:
+            live = [i for i in indices if wanted(i)]
+            return list(zip(live, fetch(raw, live, prepared, options)))
+
+        return (fetched(indices, raw) for indices, raw in steps), time.perf_counter() - started
 
     async def run(self, jobs: list[Job]) -> None:
         live = [job for job in jobs if not job.future.done()]

@@ -11,6 +11,7 @@ import model.postprocess as pp
 from model.polygons import mask_to_polygons
 from model.postprocess import encode_rle, masks_to_rle, paste_masks, paste_windows
 from model.predictor import Prediction
+from model.rcnn import RawOutputs
 
 
 def reference_paste(probs, boxes, image_size, threshold=0.5):
@@ -266,3 +267,114 @@ def test_coco_records_round_and_carry_only_what_is_given():
     full = pp.coco_records(9, boxes, np.array([0.5]), np.array([0]), (3, 7), [{"counts": "x"}], [4.0], ("a", "b"))
     assert list(full[0]) == ["image_id", "bbox", "score", "category_id", "category_name", "area", "segmentation"]
     assert full[0]["category_name"] == "a" and full[0]["area"] == 4.0 and full[0]["segmentation"] == {"counts": "x"}
+
+
+def random_outputs(gen, images, per_image, dtype=torch.float32, device="cpu"):
+    """A batch's ``RawOutputs`` as the model leaves them: grouped by image, best score first."""
+    boxes = torch.cat([random_boxes(gen, n, 60, 90) for n in per_image])
+    boxes[::7] = boxes[::7][:, [2, 1, 0, 3]]  # some empty: dropped, as detectron2 does
+    scores = torch.cat([torch.rand(n, generator=gen).sort(descending=True).values for n in per_image])
+    classes = torch.randint(0, 3, (len(scores),), generator=gen)
+    index = torch.cat([torch.full((n,), i) for i, n in enumerate(per_image)])
+    probs = F.interpolate(torch.rand(len(scores), 1, 7, 7, generator=gen), size=(28, 28), mode="bilinear")[:, 0]
+    coarse = probs.flip(2)  # other masks, for refine=False
+    return RawOutputs(
+        boxes.to(device, dtype), scores.to(device, dtype), classes.to(device), index.to(device),
+        probs.to(device, dtype), coarse.to(device, dtype),
+    )
+
+def one_at_a_time(raw, request):
+    """What ``fetch_detections`` must equal: the one-image functions, on the outputs' device."""
+    selected = pp.select_detections(
+        raw, request.index, request.score_threshold, request.classes, request.max_detections, request.refine,
+    )
+    detections = pp.image_detections(selected, 0, torch.tensor(request.input_size), request.original)
+    segments = pp.fetch_segments(detections, request.original, request.mask_format, request.mask_threshold)
+    return detections, segments
+
+
+REQUESTS = [
+    pp.DetectionRequest(0, (60, 90), (120, 180)),
+    pp.DetectionRequest(1, (60, 90), (45, 67), score_threshold=0.4, max_detections=3, mask_threshold=0.3),
+    pp.DetectionRequest(2, (60, 90), (60, 90), classes=frozenset({0, 2}), refine=False),
+    pp.DetectionRequest(3, (60, 90), (61, 89), mask_format="polygon"),
+    pp.DetectionRequest(4, (60, 90), (30, 45), mask_format="none"),
+    pp.DetectionRequest(5, (60, 90), (90, 135), mask_format="polygon", refine=False, max_detections=4),
+    pp.DetectionRequest(6, (60, 90), (60, 90)),  # no detections
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fetch_detections_equals_one_image_at_a_time(device, dtype):
+    gen = torch.Generator().manual_seed(8)
+    raw = random_outputs(gen, 7, [12, 9, 15, 8, 10, 11, 0], dtype, device)
+    fetched = pp.fetch_detections(raw, REQUESTS)
+    assert len(fetched) == len(REQUESTS)
+    for request, got in zip(REQUESTS, fetched):
+        want, segments = one_at_a_time(raw, request)
+        np.testing.assert_array_equal(got.boxes, want.boxes.cpu().numpy())
+        np.testing.assert_array_equal(got.scores, want.scores.cpu().numpy())
+        np.testing.assert_array_equal(got.classes, want.classes.cpu().numpy())
+        assert got.boxes.dtype == np.float32 and got.scores.dtype == np.float32
+        assert pp.finish_segments(got.segments) == pp.finish_segments(segments)
+        assert got.segments.mask_format == request.mask_format
+    # Not a test of two copies of the same code: the filters really narrowed the picks.
+    assert 0 < len(fetched[1].scores) <= 3 and (fetched[1].scores > 0.4).all()
+    assert set(fetched[2].classes) <= {0, 2} and len(fetched[6].scores) == 0
+    rles = fetched[0].segments.rles
+    assert len(rles) == len(fetched[0].scores) > 5 and all(r["size"] == [120, 180] for r in rles)
+    assert fetched[4].segments.rles is None and fetched[4].segments.boxes.shape == (len(fetched[4].scores), 4)
+
+
+def test_fetch_detections_masks_are_those_of_the_full_image_paste():
+    gen = torch.Generator().manual_seed(9)
+    raw = random_outputs(gen, 2, [10, 7])
+    requests = [pp.DetectionRequest(0, (60, 90), (120, 180)), pp.DetectionRequest(1, (60, 90), (50, 80), mask_format="polygon")]
+    first, second = pp.fetch_detections(raw, requests)
+    rows = raw.batch_index == 0
+    boxes, nonempty = pp.rescale_boxes(raw.boxes[rows], torch.tensor((60, 90)), (120, 180))
+    pasted = paste_masks(raw.mask_probs[rows][nonempty], boxes[nonempty], (120, 180))
+    assert first.segments.rles == encode_rle(pasted)
+    rows = raw.batch_index == 1
+    boxes, nonempty = pp.rescale_boxes(raw.boxes[rows], torch.tensor((60, 90)), (50, 80))
+    pasted = paste_masks(raw.mask_probs[rows][nonempty], boxes[nonempty], (50, 80)).numpy()
+    assert len(second.segments.windows) == len(pasted) > 3
+    for mask, (window, (x, y)) in zip(pasted, second.segments.windows):
+        np.testing.assert_array_equal(mask[y : y + window.shape[0], x : x + window.shape[1]], window)
+        assert mask.sum() == window.sum()
+
+
+def test_changes_of_several_images_come_back_in_one_copy_as_each_alone():
+    gen = torch.Generator().manual_seed(10)
+    cases = []
+    for n, (h, w) in [(6, (40, 50)), (0, (10, 10)), (9, (70, 30))]:
+        boxes, probs = random_boxes(gen, n, h, w), torch.rand(n, 28, 28, generator=gen)
+        cases.append((probs, boxes, (h, w), pp.window_changes(probs, boxes, (h, w), 0.5)))
+    together = pp.changes_on_host([changes for *_, changes in cases])
+    for (probs, boxes, size, changes), found in zip(cases, together):
+        assert np.array_equal(found, pp.changes_on_host([changes])[0])
+        assert pp.rles_from_changes(changes, found) == encode_rle(paste_masks(probs, boxes, size, 0.5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fetch_detections_waits_for_the_gpu_a_fixed_number_of_times():
+    import warnings
+
+    gen = torch.Generator().manual_seed(11)
+    raw = random_outputs(gen, 7, [12, 9, 15, 8, 10, 11, 3], torch.float32, "cuda")
+    pp.fetch_detections(raw, REQUESTS)  # warm-up: the allocators' first calls may synchronize
+
+    def waits(requests) -> int:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                pp.fetch_detections(raw, requests)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    rle = [r for r in REQUESTS if r.mask_format == "rle"]
+    assert waits(rle[:1]) == waits(rle) <= 3  # the boxes, then the run changes (count, values)
+    assert waits(REQUESTS) <= 4  # and one copy of every polygon window

@@ -16,6 +16,7 @@ from PIL import Image
 from model.predictor import load_predictor
 from model.images import load_image_rgb
 from model.polygons import mask_to_polygons
+from model.postprocess import select_detections
 from model.predictor import Prediction, Predictor
 from model.preprocess import network_shape, prepare_batch, to_rgb_tensor
 from service.backends import TorchBackend
@@ -23,7 +24,7 @@ from service.batcher import Batcher, BatcherClosed, DeadlineExceeded, Job, Queue
 from service.errors import ServiceError
 from service.imaging import decode_image, sniff_format
 from service.pipeline import (
-    RequestOptions, batch_options, network_image, postprocess, preprocess, records, select,
+    RequestOptions, batch_options, fetch, network_image, preprocess, records,
 )
 from service.schemas import SegmentParams
 from service.settings import ServiceSettings
@@ -377,8 +378,9 @@ def test_box_only_records_are_the_predictors_boxes(predictor):
     with torch.inference_mode():
         raw = predictor.model(batch.images, batch.sizes, batch_options([opt], predictor.cfg))
     none = RequestOptions(score_threshold=0.0, max_detections=10, mask_format="none")
-    got = postprocess(raw, 0, batch.sizes[0], (150, 200), none, predictor.cfg, "x")
-    full = Prediction.from_outputs(select(raw, 0, opt), 0, batch.sizes[0], (150, 200))
+    got = records(fetch(raw, [0], batch, [none])[0], predictor.cfg, "x")
+    selected = select_detections(raw, 0, opt.score_threshold, opt.classes, opt.max_detections, opt.refine)
+    full = Prediction.from_outputs(selected, 0, batch.sizes[0], (150, 200))
     want = full.coco_records("x", predictor.cfg.category_ids)
     assert len(got) == len(want) > 0
     for g, w, box in zip(got, want, full.boxes):
