@@ -4,8 +4,10 @@ R50-FPN with random weights (FrozenBN calibrated, so the random network yields d
 at 800x1333, score threshold 0 so every image has exactly the asked number of detections, all
 refined. In-process: 10 and 100 detections, fp32 and bf16, batch 1 and 8; per-stage times
 (CUDA events around the model's own modules), peak GPU memory, and the refiner's achieved
-TFLOP/s next to the card's measured matmul peak. Then the same checkpoint behind
-``transfiner serve`` on the same card, loaded by ``transfiner bench`` with the same images.
+TFLOP/s next to the card's measured matmul peak. Then the service's worker on the same batches
+without HTTP, alone and beside a busy Python thread (GIL switch intervals side by side); then
+the same checkpoint behind ``transfiner serve`` on the same card, loaded by ``transfiner bench``
+with the same images.
 Also: key-masked attention kernels side by side, box inference and post-processing alone.
 
     python scripts/bench_gpu.py --out bench-results/gpu            # on a GPU machine, ~4 minutes
@@ -23,6 +25,7 @@ import platform
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, whe
 
 from bench_model import calibrate_frozen_bn  # noqa: E402
 
+from model.backend import TorchBackend  # noqa: E402
 from model.checkpoint import build_model, save_checkpoint  # noqa: E402
 from model.config import ModelConfig, preset  # noqa: E402
 from model.postprocess import image_detections, masks_to_rle  # noqa: E402
@@ -64,13 +68,14 @@ class Workload:
     http_requests: int
     http_concurrency: tuple[int, ...]
     http_batch_size: int
+    http_switch_intervals_ms: tuple[float, ...]  # the server's GIL switch interval, side by side
     chunk_tokens: tuple[int, ...]  # refiner token budgets per pass, swept at the largest case
 
 
 # bf16 first: the service runs it (precision auto on a GPU), and HTTP is compared with it.
-FULL = Workload("R50-FPN", 800, 1333, (10, 100), (1, 8), ("bf16", "fp32"), 1.5, 128, (8, 32), 8,
+FULL = Workload("R50-FPN", 800, 1333, (10, 100), (1, 8), ("bf16", "fp32"), 1.5, 128, (8, 32), 8, (5.0, 1.0),
                  (65_536, 131_072, 262_144, 393_216, 786_432))
-QUICK = Workload("small", 384, 640, (5, 20), (1, 2), ("bf16", "fp32"), 0.5, 8, (2,), 2, (4_096, 65_536))
+QUICK = Workload("small", 384, 640, (5, 20), (1, 2), ("bf16", "fp32"), 0.5, 8, (2,), 2, (5.0, 1.0), (4_096, 65_536))
 
 
 def sync(device: torch.device) -> None:
@@ -348,7 +353,71 @@ def bench_attention(device: torch.device, log) -> list[dict]:
     return results
 
 
-def bench_http(workload: Workload, checkpoint: Path, image_dir: Path, work: Path, device: str, log) -> list[dict]:
+def bench_worker(workload: Workload, model: MaskTransfiner, images, device, log) -> list[dict]:
+    """The service's worker without HTTP (``service.worker.Worker.start`` and its steps, in this
+    thread, as the worker's own thread runs them) on the HTTP case's batches: what the service's
+    device path costs against the model alone. Then the same with a second thread that keeps
+    the interpreter busy as the server's post-processing threads and event loop do (COCO records
+    and JSON of earlier answers), at Python's default GIL switch interval and shorter ones: a
+    thread that launches thousands of small kernels waits for the lock at each of them."""
+    from service.pipeline import RequestOptions, network_image, records
+    from service.worker import Worker
+
+    precision, batch_size = workload.precisions[0], workload.http_batch_size
+    worker = Worker(TorchBackend(model, precision))
+    cfg = model.cfg
+    queued = [network_image(images[i % len(images)], images[i % len(images)].shape[:2], cfg.input)
+              for i in range(batch_size)]
+    default_interval = sys.getswitchinterval()
+    rows = []
+
+    def one_batch(options) -> tuple[float, list]:
+        start = time.perf_counter()
+        steps, _ = worker.start(queued, [options] * batch_size)
+        fetched = [f for step in steps for _, f in step]
+        return time.perf_counter() - start, fetched
+
+    try:
+        for detections in workload.detections:
+            options = RequestOptions(score_threshold=0.0, max_detections=detections)
+            _, fetched = one_batch(options)  # warm-up
+            payload = [records(f, cfg, None) for f in fetched]
+            for load, interval in ((False, default_interval), (True, default_interval), (True, 0.001), (True, 0.0002)):
+                stop = threading.Event()
+
+                def busy() -> None:  # noqa: B023 - runs within this iteration only
+                    while not stop.is_set():
+                        json.dumps([records(f, cfg, None) for f in fetched[:2]] + payload[:2])
+
+                sys.setswitchinterval(interval)
+                thread = threading.Thread(target=busy, daemon=True) if load else None
+                if thread:
+                    thread.start()
+                try:
+                    times = []
+                    begin = time.perf_counter()
+                    while len(times) < 2 or (time.perf_counter() - begin < workload.seconds_per_case and len(times) < 30):
+                        times.append(one_batch(options)[0])
+                finally:
+                    stop.set()
+                    if thread:
+                        thread.join()
+                    sys.setswitchinterval(default_interval)
+                batch_s = float(np.median(times))
+                row = {"precision": precision, "batch": batch_size, "detections": detections, "busy_thread": load,
+                       "switch_interval_ms": interval * 1000, "batch_ms": batch_s * 1000,
+                       "images_per_s": batch_size / batch_s, "runs": len(times)}
+                rows.append(row)
+                log(f"worker det {detections}{' + busy thread' if load else ''} (switch {interval * 1000:g} ms): "
+                    f"{row['images_per_s']:.1f} img/s, {row['batch_ms']:.0f} ms a batch")
+    finally:
+        worker.close()
+    return rows
+
+
+def bench_http(
+    workload: Workload, checkpoint: Path, image_dir: Path, work: Path, device: str, switch_interval_ms: float, log,
+) -> list[dict]:
     """The same checkpoint behind ``transfiner serve``, loaded with ``transfiner bench``."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -357,6 +426,7 @@ def bench_http(workload: Workload, checkpoint: Path, image_dir: Path, work: Path
         [*TRANSFINER, "serve", "--model", str(checkpoint), "--device", device, "--port", str(port),
          "--max-batch-size", str(workload.http_batch_size), "--max-queue-size", "256", "--log-level", "warning"],
         stdout=server_log, stderr=subprocess.STDOUT,
+        env=dict(os.environ, TRANSFINER_GIL_SWITCH_INTERVAL_MS=str(switch_interval_ms)),
     )
     results = []
     try:
@@ -380,13 +450,15 @@ def bench_http(workload: Workload, checkpoint: Path, image_dir: Path, work: Path
             for step in report["steps"]:
                 server_side = step.get("server") or {}
                 results.append({
-                    "detections": detections, "concurrency": step["concurrency"], "ok": step["ok"],
+                    "detections": detections, "switch_interval_ms": switch_interval_ms,
+                    "concurrency": step["concurrency"], "ok": step["ok"],
                     "requests": step["requests"], "images_per_s": step["images_per_s"],
                     "p50_ms": (step.get("latency") or {}).get("p50_s", 0) * 1000,
                     "p99_ms": (step.get("latency") or {}).get("p99_s", 0) * 1000,
                     "precision": card.get("precision"), "server": server_side,
                 })
-                log(f"http det {detections} c={step['concurrency']}: {step['images_per_s']:.1f} img/s "
+                log(f"http det {detections} c={step['concurrency']} switch {switch_interval_ms:g} ms: "
+                    f"{step['images_per_s']:.1f} img/s "
                     f"({step['ok']}/{step['requests']} ok), precision {card.get('precision')}")
     finally:
         server.send_signal(signal.SIGINT)
@@ -427,13 +499,24 @@ def markdown(report: dict) -> str:
             f"| {ms['mask_head']:.0f} | {ms['refiner']:.0f} | {r['refiner_tokens'] / max(r['detections_found'], 1):.0f} "
             f"| {tflops} | {ms['postprocess_s']:.1f} | {peak} |"
         )
+    if report.get("worker"):
+        lines += ["", "## The service's worker without HTTP (batch of the HTTP case)", "",
+                  "| det/img | busy Python thread | GIL switch interval ms | img/s | ms a batch | vs in-process |",
+                  "|---:|---|---:|---:|---:|---:|"]
+        for w in report["worker"]:
+            same = next((r for r in report["in_process"] if r.get("precision") == w["precision"]
+                         and r.get("batch") == w["batch"] and r.get("detections") == w["detections"]
+                         and "error" not in r), None)
+            ratio = f"{100 * w['images_per_s'] / same['images_per_s']:.0f}%" if same else "-"
+            lines.append(f"| {w['detections']} | {'yes' if w['busy_thread'] else 'no'} | {w['switch_interval_ms']:g} "
+                         f"| {w['images_per_s']:.1f} | {w['batch_ms']:.0f} | {ratio} |")
     if report.get("http"):
         lines += [
             "", f"## HTTP (`transfiner serve --max-batch-size {report['http_batch_size']}`, `transfiner bench`, "
             f"{report['image'][1]}x{report['image'][0]} PNGs)", "",
-            "| det/img | clients | precision | ok | img/s | p50 ms | p99 ms | vs in-process batch "
-            f"{report['http_batch_size']} |",
-            "|---:|---:|---|---:|---:|---:|---:|---:|",
+            "| det/img | clients | GIL switch interval ms | precision | ok | img/s | p50 ms | p99 ms "
+            f"| vs in-process batch {report['http_batch_size']} |",
+            "|---:|---:|---:|---|---:|---:|---:|---:|---:|",
         ]
         for h in report["http"]:
             if "error" in h:
@@ -444,7 +527,8 @@ def markdown(report: dict) -> str:
                          and "error" not in r), None)
             ratio = f"{100 * h['images_per_s'] / same['images_per_s']:.0f}%" if same else "-"
             lines.append(
-                f"| {h['detections']} | {h['concurrency']} | {h['precision']} | {h['ok']}/{h['requests']} "
+                f"| {h['detections']} | {h['concurrency']} | {h.get('switch_interval_ms', 5):g} | {h['precision']} "
+                f"| {h['ok']}/{h['requests']} "
                 f"| {h['images_per_s']:.1f} | {h['p50_ms']:.0f} | {h['p99_ms']:.0f} | {ratio} |"
             )
     if report.get("chunks"):
@@ -536,10 +620,14 @@ def main() -> int:
 
     # The service's precision (auto) first, then HTTP, then the rest.
     in_process(workload.precisions[:1])
+    report["worker"] = attempt("worker", lambda: bench_worker(workload, model, images, device, log))
     if not args.no_http:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the server shares the card
-        report["http"] = attempt("http", lambda: bench_http(workload, checkpoint, work / "images", work, str(device), log))
+        report["http"] = []
+        for interval in workload.http_switch_intervals_ms:
+            report["http"] += attempt(f"http (switch {interval:g} ms)", lambda: bench_http(  # noqa: B023
+                workload, checkpoint, work / "images", work, str(device), interval, log)) or []
     in_process(workload.precisions[1:])
     report["chunks"] = attempt("chunks", lambda: bench_chunks(workload, model, images, device, log))
     checkpoint.unlink(missing_ok=True)

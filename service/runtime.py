@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -103,6 +104,7 @@ class ServiceRuntime:
         try:
             if settings.torch_threads:
                 torch.set_num_threads(settings.torch_threads)
+            sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
             model = await asyncio.to_thread(self.loader, settings)
             workers = [Worker(backend, i, self.metrics) for i, backend in enumerate(model.backends)]
             self.detail = "warming up"

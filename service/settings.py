@@ -81,6 +81,11 @@ class ServiceSettings(BaseSettings):
     # for most of their time, so one per core keeps the cores busy)
     decode_threads: int = Field(default_factory=available_cores, ge=1, description="default: the cores")
     postprocess_threads: int = Field(default_factory=available_cores, ge=1, description="default: the cores")
+    gil_switch_interval_ms: float = Field(
+        5.0, gt=0, le=1000, description="Python's thread switch interval in this process (sys.setswitchinterval); "
+        "a worker thread that launches many small kernels waits up to this long for the GIL at each while "
+        "another thread runs Python"
+    )
 
     # Lifecycle
     warmup_batches: int = Field(1, ge=0)

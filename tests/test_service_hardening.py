@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import time
 
 import httpx
@@ -269,3 +270,14 @@ def test_an_unexpected_error_answers_500_json_and_closes_the_connection(checkpoi
             assert client.get("/health/live").status_code == 200  # the client reconnects
     finally:
         server.stop()
+
+
+def test_the_server_takes_its_gil_switch_interval_from_the_settings(checkpoint):
+    default = sys.getswitchinterval()
+    settings = ServiceSettings(model=str(checkpoint), device="cpu", warmup_batches=0, gil_switch_interval_ms=0.5)
+    try:
+        with running(settings) as server:
+            assert sys.getswitchinterval() == pytest.approx(0.0005)
+            assert httpx.post(server.url + "/v1/segment", content=encode(scene()), timeout=60).status_code == 200
+    finally:
+        sys.setswitchinterval(default)
