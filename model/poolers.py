@@ -28,19 +28,49 @@ def multilevel_roi_align(
     features: per level [B, C, H_l, W_l]; rois [R, 5] (batch index, x1, y1, x2, y2) in image
     pixels; levels [R] int64 index into ``features``. Returns [R, C, output_size, output_size].
     """
+    if torch.jit.is_tracing():
+        return _roi_align_per_level_traced(features, rois, levels, output_size, scales, sampling_ratio)
+    # The RoIs sorted by level, each level's a slice: one wait for the device (the counts) where
+    # picking each level's rows by a mask would wait once per level. Every RoI is pooled alone,
+    # so the order changes no value.
+    counts = torch.bincount(levels, minlength=len(features)).tolist()
+    order = torch.argsort(levels, stable=True)
+    pooled = [
+        _roi_align(feature, rois[index], output_size, scale, sampling_ratio)
+        for feature, scale, index, count in zip(features, scales, order.split(counts), counts)
+        if count
+    ]
+    channels = features[0].shape[1]
+    output = features[0].new_zeros((rois.shape[0], channels, output_size, output_size))
+    if pooled:
+        output[order] = torch.cat(pooled).to(output.dtype)
+    return output
+
+
+def _roi_align_per_level_traced(
+    features: list[torch.Tensor], rois: torch.Tensor, levels: torch.Tensor, output_size: int,
+    scales: tuple[float, ...], sampling_ratio: int,
+) -> torch.Tensor:
+    """``multilevel_roi_align`` for traced graphs (TorchScript, ONNX): no count may become a
+    constant of the graph, so each level picks its rows by a mask."""
     channels = features[0].shape[1]
     output = features[0].new_zeros((rois.shape[0], channels, output_size, output_size))
     for level, (feature, scale) in enumerate(zip(features, scales)):
         index = torch.nonzero(levels == level).squeeze(1)
-        # RoI coordinates stay float32 at every precision (bf16 would round a coordinate near 1000
-        # to a multiple of 4 pixels), so a bf16/fp16 feature map is sampled in float32, as
-        # torchvision's CUDA autocast does (its CPU kernel wants equal types).
-        pooled = roi_align(
-            feature if feature.dtype == rois.dtype else feature.to(rois.dtype), rois[index], output_size,
-            spatial_scale=scale, sampling_ratio=sampling_ratio, aligned=True,
-        ).to(feature.dtype)
-        output = output.index_put((index,), pooled)
+        output = output.index_put((index,), _roi_align(feature, rois[index], output_size, scale, sampling_ratio))
     return output
+
+
+def _roi_align(feature: torch.Tensor, rois: torch.Tensor, output_size: int, scale: float, sampling_ratio: int):
+    """RoIAlignV2 of ``rois`` [n, 5] on one level -> [n, C, S, S] in the feature map's dtype.
+
+    RoI coordinates stay float32 at every precision (bf16 would round a coordinate near 1000 to a
+    multiple of 4 pixels), so a bf16/fp16 feature map is sampled in float32, as torchvision's
+    CUDA autocast does (its CPU kernel wants equal types)."""
+    return roi_align(
+        feature if feature.dtype == rois.dtype else feature.to(rois.dtype), rois, output_size,
+        spatial_scale=scale, sampling_ratio=sampling_ratio, aligned=True,
+    ).to(feature.dtype)
 
 
 def boxes_to_rois(boxes: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from .config import ModelConfig
 from .mask_head import TransfinerMaskHead
 from .roi_heads import BoxROIHeads, Detections, per_image
 from .rpn import RPN
+from .transfer import to_device
 
 
 @dataclass
@@ -178,7 +179,7 @@ class MaskTransfiner(nn.Module):
             yield groups[0], self.segment(batch)
             return
         for group in groups:
-            members = torch.tensor(group, device=index.device)
+            members = to_device(torch.tensor(group), index.device)
             rows = torch.nonzero(torch.isin(index, members)).squeeze(1)
             yield group, self.segment(batch, rows)
 
