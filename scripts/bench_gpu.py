@@ -7,7 +7,7 @@ refined. In-process: 10 and 100 detections, fp32 and bf16, batch 1 and 8; per-st
 TFLOP/s next to the card's measured matmul peak. Then the service's worker on the same batches
 without HTTP, alone and beside a busy Python thread (GIL switch intervals side by side); then
 the same checkpoint behind ``transfiner serve`` on the same card, loaded by ``transfiner bench``
-with the same images.
+with the same images. Last, JPEG decoding as the server does it on the CPU against nvJPEG.
 Also: key-masked attention kernels side by side, box inference and post-processing alone.
 
     python scripts/bench_gpu.py --out bench-results/gpu            # on a GPU machine, ~4 minutes
@@ -19,6 +19,7 @@ Writes ``bench_gpu.json`` and ``bench_gpu.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -415,6 +416,71 @@ def bench_worker(workload: Workload, model: MaskTransfiner, images, device, log)
     return rows
 
 
+def bench_jpeg_decode(workload: Workload, images, device, log) -> list[dict]:
+    """JPEG decoding as the server does it (Pillow, reduced DCT towards the network size, resize on
+    the decode thread when shrinking; ``service.imaging.decode_image`` + ``pipeline.network_image``,
+    one image per thread, a pool of every core) against nvJPEG (``torchvision.io.decode_jpeg`` on
+    the device, a batch at a time, then ``model.preprocess.resize_image`` there): images/s for
+    the workload's size and for 12-megapixel phone photos (4032x3024), so the service can take
+    the GPU decoder where it measures faster."""
+    import concurrent.futures
+
+    from torchvision.io import decode_jpeg
+
+    from model.config import preset as config_preset
+    from model.preprocess import network_shape, resize_image
+    from service.imaging import decode_image
+    from service.pipeline import network_image
+
+    cfg = config_preset(workload.config).input
+    cores = os.cpu_count() or 1
+    photo = np.asarray(Image.fromarray(images[0]).resize((4032, 3024), Image.BILINEAR))
+    photo = np.clip(photo + np.random.default_rng(0).integers(-12, 13, photo.shape), 0, 255).astype(np.uint8)
+    cases = {f"{workload.width}x{workload.height}": images[:8], "4032x3024": [photo] * 8}
+    rows = []
+    for name, arrays in cases.items():
+        jpegs = []
+        for rgb in arrays:
+            buffer = io.BytesIO()
+            Image.fromarray(rgb).save(buffer, "JPEG", quality=90)
+            jpegs.append(buffer.getvalue())
+
+        def on_cpu(data: bytes):
+            decoded = decode_image(data, 100_000_000, reduce_to=lambda h, w: network_shape(h, w, cfg))
+            return network_image(decoded.rgb, decoded.size, cfg)
+
+        with concurrent.futures.ThreadPoolExecutor(cores) as pool:
+            list(pool.map(on_cpu, jpegs))  # warm-up
+            start = time.perf_counter()
+            rounds = 0
+            while rounds < 2 or time.perf_counter() - start < workload.seconds_per_case:
+                list(pool.map(on_cpu, jpegs))
+                rounds += 1
+            cpu_rate = rounds * len(jpegs) / (time.perf_counter() - start)
+        row = {"image": name, "jpeg_kib": sum(map(len, jpegs)) / len(jpegs) / 1024, "cpu_threads": cores,
+               "cpu_images_per_s": cpu_rate, "device_images_per_s": None}
+        if device.type == "cuda":
+            encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
+
+            def on_device():
+                decoded = decode_jpeg(encoded, device=device)
+                for pixels in decoded:
+                    resize_image(pixels, network_shape(*pixels.shape[-2:], cfg), device)
+                sync(device)
+
+            on_device()  # warm-up
+            start = time.perf_counter()
+            rounds = 0
+            while rounds < 2 or time.perf_counter() - start < workload.seconds_per_case:
+                on_device()
+                rounds += 1
+            row["device_images_per_s"] = rounds * len(jpegs) / (time.perf_counter() - start)
+        rows.append(row)
+        log(f"JPEG {name}: CPU ({cores} threads) {cpu_rate:.0f} img/s, "
+            f"device {row['device_images_per_s'] or 0:.0f} img/s")
+    return rows
+
+
 def bench_http(
     workload: Workload, checkpoint: Path, image_dir: Path, work: Path, device: str, switch_interval_ms: float, log,
 ) -> list[dict]:
@@ -547,6 +613,13 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {a['variant']} | unsupported: {a['error'][:90]} | | |")
             else:
                 lines.append(f"| {a['variant']} | {a['ms']:.2f} | {a['tflops']:.0f} | {a['max_abs_error']:.4f} |")
+    if report.get("jpeg"):
+        lines += ["", "## JPEG decoding to the network input (CPU threads vs nvJPEG)", "",
+                  "| image | JPEG KiB | CPU threads | CPU img/s (Pillow, reduced DCT) | GPU img/s (decode_jpeg, batch 8) |",
+                  "|---|---:|---:|---:|---:|"]
+        for j in report["jpeg"]:
+            gpu = f"{j['device_images_per_s']:.0f}" if j.get("device_images_per_s") else "-"
+            lines.append(f"| {j['image']} | {j['jpeg_kib']:.0f} | {j['cpu_threads']} | {j['cpu_images_per_s']:.0f} | {gpu} |")
     if report.get("errors"):
         lines += ["", "## Errors", ""] + [f"* {e}" for e in report["errors"]]
     return "\n".join(lines) + "\n"
@@ -630,6 +703,7 @@ def main() -> int:
                 workload, checkpoint, work / "images", work, str(device), interval, log)) or []
     in_process(workload.precisions[1:])
     report["chunks"] = attempt("chunks", lambda: bench_chunks(workload, model, images, device, log))
+    report["jpeg"] = attempt("jpeg", lambda: bench_jpeg_decode(workload, images, device, log))
     checkpoint.unlink(missing_ok=True)
     save()
     print(markdown(report))
