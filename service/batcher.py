@@ -57,6 +57,14 @@ class Job:
     dispatched_at: float | None = None
 
 
+def batch_capacity(canvas: tuple[int, int], max_batch_size: int, max_batch_pixels: int | None) -> int:
+    """How many jobs of one canvas (H, W) a batch holds: ``max_batch_size``, and no more than
+    ``max_batch_pixels`` allows (batch size x H x W), but always one."""
+    if max_batch_pixels is None:
+        return max_batch_size
+    return max(1, min(max_batch_size, max_batch_pixels // (canvas[0] * canvas[1])))
+
+
 class BatchTimes:
     """The durations of the recent batches, and what they say about the wait ahead. Shared by
     ``Batcher`` and the Ray Serve engine's batcher (``service.ray_serve``)."""
@@ -275,10 +283,7 @@ class Batcher:
 
     def _full(self, batch: list[Job]) -> bool:
         """No room for one more job of the batch's canvas (all its jobs pad to the same pixels)."""
-        if len(batch) >= self.max_batch_size:
-            return True
-        height, width = batch[0].canvas
-        return self.max_batch_pixels is not None and (len(batch) + 1) * height * width > self.max_batch_pixels
+        return len(batch) >= batch_capacity(batch[0].canvas, self.max_batch_size, self.max_batch_pixels)
 
     def _report_depth(self) -> None:
         if self.observer is not None:

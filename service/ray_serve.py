@@ -29,7 +29,7 @@ from ray import serve
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .app import create_app
-from .batcher import BatchObserver, BatcherClosed, BatchRunner, BatchTimes, DeadlineExceeded, Job
+from .batcher import BatchObserver, BatcherClosed, BatchRunner, BatchTimes, DeadlineExceeded, Job, batch_capacity
 from .settings import ServiceSettings
 
 log = logging.getLogger("service")
@@ -49,20 +49,21 @@ class RayServeBatcher:
     ``max_delay_s`` for batch-mates) and reports Ray's batch metrics (``ray_serve_batch_*``).
     A Ray batch may mix canvases (padded input sizes), which a forward pass must not (a request's
     answer would depend on its batch-mates' padding), so each Ray batch runs as one forward pass
-    per canvas, in arrival order, on the service's own ``Worker`` (the same pre-processing and
+    per canvas (more where ``max_batch_pixels`` says so), in arrival order, on the service's own ``Worker`` (the same pre-processing and
     forward pass as the FastAPI engine). Jobs whose client left or whose deadline passed while
     they waited never reach the model, as in ``Batcher``.
     """
 
     def __init__(
         self, runners: Sequence[BatchRunner], *, max_batch_size: int, max_delay_s: float,
-        observer: BatchObserver | None = None, history: int = 32,
+        max_batch_pixels: int | None = None, observer: BatchObserver | None = None, history: int = 32,
     ) -> None:
         if not runners:
             raise ValueError("a batcher needs at least one runner")
         self.runners = list(runners)
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
+        self.max_batch_pixels = max_batch_pixels
         self.observer = observer
         self._idle: asyncio.Queue[BatchRunner] = asyncio.Queue()
         for runner in self.runners:
@@ -144,9 +145,17 @@ class RayServeBatcher:
             by_canvas.setdefault(job.canvas, []).append(job)
         if not by_canvas:
             return
+        # Serve caps a batch by its count only: a canvas's jobs then run in batches that also
+        # keep to max_batch_pixels, as the FastAPI engine's.
+        groups = [
+            jobs[start : start + size]
+            for canvas, jobs in by_canvas.items()
+            for size in [batch_capacity(canvas, self.max_batch_size, self.max_batch_pixels)]
+            for start in range(0, len(jobs), size)
+        ]
         runner = await self._idle.get()
         try:
-            for group in by_canvas.values():
+            for group in groups:
                 started = time.monotonic()
                 for job in group:
                     job.dispatched_at = started
@@ -207,7 +216,7 @@ class TransfinerReplica:
         def batcher(workers: Sequence[BatchRunner], observer: BatchObserver) -> RayServeBatcher:
             return RayServeBatcher(
                 workers, max_batch_size=settings.max_batch_size, max_delay_s=settings.max_delay_ms / 1000,
-                observer=observer,
+                max_batch_pixels=settings.max_batch_pixels, observer=observer,
             )
 
         # Not ``self.app``: the ingress wrapper owns that name (the ASGI app it serves).
@@ -268,9 +277,6 @@ class Scaling:
 def build_application(settings: ServiceSettings, scaling: Scaling) -> serve.Application:
     """The Ray Serve application ``transfiner serve --engine ray`` deploys."""
     replica = replica_settings(settings, scaling.replica_gpus)
-    if replica.max_batch_pixels is not None:
-        # Serve's batches are capped by a count (or one batch_size_fn), not by count and pixels.
-        log.warning("max_batch_pixels does not apply with --engine ray: batches are capped at max_batch_size only")
     # The replica's own admission answers overflow with the service's JSON 503 (queue_full,
     # Retry-After); one more than it admits keeps Ray from queueing those requests in its proxy
     # instead. Also far above max_batch_size, which Serve's batches could not otherwise reach.

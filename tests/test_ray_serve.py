@@ -221,3 +221,36 @@ def test_serve_engine_flags_are_checked_before_anything_starts(flags, message, c
 
     assert main(["serve", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_ray_batch_runs_per_canvas_within_the_pixel_cap():
+    """Serve hands over batches capped by count only; each canvas's jobs then run in batches
+    that keep to max_batch_pixels, as the FastAPI engine's batcher (``batch_capacity``)."""
+    import asyncio
+    import time
+
+    from service.batcher import Job
+    from service.ray_serve import RayServeBatcher
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.batches: list[list[str]] = []
+
+        async def run(self, jobs: list[Job]) -> None:
+            self.batches.append([job.payload for job in jobs])
+            for job in jobs:
+                job.future.set_result(job.payload)
+
+    async def main() -> list[list[str]]:
+        runner = Recorder()
+        # 3 jobs of a 64x64 canvas fit in 10,000 pixels (2 x 4,096), 1 of a 96x96 one.
+        batcher = RayServeBatcher([runner], max_batch_size=8, max_delay_s=0.01, max_batch_pixels=10_000)
+        deadline = time.monotonic() + 60
+        canvases = [(64, 64), (96, 96), (64, 64), (64, 64), (96, 96), (64, 64), (64, 64)]
+        jobs = [Job(f"j{i}", deadline, canvas) for i, canvas in enumerate(canvases)]
+        batcher._waiting = len(jobs)  # as submit() counts them
+        await batcher._run(jobs)
+        assert all(job.future.result() == job.payload for job in jobs)
+        return runner.batches
+
+    assert asyncio.run(main()) == [["j0", "j2"], ["j3", "j5"], ["j6"], ["j1"], ["j4"]]
