@@ -11,6 +11,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .runtime import ServiceRuntime
@@ -31,12 +32,28 @@ def _timeout_response() -> bytes:
     return _error_response("408 Request Timeout", "request_timeout", "the request head was not received in time")
 
 
+async def _too_many_connections(scope: Any, receive: Any, send: Any) -> None:
+    """What a request gets beyond ``max_connections`` (uvicorn's ``limit_concurrency``): the
+    service's JSON 503 with Retry-After, instead of uvicorn's plain-text one."""
+    body = json.dumps({"error": {
+        "code": "too_many_connections",
+        "message": "the server is serving as many connections and requests as it allows (max_connections); "
+        "retry later",
+    }}).encode()
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1"), (b"connection", b"close"),
+    ]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 # Request line plus headers; nginx's default (large_client_header_buffers) is 4 x 8 KiB per line.
 MAX_HEAD_BYTES = 64 * 1024
 
 
 class HeadTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP protocol (httptools, a dependency), plus a deadline for each request's line and headers.
+    """uvicorn's HTTP protocol (httptools, a dependency), plus a deadline for each request's line
+    and headers, and the service's JSON error shape where uvicorn answers by itself.
 
     uvicorn only times out idle keep-alive connections: a client that opens a connection and
     sends nothing, or half a request head, holds it (and a file descriptor) for ever. Here the
@@ -107,6 +124,11 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._arm_head_timer()
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # uvicorn picks its plain-text 503 app for a request beyond limit_concurrency; every
+        # request (pipelined ones too) starts here.
+        super()._start_asgi_task(cycle, _too_many_connections if app is service_unavailable else app)
 
     def on_headers_complete(self) -> None:
         self._disarm_head_timer()

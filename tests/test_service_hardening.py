@@ -281,3 +281,21 @@ def test_the_server_takes_its_gil_switch_interval_from_the_settings(checkpoint):
             assert httpx.post(server.url + "/v1/segment", content=encode(scene()), timeout=60).status_code == 200
     finally:
         sys.setswitchinterval(default)
+
+
+def test_beyond_max_connections_the_answer_is_the_services_json_503(checkpoint):
+    settings = ServiceSettings(model=str(checkpoint), device="cpu", warmup_batches=0, max_connections=2)
+    with running(settings) as server:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        try:
+            time.sleep(0.2)  # the server has accepted them
+            refused = httpx.get(server.url + "/health/live", timeout=10)
+            assert refused.status_code == 503
+            assert refused.headers["content-type"] == "application/json"
+            assert refused.json()["error"]["code"] == "too_many_connections"
+            assert int(refused.headers["Retry-After"]) >= 1
+        finally:
+            for connection in idle:
+                connection.close()
+        time.sleep(0.2)
+        assert httpx.get(server.url + "/health/live", timeout=10).status_code == 200
