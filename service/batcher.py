@@ -49,7 +49,7 @@ class BatcherClosed(Exception):
 class Job:
     """One request's unit of work. ``payload`` is for the worker; the batcher only reads the rest."""
 
-    payload: Any
+    payload: Any = field(repr=False)  # an image: never formatted into logs or errors
     deadline: float  # time.monotonic() seconds
     canvas: tuple[int, int] = (0, 0)  # padded network input (H, W): batch-mates share it
     enqueued_at: float = field(default_factory=time.monotonic)
@@ -166,7 +166,9 @@ class Batcher:
         self._wakeup.set()
 
     def _discard(self, job: Job) -> None:
-        with contextlib.suppress(ValueError):  # already taken into a batch
+        # Usually the job was taken into a batch already. Not remove() and catch its ValueError:
+        # that error's message is the job's repr, built on the event loop for every answer.
+        if job in self._queue:  # by identity (eq=False)
             self._queue.remove(job)
             self._report_depth()
 

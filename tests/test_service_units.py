@@ -80,6 +80,35 @@ def test_batches_fill_up_to_max_size():
     assert batches == [[0, 1, 2], [3, 4, 5], [6]] and results == list(range(7))
 
 
+def test_answered_jobs_are_never_formatted():
+    """A job leaves the queue when its future settles; the usual job was taken into a batch
+    already, and looking for it must not format it (its payload is a whole image, and it would
+    be formatted on the event loop for every answer)."""
+
+    class Image:
+        formatted = 0
+
+        def __repr__(self) -> str:
+            Image.formatted += 1
+            return "Image()"
+
+    async def main():
+        batcher = Batcher([Recorder()], max_batch_size=2, max_delay_s=0.01, max_queue_size=10)
+        batcher.start()
+        jobs = [job(Image()) for _ in range(5)]
+        for j in jobs:
+            batcher.submit(j)
+        await asyncio.gather(*(j.future for j in jobs))
+        await asyncio.sleep(0)  # the done callbacks have run
+        await batcher.close()
+        formatted = Image.formatted
+        return formatted, repr(job(Image()))
+
+    formatted, text = run(main())
+    assert formatted == 0
+    assert "Image" not in text and "deadline" in text  # nor in logs that show a job
+
+
 def test_lone_job_waits_max_delay_then_runs_alone():
     async def main():
         runner = Recorder()
