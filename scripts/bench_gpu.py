@@ -7,7 +7,8 @@ refined. In-process: 10 and 100 detections, fp32 and bf16, batch 1 and 8; per-st
 TFLOP/s next to the card's measured matmul peak. Then the service's worker on the same batches
 without HTTP, alone and beside a busy Python thread (GIL switch intervals side by side); then
 the same checkpoint behind ``transfiner serve`` on the same card, loaded by ``transfiner bench``
-with the same images. Last, JPEG decoding as the server does it on the CPU against nvJPEG.
+with the same images. Last, channels-last convolutions against the default layout, and JPEG
+decoding as the server does it on the CPU against nvJPEG.
 Also: key-masked attention kernels side by side, box inference and post-processing alone.
 
     python scripts/bench_gpu.py --out bench-results/gpu            # on a GPU machine, ~4 minutes
@@ -354,6 +355,56 @@ def bench_attention(device: torch.device, log) -> list[dict]:
     return results
 
 
+def boxes_matched(reference, other, tolerance: float = 0.5) -> float:
+    """The share of ``reference``'s boxes with a box of the same image in ``other`` within
+    ``tolerance`` px on every coordinate. Near-equal scores may swap places, and at the edge of
+    the top-k a different box may get in, so boxes are matched, not compared in order."""
+    matched = 0
+    for image in reference.batch_index.unique().tolist():
+        a = reference.boxes[reference.batch_index == image].float()
+        b = other.boxes[other.batch_index == image].float()
+        if len(b):
+            distance = (a[:, None, :] - b[None, :, :]).abs().amax(dim=2)  # [Na, Nb]
+            matched += int((distance.amin(dim=1) <= tolerance).sum())
+    return matched / max(len(reference.boxes), 1)
+
+
+def bench_channels_last(workload: Workload, model: MaskTransfiner, images, device, log) -> list[dict]:
+    """The convolutions (backbone, FPN, semantic and mask heads) in channels-last memory format
+    against the default, at the service's precision and the HTTP batch size: cuDNN's tensor-core
+    kernels work on NHWC and transpose NCHW inputs around each convolution. Not what the model
+    does: a measurement to decide whether it should (the boxes moving by float rounding only)."""
+    import copy
+
+    precision, batch_size = workload.precisions[0], workload.http_batch_size
+    chosen = [torch.from_numpy(images[i % len(images)]).permute(2, 0, 1) for i in range(batch_size)]
+    batch, sizes = prepare_batch(chosen, model.cfg.input, device)
+    originals = [tuple(image.shape[-2:]) for image in chosen]
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    rows = []
+    try:
+        for detections in workload.detections:
+            options = InferenceOptions(score_threshold=0.0, max_detections=detections)
+            with torch.inference_mode():  # the layout's own effect, in float32
+                matched = boxes_matched(
+                    model(batch, sizes, options), nhwc(batch.contiguous(memory_format=torch.channels_last), sizes, options)
+                )
+            for name, net, inputs in (("NCHW", model, batch), ("channels_last", nhwc,
+                                                               batch.contiguous(memory_format=torch.channels_last))):
+                result = time_case(net, inputs, sizes, originals, options, precision, device,
+                                   workload.seconds_per_case / 2)
+                rows.append({"memory_format": name, "precision": precision, "batch": batch_size,
+                             "detections": detections, "forward_s": result["forward_s"],
+                             "backbone": result["backbone"], "mask_head": result["mask_head"],
+                             "fp32_boxes_matched": matched})
+                log(f"{name} det {detections}: forward {result['forward_s'] * 1000:.0f} ms (backbone "
+                    f"{result['backbone'] * 1000:.0f}, mask head {result['mask_head'] * 1000:.0f}); "
+                    f"fp32 boxes matched within 0.5 px: {100 * matched:.1f}%")
+    finally:
+        del nhwc
+    return rows
+
+
 def bench_worker(workload: Workload, model: MaskTransfiner, images, device, log) -> list[dict]:
     """The service's worker without HTTP (``service.worker.Worker.start`` and its steps, in this
     thread, as the worker's own thread runs them) on the HTTP case's batches: what the service's
@@ -613,6 +664,13 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {a['variant']} | unsupported: {a['error'][:90]} | | |")
             else:
                 lines.append(f"| {a['variant']} | {a['ms']:.2f} | {a['tflops']:.0f} | {a['max_abs_error']:.4f} |")
+    if report.get("memory_format"):
+        lines += ["", "## Channels-last convolutions (a measurement; the model runs NCHW)", "",
+                  "| memory format | det/img | forward ms | backbone ms | mask head ms | fp32 boxes within 0.5 px of NCHW's |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for m in report["memory_format"]:
+            lines.append(f"| {m['memory_format']} | {m['detections']} | {m['forward_s'] * 1000:.0f} "
+                         f"| {m['backbone'] * 1000:.0f} | {m['mask_head'] * 1000:.0f} | {100 * m['fp32_boxes_matched']:.1f}% |")
     if report.get("jpeg"):
         lines += ["", "## JPEG decoding to the network input (CPU threads vs nvJPEG)", "",
                   "| image | JPEG KiB | CPU threads | CPU img/s (Pillow, reduced DCT) | GPU img/s (decode_jpeg, batch 8) |",
@@ -703,6 +761,7 @@ def main() -> int:
                 workload, checkpoint, work / "images", work, str(device), interval, log)) or []
     in_process(workload.precisions[1:])
     report["chunks"] = attempt("chunks", lambda: bench_chunks(workload, model, images, device, log))
+    report["memory_format"] = attempt("memory format", lambda: bench_channels_last(workload, model, images, device, log))
     report["jpeg"] = attempt("jpeg", lambda: bench_jpeg_decode(workload, images, device, log))
     checkpoint.unlink(missing_ok=True)
     save()
