@@ -19,5 +19,7 @@ def to_device(values: torch.Tensor | np.ndarray, device: torch.device | str) -> 
     device = torch.device(device)
     if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
-    # The caching host allocator keeps the page-locked block until the queued copy has run.
+    # pin_memory copies a strided tensor into a dense page-locked one (a permuted dense one as
+    # it is), so the copy to the device is one transfer; the caching host allocator keeps the
+    # page-locked block until that queued transfer has run.
     return tensor.pin_memory().to(device, non_blocking=True)
