@@ -19,7 +19,19 @@ def to_device(values: torch.Tensor | np.ndarray, device: torch.device | str) -> 
     device = torch.device(device)
     if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
-    # pin_memory copies a strided tensor into a dense page-locked one (a permuted dense one as
-    # it is), so the copy to the device is one transfer; the caching host allocator keeps the
-    # page-locked block until that queued transfer has run.
+    if not _dense(tensor):
+        # A copy from a tensor with gaps would be gathered into ordinary memory on the way.
+        tensor = tensor.contiguous()
+    # A dense tensor in any dimension order (an HWC image viewed as CHW) goes over as it is. The
+    # caching host allocator keeps the page-locked block until the queued transfer has run.
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` fills its memory without gaps, in some order of its dimensions."""
+    expected = 1
+    for dim in sorted(range(tensor.dim()), key=tensor.stride):
+        if tensor.shape[dim] != 1 and tensor.stride(dim) != expected:
+            return False
+        expected *= tensor.shape[dim]
+    return True
