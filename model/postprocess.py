@@ -10,7 +10,9 @@ produce identical records:
   (``rescale_boxes``, as detectron2's ``detector_postprocess``);
 * masks: binary masks pasted from the soft ones (``paste_masks``), COCO RLE (``masks_to_rle``),
   polygons (``model.polygons.mask_to_polygons`` on each window, ``segment``);
-* ``coco_records``: COCO result records, rounded.
+* ``coco_records``: COCO result records, rounded;
+* ``fetch_detections``: all of the above that needs the device, for several images of a batch at
+  once, with the host waiting for the device twice in all (the service's worker).
 
 A detection can only be foreground inside the small integer window around its box
 (see ``box_windows``), so everything here samples those windows only
