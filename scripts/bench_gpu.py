@@ -587,6 +587,13 @@ def bench_http(
     return results
 
 
+def share_of_in_process(report: dict, precision: str, batch: int, detections: int, images_per_s: float) -> str:
+    """``images_per_s`` as a share of the in-process figure of the same case, or "-"."""
+    same = next((r for r in report["in_process"] if r.get("precision") == precision and r.get("batch") == batch
+                 and r.get("detections") == detections and "error" not in r), None)
+    return f"{100 * images_per_s / same['images_per_s']:.0f}%" if same else "-"
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# GPU benchmark: {report['config']} at {report['image'][0]}x{report['image'][1]}, {report['device_name']}",
@@ -621,10 +628,7 @@ def markdown(report: dict) -> str:
                   "| det/img | busy Python thread | GIL switch interval ms | img/s | ms a batch | vs in-process |",
                   "|---:|---|---:|---:|---:|---:|"]
         for w in report["worker"]:
-            same = next((r for r in report["in_process"] if r.get("precision") == w["precision"]
-                         and r.get("batch") == w["batch"] and r.get("detections") == w["detections"]
-                         and "error" not in r), None)
-            ratio = f"{100 * w['images_per_s'] / same['images_per_s']:.0f}%" if same else "-"
+            ratio = share_of_in_process(report, w["precision"], w["batch"], w["detections"], w["images_per_s"])
             lines.append(f"| {w['detections']} | {'yes' if w['busy_thread'] else 'no'} | {w['switch_interval_ms']:g} "
                          f"| {w['images_per_s']:.1f} | {w['batch_ms']:.0f} | {ratio} |")
     if report.get("http"):
@@ -639,10 +643,9 @@ def markdown(report: dict) -> str:
             if "error" in h:
                 lines.append(f"| {h['detections']} | | | error: {h['error'][:100]} |")
                 continue
-            same = next((r for r in report["in_process"] if r.get("precision") == h["precision"]
-                         and r.get("batch") == report["http_batch_size"] and r.get("detections") == h["detections"]
-                         and "error" not in r), None)
-            ratio = f"{100 * h['images_per_s'] / same['images_per_s']:.0f}%" if same else "-"
+            ratio = share_of_in_process(
+                report, h["precision"], report["http_batch_size"], h["detections"], h["images_per_s"]
+            )
             lines.append(
                 f"| {h['detections']} | {h['concurrency']} | {h.get('switch_interval_ms', 5):g} | {h['precision']} "
                 f"| {h['ok']}/{h['requests']} "
