@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint_io import CheckpointError, load_torch_file, state_dict_of
-from .config import COVERING_MAX_CELLS, ModelConfig, preset, with_max_cells
+from .config import COVERING_MAX_CELLS, ModelConfig, preset, with_current_chunking, with_max_cells
 from .rcnn import MaskTransfiner
 
 FORMAT = "transfiner/1"
@@ -115,7 +115,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig | None, dict[s
         raise CheckpointError(f"checkpoint not found: {path}")
     data = load_torch_file(Path(path))
     if isinstance(data, dict) and data.get("format") == FORMAT:
-        return ModelConfig.from_dict(data["config"]), data["model"]
+        return with_current_chunking(ModelConfig.from_dict(data["config"])), data["model"]
     return None, state_dict_of(data, Path(path))
 
 

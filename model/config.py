@@ -142,9 +142,12 @@ class TransfinerConfig:
     max_refined_per_image: int = 100
     # Tokens (boxes x padded sequence length) refined together in one pass: peak memory grows
     # with this, not with the detection count or the caps (each box is independent, so the
-    # chunking never changes a result). Exported graphs take all boxes in one pass. A CPU gains
-    # nothing from long passes; a GPU needs them to fill the card (README, "GPU performance").
-    tokens_per_chunk: int = 65_536
+    # chunking never changes a result). Exported graphs take all boxes in one pass. On a CPU
+    # short passes are faster (about 4 boxes at the default caps); a GPU needs long ones to fill
+    # the card (README, "GPU performance"). These three are this code's choice for the machine
+    # it runs on, not part of a model: a checkpoint's stored values give way to them
+    # (``with_current_chunking``).
+    tokens_per_chunk: int = 12_288
     gpu_tokens_per_chunk: int = 393_216
     # And at most this many boxes per pass.
     boxes_per_chunk: int = 128
@@ -218,6 +221,15 @@ def with_max_cells(cfg: ModelConfig, max_cells: tuple[int, int, int] | None) -> 
     if max_cells is None:
         return cfg
     return dataclasses.replace(cfg, transfiner=dataclasses.replace(cfg.transfiner, max_cells=tuple(max_cells)))
+
+
+def with_current_chunking(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with this code's refiner chunk budgets (``TransfinerConfig.tokens_per_chunk``,
+    ``gpu_tokens_per_chunk``, ``boxes_per_chunk``) instead of those stored with it: they change
+    no result, only speed and memory, and are tuned to the code and the hardware, not the weights."""
+    current = TransfinerConfig()
+    chunking = {name: getattr(current, name) for name in ("tokens_per_chunk", "gpu_tokens_per_chunk", "boxes_per_chunk")}
+    return dataclasses.replace(cfg, transfiner=dataclasses.replace(cfg.transfiner, **chunking))
 
 
 PRESET_NAMES = ("R50-FPN", "R101-FPN", "R50-FPN-DCN", "R101-FPN-DCN", "small")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from model.checkpoint import build_model, convert_official_state_dict, load_checkpoint, official_to_ours, save_checkpoint
 from model.checkpoint_io import CheckpointError
 from transfiner.cli import main
-from model.config import preset, small_config
+from model.config import TransfinerConfig, preset, small_config
 from model.rcnn import MaskTransfiner
 
 KEYS = Path(__file__).parent / "data" / "official_keys"
@@ -149,6 +150,24 @@ def test_our_checkpoint_round_trip(tmp_path):
     # Weights of another architecture are refused with a clear error.
     with pytest.raises(CheckpointError, match="does not match"):
         build_model(small_config(("a", "b", "c")), tmp_path / "m.pth")
+
+
+def test_a_checkpoints_chunk_budgets_give_way_to_this_codes(tmp_path):
+    # Chunking changes no result, only speed and memory on the machine at hand: the budgets
+    # stored with a model (the shipped one has the old CPU budget, 65,536 tokens) are replaced.
+    torch.manual_seed(3)
+    cfg = small_config(("a", "b"))
+    stored = dataclasses.replace(cfg, transfiner=dataclasses.replace(
+        cfg.transfiner, tokens_per_chunk=65_536, gpu_tokens_per_chunk=7, boxes_per_chunk=3, max_cells=(784, 100, 50),
+    ))
+    save_checkpoint(tmp_path / "m.pth", MaskTransfiner(stored).eval())
+    loaded, _ = load_checkpoint(tmp_path / "m.pth")
+    current = TransfinerConfig()
+    assert (loaded.transfiner.tokens_per_chunk, loaded.transfiner.gpu_tokens_per_chunk,
+            loaded.transfiner.boxes_per_chunk) == (current.tokens_per_chunk, current.gpu_tokens_per_chunk,
+                                                   current.boxes_per_chunk) != (65_536, 7, 3)
+    assert loaded.transfiner.max_cells == (784, 100, 50)  # what shapes results stays as stored
+    assert dataclasses.replace(loaded, transfiner=stored.transfiner) == stored
 
 
 def test_half_precision_checkpoint_loads_as_float32(tmp_path):
