@@ -143,11 +143,11 @@ class TransfinerConfig:
     # Tokens (boxes x padded sequence length) refined together in one pass: peak memory grows
     # with this, not with the detection count or the caps (each box is independent, so the
     # chunking never changes a result). Exported graphs take all boxes in one pass. On a CPU
-    # short passes are faster (about 4 boxes at the shipped model's caps); a GPU needs long ones
+    # shorter passes are faster (about 8 boxes at the shipped model's caps); a GPU needs long ones
     # to fill the card (README, "GPU performance"). These three are this code's choice for the
     # machine it runs on, not part of a model: a checkpoint's stored values give way to them
     # (``with_current_chunking``).
-    tokens_per_chunk: int = 12_288
+    tokens_per_chunk: int = 24_576
     gpu_tokens_per_chunk: int = 393_216
     # And at most this many boxes per pass.
     boxes_per_chunk: int = 128
