@@ -195,9 +195,7 @@ def _segments_on_host(pending: Sequence[_PendingSegments]) -> list[FetchedSegmen
         else:
             windows: list[tuple[np.ndarray, tuple[int, int]]] = [(np.zeros((0, 0), dtype=bool), (0, 0))] * len(p.windows)
             for group, binary in p.sampled:
-                values = next(on_host).reshape(binary.shape)  # [g, h, w]
-                for window, (x0, y0, x1, y1), i in zip(values, p.windows[group].tolist(), group.tolist()):
-                    windows[i] = (window[: y1 - y0, : x1 - x0], (x0, y0))
+                _crop_windows(windows, group, next(on_host).reshape(binary.shape), p.windows)
             out.append(FetchedSegments("polygon", windows=windows))
     return out
 
@@ -469,9 +467,15 @@ def paste_windows(
     empty = torch.zeros(0, 0, dtype=torch.bool, device=mask_probs.device)
     out: list[tuple[torch.Tensor, tuple[int, int]]] = [(empty, (0, 0))] * n
     for group, sampled in sample_windows(mask_probs, boxes, windows, threshold):
-        for window, (x0, y0, x1, y1), i in zip(sampled, windows[group].tolist(), group.tolist()):
-            out[i] = (window[: y1 - y0, : x1 - x0], (x0, y0))
+        _crop_windows(out, group, sampled, windows)
     return out
+
+
+def _crop_windows(out: list, group: np.ndarray, sampled, windows: np.ndarray) -> None:
+    """Puts each detection of ``group`` into ``out`` as (its window cut from ``sampled`` [g, h, w],
+    tensor or array, where it sits at the top left; the window's top-left pixel (x, y))."""
+    for window, (x0, y0, x1, y1), i in zip(sampled, windows[group].tolist(), group.tolist()):
+        out[i] = (window[: y1 - y0, : x1 - x0], (x0, y0))
 
 
 def paste_masks(
