@@ -70,14 +70,16 @@ class Workload:
     http_requests: int
     http_concurrency: tuple[int, ...]
     http_batch_size: int
-    http_switch_intervals_ms: tuple[float, ...]  # the server's GIL switch interval, side by side
+    # The servers measured side by side: (GIL switch interval ms, model worker in a process of its own).
+    http_servers: tuple[tuple[float, bool], ...]
     chunk_tokens: tuple[int, ...]  # refiner token budgets per pass, swept at the largest case
 
 
 # bf16 first: the service runs it (precision auto on a GPU), and HTTP is compared with it.
-FULL = Workload("R50-FPN", 800, 1333, (10, 100), (1, 8), ("bf16", "fp32"), 1.5, 128, (8, 32), 8, (5.0, 1.0),
+SERVERS = ((5.0, False), (1.0, False), (5.0, True))
+FULL = Workload("R50-FPN", 800, 1333, (10, 100), (1, 8), ("bf16", "fp32"), 1.5, 128, (8, 32), 8, SERVERS,
                  (65_536, 131_072, 262_144, 393_216, 786_432))
-QUICK = Workload("small", 384, 640, (5, 20), (1, 2), ("bf16", "fp32"), 0.5, 8, (2,), 2, (5.0, 1.0), (4_096, 65_536))
+QUICK = Workload("small", 384, 640, (5, 20), (1, 2), ("bf16", "fp32"), 0.5, 8, (2,), 2, SERVERS, (4_096, 65_536))
 
 
 def sync(device: torch.device) -> None:
@@ -533,9 +535,11 @@ def bench_jpeg_decode(workload: Workload, images, device, log) -> list[dict]:
 
 
 def bench_http(
-    workload: Workload, checkpoint: Path, image_dir: Path, work: Path, device: str, switch_interval_ms: float, log,
+    workload: Workload, checkpoint: Path, image_dir: Path, work: Path, device: str, switch_interval_ms: float,
+    worker_process: bool, log,
 ) -> list[dict]:
     """The same checkpoint behind ``transfiner serve``, loaded with ``transfiner bench``."""
+    worker = "process" if worker_process else "thread"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server_log = (work / "server.log").open("w")
@@ -543,7 +547,8 @@ def bench_http(
         [*TRANSFINER, "serve", "--model", str(checkpoint), "--device", device, "--port", str(port),
          "--max-batch-size", str(workload.http_batch_size), "--max-queue-size", "256", "--log-level", "warning"],
         stdout=server_log, stderr=subprocess.STDOUT,
-        env=dict(os.environ, TRANSFINER_GIL_SWITCH_INTERVAL_MS=str(switch_interval_ms)),
+        env=dict(os.environ, TRANSFINER_GIL_SWITCH_INTERVAL_MS=str(switch_interval_ms),
+                 TRANSFINER_WORKER_PROCESS=str(worker_process).lower()),
     )
     results = []
     try:
@@ -567,14 +572,14 @@ def bench_http(
             for step in report["steps"]:
                 server_side = step.get("server") or {}
                 results.append({
-                    "detections": detections, "switch_interval_ms": switch_interval_ms,
+                    "detections": detections, "switch_interval_ms": switch_interval_ms, "worker": worker,
                     "concurrency": step["concurrency"], "ok": step["ok"],
                     "requests": step["requests"], "images_per_s": step["images_per_s"],
                     "p50_ms": (step.get("latency") or {}).get("p50_s", 0) * 1000,
                     "p99_ms": (step.get("latency") or {}).get("p99_s", 0) * 1000,
                     "precision": card.get("precision"), "server": server_side,
                 })
-                log(f"http det {detections} c={step['concurrency']} switch {switch_interval_ms:g} ms: "
+                log(f"http det {detections} c={step['concurrency']} switch {switch_interval_ms:g} ms, worker {worker}: "
                     f"{step['images_per_s']:.1f} img/s "
                     f"({step['ok']}/{step['requests']} ok), precision {card.get('precision')}")
     finally:
@@ -635,9 +640,9 @@ def markdown(report: dict) -> str:
         lines += [
             "", f"## HTTP (`transfiner serve --max-batch-size {report['http_batch_size']}`, `transfiner bench`, "
             f"{report['image'][1]}x{report['image'][0]} PNGs)", "",
-            "| det/img | clients | GIL switch interval ms | precision | ok | img/s | p50 ms | p99 ms "
+            "| det/img | clients | GIL switch interval ms | model worker | precision | ok | img/s | p50 ms | p99 ms "
             f"| vs in-process batch {report['http_batch_size']} |",
-            "|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+            "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
         ]
         for h in report["http"]:
             if "error" in h:
@@ -647,7 +652,8 @@ def markdown(report: dict) -> str:
                 report, h["precision"], report["http_batch_size"], h["detections"], h["images_per_s"]
             )
             lines.append(
-                f"| {h['detections']} | {h['concurrency']} | {h.get('switch_interval_ms', 5):g} | {h['precision']} "
+                f"| {h['detections']} | {h['concurrency']} | {h.get('switch_interval_ms', 5):g} "
+                f"| {h.get('worker', 'thread')} | {h['precision']} "
                 f"| {h['ok']}/{h['requests']} "
                 f"| {h['images_per_s']:.1f} | {h['p50_ms']:.0f} | {h['p99_ms']:.0f} | {ratio} |"
             )
@@ -759,9 +765,10 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the server shares the card
         report["http"] = []
-        for interval in workload.http_switch_intervals_ms:
-            report["http"] += attempt(f"http (switch {interval:g} ms)", lambda: bench_http(  # noqa: B023
-                workload, checkpoint, work / "images", work, str(device), interval, log)) or []
+        for interval, worker_process in workload.http_servers:
+            name = f"http (switch {interval:g} ms, worker {'process' if worker_process else 'thread'})"
+            report["http"] += attempt(name, lambda: bench_http(  # noqa: B023
+                workload, checkpoint, work / "images", work, str(device), interval, worker_process, log)) or []
     in_process(workload.precisions[1:])
     report["chunks"] = attempt("chunks", lambda: bench_chunks(workload, model, images, device, log))
     report["memory_format"] = attempt("memory format", lambda: bench_channels_last(workload, model, images, device, log))

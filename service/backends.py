@@ -21,19 +21,13 @@ __all__ = ["Backend", "LoadedModel", "TorchBackend", "build_backends", "worker_d
 class LoadedModel:
     """The backends (one per worker) and what /v1/models says about them."""
 
-    backends: list[Backend]
+    backends: list[Backend]  # in this process; empty when the workers are processes of their own
     name: str
     version: str
     backend: str
     devices: list[str]
-
-    @property
-    def cfg(self) -> ModelConfig:
-        return self.backends[0].cfg
-
-    @property
-    def precision(self) -> str:
-        return self.backends[0].precision
+    cfg: ModelConfig
+    precision: str
 
 
 def worker_devices(device: str, workers: int | None) -> list[torch.device]:
@@ -67,4 +61,7 @@ def build_backends(
         if dev not in by_device:
             by_device[dev] = load_backend(resolved, backend, config, dev, threads, precision, max_cells)
     backends: list[Backend] = [by_device[dev] for dev in devices]
-    return LoadedModel(backends, resolved.name, resolved.weights_digest, backend, [str(d) for d in devices])
+    return LoadedModel(
+        backends, resolved.name, resolved.weights_digest, backend, [str(d) for d in devices], backends[0].cfg,
+        backends[0].precision,
+    )

@@ -18,7 +18,7 @@ from model.default_model import (
 # Flag -> settings field, for the flags that map one to one.
 _FLAGS = (
     "config", "device", "backend", "precision", "max_cells", "workers", "max_batch_size", "max_delay_ms", "max_queue_size", "host", "port",
-    "log_level",
+    "log_level", "worker_process",
 )
 
 
@@ -30,6 +30,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     # None = not given, so TRANSFINER_DEVICE (or the settings default) applies.
     parser.set_defaults(device=None)
     parser.add_argument("--workers", type=int, default=None, help="model workers (default: one per GPU, or 1)")
+    parser.add_argument(
+        "--worker-process", action="store_true", default=None,
+        help="each model worker in a process of its own (TRANSFINER_WORKER_PROCESS)",
+    )
     parser.add_argument("--max-batch-size", type=int, default=None, help="images per forward pass (default 4)")
     parser.add_argument("--max-delay-ms", type=float, default=None, help="how long a batch waits to fill (5)")
     parser.add_argument("--max-queue-size", type=int, default=None, help="queued requests before 503 (64)")

@@ -92,6 +92,10 @@ class ServiceMetrics:
             ["name", "version", "backend", "precision", "device"], registry=r,
         )
         self.ready = Gauge("transfiner_ready", "1 when the service accepts segment requests", registry=r)
+        self.worker_restarts = Counter(
+            "transfiner_worker_restarts", "Model worker processes started again after theirs exited",
+            registry=r,
+        )
 
     def set_model(self, name: str, version: str, backend: str, precision: str, devices: list[str]) -> None:
         self.model_info.labels(

@@ -27,6 +27,7 @@ from .schemas import SegmentParams
 from .segmenting import SegmentFlow, SegmentOutcome
 from .settings import ServiceSettings
 from .worker import Worker
+from .worker_process import ProcessWorker, start_worker_processes
 
 log = logging.getLogger("service")
 
@@ -72,7 +73,7 @@ class ServiceRuntime:
         self.state = "starting"
         self.detail: str | None = "loading the model"
         self.model: LoadedModel | None = None
-        self.workers: list[Worker] = []
+        self.workers: list[Worker | ProcessWorker] = []
         self.batcher: Batcher | None = None
         self.flow: SegmentFlow | None = None  # once the model is loaded
         self.admitted = Admission(settings.max_client_inflight, self.metrics)
@@ -85,7 +86,11 @@ class ServiceRuntime:
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready"
+        return self.state == "ready" and not self.workers_down()
+
+    def workers_down(self) -> list[int]:
+        """The worker processes being started again after theirs exited (none in-process)."""
+        return [w.index for w in self.workers if isinstance(w, ProcessWorker) and not w.alive]
 
     @property
     def capacity(self) -> int:
@@ -105,12 +110,16 @@ class ServiceRuntime:
             if settings.torch_threads:
                 torch.set_num_threads(settings.torch_threads)
             sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
-            model = await asyncio.to_thread(self.loader, settings)
-            workers = [Worker(backend, i, self.metrics) for i, backend in enumerate(model.backends)]
-            self.detail = "warming up"
-            warm_batch = settings.max_batch_size if model.backends[0].device.type == "cuda" else 1
-            for worker in workers:
-                await asyncio.to_thread(worker.warm_up, settings.warmup_batches, warm_batch)
+            if settings.worker_process:
+                self.detail = "starting the worker processes"
+                model, workers = await start_worker_processes(settings, self.metrics)
+            else:
+                model = await asyncio.to_thread(self.loader, settings)
+                workers = [Worker(backend, i, self.metrics) for i, backend in enumerate(model.backends)]
+                self.detail = "warming up"
+                warm_batch = settings.max_batch_size if model.backends[0].device.type == "cuda" else 1
+                for worker in workers:
+                    await asyncio.to_thread(worker.warm_up, settings.warmup_batches, warm_batch)
         except Exception as error:  # noqa: BLE001 - reported by readiness and the log, not raised
             log.exception("the model could not be loaded")
             self.state, self.detail = "failed", f"model failed to load: {type(error).__name__}: {error}"

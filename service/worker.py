@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -88,26 +88,7 @@ class Worker:
         return (fetched(indices, raw) for indices, raw in steps), time.perf_counter() - started
 
     async def run(self, jobs: list[Job]) -> None:
-        live = [job for job in jobs if not job.future.done()]
-        if not live:
-            return
-        try:
-            await self._run_batch(live)
-            return
-        except Exception as error:  # noqa: BLE001 - answered per request below
-            failed = [job for job in live if not job.future.done()]
-            if len(live) == 1:
-                _fail(failed, error)
-                return
-            log.warning("a batch of %d failed (%s: %s); retrying its %d unanswered requests one by one",
-                        len(live), type(error).__name__, error, len(failed))
-        for job in failed:
-            if job.future.done():
-                continue
-            try:
-                await self._run_batch([job])
-            except Exception as error:  # noqa: BLE001
-                _fail([job], error)
+        await run_with_retries(jobs, self._run_batch)
 
     async def _run_batch(self, jobs: list[Job]) -> None:
         """Runs ``jobs`` as one batch and settles each job's future as soon as its masks are done."""
@@ -122,11 +103,7 @@ class Worker:
             step = await loop.run_in_executor(self._executor, next, steps, None)
             if step is None:
                 break
-            inference_s = time.perf_counter() - started
-            for i, fetched in step:
-                job = jobs[i]
-                if not job.future.done():
-                    job.future.set_result(InferenceResult(fetched, i, len(jobs), pre_s, inference_s))
+            settle(jobs, step, pre_s, time.perf_counter() - started)
         if self.metrics is not None:
             self.metrics.preprocess_seconds.observe(pre_s)
             self.metrics.inference_seconds.observe(time.perf_counter() - started)
@@ -152,6 +129,39 @@ class Worker:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+async def run_with_retries(jobs: list[Job], run_batch: Callable[[list[Job]], Awaitable[None]]) -> None:
+    """``run_batch`` over the jobs still waiting; if it fails, each unanswered job again alone, so
+    only the request that causes a failure gets the error."""
+    live = [job for job in jobs if not job.future.done()]
+    if not live:
+        return
+    try:
+        await run_batch(live)
+        return
+    except Exception as error:  # noqa: BLE001 - answered per request below
+        failed = [job for job in live if not job.future.done()]
+        if len(live) == 1:
+            _fail(failed, error)
+            return
+        log.warning("a batch of %d failed (%s: %s); retrying its %d unanswered requests one by one",
+                    len(live), type(error).__name__, error, len(failed))
+    for job in failed:
+        if job.future.done():
+            continue
+        try:
+            await run_batch([job])
+        except Exception as error:  # noqa: BLE001
+            _fail([job], error)
+
+
+def settle(jobs: list[Job], step: list[tuple[int, FetchedDetections]], preprocess_s: float, inference_s: float) -> None:
+    """Answers the jobs of one step of a batch (the others wait for a later step)."""
+    for i, fetched in step:
+        job = jobs[i]
+        if not job.future.done():
+            job.future.set_result(InferenceResult(fetched, i, len(jobs), preprocess_s, inference_s))
 
 
 def _fail(jobs: list[Job], error: Exception) -> None:

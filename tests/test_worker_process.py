@@ -1,0 +1,170 @@
+"""Model workers in processes of their own (``worker_process=true``), through the real server.
+
+The answers must be the in-process worker's, to the byte, for batched images of mixed sizes (and
+so both ways an image waits in the queue: decoded uint8 pixels, or resized on decode). A worker
+process that dies is started again: readiness reports it, the requests of its batch are retried
+one at a time on the new process, a lone request gets a JSON 500, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from model.predictor import load_predictor
+from service.pipeline import network_image
+from service.settings import ServiceSettings
+from service.worker_process import _image_from_wire, _image_to_wire
+
+from .test_service_support import CATEGORY_IDS, ThreadServer, encode, metric, running, scene, tiny_config
+
+pytestmark = pytest.mark.timeout(300)
+
+# (height, width): landscape and portrait canvases, and one large enough to be resized on decode.
+SIZES = [(96, 128), (96, 128), (128, 96), (400, 520)]
+
+
+def segment(url: str, image, timeout: float = 120) -> httpx.Response:
+    return httpx.post(
+        url + "/v1/segment", content=encode(image), headers={"Content-Type": "image/png"},
+        params={"score_threshold": 0.0, "max_detections": 6}, timeout=timeout,
+    )
+
+
+def expected_records(predictor, image) -> list[dict]:
+    prediction = predictor(image, score_threshold=0.0, max_detections=6)
+    return prediction.coco_records(None, CATEGORY_IDS)
+
+
+def assert_same(instances: list[dict], expected: list[dict], score_tolerance: float = 0.0) -> None:
+    """Masks to the byte; scores and boxes exactly, or within ``score_tolerance`` for an image
+    that shared its forward pass (a batched convolution may round the last bit of a float
+    differently from a single image's, which can move the fifth decimal of a score)."""
+    assert len(instances) == len(expected) > 0
+    for got, want in zip(instances, expected):
+        assert got["segmentation"] == want["segmentation"]
+        assert got["category_id"] == want["category_id"]
+        assert got["score"] == pytest.approx(want["score"], abs=score_tolerance, rel=0)
+        assert got["bbox"] == pytest.approx(want["bbox"], abs=100 * score_tolerance, rel=0)
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint):
+    return load_predictor(checkpoint, None, "cpu")
+
+
+def test_images_cross_to_the_worker_process_in_their_memory_layout():
+    decoded = network_image(scene(96, 128).copy(), (96, 128), tiny_config().input)  # a [3, h, w] view of HWC
+    resized = network_image(scene(400, 520).copy(), (400, 520), tiny_config().input)  # float32, resized here
+    assert not decoded.resized and resized.resized
+    for image in (decoded, resized):
+        back = _image_from_wire(_image_to_wire(image))
+        assert back.pixels.stride() == image.pixels.stride() and back.pixels.dtype == image.pixels.dtype
+        assert torch.equal(back.pixels, image.pixels)
+        assert (back.resized, back.original, back.network, back.canvas) == (
+            image.resized, image.original, image.network, image.canvas)
+
+
+def test_answers_equal_the_predictors_alone_and_batched(checkpoint, predictor):
+    images = [scene(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
+    settings = ServiceSettings(
+        model=str(checkpoint), device="cpu", worker_process=True, max_batch_size=4, max_delay_ms=300,
+    )
+    with running(settings) as server:
+        for image in images:  # one at a time: batches of one, as the Predictor's of one image
+            response = segment(server.url, image)
+            assert response.status_code == 200, response.text
+            assert_same(response.json()["instances"], expected_records(predictor, image))
+        batches = metric(server.url, "transfiner_batch_size_count")
+
+        with concurrent.futures.ThreadPoolExecutor(len(images)) as pool:
+            responses = list(pool.map(lambda image: segment(server.url, image), images))
+        # The three images on the 96x128 canvas share a forward pass (across the process boundary).
+        assert metric(server.url, "transfiner_batch_size_count") - batches == 2
+        batched = predictor.predict(images, score_threshold=0.0, max_detections=6)  # one pass per canvas
+        for response, prediction in zip(responses, batched):
+            assert response.status_code == 200, response.text
+            assert_same(response.json()["instances"], prediction.coco_records(None, CATEGORY_IDS), 1e-5)
+
+        card = httpx.get(server.url + "/v1/models").json()["models"][0]
+        assert card["name"] == "tiny" and card["precision"] == "fp32" and card["device"] == ["cpu"]
+        assert card["ready"] is True
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_worker_process_that_dies_is_started_again(checkpoint, predictor):
+    image = scene(96, 128, seed=3)
+    expected = expected_records(predictor, image)
+    settings = ServiceSettings(
+        model=str(checkpoint), device="cpu", worker_process=True, max_batch_size=2, max_delay_ms=200,
+    )
+    with running(settings) as server:
+        worker = server.runtime.workers[0]
+        first_pid = worker.pid
+
+        # A batch of two is in the pipe of a frozen worker when it is killed: each request is
+        # retried alone on the new process, and both get their answers.
+        os.kill(first_pid, signal.SIGSTOP)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            pending = [pool.submit(segment, server.url, image) for _ in range(2)]
+            wait_for(lambda: metric(server.url, "transfiner_batch_size_count") >= 1)
+            time.sleep(0.2)  # the batch goes down the pipe
+            os.kill(first_pid, signal.SIGKILL)
+            wait_for(lambda: httpx.get(server.url + "/health/ready").json()["status"] == "restarting")
+            responses = [p.result() for p in pending]
+        for response in responses:
+            assert response.status_code == 200, response.text
+            assert_same(response.json()["instances"], expected)
+        assert worker.pid != first_pid and worker.alive
+        assert metric(server.url, "transfiner_worker_restarts_total") == 1
+        assert httpx.get(server.url + "/health/ready").status_code == 200
+
+        # A lone request in flight when its worker dies gets a JSON 500; the next one is served.
+        second_pid = worker.pid
+        batches = metric(server.url, "transfiner_batch_size_count")
+        os.kill(second_pid, signal.SIGSTOP)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(segment, server.url, image)
+            wait_for(lambda: metric(server.url, "transfiner_batch_size_count") == batches + 1)
+            time.sleep(0.2)
+            os.kill(second_pid, signal.SIGKILL)
+            response = pending.result()
+        assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+        ready = httpx.get(server.url + "/health/ready")
+        if ready.status_code == 503:  # still starting again
+            assert ready.json()["status"] == "restarting"
+        wait_for(lambda: worker.alive and worker.pid != second_pid)
+        response = segment(server.url, image)
+        assert response.status_code == 200
+        assert_same(response.json()["instances"], expected)
+        assert metric(server.url, "transfiner_worker_restarts_total") == 2
+
+
+def test_a_model_the_worker_process_cannot_load_fails_readiness(tmp_path: Path):
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    settings = ServiceSettings(model=str(broken), device="cpu", worker_process=True)
+    server = ThreadServer(settings)
+    server._thread.start()
+    try:
+        wait_for(lambda: server.runtime.state == "failed", timeout=120)
+        ready = httpx.get(server.url + "/health/ready")
+        assert ready.status_code == 503
+        body = ready.json()
+        assert body["status"] == "failed" and "could not load the model" in body["detail"]
+        assert httpx.get(server.url + "/health/live").status_code == 200
+    finally:
+        server.stop()
