@@ -5,6 +5,8 @@ new, ...), each loaded by the same ``transfiner bench`` closed loop, so slow dri
 machine hit both alike. Prints images/s per round, the medians and their ratio.
 
     .venv/bin/python scripts/bench_against_revision.py 054c9aa --rounds 2 --out bench-results/vs-054c9aa
+
+A setting against the default, on the same code: ``HEAD --new-env TRANSFINER_WORKER_PROCESS=true``.
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def one_round(tree: Path, args: argparse.Namespace, out: Path) -> dict:
-    """Serve from ``tree``, load it, stop it; -> {concurrency: images/s}."""
+def one_round(tree: Path, args: argparse.Namespace, out: Path, extra_env: dict[str, str]) -> dict:
+    """Serve from ``tree`` (with ``extra_env``), load it, stop it; -> {concurrency: images/s}."""
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(tree))
+    env = dict(os.environ, PYTHONPATH=str(tree), **extra_env)
     server = subprocess.Popen(
         [*command(tree), "serve", "--model", args.model, "--device", "cpu", "--port", str(port),
          "--log-level", "warning"],
@@ -63,6 +65,8 @@ def main() -> int:
     parser.add_argument("revision", help="the git revision to compare with, e.g. a commit of main")
     parser.add_argument("--new", default=None, metavar="REVISION",
                         help="compare this revision instead of the working tree")
+    parser.add_argument("--new-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for the new server only (repeatable)")
     parser.add_argument("--model", default="default")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--requests", type=int, default=24)
@@ -70,6 +74,7 @@ def main() -> int:
     parser.add_argument("--out", default="bench-results/vs-revision")
     args = parser.parse_args()
 
+    new_env = dict(item.split("=", 1) for item in args.new_env)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
@@ -82,7 +87,8 @@ def main() -> int:
             rounds = []
             for index in range(args.rounds):
                 for name, tree in trees.items():
-                    result = one_round(tree, args, Path(scratch) / f"{name}-{index}")
+                    extra_env = new_env if name == "new" else {}
+                    result = one_round(tree, args, Path(scratch) / f"{name}-{index}", extra_env)
                     rounds.append({"round": index, "tree": name, "images_per_s": result})
                     print(f"round {index} {name}: " + ", ".join(f"c={c} {v:.2f} img/s" for c, v in result.items()),
                           flush=True)
@@ -91,7 +97,9 @@ def main() -> int:
                 if tree != ROOT:
                     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
 
-    lines = [f"# Service throughput: {args.new or 'working tree'} vs {args.revision} (model {args.model}, CPU)", "",
+    setting = "".join(f" with {item}" for item in args.new_env)
+    lines = [f"# Service throughput: {args.new or 'working tree'}{setting} vs {args.revision} (model {args.model}, CPU)",
+             "",
              "| clients | old img/s (median) | new img/s (median) | new / old |", "|---:|---:|---:|---:|"]
     summary = {}
     for c in map(str, args.concurrency):
@@ -100,7 +108,8 @@ def main() -> int:
         summary[c] = {"old": old, "new": new, "ratio": new / old}
         lines.append(f"| {c} | {old:.2f} | {new:.2f} | {new / old:.2f}x |")
     (out / "bench_against_revision.json").write_text(json.dumps(
-        {"revision": args.revision, "model": args.model, "rounds": rounds, "summary": summary}, indent=2))
+        {"revision": args.revision, "new_env": new_env, "model": args.model, "rounds": rounds, "summary": summary},
+        indent=2))
     (out / "bench_against_revision.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
