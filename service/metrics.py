@@ -102,9 +102,11 @@ class ServiceMetrics:
             name=name, version=version, backend=backend, precision=precision, device=",".join(devices)
         ).set(1)
 
-    def enable_gpu_metrics(self) -> bool:
-        """Registers the GPU collector when CUDA is available; True if it did."""
-        collector = GpuCollector.create()
+    def enable_gpu_metrics(self, allocator: bool = True) -> bool:
+        """Registers the GPU collector when CUDA is available; True if it did. ``allocator``:
+        export torch's allocator gauges of this process (False when the model lives in worker
+        processes, where this one allocates nothing; NVML's figures cover every process)."""
+        collector = GpuCollector.create(allocator)
         if collector is None:
             return False
         self.registry.register(collector)
@@ -119,13 +121,14 @@ class GpuCollector:
     ``pynvml`` module of package nvidia-ml-py is installed), and the memory torch's caching
     allocator holds for this process (always)."""
 
-    def __init__(self, torch_cuda, nvml, handles: list) -> None:
+    def __init__(self, torch_cuda, nvml, handles: list, allocator: bool = True) -> None:
         self._cuda = torch_cuda
+        self._allocator = allocator
         self._nvml = nvml
         self._handles = handles
 
     @classmethod
-    def create(cls) -> "GpuCollector | None":
+    def create(cls, allocator: bool = True) -> "GpuCollector | None":
         import torch
 
         if not torch.cuda.is_available():
@@ -139,12 +142,18 @@ class GpuCollector:
             nvml = pynvml
         except Exception as error:  # noqa: BLE001 - without NVML only the allocator gauges remain
             log.info("NVML unavailable (%s): GPU utilisation is not exported", error)
-        return cls(torch.cuda, nvml, handles)
+        return cls(torch.cuda, nvml, handles, allocator)
 
     def describe(self):
         return []
 
     def collect(self):
+        if self._allocator:
+            yield from self._allocator_gauges()
+        if self._nvml is not None:
+            yield from self._nvml_gauges()
+
+    def _allocator_gauges(self):
         allocated = GaugeMetricFamily(
             "transfiner_gpu_torch_allocated_bytes", "Memory held by tensors of this process (torch)", labels=["gpu"]
         )
@@ -157,8 +166,8 @@ class GpuCollector:
             reserved.add_metric([str(index)], float(self._cuda.memory_reserved(index)))
         yield allocated
         yield reserved
-        if self._nvml is None:
-            return
+
+    def _nvml_gauges(self):
         util = GaugeMetricFamily("transfiner_gpu_utilization_ratio", "GPU busy fraction (NVML)", labels=["gpu"])
         used = GaugeMetricFamily("transfiner_gpu_memory_used_bytes", "GPU memory in use, all processes (NVML)",
                                  labels=["gpu"])

@@ -136,7 +136,7 @@ class ServiceRuntime:
         self.batcher.start()
         self.flow = SegmentFlow(settings, self.metrics, model, self.batcher, self._decode_pool, self._post_pool)
         self.metrics.set_model(model.name, model.version, model.backend, model.precision, model.devices)
-        self.metrics.enable_gpu_metrics()
+        self.metrics.enable_gpu_metrics(allocator=not settings.worker_process)
         if self.state == "starting":  # a SIGTERM during start-up wins
             self.state, self.detail = "ready", None
             self.metrics.ready.set(1)
