@@ -168,3 +168,20 @@ def test_a_model_the_worker_process_cannot_load_fails_readiness(tmp_path: Path):
         assert httpx.get(server.url + "/health/live").status_code == 200
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_worker_process_answers_as_the_in_process_worker(checkpoint):
+    images = [scene(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
+    answers = {}
+    for worker_process in (False, True):
+        settings = ServiceSettings(model=str(checkpoint), device="cuda", worker_process=worker_process)
+        with running(settings) as server:
+            answers[worker_process] = []
+            for image in images:
+                response = segment(server.url, image)
+                assert response.status_code == 200, response.text
+                answers[worker_process].append(response.json()["instances"])
+            assert httpx.get(server.url + "/v1/models").json()["models"][0]["device"] == ["cuda:0"]
+    for in_thread, in_process in zip(answers[False], answers[True]):
+        assert_same(in_process, in_thread, 1e-5)  # the same kernels; a tolerance in case cuDNN picks others
