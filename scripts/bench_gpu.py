@@ -70,16 +70,37 @@ class Workload:
     http_requests: int
     http_concurrency: tuple[int, ...]
     http_batch_size: int
-    # The servers measured side by side: (GIL switch interval ms, model worker in a process of its own).
-    http_servers: tuple[tuple[float, bool], ...]
+    http_servers: tuple["HttpServer", ...]  # measured side by side
     chunk_tokens: tuple[int, ...]  # refiner token budgets per pass, swept at the largest case
 
 
 # bf16 first: the service runs it (precision auto on a GPU), and HTTP is compared with it.
-SERVERS = ((5.0, False), (1.0, False), (5.0, True))
+@dataclass(frozen=True)
+class HttpServer:
+    """One way to run ``transfiner serve``."""
+
+    switch_interval_ms: float = 5.0  # TRANSFINER_GIL_SWITCH_INTERVAL_MS
+    worker_process: bool = False  # TRANSFINER_WORKER_PROCESS
+    workers: int = 1  # model workers (processes or threads) on the one GPU
+    concurrency: tuple[int, ...] | None = None  # None: the workload's
+
+    @property
+    def name(self) -> str:
+        """How the model workers run: "thread", "process", "2 processes"."""
+        kind = "process" if self.worker_process else "thread"
+        return kind if self.workers == 1 else f"{self.workers} {kind}{'es' if self.worker_process else 's'}"
+
+
+# The default server, the GIL question (a shorter switch interval, or no other Python in the
+# worker's process), and two worker processes sharing the card (one launches while the other's
+# kernels run), at the larger concurrency only.
+SERVERS = (HttpServer(), HttpServer(1.0), HttpServer(worker_process=True),
+           HttpServer(worker_process=True, workers=2, concurrency=(32,)))
 FULL = Workload("R50-FPN", 800, 1333, (10, 100), (1, 8), ("bf16", "fp32"), 1.5, 128, (8, 32), 8, SERVERS,
                  (65_536, 131_072, 262_144, 393_216, 786_432))
-QUICK = Workload("small", 384, 640, (5, 20), (1, 2), ("bf16", "fp32"), 0.5, 8, (2,), 2, SERVERS, (4_096, 65_536))
+QUICK = Workload("small", 384, 640, (5, 20), (1, 2), ("bf16", "fp32"), 0.5, 8, (2,), 2,
+                 (HttpServer(), HttpServer(1.0), HttpServer(worker_process=True),
+                  HttpServer(worker_process=True, workers=2, concurrency=(4,))), (4_096, 65_536))
 
 
 def sync(device: torch.device) -> None:
@@ -535,20 +556,20 @@ def bench_jpeg_decode(workload: Workload, images, device, log) -> list[dict]:
 
 
 def bench_http(
-    workload: Workload, checkpoint: Path, image_dir: Path, work: Path, device: str, switch_interval_ms: float,
-    worker_process: bool, log,
+    workload: Workload, checkpoint: Path, image_dir: Path, work: Path, device: str, variant: HttpServer, log,
 ) -> list[dict]:
     """The same checkpoint behind ``transfiner serve``, loaded with ``transfiner bench``."""
-    worker = "process" if worker_process else "thread"
+    worker, switch_interval_ms = variant.name, variant.switch_interval_ms
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server_log = (work / "server.log").open("w")
     server = subprocess.Popen(
         [*TRANSFINER, "serve", "--model", str(checkpoint), "--device", device, "--port", str(port),
-         "--max-batch-size", str(workload.http_batch_size), "--max-queue-size", "256", "--log-level", "warning"],
+         "--max-batch-size", str(workload.http_batch_size), "--max-queue-size", "256", "--log-level", "warning",
+         "--workers", str(variant.workers)],
         stdout=server_log, stderr=subprocess.STDOUT,
         env=dict(os.environ, TRANSFINER_GIL_SWITCH_INTERVAL_MS=str(switch_interval_ms),
-                 TRANSFINER_WORKER_PROCESS=str(worker_process).lower()),
+                 TRANSFINER_WORKER_PROCESS=str(variant.worker_process).lower()),
     )
     results = []
     try:
@@ -557,7 +578,8 @@ def bench_http(
             step_out = work / f"http-{detections}"
             command = [
                 *TRANSFINER, "bench", "--url", url, "--images", str(image_dir),
-                "--concurrency", *map(str, workload.http_concurrency), "--requests", str(workload.http_requests),
+                "--concurrency", *map(str, variant.concurrency or workload.http_concurrency),
+                "--requests", str(workload.http_requests),
                 "--warmup", str(2 * workload.http_batch_size), "--param", "score_threshold=0",
                 "--param", f"max_detections={detections}", "--out", str(step_out),
             ]
@@ -765,10 +787,10 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the server shares the card
         report["http"] = []
-        for interval, worker_process in workload.http_servers:
-            name = f"http (switch {interval:g} ms, worker {'process' if worker_process else 'thread'})"
+        for variant in workload.http_servers:
+            name = f"http (switch {variant.switch_interval_ms:g} ms, {variant.name})"
             report["http"] += attempt(name, lambda: bench_http(  # noqa: B023
-                workload, checkpoint, work / "images", work, str(device), interval, worker_process, log)) or []
+                workload, checkpoint, work / "images", work, str(device), variant, log)) or []
     in_process(workload.precisions[1:])
     report["chunks"] = attempt("chunks", lambda: bench_chunks(workload, model, images, device, log))
     report["memory_format"] = attempt("memory format", lambda: bench_channels_last(workload, model, images, device, log))
