@@ -24,6 +24,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -137,6 +138,10 @@ class ProcessWorker:
         if message[0] != "ready":
             process.join()
             raise WorkerProcessError(f"worker process {self.index} could not load the model: {message[1]}")
+        if self._closing:  # the server stopped while this child loaded
+            _send_quietly(conn, ("stop",))
+            process.join()
+            raise WorkerProcessError(f"worker process {self.index} started after the service stopped")
         self.info, self._conn, self._process = message[1], conn, process
         threading.Thread(
             target=self._receive, args=(conn, process), name=f"transfiner-worker-{self.index}-receive", daemon=True,
@@ -183,6 +188,7 @@ class ProcessWorker:
             except (EOFError, OSError):
                 break
             self._loop.call_soon_threadsafe(self._on_message, message)
+        conn.close()
         process.join()
         self._loop.call_soon_threadsafe(self._on_exit, process.exitcode)
 
@@ -295,6 +301,11 @@ def _send_quietly(conn: Connection, message: tuple) -> None:
 
 
 def _child_main(conn: Connection, spec: WorkerSpec) -> None:
+    # The server's process decides when its workers stop (a "stop" message after draining, or
+    # the pipe closing when it exits): a Ctrl-C sent to the terminal's whole process group must
+    # not kill a worker before the server has drained.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[worker %(process)d]: %(message)s")
     sys.setswitchinterval(spec.gil_switch_interval_ms / 1000)
     try:

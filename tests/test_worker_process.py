@@ -11,6 +11,8 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +25,9 @@ from service.pipeline import network_image
 from service.settings import ServiceSettings
 from service.worker_process import _image_from_wire, _image_to_wire
 
-from .test_service_support import CATEGORY_IDS, ThreadServer, encode, metric, running, scene, tiny_config
+from .test_service_support import (
+    CATEGORY_IDS, ThreadServer, encode, free_port, metric, running, scene, tiny_config, wait_ready,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -168,6 +172,53 @@ def test_a_model_the_worker_process_cannot_load_fails_readiness(tmp_path: Path):
         assert httpx.get(server.url + "/health/live").status_code == 200
     finally:
         server.stop()
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_ctrl_c_drains_the_server_before_its_worker_process_stops(checkpoint, tmp_path):
+    """Ctrl-C reaches the terminal's whole process group, the worker process included: the
+    worker must keep running until the server has drained (its in-flight requests answered),
+    then stop with it, leaving no process behind."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, TRANSFINER_DEVICE="cpu", TRANSFINER_TORCH_THREADS="1", TRANSFINER_SHUTDOWN_GRACE_S="0.5")
+    log = open(tmp_path / "serve.log", "w+")
+    command = [sys.executable, "-m", "transfiner", "serve", "--worker-process", "--model", str(checkpoint),
+               "--port", str(port), "--max-delay-ms", "300", "--log-level", "info"]
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1],
+                            start_new_session=True)  # its own process group, as a shell gives a job
+    try:
+        wait_ready(url, timeout=120)
+        workers = children(proc.pid)
+        assert workers, "the worker process runs as a child of the server"
+        png = encode(scene())
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            inflight = [pool.submit(httpx.post, url + "/v1/segment", content=png, timeout=60) for _ in range(3)]
+            wait_for(lambda: metric(url, "transfiner_inflight_requests") == 3, timeout=30)
+            os.killpg(proc.pid, signal.SIGINT)
+            assert [f.result().status_code for f in inflight] == [200] * 3
+        assert proc.wait(timeout=60) == 0
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.seek(0)
+        output = log.read()
+        log.close()
+    assert "Traceback" not in output and "exited with code" not in output, output
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
