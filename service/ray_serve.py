@@ -200,9 +200,11 @@ class ReplicaHeaderMiddleware:
 
 def replica_settings(settings: ServiceSettings, gpus: float) -> ServiceSettings:
     """A replica's settings: one model worker (Ray scales replicas, not workers in one), on the
-    GPU Ray assigned it (Ray sets CUDA_VISIBLE_DEVICES, so it is always cuda:0) or on the CPU."""
+    GPU Ray assigned it (Ray sets CUDA_VISIBLE_DEVICES, so it is always cuda:0) or on the CPU,
+    in the replica's own process (Ray owns the replica processes; a worker process spawned from
+    one would escape Ray's placement and restarts)."""
     device = "cuda" if gpus > 0 else ("cpu" if settings.device == "auto" else settings.device)
-    return settings.model_copy(update={"workers": 1, "device": device})
+    return settings.model_copy(update={"workers": 1, "device": device, "worker_process": False})
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)

@@ -213,6 +213,7 @@ def test_the_scenario_fits_the_time_budget(report):
     (["--engine", "ray", "--replicas", "2", "--max-replicas", "3"], "either --replicas or"),
     (["--engine", "ray", "--min-replicas", "1"], "needs both --min-replicas and --max-replicas"),
     (["--engine", "ray", "--workers", "2"], "each replica runs one model worker"),
+    (["--engine", "ray", "--worker-process"], "each replica is a process of Ray's own"),
     (["--engine", "ray", "--upscale-delay-s", "1"], "only with --min-replicas/--max-replicas"),
     (["--engine", "ray", "--port", "0"], "needs a fixed --port"),
 ])

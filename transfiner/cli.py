@@ -82,6 +82,8 @@ def cmd_serve_engine(args: argparse.Namespace) -> int:
 
     if args.workers is not None:
         raise ValueError("--workers: with --engine ray each replica runs one model worker; scale with --replicas")
+    if args.worker_process:
+        raise ValueError("--worker-process: with --engine ray each replica is a process of Ray's own")
     autoscale = args.min_replicas is not None or args.max_replicas is not None
     tuning = [f"--{n.replace('_', '-')}" for n in ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")
               if getattr(args, n) is not None]
