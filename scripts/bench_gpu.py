@@ -300,6 +300,52 @@ def bench_in_process(
     return rows
 
 
+def bench_profile(workload: Workload, model: MaskTransfiner, images, device, log, top: int = 15) -> dict:
+    """One forward pass of the largest case (the service's precision) under ``torch.profiler``:
+    how much of its wall time the device spends in kernels (the rest is the host launching them
+    or waiting), how many kernels it launches, and the operators that take the most device time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    precision, batch_size, detections = workload.precisions[0], max(workload.batch_sizes), max(workload.detections)
+    chosen = [torch.from_numpy(images[i % len(images)]).permute(2, 0, 1) for i in range(batch_size)]
+    batch, sizes = prepare_batch(chosen, model.cfg.input, device)
+    options = InferenceOptions(score_threshold=0.0, max_detections=detections)
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with torch.inference_mode(), autocast(precision, device):
+        model(batch, sizes, options)  # warm-up
+        sync(device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            model(batch, sizes, options)
+            sync(device)
+            wall_s = time.perf_counter() - start
+    averages = prof.key_averages()
+
+    def self_time_us(event) -> float:  # the device's time on CUDA (attribute names vary by version), else the CPU's
+        if not on_cuda:
+            return event.self_cpu_time_total
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+    # Device time counted once: by the operators (host-side events, which the profiler credits
+    # with the kernels each launched), not also by the kernels' own events.
+    operators = [event for event in averages if event.device_type == DeviceType.CPU and self_time_us(event) > 0]
+    busy_us = sum(self_time_us(event) for event in operators)
+    launches = sum(event.count for event in averages if "LaunchKernel" in event.key)
+    aten_calls = sum(event.count for event in averages if event.key.startswith("aten::"))
+    rows = sorted(operators, key=self_time_us, reverse=True)[:top]
+    result = {
+        "precision": precision, "batch": batch_size, "detections": detections, "wall_ms": wall_s * 1000,
+        "device_busy_ms": busy_us / 1000, "kernel_launches": launches, "aten_calls": aten_calls,
+        "top": [{"op": event.key, "calls": event.count, "self_ms": self_time_us(event) / 1000,
+                 "share": self_time_us(event) / busy_us if busy_us else None} for event in rows],
+    }
+    log(f"profile {precision} batch {batch_size} det {detections}: wall {wall_s * 1000:.0f} ms, device busy "
+        f"{busy_us / 1000:.0f} ms, {launches} kernel launches, {aten_calls} aten calls")
+    return result
+
+
 def bench_chunks(workload: Workload, model: MaskTransfiner, images, device, log) -> list[dict]:
     """Tokens refined per pass (the GPU's chunk budget) against speed and peak memory, at the
     largest in-process case; the box cap is lifted so the token budget alone sets the chunks."""
@@ -679,6 +725,19 @@ def markdown(report: dict) -> str:
                 f"| {h['ok']}/{h['requests']} "
                 f"| {h['images_per_s']:.1f} | {h['p50_ms']:.0f} | {h['p99_ms']:.0f} | {ratio} |"
             )
+    profile = report.get("profile")
+    if profile:
+        lines += [
+            "", f"## Where one forward pass spends its time ({profile['precision']}, batch {profile['batch']}, "
+            f"{profile['detections']} detections, torch.profiler)", "",
+            f"Wall {profile['wall_ms']:.0f} ms (profiled); operators busy on the device for "
+            f"{profile['device_busy_ms']:.0f} ms; {profile['kernel_launches']} kernel launches, "
+            f"{profile['aten_calls']} aten calls.", "",
+            "| operator | calls | self ms | share of busy time |", "|---|---:|---:|---:|",
+        ]
+        for row in profile["top"]:
+            share = f"{100 * row['share']:.1f}%" if row["share"] is not None else "-"
+            lines.append(f"| `{row['op']}` | {row['calls']} | {row['self_ms']:.1f} | {share} |")
     if report.get("chunks"):
         lines += ["", "## Tokens per refinement pass (the largest in-process case)", "",
                   "| tokens per chunk | boxes per chunk (mean) | mask head ms | refiner ms | forward ms | peak GiB |",
@@ -792,6 +851,8 @@ def main() -> int:
             report["http"] += attempt(name, lambda: bench_http(  # noqa: B023
                 workload, checkpoint, work / "images", work, str(device), variant, log)) or []
     in_process(workload.precisions[1:])
+    report["profile"] = attempt("profile", lambda: bench_profile(workload, model, images, device, log))
+    save()
     report["chunks"] = attempt("chunks", lambda: bench_chunks(workload, model, images, device, log))
     report["memory_format"] = attempt("memory format", lambda: bench_channels_last(workload, model, images, device, log))
     report["jpeg"] = attempt("jpeg", lambda: bench_jpeg_decode(workload, images, device, log))
