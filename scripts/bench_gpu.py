@@ -91,10 +91,10 @@ class HttpServer:
         return kind if self.workers == 1 else f"{self.workers} {kind}{'es' if self.worker_process else 's'}"
 
 
-# The default server, the GIL question (a shorter switch interval, or no other Python in the
-# worker's process), and two worker processes sharing the card (one launches while the other's
-# kernels run), at the larger concurrency only.
-SERVERS = (HttpServer(), HttpServer(1.0), HttpServer(worker_process=True),
+# The default server at every concurrency; then, at one concurrency each to keep the run within
+# minutes, the GIL question (a shorter switch interval, or no other Python in the worker's
+# process) and two worker processes sharing the card (one launches while the other's kernels run).
+SERVERS = (HttpServer(), HttpServer(1.0, concurrency=(8,)), HttpServer(worker_process=True, concurrency=(8,)),
            HttpServer(worker_process=True, workers=2, concurrency=(32,)))
 FULL = Workload("R50-FPN", 800, 1333, (10, 100), (1, 8), ("bf16", "fp32"), 1.5, 128, (8, 32), 8, SERVERS,
                  (65_536, 131_072, 262_144, 393_216, 786_432))
