@@ -120,6 +120,7 @@ class BatchingInfo(BaseModel):
     max_batch_pixels: int | None
     max_queue_size: int
     workers: int
+    worker_process: bool = False  # each worker in a process of its own
 
 
 class ModelCard(BaseModel):

@@ -99,7 +99,7 @@ def test_answers_equal_the_predictors_alone_and_batched(checkpoint, predictor):
 
         card = httpx.get(server.url + "/v1/models").json()["models"][0]
         assert card["name"] == "tiny" and card["precision"] == "fp32" and card["device"] == ["cpu"]
-        assert card["ready"] is True
+        assert card["ready"] is True and card["batching"]["worker_process"] is True
 
 
 def wait_for(condition, timeout: float = 60.0) -> None:

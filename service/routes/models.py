@@ -37,5 +37,6 @@ async def models(request: Request) -> dict:
             "max_batch_pixels": settings.max_batch_pixels,
             "max_queue_size": settings.max_queue_size,
             "workers": len(runtime.workers),
+            "worker_process": settings.worker_process,
         },
     }]}
