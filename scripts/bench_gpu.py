@@ -346,6 +346,46 @@ def bench_profile(workload: Workload, model: MaskTransfiner, images, device, log
     return result
 
 
+def bench_compile(workload: Workload, model: MaskTransfiner, images, device, log) -> dict:
+    """The refiner's encoder layers under ``torch.compile`` (dynamic shapes: a pass's length varies
+    with the detections) against eager, at the largest case: the first compiled forward pass (the
+    compile time), the mask head's median, and how far the masks move. A measurement; the model
+    runs eager."""
+    precision, batch_size, detections = workload.precisions[0], max(workload.batch_sizes), max(workload.detections)
+    chosen = [torch.from_numpy(images[i % len(images)]).permute(2, 0, 1) for i in range(batch_size)]
+    batch, sizes = prepare_batch(chosen, model.cfg.input, device)
+    options = InferenceOptions(score_threshold=0.0, max_detections=detections)
+
+    def masks() -> torch.Tensor:
+        with torch.inference_mode(), autocast(precision, device):
+            return model(batch, sizes, options).mask_probs.float()
+
+    eager = time_case(model, batch, sizes, [], options, precision, device, workload.seconds_per_case)
+    reference = masks()
+    layers = list(model.mask_head.refiner.sequence_encoder.layers)
+    try:
+        for layer in layers:
+            layer.forward = torch.compile(layer.forward, dynamic=True)  # an instance attribute, removed below
+        start = time.perf_counter()
+        compiled_masks = masks()
+        sync(device)
+        first_s = time.perf_counter() - start
+        compiled = time_case(model, batch, sizes, [], options, precision, device, workload.seconds_per_case)
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+        torch._dynamo.reset()
+    result = {
+        "precision": precision, "batch": batch_size, "detections": detections, "first_forward_s": first_s,
+        "eager_mask_head_s": eager["mask_head"], "compiled_mask_head_s": compiled["mask_head"],
+        "eager_refiner_s": eager["refiner"], "compiled_refiner_s": compiled["refiner"],
+        "max_mask_prob_change": float((compiled_masks - reference).abs().max()) if reference.numel() else 0.0,
+    }
+    log(f"torch.compile encoder layers: first forward {first_s:.1f} s, mask head {eager['mask_head'] * 1000:.0f} -> "
+        f"{compiled['mask_head'] * 1000:.0f} ms, masks moved by at most {result['max_mask_prob_change']:.2e}")
+    return result
+
+
 def bench_chunks(workload: Workload, model: MaskTransfiner, images, device, log) -> list[dict]:
     """Tokens refined per pass (the GPU's chunk budget) against speed and peak memory, at the
     largest in-process case; the box cap is lifted so the token budget alone sets the chunks."""
@@ -725,6 +765,18 @@ def markdown(report: dict) -> str:
                 f"| {h['ok']}/{h['requests']} "
                 f"| {h['images_per_s']:.1f} | {h['p50_ms']:.0f} | {h['p99_ms']:.0f} | {ratio} |"
             )
+    compiled = report.get("compile")
+    if compiled:
+        lines += [
+            "", f"## `torch.compile` of the refiner's encoder layers ({compiled['precision']}, batch "
+            f"{compiled['batch']}, {compiled['detections']} detections; a measurement, the model runs eager)", "",
+            "| | mask head ms | refiner ms |", "|---|---:|---:|",
+            f"| eager | {compiled['eager_mask_head_s'] * 1000:.0f} | {compiled['eager_refiner_s'] * 1000:.0f} |",
+            f"| compiled (dynamic shapes) | {compiled['compiled_mask_head_s'] * 1000:.0f} "
+            f"| {compiled['compiled_refiner_s'] * 1000:.0f} |", "",
+            f"First compiled forward pass: {compiled['first_forward_s']:.1f} s. Largest change of a mask "
+            f"probability: {compiled['max_mask_prob_change']:.2e}.",
+        ]
     profile = report.get("profile")
     if profile:
         lines += [
@@ -856,6 +908,9 @@ def main() -> int:
     report["chunks"] = attempt("chunks", lambda: bench_chunks(workload, model, images, device, log))
     report["memory_format"] = attempt("memory format", lambda: bench_channels_last(workload, model, images, device, log))
     report["jpeg"] = attempt("jpeg", lambda: bench_jpeg_decode(workload, images, device, log))
+    save()
+    # Last: compiling can take a minute, and a run cut short keeps everything before it.
+    report["compile"] = attempt("compile", lambda: bench_compile(workload, model, images, device, log))
     checkpoint.unlink(missing_ok=True)
     save()
     print(markdown(report))
