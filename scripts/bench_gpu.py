@@ -566,6 +566,7 @@ def bench_worker(workload: Workload, model: MaskTransfiner, images, device, log)
                     sys.setswitchinterval(default_interval)
                 batch_s = float(np.median(times))
                 row = {"precision": precision, "batch": batch_size, "detections": detections, "busy_thread": load,
+                       "worker": "thread",
                        "switch_interval_ms": interval * 1000, "batch_ms": batch_s * 1000,
                        "images_per_s": batch_size / batch_s, "runs": len(times)}
                 rows.append(row)
@@ -573,6 +574,76 @@ def bench_worker(workload: Workload, model: MaskTransfiner, images, device, log)
                     f"{row['images_per_s']:.1f} img/s, {row['batch_ms']:.0f} ms a batch")
     finally:
         worker.close()
+    return rows
+
+
+def bench_worker_process(workload: Workload, checkpoint: Path, cfg: ModelConfig, images, device, log) -> list[dict]:
+    """``bench_worker``'s batches through the service's worker in a process of its own
+    (``service.worker_process.ProcessWorker``, driven by an event loop as the batcher drives it),
+    alone and beside the same busy Python thread, here in the server's process, at Python's
+    default switch interval: the busy thread no longer shares an interpreter with the thread that
+    launches the kernels."""
+    import asyncio
+
+    from export.resolve import resolve_model
+    from service.batcher import Job
+    from service.pipeline import RequestOptions, network_image, records
+    from service.worker import SegmentJob
+    from service.worker_process import ProcessWorker, WorkerSpec
+
+    precision, batch_size = workload.precisions[0], workload.http_batch_size
+    queued = [network_image(images[i % len(images)], images[i % len(images)].shape[:2], cfg.input)
+              for i in range(batch_size)]
+    spec = WorkerSpec(resolve_model(str(checkpoint)), "pytorch", None, str(device), None, precision, None, 1,
+                      batch_size if device.type == "cuda" else 1, sys.getswitchinterval() * 1000, "warning")
+    rows = []
+
+    async def measure() -> None:
+        worker = ProcessWorker(spec)
+        await worker.start()
+
+        async def one_batch(options) -> tuple[float, list]:
+            jobs = [Job(SegmentJob(image, options), time.monotonic() + 600, image.canvas) for image in queued]
+            start = time.perf_counter()
+            await worker.run(jobs)
+            return time.perf_counter() - start, [job.future.result().fetched for job in jobs]
+
+        try:
+            for detections in workload.detections:
+                options = RequestOptions(score_threshold=0.0, max_detections=detections)
+                _, fetched = await one_batch(options)  # warm-up
+                payload = [records(f, cfg, None) for f in fetched]
+                for load in (False, True):
+                    stop = threading.Event()
+
+                    def busy() -> None:  # noqa: B023 - runs within this iteration only
+                        while not stop.is_set():
+                            json.dumps([records(f, cfg, None) for f in fetched[:2]] + payload[:2])
+
+                    thread = threading.Thread(target=busy, daemon=True) if load else None
+                    if thread:
+                        thread.start()
+                    try:
+                        times = []
+                        begin = time.perf_counter()
+                        while len(times) < 2 or (time.perf_counter() - begin < workload.seconds_per_case
+                                                 and len(times) < 30):
+                            times.append((await one_batch(options))[0])
+                    finally:
+                        stop.set()
+                        if thread:
+                            thread.join()
+                    batch_s = float(np.median(times))
+                    rows.append({"precision": precision, "batch": batch_size, "detections": detections,
+                                 "busy_thread": load, "worker": "process",
+                                 "switch_interval_ms": sys.getswitchinterval() * 1000, "batch_ms": batch_s * 1000,
+                                 "images_per_s": batch_size / batch_s, "runs": len(times)})
+                    log(f"worker process det {detections}{' + busy thread' if load else ''}: "
+                        f"{batch_size / batch_s:.1f} img/s, {batch_s * 1000:.0f} ms a batch")
+        finally:
+            await asyncio.to_thread(worker.close)
+
+    asyncio.run(measure())
     return rows
 
 
@@ -738,12 +809,13 @@ def markdown(report: dict) -> str:
         )
     if report.get("worker"):
         lines += ["", "## The service's worker without HTTP (batch of the HTTP case)", "",
-                  "| det/img | busy Python thread | GIL switch interval ms | img/s | ms a batch | vs in-process |",
-                  "|---:|---|---:|---:|---:|---:|"]
+                  "| det/img | model worker | busy Python thread | GIL switch interval ms | img/s | ms a batch "
+                  "| vs in-process |",
+                  "|---:|---|---|---:|---:|---:|---:|"]
         for w in report["worker"]:
             ratio = share_of_in_process(report, w["precision"], w["batch"], w["detections"], w["images_per_s"])
-            lines.append(f"| {w['detections']} | {'yes' if w['busy_thread'] else 'no'} | {w['switch_interval_ms']:g} "
-                         f"| {w['images_per_s']:.1f} | {w['batch_ms']:.0f} | {ratio} |")
+            lines.append(f"| {w['detections']} | {w.get('worker', 'thread')} | {'yes' if w['busy_thread'] else 'no'} "
+                         f"| {w['switch_interval_ms']:g} | {w['images_per_s']:.1f} | {w['batch_ms']:.0f} | {ratio} |")
     if report.get("http"):
         lines += [
             "", f"## HTTP (`transfiner serve --max-batch-size {report['http_batch_size']}`, `transfiner bench`, "
@@ -894,6 +966,8 @@ def main() -> int:
     # The service's precision (auto) first, then HTTP, then the rest.
     in_process(workload.precisions[:1])
     report["worker"] = attempt("worker", lambda: bench_worker(workload, model, images, device, log))
+    report["worker"] = (report["worker"] or []) + (attempt("worker process", lambda: bench_worker_process(
+        workload, checkpoint, model.cfg, images, device, log)) or [])
     if not args.no_http:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the server shares the card
