@@ -7,7 +7,11 @@ their place for a later batch (FIFO within each canvas).
 
 A dispatcher takes a batch only when its worker is free, so under load batches fill from the
 queue with no waiting at all, and ``max_delay`` is only paid when the service is idle enough
-that a lone request would otherwise run alone. Jobs whose deadline would pass before their batch
+that a lone request would otherwise run alone. A worker that says it ``takes_next_batch`` (one
+in a process of its own, which must receive a batch's images before it can start) also gets a
+second dispatcher that hands it the next batch while one runs, but only a full one, and only of
+the oldest job's canvas: under load its images travel while the model computes, and a
+partial batch keeps filling in the queue until the worker is free. Jobs whose deadline would pass before their batch
 is done (by the recent batch times) are failed with ``DeadlineExceeded``, and jobs whose future is
 settled (the client went away, or its handler gave up) leave the queue at once; neither reaches a
 worker. Nothing here knows about HTTP or models:
@@ -95,6 +99,9 @@ class BatchTimes:
 
 
 class BatchRunner(Protocol):
+    """A worker. One that also has ``takes_next_batch = True`` may be given its next batch while
+    one runs (it runs its batches in the order given)."""
+
     async def run(self, jobs: list[Job]) -> None:
         """Processes the jobs as one batch and settles every job's future."""
         ...
@@ -127,6 +134,8 @@ class Batcher:
         self._closed = False
         self._tasks: list[asyncio.Task] = []
         self._busy = 0
+        self._last_done: dict[int, float] = {}  # id(runner) -> when its latest batch ended
+        self._running: collections.Counter[int] = collections.Counter()  # id(runner) -> batches it holds
         self.batch_times = BatchTimes(history)
 
     # -- state -----------------------------------------------------------------------------------
@@ -180,6 +189,10 @@ class Batcher:
         self._tasks = [
             asyncio.create_task(self._dispatch(runner), name=f"batcher-{i}") for i, runner in enumerate(self.runners)
         ]
+        self._tasks += [
+            asyncio.create_task(self._dispatch(runner, look_ahead=True), name=f"batcher-{i}-next")
+            for i, runner in enumerate(self.runners) if getattr(runner, "takes_next_batch", False)
+        ]
 
     async def close(self, drain: bool = True) -> None:
         """Stops accepting jobs; with ``drain`` the queued ones still run, else they fail."""
@@ -197,11 +210,13 @@ class Batcher:
 
     # -- consumer side ---------------------------------------------------------------------------
 
-    async def _dispatch(self, runner: BatchRunner) -> None:
+    async def _dispatch(self, runner: BatchRunner, look_ahead: bool = False) -> None:
         while True:
-            jobs = await self._next_batch()
+            jobs = await (self._next_full_batch(runner) if look_ahead else self._next_batch())
             if jobs is None:
                 return
+            self._running[id(runner)] += 1
+            self._wakeup.set()  # a look-ahead dispatcher may now hand this runner its next batch
             self._busy += 1
             started = time.monotonic()
             for job in jobs:
@@ -217,7 +232,11 @@ class Batcher:
                         job.future.set_exception(error)
             finally:
                 self._busy -= 1
-                self.batch_times.record(time.monotonic() - started)
+                # A batch handed over while the runner's previous one ran starts when that ends.
+                done = time.monotonic()
+                self.batch_times.record(done - max(started, self._last_done.get(id(runner), started)))
+                self._last_done[id(runner)] = done
+                self._running[id(runner)] -= 1
 
     async def _next_batch(self) -> list[Job] | None:
         """Waits for a first live job, then fills the batch with jobs of its canvas until it is
@@ -248,6 +267,29 @@ class Batcher:
             batch = [job for job in batch if self._alive(job, time.monotonic())]
             if batch:
                 return batch
+
+    async def _next_full_batch(self, runner: BatchRunner) -> list[Job] | None:
+        """The look-ahead dispatcher's batch: while ``runner`` runs a batch, and as soon as the
+        queue holds a full batch of the oldest job's canvas, that batch (never a partial one,
+        never jumping the queue; an idle runner gets its batch from ``_next_batch``). None once
+        closed."""
+        while not self._closed:
+            now = time.monotonic()
+            self._queue = collections.deque(job for job in self._queue if self._alive(job, now))
+            if self._queue and self._running[id(runner)] == 1:
+                canvas = self._queue[0].canvas
+                same = [job for job in self._queue if job.canvas == canvas]
+                capacity = batch_capacity(canvas, self.max_batch_size, self.max_batch_pixels)
+                if len(same) >= capacity:
+                    batch = same[:capacity]
+                    taken = set(map(id, batch))
+                    self._queue = collections.deque(job for job in self._queue if id(job) not in taken)
+                    self._report_depth()
+                    return batch
+            self._report_depth()
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return None
 
     def _alive(self, job: Job, now: float) -> bool:
         """False for a job whose future is settled (cancelled), or whose deadline will have

@@ -90,6 +90,10 @@ class _Batch:
 class ProcessWorker:
     """Implements ``batcher.BatchRunner`` with a child process that holds the model."""
 
+    # The child runs its batches in the order sent; a batch sent while one runs has its images
+    # in the child before the model is free (they cross the pipe during the forward pass).
+    takes_next_batch = True
+
     def __init__(self, spec: WorkerSpec, metrics=None) -> None:
         self.spec = spec
         self.index = spec.index

@@ -143,6 +143,77 @@ def test_busy_worker_means_the_next_batch_forms_without_delay():
     assert run(main()) == [[0], [1, 2, 3]]
 
 
+class SequentialRecorder(Recorder):
+    """A runner that takes its next batch while one runs (as a worker process does) and runs
+    its batches one after another, in the order given; records when each batch was handed over."""
+
+    takes_next_batch = True
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay)
+        self.handed: list[tuple[list, bool]] = []  # (payloads, whether another batch was running)
+        self._lock = asyncio.Lock()
+        self._running = 0
+
+    async def run(self, jobs: list[Job]) -> None:
+        self.handed.append(([job.payload for job in jobs], self._running > 0))
+        self._running += 1
+        try:
+            async with self._lock:
+                await super().run(jobs)
+        finally:
+            self._running -= 1
+
+
+def test_a_worker_that_takes_its_next_batch_gets_full_ones_while_it_runs():
+    async def main():
+        runner = SequentialRecorder(delay=0.3)
+        batcher = Batcher([runner], max_batch_size=3, max_delay_s=0.0, max_queue_size=20)
+        batcher.start()
+        first = job(0)
+        batcher.submit(first)
+        await asyncio.sleep(0.05)  # batch [0] runs
+        partial = [job(i) for i in (1, 2)]
+        for j in partial:
+            batcher.submit(j)
+        await asyncio.sleep(0.05)
+        handed_while_partial = len(runner.handed)
+        later = [job(i) for i in range(3, 8)]
+        for j in later:
+            batcher.submit(j)
+        await asyncio.gather(*(j.future for j in [first, *partial, *later]))
+        await batcher.close()
+        return handed_while_partial, runner.handed, batcher.recent_batch_seconds()
+
+    handed_while_partial, handed, recent = run(main())
+    assert handed_while_partial == 1, "a partial batch waits in the queue while the worker is busy"
+    # Once a full batch of the oldest job's canvas is queued it is handed over at once (the
+    # oldest jobs first), while [0] still runs; what is left follows when a batch ends.
+    assert handed[:2] == [([0], False), ([1, 2, 3], True)]
+    assert [payloads for payloads, _ in handed] == [[0], [1, 2, 3], [4, 5, 6], [7]]
+    # A batch handed over early is timed from when the one before it ended, not from its hand-over.
+    assert 0.25 < recent < 0.45
+
+
+def test_the_look_ahead_never_takes_a_younger_canvas_first():
+    async def main():
+        runner = SequentialRecorder(delay=0.2)
+        batcher = Batcher([runner], max_batch_size=2, max_delay_s=0.0, max_queue_size=20)
+        batcher.start()
+        first = job("a0", canvas=(64, 64))
+        batcher.submit(first)
+        await asyncio.sleep(0.05)
+        # The oldest queued job is of canvas A (alone); canvas B has a full batch behind it.
+        queued = [job("a1", canvas=(64, 64)), job("b1", canvas=(32, 32)), job("b2", canvas=(32, 32))]
+        for j in queued:
+            batcher.submit(j)
+        await asyncio.gather(first.future, *(j.future for j in queued))
+        await batcher.close()
+        return runner.handed
+
+    assert [payloads for payloads, _ in run(main())] == [["a0"], ["a1"], ["b1", "b2"]]
+
+
 def test_expired_and_cancelled_jobs_never_reach_the_runner():
     async def main():
         runner = Recorder()

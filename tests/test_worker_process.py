@@ -157,6 +157,33 @@ def test_a_worker_process_that_dies_is_started_again(checkpoint, predictor):
         assert metric(server.url, "transfiner_worker_restarts_total") == 2
 
 
+def test_the_next_full_batch_crosses_to_the_worker_process_while_one_runs(checkpoint, predictor):
+    image = scene(96, 128, seed=5)
+    expected = expected_records(predictor, image)
+    settings = ServiceSettings(
+        model=str(checkpoint), device="cpu", worker_process=True, max_batch_size=2, max_delay_ms=100,
+    )
+    with running(settings) as server:
+        pid = server.runtime.workers[0].pid
+        batches = metric(server.url, "transfiner_batch_size_count")
+        os.kill(pid, signal.SIGSTOP)  # the worker holds its first batch for as long as we like
+        try:
+            with concurrent.futures.ThreadPoolExecutor(6) as pool:
+                pending = [pool.submit(segment, server.url, image) for _ in range(6)]
+                # The first batch, then the next full one, go to the worker; the third waits.
+                wait_for(lambda: metric(server.url, "transfiner_batch_size_count") == batches + 2
+                         and metric(server.url, "transfiner_queue_depth") == 2)
+                time.sleep(0.3)
+                assert metric(server.url, "transfiner_batch_size_count") == batches + 2
+                os.kill(pid, signal.SIGCONT)
+                responses = [p.result() for p in pending]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        for response in responses:
+            assert response.status_code == 200, response.text
+            assert_same(response.json()["instances"], expected, 1e-5)  # batched with copies of itself
+
+
 def test_a_model_the_worker_process_cannot_load_fails_readiness(tmp_path: Path):
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
