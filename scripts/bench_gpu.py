@@ -96,7 +96,7 @@ class HttpServer:
 # process) and two worker processes sharing the card (one launches while the other's kernels run).
 SERVERS = (HttpServer(), HttpServer(1.0, concurrency=(8,)), HttpServer(worker_process=True, concurrency=(8,)),
            HttpServer(worker_process=True, workers=2, concurrency=(32,)))
-FULL = Workload("R50-FPN", 800, 1333, (10, 100), (1, 8), ("bf16", "fp32"), 1.5, 128, (8, 32), 8, SERVERS,
+FULL = Workload("R50-FPN", 800, 1333, (10, 100), (1, 8), ("bf16", "fp32"), 1.5, 96, (8, 32), 8, SERVERS,
                  (65_536, 131_072, 262_144, 393_216, 786_432))
 QUICK = Workload("small", 384, 640, (5, 20), (1, 2), ("bf16", "fp32"), 0.5, 8, (2,), 2,
                  (HttpServer(), HttpServer(1.0), HttpServer(worker_process=True),

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# What this project measures and checks on a lent GPU machine, in one run of about 2 minutes on
-# an H200: the CUDA tests (seconds), then scripts/bench_gpu.py (in-process and HTTP). Run from
+# What this project measures and checks on a lent GPU machine, in one run: the CUDA tests, then
+# scripts/bench_gpu.py (in-process and HTTP). About 2 minutes on an H200 when last run; the parts
+# added since (the worker with and without a process of its own, four HTTP servers, a profiled
+# pass, torch.compile last; 96 requests a load step instead of 128) are estimated to bring it to
+# about 6 minutes: give the device call about 580 s. A run cut short keeps every part it finished. Run from
 # the project root there, with cp312 wheels of what the machine's image lacks (fastapi, pydantic,
 # uvicorn, pycocotools, ...: it has no network) downloaded beforehand into .whl/ (carry it).
 # bench_gpu.json and bench_gpu.md go to $OUT (default bench-results/gpu), rewritten after each
@@ -15,5 +18,5 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider -k "cuda" tests/test_precis
     tests/test_cuda_smoke.py tests/test_worker_process.py \
     2>&1 | tail -15 | tee "$OUT/cuda-tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout "${BENCH_TIMEOUT:-400}" python3 scripts/bench_gpu.py --out "$OUT" --work "$(mktemp -d)" || status=1
+timeout "${BENCH_TIMEOUT:-480}" python3 scripts/bench_gpu.py --out "$OUT" --work "$(mktemp -d)" || status=1
 exit $status
