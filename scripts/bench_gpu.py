@@ -20,6 +20,7 @@ Writes ``bench_gpu.json`` and ``bench_gpu.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -30,6 +31,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -514,6 +516,31 @@ def bench_channels_last(workload: Workload, model: MaskTransfiner, images, devic
     return rows
 
 
+@contextlib.contextmanager
+def busy_python(active: bool, cfg: ModelConfig, fetched: list) -> Iterator[None]:
+    """While the block runs (if ``active``), a second thread keeps the interpreter busy as a
+    server's event loop and post-processing threads do: COCO records and JSON of answers."""
+    if not active:
+        yield
+        return
+    from service.pipeline import records
+
+    payload = [records(f, cfg, None) for f in fetched]
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            json.dumps([records(f, cfg, None) for f in fetched[:2]] + payload[:2])
+
+    thread = threading.Thread(target=busy, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def bench_worker(workload: Workload, model: MaskTransfiner, images, device, log) -> list[dict]:
     """The service's worker without HTTP (``service.worker.Worker.start`` and its steps, in this
     thread, as the worker's own thread runs them) on the HTTP case's batches: what the service's
@@ -521,7 +548,7 @@ def bench_worker(workload: Workload, model: MaskTransfiner, images, device, log)
     the interpreter busy as the server's post-processing threads and event loop do (COCO records
     and JSON of earlier answers), at Python's default GIL switch interval and shorter ones: a
     thread that launches thousands of small kernels waits for the lock at each of them."""
-    from service.pipeline import RequestOptions, network_image, records
+    from service.pipeline import RequestOptions, network_image
     from service.worker import Worker
 
     precision, batch_size = workload.precisions[0], workload.http_batch_size
@@ -542,27 +569,16 @@ def bench_worker(workload: Workload, model: MaskTransfiner, images, device, log)
         for detections in workload.detections:
             options = RequestOptions(score_threshold=0.0, max_detections=detections)
             _, fetched = one_batch(options)  # warm-up
-            payload = [records(f, cfg, None) for f in fetched]
             for load, interval in ((False, default_interval), (True, default_interval), (True, 0.001), (True, 0.0002)):
-                stop = threading.Event()
-
-                def busy() -> None:  # noqa: B023 - runs within this iteration only
-                    while not stop.is_set():
-                        json.dumps([records(f, cfg, None) for f in fetched[:2]] + payload[:2])
-
                 sys.setswitchinterval(interval)
-                thread = threading.Thread(target=busy, daemon=True) if load else None
-                if thread:
-                    thread.start()
                 try:
-                    times = []
-                    begin = time.perf_counter()
-                    while len(times) < 2 or (time.perf_counter() - begin < workload.seconds_per_case and len(times) < 30):
-                        times.append(one_batch(options)[0])
+                    with busy_python(load, cfg, fetched):
+                        times = []
+                        begin = time.perf_counter()
+                        while len(times) < 2 or (time.perf_counter() - begin < workload.seconds_per_case
+                                                 and len(times) < 30):
+                            times.append(one_batch(options)[0])
                 finally:
-                    stop.set()
-                    if thread:
-                        thread.join()
                     sys.setswitchinterval(default_interval)
                 batch_s = float(np.median(times))
                 row = {"precision": precision, "batch": batch_size, "detections": detections, "busy_thread": load,
@@ -587,7 +603,7 @@ def bench_worker_process(workload: Workload, checkpoint: Path, cfg: ModelConfig,
 
     from export.resolve import resolve_model
     from service.batcher import Job
-    from service.pipeline import RequestOptions, network_image, records
+    from service.pipeline import RequestOptions, network_image
     from service.worker import SegmentJob
     from service.worker_process import ProcessWorker, WorkerSpec
 
@@ -612,27 +628,13 @@ def bench_worker_process(workload: Workload, checkpoint: Path, cfg: ModelConfig,
             for detections in workload.detections:
                 options = RequestOptions(score_threshold=0.0, max_detections=detections)
                 _, fetched = await one_batch(options)  # warm-up
-                payload = [records(f, cfg, None) for f in fetched]
                 for load in (False, True):
-                    stop = threading.Event()
-
-                    def busy() -> None:  # noqa: B023 - runs within this iteration only
-                        while not stop.is_set():
-                            json.dumps([records(f, cfg, None) for f in fetched[:2]] + payload[:2])
-
-                    thread = threading.Thread(target=busy, daemon=True) if load else None
-                    if thread:
-                        thread.start()
-                    try:
+                    with busy_python(load, cfg, fetched):
                         times = []
                         begin = time.perf_counter()
                         while len(times) < 2 or (time.perf_counter() - begin < workload.seconds_per_case
                                                  and len(times) < 30):
                             times.append((await one_batch(options))[0])
-                    finally:
-                        stop.set()
-                        if thread:
-                            thread.join()
                     batch_s = float(np.median(times))
                     rows.append({"precision": precision, "batch": batch_size, "detections": detections,
                                  "busy_thread": load, "worker": "process",
