@@ -82,10 +82,12 @@ def test_answers_equal_the_predictors_alone_and_batched(checkpoint, predictor):
         model=str(checkpoint), device="cpu", worker_process=True, max_batch_size=4, max_delay_ms=300,
     )
     with running(settings) as server:
+        alone = []
         for image in images:  # one at a time: batches of one, as the Predictor's of one image
             response = segment(server.url, image)
             assert response.status_code == 200, response.text
-            assert_same(response.json()["instances"], expected_records(predictor, image))
+            alone.append(response.json()["instances"])
+            assert_same(alone[-1], expected_records(predictor, image))
         batches = metric(server.url, "transfiner_batch_size_count")
 
         with concurrent.futures.ThreadPoolExecutor(len(images)) as pool:
@@ -96,6 +98,19 @@ def test_answers_equal_the_predictors_alone_and_batched(checkpoint, predictor):
         for response, prediction in zip(responses, batched):
             assert response.status_code == 200, response.text
             assert_same(response.json()["instances"], prediction.coco_records(None, CATEGORY_IDS), 1e-5)
+
+        # Polygon windows and box-only answers cross the pipe too: the same detections as the RLE answer's.
+        rle = alone[0]
+        for mask_format in ("polygon", "none"):
+            response = httpx.post(
+                server.url + "/v1/segment", content=encode(images[0]), headers={"Content-Type": "image/png"},
+                params={"score_threshold": 0.0, "max_detections": 6, "mask_format": mask_format}, timeout=120,
+            )
+            assert response.status_code == 200, response.text
+            instances = response.json()["instances"]
+            assert [(i["bbox"], i["score"]) for i in instances] == [(i["bbox"], i["score"]) for i in rle]
+            if mask_format == "polygon":
+                assert all(isinstance(i["segmentation"], list) and i["segmentation"] for i in instances)
 
         card = httpx.get(server.url + "/v1/models").json()["models"][0]
         assert card["name"] == "tiny" and card["precision"] == "fp32" and card["device"] == ["cpu"]
