@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from .errors import COMMON_ERRORS, install_error_handlers
 from .metrics import ServiceMetrics
-from .middleware import BodyLimitMiddleware, MetricsMiddleware
+from .middleware import BodyLimitMiddleware, HeadAsGetMiddleware, MetricsMiddleware
 from .routes import demo, health, models, segment
 from .runtime import BatcherFactory, ModelLoader, ServiceRuntime, load_model
 from .settings import ServiceSettings
@@ -58,6 +58,7 @@ def create_app(
     app.include_router(health.router)
     if settings.demo:
         app.include_router(demo.router)
+    app.add_middleware(HeadAsGetMiddleware)  # innermost: the metrics still see a HEAD
     # Added last = outermost: the metrics middleware also counts the limit's early 413s.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
     known = frozenset(route.path for router in (segment.router, models.router, health.router) for route in router.routes)

@@ -1,5 +1,5 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware: it would buffer bodies and break disconnect
-detection): request metrics, and the request body limit."""
+detection): request metrics, the request body limit, and HEAD answered as GET."""
 
 from __future__ import annotations
 
@@ -43,6 +43,27 @@ class MetricsMiddleware:
                 route = scope["path"] if scope["path"] in self.known_paths else "unmatched"
             self.metrics.requests.labels(route=route, method=scope["method"], status=str(status)).inc()
             self.metrics.request_seconds.labels(route=route).observe(time.perf_counter() - started)
+
+
+class HeadAsGetMiddleware:
+    """Answers HEAD as GET, headers only: RFC 9110 asks every general-purpose server to support
+    HEAD wherever it supports GET, and probes and uptime checkers use it. The route runs for a
+    GET; the server leaves the body out, as it knows the request was a HEAD (uvicorn's protocols
+    decide that from their own scope, not this copy)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        as_get = {**scope, "method": "GET"}
+        try:
+            await self.app(as_get, receive, send)
+        finally:
+            if "route" in as_get:  # for the metrics around this middleware (they count it as HEAD)
+                scope["route"] = as_get["route"]
 
 
 class BodyLimitMiddleware:

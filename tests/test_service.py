@@ -96,6 +96,31 @@ def test_health_models_docs(client):
     assert {"multipart/form-data", "image/*", "application/json"} <= set(body)
 
 
+def test_head_is_answered_as_get_without_a_body(server):
+    """HEAD on a GET route: GET's status and headers, no body, and the keep-alive connection
+    stays usable (a body sent after a HEAD answer would be read as the next response)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    head_count = metric(server.url, "transfiner_requests_total", route="/health/live", method="HEAD")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(b"HEAD /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+                           b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    head, rest = received.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    get_length = int(next(line for line in rest.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+                     .split(b":")[1])
+    assert rest.startswith(b"HTTP/1.1 200 "), "the HEAD answer carried a body"
+    assert rest.endswith(b'{"status":"alive"}') and get_length == len(b'{"status":"alive"}')
+    assert b"content-length: %d" % get_length in head.lower()  # the length a GET would have
+    for path in ("/health/ready", "/metrics", "/v1/models"):  # the open ones and one behind the key
+        response = httpx.head(server.url + path, headers={"X-API-Key": API_KEY})
+        assert response.status_code == 200 and response.content == b"", path
+    assert httpx.head(server.url + "/v1/segment").status_code == 405  # POST only
+    assert metric(server.url, "transfiner_requests_total", route="/health/live", method="HEAD") == head_count + 1
+
+
 def test_rle_equals_predictor_and_coco_loadres(client, predictor):
     image = scene()
     response = client.post(
