@@ -281,11 +281,16 @@ class Batcher:
                 same = [job for job in self._queue if job.canvas == canvas]
                 capacity = batch_capacity(canvas, self.max_batch_size, self.max_batch_pixels)
                 if len(same) >= capacity:
-                    batch = same[:capacity]
-                    taken = set(map(id, batch))
+                    taken = set(map(id, same[:capacity]))
                     self._queue = collections.deque(job for job in self._queue if id(job) not in taken)
                     self._report_depth()
-                    return batch
+                    # This batch starts when the running one ends: its jobs must meet their
+                    # deadlines a batch later than a batch taken now would.
+                    starts = now + (self.recent_batch_seconds() or 0.0)
+                    batch = [job for job in same[:capacity] if self._alive(job, starts)]
+                    if batch:
+                        return batch
+                    continue
             self._report_depth()
             self._wakeup.clear()
             await self._wakeup.wait()

@@ -195,6 +195,30 @@ def test_a_worker_that_takes_its_next_batch_gets_full_ones_while_it_runs():
     assert 0.25 < recent < 0.45
 
 
+def test_a_look_ahead_batch_drops_jobs_whose_deadline_passes_before_it_can_start():
+    async def main():
+        runner = SequentialRecorder(delay=0.3)
+        batcher = Batcher([runner], max_batch_size=2, max_delay_s=0.0, max_queue_size=20)
+        batcher.start()
+        warm = job("warm")
+        batcher.submit(warm)
+        await warm.future  # a batch takes 0.3 s
+        first = job("first")
+        batcher.submit(first)
+        await asyncio.sleep(0.05)  # "first" runs until about 0.3 s from its start
+        # Handed over now, this batch would end about 0.55 s from now: 0.45 s is too short.
+        doomed, fine = job("doomed", timeout=0.45), job("fine")
+        batcher.submit(doomed)
+        batcher.submit(fine)
+        await asyncio.gather(first.future, fine.future)
+        with pytest.raises(DeadlineExceeded):
+            await doomed.future
+        await batcher.close()
+        return runner.handed
+
+    assert [payloads for payloads, _ in run(main())] == [["warm"], ["first"], ["fine"]]
+
+
 def test_the_look_ahead_never_takes_a_younger_canvas_first():
     async def main():
         runner = SequentialRecorder(delay=0.2)
