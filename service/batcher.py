@@ -10,11 +10,11 @@ queue with no waiting at all, and ``max_delay`` is only paid when the service is
 that a lone request would otherwise run alone. A worker that says it ``takes_next_batch`` (one
 in a process of its own, which must receive a batch's images before it can start) also gets a
 second dispatcher that hands it the next batch while one runs, but only a full one, and only of
-the oldest job's canvas: under load its images travel while the model computes, and a
-partial batch keeps filling in the queue until the worker is free. Jobs whose deadline would pass before their batch
-is done (by the recent batch times) are failed with ``DeadlineExceeded``, and jobs whose future is
-settled (the client went away, or its handler gave up) leave the queue at once; neither reaches a
-worker. Nothing here knows about HTTP or models:
+the oldest job's canvas: under load its images travel while the model computes, and a partial
+batch keeps filling in the queue until the worker is free. Jobs whose deadline would pass before
+their batch is done (by the recent batch times) are failed with ``DeadlineExceeded``, and jobs
+whose future is settled (the client went away, or its handler gave up) leave the queue at once;
+neither reaches a worker. Nothing here knows about HTTP or models:
 a worker is anything with ``async run(jobs)`` that settles each job's future.
 """
 
@@ -216,7 +216,8 @@ class Batcher:
             if jobs is None:
                 return
             self._running[id(runner)] += 1
-            self._wakeup.set()  # a look-ahead dispatcher may now hand this runner its next batch
+            if getattr(runner, "takes_next_batch", False):
+                self._wakeup.set()  # its look-ahead dispatcher may now hand it the next batch
             self._busy += 1
             started = time.monotonic()
             for job in jobs:
