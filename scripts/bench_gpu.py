@@ -93,15 +93,14 @@ class HttpServer:
         return kind if self.workers == 1 else f"{self.workers} {kind}{'es' if self.worker_process else 's'}"
 
 
-# The default server at every concurrency; then, at one concurrency each to keep the run within
-# minutes, the GIL question (a shorter switch interval, or no other Python in the worker's
-# process) and two worker processes sharing the card (one launches while the other's kernels run).
-SERVERS = (HttpServer(), HttpServer(1.0, concurrency=(8,)), HttpServer(worker_process=True, concurrency=(8,)),
-           HttpServer(worker_process=True, workers=2, concurrency=(32,)))
+# The default server (a worker thread) and one worker process at every concurrency; two worker
+# processes sharing the card (one launches while the other's kernels run) at the highest. A server
+# at a 1 ms GIL switch interval was measured on an H200 on 2026-11-27 and gained nothing (README).
+SERVERS = (HttpServer(), HttpServer(worker_process=True), HttpServer(worker_process=True, workers=2, concurrency=(32,)))
 FULL = Workload("R50-FPN", 800, 1333, (10, 100), (1, 8), ("bf16", "fp32"), 1.5, 96, (8, 32), 8, SERVERS,
                  (65_536, 131_072, 262_144, 393_216, 786_432))
 QUICK = Workload("small", 384, 640, (5, 20), (1, 2), ("bf16", "fp32"), 0.5, 8, (2,), 2,
-                 (HttpServer(), HttpServer(1.0), HttpServer(worker_process=True),
+                 (HttpServer(), HttpServer(worker_process=True),
                   HttpServer(worker_process=True, workers=2, concurrency=(4,))), (4_096, 65_536))
 
 
@@ -569,7 +568,9 @@ def bench_worker(workload: Workload, model: MaskTransfiner, images, device, log)
         for detections in workload.detections:
             options = RequestOptions(score_threshold=0.0, max_detections=detections)
             _, fetched = one_batch(options)  # warm-up
-            for load, interval in ((False, default_interval), (True, default_interval), (True, 0.001), (True, 0.0002)):
+            # Beside the busy thread only at a 0.2 ms switch interval: at 5 ms one batch of 8 x 100
+            # detections took 86 s on an H200 (README), and this part must not eat the run.
+            for load, interval in ((False, default_interval), (True, 0.0002)):
                 sys.setswitchinterval(interval)
                 try:
                     with busy_python(load, cfg, fetched):
@@ -899,6 +900,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+PARTS = ("attention", "in-process", "worker", "http", "profile", "chunks", "memory-format", "jpeg", "compile")
+# The token sweep decided gpu_tokens_per_chunk (README) and is not rerun by default.
+DEFAULT_PARTS = tuple(part for part in PARTS if part != "chunks")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model and images, for the CPU")
@@ -907,9 +913,18 @@ def main() -> int:
     parser.add_argument("--work", default=None, help="images, checkpoint, server log, load-test reports "
                         "(default: OUT/work)")
     parser.add_argument("--no-http", action="store_true", help="in-process only")
+    parser.add_argument("--parts", default=None, help="comma-separated subset of: " + ",".join(PARTS)
+                        + " (default: all but chunks); e.g. a rerun of what a run cut short missed")
+    parser.add_argument("--http-servers", default=None,
+                        help="comma-separated indices into the workload's HTTP servers (default: all)")
     args = parser.parse_args()
 
     workload = QUICK if args.quick else FULL
+    parts = set(args.parts.split(",") if args.parts else DEFAULT_PARTS)
+    if unknown := parts - set(PARTS):
+        parser.error(f"unknown parts: {sorted(unknown)}")
+    servers = workload.http_servers if args.http_servers is None else tuple(
+        workload.http_servers[int(i)] for i in args.http_servers.split(","))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.out)
     work = Path(args.work) if args.work else out / "work"
@@ -954,7 +969,7 @@ def main() -> int:
     model = build_model(model.cfg, checkpoint, device)
     log(f"model ready on {report['device_name']}")
 
-    if device.type == "cuda":
+    if device.type == "cuda" and "attention" in parts:
         for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
             report["matmul_tflops"][name] = attempt(f"matmul peak {name}", lambda: matmul_peak(device, dtype))
         report["attention"] = attempt("attention", lambda: bench_attention(device, log))
@@ -966,27 +981,36 @@ def main() -> int:
         save()
 
     # The service's precision (auto) first, then HTTP, then the rest.
-    in_process(workload.precisions[:1])
-    report["worker"] = attempt("worker", lambda: bench_worker(workload, model, images, device, log))
-    report["worker"] = (report["worker"] or []) + (attempt("worker process", lambda: bench_worker_process(
-        workload, checkpoint, model.cfg, images, device, log)) or [])
-    if not args.no_http:
+    if "in-process" in parts:
+        in_process(workload.precisions[:1])
+    if "worker" in parts:
+        report["worker"] = attempt("worker", lambda: bench_worker(workload, model, images, device, log))
+        report["worker"] = (report["worker"] or []) + (attempt("worker process", lambda: bench_worker_process(
+            workload, checkpoint, model.cfg, images, device, log)) or [])
+    if "http" in parts and not args.no_http:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the server shares the card
         report["http"] = []
-        for variant in workload.http_servers:
+        for variant in servers:
             name = f"http (switch {variant.switch_interval_ms:g} ms, {variant.name})"
             report["http"] += attempt(name, lambda: bench_http(  # noqa: B023
                 workload, checkpoint, work / "images", work, str(device), variant, log)) or []
-    in_process(workload.precisions[1:])
-    report["profile"] = attempt("profile", lambda: bench_profile(workload, model, images, device, log))
-    save()
-    report["chunks"] = attempt("chunks", lambda: bench_chunks(workload, model, images, device, log))
-    report["memory_format"] = attempt("memory format", lambda: bench_channels_last(workload, model, images, device, log))
-    report["jpeg"] = attempt("jpeg", lambda: bench_jpeg_decode(workload, images, device, log))
+    if "in-process" in parts:
+        in_process(workload.precisions[1:])
+    if "profile" in parts:
+        report["profile"] = attempt("profile", lambda: bench_profile(workload, model, images, device, log))
+        save()
+    if "chunks" in parts:
+        report["chunks"] = attempt("chunks", lambda: bench_chunks(workload, model, images, device, log))
+    if "memory-format" in parts:
+        report["memory_format"] = attempt("memory format",
+                                          lambda: bench_channels_last(workload, model, images, device, log))
+    if "jpeg" in parts:
+        report["jpeg"] = attempt("jpeg", lambda: bench_jpeg_decode(workload, images, device, log))
     save()
     # Last: compiling can take a minute, and a run cut short keeps everything before it.
-    report["compile"] = attempt("compile", lambda: bench_compile(workload, model, images, device, log))
+    if "compile" in parts:
+        report["compile"] = attempt("compile", lambda: bench_compile(workload, model, images, device, log))
     checkpoint.unlink(missing_ok=True)
     save()
     print(markdown(report))

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # What this project measures and checks on a lent GPU machine, in one run: the CUDA tests, then
-# scripts/bench_gpu.py (in-process and HTTP). About 2 minutes on an H200 when last run; the parts
-# added since (the worker with and without a process of its own, four HTTP servers, a profiled
-# pass, torch.compile last; 96 requests a load step instead of 128) are estimated to bring it to
-# about 6 minutes: give the device call about 580 s. A run cut short keeps every part it finished. Run from
+# scripts/bench_gpu.py (in-process and HTTP). On an H200 on 2026-11-27 the CUDA tests took 25 s and
+# the benchmark was cut short at its 450 s limit, 310 s of it spent beside a busy thread at GIL
+# switch intervals now dropped; without them (and without the 1 ms HTTP server) it is estimated at
+# 5-6 minutes: give the device call about 580 s. A run cut short keeps every part it finished, and
+# `bench_gpu.py --parts ... --http-servers ...` reruns what it missed. Run from
 # the project root there, with cp312 wheels of what the machine's image lacks (fastapi, pydantic,
 # uvicorn, pycocotools, ...: it has no network) downloaded beforehand into .whl/ (carry it).
 # bench_gpu.json and bench_gpu.md go to $OUT (default bench-results/gpu), rewritten after each
