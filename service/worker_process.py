@@ -9,9 +9,9 @@ itself; the server's process keeps HTTP, decoding and the host half of post-proc
 The child loads its backend (``export.runtimes.load_backend``), warms up and then runs batches
 with the service's own ``Worker.start``: the same pre-processing, forward pass and device half of
 post-processing as the in-process worker, so the answers are the same. Over one pipe, the parent
-sends each batch (the queued images as numpy arrays, their options) and the requests whose client
-left; the child sends back each step's ``FetchedDetections`` (host arrays, run lengths) as soon as
-it has them. If the child exits, the requests of its batch are retried one at a time (only one
+sends each batch (its images' layout and options, their pixels in shared memory: ``BatchMemory``)
+and the requests whose client left; the child sends back each step's ``FetchedDetections`` (host
+arrays, run lengths) as soon as it has them. If the child exits, the requests of its batch are retried one at a time (only one
 that makes it exit again gets a 500), readiness reports 503 until a new child is up, and
 ``transfiner_worker_restarts`` counts the restarts.
 """
@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
+import mmap
 import multiprocessing
 import os
 import queue
@@ -30,7 +32,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
+
 import torch
 
 from export.resolve import ResolvedModel, resolve_model
@@ -104,6 +108,9 @@ class ProcessWorker:
         self._sender = ThreadPoolExecutor(1, thread_name_prefix=f"transfiner-worker-{spec.index}-send")
         self._batches: dict[int, _Batch] = {}
         self._ids = itertools.count()
+        self._free_memory: list[BatchMemory] = []  # shared memory of batches no longer in flight
+        self._memory_count = 0
+        self._child = 0  # counts the children started, so a new one is sent the memory it has not mapped
         self._conn: Connection | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._up = asyncio.Event()
@@ -147,6 +154,7 @@ class ProcessWorker:
             process.join()
             raise WorkerProcessError(f"worker process {self.index} started after the service stopped")
         self.info, self._conn, self._process = message[1], conn, process
+        self._child += 1
         threading.Thread(
             target=self._receive, args=(conn, process), name=f"transfiner-worker-{self.index}-receive", daemon=True,
         ).start()
@@ -160,23 +168,30 @@ class ProcessWorker:
 
     async def _run_batch(self, jobs: list[Job]) -> None:
         await self._up.wait()
-        conn = self._conn
+        conn, child = self._conn, self._child
         assert conn is not None
         loop = asyncio.get_running_loop()
         batch_id = next(self._ids)
         batch = self._batches[batch_id] = _Batch(jobs, loop.create_future())
         payloads: list[SegmentJob] = [job.payload for job in jobs]
-        message = ("batch", batch_id, [_image_to_wire(p.image) for p in payloads], [p.options for p in payloads])
         for i, job in enumerate(jobs):
             job.future.add_done_callback(lambda future, i=i: self._cancel(future, conn, batch_id, i))
+        # The batch's memory is not reused before the child is done with the batch (or gone).
+        memory = self._free_memory.pop() if self._free_memory else self._new_memory()
         try:
-            await loop.run_in_executor(self._sender, conn.send, message)
+            await loop.run_in_executor(self._sender, memory.send, conn, child, batch_id,
+                                       [p.image for p in payloads], [p.options for p in payloads])
             await batch.done
         finally:
             del self._batches[batch_id]
+            self._free_memory.append(memory)
         if self.metrics is not None:
             self.metrics.preprocess_seconds.observe(batch.preprocess_s)
             self.metrics.inference_seconds.observe(time.perf_counter() - batch.started)
+
+    def _new_memory(self) -> BatchMemory:
+        self._memory_count += 1  # as many as batches in flight at once: two under load (the look-ahead)
+        return BatchMemory(self._memory_count - 1)
 
     def _cancel(self, future: asyncio.Future, conn: Connection, batch_id: int, index: int) -> None:
         """A request whose client left (or whose deadline passed) needs no masks: the child skips
@@ -240,14 +255,16 @@ class ProcessWorker:
     def close(self) -> None:
         """Blocking: asks the child to finish its batch and exit (killed after 30 s)."""
         self._closing = True
-        if self._conn is not None:
-            _send_quietly(self._conn, ("stop",))
+        if self._conn is not None:  # through the sender, so it cannot split a batch from its pixels
+            self._sender.submit(_send_quietly, self._conn, ("stop",)).result()
         if self._process is not None:
             self._process.join(timeout=30)
             if self._process.is_alive():
                 self._process.kill()
                 self._process.join()
         self._sender.shutdown(wait=True)
+        for memory in self._free_memory:
+            memory.close()
 
 
 async def start_worker_processes(settings: ServiceSettings, metrics=None) -> tuple[LoadedModel, list[ProcessWorker]]:
@@ -279,19 +296,92 @@ async def start_worker_processes(settings: ServiceSettings, metrics=None) -> tup
 # -- the wire --------------------------------------------------------------------------------------
 
 
-def _image_to_wire(image: NetworkImage) -> tuple:
-    """The image with its pixels as a numpy array in their own memory order (a permuted view of
-    decoded HWC pixels stays one), so the child resizes exactly the same tensor layout."""
-    pixels = image.pixels
-    order = sorted(range(pixels.dim()), key=lambda d: -pixels.stride(d))
-    dense = pixels.permute(order).contiguous()  # a no-op for a permuted view of dense memory
-    back = [order.index(d) for d in range(pixels.dim())]
-    return dense.numpy(), back, image.resized, image.original, image.network, image.canvas
+# A batch's pixels (25 MB for 8 decoded 1333x800 images) cross in shared memory: pickled through
+# the pipe they cost the server's process several copies under the GIL, and the child's reader
+# thread another while the model thread waits for the interpreter. Each batch in flight has a
+# memfd that the child maps once (its descriptor passed over the pipe, a Unix socket:
+# SCM_RIGHTS) and that is reused for batch after batch, because a fresh one costs a page fault
+# a page on both sides (scripts/bench_worker_transfer.py). The child's tensors read the pixels in
+# place. An anonymous file lives only as long as a descriptor or mapping of it: nothing is left
+# behind when either process dies.
+
+_ALIGN = 64  # bytes: each image starts on a cache line
 
 
-def _image_from_wire(wire: tuple) -> NetworkImage:
-    array, back, *rest = wire
-    return NetworkImage(torch.from_numpy(array).permute(back), *rest)
+@dataclass(frozen=True)
+class WireImage:
+    """Where one image's pixels lie in its batch's shared memory, and what the child rebuilds
+    from them. The pixels keep their own memory order (a permuted view of decoded HWC pixels
+    stays one), so the child resizes exactly the same tensor layout as the in-process worker."""
+
+    offset: int  # bytes from the start of the batch's memory
+    dtype: torch.dtype
+    shape: tuple[int, ...]  # of the pixels in memory order
+    back: tuple[int, ...]  # the permutation from memory order to [3, h, w]
+    resized: bool
+    original: tuple[int, int]
+    network: tuple[int, int]
+    canvas: tuple[int, int]
+
+
+class BatchMemory:
+    """The shared memory of one batch in flight to a worker process, kept for the next batch and
+    grown (a new memfd) when a batch needs more. Used by one thread at a time."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index  # the child keeps its mapping under this key
+        self.fd: int | None = None
+        self.size = 0
+        self._memory: mmap.mmap | None = None
+        self._mapped_by: int | None = None  # the child (``ProcessWorker._child``) that has this memfd mapped
+
+    def write(self, images: list[NetworkImage]) -> list[WireImage]:
+        """The images' pixels into this memory (grown if needed) -> where each lies."""
+        layout, in_memory, size = [], [], 0
+        for image in images:
+            pixels = image.pixels
+            order = sorted(range(pixels.dim()), key=lambda d: -pixels.stride(d))
+            dense = pixels.permute(order).contiguous()  # a no-op for a permuted view of dense memory
+            back = tuple(order.index(d) for d in range(pixels.dim()))
+            layout.append(WireImage(size, pixels.dtype, tuple(dense.shape), back, image.resized, image.original,
+                                    image.network, image.canvas))
+            in_memory.append(dense)
+            size += -(-dense.numel() * dense.element_size() // _ALIGN) * _ALIGN
+        if size > self.size:
+            self.close()
+            self.fd = os.memfd_create(f"transfiner-batch-{self.index}", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, size)
+            self._memory, self.size = mmap.mmap(self.fd, size), size
+        for wire, dense in zip(layout, in_memory):
+            pixels_at(self._memory, wire).copy_(dense)  # torch's copy runs without the GIL
+        return layout
+
+    def send(self, conn: Connection, child: int, batch_id: int, images: list[NetworkImage], options: list) -> None:
+        """On the sender thread: the pixels into this memory, the batch's message, and the memfd's
+        descriptor when the child has not mapped it yet."""
+        layout = self.write(images)
+        new = self._mapped_by != child
+        conn.send(("batch", batch_id, self.index, self.size if new else None, layout, options))
+        if new:
+            reduction.send_handle(conn, self.fd, 0)  # the destination process is only used on Windows
+            self._mapped_by = child
+
+    def close(self) -> None:
+        if self._memory is not None:
+            self._memory.close()
+            os.close(self.fd)
+        self._memory, self.fd, self.size, self._mapped_by = None, None, 0, None
+
+
+def pixels_at(memory: mmap.mmap, wire: WireImage) -> torch.Tensor:
+    """The pixels of ``wire`` in ``memory``, in place, in memory order."""
+    return torch.frombuffer(memory, dtype=wire.dtype, count=math.prod(wire.shape), offset=wire.offset).view(wire.shape)
+
+
+def read_images(memory: mmap.mmap, layout: list[WireImage]) -> list[NetworkImage]:
+    """A batch's images from the child's mapping of its memory, read in place."""
+    return [NetworkImage(pixels_at(memory, wire).permute(wire.back), wire.resized, wire.original, wire.network,
+                         wire.canvas) for wire in layout]
 
 
 def _send_quietly(conn: Connection, message: tuple) -> None:
@@ -333,11 +423,9 @@ def _child_main(conn: Connection, spec: WorkerSpec) -> None:
     cancelled: set[tuple[int, int]] = set()
     threading.Thread(target=_child_receive, args=(conn, batches, cancelled), daemon=True).start()
     while (message := batches.get()) is not None:
-        _, batch_id, images, options = message
+        batch_id, images, options = message
         try:
-            steps, preprocess_s = worker.start(
-                [_image_from_wire(image) for image in images], options, lambda i: (batch_id, i) not in cancelled,
-            )
+            steps, preprocess_s = worker.start(images, options, lambda i: (batch_id, i) not in cancelled)
             conn.send(("started", batch_id, preprocess_s))
             for step in steps:
                 conn.send(("step", batch_id, step))
@@ -346,18 +434,31 @@ def _child_main(conn: Connection, spec: WorkerSpec) -> None:
             log.exception("a batch failed")
             conn.send(("error", batch_id, f"inference failed in the worker process: {type(error).__name__}: {error}"))
         cancelled.difference_update({(batch_id, i) for i in range(len(images))})
+        message = images = steps = None  # unmaps the batch's shared memory while the next is awaited
     worker.close()
 
 
 def _child_receive(conn: Connection, batches: queue.SimpleQueue, cancelled: set[tuple[int, int]]) -> None:
     """The child's reader thread: batches to the main thread, cancellations into ``cancelled``."""
+    mappings: dict[int, mmap.mmap] = {}  # BatchMemory.index -> this child's mapping of it
     while True:
         try:
             message = conn.recv()
         except (EOFError, OSError):  # the server's process is gone
             break
         if message[0] == "batch":
-            batches.put(message)
+            _, batch_id, index, size, layout, options = message
+            if size is not None:  # memory this child has not mapped yet (or grown since)
+                try:
+                    fd = reduction.recv_handle(conn)
+                except (EOFError, OSError, RuntimeError):  # the server's process died between the two
+                    break
+                try:
+                    # A batch still queued keeps the old mapping alive through its tensors.
+                    mappings[index] = mmap.mmap(fd, size)
+                finally:
+                    os.close(fd)
+            batches.put((batch_id, read_images(mappings[index], layout), options))
         elif message[0] == "cancel":
             cancelled.add((message[1], message[2]))
         else:  # stop
@@ -365,4 +466,7 @@ def _child_receive(conn: Connection, batches: queue.SimpleQueue, cancelled: set[
     batches.put(None)
 
 
-__all__ = ["ProcessWorker", "WorkerInfo", "WorkerProcessError", "WorkerSpec", "start_worker_processes"]
+__all__ = [
+    "BatchMemory", "ProcessWorker", "WireImage", "WorkerInfo", "WorkerProcessError", "WorkerSpec", "pixels_at",
+    "read_images", "start_worker_processes",
+]

@@ -23,7 +23,10 @@ import torch
 from model.predictor import load_predictor
 from service.pipeline import network_image
 from service.settings import ServiceSettings
-from service.worker_process import _image_from_wire, _image_to_wire
+import mmap
+from multiprocessing import Pipe, reduction
+
+from service.worker_process import BatchMemory, read_images
 
 from .test_service_support import (
     CATEGORY_IDS, ThreadServer, encode, free_port, metric, running, scene, tiny_config, wait_ready,
@@ -64,16 +67,52 @@ def predictor(checkpoint):
     return load_predictor(checkpoint, None, "cpu")
 
 
-def test_images_cross_to_the_worker_process_in_their_memory_layout():
+def test_images_cross_to_the_worker_process_in_shared_memory_in_their_memory_layout():
     decoded = network_image(scene(96, 128).copy(), (96, 128), tiny_config().input)  # a [3, h, w] view of HWC
     resized = network_image(scene(400, 520).copy(), (400, 520), tiny_config().input)  # float32, resized here
+    small = network_image(scene(64, 64, seed=3).copy(), (64, 64), tiny_config().input)
     assert not decoded.resized and resized.resized
-    for image in (decoded, resized):
-        back = _image_from_wire(_image_to_wire(image))
-        assert back.pixels.stride() == image.pixels.stride() and back.pixels.dtype == image.pixels.dtype
-        assert torch.equal(back.pixels, image.pixels)
-        assert (back.resized, back.original, back.network, back.canvas) == (
-            image.resized, image.original, image.network, image.canvas)
+    memory = BatchMemory(0)
+    sender, receiver = Pipe(duplex=True)  # the worker's pipe: the memfd's descriptor crosses as it does
+    try:
+        received = {}  # what the child's reader keeps: index -> its mapping
+
+        def cross(images: list, child: int) -> list:
+            memory.send(sender, child, 7, images, [None] * len(images))
+            _, batch_id, index, size, layout, _ = receiver.recv()
+            if size is not None:
+                fd = reduction.recv_handle(receiver)
+                received[index] = mmap.mmap(fd, size)
+                os.close(fd)
+            return read_images(received[index], layout), layout, size
+
+        images = [decoded, resized, decoded]
+        back, layout, size = cross(images, child=1)
+        assert size is not None  # a new child is sent the descriptor
+        for got, image in zip(back, images, strict=True):
+            assert got.pixels.stride() == image.pixels.stride() and got.pixels.dtype == image.pixels.dtype
+            assert torch.equal(got.pixels, image.pixels)
+            assert (got.resized, got.original, got.network, got.canvas) == (
+                image.resized, image.original, image.network, image.canvas)
+        # The child's tensors read the one shared mapping in place.
+        starts = [got.pixels.data_ptr() - back[0].pixels.data_ptr() for got in back]
+        assert starts == [wire.offset - layout[0].offset for wire in layout]
+
+        # The next batch reuses the memory the child has mapped: no descriptor, the new pixels.
+        back, _, size = cross([small], child=1)
+        assert size is None and torch.equal(back[0].pixels, small.pixels)
+        # A batch larger than the memory grows it: a new descriptor, the child maps it anew.
+        first_mapping = received[0]
+        back, _, size = cross([resized, resized, resized, decoded], child=1)
+        assert size is not None and received[0] is not first_mapping
+        assert torch.equal(back[3].pixels, decoded.pixels) and torch.equal(back[2].pixels, resized.pixels)
+        # A restarted child has mapped nothing: it gets the descriptor again.
+        _, _, size = cross([small], child=2)
+        assert size is not None
+    finally:
+        memory.close()
+        sender.close()
+        receiver.close()
 
 
 def test_answers_equal_the_predictors_alone_and_batched(checkpoint, predictor):
