@@ -558,10 +558,13 @@ def bench_worker(workload: Workload, model: MaskTransfiner, images, device, log)
     default_interval = sys.getswitchinterval()
     rows = []
 
+    preprocess: list[float] = []  # of each batch: upload, resize and pad (not in the in-process figures)
+
     def one_batch(options) -> tuple[float, list]:
         start = time.perf_counter()
-        steps, _ = worker.start(queued, [options] * batch_size)
+        steps, preprocess_s = worker.start(queued, [options] * batch_size)
         fetched = [f for step in steps for _, f in step]
+        preprocess.append(preprocess_s)
         return time.perf_counter() - start, fetched
 
     try:
@@ -575,6 +578,7 @@ def bench_worker(workload: Workload, model: MaskTransfiner, images, device, log)
                 try:
                     with busy_python(load, cfg, fetched):
                         times = []
+                        preprocess.clear()
                         begin = time.perf_counter()
                         while len(times) < 2 or (time.perf_counter() - begin < workload.seconds_per_case
                                                  and len(times) < 30):
@@ -585,6 +589,7 @@ def bench_worker(workload: Workload, model: MaskTransfiner, images, device, log)
                 row = {"precision": precision, "batch": batch_size, "detections": detections, "busy_thread": load,
                        "worker": "thread",
                        "switch_interval_ms": interval * 1000, "batch_ms": batch_s * 1000,
+                       "preprocess_ms": float(np.median(preprocess)) * 1000,
                        "images_per_s": batch_size / batch_s, "runs": len(times)}
                 rows.append(row)
                 log(f"worker det {detections}{' + busy thread' if load else ''} (switch {interval * 1000:g} ms): "
@@ -614,6 +619,7 @@ def bench_worker_process(workload: Workload, checkpoint: Path, cfg: ModelConfig,
     spec = WorkerSpec(resolve_model(str(checkpoint)), "pytorch", None, str(device), None, precision, None, 1,
                       batch_size if device.type == "cuda" else 1, sys.getswitchinterval() * 1000, "warning")
     rows = []
+    preprocess: list[float] = []  # of each batch, in the child
 
     async def measure() -> None:
         worker = ProcessWorker(spec)
@@ -623,6 +629,7 @@ def bench_worker_process(workload: Workload, checkpoint: Path, cfg: ModelConfig,
             jobs = [Job(SegmentJob(image, options), time.monotonic() + 600, image.canvas) for image in queued]
             start = time.perf_counter()
             await worker.run(jobs)
+            preprocess.append(jobs[0].future.result().preprocess_s)
             return time.perf_counter() - start, [job.future.result().fetched for job in jobs]
 
         try:
@@ -632,6 +639,7 @@ def bench_worker_process(workload: Workload, checkpoint: Path, cfg: ModelConfig,
                 for load in (False, True):
                     with busy_python(load, cfg, fetched):
                         times = []
+                        preprocess.clear()
                         begin = time.perf_counter()
                         while len(times) < 2 or (time.perf_counter() - begin < workload.seconds_per_case
                                                  and len(times) < 30):
@@ -640,6 +648,7 @@ def bench_worker_process(workload: Workload, checkpoint: Path, cfg: ModelConfig,
                     rows.append({"precision": precision, "batch": batch_size, "detections": detections,
                                  "busy_thread": load, "worker": "process",
                                  "switch_interval_ms": sys.getswitchinterval() * 1000, "batch_ms": batch_s * 1000,
+                                 "preprocess_ms": float(np.median(preprocess)) * 1000,
                                  "images_per_s": batch_size / batch_s, "runs": len(times)})
                     log(f"worker process det {detections}{' + busy thread' if load else ''}: "
                         f"{batch_size / batch_s:.1f} img/s, {batch_s * 1000:.0f} ms a batch")
@@ -813,12 +822,14 @@ def markdown(report: dict) -> str:
     if report.get("worker"):
         lines += ["", "## The service's worker without HTTP (batch of the HTTP case)", "",
                   "| det/img | model worker | busy Python thread | GIL switch interval ms | img/s | ms a batch "
-                  "| vs in-process |",
-                  "|---:|---|---|---:|---:|---:|---:|"]
+                  "| of which pre-processing | vs in-process |",
+                  "|---:|---|---|---:|---:|---:|---:|---:|"]
         for w in report["worker"]:
             ratio = share_of_in_process(report, w["precision"], w["batch"], w["detections"], w["images_per_s"])
+            pre = f"{w['preprocess_ms']:.0f}" if "preprocess_ms" in w else "-"
             lines.append(f"| {w['detections']} | {w.get('worker', 'thread')} | {'yes' if w['busy_thread'] else 'no'} "
-                         f"| {w['switch_interval_ms']:g} | {w['images_per_s']:.1f} | {w['batch_ms']:.0f} | {ratio} |")
+                         f"| {w['switch_interval_ms']:g} | {w['images_per_s']:.1f} | {w['batch_ms']:.0f} | {pre} "
+                         f"| {ratio} |")
     if report.get("http"):
         lines += [
             "", f"## HTTP (`transfiner serve --max-batch-size {report['http_batch_size']}`, `transfiner bench`, "
