@@ -210,6 +210,63 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 8192, repe
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
+def bench_nms(workload: Workload, device, log, repeats: int = 10) -> list[dict]:
+    """NMS laid out three ways for a batch (the largest batch size) on synthetic boxes shaped like
+    the model's: box inference (3,000 candidates an image over 80 classes, the pre-NMS bound at
+    threshold 0) and the RPN (about 4,700 proposals an image over 5 levels). ``one call``: every
+    group moved apart by the coordinate trick (what box inference does, one op in an exported
+    graph); ``per image``: one call per image, its groups moved apart; ``batched_nms``:
+    torchvision's, which makes one call per group above 5,000 boxes on CUDA (what the RPN does).
+    All three keep the same boxes (checked); which is fastest on a GPU decides the layout."""
+    from torchvision.ops import batched_nms, nms
+
+    batch = max(workload.batch_sizes)
+    height, width = workload.height, workload.width
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for name, per_image, groups in (("box inference", 3000, 80), ("RPN", 4700, 5)):
+        count = batch * per_image
+        centers = torch.rand(count, 2, generator=generator) * torch.tensor([width, height])
+        sizes = 8 + torch.rand(count, 2, generator=generator) * 300
+        boxes = torch.cat((centers - sizes / 2, centers + sizes / 2), 1).clamp(min=0)
+        boxes = torch.minimum(boxes, torch.tensor([width, height, width, height], dtype=torch.float32))
+        scores = torch.rand(count, generator=generator)
+        image = torch.arange(batch).repeat_interleave(per_image)
+        group = torch.randint(groups, (count,), generator=generator)
+        boxes, scores, image, group = (t.to(device) for t in (boxes, scores, image, group))
+        step = float(max(width, height)) + 1
+
+        def one_call():
+            return nms(boxes + ((image * groups + group) * step)[:, None].to(boxes), scores, 0.5)
+
+        def per_image_calls():
+            kept = []
+            for b in range(batch):
+                index = torch.arange(b * per_image, (b + 1) * per_image, device=device)
+                moved = boxes[index] + (group[index] * step)[:, None].to(boxes)
+                kept.append(index[nms(moved, scores[index], 0.5)])
+            return torch.cat(kept)
+
+        def torchvision_batched():
+            return batched_nms(boxes, scores, image * groups + group, 0.5)
+
+        reference = None
+        for layout, fn in (("one call", one_call), ("per image", per_image_calls), ("batched_nms", torchvision_batched)):
+            kept = fn()
+            sync(device)
+            kept_set = set(kept.tolist())
+            reference = kept_set if reference is None else reference
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            sync(device)
+            ms = (time.perf_counter() - start) / repeats * 1000
+            rows.append({"case": name, "layout": layout, "batch": batch, "boxes": count, "groups": batch * groups,
+                         "ms": ms, "same_as_one_call": kept_set == reference})
+            log(f"nms {name}, {layout}: {ms:.1f} ms for {count} boxes ({'same' if kept_set == reference else 'DIFFERENT'})")
+    return rows
+
+
 def make_images(workload: Workload, count: int, folder: Path) -> list[np.ndarray]:
     """``count`` make-shapes scenes at the workload's size, also written as PNGs for HTTP."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -876,6 +933,12 @@ def markdown(report: dict) -> str:
         for row in profile["top"]:
             share = f"{100 * row['share']:.1f}%" if row["share"] is not None else "-"
             lines.append(f"| `{row['op']}` | {row['calls']} | {row['self_ms']:.1f} | {share} |")
+    if report.get("nms"):
+        lines += ["", "## NMS layouts (synthetic boxes shaped like the model's)", "",
+                  "| case | layout | batch | boxes | groups | ms | keeps the same boxes |", "|---|---|---:|---:|---:|---:|---|"]
+        for n in report["nms"]:
+            lines.append(f"| {n['case']} | {n['layout']} | {n['batch']} | {n['boxes']} | {n['groups']} | {n['ms']:.1f} "
+                         f"| {'yes' if n['same_as_one_call'] else 'NO'} |")
     if report.get("chunks"):
         lines += ["", "## Tokens per refinement pass (the largest in-process case)", "",
                   "| tokens per chunk | boxes per chunk (mean) | mask head ms | refiner ms | forward ms | peak GiB |",
@@ -911,7 +974,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-PARTS = ("attention", "in-process", "worker", "http", "profile", "chunks", "memory-format", "jpeg", "compile")
+PARTS = ("attention", "in-process", "worker", "http", "profile", "nms", "chunks", "memory-format", "jpeg", "compile")
 # The token sweep decided gpu_tokens_per_chunk (README) and is not rerun by default.
 DEFAULT_PARTS = tuple(part for part in PARTS if part != "chunks")
 
@@ -1011,6 +1074,8 @@ def main() -> int:
     if "profile" in parts:
         report["profile"] = attempt("profile", lambda: bench_profile(workload, model, images, device, log))
         save()
+    if "nms" in parts:
+        report["nms"] = attempt("nms", lambda: bench_nms(workload, device, log))
     if "chunks" in parts:
         report["chunks"] = attempt("chunks", lambda: bench_chunks(workload, model, images, device, log))
     if "memory-format" in parts:
