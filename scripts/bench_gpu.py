@@ -1054,9 +1054,19 @@ def main() -> int:
         report["in_process"] += rows or []
         save()
 
-    # The service's precision (auto) first, then HTTP, then the rest.
+    # The service's precision (auto) first; then the short measurements (a few seconds each,
+    # and twice cut off when they came after HTTP); then the worker and HTTP; then the rest.
     if "in-process" in parts:
         in_process(workload.precisions[:1])
+    if "profile" in parts:
+        report["profile"] = attempt("profile", lambda: bench_profile(workload, model, images, device, log))
+    if "nms" in parts:
+        report["nms"] = attempt("nms", lambda: bench_nms(workload, device, log))
+    if "memory-format" in parts:
+        report["memory_format"] = attempt("memory format",
+                                          lambda: bench_channels_last(workload, model, images, device, log))
+    if "jpeg" in parts:
+        report["jpeg"] = attempt("jpeg", lambda: bench_jpeg_decode(workload, images, device, log))
     if "worker" in parts:
         report["worker"] = attempt("worker", lambda: bench_worker(workload, model, images, device, log))
         report["worker"] = (report["worker"] or []) + (attempt("worker process", lambda: bench_worker_process(
@@ -1071,18 +1081,8 @@ def main() -> int:
                 workload, checkpoint, work / "images", work, str(device), variant, log)) or []
     if "in-process" in parts:
         in_process(workload.precisions[1:])
-    if "profile" in parts:
-        report["profile"] = attempt("profile", lambda: bench_profile(workload, model, images, device, log))
-        save()
-    if "nms" in parts:
-        report["nms"] = attempt("nms", lambda: bench_nms(workload, device, log))
     if "chunks" in parts:
         report["chunks"] = attempt("chunks", lambda: bench_chunks(workload, model, images, device, log))
-    if "memory-format" in parts:
-        report["memory_format"] = attempt("memory format",
-                                          lambda: bench_channels_last(workload, model, images, device, log))
-    if "jpeg" in parts:
-        report["jpeg"] = attempt("jpeg", lambda: bench_jpeg_decode(workload, images, device, log))
     save()
     # Last: compiling can take a minute, and a run cut short keeps everything before it.
     if "compile" in parts:
