@@ -602,13 +602,16 @@ def bench_worker(workload: Workload, model: MaskTransfiner, images, device, log)
     thread, as the worker's own thread runs them) on the HTTP case's batches: what the service's
     device path costs against the model alone. Then the same with a second thread that keeps
     the interpreter busy as the server's post-processing threads and event loop do (COCO records
-    and JSON of earlier answers), at Python's default GIL switch interval and shorter ones: a
-    thread that launches thousands of small kernels waits for the lock at each of them."""
+    and JSON of earlier answers), at a short GIL switch interval: a thread that launches
+    thousands of small kernels waits for the lock at each of them. Then alone again with the
+    batch's masks in one step instead of groups of images, lightest first."""
     from service.pipeline import RequestOptions, network_image
     from service.worker import Worker
 
     precision, batch_size = workload.precisions[0], workload.http_batch_size
-    worker = Worker(TorchBackend(model, precision))
+    backend = TorchBackend(model, precision)
+    worker = Worker(backend)
+    default_group = backend.boxes_per_group
     cfg = model.cfg
     queued = [network_image(images[i % len(images)], images[i % len(images)].shape[:2], cfg.input)
               for i in range(batch_size)]
@@ -616,41 +619,49 @@ def bench_worker(workload: Workload, model: MaskTransfiner, images, device, log)
     rows = []
 
     preprocess: list[float] = []  # of each batch: upload, resize and pad (not in the in-process figures)
+    groups: list[int] = []  # mask-head steps of each batch (``segment_lightest_first``'s groups)
 
     def one_batch(options) -> tuple[float, list]:
         start = time.perf_counter()
         steps, preprocess_s = worker.start(queued, [options] * batch_size)
-        fetched = [f for step in steps for _, f in step]
+        per_step = [[f for _, f in step] for step in steps]
         preprocess.append(preprocess_s)
-        return time.perf_counter() - start, fetched
+        groups.append(len(per_step))
+        return time.perf_counter() - start, [f for step in per_step for f in step]
 
+    # Beside the busy thread only at a 0.2 ms switch interval: at 5 ms one batch of 8 x 100
+    # detections took 86 s on an H200 (README), and this part must not eat the run. Last, the
+    # whole batch's masks in one step: what answering the lightest images first costs.
+    cases = ((False, default_interval, default_group), (True, 0.0002, default_group),
+             (False, default_interval, 10**9))
     try:
         for detections in workload.detections:
             options = RequestOptions(score_threshold=0.0, max_detections=detections)
             _, fetched = one_batch(options)  # warm-up
-            # Beside the busy thread only at a 0.2 ms switch interval: at 5 ms one batch of 8 x 100
-            # detections took 86 s on an H200 (README), and this part must not eat the run.
-            for load, interval in ((False, default_interval), (True, 0.0002)):
+            for load, interval, group in cases:
                 sys.setswitchinterval(interval)
+                backend.boxes_per_group = group
                 try:
                     with busy_python(load, cfg, fetched):
                         times = []
                         preprocess.clear()
+                        groups.clear()
                         begin = time.perf_counter()
                         while len(times) < 2 or (time.perf_counter() - begin < workload.seconds_per_case
                                                  and len(times) < 30):
                             times.append(one_batch(options)[0])
                 finally:
                     sys.setswitchinterval(default_interval)
+                    backend.boxes_per_group = default_group
                 batch_s = float(np.median(times))
                 row = {"precision": precision, "batch": batch_size, "detections": detections, "busy_thread": load,
-                       "worker": "thread",
+                       "worker": "thread", "boxes_per_group": group, "mask_steps": max(groups),
                        "switch_interval_ms": interval * 1000, "batch_ms": batch_s * 1000,
                        "preprocess_ms": float(np.median(preprocess)) * 1000,
                        "images_per_s": batch_size / batch_s, "runs": len(times)}
                 rows.append(row)
-                log(f"worker det {detections}{' + busy thread' if load else ''} (switch {interval * 1000:g} ms): "
-                    f"{row['images_per_s']:.1f} img/s, {row['batch_ms']:.0f} ms a batch")
+                log(f"worker det {detections}{' + busy thread' if load else ''} (switch {interval * 1000:g} ms, "
+                    f"{max(groups)} mask steps): {row['images_per_s']:.1f} img/s, {row['batch_ms']:.0f} ms a batch")
     finally:
         worker.close()
     return rows
@@ -878,13 +889,14 @@ def markdown(report: dict) -> str:
         )
     if report.get("worker"):
         lines += ["", "## The service's worker without HTTP (batch of the HTTP case)", "",
-                  "| det/img | model worker | busy Python thread | GIL switch interval ms | img/s | ms a batch "
-                  "| of which pre-processing | vs in-process |",
-                  "|---:|---|---|---:|---:|---:|---:|---:|"]
+                  "| det/img | model worker | mask steps a batch | busy Python thread | GIL switch interval ms | img/s "
+                  "| ms a batch | of which pre-processing | vs in-process |",
+                  "|---:|---|---:|---|---:|---:|---:|---:|---:|"]
         for w in report["worker"]:
             ratio = share_of_in_process(report, w["precision"], w["batch"], w["detections"], w["images_per_s"])
             pre = f"{w['preprocess_ms']:.0f}" if "preprocess_ms" in w else "-"
-            lines.append(f"| {w['detections']} | {w.get('worker', 'thread')} | {'yes' if w['busy_thread'] else 'no'} "
+            lines.append(f"| {w['detections']} | {w.get('worker', 'thread')} | {w.get('mask_steps', '-')} "
+                         f"| {'yes' if w['busy_thread'] else 'no'} "
                          f"| {w['switch_interval_ms']:g} | {w['images_per_s']:.1f} | {w['batch_ms']:.0f} | {pre} "
                          f"| {ratio} |")
     if report.get("http"):
