@@ -11,9 +11,9 @@ with the service's own ``Worker.start``: the same pre-processing, forward pass a
 post-processing as the in-process worker, so the answers are the same. Over one pipe, the parent
 sends each batch (its images' layout and options, their pixels in shared memory: ``BatchMemory``)
 and the requests whose client left; the child sends back each step's ``FetchedDetections`` (host
-arrays, run lengths) as soon as it has them. If the child exits, the requests of its batch are retried one at a time (only one
-that makes it exit again gets a 500), readiness reports 503 until a new child is up, and
-``transfiner_worker_restarts`` counts the restarts.
+arrays, run lengths) as soon as it has them. If the child exits, the requests of its batch are
+retried one at a time (only one that makes it exit again gets a 500), readiness reports 503
+until a new child is up, and ``transfiner_worker_restarts`` counts the restarts.
 """
 
 from __future__ import annotations
@@ -255,8 +255,11 @@ class ProcessWorker:
     def close(self) -> None:
         """Blocking: asks the child to finish its batch and exit (killed after 30 s)."""
         self._closing = True
-        if self._conn is not None:  # through the sender, so it cannot split a batch from its pixels
-            self._sender.submit(_send_quietly, self._conn, ("stop",)).result()
+        if self._conn is not None:  # through the sender, so it cannot split a batch from its descriptor
+            try:
+                self._sender.submit(_send_quietly, self._conn, ("stop",)).result(timeout=30)
+            except TimeoutError:  # a child that reads nothing more: killed below
+                pass
         if self._process is not None:
             self._process.join(timeout=30)
             if self._process.is_alive():
