@@ -812,35 +812,8 @@ def bench_http(
     try:
         wait_for_server(server, url, work / "server.log", timeout=180)
         for detections in sorted(workload.detections, reverse=True):
-            step_out = work / f"http-{detections}"
-            command = [
-                *TRANSFINER, "bench", "--url", url, "--images", str(image_dir),
-                "--concurrency", *map(str, variant.concurrency or workload.http_concurrency),
-                "--requests", str(workload.http_requests),
-                "--warmup", str(2 * workload.http_batch_size), "--param", "score_threshold=0",
-                "--param", f"max_detections={detections}", "--out", str(step_out),
-            ]
-            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-            if done.returncode != 0:
-                results.append({"detections": detections, "error": done.stderr.strip()[-400:]})
-                log(f"http det {detections}: failed: {done.stderr.strip()[-400:]}\nserver log:\n"
-                    + (work / "server.log").read_text()[-2000:])
-                continue
-            report = json.loads((step_out / "report.json").read_text())
-            card = (report["target"].get("models") or [{}])[0]
-            for step in report["steps"]:
-                server_side = step.get("server") or {}
-                results.append({
-                    "detections": detections, "switch_interval_ms": switch_interval_ms, "worker": worker,
-                    "concurrency": step["concurrency"], "ok": step["ok"],
-                    "requests": step["requests"], "images_per_s": step["images_per_s"],
-                    "p50_ms": (step.get("latency") or {}).get("p50_s", 0) * 1000,
-                    "p99_ms": (step.get("latency") or {}).get("p99_s", 0) * 1000,
-                    "precision": card.get("precision"), "server": server_side,
-                })
-                log(f"http det {detections} c={step['concurrency']} switch {switch_interval_ms:g} ms, worker {worker}: "
-                    f"{step['images_per_s']:.1f} img/s "
-                    f"({step['ok']}/{step['requests']} ok), precision {card.get('precision')}")
+            for concurrency in variant.concurrency or workload.http_concurrency:
+                results += http_step(workload, url, image_dir, work, detections, concurrency, variant, log)
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -849,6 +822,42 @@ def bench_http(
             server.kill()
         server_log.close()
     return results
+
+
+def http_step(workload: Workload, url: str, image_dir: Path, work: Path, detections: int, concurrency: int,
+              variant: HttpServer, log) -> list[dict]:
+    """One ``transfiner bench`` closed loop against the running server. At least 6 requests a
+    client, so the steady rate (``service.loadtest.report.steady_rate``: the loop full, neither
+    filling nor draining) has a window of 4 requests a client."""
+    step_out = work / f"http-{detections}-{concurrency}"
+    command = [
+        *TRANSFINER, "bench", "--url", url, "--images", str(image_dir), "--concurrency", str(concurrency),
+        "--requests", str(max(workload.http_requests, 6 * concurrency)),
+        "--warmup", str(2 * workload.http_batch_size), "--param", "score_threshold=0",
+        "--param", f"max_detections={detections}", "--out", str(step_out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        log(f"http det {detections} c={concurrency}: failed: {done.stderr.strip()[-400:]}\nserver log:\n"
+            + (work / "server.log").read_text()[-2000:])
+        return [{"detections": detections, "concurrency": concurrency, "error": done.stderr.strip()[-400:]}]
+    report = json.loads((step_out / "report.json").read_text())
+    card = (report["target"].get("models") or [{}])[0]
+    rows = []
+    for step in report["steps"]:
+        rows.append({
+            "detections": detections, "switch_interval_ms": variant.switch_interval_ms, "worker": variant.name,
+            "concurrency": step["concurrency"], "ok": step["ok"], "requests": step["requests"],
+            "images_per_s": step["images_per_s"], "steady_images_per_s": step.get("steady_images_per_s"),
+            "p50_ms": (step.get("latency") or {}).get("p50_s", 0) * 1000,
+            "p99_ms": (step.get("latency") or {}).get("p99_s", 0) * 1000,
+            "precision": card.get("precision"), "server": step.get("server") or {},
+        })
+        steady = step.get("steady_images_per_s")
+        log(f"http det {detections} c={step['concurrency']} switch {variant.switch_interval_ms:g} ms, worker "
+            f"{variant.name}: {step['images_per_s']:.1f} img/s, steady {steady or 0:.1f} "
+            f"({step['ok']}/{step['requests']} ok), precision {card.get('precision')}")
+    return rows
 
 
 def share_of_in_process(report: dict, precision: str, batch: int, detections: int, images_per_s: float) -> str:
@@ -904,22 +913,29 @@ def markdown(report: dict) -> str:
             "", f"## HTTP (`transfiner serve --max-batch-size {report['http_batch_size']}`, `transfiner bench`, "
             f"{report['image'][1]}x{report['image'][0]} PNGs)", "",
             "| det/img | clients | GIL switch interval ms | model worker | precision | ok | img/s | p50 ms | p99 ms "
-            f"| vs in-process batch {report['http_batch_size']} |",
-            "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
+            f"| vs in-process batch {report['http_batch_size']} | steady img/s | steady vs in-process |",
+            "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for h in report["http"]:
             if "error" in h:
-                lines.append(f"| {h['detections']} | | | error: {h['error'][:100]} |")
+                lines.append(f"| {h['detections']} | {h.get('concurrency', '')} | | error: {h['error'][:100]} |")
                 continue
             ratio = share_of_in_process(
                 report, h["precision"], report["http_batch_size"], h["detections"], h["images_per_s"]
             )
+            steady = h.get("steady_images_per_s")
+            steady_ratio = share_of_in_process(
+                report, h["precision"], report["http_batch_size"], h["detections"], steady
+            ) if steady else "-"
             lines.append(
                 f"| {h['detections']} | {h['concurrency']} | {h.get('switch_interval_ms', 5):g} "
                 f"| {h.get('worker', 'thread')} | {h['precision']} "
                 f"| {h['ok']}/{h['requests']} "
-                f"| {h['images_per_s']:.1f} | {h['p50_ms']:.0f} | {h['p99_ms']:.0f} | {ratio} |"
+                f"| {h['images_per_s']:.1f} | {h['p50_ms']:.0f} | {h['p99_ms']:.0f} | {ratio} "
+                f"| {f'{steady:.1f}' if steady else '-'} | {steady_ratio} |"
             )
+        lines += ["", "(steady: answers per second while the closed loop was full, leaving out its filling "
+                  "and draining; `transfiner bench`'s steady img/s.)"]
     compiled = report.get("compile")
     if compiled:
         lines += [

@@ -286,3 +286,23 @@ def test_step_result_counts_errors_apart_from_latencies():
     assert step.latencies_s == pytest.approx([0.5, 1.0]) and step.error_latencies_s == pytest.approx([0.1, 0.1])
     assert step.throughput_rps == 2.0 and step.images_per_s == 1.0 and step.latency.max_s == pytest.approx(1.0)
     assert step.arrival_rate == pytest.approx(4 / 0.3) and step.label == "open 10 req/s"
+
+
+def test_closed_loop_steady_rate_leaves_out_the_ramp_and_the_drain():
+    # 2 users against a batcher of 2: a slow first batch (the loop fills, the model warms), then an
+    # answer pair every 0.1 s, then a drain where one user has nothing left to send.
+    finished = [1.0, 1.0] + [1.0 + 0.1 * k for k in range(1, 11) for _ in range(2)] + [3.0]
+    run = RunResult(records=[RequestRecord(i, 0.0, 0.0, t, 200) for i, t in enumerate(finished)],
+                    duration_s=3.0, arrivals=len(finished), arrival_window_s=0.0)
+    step = StepResult.from_run("closed", run, None, concurrency=2)
+    assert step.images_per_s == pytest.approx(23 / 3.0)
+    # From the 2nd answer (1.0 s) to the 2nd from last (2.0 s): 20 answers in 1 s.
+    assert step.steady_images_per_s == pytest.approx(20.0)
+    # Answers in batches share their times: the window counts whole batches (2 answers every 1 s).
+    pairs = RunResult(records=[RequestRecord(i, 0.0, 0.0, float(1 + i // 2), 200) for i in range(12)],
+                      duration_s=6.0, arrivals=12, arrival_window_s=0.0)
+    assert StepResult.from_run("closed", pairs, None, concurrency=2).steady_images_per_s == pytest.approx(2.0)
+    # Too few answers for a window, and no window for an open loop.
+    short = RunResult(records=run.records[:4], duration_s=1.1, arrivals=4, arrival_window_s=0.0)
+    assert StepResult.from_run("closed", short, None, concurrency=2).steady_images_per_s is None
+    assert StepResult.from_run("open", run, None, offered_rate=10.0).steady_images_per_s is None

@@ -271,6 +271,8 @@ async def _scrape_or_none(http: httpx.AsyncClient, urls: list[str]) -> Scrape | 
 def _summary_line(step: StepResult) -> str:
     lat = step.latency
     text = f"{step.label}: {step.ok}/{step.requests} ok, {step.images_per_s:.2f} img/s"
+    if step.steady_images_per_s is not None:
+        text += f" (steady {step.steady_images_per_s:.2f})"
     if lat is not None:
         text += f", p50 {lat.p50_s * 1000:.0f} ms, p99 {lat.p99_s * 1000:.0f} ms"
     if step.errors:

@@ -51,6 +51,10 @@ class StepResult:
     throughput_rps: float  # all answers (any status) per second
     images_per_s: float  # successful answers per second (one image per request)
     latency: LatencyStats | None  # successful requests only
+    # Closed loop: successful answers per second while the loop was full, between the
+    # concurrency-th answer and the concurrency-th from last (``steady_rate``); None when the step
+    # is too short to have such a window.
+    steady_images_per_s: float | None
     errors: dict[str, int]  # "503" -> count, or "ConnectError" -> count for no answer
     server: ServerBreakdown | None  # None when /metrics could not be scraped
     latencies_s: list[float] = field(default_factory=list)  # every successful request, in send order
@@ -81,9 +85,32 @@ class StepResult:
             mode=mode, concurrency=concurrency, offered_rate=offered_rate, arrival_rate=arrival_rate,
             requests=len(run.records), ok=len(latencies), dropped=run.dropped, duration_s=run.duration_s,
             throughput_rps=len(run.records) / duration, images_per_s=len(latencies) / duration,
-            latency=LatencyStats.of(latencies), errors=dict(sorted(errors.items())), server=server,
+            latency=LatencyStats.of(latencies),
+            steady_images_per_s=steady_rate([r.finished_s for r in run.records if r.ok], concurrency)
+            if mode == "closed" else None,
+            errors=dict(sorted(errors.items())), server=server,
             latencies_s=latencies, error_latencies_s=[r.latency_s for r in run.records if not r.ok],
         )
+
+
+def steady_rate(finished_s: list[float], concurrency: int | None) -> float | None:
+    """Answers per second of a closed loop once it is full and before it drains.
+
+    A closed loop of c users starts with c requests at once and ends with fewer than c in flight,
+    so a dynamic batcher sees ramp-up and drain batches that a steady load never makes; with a
+    few hundred requests these edges weigh on the overall rate. Here: the answers that came after
+    the c-th answer and no later than the c-th from last, over the time between those two. Counted
+    by time, not by position, because a batch's answers share one time: counting positions from
+    inside one batch to inside another would leave some of the window's answers out. None when
+    there are fewer than 2c + 1 answers or they share one time.
+    """
+    if not concurrency or len(finished_s) < 2 * concurrency + 1:
+        return None
+    times = sorted(finished_s)
+    start, end = times[concurrency - 1], times[len(times) - concurrency]
+    if end <= start:
+        return None
+    return sum(start < t <= end for t in times) / (end - start)
 
 
 @dataclass
@@ -126,8 +153,9 @@ def client_table(steps: list[StepResult]) -> str:
     open_loop = any(s.mode == "open" for s in steps)
     lines = [
         "| step | " + ("arrivals/s | " if open_loop else "")
-        + "requests | ok | errors | dropped | req/s | img/s | p50 ms | p90 ms | p99 ms | max ms | mean ms |",
-        "|---|" + ("---:|" if open_loop else "") + "---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        + "requests | ok | errors | dropped | req/s | img/s | steady img/s | p50 ms | p90 ms | p99 ms | max ms "
+        "| mean ms |",
+        "|---|" + ("---:|" if open_loop else "") + "---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in steps:
         lat = s.latency
@@ -136,7 +164,8 @@ def client_table(steps: list[StepResult]) -> str:
             arrivals = ("-" if s.arrival_rate is None else f"{s.arrival_rate:.2f}") + " | "
         lines.append(
             f"| {s.label} | {arrivals}{s.requests} | {s.ok} | {_counts(s.errors)} | {s.dropped} | {s.throughput_rps:.2f} "
-            f"| {s.images_per_s:.2f} | {_ms(lat and lat.p50_s)} | {_ms(lat and lat.p90_s)} "
+            f"| {s.images_per_s:.2f} | {'-' if s.steady_images_per_s is None else f'{s.steady_images_per_s:.2f}'} "
+            f"| {_ms(lat and lat.p50_s)} | {_ms(lat and lat.p90_s)} "
             f"| {_ms(lat and lat.p99_s)} | {_ms(lat and lat.max_s)} | {_ms(lat and lat.mean_s)} |"
         )
     return "\n".join(lines)
