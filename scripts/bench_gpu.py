@@ -210,6 +210,28 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 8192, repe
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
+def nms_layouts(boxes, scores, image, group, groups: int, batch: int, per_image: int, step: float) -> dict:
+    """``bench_nms``'s three layouts of one NMS problem (images of ``per_image`` boxes in a row,
+    ``groups`` groups an image), as functions that return the kept indices."""
+    from torchvision.ops import batched_nms, nms
+
+    def one_call():
+        return nms(boxes + ((image * groups + group) * step)[:, None].to(boxes), scores, 0.5)
+
+    def per_image_calls():
+        kept = []
+        for b in range(batch):
+            index = torch.arange(b * per_image, (b + 1) * per_image, device=boxes.device)
+            moved = boxes[index] + (group[index] * step)[:, None].to(boxes)
+            kept.append(index[nms(moved, scores[index], 0.5)])
+        return torch.cat(kept)
+
+    def torchvision_batched():
+        return batched_nms(boxes, scores, image * groups + group, 0.5)
+
+    return {"one call": one_call, "per image": per_image_calls, "batched_nms": torchvision_batched}
+
+
 def bench_nms(workload: Workload, device, log, repeats: int = 10) -> list[dict]:
     """NMS laid out three ways for a batch (the largest batch size) on synthetic boxes shaped like
     the model's: box inference (3,000 candidates an image over 80 classes, the pre-NMS bound at
@@ -218,8 +240,6 @@ def bench_nms(workload: Workload, device, log, repeats: int = 10) -> list[dict]:
     graph); ``per image``: one call per image, its groups moved apart; ``batched_nms``:
     torchvision's, which makes one call per group above 5,000 boxes on CUDA (what the RPN does).
     All three keep the same boxes (checked); which is fastest on a GPU decides the layout."""
-    from torchvision.ops import batched_nms, nms
-
     batch = max(workload.batch_sizes)
     height, width = workload.height, workload.width
     generator = torch.Generator().manual_seed(0)
@@ -234,24 +254,9 @@ def bench_nms(workload: Workload, device, log, repeats: int = 10) -> list[dict]:
         image = torch.arange(batch).repeat_interleave(per_image)
         group = torch.randint(groups, (count,), generator=generator)
         boxes, scores, image, group = (t.to(device) for t in (boxes, scores, image, group))
-        step = float(max(width, height)) + 1
-
-        def one_call():
-            return nms(boxes + ((image * groups + group) * step)[:, None].to(boxes), scores, 0.5)
-
-        def per_image_calls():
-            kept = []
-            for b in range(batch):
-                index = torch.arange(b * per_image, (b + 1) * per_image, device=device)
-                moved = boxes[index] + (group[index] * step)[:, None].to(boxes)
-                kept.append(index[nms(moved, scores[index], 0.5)])
-            return torch.cat(kept)
-
-        def torchvision_batched():
-            return batched_nms(boxes, scores, image * groups + group, 0.5)
-
+        layouts = nms_layouts(boxes, scores, image, group, groups, batch, per_image, float(max(width, height)) + 1)
         reference = None
-        for layout, fn in (("one call", one_call), ("per image", per_image_calls), ("batched_nms", torchvision_batched)):
+        for layout, fn in layouts.items():
             kept = fn()
             sync(device)
             kept_set = set(kept.tolist())
@@ -796,7 +801,7 @@ def bench_http(
     workload: Workload, checkpoint: Path, image_dir: Path, work: Path, device: str, variant: HttpServer, log,
 ) -> list[dict]:
     """The same checkpoint behind ``transfiner serve``, loaded with ``transfiner bench``."""
-    worker, switch_interval_ms = variant.name, variant.switch_interval_ms
+    switch_interval_ms = variant.switch_interval_ms
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server_log = (work / "server.log").open("w")

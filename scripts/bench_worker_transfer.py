@@ -114,7 +114,7 @@ def main() -> int:
 
     print(f"{args.batch} decoded 1333x800 images a batch ({megabytes:.1f} MB), median of {args.batches} batches, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    print(f"| method | server's sending thread CPU ms | child: to tensors CPU ms | child: one read CPU ms | wall ms |")
+    print("| method | server's sending thread CPU ms | child: to tensors CPU ms | child: one read CPU ms | wall ms |")
     print("|---|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['method']} | {row['send_cpu_ms']:.1f} | {row['child_receive_cpu_ms']:.1f} | "

@@ -11,7 +11,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from model.backend import TorchBackend
 from model.predictor import load_predictor
@@ -37,7 +36,6 @@ def segment_job(predictor, image: np.ndarray, options: RequestOptions) -> Job:
 
 def answer(predictor, job: Job) -> list[dict]:
     result = job.future.result()
-    options = job.payload.options
     return records(result.fetched, predictor.cfg, None)
 
 
