@@ -500,13 +500,31 @@ def bench_attention(device: torch.device, log) -> list[dict]:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             return F.scaled_dot_product_attention(q, k, v)
 
+    # Packed: only each box's real tokens, one after another ([T, heads, dim]), as FlashAttention's
+    # variable-length kernel takes them (torch.nn.attention.varlen, where this torch has it): no
+    # mask and no padded keys or queries. Compared at the real queries only.
+    valid = ~padding  # [rows, length]
+    lengths = valid.sum(dim=1)
+    packed_q, packed_k, packed_v = (t.transpose(1, 2)[valid] for t in (q, k, v))  # [T, heads, dim]
+    cumulative = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    longest = int(lengths.max())
+    packed_reference = reference.transpose(1, 2)[valid]
+
+    def packed():
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn(packed_q, packed_k, packed_v, cumulative, cumulative, longest, longest)
+
     variants = {
         "bool mask, SDPA's choice (the model)": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep),
         "bool mask, memory-efficient": masked(SDPBackend.EFFICIENT_ATTENTION),
         "bool mask, cuDNN": masked(SDPBackend.CUDNN_ATTENTION),
         "no mask, flash (a bound: wrong result)": unmasked,
+        "packed real tokens, flash varlen": packed,
     }
+    # TFLOP/s of the work each variant does: the padded square, or the packed boxes' own squares.
     flops = 4 * rows_ * heads * length * length * dim
+    packed_flops = 4 * heads * dim * float((lengths.double() ** 2).sum())
     results = []
     for name, fn in variants.items():
         row = {"variant": name}
@@ -518,8 +536,10 @@ def bench_attention(device: torch.device, log) -> list[dict]:
                 out = fn()
             sync(device)
             seconds = (time.perf_counter() - start) / 5
-            row.update(ms=seconds * 1000, tflops=flops / seconds / 1e12,
-                       max_abs_error=float((out.float() - reference).abs().max()))
+            is_packed = fn is packed
+            expected = packed_reference if is_packed else reference
+            row.update(ms=seconds * 1000, tflops=(packed_flops if is_packed else flops) / seconds / 1e12,
+                       max_abs_error=float((out.float() - expected).abs().max()))
         except Exception as error:  # noqa: BLE001 - unsupported kernels are a result too
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
         results.append(row)
