@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
-from multiprocessing import reduction
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.pipeline import NetworkImage  # noqa: E402
-from service.worker_process import BatchMemory, read_images  # noqa: E402
+from service.worker_process import BatchMemory, read_images, receive_memory  # noqa: E402
 
 METHODS = ("pipe", "shared memory")
 
@@ -54,9 +52,7 @@ def child(conn) -> None:
         else:
             _, _, index, size, layout, _ = message
             if size is not None:
-                fd = reduction.recv_handle(conn)
-                mappings[index] = mmap.mmap(fd, size)
-                os.close(fd)
+                mappings[index] = receive_memory(conn, size)
             pixels = [image.pixels for image in read_images(mappings[index], layout)]
         received = time.thread_time()
         total = sum(int(p.sum(dtype=torch.int64)) for p in pixels)  # one full read, as pre-processing does

@@ -376,6 +376,16 @@ class BatchMemory:
         self._memory, self.fd, self.size, self._mapped_by = None, None, 0, None
 
 
+def receive_memory(conn: Connection, size: int) -> mmap.mmap:
+    """The child's side of the descriptor ``BatchMemory.send`` passes: that memfd, mapped (the
+    descriptor itself is closed; the mapping keeps the memory)."""
+    fd = reduction.recv_handle(conn)
+    try:
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
 def pixels_at(memory: mmap.mmap, wire: WireImage) -> torch.Tensor:
     """The pixels of ``wire`` in ``memory``, in place, in memory order."""
     return torch.frombuffer(memory, dtype=wire.dtype, count=math.prod(wire.shape), offset=wire.offset).view(wire.shape)
@@ -453,14 +463,10 @@ def _child_receive(conn: Connection, batches: queue.SimpleQueue, cancelled: set[
             _, batch_id, index, size, layout, options = message
             if size is not None:  # memory this child has not mapped yet (or grown since)
                 try:
-                    fd = reduction.recv_handle(conn)
+                    # A batch still queued keeps the old mapping alive through its tensors.
+                    mappings[index] = receive_memory(conn, size)
                 except (EOFError, OSError, RuntimeError):  # the server's process died between the two
                     break
-                try:
-                    # A batch still queued keeps the old mapping alive through its tensors.
-                    mappings[index] = mmap.mmap(fd, size)
-                finally:
-                    os.close(fd)
             batches.put((batch_id, read_images(mappings[index], layout), options))
         elif message[0] == "cancel":
             cancelled.add((message[1], message[2]))
@@ -471,5 +477,5 @@ def _child_receive(conn: Connection, batches: queue.SimpleQueue, cancelled: set[
 
 __all__ = [
     "BatchMemory", "ProcessWorker", "WireImage", "WorkerInfo", "WorkerProcessError", "WorkerSpec", "pixels_at",
-    "read_images", "start_worker_processes",
+    "read_images", "receive_memory", "start_worker_processes",
 ]

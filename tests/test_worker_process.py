@@ -23,10 +23,9 @@ import torch
 from model.predictor import load_predictor
 from service.pipeline import network_image
 from service.settings import ServiceSettings
-import mmap
-from multiprocessing import Pipe, reduction
+from multiprocessing import Pipe
 
-from service.worker_process import BatchMemory, read_images
+from service.worker_process import BatchMemory, read_images, receive_memory
 
 from .test_service_support import (
     CATEGORY_IDS, ThreadServer, encode, free_port, metric, running, scene, tiny_config, wait_ready,
@@ -81,9 +80,7 @@ def test_images_cross_to_the_worker_process_in_shared_memory_in_their_memory_lay
             memory.send(sender, child, 7, images, [None] * len(images))
             _, batch_id, index, size, layout, _ = receiver.recv()
             if size is not None:
-                fd = reduction.recv_handle(receiver)
-                received[index] = mmap.mmap(fd, size)
-                os.close(fd)
+                received[index] = receive_memory(receiver, size)
             return read_images(received[index], layout), layout, size
 
         images = [decoded, resized, decoded]
