@@ -295,8 +295,29 @@ class SequenceEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         x = layer_norm(self.norm1, x + self.dropout(self.self_attn(x, pos, padding_mask)))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(x))))
+        ffn = self.linear2(self.dropout(linear_relu(self.linear1, x)))
         return layer_norm(self.norm2, x + self.dropout(ffn))
+
+
+def linear_relu(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``relu(linear(x))`` with the bias and the ReLU done by the matmul itself in eager mode.
+
+    The feed-forward activation [tokens, dim_feedforward] is the refiner's largest tensor; as
+    ``relu(linear(x))`` it is written, read and written again. ``torch._addmm_activation`` adds
+    the bias and clamps in the matmul's epilogue (cuBLASLt on CUDA), so it is written once.
+    Rounding commutes with ReLU, so the result equals the unfused one (exactly on the CPU).
+    Training (the fused operator has no gradient) and traced graphs keep the two standard
+    operators, which every runtime knows.
+    """
+    if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.jit.is_scripting() or linear.bias is None:
+        return F.relu(linear(x))
+    weight, bias = linear.weight, linear.bias
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        flat = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t())
+    return flat.view(*x.shape[:-1], flat.shape[-1])
 
 
 def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:

@@ -449,6 +449,31 @@ def bench_compile(workload: Workload, model: MaskTransfiner, images, device, log
     return result
 
 
+def bench_fused_ffn(workload: Workload, model: MaskTransfiner, images, device, log) -> list[dict]:
+    """The encoder's feed-forward ReLU in the matmul's epilogue (``linear_relu``, what the model
+    does) against a separate ReLU, side by side at the largest case and the service's precision."""
+    import model.transfiner as transfiner
+
+    precision, batch_size, detections = workload.precisions[0], max(workload.batch_sizes), max(workload.detections)
+    chosen = [torch.from_numpy(images[i % len(images)]).permute(2, 0, 1) for i in range(batch_size)]
+    batch, sizes = prepare_batch(chosen, model.cfg.input, device)
+    options = InferenceOptions(score_threshold=0.0, max_detections=detections)
+    fused = transfiner.linear_relu
+    rows = []
+    try:
+        for name, fn in (("separate ReLU", lambda linear, x: F.relu(linear(x))), ("fused (the model)", fused)):
+            transfiner.linear_relu = fn
+            result = time_case(model, batch, sizes, [], options, precision, device, workload.seconds_per_case)
+            rows.append({"variant": name, "precision": precision, "batch": batch_size, "detections": detections,
+                         "forward_s": result["forward_s"], "mask_head_s": result["mask_head"],
+                         "refiner_s": result["refiner"], "peak_gpu_gib": result["peak_gpu_gib"]})
+            log(f"feed-forward {name}: forward {result['forward_s'] * 1000:.0f} ms, refiner "
+                f"{result['refiner'] * 1000:.0f} ms")
+    finally:
+        transfiner.linear_relu = fused
+    return rows
+
+
 def bench_chunks(workload: Workload, model: MaskTransfiner, images, device, log) -> list[dict]:
     """Tokens refined per pass (the GPU's chunk budget) against speed and peak memory, at the
     largest in-process case; the box cap is lifted so the token budget alone sets the chunks."""
@@ -992,6 +1017,13 @@ def markdown(report: dict) -> str:
         for n in report["nms"]:
             lines.append(f"| {n['case']} | {n['layout']} | {n['batch']} | {n['boxes']} | {n['groups']} | {n['ms']:.1f} "
                          f"| {'yes' if n['same_as_one_call'] else 'NO'} |")
+    if report.get("ffn"):
+        lines += ["", "## The encoder's feed-forward ReLU (the largest in-process case)", "",
+                  "| variant | precision | batch | det/img | forward ms | mask head ms | refiner ms |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for f in report["ffn"]:
+            lines.append(f"| {f['variant']} | {f['precision']} | {f['batch']} | {f['detections']} "
+                         f"| {f['forward_s'] * 1000:.0f} | {f['mask_head_s'] * 1000:.0f} | {f['refiner_s'] * 1000:.0f} |")
     if report.get("chunks"):
         lines += ["", "## Tokens per refinement pass (the largest in-process case)", "",
                   "| tokens per chunk | boxes per chunk (mean) | mask head ms | refiner ms | forward ms | peak GiB |",
@@ -1027,7 +1059,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-PARTS = ("attention", "in-process", "worker", "http", "profile", "nms", "chunks", "memory-format", "jpeg", "compile")
+PARTS = ("attention", "in-process", "worker", "http", "profile", "nms", "ffn", "chunks", "memory-format", "jpeg",
+         "compile")
 # The token sweep decided gpu_tokens_per_chunk (README) and is not rerun by default.
 DEFAULT_PARTS = tuple(part for part in PARTS if part != "chunks")
 
@@ -1115,6 +1148,8 @@ def main() -> int:
         report["profile"] = attempt("profile", lambda: bench_profile(workload, model, images, device, log))
     if "nms" in parts:
         report["nms"] = attempt("nms", lambda: bench_nms(workload, device, log))
+    if "ffn" in parts:
+        report["ffn"] = attempt("ffn", lambda: bench_fused_ffn(workload, model, images, device, log))
     if "memory-format" in parts:
         report["memory_format"] = attempt("memory format",
                                           lambda: bench_channels_last(workload, model, images, device, log))

@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 status=0
-timeout 150 python3 -m pytest -q -p no:cacheprovider -k "cuda" tests/test_precision.py tests/test_postprocess.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider -k "cuda" tests/test_precision.py tests/test_postprocess.py tests/test_transfiner.py \
     tests/test_cuda_smoke.py tests/test_worker_process.py \
     2>&1 | tail -15 | tee "$OUT/cuda-tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

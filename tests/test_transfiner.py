@@ -12,8 +12,8 @@ from torchvision.ops import roi_align
 
 from model.poolers import assign_fpn_levels
 from model.transfiner import (
-    LEVEL_SIZES, PointQuadtree, SequenceEncoder, TransfinerRefiner, plan_chunks, propagate, sine_position_table,
-    tokens_per_box, write_nodes,
+    LEVEL_SIZES, PointQuadtree, SequenceEncoder, TransfinerRefiner, linear_relu, plan_chunks, propagate,
+    sine_position_table, tokens_per_box, write_nodes,
 )
 
 from .conftest import random_boxes, tiny_transfiner_config
@@ -386,3 +386,36 @@ def test_chunk_plan_evens_out_a_small_last_chunk():
         assert 2 * min(sizes) >= max(sizes)
         for chunk, slots in plan:
             assert len(chunk) == 1 or len(chunk) * tokens_per_box(slots) <= 120_000
+
+
+def test_fused_feed_forward_activation_equals_relu_of_linear():
+    """The matmul-epilogue ReLU (inference) gives relu(linear(x)) exactly, in fp32 and under
+    bf16 autocast, for empty inputs too; with gradients on, it falls back and still trains."""
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 96)
+    for shape in ((3, 50, 32), (0, 7, 32), (2, 0, 32)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert torch.equal(linear_relu(linear, x), F.relu(linear(x)))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fused, plain = linear_relu(linear, x), F.relu(linear(x))
+            assert fused.dtype == plain.dtype == torch.bfloat16
+            assert torch.equal(fused, plain)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    linear_relu(linear, x).sum().backward()
+    assert x.grad is not None and linear.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_feed_forward_activation_on_cuda():
+    """cuBLASLt's bias+ReLU epilogue against the separate operators, in fp32 and bf16."""
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 2048).cuda()
+    x = torch.randn(4, 1000, 256, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(linear_relu(linear, x), F.relu(linear(x)), rtol=1e-4, atol=1e-4)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fused, plain = linear_relu(linear, x), F.relu(linear(x))
+        assert fused.dtype == plain.dtype == torch.bfloat16
+        torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)
+        assert (fused >= 0).all()
