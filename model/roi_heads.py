@@ -7,9 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import nms
 
-from .box_ops import Box2BoxTransform, clip_boxes, is_finite, rank_within_image, top_count
+from .box_ops import Box2BoxTransform, clip_boxes, is_finite, nms_in_each_image, rank_within_image, top_count
 from .config import ROIHeadsConfig
 from .layers import c2_xavier_fill
 from .poolers import ROIPooler
@@ -123,7 +122,7 @@ class BoxROIHeads(nn.Module):
         # b holds image b's proposals in their order (they may come in any order of images), and
         # -inf marks what is no candidate. S is a graph value when traced, as are the sizes that
         # follow from it; the appended -1 makes it 0, not an error, when there are no proposals.
-        # The RPN's proposals come sorted by score across the batch, images interleaved, so
+        # The RPN gives each image's proposals in decreasing score, images in any order, so
         # their slots take a [B, P] cumulative sum (P rows, not the P * K candidates).
         slot = rank_within_image(proposal_batch, num_images)  # [P]
         most = torch.cat((slot, slot.new_full((1,), -1))).max() + 1  # S
@@ -143,17 +142,14 @@ class BoxROIHeads(nn.Module):
         classes = (top_index % num_classes).flatten()
         top_proposals, top_scores = top_proposals.flatten(), top_scores.flatten()
 
-        # One NMS for the whole batch on the valid candidates (scores are finite where valid):
-        # each (image, class) group is moved by its own offset so that groups never overlap.
-        # This is torchvision's coordinate trick, used at any size: its batched_nms switches to
-        # one NMS per group above 20,000 boxes on CUDA, hundreds of launches.
-        index = torch.nonzero(top_scores > -math.inf).squeeze(1)  # [V] into [B * k]
+        # NMS within each (image, class) on the valid candidates (scores are finite where valid),
+        # each image's classes moved apart by the coordinate trick (clipped boxes are >= 0).
+        index = torch.nonzero(top_scores > -math.inf).squeeze(1)  # [V] into [B * k], images in order
         nms_boxes = _clipped(boxes[top_proposals[index], classes[index]], image_sizes[images[index]])
-        groups = images[index] * num_classes + classes[index]  # [V], as nms_boxes [V, 4]
-        # Boxes are clipped, so >= 0: the appended 0 only makes the max of no boxes 0.
-        max_coordinate = torch.cat((nms_boxes.flatten(), nms_boxes.new_zeros(1))).max()
-        offsets = groups.to(nms_boxes) * (max_coordinate + torch.tensor(1).to(nms_boxes))
-        kept = index[nms(nms_boxes + offsets[:, None], top_scores[index], self.cfg.nms_thresh_test)]
+        kept = index[nms_in_each_image(
+            nms_boxes, top_scores[index], classes[index], images[index], num_images, num_classes,
+            self.cfg.nms_thresh_test,
+        )]
         kept = torch.zeros_like(top_scores).scatter(0, kept, torch.ones_like(kept, dtype=torch.float32))
 
         # Rank of each kept detection in its image (a float cumsum along the [B, k] rows: TensorRT's

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import batched_nms
 
-from .box_ops import AnchorGenerator, Box2BoxTransform, clip_boxes, is_finite, rank_within_image, top_count
+from .box_ops import (
+    AnchorGenerator, Box2BoxTransform, clip_boxes, is_finite, nms_in_each_image, rank_within_image, top_count,
+)
 from .config import RPNConfig
 
 
@@ -75,10 +77,11 @@ class RPN(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """detectron2's ``find_top_rpn_proposals`` for the whole batch at once.
 
-        Returns the proposals of all images flattened, in decreasing objectness (so also within
-        each image): boxes [P, 4], objectness logits [P], batch index [P]. There is no loop over
-        images and no Python number taken from a tensor, so the same code traces (TorchScript,
-        ONNX) for any batch size, image size and proposal count.
+        Returns the proposals of all images flattened, each image's in decreasing objectness:
+        boxes [P, 4], objectness logits [P], batch index [P]. Apart from NMS (one call per image
+        in eager mode, ``nms_in_each_image``) there is no loop over images and no Python number
+        taken from a tensor, so the same code traces (TorchScript, ONNX) for any batch size,
+        image size and proposal count.
         """
         pre_topk = self.cfg.pre_nms_topk_train if self.training else self.cfg.pre_nms_topk_test
         post_topk = self.cfg.post_nms_topk_train if self.training else self.cfg.post_nms_topk_test
@@ -103,9 +106,10 @@ class RPN(nn.Module):
         batch_index, anchor_index = torch.nonzero(keep, as_tuple=True)
         boxes, scores, levels = boxes[batch_index, anchor_index], scores[batch_index, anchor_index], levels[anchor_index]
 
-        # NMS inside each (image, level); the result is sorted by decreasing score, so each
-        # image's rows are too, and its first post_topk rows are its best.
-        kept = batched_nms(boxes, scores, batch_index * len(anchors) + levels, self.cfg.nms_thresh)
+        # NMS inside each (image, level) with torchvision's batched_nms, as detectron2; each
+        # image's kept rows come by decreasing score, so its first post_topk rows are its best.
+        kept = nms_in_each_image(boxes, scores, levels, batch_index, batch, len(anchors), self.cfg.nms_thresh,
+                                 grouped_nms=batched_nms)
         kept = kept[rank_within_image(batch_index[kept], batch) < post_topk]
         return boxes[kept], scores[kept], batch_index[kept]
 

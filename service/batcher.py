@@ -7,7 +7,11 @@ their place for a later batch (FIFO within each canvas).
 
 A dispatcher takes a batch only when its worker is free, so under load batches fill from the
 queue with no waiting at all, and ``max_delay`` is only paid when the service is idle enough
-that a lone request would otherwise run alone. A worker that says it ``takes_next_batch`` (one
+that a lone request would otherwise run alone. While requests are still ``arriving`` (their
+uploads being decoded; they queue next) a filling batch waits for them a little longer
+(``max_arrival_wait``, never longer than a recent batch took): a closed loop of as many clients
+as a batch holds would otherwise settle into two half batches, each sent while the other's
+clients decode. A worker that says it ``takes_next_batch`` (one
 in a process of its own, which must receive a batch's images before it can start) also gets a
 second dispatcher that hands it the next batch while one runs, but only a full one, and only of
 the oldest job's canvas: under load its images travel while the model computes, and a partial
@@ -26,7 +30,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -119,13 +123,14 @@ class Batcher:
     def __init__(
         self, runners: Sequence[BatchRunner], *, max_batch_size: int, max_delay_s: float,
         max_queue_size: int, max_batch_pixels: int | None = None, observer: BatchObserver | None = None,
-        history: int = 32,
+        history: int = 32, max_arrival_wait_s: float = 0.0,
     ) -> None:
         if not runners:
             raise ValueError("a batcher needs at least one runner")
         self.runners = list(runners)
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
+        self.max_arrival_wait_s = max_arrival_wait_s
         self.max_queue_size = max_queue_size
         self.max_batch_pixels = max_batch_pixels
         self.observer = observer
@@ -134,6 +139,7 @@ class Batcher:
         self._closed = False
         self._tasks: list[asyncio.Task] = []
         self._busy = 0
+        self._arriving = 0  # requests between admission and submit (being decoded)
         self._last_done: dict[int, float] = {}  # id(runner) -> when its latest batch ended
         self._running: collections.Counter[int] = collections.Counter()  # id(runner) -> batches it holds
         self.batch_times = BatchTimes(history)
@@ -143,6 +149,10 @@ class Batcher:
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def arriving_count(self) -> int:
+        return self._arriving
 
     def recent_batch_seconds(self) -> float | None:
         return self.batch_times.recent()
@@ -156,6 +166,17 @@ class Batcher:
         )
 
     # -- producer side ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Around the work between a request's admission and its ``submit`` (decoding): a
+        filling batch may wait for it (``max_arrival_wait_s``)."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+            self._wakeup.set()  # a batch waiting for arrivals may go now
 
     def submit(self, job: Job) -> None:
         """Queues ``job``; raises ``QueueFull`` (with a retry estimate) or ``BatcherClosed``."""
@@ -241,8 +262,7 @@ class Batcher:
 
     async def _next_batch(self) -> list[Job] | None:
         """Waits for a first live job, then fills the batch with jobs of its canvas until it is
-        full (size or pixel budget) or ``max_delay`` after that job arrived. None when closed
-        and empty."""
+        full (size or pixel budget) or until ``_flush_at``. None when closed and empty."""
         while True:
             batch: list[Job] = []
             while not batch:
@@ -253,13 +273,13 @@ class Batcher:
                     await self._wakeup.wait()
                     continue
                 self._take(batch)
-            flush_at = batch[0].enqueued_at + self.max_delay_s
             while not self._full(batch) and not self._closed:
-                remaining = flush_at - time.monotonic()
+                remaining = self._flush_at(batch[0]) - time.monotonic()
                 if remaining <= 0:
                     break
                 # Everything of this canvas is taken; what is left is another canvas's, so wait
-                # for a new arrival (another dispatcher may take it first; _take copes).
+                # for a new arrival or the end of one (another dispatcher may take it first;
+                # _take copes).
                 self._wakeup.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
@@ -268,6 +288,17 @@ class Batcher:
             batch = [job for job in batch if self._alive(job, time.monotonic())]
             if batch:
                 return batch
+
+    def _flush_at(self, first: Job) -> float:
+        """When a batch led by ``first`` goes if it does not fill: ``max_delay`` after ``first``
+        arrived; while requests are arriving, up to ``max_arrival_wait`` after, but no later
+        than a recent batch's time after (by then a batch sent without them would be done)."""
+        flush_at = first.enqueued_at + self.max_delay_s
+        if self._arriving:
+            wait = self.max_arrival_wait_s
+            recent = self.recent_batch_seconds()
+            flush_at = max(flush_at, first.enqueued_at + (wait if recent is None else min(wait, recent)))
+        return flush_at
 
     async def _next_full_batch(self, runner: BatchRunner) -> list[Job] | None:
         """The look-ahead dispatcher's batch: while ``runner`` runs a batch, and as soon as the

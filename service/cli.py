@@ -17,7 +17,8 @@ from model.default_model import (
 
 # Flag -> settings field, for the flags that map one to one.
 _FLAGS = (
-    "config", "device", "backend", "precision", "max_cells", "workers", "max_batch_size", "max_delay_ms", "max_queue_size", "host", "port",
+    "config", "device", "backend", "precision", "max_cells", "workers", "max_batch_size", "max_delay_ms", "max_arrival_wait_ms",
+    "max_queue_size", "host", "port",
     "log_level", "worker_process",
 )
 
@@ -36,6 +37,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-batch-size", type=int, default=None, help="images per forward pass (default 4)")
     parser.add_argument("--max-delay-ms", type=float, default=None, help="how long a batch waits to fill (5)")
+    parser.add_argument(
+        "--max-arrival-wait-ms", type=float, default=None,
+        help="how long a batch that is not full waits for requests still being decoded (100)",
+    )
     parser.add_argument("--max-queue-size", type=int, default=None, help="queued requests before 503 (64)")
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
     parser.add_argument("--port", type=int, default=None, help="default 8000 (0: any free port)")

@@ -15,13 +15,14 @@ module, so the FastAPI engine runs without it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ray
@@ -43,7 +44,7 @@ REPLICA_HEADER = "x-transfiner-replica"
 
 class RayServeBatcher:
     """What ``ServiceRuntime`` needs of a batcher (``submit``, ``start``, ``close``,
-    ``estimate_wait``), on Ray Serve's own batching.
+    ``estimate_wait``, ``arriving``), on Ray Serve's own batching.
 
     ``@serve.batch`` collects the replica's requests (up to ``max_batch_size``, waiting at most
     ``max_delay_s`` for batch-mates) and reports Ray's batch metrics (``ray_serve_batch_*``).
@@ -70,6 +71,7 @@ class RayServeBatcher:
             self._idle.put_nowait(runner)
         self._closed = False
         self._waiting = 0
+        self._arriving = 0
         self._tasks: set[asyncio.Task] = set()
         self.batch_times = BatchTimes(history)
 
@@ -88,6 +90,20 @@ class RayServeBatcher:
     @property
     def depth(self) -> int:
         return self._waiting
+
+    @property
+    def arriving_count(self) -> int:
+        return self._arriving
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Counts a request being decoded (for ``estimate_wait``'s callers); Serve's batch
+        window is its own, so nothing waits for it here."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
 
     def recent_batch_seconds(self) -> float | None:
         return self.batch_times.recent()

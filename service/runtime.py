@@ -130,6 +130,7 @@ class ServiceRuntime:
         else:
             self.batcher = Batcher(
                 workers, max_batch_size=settings.max_batch_size, max_delay_s=settings.max_delay_ms / 1000,
+                max_arrival_wait_s=settings.max_arrival_wait_ms / 1000,
                 max_queue_size=self.capacity, max_batch_pixels=settings.max_batch_pixels,
                 observer=MetricsObserver(self.metrics),
             )

@@ -117,6 +117,7 @@ class ErrorResponse(BaseModel):
 class BatchingInfo(BaseModel):
     max_batch_size: int
     max_delay_ms: float
+    max_arrival_wait_ms: float
     max_batch_pixels: int | None
     max_queue_size: int
     workers: int

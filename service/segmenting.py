@@ -57,7 +57,6 @@ class SegmentFlow:
         self.batcher = batcher
         self._decode_pool = decode_pool
         self._post_pool = post_pool
-        self._decoding = 0  # admitted requests whose upload is being decoded
         self._queued_bytes = 0  # network-size pixels of the jobs not yet settled
         cfg = model.cfg
         self._class_index = {name: i for i, name in enumerate(cfg.class_names)}
@@ -73,7 +72,7 @@ class SegmentFlow:
         return self.retry_after()
 
     def retry_after(self) -> float:
-        return self.batcher.estimate_wait(self.batcher.depth + self._decoding)
+        return self.batcher.estimate_wait(self.batcher.depth + self.batcher.arriving_count)
 
     # -- the flow --------------------------------------------------------------------------------
 
@@ -102,11 +101,8 @@ class SegmentFlow:
         loop = asyncio.get_running_loop()
 
         started = time.perf_counter()
-        self._decoding += 1
-        try:
+        with self.batcher.arriving():  # a filling batch may wait for it
             image = await loop.run_in_executor(self._decode_pool, self._decode, data)
-        finally:
-            self._decoding -= 1
         self.metrics.decode_seconds.observe(time.perf_counter() - started)
         self.metrics.megapixels.observe(image.width * image.height / 1e6)
         if time.monotonic() >= deadline:

@@ -69,6 +69,10 @@ class ServiceSettings(BaseSettings):
     # Batching
     max_batch_size: int = Field(4, ge=1, le=256)
     max_delay_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits to fill")
+    max_arrival_wait_ms: float = Field(
+        100.0, ge=0, le=10_000, description="how long a batch that is not full waits for requests still being "
+        "decoded (never longer than a recent batch took; 0: not at all)"
+    )
     max_batch_pixels: int | None = Field(
         None, ge=1, description="cap on batch size x padded network-input pixels (None: no cap)"
     )

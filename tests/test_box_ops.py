@@ -7,7 +7,11 @@ import math
 import pytest
 import torch
 
-from model.box_ops import AnchorGenerator, Box2BoxTransform, box_area, clip_boxes
+from torchvision.ops import batched_nms
+
+from model.box_ops import (
+    AnchorGenerator, Box2BoxTransform, box_area, clip_boxes, coordinate_trick_nms, nms_in_each_image,
+)
 
 
 def _boxes(generator: torch.Generator, n: int) -> torch.Tensor:
@@ -144,3 +148,46 @@ def test_anchor_centres_at_stride_multiples_and_offset():
     torch.testing.assert_close(centres, expected)
     half = AnchorGenerator((32,), (1.0,), (16,), offset=0.5)(features)[0]
     torch.testing.assert_close((half[:, :2] + half[:, 2:]) / 2, (expected[::3] + 8))
+
+
+def _nms_batch(seed: int, counts: list[int], groups: int):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(counts)
+    boxes = _boxes(g, n)
+    boxes[:, 0::2] = boxes[:, 0::2].round()  # whole pixels, so some boxes tie in their IoU
+    scores = torch.rand(n, generator=g)
+    group = torch.randint(groups, (n,), generator=g)
+    images = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    return boxes, scores, group, images
+
+
+@pytest.mark.parametrize("grouped_nms", [coordinate_trick_nms, batched_nms])
+def test_nms_in_each_image_keeps_what_each_image_keeps_alone(grouped_nms):
+    """Each image's kept rows are those of NMS on that image alone (empty images included),
+    by decreasing score, whatever its batch-mates are."""
+    counts = [40, 0, 300, 1, 120]
+    boxes, scores, group, images = _nms_batch(0, counts, groups=5)
+    kept = nms_in_each_image(boxes, scores, group, images, len(counts), 5, 0.5, grouped_nms)
+    start = 0
+    for image, count in enumerate(counts):
+        rows = slice(start, start + count)
+        alone = batched_nms(boxes[rows], scores[rows], group[rows], 0.5) + start
+        mine = kept[images[kept] == image]
+        assert mine.tolist() == alone.tolist()
+        start += count
+    assert len(kept) < sum(counts)  # something was suppressed
+
+
+def test_nms_in_each_image_traced_is_one_call_with_the_same_result():
+    """The exported form (one NMS for the batch, images moved apart) keeps the same rows."""
+    counts = [60, 200, 0, 90]
+    boxes, scores, group, images = _nms_batch(1, counts, groups=80)
+
+    def run(b, s, c, i):
+        return nms_in_each_image(b, s, c, i, len(counts), 80, 0.5)
+
+    traced = torch.jit.trace(run, (boxes, scores, group, images), check_trace=False)
+    assert "torchvision::nms" in str(traced.graph) and "prim::Loop" not in str(traced.graph)
+    eager = run(boxes, scores, group, images)
+    assert sorted(traced(boxes, scores, group, images).tolist()) == sorted(eager.tolist())
+    assert nms_in_each_image(boxes[:0], scores[:0], group[:0], images[:0], 4, 80, 0.5).shape == (0,)

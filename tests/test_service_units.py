@@ -350,6 +350,73 @@ def test_close_drains_the_queue_or_fails_it():
     assert any(isinstance(r, BatcherClosed) for r in failed)
 
 
+def test_a_filling_batch_waits_for_requests_still_arriving():
+    """Three queued, five still decoding (they arrive 50 ms later, well past max_delay): one
+    full batch. Without the arrival wait: a batch of three, then one of five."""
+
+    async def main(arrival_wait: float):
+        runner = Recorder()
+        batcher = Batcher([runner], max_batch_size=8, max_delay_s=0.005, max_queue_size=20,
+                          max_arrival_wait_s=arrival_wait)
+        batcher.start()
+        first = [job(i) for i in range(3)]
+        later = [job(i) for i in range(3, 8)]
+
+        async def decode_then_submit(j):
+            with batcher.arriving():
+                await asyncio.sleep(0.05)
+            batcher.submit(j)
+
+        decoding = [asyncio.create_task(decode_then_submit(j)) for j in later]
+        await asyncio.sleep(0)  # every decode has begun
+        for j in first:
+            batcher.submit(j)
+        await asyncio.gather(*decoding, *(j.future for j in first + later))
+        await batcher.close()
+        return runner.batches
+
+    assert run(main(1.0)) == [list(range(8))]
+    assert run(main(0.0)) == [[0, 1, 2], [3, 4, 5, 6, 7]]
+
+
+def test_the_arrival_wait_is_bounded_and_ends_when_arrivals_stop():
+    """A decode that never submits (its upload was bad) holds a filling batch no longer than
+    max_arrival_wait, and not at all once it has ended; the wait is also capped by the recent
+    batch time."""
+
+    async def main(never_submits: bool, arrival_wait: float, recent_batch: float | None):
+        runner = Recorder()
+        batcher = Batcher([runner], max_batch_size=8, max_delay_s=0.0, max_queue_size=20,
+                          max_arrival_wait_s=arrival_wait)
+        if recent_batch is not None:
+            batcher.batch_times.record(recent_batch)
+        batcher.start()
+        release = asyncio.Event()
+
+        async def failing_decode():
+            with batcher.arriving():
+                await release.wait()
+
+        decode = asyncio.create_task(failing_decode())
+        await asyncio.sleep(0)
+        queued = job(0)
+        start = time.monotonic()
+        batcher.submit(queued)
+        if not never_submits:
+            await asyncio.sleep(0.1)
+            release.set()  # the decode fails after 0.1 s: the batch goes then
+        await queued.future
+        waited = time.monotonic() - start
+        release.set()
+        await decode
+        await batcher.close()
+        return waited
+
+    assert 0.25 <= run(main(True, 0.3, None)) < 1.0  # the cap
+    assert 0.1 <= run(main(False, 5.0, None)) < 1.0  # the decode ended
+    assert run(main(True, 5.0, 0.05)) < 1.0  # a recent batch took 50 ms
+
+
 def test_pixel_budget_caps_batches():
     async def main():
         runner = Recorder()

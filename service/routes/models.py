@@ -34,6 +34,7 @@ async def models(request: Request) -> dict:
         "batching": {
             "max_batch_size": settings.max_batch_size,
             "max_delay_ms": settings.max_delay_ms,
+            "max_arrival_wait_ms": settings.max_arrival_wait_ms,
             "max_batch_pixels": settings.max_batch_pixels,
             "max_queue_size": settings.max_queue_size,
             "workers": len(runtime.workers),
