@@ -14,7 +14,7 @@ import torch
 from model.backend import Backend, TorchBackend
 from model.config import ModelConfig
 
-__all__ = ["Backend", "LoadedModel", "TorchBackend", "build_backends", "worker_devices"]
+__all__ = ["Backend", "LoadedModel", "TorchBackend", "build_backends", "uses_worker_process", "worker_devices"]
 
 
 @dataclass
@@ -40,6 +40,16 @@ def worker_devices(device: str, workers: int | None) -> list[torch.device]:
         gpus = [torch.device(device)]
     count = workers or len(gpus)
     return [gpus[i % len(gpus)] for i in range(count)]
+
+
+def uses_worker_process(worker_process: bool | None, device: str, workers: int | None) -> bool:
+    """``worker_process`` as set; by default a process of its own for workers on CUDA devices (a
+    GPU's launch thread must not wait for the GIL; README, "worker process"), a thread on the
+    CPU (whose forward passes release the GIL for long stretches, and a child costs a second
+    copy of the model in memory)."""
+    if worker_process is not None:
+        return worker_process
+    return any(device.type == "cuda" for device in worker_devices(device, workers))
 
 
 def build_backends(

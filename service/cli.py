@@ -32,8 +32,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(device=None)
     parser.add_argument("--workers", type=int, default=None, help="model workers (default: one per GPU, or 1)")
     parser.add_argument(
-        "--worker-process", action="store_true", default=None,
-        help="each model worker in a process of its own (TRANSFINER_WORKER_PROCESS)",
+        "--worker-process", action=argparse.BooleanOptionalAction, default=None,
+        help="each model worker in a process of its own, or not (TRANSFINER_WORKER_PROCESS; default: on CUDA "
+        "devices yes, on the CPU no)",
     )
     parser.add_argument("--max-batch-size", type=int, default=None, help="images per forward pass (default 4)")
     parser.add_argument("--max-delay-ms", type=float, default=None, help="how long a batch waits to fill (5)")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .admission import Admission
-from .backends import LoadedModel, build_backends
+from .backends import LoadedModel, build_backends, uses_worker_process
 from .batcher import Batcher, Job
 from .errors import ServiceError
 from .metrics import ServiceMetrics
@@ -65,7 +65,9 @@ class ServiceRuntime:
         self, settings: ServiceSettings, metrics: ServiceMetrics | None = None, loader: ModelLoader = load_model,
         batcher_factory: BatcherFactory | None = None,
     ) -> None:
-        self.settings = settings
+        # Resolved once, so everything downstream (and /v1/models) sees what runs.
+        worker_process = uses_worker_process(settings.worker_process, settings.device, settings.workers)
+        self.settings = settings = settings.model_copy(update={"worker_process": worker_process})
         self.metrics = metrics or ServiceMetrics()
         self.loader = loader
         # Another batching engine for the workers (Ray Serve's, see service/ray_serve.py); None: ``Batcher``.

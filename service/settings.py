@@ -43,9 +43,10 @@ class ServiceSettings(BaseSettings):
     workers: int | None = Field(
         None, ge=1, le=64, description="model workers; default one per GPU (round robin), else 1 on CPU"
     )
-    worker_process: bool = Field(
-        False, description="run each model worker in a process of its own, so the thread that launches its "
-        "kernels never waits for the GIL held by HTTP, decoding or post-processing"
+    worker_process: bool | None = Field(
+        None, description="run each model worker in a process of its own, so the thread that launches its "
+        "kernels never waits for the GIL held by HTTP, decoding or post-processing; default (None): on CUDA "
+        "devices yes, on the CPU no"
     )
     torch_threads: int | None = Field(
         None, ge=1, description="intra-op threads of torch (and of ONNX Runtime sessions); default: theirs"

@@ -19,7 +19,7 @@ from model.polygons import mask_to_polygons
 from model.postprocess import select_detections
 from model.predictor import Prediction, Predictor
 from model.preprocess import network_shape, prepare_batch, to_rgb_tensor
-from service.backends import TorchBackend
+from service.backends import TorchBackend, uses_worker_process
 from service.batcher import Batcher, BatcherClosed, DeadlineExceeded, Job, QueueFull
 from service.errors import ServiceError
 from service.imaging import decode_image, sniff_format
@@ -819,6 +819,22 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("TRANSFINER_MAX_BATCH_SIZE", "0")
     with pytest.raises(ValueError):
         ServiceSettings()
+
+
+def test_worker_process_by_default_on_cuda_only(monkeypatch):
+    """Unset, the model worker gets a process of its own where its device is a GPU; the
+    environment and explicit values decide otherwise; the runtime holds the resolved value."""
+    from service.runtime import ServiceRuntime
+
+    assert uses_worker_process(None, "cpu", None) is False
+    assert uses_worker_process(None, "auto", 2) is torch.cuda.is_available()
+    assert uses_worker_process(True, "cpu", None) is True
+    assert uses_worker_process(False, "auto", None) is False
+    monkeypatch.setenv("TRANSFINER_WORKER_PROCESS", "false")
+    assert ServiceSettings().worker_process is False
+    monkeypatch.delenv("TRANSFINER_WORKER_PROCESS")
+    assert ServiceSettings().worker_process is None
+    assert ServiceRuntime(ServiceSettings(device="cpu")).settings.worker_process is False
 
 
 def test_thread_pools_default_to_the_cores(monkeypatch):
