@@ -230,12 +230,21 @@ class MultiheadSelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
-        batch, length, d_model = x.shape
+    def forward(
+        self, x: torch.Tensor, pos: torch.Tensor, padding_mask: "torch.Tensor | PackedSequences"
+    ) -> torch.Tensor:
+        """x, pos [R, L, d] with padding_mask [R, L]; or packed tokens [T, d] with their
+        ``PackedSequences``."""
+        d_model = x.shape[-1]
         w_qk, w_v = self.in_proj_weight.split((2 * d_model, d_model))
         b_qk, b_v = self.in_proj_bias.split((2 * d_model, d_model))
-        q, k = F.linear(x + pos, w_qk, b_qk).chunk(2, dim=2)
+        q, k = F.linear(x + pos, w_qk, b_qk).chunk(2, dim=-1)
         v = F.linear(x, w_v, b_v)
+        if isinstance(padding_mask, PackedSequences):
+            heads = (x.shape[0], self.num_heads, d_model // self.num_heads)
+            out = packed_attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), padding_mask)
+            return self.out_proj(out.reshape(x.shape))
+        batch, length, _ = x.shape
         heads = (batch, length, self.num_heads, d_model // self.num_heads)
         q, k, v = (t.reshape(heads).transpose(1, 2) for t in (q, k, v))  # [R, h, L, d/h]
         if torch.onnx.is_in_onnx_export():
@@ -249,6 +258,39 @@ class MultiheadSelfAttention(nn.Module):
                 q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0
             )
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, d_model))
+
+
+@dataclass
+class PackedSequences:
+    """The real (unpadded) tokens of R padded sequences [R, L], one sequence after another."""
+
+    index: torch.Tensor  # [T] positions of the real tokens in the flattened [R * L]
+    starts: torch.Tensor  # [R + 1] int32: where each sequence starts in [T], then T
+    longest: int  # a bound on the longest sequence (L)
+
+    @classmethod
+    def from_padding(cls, padding_mask: torch.Tensor) -> "PackedSequences":
+        """padding_mask [R, L], True = padding."""
+        real = ~padding_mask
+        starts = F.pad(real.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+        return cls(torch.nonzero(real.flatten()).squeeze(1), starts, padding_mask.shape[1])
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequences: PackedSequences) -> torch.Tensor:
+    """Attention within each packed sequence: q, k, v [T, h, d] -> [T, h, d].
+
+    On CUDA in half precision, FlashAttention's variable-length kernel: no mask and no padded
+    queries or keys. Elsewhere (the CPU, float32) one SDPA call per sequence, a reference."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn(q, k, v, sequences.starts, sequences.starts, sequences.longest, sequences.longest)
+    bounds = sequences.starts.tolist()
+    out = [
+        F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(out) if out else torch.empty_like(q)
 
 
 # Queries per attention block in exported graphs (see ``exportable_attention``).
@@ -293,7 +335,10 @@ class SequenceEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, pos: torch.Tensor, padding_mask: "torch.Tensor | PackedSequences"
+    ) -> torch.Tensor:
+        """[R, L, d] with a padding mask, or packed [T, d] (``MultiheadSelfAttention``)."""
         x = layer_norm(self.norm1, x + self.dropout(self.self_attn(x, pos, padding_mask)))
         ffn = self.linear2(self.dropout(linear_relu(self.linear1, x)))
         return layer_norm(self.norm2, x + self.dropout(ffn))
@@ -336,10 +381,18 @@ def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 class SequenceEncoder(nn.Module):
-    """A stack of encoder layers over all quadtree levels jointly (official ``encoder.layers``)."""
+    """A stack of encoder layers over all quadtree levels jointly (official ``encoder.layers``).
+
+    ``packed``: run the layers on each sequence's real tokens only, packed one after another
+    (``PackedSequences``, ``packed_attention``), instead of on padded sequences with a key mask.
+    The same outputs at the real tokens (padding outputs are zeros, and unused). Off by default:
+    measured faster on an H200 for the attention alone, not yet end to end (scripts/bench_gpu.py
+    measures both, part ``packed``). Eager inference only; traced graphs stay padded.
+    """
 
     def __init__(self, cfg: TransfinerConfig) -> None:
         super().__init__()
+        self.packed = False
         self.layers = nn.ModuleList(
             SequenceEncoderLayer(cfg.d_model, cfg.num_heads, cfg.dim_feedforward, cfg.dropout)
             for _ in range(cfg.num_layers)
@@ -349,9 +402,22 @@ class SequenceEncoder(nn.Module):
                 nn.init.xavier_uniform_(parameter)
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """tokens, pos [R, L, d]; padding_mask [R, L] True = padding -> [R, L, d]."""
+        if self.packed and not (self.training or torch.jit.is_tracing() or torch.jit.is_scripting()):
+            return self.forward_packed(tokens, pos, padding_mask)
         for layer in self.layers:
             tokens = layer(tokens, pos, padding_mask)
         return tokens
+
+    def forward_packed(self, tokens: torch.Tensor, pos: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        sequences = PackedSequences.from_padding(padding_mask)
+        d_model = tokens.shape[-1]
+        x = tokens.reshape(-1, d_model)[sequences.index]  # [T, d]
+        x_pos = pos.reshape(-1, d_model)[sequences.index]
+        for layer in self.layers:
+            x = layer(x, x_pos, sequences)
+        out = x.new_zeros((tokens.shape[0] * tokens.shape[1], d_model))
+        return out.index_copy(0, sequences.index, x).view(tokens.shape[0], tokens.shape[1], d_model)
 
 
 class PixelDecoder(nn.Module):

@@ -449,28 +449,59 @@ def bench_compile(workload: Workload, model: MaskTransfiner, images, device, log
     return result
 
 
-def bench_fused_ffn(workload: Workload, model: MaskTransfiner, images, device, log) -> list[dict]:
-    """The encoder's feed-forward ReLU in the matmul's epilogue (``linear_relu``, what the model
-    does) against a separate ReLU, side by side at the largest case and the service's precision."""
+def bench_refiner_variants(workload: Workload, model: MaskTransfiner, images, device, log) -> list[dict]:
+    """Ways to run the refiner's encoder, side by side at the largest case and the service's
+    precision: the model as it is; the feed-forward ReLU separate from its matmul (as before
+    ``linear_relu``); the layers on packed real tokens with FlashAttention's variable-length
+    kernel (``SequenceEncoder.packed``, off by default). With the largest change of a mask
+    probability against the model as it is."""
     import model.transfiner as transfiner
 
     precision, batch_size, detections = workload.precisions[0], max(workload.batch_sizes), max(workload.detections)
     chosen = [torch.from_numpy(images[i % len(images)]).permute(2, 0, 1) for i in range(batch_size)]
     batch, sizes = prepare_batch(chosen, model.cfg.input, device)
     options = InferenceOptions(score_threshold=0.0, max_detections=detections)
+    encoder = model.mask_head.refiner.sequence_encoder
     fused = transfiner.linear_relu
+
+    @contextlib.contextmanager
+    def separate_relu():
+        transfiner.linear_relu = lambda linear, x: F.relu(linear(x))
+        try:
+            yield
+        finally:
+            transfiner.linear_relu = fused
+
+    @contextlib.contextmanager
+    def packed():
+        encoder.packed = True
+        try:
+            yield
+        finally:
+            encoder.packed = False
+
+    def masks() -> torch.Tensor:
+        with torch.inference_mode(), autocast(precision, device):
+            return model(batch, sizes, options).mask_probs.float()
+
+    reference = masks()
     rows = []
-    try:
-        for name, fn in (("separate ReLU", lambda linear, x: F.relu(linear(x))), ("fused (the model)", fused)):
-            transfiner.linear_relu = fn
-            result = time_case(model, batch, sizes, [], options, precision, device, workload.seconds_per_case)
-            rows.append({"variant": name, "precision": precision, "batch": batch_size, "detections": detections,
-                         "forward_s": result["forward_s"], "mask_head_s": result["mask_head"],
-                         "refiner_s": result["refiner"], "peak_gpu_gib": result["peak_gpu_gib"]})
-            log(f"feed-forward {name}: forward {result['forward_s'] * 1000:.0f} ms, refiner "
-                f"{result['refiner'] * 1000:.0f} ms")
-    finally:
-        transfiner.linear_relu = fused
+    for name, variant in (("the model", contextlib.nullcontext), ("separate ReLU", separate_relu),
+                          ("packed attention", packed)):
+        try:
+            with variant():
+                change = float((masks() - reference).abs().max()) if reference.numel() else 0.0
+                result = time_case(model, batch, sizes, [], options, precision, device, workload.seconds_per_case)
+        except Exception as error:  # noqa: BLE001 - an unsupported kernel is a result too
+            rows.append({"variant": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"})
+            log(f"refiner variant {name}: {rows[-1]['error']}")
+            continue
+        rows.append({"variant": name, "precision": precision, "batch": batch_size, "detections": detections,
+                     "forward_s": result["forward_s"], "mask_head_s": result["mask_head"],
+                     "refiner_s": result["refiner"], "peak_gpu_gib": result["peak_gpu_gib"],
+                     "max_mask_prob_change": change})
+        log(f"refiner variant {name}: forward {result['forward_s'] * 1000:.0f} ms, refiner "
+            f"{result['refiner'] * 1000:.0f} ms, masks moved by at most {change:.1e}")
     return rows
 
 
@@ -1019,13 +1050,16 @@ def markdown(report: dict) -> str:
         for n in report["nms"]:
             lines.append(f"| {n['case']} | {n['layout']} | {n['batch']} | {n['boxes']} | {n['groups']} | {n['ms']:.1f} "
                          f"| {'yes' if n['same_as_one_call'] else 'NO'} |")
-    if report.get("ffn"):
-        lines += ["", "## The encoder's feed-forward ReLU (the largest in-process case)", "",
-                  "| variant | precision | batch | det/img | forward ms | mask head ms | refiner ms |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
-        for f in report["ffn"]:
-            lines.append(f"| {f['variant']} | {f['precision']} | {f['batch']} | {f['detections']} "
-                         f"| {f['forward_s'] * 1000:.0f} | {f['mask_head_s'] * 1000:.0f} | {f['refiner_s'] * 1000:.0f} |")
+    if report.get("refiner_variants"):
+        lines += ["", "## The refiner's encoder, run different ways (the largest in-process case)", "",
+                  "| variant | forward ms | mask head ms | refiner ms | largest mask probability change |",
+                  "|---|---:|---:|---:|---:|"]
+        for v in report["refiner_variants"]:
+            if "error" in v:
+                lines.append(f"| {v['variant']} | failed: {v['error'][:90]} | | | |")
+            else:
+                lines.append(f"| {v['variant']} | {v['forward_s'] * 1000:.0f} | {v['mask_head_s'] * 1000:.0f} "
+                             f"| {v['refiner_s'] * 1000:.0f} | {v['max_mask_prob_change']:.1e} |")
     if report.get("chunks"):
         lines += ["", "## Tokens per refinement pass (the largest in-process case)", "",
                   "| tokens per chunk | boxes per chunk (mean) | mask head ms | refiner ms | forward ms | peak GiB |",
@@ -1061,7 +1095,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-PARTS = ("attention", "in-process", "worker", "http", "profile", "nms", "ffn", "chunks", "memory-format", "jpeg",
+PARTS = ("attention", "in-process", "worker", "http", "profile", "nms", "refiner", "chunks", "memory-format", "jpeg",
          "compile")
 # The token sweep decided gpu_tokens_per_chunk (README) and is not rerun by default.
 DEFAULT_PARTS = tuple(part for part in PARTS if part != "chunks")
@@ -1150,8 +1184,9 @@ def main() -> int:
         report["profile"] = attempt("profile", lambda: bench_profile(workload, model, images, device, log))
     if "nms" in parts:
         report["nms"] = attempt("nms", lambda: bench_nms(workload, device, log))
-    if "ffn" in parts:
-        report["ffn"] = attempt("ffn", lambda: bench_fused_ffn(workload, model, images, device, log))
+    if "refiner" in parts:
+        report["refiner_variants"] = attempt("refiner variants",
+                                             lambda: bench_refiner_variants(workload, model, images, device, log))
     if "memory-format" in parts:
         report["memory_format"] = attempt("memory format",
                                           lambda: bench_channels_last(workload, model, images, device, log))

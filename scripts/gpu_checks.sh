@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # What this project measures and checks on a lent GPU machine, in one run: the CUDA tests, then
-# scripts/bench_gpu.py (in-process and HTTP). On an H200 on 2026-11-27 the CUDA tests took 25 s and
-# the benchmark was cut short at its 450 s limit, about 285 s of it spent beside a busy thread at GIL
-# switch intervals now dropped; without them (and without the 1 ms HTTP server) it is estimated at
-# 5-6 minutes: give the device call about 580 s. A run cut short keeps every part it finished, and
+# scripts/bench_gpu.py (in-process and HTTP). On an H200 on 2026-11-27 (the third run in the
+# README) the CUDA tests took 29 s and the benchmark 447 s with every default part: give the device
+# call about 580 s, or name fewer parts. A run cut short keeps every part it finished, and
 # `bench_gpu.py --parts ... --http-servers ...` reruns what it missed. Run from
 # the project root there, with cp312 wheels of what the machine's image lacks (fastapi, pydantic,
 # uvicorn, pycocotools, ...: it has no network) downloaded beforehand into .whl/ (carry it).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -419,3 +420,46 @@ def test_fused_feed_forward_activation_on_cuda():
         assert fused.dtype == plain.dtype == torch.bfloat16
         torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)
         assert (fused >= 0).all()
+
+
+def test_packed_sequences_give_the_padded_encoders_outputs():
+    """The encoder on packed real tokens equals it on padded sequences with a key mask, at
+    every real token (padding outputs are zeros); and a whole refiner gives the same masks, so
+    also against the official per-box reference (the test above)."""
+    torch.manual_seed(9)
+    encoder = SequenceEncoder(tiny_transfiner_config()).eval()
+    tokens, pos = torch.randn(4, 60, 16), torch.randn(4, 60, 16)
+    padding = torch.rand(4, 60) < 0.5
+    padding[:, :5] = False  # context tokens are never padding
+    padding[2, 5:] = True  # a sequence of context tokens only
+    with torch.no_grad():
+        padded = encoder(tokens, pos, padding)
+        encoder.packed = True
+        packed = encoder(tokens, pos, padding)
+    keep = ~padding
+    torch.testing.assert_close(packed[keep], padded[keep], rtol=1e-5, atol=1e-5)
+    assert (packed[padding] == 0).all()
+
+    thresholds = (0.05, 0.3, 0.6)
+    inputs = make_inputs(seed=1, count=6)
+    refiner = build_refiner(thresholds, needed_cells(inputs[5], thresholds))
+    reference = run(refiner, *inputs)
+    refiner.sequence_encoder.packed = True
+    torch.testing.assert_close(run(refiner, *inputs), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_packed_attention_on_cuda_matches_the_masked_kernel():
+    """FlashAttention's variable-length kernel (bf16) against SDPA with the key mask."""
+    torch.manual_seed(0)
+    encoder = SequenceEncoder(dataclasses.replace(tiny_transfiner_config(), d_model=256, num_heads=4,
+                                                  dim_feedforward=512)).eval().cuda()
+    tokens, pos = torch.randn(8, 700, 256, device="cuda"), torch.randn(8, 700, 256, device="cuda")
+    padding = torch.rand(8, 700, device="cuda") < 0.3
+    padding[:, :196] = False
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        padded = encoder(tokens, pos, padding).float()
+        encoder.packed = True
+        packed = encoder(tokens, pos, padding).float()
+    keep = ~padding
+    torch.testing.assert_close(packed[keep], padded[keep], rtol=0.05, atol=0.05)
