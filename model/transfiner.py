@@ -387,7 +387,7 @@ class SequenceEncoder(nn.Module):
     (``PackedSequences``, ``packed_attention``), instead of on padded sequences with a key mask.
     The same outputs at the real tokens (padding outputs are zeros, and unused). Off by default:
     measured faster on an H200 for the attention alone, not yet end to end (scripts/bench_gpu.py
-    measures both, part ``packed``). Eager inference only; traced graphs stay padded.
+    measures both, part ``refiner``). Eager inference only; traced graphs stay padded.
     """
 
     def __init__(self, cfg: TransfinerConfig) -> None:

@@ -1095,6 +1095,52 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(report: dict, path: Path) -> bool:
+    """bench_gpu.png: images/s at each detection count, in-process (batch 1 and the HTTP batch
+    size, the service's precision) beside every HTTP server and client count; and where one
+    in-process forward pass spends its time. False where matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    precision = report["in_process"][0]["precision"] if report["in_process"] else None
+    rows = [r for r in report["in_process"] if r.get("precision") == precision and "error" not in r]
+    detections = sorted({r["detections"] for r in rows} | {h["detections"] for h in report.get("http") or []})
+    if not detections:
+        return False
+    fig, (rates, stages) = plt.subplots(1, 2, figsize=(13, 4.8))
+    bars: dict[str, dict[int, float]] = {}
+    for r in sorted(rows, key=lambda r: r["batch"]):
+        bars.setdefault(f"in-process, batch {r['batch']}", {})[r["detections"]] = r["images_per_s"]
+    for h in report.get("http") or []:
+        bars.setdefault(f"HTTP, {h['worker']}, {h['concurrency']} clients", {})[h["detections"]] = h["images_per_s"]
+    width = 0.8 / max(len(bars), 1)
+    for i, (name, values) in enumerate(bars.items()):
+        xs = [detections.index(d) + (i - (len(bars) - 1) / 2) * width for d in values]
+        rates.bar(xs, list(values.values()), width, label=name, hatch="" if name.startswith("in-process") else "//")
+    rates.set_xticks(range(len(detections)), [f"{d} detections/image" for d in detections])
+    rates.set(ylabel="images/s", title=f"{report['device_name']}, {precision}")
+    rates.legend(fontsize=7)
+    rates.grid(axis="y", alpha=0.3)
+    names = ("backbone", "rpn", "box_head", "box_inference", "mask_head")
+    labels = [f"b{r['batch']} x {r['detections']}" for r in rows]
+    bottom = np.zeros(len(rows))
+    for name in names:
+        ms = np.array([r.get(name, 0.0) * 1000 for r in rows])
+        stages.bar(labels, ms, bottom=bottom, label=name.replace("_", " "))
+        bottom += ms
+    stages.set(ylabel="ms a forward pass", title="in-process stages (batch x detections/image)")
+    stages.legend(fontsize=7)
+    stages.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 PARTS = ("attention", "in-process", "worker", "http", "profile", "nms", "refiner", "chunks", "memory-format", "jpeg",
          "compile")
 # The token sweep decided gpu_tokens_per_chunk (README) and is not rerun by default.
@@ -1111,9 +1157,14 @@ def main() -> int:
     parser.add_argument("--no-http", action="store_true", help="in-process only")
     parser.add_argument("--parts", default=None, help="comma-separated subset of: " + ",".join(PARTS)
                         + " (default: all but chunks); e.g. a rerun of what a run cut short missed")
+    parser.add_argument("--plot", default=None, metavar="BENCH_GPU_JSON",
+                        help="only draw bench_gpu.png next to an earlier run's bench_gpu.json")
     parser.add_argument("--http-servers", default=None,
                         help="comma-separated indices into the workload's HTTP servers (default: all)")
     args = parser.parse_args()
+    if args.plot:
+        source = Path(args.plot)
+        return 0 if plot(json.loads(source.read_text()), source.with_suffix(".png")) else 1
 
     workload = QUICK if args.quick else FULL
     parts = set(args.parts.split(",") if args.parts else DEFAULT_PARTS)
@@ -1144,6 +1195,7 @@ def main() -> int:
         report["seconds"] = time.perf_counter() - began
         (out / "bench_gpu.json").write_text(json.dumps(report, indent=2, default=str))
         (out / "bench_gpu.md").write_text(markdown(report))
+        plot(report, out / "bench_gpu.png")
 
     def attempt(name: str, fn):
         try:
