@@ -129,3 +129,32 @@ def test_traced_inference_matches_eager_on_other_sizes():
         args = (*_batch(1, counts), torch.tensor(thresh), torch.tensor(top_k))
         for got, want in zip(traced(*args), run(*args)):
             assert torch.equal(got, want)
+
+
+def test_an_images_detections_do_not_depend_on_its_batch_mates_at_the_nms_threshold():
+    """Two boxes of the last of 80 classes whose IoU is just below the NMS threshold (0.4993 <
+    0.5: both kept). Alone, or as the 8th image of a batch whose other images have boxes as large
+    as the image, the image keeps both: its NMS runs on its own boxes. (One NMS call for the
+    batch moved this group by 639 group widths of 1,334 px, where float32 steps by 1/16 px: that
+    rounded the IoU to 0.5024 and dropped a box.)"""
+    classes = 80
+    heads = BoxROIHeads(ROIHeadsConfig(num_classes=classes, fc_dim=16, score_thresh_test=0.0, nms_thresh_test=0.5),
+                        in_channels=2).eval()
+    x = 3.34  # IoU of [0, 0, 10, 10] and [x, 0, 10 + x, 10] = (10 - x) / (10 + x)
+    proposals = torch.tensor([[0.0, 0.0, 10.0, 10.0], [x, 0.0, 10.0 + x, 10.0]])
+    logits = torch.full((2, classes + 1), -10.0)
+    logits[:, classes - 1] = 10.0  # the last class, nothing else
+
+    def last_image(batch: int):
+        mates = torch.tensor([[0.0, 0.0, 1333.0, 800.0]]).repeat(batch - 1, 1)
+        all_proposals = torch.cat((mates, proposals))
+        all_logits = torch.cat((torch.zeros(batch - 1, classes + 1), logits))
+        all_deltas = torch.zeros(batch + 1, 4 * classes)
+        images = torch.cat((torch.arange(batch - 1), torch.full((2,), batch - 1)))
+        sizes = torch.tensor([[800, 1333]]).repeat(batch, 1)
+        det = heads.inference(all_logits, all_deltas, all_proposals, images, sizes, 0.0, 100)
+        return det.boxes[(det.batch_index == batch - 1) & (det.classes == classes - 1)]
+
+    alone = last_image(1)
+    assert alone.shape[0] == 2
+    assert torch.equal(last_image(8), alone)
