@@ -2,19 +2,20 @@
 
 R50-FPN with random weights (FrozenBN calibrated, so the random network yields distinct boxes)
 at 800x1333, score threshold 0 so every image has exactly the asked number of detections, all
-refined. In-process: 10 and 100 detections, fp32 and bf16, batch 1 and 8; per-stage times
-(CUDA events around the model's own modules), peak GPU memory, and the refiner's achieved
-TFLOP/s next to the card's measured matmul peak. Then the service's worker on the same batches
-without HTTP, alone and beside a busy Python thread (GIL switch intervals side by side); then
-the same checkpoint behind ``transfiner serve`` on the same card, loaded by ``transfiner bench``
-with the same images. Last, channels-last convolutions against the default layout, and JPEG
-decoding as the server does it on the CPU against nvJPEG.
-Also: key-masked attention kernels side by side, box inference and post-processing alone.
+refined. By default, in this order: the card's matmul peak and the key-masked attention kernels
+side by side; in-process at the service's precision, 10 and 100 detections, batch 1 and 8, with
+per-stage times (CUDA events around the model's own modules), peak GPU memory and the refiner's
+achieved TFLOP/s; one forward pass under torch.profiler; NMS layouts; the refiner's encoder run
+different ways; the service's worker on the same batches without HTTP (alone, beside a busy
+Python thread, in a process of its own); the same checkpoint behind ``transfiner serve`` loaded
+by ``transfiner bench`` with the same images (a worker thread and a worker process); fp32
+in-process. Parts whose question is answered run only when named (``--parts``): the refiner's
+token budget, channels-last, nvJPEG, torch.compile.
 
-    python scripts/bench_gpu.py --out bench-results/gpu            # on a GPU machine, ~4 minutes
+    python scripts/bench_gpu.py --out bench-results/gpu            # on a GPU machine, ~6 minutes
     python scripts/bench_gpu.py --quick --out bench-results/gpu    # small, on the CPU
 
-Writes ``bench_gpu.json`` and ``bench_gpu.md`` into ``--out``.
+Writes ``bench_gpu.json``, ``bench_gpu.md`` and ``bench_gpu.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Workload:
     http_concurrency: tuple[int, ...]
     http_batch_size: int
     http_servers: tuple["HttpServer", ...]  # measured side by side
+    default_http_servers: str  # indices into http_servers that a run measures unless told otherwise
     chunk_tokens: tuple[int, ...]  # refiner token budgets per pass, swept at the largest case
 
 
@@ -93,15 +95,16 @@ class HttpServer:
         return kind if self.workers == 1 else f"{self.workers} {kind}{'es' if self.worker_process else 's'}"
 
 
-# The default server (a worker thread) and one worker process at every concurrency; two worker
-# processes sharing the card (one launches while the other's kernels run) at the highest. A server
-# at a 1 ms GIL switch interval was measured on an H200 on 2026-11-27 and gained nothing (README).
+# A worker thread and a worker process (the CUDA default) at every concurrency; two worker
+# processes sharing the card (one launches while the other's kernels run) at the highest, only
+# when named (`--http-servers 2`: measured on an H200 on 2026-11-27, README). A server at a 1 ms
+# GIL switch interval gained nothing there and was dropped.
 SERVERS = (HttpServer(), HttpServer(worker_process=True), HttpServer(worker_process=True, workers=2, concurrency=(32,)))
-FULL = Workload("R50-FPN", 800, 1333, (10, 100), (1, 8), ("bf16", "fp32"), 1.5, 96, (8, 32), 8, SERVERS,
+FULL = Workload("R50-FPN", 800, 1333, (10, 100), (1, 8), ("bf16", "fp32"), 1.5, 96, (8, 32), 8, SERVERS, "0,1",
                  (65_536, 131_072, 262_144, 393_216, 786_432))
 QUICK = Workload("small", 384, 640, (5, 20), (1, 2), ("bf16", "fp32"), 0.5, 8, (2,), 2,
                  (HttpServer(), HttpServer(worker_process=True),
-                  HttpServer(worker_process=True, workers=2, concurrency=(4,))), (4_096, 65_536))
+                  HttpServer(worker_process=True, workers=2, concurrency=(4,))), "0,1,2", (4_096, 65_536))
 
 
 def sync(device: torch.device) -> None:
@@ -1143,8 +1146,11 @@ def plot(report: dict, path: Path) -> bool:
 
 PARTS = ("attention", "in-process", "worker", "http", "profile", "nms", "refiner", "chunks", "memory-format", "jpeg",
          "compile")
-# The token sweep decided gpu_tokens_per_chunk (README) and is not rerun by default.
-DEFAULT_PARTS = tuple(part for part in PARTS if part != "chunks")
+# Parts whose question an H200 has answered (README, "GPU performance") run only when named, so
+# the default run stays under 6 minutes there: the token sweep (gpu_tokens_per_chunk),
+# channels-last and nvJPEG (no gain for the model, not needed by the server), torch.compile.
+DECIDED_PARTS = ("chunks", "memory-format", "jpeg", "compile")
+DEFAULT_PARTS = tuple(part for part in PARTS if part not in DECIDED_PARTS)
 
 
 def main() -> int:
@@ -1156,11 +1162,12 @@ def main() -> int:
                         "(default: OUT/work)")
     parser.add_argument("--no-http", action="store_true", help="in-process only")
     parser.add_argument("--parts", default=None, help="comma-separated subset of: " + ",".join(PARTS)
-                        + " (default: all but chunks); e.g. a rerun of what a run cut short missed")
+                        + " (default: all but " + ",".join(DECIDED_PARTS) + "); e.g. a rerun of what a run cut short missed")
     parser.add_argument("--plot", default=None, metavar="BENCH_GPU_JSON",
                         help="only draw bench_gpu.png next to an earlier run's bench_gpu.json")
     parser.add_argument("--http-servers", default=None,
-                        help="comma-separated indices into the workload's HTTP servers (default: all)")
+                        help="comma-separated indices into the workload's HTTP servers (default: thread and "
+                        "process; 2 adds two worker processes on one card)")
     args = parser.parse_args()
     if args.plot:
         source = Path(args.plot)
@@ -1170,8 +1177,8 @@ def main() -> int:
     parts = set(args.parts.split(",") if args.parts else DEFAULT_PARTS)
     if unknown := parts - set(PARTS):
         parser.error(f"unknown parts: {sorted(unknown)}")
-    servers = workload.http_servers if args.http_servers is None else tuple(
-        workload.http_servers[int(i)] for i in args.http_servers.split(","))
+    chosen_servers = workload.default_http_servers if args.http_servers is None else args.http_servers
+    servers = tuple(workload.http_servers[int(i)] for i in chosen_servers.split(","))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.out)
     work = Path(args.work) if args.work else out / "work"
