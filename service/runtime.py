@@ -143,7 +143,9 @@ class ServiceRuntime:
         if self.state == "starting":  # a SIGTERM during start-up wins
             self.state, self.detail = "ready", None
             self.metrics.ready.set(1)
-            log.info("ready: %s %s on %s", model.name, model.version, ", ".join(model.devices))
+            log.info("ready: %s %s on %s, %d model worker(s), each in %s", model.name, model.version,
+                     ", ".join(model.devices), len(workers),
+                     "a process of its own" if settings.worker_process else "a thread of the server")
 
     def begin_drain(self) -> asyncio.Task:
         """Readiness 503 and new requests refused from now; returns the task that finishes the
