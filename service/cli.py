@@ -17,9 +17,8 @@ from model.default_model import (
 
 # Flag -> settings field, for the flags that map one to one.
 _FLAGS = (
-    "config", "device", "backend", "precision", "max_cells", "workers", "max_batch_size", "max_delay_ms", "max_arrival_wait_ms",
-    "max_queue_size", "host", "port",
-    "log_level", "worker_process",
+    "config", "device", "backend", "precision", "max_cells", "workers", "max_batch_size", "max_delay_ms",
+    "max_arrival_wait_ms", "max_queue_size", "host", "port", "log_level", "worker_process",
 )
 
 
