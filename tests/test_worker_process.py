@@ -160,6 +160,20 @@ def wait_for(condition, timeout: float = 60.0) -> None:
         time.sleep(0.02)
 
 
+def kill_with_a_batch_in_its_pipe(server, pid: int, image, count: int, after_kill=lambda: None) -> list:
+    """Freezes the worker process ``pid``, sends ``count`` requests, waits until their batch has
+    gone down its pipe, kills it, runs ``after_kill`` and returns the requests' responses."""
+    batches = metric(server.url, "transfiner_batch_size_count")
+    os.kill(pid, signal.SIGSTOP)
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        pending = [pool.submit(segment, server.url, image) for _ in range(count)]
+        wait_for(lambda: metric(server.url, "transfiner_batch_size_count") >= batches + 1)
+        time.sleep(0.2)  # the batch goes down the pipe
+        os.kill(pid, signal.SIGKILL)
+        after_kill()
+        return [p.result() for p in pending]
+
+
 def test_a_worker_process_that_dies_is_started_again(checkpoint, predictor):
     image = scene(96, 128, seed=3)
     expected = expected_records(predictor, image)
@@ -172,14 +186,11 @@ def test_a_worker_process_that_dies_is_started_again(checkpoint, predictor):
 
         # A batch of two is in the pipe of a frozen worker when it is killed: each request is
         # retried alone on the new process, and both get their answers.
-        os.kill(first_pid, signal.SIGSTOP)
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            pending = [pool.submit(segment, server.url, image) for _ in range(2)]
-            wait_for(lambda: metric(server.url, "transfiner_batch_size_count") >= 1)
-            time.sleep(0.2)  # the batch goes down the pipe
-            os.kill(first_pid, signal.SIGKILL)
-            wait_for(lambda: httpx.get(server.url + "/health/ready").json()["status"] == "restarting")
-            responses = [p.result() for p in pending]
+        responses = kill_with_a_batch_in_its_pipe(
+            server, first_pid, image, 2,
+            after_kill=lambda: wait_for(
+                lambda: httpx.get(server.url + "/health/ready").json()["status"] == "restarting"),
+        )
         for response in responses:
             assert response.status_code == 200, response.text
             assert_same(response.json()["instances"], expected)
@@ -189,14 +200,7 @@ def test_a_worker_process_that_dies_is_started_again(checkpoint, predictor):
 
         # A lone request in flight when its worker dies gets a JSON 500; the next one is served.
         second_pid = worker.pid
-        batches = metric(server.url, "transfiner_batch_size_count")
-        os.kill(second_pid, signal.SIGSTOP)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(segment, server.url, image)
-            wait_for(lambda: metric(server.url, "transfiner_batch_size_count") == batches + 1)
-            time.sleep(0.2)
-            os.kill(second_pid, signal.SIGKILL)
-            response = pending.result()
+        [response] = kill_with_a_batch_in_its_pipe(server, second_pid, image, 1)
         assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
         ready = httpx.get(server.url + "/health/ready")
         if ready.status_code == 503:  # still starting again
