@@ -6,7 +6,8 @@ that exported it and the checkpoint it came from. ``export.runtimes`` loads such
 
 Both formats come from one trace of ``ExportableMaskTransfiner`` (TorchScript's tracer; the ONNX
 exporter traces the same way). Tracing records tensor shapes as graph values, and the model's
-forward has no loop over images or boxes and no Python number taken from a tensor, so the graph
+forward has no Python number taken from a tensor and no loop over images or boxes but NMS's loop
+over the images (scripted into the TorchScript graph, one NonMaxSuppression in ONNX), so the graph
 holds for any batch size, image size and detection count. The parity tests check exactly that,
 on inputs unlike the example.
 """
@@ -14,6 +15,7 @@ on inputs unlike the example.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import model as model_package
 from model.checkpoint_io import file_digest
 from model.config import COVERING_MAX_CELLS, ModelConfig
 from model.rcnn import MaskTransfiner
@@ -52,6 +55,17 @@ class ExportResult:
     metadata_file: Path
     size_bytes: int
     seconds: float
+
+
+def graph_code_digest() -> str:
+    """12 hex digits of the source that decides an exported graph (the ``model`` and ``export``
+    packages): a checkpoint's cached export is keyed by it, so new code exports it again."""
+    digest = hashlib.sha256()
+    for package in (Path(model_package.__file__).parent, Path(__file__).parent):
+        for source in sorted(package.glob("*.py")):
+            digest.update(f"{package.name}/{source.name}\0".encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _versions() -> dict[str, str]:

@@ -3,8 +3,9 @@
 ``load_backend(model, "onnxruntime")`` accepts an export folder (``transfiner export``), a model
 file inside one, or what ``--model`` accepts elsewhere (``default``, a checkpoint), as
 ``export.resolve.resolve_model`` decides. Checkpoints are exported once into a cache folder
-(``$TRANSFINER_CACHE``, default ``~/.cache/transfiner``) keyed by the checkpoint's digest, so
-``transfiner serve --backend onnxruntime`` works on the default model with no extra step.
+(``$TRANSFINER_CACHE``, default ``~/.cache/transfiner``) keyed by the checkpoint's digest and the
+exporting code's (``graph_code_digest``), so ``transfiner serve --backend onnxruntime`` works on
+the default model with no extra step, and an upgrade never runs a graph the old code made.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from model.config import ModelConfig
 from model.predictor import resolve_device
 from model.rcnn import InferenceOptions, RawOutputs
 
-from .exporter import ExportError, export_model, find_export
+from .exporter import ExportError, export_model, find_export, graph_code_digest
 from .graph import INPUT_NAMES, graph_arguments, raw_outputs
 from .resolve import RUNTIME_FORMATS, ResolvedModel, check_backend_name, resolve_model
 
@@ -127,7 +128,7 @@ def exported_copy(
     with ``max_cells``, exported with those node caps instead of the checkpoint's."""
     if not source.is_checkpoint:
         raise ExportError(f"{source.path} is already an export; exported copies are made from checkpoints")
-    key = f"{source.weights_digest}-{fmt}" + (f"-{device.type}" if fmt == "torchscript" else "")
+    key = f"{source.weights_digest}-{graph_code_digest()}-{fmt}" + (f"-{device.type}" if fmt == "torchscript" else "")
     if max_cells is not None:
         key += "-cells" + "-".join(str(k) for k in max_cells)
     folder = cache_root() / "exports" / key

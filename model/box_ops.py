@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
-
-from collections.abc import Callable
+import sys
 
 import torch
 from torch import nn
-from torchvision.ops import nms
+from torchvision.ops import batched_nms, nms
 
 # detectron2's clamp on predicted log-scales, so exp() cannot overflow.
 _SCALE_CLAMP = math.log(1000.0 / 16)
@@ -96,33 +96,115 @@ def coordinate_trick_nms(
     return nms(boxes + offsets[:, None], scores, iou_threshold)
 
 
-GroupedNMS = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
-
-
 def nms_in_each_image(
-    boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, images: torch.Tensor, num_images: int,
-    groups_per_image: int, iou_threshold: float, grouped_nms: GroupedNMS = coordinate_trick_nms,
+    boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor, num_groups: int,
+    iou_threshold: float, coordinate_trick: bool = True,
 ) -> torch.Tensor:
-    """NMS within each (image, group): boxes [N, 4], scores [N], groups [N] in [0, groups_per_image),
-    images [N] sorted (each image's rows together, images in order). Returns the kept indices,
-    each image's by decreasing score.
+    """NMS within each (image, group) of a batch laid out per image -> kept [B, n] bool.
 
-    Eager: one ``grouped_nms`` call per image, as detectron2 (which loops over images). On an H200
-    that measured faster than one call for the whole batch or one per group (README), and an
-    image's kept boxes then cannot depend on its batch-mates through the size of the offsets.
-    Traced graphs (TorchScript, ONNX) have no loop over a dynamic batch: one call with the
-    images' groups moved apart too.
+    boxes [B, n, 4] (clipped, >= 0 where valid), scores [B, n], groups [B, n] in
+    [0, num_groups), valid [B, n]: the candidates (the others take no part, whatever their values).
+
+    Each image's result is that of NMS on its own candidates, so it cannot depend on its
+    batch-mates. Eager and TorchScript: one call per image, as detectron2 (on an H200 faster than
+    one call for the batch or one per group, README), its groups moved apart by the coordinate
+    trick (``coordinate_trick``) or as torchvision's ``batched_nms`` does (detectron2's RPN). A
+    traced graph calls the loop scripted, so it holds for any batch size. ONNX: one
+    NonMaxSuppression over the batch with the groups as its classes: per (image, group), no
+    coordinates moved at all (``onnx_nms_in_each_image``).
     """
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return grouped_nms(boxes, scores, images * groups_per_image + groups, iou_threshold)
-    counts = torch.bincount(images, minlength=num_images).tolist()  # one device sync
-    kept, start = [], 0
-    for count in counts:
-        if count:
-            rows = slice(start, start + count)
-            kept.append(grouped_nms(boxes[rows], scores[rows], groups[rows], iou_threshold) + start)
-        start += count
-    return torch.cat(kept) if kept else torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    if torch.onnx.is_in_onnx_export():
+        return onnx_nms_in_each_image(boxes, scores, groups, valid, num_groups, iou_threshold)
+    if torch.jit.is_tracing():
+        return _scripted(nms_image_by_image)(boxes, scores, groups, valid, iou_threshold, coordinate_trick)
+    return nms_image_by_image(boxes, scores, groups, valid, iou_threshold, coordinate_trick)
+
+
+def nms_image_by_image(
+    boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor, iou_threshold: float,
+    coordinate_trick: bool,
+) -> torch.Tensor:
+    """``nms_in_each_image`` as a loop over the images (TorchScript-compatible)."""
+    kept = torch.zeros_like(valid)
+    for image in range(boxes.shape[0]):
+        rows = torch.nonzero(valid[image]).squeeze(1)
+        if rows.shape[0] == 0:
+            continue
+        image_boxes, image_scores, image_groups = boxes[image][rows], scores[image][rows], groups[image][rows]
+        if coordinate_trick:
+            keep = coordinate_trick_nms(image_boxes, image_scores, image_groups, iou_threshold)
+        else:
+            keep = batched_nms(image_boxes, image_scores, image_groups, iou_threshold)
+        kept[image] = kept[image].index_fill(0, rows[keep], True)
+    return kept
+
+
+@functools.cache
+def _scripted(function):
+    """``function`` compiled by TorchScript once, so a traced graph keeps its loop."""
+    return torch.jit.script(function)
+
+
+# Below every score that takes part (probabilities, objectness logits), above the -inf that marks
+# the others; also a finite float16, for TensorRT engines built in half precision.
+ONNX_SCORE_FLOOR = -65504.0
+
+
+def onnx_nms_in_each_image(
+    boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor, num_groups: int,
+    iou_threshold: float,
+) -> torch.Tensor:
+    """``nms_in_each_image`` as ONNX's NonMaxSuppression, which runs per (batch item, class):
+    each group is a class whose scores are -inf outside it (below the score threshold)."""
+    batch, n = scores.shape
+    ids = torch.arange(num_groups, device=groups.device)
+    member = valid[:, None, :] & (groups[:, None, :] == ids[None, :, None])  # [B, G, n]
+    class_scores = torch.where(member, scores[:, None, :].float(), -math.inf)
+    boxes = torch.where(valid[..., None], boxes.float(), 0.0)  # invalid boxes may be NaN
+    selected = NonMaxSuppression.apply(boxes, class_scores, iou_threshold)  # [V, 3] (image, group, box)
+    flat = selected[:, 0] * n + selected[:, 2]
+    kept = torch.zeros(batch * n, device=scores.device).scatter(0, flat, torch.ones_like(flat, dtype=torch.float32))
+    return (kept > 0).view(batch, n)
+
+
+class NonMaxSuppression(torch.autograd.Function):
+    """ONNX's NonMaxSuppression (exported as that operator): boxes [B, n, 4], scores [B, C, n]
+    -> selected [V, 3] int64 (batch item, class, box). The forward pass (run while exporting only)
+    computes the same in PyTorch."""
+
+    @staticmethod
+    def forward(ctx, boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+        selected = [torch.zeros((0, 3), dtype=torch.int64, device=boxes.device)]
+        for image in range(scores.shape[0]):
+            for group in range(scores.shape[1]):
+                rows = torch.nonzero(scores[image, group] >= ONNX_SCORE_FLOOR).squeeze(1)
+                keep = rows[nms(boxes[image, rows], scores[image, group, rows], iou_threshold)][:, None]
+                selected.append(torch.cat((keep.new_full(keep.shape, image), keep.new_full(keep.shape, group), keep), 1))
+        return torch.cat(selected)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, iou_threshold: float):
+        def constant(value, dtype):
+            return g.op("Constant", value_t=torch.tensor([value], dtype=dtype))
+
+        return g.op(
+            "NonMaxSuppression", boxes, scores, constant(sys.maxsize, torch.int64),
+            constant(iou_threshold, torch.float32), constant(ONNX_SCORE_FLOOR, torch.float32),
+        )
+
+
+def best_first(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k largest values, largest first, and their indices: values [B, n] ->
+    ([B, m], [B, m]) with m >= min(n, k); the entries past each row's k-th are -inf.
+
+    Eager and TorchScript sort, stably, so equal values keep their order (as NMS lists the boxes
+    it keeps). ONNX has no sort operator: TopK, whose k TensorRT bounds (3,840).
+    """
+    if torch.onnx.is_in_onnx_export():
+        return values.topk(top_count(values.shape[1], k), dim=1)
+    ordered, index = values.sort(dim=1, descending=True, stable=True)
+    beyond = torch.arange(values.shape[1], device=values.device) >= k
+    return ordered.masked_fill(beyond, -math.inf), index
 
 
 def top_count(available: int | torch.Tensor, wanted: int) -> int | torch.Tensor:

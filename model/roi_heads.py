@@ -144,13 +144,11 @@ class BoxROIHeads(nn.Module):
 
         # NMS within each (image, class) on the valid candidates (scores are finite where valid),
         # each image's classes moved apart by the coordinate trick (clipped boxes are >= 0).
-        index = torch.nonzero(top_scores > -math.inf).squeeze(1)  # [V] into [B * k], images in order
-        nms_boxes = _clipped(boxes[top_proposals[index], classes[index]], image_sizes[images[index]])
-        kept = index[nms_in_each_image(
-            nms_boxes, top_scores[index], classes[index], images[index], num_images, num_classes,
-            self.cfg.nms_thresh_test,
-        )]
-        kept = torch.zeros_like(top_scores).scatter(0, kept, torch.ones_like(kept, dtype=torch.float32))
+        nms_boxes = _clipped(boxes[top_proposals, classes], image_sizes[images])  # [B * k, 4]
+        kept = nms_in_each_image(
+            nms_boxes.view(num_images, width, 4), top_scores.view(num_images, width), classes.view(num_images, width),
+            (top_scores > -math.inf).view(num_images, width), num_classes, self.cfg.nms_thresh_test,
+        ).flatten().to(torch.float32)  # [B * k]
 
         # Rank of each kept detection in its image (a float cumsum along the [B, k] rows: TensorRT's
         # CumSum is float-only), the top-k per image (as detectron2, a negative top-k keeps every
@@ -159,8 +157,7 @@ class BoxROIHeads(nn.Module):
         rank = (kept.view(num_images, width).cumsum(1) - 1).flatten().to(torch.int64)  # [B * k]
         top_k = per_image(top_k, images)  # a number, or [B * k]
         final = torch.nonzero((kept > 0) & ((rank < top_k) | (top_k < 0))).squeeze(1)  # [D]
-        final_boxes = _clipped(boxes[top_proposals[final], classes[final]], image_sizes[images[final]])
-        return Detections(final_boxes, top_scores[final], classes[final], images[final], rank[final])
+        return Detections(nms_boxes[final], top_scores[final], classes[final], images[final], rank[final])
 
 
 def _clipped(boxes: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms
 
 from .box_ops import (
-    AnchorGenerator, Box2BoxTransform, clip_boxes, is_finite, nms_in_each_image, rank_within_image, top_count,
+    AnchorGenerator, Box2BoxTransform, best_first, clip_boxes, is_finite, nms_in_each_image, top_count,
 )
 from .config import RPNConfig
 
@@ -78,10 +79,10 @@ class RPN(nn.Module):
         """detectron2's ``find_top_rpn_proposals`` for the whole batch at once.
 
         Returns the proposals of all images flattened, each image's in decreasing objectness:
-        boxes [P, 4], objectness logits [P], batch index [P]. Apart from NMS (one call per image
-        in eager mode, ``nms_in_each_image``) there is no loop over images and no Python number
-        taken from a tensor, so the same code traces (TorchScript, ONNX) for any batch size,
-        image size and proposal count.
+        boxes [P, 4], objectness logits [P], batch index [P]. Apart from NMS (a loop over the
+        images, scripted into traced graphs, or one operator in ONNX: ``nms_in_each_image``) there
+        is no loop over images and no Python number taken from a tensor, so the same code traces
+        (TorchScript, ONNX) for any batch size, image size and proposal count.
         """
         pre_topk = self.cfg.pre_nms_topk_train if self.training else self.cfg.pre_nms_topk_test
         post_topk = self.cfg.post_nms_topk_train if self.training else self.cfg.post_nms_topk_test
@@ -101,15 +102,16 @@ class RPN(nn.Module):
 
         sizes = image_sizes[:, None, :].to(boxes.dtype)  # [B, 1, 2]
         boxes = clip_boxes(boxes, sizes[..., 0:1], sizes[..., 1:2])
-        keep = is_finite(boxes).all(dim=2) & is_finite(scores)
-        keep = keep & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
-        batch_index, anchor_index = torch.nonzero(keep, as_tuple=True)
-        boxes, scores, levels = boxes[batch_index, anchor_index], scores[batch_index, anchor_index], levels[anchor_index]
+        valid = is_finite(boxes).all(dim=2) & is_finite(scores)
+        valid = valid & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])  # [B, N]
 
-        # NMS inside each (image, level) with torchvision's batched_nms, as detectron2; each
-        # image's kept rows come by decreasing score, so its first post_topk rows are its best.
-        kept = nms_in_each_image(boxes, scores, levels, batch_index, batch, len(anchors), self.cfg.nms_thresh,
-                                 grouped_nms=batched_nms)
-        kept = kept[rank_within_image(batch_index[kept], batch) < post_topk]
-        return boxes[kept], scores[kept], batch_index[kept]
+        # NMS inside each (image, level) with torchvision's batched_nms, as detectron2; then each
+        # image's best post_topk kept proposals, best first.
+        kept = nms_in_each_image(boxes, scores, levels.expand(batch, -1), valid, len(anchors), self.cfg.nms_thresh,
+                                 coordinate_trick=False)
+        ranked = torch.where(kept, scores, -math.inf)
+        best, index = best_first(ranked, post_topk)  # [B, >= k]
+        batch_index, slot = torch.nonzero(best > -math.inf, as_tuple=True)
+        index = index[batch_index, slot]
+        return boxes[batch_index, index], scores[batch_index, index], batch_index
 

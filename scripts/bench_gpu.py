@@ -953,13 +953,17 @@ def share_of_in_process(report: dict, precision: str, batch: int, detections: in
     return f"{100 * images_per_s / same['images_per_s']:.0f}%" if same else "-"
 
 
+def _tflops(value: float | None) -> str:
+    return f"{value:.0f} TFLOP/s" if value else "not measured"
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# GPU benchmark: {report['config']} at {report['image'][0]}x{report['image'][1]}, {report['device_name']}",
         "",
         f"{report['date']}, torch {report['torch']}; score threshold 0, every detection refined. "
-        f"Measured matmul peak: bf16 {(report['matmul_tflops'].get('bf16') or 0):.0f} TFLOP/s, "
-        f"fp32 {(report['matmul_tflops'].get('fp32') or 0):.0f} TFLOP/s.",
+        f"Measured matmul peak: bf16 {_tflops(report['matmul_tflops'].get('bf16'))}, "
+        f"fp32 {_tflops(report['matmul_tflops'].get('fp32'))}.",
         "",
         "## In-process (per batch, median)",
         "",
@@ -1224,9 +1228,10 @@ def main() -> int:
     model = build_model(model.cfg, checkpoint, device)
     log(f"model ready on {report['device_name']}")
 
-    if device.type == "cuda" and "attention" in parts:
+    if device.type == "cuda":  # a few seconds; every part that reports TFLOP/s compares with it
         for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
             report["matmul_tflops"][name] = attempt(f"matmul peak {name}", lambda: matmul_peak(device, dtype))
+    if device.type == "cuda" and "attention" in parts:
         report["attention"] = attempt("attention", lambda: bench_attention(device, log))
 
     def in_process(precisions: tuple[str, ...]) -> None:

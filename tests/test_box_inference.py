@@ -131,12 +131,47 @@ def test_traced_inference_matches_eager_on_other_sizes():
             assert torch.equal(got, want)
 
 
-def test_an_images_detections_do_not_depend_on_its_batch_mates_at_the_nms_threshold():
+class _Inference(torch.nn.Module):
+    """``BoxROIHeads.inference`` as a module to trace or export: -> (boxes, classes, batch index)."""
+
+    def __init__(self, heads: BoxROIHeads) -> None:
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, logits, deltas, proposals, batch, sizes):
+        # Options as tensors, as the exported graph's inputs are.
+        det = self.heads.inference(logits, deltas, proposals, batch, sizes, torch.tensor(0.0), torch.tensor(100))
+        return det.boxes, det.classes, det.batch_index
+
+
+def _runner(kind: str, module: _Inference, example: tuple, tmp_path):
+    """``module`` eager, traced (TorchScript) or exported to ONNX (run by ONNX Runtime), traced on
+    ``example``: a function of the same inputs -> the same outputs as tensors."""
+    import warnings
+
+    if kind == "eager":
+        return module
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if kind == "torchscript":
+            return torch.jit.trace(module, example, check_trace=False)
+        import onnxruntime as ort
+
+        names = ["logits", "deltas", "proposals", "batch", "sizes"]
+        axes = {"logits": {0: "p"}, "deltas": {0: "p"}, "proposals": {0: "p"}, "batch": {0: "p"}, "sizes": {0: "b"}}
+        torch.onnx.export(module, example, str(tmp_path / "inference.onnx"), dynamo=False, opset_version=17,
+                          input_names=names, dynamic_axes=axes)
+    session = ort.InferenceSession(str(tmp_path / "inference.onnx"), providers=["CPUExecutionProvider"])
+    return lambda *args: [torch.from_numpy(a) for a in session.run(None, dict(zip(names, (a.numpy() for a in args))))]
+
+
+@pytest.mark.parametrize("kind", ["eager", "torchscript", "onnx"])
+def test_an_images_detections_do_not_depend_on_its_batch_mates_at_the_nms_threshold(kind, tmp_path):
     """Two boxes of the last of 80 classes whose IoU is just below the NMS threshold (0.4993 <
     0.5: both kept). Alone, or as the 8th image of a batch whose other images have boxes as large
-    as the image, the image keeps both: its NMS runs on its own boxes. (One NMS call for the
-    batch moved this group by 639 group widths of 1,334 px, where float32 steps by 1/16 px: that
-    rounded the IoU to 0.5024 and dropped a box.)"""
+    as the image, the image keeps both: its NMS runs on its own boxes, in eager mode, in a traced
+    graph and in ONNX. (One NMS call for the batch moved this group by 639 group widths of 1,334
+    px, where float32 steps by 1/16 px: that rounded the IoU to 0.5024 and dropped a box.)"""
     classes = 80
     heads = BoxROIHeads(ROIHeadsConfig(num_classes=classes, fc_dim=16, score_thresh_test=0.0, nms_thresh_test=0.5),
                         in_channels=2).eval()
@@ -145,15 +180,20 @@ def test_an_images_detections_do_not_depend_on_its_batch_mates_at_the_nms_thresh
     logits = torch.full((2, classes + 1), -10.0)
     logits[:, classes - 1] = 10.0  # the last class, nothing else
 
-    def last_image(batch: int):
+    def inputs(batch: int):
         mates = torch.tensor([[0.0, 0.0, 1333.0, 800.0]]).repeat(batch - 1, 1)
         all_proposals = torch.cat((mates, proposals))
         all_logits = torch.cat((torch.zeros(batch - 1, classes + 1), logits))
         all_deltas = torch.zeros(batch + 1, 4 * classes)
         images = torch.cat((torch.arange(batch - 1), torch.full((2,), batch - 1)))
         sizes = torch.tensor([[800, 1333]]).repeat(batch, 1)
-        det = heads.inference(all_logits, all_deltas, all_proposals, images, sizes, 0.0, 100)
-        return det.boxes[(det.batch_index == batch - 1) & (det.classes == classes - 1)]
+        return all_logits, all_deltas, all_proposals, images, sizes
+
+    run = _runner(kind, _Inference(heads), inputs(3), tmp_path)
+
+    def last_image(batch: int):
+        boxes, labels, images = run(*inputs(batch))
+        return boxes[(images == batch - 1) & (labels == classes - 1)]
 
     alone = last_image(1)
     assert alone.shape[0] == 2

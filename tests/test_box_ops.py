@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
 
 from model.box_ops import (
-    AnchorGenerator, Box2BoxTransform, box_area, clip_boxes, coordinate_trick_nms, nms_in_each_image,
+    AnchorGenerator, Box2BoxTransform, best_first, box_area, clip_boxes, coordinate_trick_nms, nms_in_each_image,
 )
 
 
@@ -151,43 +151,94 @@ def test_anchor_centres_at_stride_multiples_and_offset():
 
 
 def _nms_batch(seed: int, counts: list[int], groups: int):
+    """Images with ``counts`` candidates each, laid out per image [B, n] (n the largest count):
+    boxes, scores, groups and the valid slots (each image's first ``count``; the others hold
+    values that must not matter: NaN boxes, high scores)."""
     g = torch.Generator().manual_seed(seed)
-    n = sum(counts)
-    boxes = _boxes(g, n)
-    boxes[:, 0::2] = boxes[:, 0::2].round()  # whole pixels, so some boxes tie in their IoU
-    scores = torch.rand(n, generator=g)
-    group = torch.randint(groups, (n,), generator=g)
-    images = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-    return boxes, scores, group, images
+    batch, n = len(counts), max(counts)
+    boxes = _boxes(g, batch * n).view(batch, n, 4)
+    boxes[..., 0::2] = boxes[..., 0::2].round()  # whole pixels, so some boxes tie in their IoU
+    scores = torch.rand(batch, n, generator=g)
+    group = torch.randint(groups, (batch, n), generator=g)
+    valid = torch.arange(n)[None, :] < torch.tensor(counts)[:, None]
+    boxes[~valid] = math.nan
+    scores[~valid] = 2.0
+    return boxes, scores, group, valid
 
 
-@pytest.mark.parametrize("grouped_nms", [coordinate_trick_nms, batched_nms])
-def test_nms_in_each_image_keeps_what_each_image_keeps_alone(grouped_nms):
-    """Each image's kept rows are those of NMS on that image alone (empty images included),
-    by decreasing score, whatever its batch-mates are."""
+def _alone(boxes, scores, group, valid, image, coordinate_trick=True):
+    """What NMS keeps of image ``image`` alone: [n] bool."""
+    rows = torch.nonzero(valid[image]).squeeze(1)
+    grouped = coordinate_trick_nms if coordinate_trick else batched_nms
+    keep = grouped(boxes[image, rows], scores[image, rows], group[image, rows], 0.5)
+    return torch.zeros_like(valid[image]).index_fill(0, rows[keep], True)
+
+
+@pytest.mark.parametrize("coordinate_trick", [True, False])
+def test_nms_in_each_image_keeps_what_each_image_keeps_alone(coordinate_trick):
+    """Each image keeps what NMS keeps of it alone (empty images included), whatever its
+    batch-mates and whatever lies in the slots that are no candidates."""
     counts = [40, 0, 300, 1, 120]
-    boxes, scores, group, images = _nms_batch(0, counts, groups=5)
-    kept = nms_in_each_image(boxes, scores, group, images, len(counts), 5, 0.5, grouped_nms)
-    start = 0
-    for image, count in enumerate(counts):
-        rows = slice(start, start + count)
-        alone = batched_nms(boxes[rows], scores[rows], group[rows], 0.5) + start
-        mine = kept[images[kept] == image]
-        assert mine.tolist() == alone.tolist()
-        start += count
-    assert len(kept) < sum(counts)  # something was suppressed
+    boxes, scores, group, valid = _nms_batch(0, counts, groups=5)
+    kept = nms_in_each_image(boxes, scores, group, valid, 5, 0.5, coordinate_trick)
+    for image in range(len(counts)):
+        assert torch.equal(kept[image], _alone(boxes, scores, group, valid, image, coordinate_trick))
+    assert 0 < kept.sum() < sum(counts)  # something was kept, something suppressed
+    assert not kept[~valid].any()
 
 
-def test_nms_in_each_image_traced_is_one_call_with_the_same_result():
-    """The exported form (one NMS for the batch, images moved apart) keeps the same rows."""
-    counts = [60, 200, 0, 90]
-    boxes, scores, group, images = _nms_batch(1, counts, groups=80)
+def test_nms_in_each_image_traced_keeps_its_loop():
+    """A traced graph runs the loop over the images scripted: the same result for other batch
+    sizes than the one it was traced with."""
+    boxes, scores, group, valid = _nms_batch(1, [60, 200, 0, 90], groups=80)
 
-    def run(b, s, c, i):
-        return nms_in_each_image(b, s, c, i, len(counts), 80, 0.5)
+    def run(b, s, c, v):
+        return nms_in_each_image(b, s, c, v, 80, 0.5)
 
-    traced = torch.jit.trace(run, (boxes, scores, group, images), check_trace=False)
-    assert "torchvision::nms" in str(traced.graph) and "prim::Loop" not in str(traced.graph)
-    eager = run(boxes, scores, group, images)
-    assert sorted(traced(boxes, scores, group, images).tolist()) == sorted(eager.tolist())
-    assert nms_in_each_image(boxes[:0], scores[:0], group[:0], images[:0], 4, 80, 0.5).shape == (0,)
+    traced = torch.jit.trace(run, (boxes, scores, group, valid), check_trace=False)
+    for counts in ([60, 200, 0, 90], [7], [30, 0, 150, 2, 80, 41]):
+        args = _nms_batch(2, counts, groups=80)
+        assert torch.equal(traced(*args), run(*args))
+    empty = _nms_batch(1, [0, 0], groups=80)
+    assert not traced(*empty).any() and traced(*empty).shape == (2, 0)
+
+
+def _onnx_session(module: torch.nn.Module, example: tuple, names: list[str], path):
+    import onnxruntime as ort
+
+    torch.onnx.export(module, example, str(path), dynamo=False, opset_version=17, input_names=names,
+                      dynamic_axes={name: {0: "batch", 1: "n"} for name in names})
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_nms_in_each_image_in_onnx_is_nonmaxsuppression_per_image_and_group(tmp_path):
+    """ONNX: one NonMaxSuppression over the batch, each (image, group) on its own: what NMS keeps
+    of each group of each image alone, for other batch sizes than the exported one."""
+    import onnx
+
+    class Module(torch.nn.Module):
+        def forward(self, b, s, c, v):
+            return nms_in_each_image(b, s, c, v, 5, 0.5)
+
+    session = _onnx_session(Module(), _nms_batch(3, [30, 50], groups=5), ["b", "s", "c", "v"], tmp_path / "nms.onnx")
+    operators = [node.op_type for node in onnx.load(str(tmp_path / "nms.onnx")).graph.node]
+    assert operators.count("NonMaxSuppression") == 1 and "Loop" not in operators
+    for counts in ([40, 0, 300, 1, 120], [9]):
+        boxes, scores, group, valid = _nms_batch(4, counts, groups=5)
+        (got,) = session.run(None, {"b": boxes.numpy(), "s": scores.numpy(), "c": group.numpy(), "v": valid.numpy()})
+        for image in range(len(counts)):
+            expected = torch.zeros_like(valid[image])
+            for g in range(5):
+                rows = torch.nonzero(valid[image] & (group[image] == g)).squeeze(1)
+                expected[rows[nms(boxes[image, rows], scores[image, rows], 0.5)]] = True
+            assert got[image].tolist() == expected.tolist()
+
+
+def test_best_first_keeps_equal_values_in_their_order():
+    """Largest first, equal values in their order (as NMS lists the boxes it keeps), and nothing
+    past each row's k-th."""
+    values = torch.tensor([[0.5, 0.9, 0.5, -math.inf, 0.9, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2, 0.2]])
+    best, index = best_first(values, 4)
+    assert index[0, :4].tolist() == [1, 4, 0, 2] and index[1, :4].tolist() == [0, 1, 2, 3]
+    assert torch.equal(best[:, :4], values.gather(1, index[:, :4]))
+    assert (best[:, 4:] == -math.inf).all()

@@ -232,6 +232,11 @@ def test_checkpoint_is_exported_once_into_the_cache(model, tmp_path, monkeypatch
     assert sorted(m["node_selection"]["max_cells"] for m in metadata) == [[784, 16, 4], [784, 49, 16]]
     with pytest.raises(ValueError, match="exported with max cells"):
         load_backend(folders[0], "onnxruntime", device="cpu", max_cells=(784, 16, 4))
+    # Other exporting code (another digest of the model and export sources) exports again: a
+    # graph the previous version made is never taken for the current one's.
+    monkeypatch.setattr("export.runtimes.graph_code_digest", lambda: "0" * 12)
+    load_backend(checkpoint, "onnxruntime", device="cpu")
+    assert len(list((tmp_path / "cache" / "exports").iterdir())) == 3
 
 
 @pytest.mark.slow  # an export and two prediction runs of the default model: half a minute or more on 2 cores
