@@ -878,6 +878,31 @@ def bench_jpeg_decode(workload: Workload, images, device, log) -> list[dict]:
     return rows
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live children of a process (the service's model worker processes)."""
+    pids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids += [int(p) for p in (task / "children").read_text().split()]
+    return pids
+
+
+def server_cpu(pid: int) -> tuple[float, float]:
+    """(CPU seconds of the server's own process, of its worker processes) so far."""
+    workers = 0.0
+    for child in child_pids(pid):
+        try:
+            workers += cpu_seconds(child)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return cpu_seconds(pid), workers
+
+
 def bench_http(
     workload: Workload, checkpoint: Path, image_dir: Path, work: Path, device: str, variant: HttpServer, log,
 ) -> list[dict]:
@@ -899,7 +924,18 @@ def bench_http(
         wait_for_server(server, url, work / "server.log", timeout=180)
         for detections in sorted(workload.detections, reverse=True):
             for concurrency in variant.concurrency or workload.http_concurrency:
-                results += http_step(workload, url, image_dir, work, detections, concurrency, variant, log)
+                before, started = server_cpu(server.pid), time.perf_counter()
+                rows = http_step(workload, url, image_dir, work, detections, concurrency, variant, log)
+                after, seconds = server_cpu(server.pid), time.perf_counter() - started
+                for row in rows:
+                    if "error" not in row:  # the step's one closed loop, warm-up requests included
+                        answered = row["requests"] + http_warmup(workload)
+                        row["server_cpu_ms_per_image"] = 1000 * (after[0] - before[0]) / answered
+                        row["server_cpu_cores"] = (after[0] - before[0]) / seconds
+                        row["worker_cpu_ms_per_image"] = 1000 * (after[1] - before[1]) / answered
+                log(f"server process: {1000 * (after[0] - before[0]):.0f} ms CPU over {seconds:.1f} s; "
+                    f"worker processes {1000 * (after[1] - before[1]):.0f} ms")
+                results += rows
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -908,6 +944,11 @@ def bench_http(
             server.kill()
         server_log.close()
     return results
+
+
+def http_warmup(workload: Workload) -> int:
+    """Requests each ``transfiner bench`` loop sends before it measures."""
+    return 2 * workload.http_batch_size
 
 
 def http_step(workload: Workload, url: str, image_dir: Path, work: Path, detections: int, concurrency: int,
@@ -919,7 +960,7 @@ def http_step(workload: Workload, url: str, image_dir: Path, work: Path, detecti
     command = [
         *TRANSFINER, "bench", "--url", url, "--images", str(image_dir), "--concurrency", str(concurrency),
         "--requests", str(max(workload.http_requests, 6 * concurrency)),
-        "--warmup", str(2 * workload.http_batch_size), "--param", "score_threshold=0",
+        "--warmup", str(http_warmup(workload)), "--param", "score_threshold=0",
         "--param", f"max_detections={detections}", "--out", str(step_out),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -951,6 +992,16 @@ def share_of_in_process(report: dict, precision: str, batch: int, detections: in
     same = next((r for r in report["in_process"] if r.get("precision") == precision and r.get("batch") == batch
                  and r.get("detections") == detections and "error" not in r), None)
     return f"{100 * images_per_s / same['images_per_s']:.0f}%" if same else "-"
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.1f}" if value is not None else "-"
+
+
+def _server_cpu(row: dict) -> str:
+    if row.get("server_cpu_ms_per_image") is None:
+        return "-"
+    return f"{row['server_cpu_ms_per_image']:.1f} ({row['server_cpu_cores']:.2f})"
 
 
 def _tflops(value: float | None) -> str:
@@ -1003,8 +1054,9 @@ def markdown(report: dict) -> str:
             "", f"## HTTP (`transfiner serve --max-batch-size {report['http_batch_size']}`, `transfiner bench`, "
             f"{report['image'][1]}x{report['image'][0]} PNGs)", "",
             "| det/img | clients | GIL switch interval ms | model worker | precision | ok | img/s | p50 ms | p99 ms "
-            f"| vs in-process batch {report['http_batch_size']} | steady img/s | steady vs in-process |",
-            "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+            f"| vs in-process batch {report['http_batch_size']} | steady img/s | steady vs in-process "
+            "| server process CPU ms/img (cores) | worker processes CPU ms/img |",
+            "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for h in report["http"]:
             if "error" in h:
@@ -1022,10 +1074,14 @@ def markdown(report: dict) -> str:
                 f"| {h.get('worker', 'thread')} | {h['precision']} "
                 f"| {h['ok']}/{h['requests']} "
                 f"| {h['images_per_s']:.1f} | {h['p50_ms']:.0f} | {h['p99_ms']:.0f} | {ratio} "
-                f"| {f'{steady:.1f}' if steady else '-'} | {steady_ratio} |"
+                f"| {f'{steady:.1f}' if steady else '-'} | {steady_ratio} | {_server_cpu(h)} "
+                f"| {_ms(h.get('worker_cpu_ms_per_image')) if h.get('worker') != 'thread' else '-'} |"
             )
         lines += ["", "(steady: answers per second while the closed loop was full, leaving out its filling "
-                  "and draining; `transfiner bench`'s steady img/s.)"]
+                  "and draining; `transfiner bench`'s steady img/s. Server process CPU: HTTP, decoding and "
+                  "post-processing, and with a worker thread the model's host side too, per answered image "
+                  "(warm-up included), and in cores while the loop ran. One Python interpreter holds the GIL "
+                  "for most of it, so its ms per image bound the rate.)"]
     compiled = report.get("compile")
     if compiled:
         lines += [
