@@ -142,8 +142,8 @@ class BoxROIHeads(nn.Module):
         classes = (top_index % num_classes).flatten()
         top_proposals, top_scores = top_proposals.flatten(), top_scores.flatten()
 
-        # NMS within each (image, class) on the valid candidates (scores are finite where valid),
-        # each image's classes moved apart by the coordinate trick (clipped boxes are >= 0).
+        # NMS within each (image, class) on the valid candidates (scores are finite where valid):
+        # per image, its classes moved apart by the coordinate trick (clipped boxes are >= 0).
         nms_boxes = _clipped(boxes[top_proposals, classes], image_sizes[images])  # [B * k, 4]
         kept = nms_in_each_image(
             nms_boxes.view(num_images, width, 4), top_scores.view(num_images, width), classes.view(num_images, width),
