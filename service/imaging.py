@@ -2,8 +2,9 @@
 
 The format is sniffed from magic bytes, Pillow is then told to try only that format (no other
 plugin ever parses the upload), the pixel count is checked from the header before anything is
-decoded, and the pixels go through the same conversion as ``model.images.load_image_rgb`` (EXIF
-orientation; grey, palette, CMYK, alpha and 16-bit modes). Animated images give their first frame.
+decoded, and the pixels go through the same opening (one native decoder call for the whole
+upload) and conversion as ``model.images.load_image_rgb`` (EXIF orientation; grey, palette,
+CMYK, alpha and 16-bit modes). Animated images give their first frame.
 
 Given ``reduce_to``, a JPEG is decoded by libjpeg's reduced DCT (Pillow's draft mode: 1/2, 1/4 or
 1/8 scale) to the smallest such size that is still at least what the network needs, which is
@@ -15,14 +16,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import ExifTags, Image
 
-from model.images import image_to_rgb
+from model.images import image_to_rgb, open_image
 
 from .errors import ServiceError
 
@@ -86,7 +86,7 @@ def decode_image(data: bytes, max_pixels: int, reduce_to: SizeNeeded | None = No
             reason="unsupported_type",
         )
     try:
-        with Image.open(io.BytesIO(data), formats=[fmt]) as image:
+        with open_image(data, formats=[fmt]) as image:
             # Checked from the header, before a single pixel is decoded.
             width, height = image.size
             if width * height > max_pixels:
