@@ -68,7 +68,9 @@ def _with_one_idat(data: bytes) -> bytes:
     """A PNG with its consecutive IDAT chunks joined into one, which is the same PNG: the pixels
     are one zlib stream split across chunks at arbitrary points. Pillow decodes each IDAT chunk
     in a call of its own. Anything unusual (a chunk list cut short, IDATs apart) is left as is."""
-    offset, first, end, pieces = len(_PNG_SIGNATURE), -1, -1, []
+    # The stream is gathered as it is found, never as a list of pieces: an upload of a million
+    # empty chunks must not cost a million Python objects.
+    offset, first, end, count, stream = len(_PNG_SIGNATURE), -1, -1, 0, bytearray()
     while offset + 8 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, offset)
         after = offset + 12 + length  # length, type, data, CRC
@@ -76,14 +78,13 @@ def _with_one_idat(data: bytes) -> bytes:
             if first >= 0 and offset != end:
                 return data
             first = offset if first < 0 else first
-            pieces.append(memoryview(data)[offset + 8 : offset + 8 + length])
-            end = after
+            stream += memoryview(data)[offset + 8 : offset + 8 + length]
+            end, count = after, count + 1
         if kind == b"IEND":
             break
         offset = after
-    if len(pieces) < 2 or end > len(data):
+    if count < 2 or end > len(data):
         return data
-    stream = b"".join(pieces)
     checksum = zlib.crc32(stream, zlib.crc32(b"IDAT"))
     return b"".join((data[:first], struct.pack(">I4s", len(stream), b"IDAT"), stream, struct.pack(">I", checksum), data[end:]))
 

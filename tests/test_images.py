@@ -175,3 +175,20 @@ def test_the_whole_upload_goes_to_the_decoder_in_one_call(monkeypatch, fmt):
     _CountingDecoder.calls = 0
     np.testing.assert_array_equal(ours(data), pillow)
     assert _CountingDecoder.calls == 1
+
+
+def test_an_upload_of_many_tiny_chunks_costs_memory_in_its_size_not_its_chunk_count():
+    import tracemalloc
+
+    data = rechunked(encode(PICTURE), 1)  # one byte an IDAT chunk: 13 bytes a chunk
+    parts = [(kind, body) for kind, body, _ in chunks(data)]
+    data = png_of(parts[:-1] + [(b"IDAT", b"")] * 100_000 + parts[-1:])  # and 100,000 empty ones
+    tracemalloc.start()
+    try:
+        joined = _with_one_idat(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [kind for kind, _, _ in chunks(joined)] == [b"IHDR", b"IDAT", b"IEND"]
+    assert peak < 2 * len(data)  # the stream and the new file, nothing for each chunk
+    np.testing.assert_array_equal(ours(data), pillow_rgb(data))
