@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 
@@ -397,6 +397,16 @@ def read_images(memory: mmap.mmap, layout: list[WireImage]) -> list[NetworkImage
                          wire.canvas) for wire in layout]
 
 
+def _page_locked(images: list[NetworkImage]) -> list[NetworkImage]:
+    """The images with their pixels copied into page-locked memory, in the same layout (torch's
+    copy runs without the GIL); as they are if none can be had, and pre-processing copies them."""
+    try:
+        return [replace(image, pixels=image.pixels.pin_memory()) for image in images]
+    except RuntimeError:
+        log.warning("no page-locked memory for a batch's %d images", len(images), exc_info=True)
+        return images
+
+
 def _send_quietly(conn: Connection, message: tuple) -> None:
     try:
         conn.send(message)
@@ -434,7 +444,8 @@ def _child_main(conn: Connection, spec: WorkerSpec) -> None:
 
     batches: queue.SimpleQueue = queue.SimpleQueue()
     cancelled: set[tuple[int, int]] = set()
-    threading.Thread(target=_child_receive, args=(conn, batches, cancelled), daemon=True).start()
+    pin = torch.device(spec.device).type == "cuda"
+    threading.Thread(target=_child_receive, args=(conn, batches, cancelled, pin), daemon=True).start()
     while (message := batches.get()) is not None:
         batch_id, images, options = message
         try:
@@ -451,8 +462,13 @@ def _child_main(conn: Connection, spec: WorkerSpec) -> None:
     worker.close()
 
 
-def _child_receive(conn: Connection, batches: queue.SimpleQueue, cancelled: set[tuple[int, int]]) -> None:
-    """The child's reader thread: batches to the main thread, cancellations into ``cancelled``."""
+def _child_receive(conn: Connection, batches: queue.SimpleQueue, cancelled: set[tuple[int, int]], pin: bool) -> None:
+    """The child's reader thread: batches to the main thread, cancellations into ``cancelled``.
+
+    ``pin`` (a CUDA worker): each batch's pixels are copied into page-locked memory here, where
+    a batch sent ahead waits while the model runs the one before; the model thread's
+    pre-processing then starts their uploads at once instead of copying them first
+    (``model.transfer.to_device``), with the card idle meanwhile."""
     mappings: dict[int, mmap.mmap] = {}  # BatchMemory.index -> this child's mapping of it
     while True:
         try:
@@ -467,7 +483,8 @@ def _child_receive(conn: Connection, batches: queue.SimpleQueue, cancelled: set[
                     mappings[index] = receive_memory(conn, size)
                 except (EOFError, OSError, RuntimeError):  # the server's process died between the two
                     break
-            batches.put((batch_id, read_images(mappings[index], layout), options))
+            images = read_images(mappings[index], layout)
+            batches.put((batch_id, _page_locked(images) if pin else images, options))
         elif message[0] == "cancel":
             cancelled.add((message[1], message[2]))
         else:  # stop

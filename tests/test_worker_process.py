@@ -25,7 +25,7 @@ from service.pipeline import network_image
 from service.settings import ServiceSettings
 from multiprocessing import Pipe
 
-from service.worker_process import BatchMemory, read_images, receive_memory
+from service.worker_process import BatchMemory, _page_locked, read_images, receive_memory
 
 from .test_service_support import (
     CATEGORY_IDS, ThreadServer, encode, free_port, metric, running, scene, tiny_config, wait_ready,
@@ -110,6 +110,23 @@ def test_images_cross_to_the_worker_process_in_shared_memory_in_their_memory_lay
         memory.close()
         sender.close()
         receiver.close()
+
+
+def test_a_cuda_workers_batch_is_copied_into_page_locked_memory_as_it_arrives(caplog):
+    """On a GPU host the copies are page-locked, in the same layout; where none can be had (no
+    CUDA driver: here on a CPU host), the batch goes on as it came and pre-processing copies it."""
+    images = [network_image(scene(96, 128).copy(), (96, 128), tiny_config().input),
+              network_image(scene(400, 520).copy(), (400, 520), tiny_config().input)]
+    staged = _page_locked(images)
+    if torch.cuda.is_available():
+        for got, image in zip(staged, images, strict=True):
+            assert got.pixels.is_pinned() and got.pixels.data_ptr() != image.pixels.data_ptr()
+            assert got.pixels.stride() == image.pixels.stride() and torch.equal(got.pixels, image.pixels)
+            assert (got.resized, got.original, got.network, got.canvas) == (
+                image.resized, image.original, image.network, image.canvas)
+    else:
+        assert staged is images
+        assert "no page-locked memory" in caplog.text
 
 
 def test_answers_equal_the_predictors_alone_and_batched(checkpoint, predictor):
