@@ -998,9 +998,10 @@ def _ms(value: float | None) -> str:
     return f"{value:.1f}" if value is not None else "-"
 
 
-def _decode_ms(row: dict) -> str:
-    decode = row.get("server", {}).get("decode") or {}
-    return "-" if decode.get("mean_s") is None else f"{1000 * decode['mean_s']:.1f}"
+def _mean_ms(row: dict, metric: str) -> str:
+    """The mean of one of the server's time histograms in an HTTP row, in ms."""
+    values = row.get("server", {}).get(metric) or {}
+    return "-" if values.get("mean_s") is None else f"{1000 * values['mean_s']:.1f}"
 
 
 def _server_cpu(row: dict) -> str:
@@ -1060,8 +1061,9 @@ def markdown(report: dict) -> str:
             f"{report['image'][1]}x{report['image'][0]} PNGs)", "",
             "| det/img | clients | GIL switch interval ms | model worker | precision | ok | img/s | p50 ms | p99 ms "
             f"| vs in-process batch {report['http_batch_size']} | steady img/s | steady vs in-process "
-            "| decode ms (mean) | server process CPU ms/img (cores) | worker processes CPU ms/img |",
-            "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| decode ms (mean) | pre-processing ms a batch (mean) | server process CPU ms/img (cores) "
+            "| worker processes CPU ms/img |",
+            "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for h in report["http"]:
             if "error" in h:
@@ -1079,15 +1081,17 @@ def markdown(report: dict) -> str:
                 f"| {h.get('worker', 'thread')} | {h['precision']} "
                 f"| {h['ok']}/{h['requests']} "
                 f"| {h['images_per_s']:.1f} | {h['p50_ms']:.0f} | {h['p99_ms']:.0f} | {ratio} "
-                f"| {f'{steady:.1f}' if steady else '-'} | {steady_ratio} | {_decode_ms(h)} | {_server_cpu(h)} "
+                f"| {f'{steady:.1f}' if steady else '-'} | {steady_ratio} | {_mean_ms(h, 'decode')} "
+                f"| {_mean_ms(h, 'preprocess')} | {_server_cpu(h)} "
                 f"| {_ms(h.get('worker_cpu_ms_per_image')) if h.get('worker') != 'thread' else '-'} |"
             )
         lines += ["", "(steady: answers per second while the closed loop was full, leaving out its filling "
                   "and draining; `transfiner bench`'s steady img/s. Decode: an upload's time on its decode "
-                  "thread, as the server's metrics report it. Server process CPU: HTTP, decoding and "
-                  "post-processing, and with a worker thread the model's host side too, per answered image "
-                  "(warm-up included), and in cores while the loop ran. One Python interpreter holds the GIL "
-                  "for most of it, so its ms per image bound the rate.)"]
+                  "thread; pre-processing: a batch's, on the worker's device, from the server's metrics. "
+                  "Server process CPU: HTTP, decoding and post-processing, and with a worker thread the "
+                  "model's host side too, per answered image (warm-up included), and in cores while the loop "
+                  "ran. One Python interpreter holds the GIL for most of it, so its ms per image bound the "
+                  "rate.)"]
     compiled = report.get("compile")
     if compiled:
         lines += [
