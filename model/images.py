@@ -86,7 +86,8 @@ def _with_one_idat(data: bytes) -> bytes:
     if count < 2 or end > len(data):
         return data
     checksum = zlib.crc32(stream, zlib.crc32(b"IDAT"))
-    return b"".join((data[:first], struct.pack(">I4s", len(stream), b"IDAT"), stream, struct.pack(">I", checksum), data[end:]))
+    chunk = (struct.pack(">I4s", len(stream), b"IDAT"), stream, struct.pack(">I", checksum))
+    return b"".join((data[:first], *chunk, data[end:]))
 
 
 def image_to_rgb(image: Image.Image) -> np.ndarray:

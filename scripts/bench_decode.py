@@ -29,6 +29,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import PIL
@@ -113,7 +114,7 @@ class BusyThread:
             if pause:
                 time.sleep(pause)
 
-    def __enter__(self) -> BusyThread:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -159,9 +160,9 @@ def main() -> None:
     table = [
         f"# Decoding a {width}x{height} upload beside a busy Python thread",
         "",
-        f"Pillow {PIL.__version__}, Python {platform.python_version()}, switch interval "
-        f"{result['switch_interval_ms']:g} ms. Median of {args.repeats} decodes (to the RGB array); "
-        "both give the same pixels. Busy: the share of time the other thread runs Python.",
+        (f"Pillow {PIL.__version__}, Python {platform.python_version()}, switch interval "
+         f"{result['switch_interval_ms']:g} ms. Median of {args.repeats} decodes (to the RGB array); "
+         "both give the same pixels. Busy: the share of time the other thread runs Python."),
         "",
         "| upload | busy | Pillow piecewise ms | one call ms | speed-up |",
         "|---|---:|---:|---:|---:|",
