@@ -192,3 +192,23 @@ def test_an_upload_of_many_tiny_chunks_costs_memory_in_its_size_not_its_chunk_co
     assert [kind for kind, _, _ in chunks(joined)] == [b"IHDR", b"IDAT", b"IEND"]
     assert peak < 2 * len(data)  # the stream and the new file, nothing for each chunk
     np.testing.assert_array_equal(ours(data), pillow_rgb(data))
+
+
+def _jpegs() -> dict[str, bytes]:
+    noisy = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    jpeg = encode(noisy, "JPEG", quality=95)
+    mpo = io.BytesIO()
+    noisy.save(mpo, "MPO", save_all=True, append_images=[noisy.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    return {
+        "plain": jpeg,
+        "with bytes after its end (as some cameras append)": jpeg + bytes(range(256)) * 400,
+        "two pictures (MPO)": mpo.getvalue(),
+        "progressive, EXIF-rotated": encode(noisy, "JPEG", quality=90, progressive=True, exif=_exif(6)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_jpegs()))
+def test_jpeg_gives_pillows_pixels(name):
+    """Given the whole file at once, the decoder still stops at the picture's end."""
+    data = _jpegs()[name]
+    np.testing.assert_array_equal(ours(data), pillow_rgb(data))
