@@ -7,6 +7,8 @@ machine hit both alike. Prints images/s per round, the medians and their ratio.
     .venv/bin/python scripts/bench_against_revision.py 054c9aa --rounds 2 --out bench-results/vs-054c9aa
 
 A setting against the default, on the same code: ``HEAD --new-env TRANSFINER_WORKER_PROCESS=true``.
+Uploads of a given size: ``--images DIR`` (every server gets the same files); ``--env`` sets a
+variable for both servers. The table also gives the servers' mean decode time an upload.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def one_round(tree: Path, args: argparse.Namespace, out: Path, extra_env: dict[str, str]) -> dict:
-    """Serve from ``tree`` (with ``extra_env``), load it, stop it; -> {concurrency: images/s}."""
+def one_round(tree: Path, args: argparse.Namespace, out: Path, extra_env: dict[str, str]) -> tuple[dict, dict]:
+    """Serve from ``tree`` (with ``extra_env``), load it, stop it; -> ({concurrency: images/s},
+    {concurrency: the server's mean decode seconds an upload})."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(tree), **extra_env)
     server = subprocess.Popen(
@@ -50,14 +53,16 @@ def one_round(tree: Path, args: argparse.Namespace, out: Path, extra_env: dict[s
         subprocess.run(
             [*command(ROOT), "bench", "--url", f"http://127.0.0.1:{port}", "--wait-ready", "120",
              "--concurrency", *map(str, args.concurrency), "--requests", str(args.requests),
-             "--num-images", "8", "--out", str(out)],
+             *(["--images", args.images] if args.images else ["--num-images", "8"]), "--out", str(out)],
             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True, capture_output=True, timeout=900,
         )
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=60)
     report = json.loads((out / "report.json").read_text())
-    return {str(step["concurrency"]): step["images_per_s"] for step in report["steps"]}
+    steps = report["steps"]
+    decode = {str(s["concurrency"]): ((s.get("server") or {}).get("decode") or {}).get("mean_s") for s in steps}
+    return {str(step["concurrency"]): step["images_per_s"] for step in steps}, decode
 
 
 def main() -> int:
@@ -67,13 +72,17 @@ def main() -> int:
                         help="compare this revision instead of the working tree")
     parser.add_argument("--new-env", action="append", default=[], metavar="NAME=VALUE",
                         help="an environment variable for the new server only (repeatable)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for both servers (repeatable)")
     parser.add_argument("--model", default="default")
+    parser.add_argument("--images", default=None, help="a folder of images to send (default: 8 generated)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default="bench-results/vs-revision")
     args = parser.parse_args()
 
+    both_env = dict(item.split("=", 1) for item in args.env)
     new_env = dict(item.split("=", 1) for item in args.new_env)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,9 +96,9 @@ def main() -> int:
             rounds = []
             for index in range(args.rounds):
                 for name, tree in trees.items():
-                    extra_env = new_env if name == "new" else {}
-                    result = one_round(tree, args, Path(scratch) / f"{name}-{index}", extra_env)
-                    rounds.append({"round": index, "tree": name, "images_per_s": result})
+                    extra_env = {**both_env, **(new_env if name == "new" else {})}
+                    result, decode = one_round(tree, args, Path(scratch) / f"{name}-{index}", extra_env)
+                    rounds.append({"round": index, "tree": name, "images_per_s": result, "decode_s": decode})
                     print(f"round {index} {name}: " + ", ".join(f"c={c} {v:.2f} img/s" for c, v in result.items()),
                           flush=True)
         finally:
@@ -100,15 +109,22 @@ def main() -> int:
     setting = "".join(f" with {item}" for item in args.new_env)
     lines = [f"# Service throughput: {args.new or 'working tree'}{setting} vs {args.revision} (model {args.model}, CPU)",
              "",
-             "| clients | old img/s (median) | new img/s (median) | new / old |", "|---:|---:|---:|---:|"]
+             "| clients | old img/s (median) | new img/s (median) | new / old | old decode ms | new decode ms |",
+             "|---:|---:|---:|---:|---:|---:|"]
     summary = {}
+
+    def decode_ms(tree: str, c: str) -> str:
+        values = [r["decode_s"][c] for r in rounds if r["tree"] == tree and r["decode_s"].get(c) is not None]
+        return f"{1000 * statistics.median(values):.1f}" if values else "-"
+
     for c in map(str, args.concurrency):
         old = statistics.median(r["images_per_s"][c] for r in rounds if r["tree"] == "old")
         new = statistics.median(r["images_per_s"][c] for r in rounds if r["tree"] == "new")
         summary[c] = {"old": old, "new": new, "ratio": new / old}
-        lines.append(f"| {c} | {old:.2f} | {new:.2f} | {new / old:.2f}x |")
+        lines.append(f"| {c} | {old:.2f} | {new:.2f} | {new / old:.2f}x | {decode_ms('old', c)} | {decode_ms('new', c)} |")
     (out / "bench_against_revision.json").write_text(json.dumps(
-        {"revision": args.revision, "new_env": new_env, "model": args.model, "rounds": rounds, "summary": summary},
+        {"revision": args.revision, "env": both_env, "new_env": new_env, "model": args.model, "images": args.images,
+         "rounds": rounds, "summary": summary},
         indent=2))
     (out / "bench_against_revision.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
