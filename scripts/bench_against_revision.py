@@ -107,7 +107,9 @@ def main() -> int:
                     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
 
     setting = "".join(f" with {item}" for item in args.new_env)
-    lines = [f"# Service throughput: {args.new or 'working tree'}{setting} vs {args.revision} (model {args.model}, CPU)",
+    both = "".join(f", {item}" for item in args.env)
+    lines = [f"# Service throughput: {args.new or 'working tree'}{setting} vs {args.revision} "
+             f"(model {args.model}{both}, CPU)",
              "",
              "| clients | old img/s (median) | new img/s (median) | new / old | old decode ms | new decode ms |",
              "|---:|---:|---:|---:|---:|---:|"]
