@@ -8,7 +8,8 @@ machine hit both alike. Prints images/s per round, the medians and their ratio.
 
 A setting against the default, on the same code: ``HEAD --new-env TRANSFINER_WORKER_PROCESS=true``.
 Uploads of a given size: ``--images DIR`` (every server gets the same files); ``--env`` sets a
-variable for both servers. The table also gives the servers' mean decode time an upload.
+variable for both servers. The table also gives, per request, the server's mean decode time and
+the CPU time and page faults of the server's process (its worker processes not counted).
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+WARMUP = 4  # unmeasured requests before each load step
 
 
 def command(tree: Path) -> list[str]:
@@ -39,9 +43,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def one_round(tree: Path, args: argparse.Namespace, out: Path, extra_env: dict[str, str]) -> tuple[dict, dict]:
-    """Serve from ``tree`` (with ``extra_env``), load it, stop it; -> ({concurrency: images/s},
-    {concurrency: the server's mean decode seconds an upload})."""
+def wait_ready(url: str, server: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(url + "/health/ready", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # refused while starting, 503 while loading
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the server at {url} did not become ready (exit status {server.poll()})")
+
+
+def process_usage(pid: int) -> tuple[float, int]:
+    """(user + system CPU seconds, minor page faults) of one process so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7])
+
+
+def one_round(tree: Path, args: argparse.Namespace, out: Path, extra_env: dict[str, str]) -> dict[str, dict]:
+    """Serve from ``tree`` (with ``extra_env``), load it at each concurrency, stop it; -> per
+    concurrency: images/s, the server's mean decode seconds an upload, and its process's CPU
+    milliseconds and page faults per answered request (worker processes not counted)."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(tree), **extra_env)
     server = subprocess.Popen(
@@ -49,20 +73,30 @@ def one_round(tree: Path, args: argparse.Namespace, out: Path, extra_env: dict[s
          "--log-level", "warning"],
         cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    steps = {}
     try:
-        subprocess.run(
-            [*command(ROOT), "bench", "--url", f"http://127.0.0.1:{port}", "--wait-ready", "120",
-             "--concurrency", *map(str, args.concurrency), "--requests", str(args.requests),
-             *(["--images", args.images] if args.images else ["--num-images", "8"]), "--out", str(out)],
-            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True, capture_output=True, timeout=900,
-        )
+        wait_ready(f"http://127.0.0.1:{port}", server)
+        for concurrency in args.concurrency:
+            before = process_usage(server.pid)
+            subprocess.run(
+                [*command(ROOT), "bench", "--url", f"http://127.0.0.1:{port}",
+                 "--concurrency", str(concurrency), "--requests", str(args.requests), "--warmup", str(WARMUP),
+                 *(["--images", args.images] if args.images else ["--num-images", "8"]),
+                 "--out", str(out / f"c{concurrency}")],
+                cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True, capture_output=True, timeout=900,
+            )
+            step = json.loads((out / f"c{concurrency}" / "report.json").read_text())["steps"][0]
+            after, answered = process_usage(server.pid), args.requests + WARMUP
+            steps[str(concurrency)] = {
+                "images_per_s": step["images_per_s"],
+                "decode_s": ((step.get("server") or {}).get("decode") or {}).get("mean_s"),
+                "server_cpu_ms": 1000 * (after[0] - before[0]) / answered,
+                "page_faults": (after[1] - before[1]) / answered,
+            }
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=60)
-    report = json.loads((out / "report.json").read_text())
-    steps = report["steps"]
-    decode = {str(s["concurrency"]): ((s.get("server") or {}).get("decode") or {}).get("mean_s") for s in steps}
-    return {str(step["concurrency"]): step["images_per_s"] for step in steps}, decode
+    return steps
 
 
 def main() -> int:
@@ -97,10 +131,11 @@ def main() -> int:
             for index in range(args.rounds):
                 for name, tree in trees.items():
                     extra_env = {**both_env, **(new_env if name == "new" else {})}
-                    result, decode = one_round(tree, args, Path(scratch) / f"{name}-{index}", extra_env)
-                    rounds.append({"round": index, "tree": name, "images_per_s": result, "decode_s": decode})
-                    print(f"round {index} {name}: " + ", ".join(f"c={c} {v:.2f} img/s" for c, v in result.items()),
-                          flush=True)
+                    steps = one_round(tree, args, Path(scratch) / f"{name}-{index}", extra_env)
+                    rounds.append({"round": index, "tree": name, "steps": steps})
+                    print(f"round {index} {name}: " + ", ".join(
+                        f"c={c} {step['images_per_s']:.2f} img/s, server {step['server_cpu_ms']:.1f} ms CPU and "
+                        f"{step['page_faults']:.0f} page faults a request" for c, step in steps.items()), flush=True)
         finally:
             for tree in trees.values():
                 if tree != ROOT:
@@ -111,19 +146,26 @@ def main() -> int:
     lines = [f"# Service throughput: {args.new or 'working tree'}{setting} vs {args.revision} "
              f"(model {args.model}{both}, CPU)",
              "",
-             "| clients | old img/s (median) | new img/s (median) | new / old | old decode ms | new decode ms |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "| clients | old img/s (median) | new img/s (median) | new / old | decode ms (old, new) "
+             "| server CPU ms a request (old, new) | page faults a request (old, new) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     summary = {}
 
-    def decode_ms(tree: str, c: str) -> str:
-        values = [r["decode_s"][c] for r in rounds if r["tree"] == tree and r["decode_s"].get(c) is not None]
-        return f"{1000 * statistics.median(values):.1f}" if values else "-"
+    def median(tree: str, c: str, key: str) -> float | None:
+        values = [r["steps"][c][key] for r in rounds if r["tree"] == tree and r["steps"][c][key] is not None]
+        return statistics.median(values) if values else None
+
+    def pair(c: str, key: str, scale: float, digits: int) -> str:
+        values = [median(tree, c, key) for tree in ("old", "new")]
+        return ", ".join("-" if v is None else f"{scale * v:.{digits}f}" for v in values)
 
     for c in map(str, args.concurrency):
-        old = statistics.median(r["images_per_s"][c] for r in rounds if r["tree"] == "old")
-        new = statistics.median(r["images_per_s"][c] for r in rounds if r["tree"] == "new")
-        summary[c] = {"old": old, "new": new, "ratio": new / old}
-        lines.append(f"| {c} | {old:.2f} | {new:.2f} | {new / old:.2f}x | {decode_ms('old', c)} | {decode_ms('new', c)} |")
+        old, new = median("old", c, "images_per_s"), median("new", c, "images_per_s")
+        summary[c] = {"old": old, "new": new, "ratio": new / old,
+                      **{f"{key}_{tree}": median(tree, c, key) for key in ("decode_s", "server_cpu_ms", "page_faults")
+                         for tree in ("old", "new")}}
+        lines.append(f"| {c} | {old:.2f} | {new:.2f} | {new / old:.2f}x | {pair(c, 'decode_s', 1000, 1)} "
+                     f"| {pair(c, 'server_cpu_ms', 1, 1)} | {pair(c, 'page_faults', 1, 0)} |")
     (out / "bench_against_revision.json").write_text(json.dumps(
         {"revision": args.revision, "env": both_env, "new_env": new_env, "model": args.model, "images": args.images,
          "rounds": rounds, "summary": summary},

@@ -878,10 +878,10 @@ def bench_jpeg_decode(workload: Workload, images, device, log) -> list[dict]:
     return rows
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux ``/proc``)."""
+def process_usage(pid: int) -> tuple[float, int]:
+    """(user + system CPU seconds, minor page faults) of one process so far (Linux ``/proc``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7])
 
 
 def child_pids(pid: int) -> list[int]:
@@ -892,15 +892,17 @@ def child_pids(pid: int) -> list[int]:
     return pids
 
 
-def server_cpu(pid: int) -> tuple[float, float]:
-    """(CPU seconds of the server's own process, of its worker processes) so far."""
+def server_cpu(pid: int) -> tuple[float, float, int]:
+    """(CPU seconds of the server's own process, of its worker processes, the server's page
+    faults) so far."""
     workers = 0.0
     for child in child_pids(pid):
         try:
-            workers += cpu_seconds(child)
+            workers += process_usage(child)[0]
         except (FileNotFoundError, ProcessLookupError):
             pass
-    return cpu_seconds(pid), workers
+    seconds, faults = process_usage(pid)
+    return seconds, workers, faults
 
 
 def bench_http(
@@ -931,6 +933,7 @@ def bench_http(
                     if "error" not in row:  # the step's one closed loop, warm-up requests included
                         answered = row["requests"] + http_warmup(workload)
                         row["server_cpu_ms_per_image"] = 1000 * (after[0] - before[0]) / answered
+                        row["server_page_faults_per_image"] = (after[2] - before[2]) / answered
                         row["server_cpu_cores"] = (after[0] - before[0]) / seconds
                         row["worker_cpu_ms_per_image"] = 1000 * (after[1] - before[1]) / answered
                 log(f"server process: {1000 * (after[0] - before[0]):.0f} ms CPU over {seconds:.1f} s; "
@@ -1007,7 +1010,9 @@ def _mean_ms(row: dict, metric: str) -> str:
 def _server_cpu(row: dict) -> str:
     if row.get("server_cpu_ms_per_image") is None:
         return "-"
-    return f"{row['server_cpu_ms_per_image']:.1f} ({row['server_cpu_cores']:.2f})"
+    faults = row.get("server_page_faults_per_image")
+    return (f"{row['server_cpu_ms_per_image']:.1f} ({row['server_cpu_cores']:.2f})"
+            + ("" if faults is None else f", {faults:.0f} faults"))
 
 
 def _tflops(value: float | None) -> str:
@@ -1061,7 +1066,7 @@ def markdown(report: dict) -> str:
             f"{report['image'][1]}x{report['image'][0]} PNGs)", "",
             "| det/img | clients | GIL switch interval ms | model worker | precision | ok | img/s | p50 ms | p99 ms "
             f"| vs in-process batch {report['http_batch_size']} | steady img/s | steady vs in-process "
-            "| decode ms (mean) | pre-processing ms a batch (mean) | server process CPU ms/img (cores) "
+            "| decode ms (mean) | pre-processing ms a batch (mean) | server process CPU ms/img (cores), page faults/img "
             "| worker processes CPU ms/img |",
             "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]

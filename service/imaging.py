@@ -14,8 +14,6 @@ slightly from a full decode followed by the resize; other formats are always dec
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +24,7 @@ from model.images import image_to_rgb, open_image
 
 from .errors import ServiceError
 
-__all__ = ["DecodedImage", "sniff_format", "decode_image", "release_freed_memory", "SUPPORTED_FORMATS"]
+__all__ = ["DecodedImage", "sniff_format", "decode_image", "SUPPORTED_FORMATS"]
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
 
@@ -133,23 +131,3 @@ def _draft(image: Image.Image, upright: tuple[int, int], needed: tuple[int, int]
         needed_h, needed_w = needed_w, needed_h
     image.draft("RGB", (needed_w, needed_h))
 
-
-def _libc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        return None
-
-
-_malloc_trim = _libc_trim()
-
-
-def release_freed_memory() -> None:
-    """Gives memory freed after a large decode back to the system (glibc's ``malloc_trim``).
-
-    Pillow allocates a large image in 16 MB blocks, below glibc's largest mmap threshold, so they
-    come from the heap; freed, they stay in the process, and the next large upload fragments the
-    heap further (the resident size grew by hundreds of megabytes per 40-megapixel upload)."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)

@@ -16,12 +16,13 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+from model.host_memory import release_freed_memory
 from model.preprocess import network_shape
 
 from .backends import LoadedModel
 from .batcher import Batcher, BatcherClosed, DeadlineExceeded, Job, QueueFull
 from .errors import ServiceError, invalid_parameter
-from .imaging import decode_image, release_freed_memory
+from .imaging import decode_image
 from .metrics import ServiceMetrics
 from .pipeline import NetworkImage, RequestOptions, network_image, records
 from .schemas import SegmentParams

@@ -1,0 +1,81 @@
+"""A serving process keeps the memory an image freed for the next image (``model.host_memory``).
+
+Through the real ``transfiner serve`` in its own process: once warm, answering more 1333x800
+uploads must not make the server's process fault its buffers in again, page by page, for each
+image (under glibc's default settings it faults in a few thousand pages a request).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from model import host_memory
+
+from .test_service_support import encode, free_port, scene, wait_ready
+
+pytestmark = pytest.mark.timeout(300)
+
+# 4 KB pages of one decoded 1333x800 RGB image; an upload passes through several such buffers.
+PAGES_PER_IMAGE = 1333 * 800 * 3 // 4096
+
+
+def minor_faults(pid: int) -> int:
+    """Page faults a process has taken that needed no disk read (Linux ``/proc``)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
+def serve(checkpoint: Path, log: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    """``transfiner serve`` with its model in a worker process, so that the server's process
+    only receives, decodes and answers."""
+    port = free_port()
+    command = [sys.executable, "-m", "transfiner", "serve", "--model", str(checkpoint), "--device", "cpu",
+               "--port", str(port), "--worker-process", "--max-batch-size", "4", "--log-level", "warning"]
+    process = subprocess.Popen(
+        command, env={**os.environ, "TRANSFINER_TORCH_THREADS": "1", **env}, stdout=log.open("w"),
+        stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1],
+    )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def faults_per_request(checkpoint: Path, tmp_path: Path, **env: str) -> float:
+    process, url = serve(checkpoint, tmp_path / "serve.log", **env)
+    uploads = [encode(scene(800, 1333, seed=seed)) for seed in range(4)]
+
+    def answer(index: int) -> int:
+        return httpx.post(url + "/v1/segment", content=uploads[index % 4], timeout=120).status_code
+
+    try:
+        wait_ready(url, timeout=120)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            assert set(pool.map(answer, range(8))) == {200}  # warm-up
+            before = minor_faults(process.pid)
+            assert set(pool.map(answer, range(24))) == {200}
+            return (minor_faults(process.pid) - before) / 24
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_a_warm_server_does_not_fault_in_each_uploads_buffers_again(checkpoint, tmp_path):
+    assert faults_per_request(checkpoint, tmp_path) < PAGES_PER_IMAGE / 4
+
+
+def test_glibc_settings_given_by_the_operator_are_left_alone(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert host_memory.keep_freed_memory_for_reuse() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
+    assert host_memory.keep_freed_memory_for_reuse() is False
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    assert host_memory.keep_freed_memory_for_reuse() is True  # glibc: mallopt takes both settings
