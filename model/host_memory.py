@@ -26,8 +26,7 @@ __all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory_for_reuse", "r
 # Blocks below this come from a heap: the largest mmap threshold glibc accepts on 64-bit systems.
 MMAP_THRESHOLD = 32 * 1024 * 1024
 # A heap keeps up to this much free at its top: the most glibc's own adaptation ever keeps (twice
-# the mmap threshold), so processes whose larger blocks are mapped anyway (activations of a model
-# on the CPU) keep as much as before.
+# its largest mmap threshold).
 TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
 
 # mallopt parameters (glibc's malloc.h).
@@ -53,12 +52,11 @@ _malloc_trim = _libc_function("malloc_trim")
 def keep_freed_memory_for_reuse() -> bool:
     """Keeps freed blocks below ``MMAP_THRESHOLD`` in this process for reuse; -> whether it did.
 
-    For a process that handles one image after another in buffers of a few megabytes: the
-    server's process when no model runs on the CPU in it (``service.runtime``). The cost is
-    resident memory: each malloc arena (about one per thread that allocates) may hold up to
-    ``TRIM_THRESHOLD`` free, and blocks freed amid live ones stay too. Left alone when glibc's
-    ``MALLOC_*_`` variables or ``GLIBC_TUNABLES`` malloc settings are given, which is also how
-    to opt out (e.g. ``MALLOC_TRIM_THRESHOLD_=131072``, glibc's default).
+    For a process that handles one image after another in buffers of a few megabytes (the
+    service's, ``service.runtime.keeps_freed_memory``). The cost is resident memory: each malloc
+    arena (about one per thread that allocates) may keep up to ``TRIM_THRESHOLD`` free, and
+    blocks freed amid live ones stay too. When glibc's own ``MALLOC_*_`` variables or
+    ``GLIBC_TUNABLES`` malloc settings are given, they are the operator's choice and stay.
     """
     if _mallopt is None or any(name in os.environ for name in _GLIBC_MALLOC_VARIABLES):
         return False

@@ -60,6 +60,18 @@ class MetricsObserver:
             self.metrics.queue_seconds.observe((job.dispatched_at or job.enqueued_at) - job.enqueued_at)
 
 
+def keeps_freed_memory(settings: ServiceSettings) -> bool:
+    """``keep_freed_memory`` as set; by default when no model runs on the CPU in this process.
+
+    Then its large buffers are the uploads', image-sized and renewed every request, and kept they
+    save each request its page faults (README, "GPU performance"). A CPU model's own allocations
+    kept 100-160 MB more for no measured gain, so a CPU worker thread leaves glibc as it is."""
+    if settings.keep_freed_memory is not None:
+        return settings.keep_freed_memory
+    devices = worker_devices(settings.device, settings.workers)
+    return bool(settings.worker_process) or all(device.type == "cuda" for device in devices)
+
+
 class ServiceRuntime:
     """States: starting -> ready -> draining -> stopped (or failed, if the model cannot load)."""
 
@@ -114,12 +126,7 @@ class ServiceRuntime:
             if settings.torch_threads:
                 torch.set_num_threads(settings.torch_threads)
             sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
-            devices = worker_devices(settings.device, settings.workers)
-            if settings.worker_process or all(device.type == "cuda" for device in devices):
-                # No model on the CPU in this process: its buffers are the uploads', image-sized
-                # and renewed every request, and kept they save the page faults of each (README,
-                # "GPU performance"). A CPU model's own allocations kept 100-160 MB more for no
-                # measured gain, so a CPU worker thread leaves glibc's defaults.
+            if keeps_freed_memory(settings):
                 keep_freed_memory_for_reuse()
             if settings.worker_process:
                 self.detail = "starting the worker processes"

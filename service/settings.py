@@ -95,6 +95,11 @@ class ServiceSettings(BaseSettings):
         "a worker thread that launches many small kernels waits up to this long for the GIL at each while "
         "another thread runs Python"
     )
+    keep_freed_memory: bool | None = Field(
+        None, description="keep the memory each upload's buffers freed in this process for the next upload "
+        "(glibc), instead of faulting fresh pages in for every request; default (None): when no model runs on "
+        "the CPU in this process (worker processes, CUDA workers)"
+    )
 
     # Lifecycle
     warmup_batches: int = Field(1, ge=0)

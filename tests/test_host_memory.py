@@ -1,8 +1,9 @@
 """A serving process keeps the memory an image freed for the next image (``model.host_memory``).
 
-Through the real ``transfiner serve`` in its own process: once warm, answering more 1333x800
-uploads must not make the server's process fault its buffers in again, page by page, for each
-image (under glibc's default settings it faults in a few thousand pages a request).
+Through the real ``transfiner serve`` in its own process, its model in a worker process: once
+warm, answering more 1333x800 uploads must not make the server's process fault its buffers in
+again, page by page, for each image, as it does when told not to keep freed memory (glibc's
+defaults: a few thousand pages a request).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import httpx
 import pytest
 
 from model import host_memory
+from service.runtime import keeps_freed_memory
+from service.settings import ServiceSettings
 
 from .test_service_support import encode, free_port, scene, wait_ready
 
@@ -68,7 +71,17 @@ def faults_per_request(checkpoint: Path, tmp_path: Path, **env: str) -> float:
 
 
 def test_a_warm_server_does_not_fault_in_each_uploads_buffers_again(checkpoint, tmp_path):
-    assert faults_per_request(checkpoint, tmp_path) < PAGES_PER_IMAGE / 4
+    assert faults_per_request(checkpoint, tmp_path) < PAGES_PER_IMAGE / 4  # kept: the default here
+    assert faults_per_request(checkpoint, tmp_path, TRANSFINER_KEEP_FREED_MEMORY="false") > PAGES_PER_IMAGE
+
+
+def test_freed_memory_is_kept_by_default_only_without_a_cpu_model_in_the_servers_process():
+    def keeps(**fields) -> bool:
+        return keeps_freed_memory(ServiceSettings(device="cpu", **fields))
+
+    assert keeps(worker_process=True) and not keeps(worker_process=False)
+    assert keeps(worker_process=False, keep_freed_memory=True)
+    assert not keeps(worker_process=True, keep_freed_memory=False)
 
 
 def test_glibc_settings_given_by_the_operator_are_left_alone(monkeypatch):
