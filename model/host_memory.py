@@ -17,7 +17,6 @@ glibc only (``mallopt``, ``malloc_trim``); elsewhere both do nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from collections.abc import Callable
 
@@ -38,10 +37,10 @@ _GLIBC_MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "
 
 
 def _libc_function(name: str) -> Callable[..., int] | None:
-    library = ctypes.util.find_library("c")
+    """A function of the C library this process runs on, or None where it has none (musl, macOS)."""
     try:
-        return getattr(ctypes.CDLL(library), name) if library else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return getattr(ctypes.CDLL(None), name, None)  # the process's own symbols, libc's included
+    except OSError:
         return None
 
 
