@@ -16,7 +16,7 @@ status=0
 port=8123
 for worker in process thread; do
     flag=$([ "$worker" = process ] && echo --worker-process || echo --no-worker-process)
-    "$PYTHON" -m transfiner serve --model default --device "$DEVICE" --max-batch-size 8 "$flag" --port $port \
+    "$PYTHON" -m transfiner serve --model default --device "$DEVICE" "$flag" --port $port \
         --log-level warning > "/tmp/serve-$worker.log" 2>&1 &
     server=$!
     timeout 100 "$PYTHON" -m transfiner bench --url "http://127.0.0.1:$port" --wait-ready 60 \

@@ -14,7 +14,8 @@ import torch
 from model.backend import Backend, TorchBackend
 from model.config import ModelConfig
 
-__all__ = ["Backend", "LoadedModel", "TorchBackend", "build_backends", "uses_worker_process", "worker_devices"]
+__all__ = ["Backend", "LoadedModel", "TorchBackend", "build_backends", "max_batch_size_for", "uses_worker_process",
+           "worker_devices"]
 
 
 @dataclass
@@ -50,6 +51,21 @@ def uses_worker_process(worker_process: bool | None, device: str, workers: int |
     if worker_process is not None:
         return worker_process
     return any(device.type == "cuda" for device in worker_devices(device, workers))
+
+
+# Images per forward pass when none is set. On a GPU, batches pay: on an H200 at 800x1333, batch 8
+# answered 1.9x (10 detections) and 1.5x (100) the images/s of batch 1, and every HTTP figure in
+# the README was taken at 8. The CPU keeps the service's first default.
+GPU_MAX_BATCH_SIZE = 8
+CPU_MAX_BATCH_SIZE = 4
+
+
+def max_batch_size_for(max_batch_size: int | None, device: str, workers: int | None) -> int:
+    """``max_batch_size`` as set; by default 8 where a worker is on a GPU, 4 on the CPU."""
+    if max_batch_size is not None:
+        return max_batch_size
+    on_gpu = any(dev.type == "cuda" for dev in worker_devices(device, workers))
+    return GPU_MAX_BATCH_SIZE if on_gpu else CPU_MAX_BATCH_SIZE
 
 
 def build_backends(

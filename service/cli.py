@@ -35,7 +35,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="each model worker in a process of its own, or not (TRANSFINER_WORKER_PROCESS; default: on CUDA "
         "devices yes, on the CPU no)",
     )
-    parser.add_argument("--max-batch-size", type=int, default=None, help="images per forward pass (default 4)")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=None, help="images per forward pass (default: 8 on GPUs, 4 on the CPU)",
+    )
     parser.add_argument("--max-delay-ms", type=float, default=None, help="how long a batch waits to fill (5)")
     parser.add_argument(
         "--max-arrival-wait-ms", type=float, default=None,

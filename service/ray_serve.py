@@ -30,6 +30,7 @@ from ray import serve
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .app import create_app
+from .backends import max_batch_size_for
 from .batcher import BatchObserver, BatcherClosed, BatchRunner, BatchTimes, DeadlineExceeded, Job, batch_capacity
 from .settings import ServiceSettings
 
@@ -220,7 +221,10 @@ def replica_settings(settings: ServiceSettings, gpus: float) -> ServiceSettings:
     in the replica's own process (Ray owns the replica processes; a worker process spawned from
     one would escape Ray's placement and restarts)."""
     device = "cuda" if gpus > 0 else ("cpu" if settings.device == "auto" else settings.device)
-    return settings.model_copy(update={"workers": 1, "device": device, "worker_process": False})
+    max_batch_size = max_batch_size_for(settings.max_batch_size, device, 1)
+    return settings.model_copy(update={
+        "workers": 1, "device": device, "worker_process": False, "max_batch_size": max_batch_size,
+    })
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)

@@ -21,7 +21,9 @@ import torch
 from model.host_memory import keep_freed_memory_for_reuse
 
 from .admission import Admission
-from .backends import LoadedModel, build_backends, uses_worker_process, worker_devices
+from .backends import (
+    LoadedModel, build_backends, max_batch_size_for, uses_worker_process, worker_devices,
+)
 from .batcher import Batcher, Job
 from .errors import ServiceError
 from .metrics import ServiceMetrics
@@ -80,8 +82,10 @@ class ServiceRuntime:
         batcher_factory: BatcherFactory | None = None,
     ) -> None:
         # Resolved once, so everything downstream (and /v1/models) sees what runs.
-        worker_process = uses_worker_process(settings.worker_process, settings.device, settings.workers)
-        self.settings = settings = settings.model_copy(update={"worker_process": worker_process})
+        self.settings = settings = settings.model_copy(update={
+            "worker_process": uses_worker_process(settings.worker_process, settings.device, settings.workers),
+            "max_batch_size": max_batch_size_for(settings.max_batch_size, settings.device, settings.workers),
+        })
         self.metrics = metrics or ServiceMetrics()
         self.loader = loader
         # Another batching engine for the workers (Ray Serve's, see service/ray_serve.py); None: ``Batcher``.

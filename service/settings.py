@@ -68,7 +68,10 @@ class ServiceSettings(BaseSettings):
     demo: bool = Field(True, description="serve the browser demo page at / and /demo (TRANSFINER_DEMO=false: 404)")
 
     # Batching
-    max_batch_size: int = Field(4, ge=1, le=256)
+    max_batch_size: int | None = Field(
+        None, ge=1, le=256, description="images per forward pass; default (None): 8 where a model worker is on a "
+        "GPU, 4 on the CPU"
+    )
     max_delay_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits to fill")
     max_arrival_wait_ms: float = Field(
         100.0, ge=0, le=10_000, description="how long a batch that is not full waits for requests still being "

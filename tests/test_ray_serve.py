@@ -255,3 +255,14 @@ def test_a_ray_batch_runs_per_canvas_within_the_pixel_cap():
         return runner.batches
 
     assert asyncio.run(main()) == [["j0", "j2"], ["j3", "j5"], ["j6"], ["j1"], ["j4"]]
+
+
+def test_a_gpu_replica_batches_8_images_by_default_a_cpu_replica_4():
+    """The driver sizes each replica's admission from the replica's batch size before any replica
+    exists, so the device default is resolved from the GPUs Ray gives a replica, not from the
+    driver's own machine."""
+    from service.ray_serve import replica_settings
+
+    assert replica_settings(ServiceSettings(), gpus=1).max_batch_size == 8
+    assert replica_settings(ServiceSettings(), gpus=0).max_batch_size == 4
+    assert replica_settings(ServiceSettings(max_batch_size=2), gpus=1).max_batch_size == 2

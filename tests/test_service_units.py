@@ -19,7 +19,7 @@ from model.polygons import mask_to_polygons
 from model.postprocess import select_detections
 from model.predictor import Prediction, Predictor
 from model.preprocess import network_shape, prepare_batch, to_rgb_tensor
-from service.backends import TorchBackend, uses_worker_process
+from service.backends import TorchBackend, max_batch_size_for, uses_worker_process
 from service.batcher import Batcher, BatcherClosed, DeadlineExceeded, Job, QueueFull
 from service.errors import ServiceError
 from service.imaging import decode_image, sniff_format
@@ -835,6 +835,22 @@ def test_worker_process_by_default_on_cuda_only(monkeypatch):
     monkeypatch.delenv("TRANSFINER_WORKER_PROCESS")
     assert ServiceSettings().worker_process is None
     assert ServiceRuntime(ServiceSettings(device="cpu")).settings.worker_process is False
+
+
+def test_max_batch_size_by_default_8_on_gpus_4_on_the_cpu(monkeypatch):
+    """Unset, a batch holds 8 images where a model worker is on a GPU and 4 on the CPU; the
+    environment and explicit values decide otherwise; the runtime holds the resolved value."""
+    from service.runtime import ServiceRuntime
+
+    assert max_batch_size_for(None, "cpu", None) == 4
+    assert max_batch_size_for(None, "cuda", None) == 8  # told to use a GPU, whether or not one is here
+    assert max_batch_size_for(None, "auto", 2) == (8 if torch.cuda.is_available() else 4)
+    assert max_batch_size_for(3, "cuda", None) == 3
+    assert ServiceSettings().max_batch_size is None
+    runtime = ServiceRuntime(ServiceSettings(device="cpu", workers=2))
+    assert runtime.settings.max_batch_size == 4 and runtime.capacity == 64 + 2 * 4
+    monkeypatch.setenv("TRANSFINER_MAX_BATCH_SIZE", "16")
+    assert ServiceRuntime(ServiceSettings(device="cuda")).settings.max_batch_size == 16
 
 
 def test_thread_pools_default_to_the_cores(monkeypatch):
