@@ -55,21 +55,45 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.5) -> torch.
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
 
 
+# A runtime may round in the last bits where eager PyTorch does not (ONNX Runtime's RoiAlign does).
+# Where a cell's incoherence sits on a node-selection threshold, one of them then refines the cell
+# and the other does not, which moves the 16 pixels of a 28-grid cell in the 112x112 mask (the
+# bilinear upsampling blurs its edge into a few more). So a mask matches when it differs from
+# eager's in at most 1% of the pixels either marks (IoU >= 0.99), or in at most 16 pixels: the
+# first alone would fail a 50-pixel mask over one pixel.
+MASK_PIXELS_OFF_TOLERATED = 16
+
+
+def masks_match(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Per instance of two [N, S, S] probability stacks: IoU >= 0.99 at ``threshold``, or at most
+    ``MASK_PIXELS_OFF_TOLERATED`` pixels on different sides of it."""
+    a, b = a > threshold, b > threshold
+    off = (a ^ b).flatten(1).sum(1)
+    union = (a | b).flatten(1).sum(1)
+    return (off <= MASK_PIXELS_OFF_TOLERATED) | (100 * off <= union)
+
+
 def compare_outputs(expected, got) -> dict:
     """How far ``got`` is from ``expected`` (both ``RawOutputs``): the figures the parity tests bound."""
     same_rows = expected.classes.shape == got.classes.shape
     report = {"detections": [int(expected.classes.numel()), int(got.classes.numel())], "same_rows": same_rows}
+    masks_ok = True
     if same_rows:
         report["same_classes"] = bool(torch.equal(expected.classes.cpu(), got.classes.cpu()))
         report["same_batch_index"] = bool(torch.equal(expected.batch_index.cpu(), got.batch_index.cpu()))
         if expected.classes.numel():
             e, g = expected.boxes.cpu().float(), got.boxes.cpu().float()
             report["box_max_rel_diff"] = float(((e - g).abs() / e.abs().clamp(min=1.0)).max())
-            report["mask_min_iou"] = float(mask_iou(expected.mask_probs.cpu(), got.mask_probs.cpu()).min())
+            for name, key in (("mask_probs", "mask"), ("coarse_probs", "coarse_mask")):
+                e, g = getattr(expected, name).cpu(), getattr(got, name).cpu()
+                report[f"{key}_min_iou"] = float(mask_iou(e, g).min())
+                report[f"{key}_max_pixels_off"] = int(((e > 0.5) ^ (g > 0.5)).flatten(1).sum(1).max())
+                masks_ok = masks_ok and bool(masks_match(e, g).all())
             report["mask_max_abs_diff"] = float((expected.mask_probs.cpu() - got.mask_probs.cpu()).abs().max())
+    report["masks_match"] = masks_ok
     report["ok"] = bool(
         same_rows and report.get("same_classes", False) and report.get("same_batch_index", False)
-        and report.get("box_max_rel_diff", 0.0) <= 1e-3 and report.get("mask_min_iou", 1.0) >= 0.99
+        and report.get("box_max_rel_diff", 0.0) <= 1e-3 and masks_ok
     )
     return report
 
@@ -111,7 +135,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     progress.close()
     print(json.dumps(summary, indent=2))
     if "parity" in summary and not summary["parity"]["ok"]:
-        print("error: the exported model does not match eager PyTorch (see parity above)", file=sys.stderr)
+        # Left in place, the folder would later be loaded as a working export, without a word.
+        result.model_file.unlink(missing_ok=True)
+        result.metadata_file.unlink(missing_ok=True)
+        print(f"error: the exported model does not match eager PyTorch (see parity above), so {result.model_file} "
+              "and its metadata.json were removed; --no-check keeps an export without checking it", file=sys.stderr)
         return 1
     if args.format == "tensorrt":
         # No engine is built here either way: engines belong to the GPU and TensorRT version

@@ -19,7 +19,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from export.cli import compare_outputs, mask_iou
+from export.cli import compare_outputs, mask_iou, masks_match
 from export.exporter import ExportError, export_model, find_export
 from export.graph import INPUT_NAMES, OUTPUT_NAMES, example_inputs
 from export.runtimes import OnnxRuntimeBackend, TorchScriptBackend, load_backend
@@ -241,20 +241,56 @@ def test_checkpoint_is_exported_once_into_the_cache(model, tmp_path, monkeypatch
 
 @pytest.mark.slow  # an export and two prediction runs of the default model: half a minute or more on 2 cores
 def test_cli_export_predict_with_each_backend(tmp_path, capsys):
-    """`transfiner export` then `transfiner predict --backend ...` give the eager masks."""
+    """`transfiner export` of the default model passes its own parity check in both formats (as
+    the README writes the commands, and as the GPU image's build runs the ONNX one), then
+    `transfiner predict --backend ...` gives the eager masks."""
     image = tmp_path / "scene.png"
     image.write_bytes(encode(scene(200, 260, seed=3)))
-    out = tmp_path / "ts"
-    assert main(["export", "--format", "torchscript", "--model", "default", "--out", str(out)]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["parity"]["ok"] and (out / "model.ts").is_file()
+    for fmt, name in (("torchscript", "model.ts"), ("onnx", "model.onnx")):
+        out = tmp_path / fmt
+        assert main(["export", "--format", fmt, "--model", "default", "--out", str(out)]) == 0, fmt
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["parity"]["ok"] and (out / name).is_file(), summary
     results = {}
-    for backend, model_arg in (("pytorch", "default"), ("torchscript", str(out))):
+    for backend, model_arg in (("pytorch", "default"), ("torchscript", str(tmp_path / "torchscript"))):
         target = tmp_path / f"{backend}.json"
         assert main(["predict", str(image), "--backend", backend, "--model", model_arg, "--out", str(target)]) == 0
         results[backend] = json.loads(target.read_text())
     assert len(results["pytorch"]) > 0
     assert results["pytorch"] == results["torchscript"]
+
+
+def test_masks_match_tolerates_a_cells_pixels_not_a_share_of_a_mask():
+    """A runtime that refines one more cell than eager moves a few pixels: enough to fail IoU >=
+    0.99 on a small mask, not the 16 pixels of a cell. More than that, or 1% of a large mask, is
+    a mismatch."""
+    eager = torch.zeros(4, 112, 112)
+    eager[0, 10:15, 10:21] = 0.9  # 55 pixels
+    eager[1, 10:15, 10:21] = 0.9
+    eager[2:, 0:100, 0:100] = 0.9  # 10,000 pixels
+    got = eager.clone()
+    got[0, 15, 10] = 0.9  # one more pixel: IoU 55 / 56
+    got[1, 15:17, 10:19] = 0.9  # 18 more
+    got[2, 100, 0:100] = 0.9  # 100 more: 1% of 10,100
+    got[3, 100:102, 0:100] = 0.9  # 200 more
+    assert mask_iou(eager[:1], got[:1]).item() < 0.99
+    assert masks_match(eager, got).tolist() == [True, False, True, False]
+
+
+def test_a_failed_parity_check_removes_the_export(checkpoint, tmp_path, capsys, monkeypatch):
+    """An export that does not match eager PyTorch is not left where `--model DIR` would load it."""
+    import export.cli
+
+    monkeypatch.setattr(export.cli, "parity_check", lambda model, fmt, out: {"ok": False})
+    out = tmp_path / "ts"
+    assert main(["export", "--format", "torchscript", "--model", str(checkpoint), "--out", str(out)]) == 1
+    assert "were removed" in capsys.readouterr().err
+    assert not (out / "model.ts").exists() and not (out / "metadata.json").exists()
+    image = tmp_path / "scene.png"
+    image.write_bytes(encode(scene(64, 64, seed=1)))
+    assert main(["predict", str(image), "--backend", "torchscript", "--model", str(out),
+                 "--out", str(tmp_path / "o.json")]) == 2
+    assert "metadata.json" in capsys.readouterr().err
 
 
 def test_cli_tensorrt_says_how(tmp_path, capsys):
