@@ -70,11 +70,22 @@ def checked_settings(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Serves until a signal (exit 0), or until the model fails to load (exit 2): a server that
+    can never answer should end, so that Docker or Kubernetes restarts it and shows why."""
+    import sys
+
+    from model.predictor import resolve_device
+
     from .app import create_app
     from .server import DrainingServer, uvicorn_config
 
     settings = checked_settings(args)
+    resolve_device(settings.device)  # a GPU asked for must be here (Ray's replicas check on their own nodes)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    DrainingServer(uvicorn_config(app, settings), app.state.runtime).run()
+    server = DrainingServer(uvicorn_config(app, settings), app.state.runtime)
+    server.run()
+    if server.failure is not None:
+        print(f"error: {server.failure}", file=sys.stderr)
+        return 2
     return 0

@@ -188,10 +188,26 @@ class DrainingServer(uvicorn.Server):
         self.runtime = runtime
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        self._watch: asyncio.Task | None = None  # keeps the load watch referenced while it runs
+        self.failure: str | None = None  # why the model could not be loaded, if it could not
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)  # the lifespan has begun loading the model
+        if not self.should_exit:
+            self._watch = asyncio.create_task(self._exit_if_the_model_fails(), name="transfiner-load-watch")
+
+    async def _exit_if_the_model_fails(self) -> None:
+        """Readiness alone would leave a server that can never answer alive (and its liveness
+        probe passing) for good; it exits instead, its readiness saying why until then."""
+        await self.runtime.start()  # the lifespan's task: done once the model is loaded or has failed
+        if self.runtime.state == "failed":
+            self.failure = self.runtime.detail
+            log.error("exiting: %s", self.failure)
+            self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining and self._loop is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Literal
 
+import torch
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -110,6 +111,18 @@ class ServiceSettings(BaseSettings):
     shutdown_grace_s: float = Field(
         0.0, ge=0, description="SIGTERM: minimum time readiness reports 503 before the port closes"
     )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        # Here, not at the first forward pass: TRANSFINER_DEVICE=tpu must fail as one line.
+        try:
+            kind = "auto" if value == "auto" else torch.device(value).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"not a device: {value!r} (use cpu, cuda, cuda:N or auto)")
+        return value
 
     @field_validator("max_cells", mode="before")
     @classmethod

@@ -633,3 +633,27 @@ def test_serve_defaults_and_missing_model(capsys):
     assert (settings.model, settings.max_batch_size, settings.device) == ("x.pth", 8, "cpu")
     assert main(["serve", "--model", "/nonexistent/model.pth"]) == 2
     assert "model not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "error: device: not a device: 'tpu' (use cpu, cuda, cuda:N or auto)\n"),
+    ("cuda:99", "error: cuda:99 is not available here"),
+])
+def test_serve_refuses_a_device_it_cannot_use_in_one_line(device, message, capsys):
+    from transfiner.cli import main
+
+    assert main(["serve", "--device", device, "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_serve_exits_when_its_model_cannot_be_loaded(tmp_path):
+    """A server whose model failed to load could never answer: it exits 2 with the reason (so that
+    Docker or Kubernetes restarts it), instead of staying up with its liveness probe passing."""
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    command = [sys.executable, "-m", "transfiner", "serve", "--model", str(broken), "--device", "cpu", "--port", "0",
+               "--log-level", "critical"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: model failed to load: CheckpointError: cannot read checkpoint"), done.stderr
