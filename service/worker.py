@@ -99,14 +99,16 @@ class Worker:
             lambda i: not jobs[i].future.done(),  # a request whose client left needs no masks
         )
         started = time.perf_counter()
+        observed = False
         while True:
             step = await loop.run_in_executor(self._executor, next, steps, None)
             if step is None:
                 break
-            settle(jobs, step, pre_s, time.perf_counter() - started)
-        if self.metrics is not None:
-            self.metrics.preprocess_seconds.observe(pre_s)
-            self.metrics.inference_seconds.observe(time.perf_counter() - started)
+            inference_s = time.perf_counter() - started
+            if settle(jobs, step, pre_s, inference_s) and not observed:
+                observed = observe_batch(self.metrics, pre_s, inference_s)
+        if not observed:
+            observe_batch(self.metrics, pre_s, time.perf_counter() - started)
 
     def warm_up(self, batches: int, batch_size: int) -> None:
         """Synchronous: runs ``batches`` synthetic batches (in the worker thread) so the first real
@@ -156,12 +158,24 @@ async def run_with_retries(jobs: list[Job], run_batch: Callable[[list[Job]], Awa
             _fail([job], error)
 
 
-def settle(jobs: list[Job], step: list[tuple[int, FetchedDetections]], preprocess_s: float, inference_s: float) -> None:
-    """Answers the jobs of one step of a batch (the others wait for a later step)."""
+def settle(jobs: list[Job], step: list[tuple[int, FetchedDetections]], preprocess_s: float, inference_s: float) -> bool:
+    """Answers the jobs of one step of a batch (the others wait for a later step); True once
+    every job of the batch has its answer (or its client has left)."""
     for i, fetched in step:
         job = jobs[i]
         if not job.future.done():
             job.future.set_result(InferenceResult(fetched, i, len(jobs), preprocess_s, inference_s))
+    return all(job.future.done() for job in jobs)
+
+
+def observe_batch(metrics, preprocess_s: float, inference_s: float) -> bool:
+    """Counts a batch's times in the metrics. Called as its last answer is set, before the event
+    loop sends any answer, so that a scrape of /metrics made after a batch's last answer always
+    counts that batch (``transfiner bench`` reads each step's batches that way)."""
+    if metrics is not None:
+        metrics.preprocess_seconds.observe(preprocess_s)
+        metrics.inference_seconds.observe(inference_s)
+    return True
 
 
 def _fail(jobs: list[Job], error: Exception) -> None:

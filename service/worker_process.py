@@ -44,7 +44,7 @@ from .backends import LoadedModel, worker_devices
 from .batcher import Job
 from .pipeline import NetworkImage
 from .settings import ServiceSettings
-from .worker import SegmentJob, Worker, run_with_retries, settle
+from .worker import SegmentJob, Worker, observe_batch, run_with_retries, settle
 
 log = logging.getLogger("service")
 
@@ -89,6 +89,7 @@ class _Batch:
     done: asyncio.Future
     started: float = field(default_factory=time.perf_counter)
     preprocess_s: float = 0.0
+    observed: bool = False  # its times are in the metrics
 
 
 class ProcessWorker:
@@ -185,9 +186,8 @@ class ProcessWorker:
         finally:
             del self._batches[batch_id]
             self._free_memory.append(memory)
-        if self.metrics is not None:
-            self.metrics.preprocess_seconds.observe(batch.preprocess_s)
-            self.metrics.inference_seconds.observe(time.perf_counter() - batch.started)
+        if not batch.observed:
+            observe_batch(self.metrics, batch.preprocess_s, time.perf_counter() - batch.started)
 
     def _new_memory(self) -> BatchMemory:
         self._memory_count += 1  # as many as batches in flight at once: two under load (the look-ahead)
@@ -219,7 +219,9 @@ class ProcessWorker:
         if kind == "started":  # pre-processed; the forward pass starts
             batch.preprocess_s, batch.started = rest[0], time.perf_counter()
         elif kind == "step":
-            settle(batch.jobs, rest[0], batch.preprocess_s, time.perf_counter() - batch.started)
+            inference_s = time.perf_counter() - batch.started
+            if settle(batch.jobs, rest[0], batch.preprocess_s, inference_s) and not batch.observed:
+                batch.observed = observe_batch(self.metrics, batch.preprocess_s, inference_s)
         elif kind == "done":
             batch.done.set_result(None)
         elif kind == "error":

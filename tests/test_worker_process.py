@@ -335,3 +335,45 @@ def test_cuda_worker_process_answers_as_the_in_process_worker(checkpoint):
             assert httpx.get(server.url + "/v1/models").json()["models"][0]["device"] == ["cuda:0"]
     for in_thread, in_process in zip(answers[False], answers[True]):
         assert_same(in_process, in_thread, 1e-5)  # the same kernels; a tolerance in case cuDNN picks others
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_a_batch_is_in_the_metrics_before_its_answers_go_out(checkpoint, kind):
+    """``transfiner bench`` counts each load step's batches from /metrics scraped after the step's
+    last answer; a batch counted only once its worker got round to it afterwards fell into the next
+    step. So a batch's times are observed before any of its answers can be sent: by the time the
+    event loop runs a callback of its last answer, they are in."""
+    import asyncio
+
+    from export.resolve import resolve_model
+    from model.backend import TorchBackend
+    from service.batcher import Job
+    from service.metrics import ServiceMetrics
+    from service.pipeline import RequestOptions
+    from service.worker import SegmentJob, Worker
+    from service.worker_process import ProcessWorker, WorkerSpec
+
+    metrics = ServiceMetrics()
+    predictor = load_predictor(str(checkpoint), device="cpu")
+    image = network_image(scene(seed=2), scene(seed=2).shape[:2], predictor.cfg.input)
+    count = lambda: metrics.registry.get_sample_value("transfiner_inference_seconds_count")  # noqa: E731
+
+    async def main() -> list[float]:
+        if kind == "thread":
+            worker = Worker(TorchBackend(predictor.model), metrics=metrics)
+        else:
+            spec = WorkerSpec(resolve_model(str(checkpoint)), "pytorch", None, "cpu", 1, "fp32", None, 1, 1, 5.0, "warning")
+            worker = ProcessWorker(spec, metrics)
+            await worker.start()
+        seen = []
+        try:
+            for _ in range(3):
+                jobs = [Job(SegmentJob(image, RequestOptions(score_threshold=0.0)), time.monotonic() + 60, image.canvas)
+                        for _ in range(2)]
+                jobs[-1].future.add_done_callback(lambda _: seen.append(count()))
+                await worker.run(jobs)
+        finally:
+            await asyncio.to_thread(worker.close)
+        return seen
+
+    assert asyncio.run(main()) == [1.0, 2.0, 3.0]
