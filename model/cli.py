@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,30 +43,50 @@ def cmd_predict(args: argparse.Namespace, make_predictor: Callable[[argparse.Nam
 
     from .visualize import draw_overlay
 
+    paths = [Path(p) for p in args.images]
+    ids = image_ids(paths)
+    overlays = overlay_names(ids)
     predictor = make_predictor(args)
     cfg = predictor.cfg
-    paths = [Path(p) for p in args.images]
     if args.overlay:
         Path(args.overlay).mkdir(parents=True, exist_ok=True)
     records = []
     for start in tqdm(range(0, len(paths), args.batch_size), desc="predict", unit="batch", disable=None):
-        chunk = paths[start : start + args.batch_size]
-        images = [load_image_rgb(p) for p in chunk]
+        chunk = range(start, min(start + args.batch_size, len(paths)))
+        images = [load_image_rgb(paths[i]) for i in chunk]
         predictions = predictor.predict(
             images, score_threshold=args.score_threshold, max_detections=args.max_detections,
             refine=not args.no_refine,
             mask_threshold=args.mask_threshold,
         )
-        for path, image, prediction in zip(chunk, images, predictions):
-            records.extend(prediction.coco_records(path.name, cfg.category_ids))
+        for i, image, prediction in zip(chunk, images, predictions):
+            records.extend(prediction.coco_records(ids[i], cfg.category_ids))
             if args.overlay:
                 labels = [f"{cfg.class_names[c]} {s:.2f}" for c, s in zip(prediction.classes, prediction.scores)]
                 picture = draw_overlay(image, prediction.boxes, prediction.masks, labels)
-                picture.save(Path(args.overlay) / f"{path.stem}.png")
+                picture.save(Path(args.overlay) / overlays[i])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(records))
     print(f"wrote {len(records)} instances for {len(paths)} images to {args.out}")
     return 0
+
+
+def image_ids(paths: list[Path]) -> list[str]:
+    """Each input's ``image_id`` in the results: its file name, or the path as given where another
+    input has the same file name, so that no two images share an id."""
+    names = Counter(path.name for path in paths)
+    ids = [path.name if names[path.name] == 1 else path.as_posix() for path in paths]
+    repeated = [image_id for image_id, count in Counter(ids).items() if count > 1]
+    if repeated:
+        raise ValueError(f"{repeated[0]} is given more than once")
+    return ids
+
+
+def overlay_names(ids: list[str]) -> list[str]:
+    """Each input's overlay file: ``<stem>.png``, or the whole id (folders joined by ``_``) plus
+    ``.png`` where another input has the same stem (x.png and x.jpg)."""
+    stems = Counter(Path(image_id).stem for image_id in ids)
+    return [f"{Path(i).stem}.png" if stems[Path(i).stem] == 1 else i.replace("/", "_") + ".png" for i in ids]
 
 
 def cmd_convert_official(args: argparse.Namespace) -> int:

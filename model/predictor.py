@@ -179,14 +179,18 @@ class Predictor:
         """Predicts a batch of RGB images (numpy HxWx3 uint8, PIL images, or tensors), in order.
         Images of different padded canvases (``canvas_shape``) run as separate forward passes.
 
-        score_threshold: keep detections above it (default: the config's, 0.05 as detectron2);
-        max_detections: per image, 1..100 (default: the config's); mask_threshold: binarises the
-        pasted soft masks; refine: False gives the coarse Mask R-CNN masks only.
+        score_threshold: keep detections above it, 0..1 (default: the config's, 0.05 as
+        detectron2); max_detections: per image, at least 1 (default: the config's, 100);
+        mask_threshold: binarises the pasted soft masks, 0..1; refine: False gives the coarse Mask
+        R-CNN masks only.
         """
-        if len(images) == 0:
-            return []
+        for name, value in (("score_threshold", score_threshold), ("mask_threshold", mask_threshold)):
+            if value is not None and not 0.0 <= value <= 1.0:  # NaN fails this too
+                raise ValueError(f"{name} must be a number from 0 to 1, got {value}")
         if max_detections is not None and max_detections < 1:
             raise ValueError("max_detections must be at least 1")
+        if len(images) == 0:
+            return []
         rgb = [to_rgb_tensor(image) for image in images]
         original = [tuple(image.shape[-2:]) for image in rgb]
         options = InferenceOptions(score_threshold, max_detections, refine)

@@ -148,6 +148,52 @@ def test_predict_cli_writes_coco_results(tmp_path, small_model, image, capsys):
     assert "image file not found" in capsys.readouterr().err
 
 
+def test_predict_cli_keeps_inputs_that_share_a_file_name_apart(tmp_path, small_model, image, capsys):
+    """d1/x.png, d2/x.png and x.jpg: three image ids and three overlays, each image's own."""
+    weights = tmp_path / "small.pth"
+    save_checkpoint(weights, small_model)
+    inputs = {"d1/x.png": image, "d2/x.png": image[:100], "x.jpg": image[:, :120]}
+    for name, img in inputs.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(img)).save(tmp_path / name)
+    paths = [str(tmp_path / name) for name in inputs]
+    out, overlays = tmp_path / "results.json", tmp_path / "overlays"
+    code = main(["predict", *paths, "--weights", str(weights), "--out", str(out), "--overlay", str(overlays),
+                 "--score-threshold", "0.0", "--max-detections", "3", "--device", "cpu"])
+    assert code == 0
+    ids = [paths[0], paths[1], "x.jpg"]
+    records = json.loads(out.read_text())
+    assert [r["image_id"] for r in records] == [i for i in ids for _ in range(3)]
+    for image_id, img in zip(ids, inputs.values()):
+        sizes = {tuple(r["segmentation"]["size"]) for r in records if r["image_id"] == image_id}
+        assert sizes == {img.shape[:2]}
+    written = sorted(p.name for p in overlays.iterdir())
+    assert written == sorted([paths[0].replace("/", "_") + ".png", paths[1].replace("/", "_") + ".png", "x.jpg.png"])
+    assert Image.open(overlays / "x.jpg.png").size == (120, 150)
+
+    assert main(["predict", paths[2], paths[2], "--weights", str(weights), "--out", str(out)]) == 2
+    assert "x.jpg is given more than once" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--score-threshold", "2"], "score_threshold must be a number from 0 to 1, got 2.0"),
+    (["--score-threshold", "nan"], "score_threshold must be a number from 0 to 1, got nan"),
+    (["--mask-threshold", "-1"], "mask_threshold must be a number from 0 to 1, got -1.0"),
+    (["--max-detections", "0"], "max_detections must be at least 1"),
+])
+def test_predict_refuses_thresholds_out_of_range(predictor, image, tmp_path, small_model, flags, message, capsys):
+    """As the service does: a score threshold of 2 would quietly find nothing."""
+    key, value = flags[0].removeprefix("--").replace("-", "_"), float(flags[1])
+    with pytest.raises(ValueError, match=message.split(", got")[0]):
+        predictor.predict([image], **{key: int(value) if key == "max_detections" else value})
+    weights = tmp_path / "small.pth"
+    save_checkpoint(weights, small_model)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    assert main(["predict", str(tmp_path / "a.png"), "--weights", str(weights), "--out", str(tmp_path / "o.json"),
+                 "--device", "cpu", *flags]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
 def test_upsampled_coarse_is_bilinear_of_28(predictor, image):
     """The coarse path is exactly the official `F.interpolate(28x28, 112, bilinear)`."""
     model = predictor.model
