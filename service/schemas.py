@@ -47,6 +47,8 @@ class SegmentParams(BaseModel):
                     items.extend(part.strip() for part in item.split(",") if part.strip())
                 else:
                     items.append(item)
+            if not items:  # an empty filter would run the model for nothing
+                raise ValueError("name at least one class (ids or names), or leave classes out for all of them")
             return [int(i) if isinstance(i, str) and i.isdigit() else i for i in items]
         return value
 

@@ -391,6 +391,8 @@ def error_cases():
         "bad mask format": (dict(content=png, params={"mask_format": "png"}), 422, "invalid_parameter"),
         "unknown parameter": (dict(content=png, params={"score": 0.5}), 422, "invalid_parameter"),
         "unknown class": (dict(content=png, params={"classes": "dog"}), 422, "invalid_parameter"),
+        "empty class filter": (dict(content=png, params={"classes": ""}), 422, "invalid_parameter"),
+        "empty class list": (dict(json={"image": b64, "classes": []}), 422, "invalid_parameter"),
         "parameter twice": (dict(json={"image": b64, "refine": False}, params={"refine": "true"}), 422,
                             "invalid_parameter"),
         "bad timeout header": (dict(content=png, headers={"X-Request-Timeout": "soon"}), 422, "invalid_parameter"),
