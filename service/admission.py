@@ -56,9 +56,11 @@ class Admission:
                 503, "queue_full", f"the queue is full ({self._inflight} requests in flight)",
                 reason="queue_full", retry_after=retry_after,
             )
-        if deadline is not None and wait_s is not None and time.monotonic() + wait_s > deadline:
+        left_s = None if deadline is None else deadline - time.monotonic()
+        if left_s is not None and wait_s is not None and wait_s > left_s:
             raise ServiceError(
-                503, "overloaded", f"the requests queued ahead take about {wait_s:.1f} s, past this request's deadline",
+                503, "overloaded", f"an answer takes about {wait_s:.2f} s now (this request's batch and the work "
+                f"queued ahead of it), past this request's deadline in {max(left_s, 0.0):.3f} s",
                 reason="deadline_unmeetable", retry_after=wait_s,
             )
         self._inflight += 1
