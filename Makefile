@@ -2,15 +2,21 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The package alone (what serving needs), then the test tools on top (Ray, Playwright, ...).
+RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
 .PHONY: install test test-fast serve bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(RUNTIME): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -c constraints.txt -e .
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
 	$(BIN)/pip install -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
@@ -22,7 +28,7 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" -q
 
-serve: install
+serve: $(RUNTIME)
 	$(BIN)/transfiner serve
 
 bench: install
