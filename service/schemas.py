@@ -23,13 +23,15 @@ class SegmentParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="keep detections scoring above this")
+    score_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, allow_inf_nan=False, description="keep detections scoring above this"
+    )
     max_detections: int = Field(100, ge=1, le=100, description="per image, best scores first")
     classes: list[ImageId] | None = Field(
         None, max_length=MAX_CLASSES,
         description="keep only these classes: category ids or names (comma-separated in a query)",
     )
-    mask_threshold: float = Field(0.5, ge=0.0, le=1.0, description="binarises the soft masks (>=)")
+    mask_threshold: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False, description="binarises the soft masks (>=)")
     mask_format: Literal["rle", "polygon", "none"] = "rle"
     refine: bool = Field(True, description="false: the coarse Mask R-CNN masks only")
     image_id: ImageId | None = Field(None, description="echoed; a query/form string of digits becomes an integer")

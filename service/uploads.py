@@ -31,14 +31,21 @@ MAX_FORM_FIELDS = 32
 TOO_DEEP = "the JSON body is nested too deeply"
 
 
+# The one parameter that may be repeated in a query or a form (``classes=1&classes=3``).
+REPEATABLE = frozenset({"classes"})
+
+
 def _multi(items: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Repeated keys become lists (``classes=1&classes=3``)."""
+    """Repeated keys of ``REPEATABLE`` become lists; any other given twice is an error (which of
+    two score thresholds would be meant?)."""
     out: dict[str, Any] = {}
     for key, value in items:
-        if key in out:
+        if key not in out:
+            out[key] = value
+        elif key in REPEATABLE:
             out[key] = (out[key] if isinstance(out[key], list) else [out[key]]) + [value]
         else:
-            out[key] = value
+            raise invalid_parameter(f"{key}: given more than once")
     return out
 
 
@@ -161,8 +168,17 @@ def validate_params(params: dict[str, Any]) -> SegmentParams:
     try:
         return SegmentParams.model_validate(params)
     except ValidationError as error:
-        parts = []
+        # One entry per parameter, named as the client named it: a value that fits no member of
+        # a union (image_id: an integer or a short string) gets pydantic's message for each, not
+        # its internal member names.
+        problems: dict[str, list[str]] = {}
         for item in error.errors():
-            where = ".".join(str(p) for p in item["loc"])
-            parts.append(f"{where}: {item['msg']}" if where else item["msg"])
+            where = str(item["loc"][0]) if item["loc"] else ""
+            if len(item["loc"]) > 1 and isinstance(item["loc"][1], int):
+                where += f"[{item['loc'][1]}]"  # an item of a list (classes)
+            message = item["msg"].removeprefix("Value error, ")
+            if message not in problems.setdefault(where, []):
+                problems[where].append(message)
+        parts = [f"{where}: {' or '.join(messages)}" if where else " or ".join(messages)
+                 for where, messages in problems.items()]
         raise invalid_parameter("; ".join(parts)) from None
