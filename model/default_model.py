@@ -62,9 +62,16 @@ def add_backend_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _max_cells_flag(text: str) -> tuple[int, int, int]:
+    try:
+        return parse_max_cells(text)
+    except ValueError as error:  # argparse shows an ArgumentTypeError's own words, not the function's name
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_max_cells_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--max-cells", default=None, type=parse_max_cells, metavar="A,B,C",
+        "--max-cells", default=None, type=_max_cells_flag, metavar="A,B,C",
         help="node caps per quadtree level, 28-cells of the 28/56/112 levels (default: the checkpoint's; "
              "784,784,784 selects exactly the official nodes; smaller is faster and differs where a box "
              "has more incoherent cells). Exported models keep the caps they were exported with",

@@ -13,6 +13,7 @@ each of those hand-overs can wait a whole switch interval (5 ms).
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from collections.abc import Sequence
@@ -22,9 +23,19 @@ from typing import Union
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-__all__ = ["DatasetError", "load_image_rgb", "open_image", "image_to_rgb"]
+__all__ = ["DatasetError", "load_image_rgb", "open_image", "image_to_rgb", "without_object_reprs"]
 
 PathLike = Union[str, Path]
+
+
+# Pillow names the file object in its messages ("cannot identify image file <_io.BytesIO object at
+# 0x7f...>"): the address tells a reader nothing, and heap addresses are not for the outside.
+_OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
+
+
+def without_object_reprs(message: str, name: str) -> str:
+    """``message`` with every object repr replaced by ``name`` (what the object was)."""
+    return _OBJECT_REPR.sub(name, message)
 
 
 class DatasetError(Exception):
@@ -48,7 +59,8 @@ def load_image_rgb(path: PathLike) -> np.ndarray:
             return image_to_rgb(image)
     # Pillow reports corrupt files with many exception types (OSError, SyntaxError, struct.error...).
     except Exception as error:  # noqa: BLE001
-        raise DatasetError(f"{path}: cannot read image ({type(error).__name__}: {error})") from None
+        message = without_object_reprs(str(error), path.name)
+        raise DatasetError(f"{path}: cannot read image ({type(error).__name__}: {message})") from None
 
 
 def open_image(data: bytes, formats: Sequence[str] | None = None) -> Image.Image:

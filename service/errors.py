@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.images import without_object_reprs
 
 from .schemas import ErrorResponse
 
@@ -64,18 +65,13 @@ def invalid_parameter(message: str) -> ServiceError:
     return ServiceError(422, "invalid_parameter", message)
 
 
-# Object reprs such as "<_io.BytesIO object at 0x7f...>" (Pillow puts them in its messages): the
-# client learns nothing from them and heap addresses are not for the outside.
-_OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
-
-
 # Messages quote what was sent (unknown parameters and classes, parser errors): a hostile request
 # must not turn a 4xx into megabytes of echo.
 MAX_MESSAGE_CHARS = 2000
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    message = _OBJECT_REPR.sub("<object>", message)
+    message = without_object_reprs(message, "(the upload)")  # Pillow's file object, in its messages
     if len(message) > MAX_MESSAGE_CHARS:
         message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)

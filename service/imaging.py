@@ -14,6 +14,7 @@ slightly from a full decode followed by the resize; other formats are always dec
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -101,9 +102,12 @@ def decode_image(data: bytes, max_pixels: int, reduce_to: SizeNeeded | None = No
     except ServiceError:
         raise
     except Image.DecompressionBombError as error:
-        # Pillow's own guard (twice its MAX_IMAGE_PIXELS) fires in ``Image.open``, before ours.
+        # Pillow's own guard (twice its MAX_IMAGE_PIXELS) fires in ``Image.open``, before ours;
+        # its message gives the pixel count, and its own limit, which is not the client's concern.
+        counted = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = f"{int(counted.group(1))} pixels" if counted else "more pixels"
         raise ServiceError(
-            413, "image_too_large", f"image has more pixels than the limit {max_pixels} ({error})", reason="too_large",
+            413, "image_too_large", f"image has {pixels}, more than the limit {max_pixels}", reason="too_large",
         ) from None
     # Pillow reports corrupt data with many exception types (OSError, SyntaxError, struct.error...).
     except Exception as error:  # noqa: BLE001

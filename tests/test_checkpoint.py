@@ -243,7 +243,8 @@ def test_max_cells_override_the_checkpoint_caps(tmp_path, capsys):
     assert args.max_cells == (784, 392, 128)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-cells", "784,392"])
-    assert "--max-cells" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--max-cells: max cells must be three integers in 1..784" in err and "parse_max_cells" not in err
 
 
 def test_service_max_cells_setting(monkeypatch):

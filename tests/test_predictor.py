@@ -143,7 +143,8 @@ def test_predict_cli_writes_coco_results(tmp_path, small_model, image, capsys):
     # Bad input: a clear message and status 2, no traceback.
     (tmp_path / "broken.png").write_bytes(b"not an image")
     assert main(["predict", str(tmp_path / "broken.png"), "--weights", str(weights), "--out", str(out)]) == 2
-    assert "cannot read image" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot read image" in err and "cannot identify image file broken.png" in err and " at 0x" not in err
     assert main(["predict", str(tmp_path / "nope.png"), "--weights", str(weights), "--out", str(out)]) == 2
     assert "image file not found" in capsys.readouterr().err
 

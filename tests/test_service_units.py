@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import struct
 import time
+import zlib
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -21,7 +24,7 @@ from model.predictor import Prediction, Predictor
 from model.preprocess import network_shape, prepare_batch, to_rgb_tensor
 from service.backends import TorchBackend, max_batch_size_for, uses_worker_process
 from service.batcher import Batcher, BatcherClosed, DeadlineExceeded, Job, QueueFull
-from service.errors import ServiceError
+from service.errors import ServiceError, error_response
 from service.imaging import decode_image, sniff_format
 from service.pipeline import (
     RequestOptions, batch_options, fetch, network_image, preprocess, records,
@@ -902,3 +905,21 @@ def test_parameter_errors_name_the_parameter_as_the_client_sent_it(items, messag
     assert (caught.value.status, caught.value.code) == (422, "invalid_parameter")
     assert caught.value.message.startswith(message), caught.value.message
     assert _multi([("classes", "1"), ("classes", "3")]) == {"classes": ["1", "3"]}
+
+
+def test_image_errors_speak_of_the_upload_not_of_pillows_internals():
+    """A bomb is refused against the service's limit (not also Pillow's own, which the client
+    never set); Pillow's file object is 'the upload', not a heap address."""
+    def png_header(width: int, height: int) -> bytes:
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+    with pytest.raises(ServiceError) as bomb:
+        decode_image(png_header(100_000, 100_000), 40_000_000)
+    assert (bomb.value.status, bomb.value.message) == (413, "image has 10000000000 pixels, more than the limit 40000000")
+    with pytest.raises(ServiceError) as empty:
+        decode_image(png_header(0, 0), 40_000_000)
+    body = json.loads(error_response(empty.value.status, empty.value.code, empty.value.message).body)
+    assert body["error"]["message"].endswith("cannot identify image file (the upload))"), body
