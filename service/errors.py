@@ -11,7 +11,7 @@ import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.images import without_object_reprs
@@ -70,11 +70,17 @@ def invalid_parameter(message: str) -> ServiceError:
 MAX_MESSAGE_CHARS = 2000
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_body(code: str, message: str) -> bytes:
+    """The JSON of every error answer, ``{"error": {"code", "message"}}``, encoded as JSONResponse
+    encodes: also for the answers written before or outside the app (middleware, the protocol)."""
     message = without_object_reprs(message, "(the upload)")  # Pillow's file object, in its messages
     if len(message) > MAX_MESSAGE_CHARS:
         message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    return JSONResponse({"error": {"code": code, "message": message}}).body
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(code, message), status_code=status, headers=headers, media_type="application/json")
 
 
 def _format_validation(error: RequestValidationError) -> str:

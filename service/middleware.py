@@ -3,12 +3,11 @@ detection): request metrics, the request body limit, and HEAD answered as GET.""
 
 from __future__ import annotations
 
-import json
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ServiceError
+from .errors import ServiceError, error_body
 from .metrics import ServiceMetrics
 
 
@@ -112,7 +111,7 @@ class BodyLimitMiddleware:
 
 
 async def _send_error(send: Send, status: int, code: str, message: str) -> None:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = error_body(code, message)
     await send({
         "type": "http.response.start", "status": status,
         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

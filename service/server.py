@@ -4,7 +4,6 @@ first SIGTERM/SIGINT that drains the service before the port closes."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 from types import FrameType
@@ -14,6 +13,7 @@ import uvicorn
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .errors import error_body
 from .runtime import ServiceRuntime
 from .settings import ServiceSettings
 
@@ -21,11 +21,11 @@ from .settings import ServiceSettings
 def _error_response(status_line: str, code: str, message: str) -> bytes:
     """A complete JSON error response written straight to the transport (before or outside the
     app, so in the same ``{"error": {"code", "message"}}`` shape by hand), then the connection closes."""
-    body = json.dumps({"error": {"code": code, "message": message}})
+    body = error_body(code, message)
     return (
         f"HTTP/1.1 {status_line}\r\ncontent-type: application/json\r\nconnection: close\r\n"
-        f"content-length: {len(body)}\r\n\r\n{body}"
-    ).encode()
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
 def _timeout_response() -> bytes:
@@ -35,11 +35,10 @@ def _timeout_response() -> bytes:
 async def _too_many_connections(scope: Any, receive: Any, send: Any) -> None:
     """What a request gets beyond ``max_connections`` (uvicorn's ``limit_concurrency``): the
     service's JSON 503 with Retry-After, instead of uvicorn's plain-text one."""
-    body = json.dumps({"error": {
-        "code": "too_many_connections",
-        "message": "the server is serving as many connections and requests as it allows (max_connections); "
-        "retry later",
-    }}).encode()
+    body = error_body(
+        "too_many_connections",
+        "the server is serving as many connections and requests as it allows (max_connections); retry later",
+    )
     await send({"type": "http.response.start", "status": 503, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         (b"retry-after", b"1"), (b"connection", b"close"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -413,6 +414,8 @@ def test_every_error_class_answers_json_and_the_server_keeps_serving(server, cli
             response.status_code == status and body is not None and set(body) == {"error"}
             and body["error"]["code"] == code and isinstance(body["error"]["message"], str)
             and "Traceback" not in response.text
+            # Encoded alike, whether the app, a middleware or the protocol answered.
+            and response.content == json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         )
         if not ok:
             failures.append(f"{name}: {response.status_code} {response.text[:200]}")
