@@ -656,6 +656,20 @@ def test_serve_refuses_a_device_it_cannot_use_in_one_line(device, message, capsy
     assert err.startswith(message) and err.count("\n") == 1, err
 
 
+def test_serve_on_a_port_in_use_says_so_and_exits_2():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "transfiner", "serve", "--model", "default", "--device", "cpu",
+                   "--port", str(port)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert done.returncode == 2, done.stderr
+    assert "Address already in use" in done.stderr
+    assert done.stderr.splitlines()[-1] == f"error: cannot listen on 127.0.0.1:{port} (the line above says why)"
+    assert "ready:" not in done.stderr  # refused before the model loaded
+
+
 def test_serve_exits_when_its_model_cannot_be_loaded(tmp_path):
     """A server whose model failed to load could never answer: it exits 2 with the reason (so that
     Docker or Kubernetes restarts it), instead of staying up with its liveness probe passing."""
