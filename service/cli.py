@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from model.default_model import (
     add_backend_argument, add_max_cells_argument, add_model_arguments, add_precision_argument,
@@ -72,8 +73,6 @@ def checked_settings(args: argparse.Namespace):
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serves until a signal (exit 0), or until the model fails to load (exit 2): a server that
     can never answer should end, so that Docker or Kubernetes restarts it and shows why."""
-    import sys
-
     from model.predictor import resolve_device
 
     from .app import create_app

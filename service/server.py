@@ -19,8 +19,8 @@ from .settings import ServiceSettings
 
 
 def _error_response(status_line: str, code: str, message: str) -> bytes:
-    """A complete JSON error response written straight to the transport (before or outside the
-    app, so in the same ``{"error": {"code", "message"}}`` shape by hand), then the connection closes."""
+    """A complete JSON error response (``error_body``, as every error answer) written straight to
+    the transport, before or outside the app; then the connection closes."""
     body = error_body(code, message)
     return (
         f"HTTP/1.1 {status_line}\r\ncontent-type: application/json\r\nconnection: close\r\n"
