@@ -287,13 +287,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--iters", type=int, default=defaults.iters, help="(default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default %(default)s)")
-    parser.add_argument("--optimizer", default=defaults.optimizer, choices=["sgd", "adamw"], help="(default %(default)s)")
+    parser.add_argument("--optimizer", default=defaults.optimizer, choices=["sgd", "adamw"],
+                        help="(default %(default)s)")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="(default %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default %(default)s)")
     parser.add_argument("--warmup-iters", type=int, default=defaults.warmup_iters, help="(default %(default)s)")
     parser.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    parser.add_argument("--checkpoint-period", type=int, default=defaults.checkpoint_period, help="(default %(default)s)")
+    parser.add_argument("--checkpoint-period", type=int, default=defaults.checkpoint_period,
+                        help="(default %(default)s)")
     parser.add_argument("--log-period", type=int, default=defaults.log_period, help="(default %(default)s)")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="(default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="(default %(default)s)")

@@ -362,7 +362,8 @@ def test_a_batch_is_in_the_metrics_before_its_answers_go_out(checkpoint, kind):
         if kind == "thread":
             worker = Worker(TorchBackend(predictor.model), metrics=metrics)
         else:
-            spec = WorkerSpec(resolve_model(str(checkpoint)), "pytorch", None, "cpu", 1, "fp32", None, 1, 1, 5.0, "warning")
+            spec = WorkerSpec(resolve_model(str(checkpoint)), "pytorch", None, "cpu", 1, "fp32", None, 1, 1, 5.0,
+                              "warning")
             worker = ProcessWorker(spec, metrics)
             await worker.start()
         seen = []
