@@ -28,6 +28,10 @@ def _error_response(status_line: str, code: str, message: str) -> bytes:
     ).encode() + body
 
 
+# What Kubernetes and Docker probe: answered whatever the number of open connections.
+PROBES = frozenset({"/health/live", "/health/ready"})
+
+
 def _timeout_response() -> bytes:
     return _error_response("408 Request Timeout", "request_timeout", "the request head was not received in time")
 
@@ -126,8 +130,12 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         # uvicorn picks its plain-text 503 app for a request beyond limit_concurrency; every
-        # request (pipelined ones too) starts here.
-        super()._start_asgi_task(cycle, _too_many_connections if app is service_unavailable else app)
+        # request (pipelined ones too) starts here. The probes still get the truth: a replica
+        # that is merely busy is alive, and answering 503 there would have Kubernetes restart
+        # healthy pods whenever connections pile up (a flood of slow clients, an overload).
+        if app is service_unavailable:
+            app = self.app if cycle.scope["path"] in PROBES else _too_many_connections
+        super()._start_asgi_task(cycle, app)
 
     def on_headers_complete(self) -> None:
         self._disarm_head_timer()

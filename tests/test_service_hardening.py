@@ -287,13 +287,16 @@ def test_beyond_max_connections_the_answer_is_the_services_json_503(checkpoint):
         idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
         try:
             time.sleep(0.2)  # the server has accepted them
-            refused = httpx.get(server.url + "/health/live", timeout=10)
+            refused = httpx.get(server.url + "/v1/models", timeout=10)
             assert refused.status_code == 503
             assert refused.headers["content-type"] == "application/json"
             assert refused.json()["error"]["code"] == "too_many_connections"
             assert int(refused.headers["Retry-After"]) >= 1
+            # The probes still say how things are: alive, and ready (a busy replica is both).
+            assert httpx.get(server.url + "/health/live", timeout=10).status_code == 200
+            assert httpx.head(server.url + "/health/ready", timeout=10).status_code == 200
         finally:
             for connection in idle:
                 connection.close()
         time.sleep(0.2)
-        assert httpx.get(server.url + "/health/live", timeout=10).status_code == 200
+        assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 200
