@@ -10,6 +10,7 @@ Without nginx or prometheus installed the test is skipped, unless TRANSFINER_REQ
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import shutil
 import signal
@@ -149,7 +150,8 @@ def topology(tmp_path_factory):
         replicas = []
         for index in range(2):
             port = free_port()
-            env = dict(os.environ, TRANSFINER_DEVICE="cpu", TRANSFINER_TORCH_THREADS="1", TRANSFINER_MODEL="default")
+            env = dict(os.environ, TRANSFINER_DEVICE="cpu", TRANSFINER_TORCH_THREADS="1", TRANSFINER_MODEL="default",
+                       TRANSFINER_MAX_CLIENT_INFLIGHT="1")
             command = [sys.executable, "-m", "transfiner", "serve", "--host", "127.0.0.1", "--port", str(port),
                        "--log-level", "warning"]
             replicas.append((port, *topo.start(f"replica{index}", command, env=env, cwd=REPO)))
@@ -219,6 +221,22 @@ def test_requests_through_nginx_reach_both_replicas_and_prometheus_sees_both(top
     assert all(count >= 1 for count in series.values()), series  # nginx balanced the requests
     up = {s["metric"]["instance"]: s["value"][1] for s in _query(topology, f'up{{job="{SERVICE}"}}')}
     assert up == {instance: "1" for instance in expected}
+
+
+@pytest.mark.slow  # two replicas, nginx and Prometheus as processes
+def test_a_client_cannot_escape_its_limit_by_naming_itself_in_x_forwarded_for(topology):
+    """The replicas allow one request in flight per client (TRANSFINER_MAX_CLIENT_INFLIGHT=1) and
+    know clients by the address nginx passes on. Six requests at once from one client, each
+    claiming another address: with two replicas, some find their client's place taken (429)."""
+    png = encode(scene(96, 96))
+
+    def send(index: int) -> int:
+        headers = {"X-Forwarded-For": f"203.0.113.{index}"}
+        return httpx.post(topology.nginx_url + "/v1/segment", content=png, headers=headers, timeout=60).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        statuses = sorted(pool.map(send, range(6)))
+    assert set(statuses) == {200, 429}, statuses
 
 
 @pytest.mark.slow  # two replicas, nginx and Prometheus as processes
