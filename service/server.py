@@ -168,12 +168,18 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
+# How long uvicorn waits for open requests once the service's own drain is over (its
+# ``timeout_graceful_shutdown``): by then in-flight work is done or has had ``drain_timeout_s``, so
+# this only lets answers being written go out. A stopping replica takes at most the drain plus this.
+AFTER_DRAIN_S = 5.0
+
+
 def uvicorn_config(app: Any, settings: ServiceSettings, **overrides: Any) -> uvicorn.Config:
     """The server for ``app`` with the settings' connection limits and timeouts."""
     protocol = type("HeadTimeoutProtocol", (HeadTimeoutProtocol,), {"head_timeout_s": settings.head_timeout_s})
     options: dict[str, Any] = dict(
         host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on", http=protocol,
-        timeout_graceful_shutdown=max(5.0, settings.drain_timeout_s), timeout_keep_alive=settings.keep_alive_s,
+        timeout_graceful_shutdown=AFTER_DRAIN_S, timeout_keep_alive=settings.keep_alive_s,
         limit_concurrency=settings.max_connections,
         # No route takes a WebSocket: an Upgrade request is plain HTTP (uvicorn's WebSocket
         # protocol would answer a bad handshake itself, in plain text).

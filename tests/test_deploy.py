@@ -22,6 +22,7 @@ from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from service.server import AFTER_DRAIN_S
 from service.settings import ServiceSettings
 
 from .deploy_support import (
@@ -170,10 +171,12 @@ def test_every_service_setting_reaches_the_replicas_and_none_is_set_empty(compos
         for key, value in environment.items():
             assert value is None or str(value) != "", f"{name}: {key} is set to an empty string"
         assert environment["TRANSFINER_HOST"] == "0.0.0.0"  # reachable from nginx and Prometheus
-    # Draining must finish before Docker's SIGKILL.
-    drain = ServiceSettings().drain_timeout_s
+    # Draining, and uvicorn's wait for the answers being written after it, must end before
+    # Docker's SIGKILL.
+    settings = ServiceSettings()
+    stopping = max(settings.drain_timeout_s, settings.shutdown_grace_s) + AFTER_DRAIN_S
     for name in REPLICA_SERVICES:
-        assert _seconds(compose["services"][name]["stop_grace_period"]) > drain
+        assert _seconds(compose["services"][name]["stop_grace_period"]) > stopping
 
 
 def test_replicas_scale_and_the_gpu_profile_reserves_gpus(compose):

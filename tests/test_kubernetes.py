@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from service.server import AFTER_DRAIN_S
 from service.settings import ServiceSettings
 
 from .deploy_support import DOCKER_DIR, REPO, registry_metric_families
@@ -124,9 +125,10 @@ def test_termination_grace_covers_the_prestop_wait_the_drain_and_the_readiness_g
     assert pre_stop >= 1
     drain = _seconds_setting(env, "drain_timeout_s")
     grace = _seconds_setting(env, "shutdown_grace_s")
-    # The service drains for up to drain_timeout_s and then keeps readiness 503 until
-    # shutdown_grace_s after SIGTERM; Kubernetes must not SIGKILL it before.
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + max(drain, grace)
+    # The service drains for up to drain_timeout_s and keeps readiness 503 until shutdown_grace_s
+    # after SIGTERM, then uvicorn gives answers being written AFTER_DRAIN_S; Kubernetes must not
+    # SIGKILL it before.
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + max(drain, grace) + AFTER_DRAIN_S
     assert grace > 0, "readiness must be seen 503 before the port closes"
     # A readiness probe period fits into the grace: endpoints notice the 503.
     assert container["readinessProbe"]["periodSeconds"] * container["readinessProbe"]["failureThreshold"] <= (

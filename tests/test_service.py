@@ -631,6 +631,33 @@ def test_serve_process_readiness_and_graceful_sigterm(checkpoint, tmp_path):
     assert "Traceback" not in output, output
 
 
+def test_after_the_drain_a_stalled_request_holds_the_stop_only_briefly(checkpoint, tmp_path):
+    """A request still open when the drain ends (here an upload that stalled before its body, so
+    never admitted) is given AFTER_DRAIN_S, not a second drain_timeout_s: a replica stops within
+    what Kubernetes' and Docker's grace periods allow for (tests/test_kubernetes.py)."""
+    from service.server import AFTER_DRAIN_S
+
+    port = free_port()
+    env = dict(os.environ, TRANSFINER_DRAIN_TIMEOUT_S="30", TRANSFINER_BODY_TIMEOUT_S="120", TRANSFINER_DEVICE="cpu")
+    command = [sys.executable, "-m", "transfiner", "serve", "--model", str(checkpoint), "--port", str(port),
+               "--log-level", "warning"]
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", timeout=120)
+        with socket.create_connection(("127.0.0.1", port)) as stalled:
+            stalled.sendall(b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\npartial")
+            time.sleep(0.5)
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0
+            stopped_after = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert AFTER_DRAIN_S - 1 < stopped_after < 20, (stopped_after, (tmp_path / "serve.log").read_text()[-2000:])
+
+
 def test_serve_defaults_and_missing_model(capsys):
     from transfiner.cli import build_parser, main
     from service.cli import settings_from_args
