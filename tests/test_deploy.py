@@ -189,6 +189,14 @@ def test_replicas_scale_and_the_gpu_profile_reserves_gpus(compose):
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices), devices
     # GPU replicas answer to the CPU service's name, so nginx and Prometheus find them too.
     assert SERVICE in gpu["networks"]["default"]["aliases"]
+    # They are told to use the GPU (without one `transfiner serve` exits instead of serving on the
+    # CPU), unless TRANSFINER_DEVICE says otherwise; CPU replicas keep the image's `auto`.
+    def device(env: dict[str, str], name: str) -> str:
+        given = load_compose(env)["services"][name]["environment"].get("TRANSFINER_DEVICE")
+        return ServiceSettings(device=given or "auto").device
+
+    assert (device({}, f"{SERVICE}-gpu"), device({}, SERVICE)) == ("cuda", "auto")
+    assert device({"TRANSFINER_DEVICE": "cuda:1"}, f"{SERVICE}-gpu") == "cuda:1"
     for name, service in services.items():
         if name not in REPLICA_SERVICES:
             assert "profiles" not in service, f"{name} must run with either profile"

@@ -183,7 +183,7 @@ def test_gpu_overlay_asks_for_a_gpu_and_scales_on_a_metric_the_service_exports(o
 
 
 def test_selectors_autoscaler_and_disruption_budget_fit_together(overlay):
-    _, objects = overlay
+    name, objects = overlay
     deployment = objects["Deployment"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     for selector in (deployment["spec"]["selector"]["matchLabels"], objects["Service"]["spec"]["selector"],
@@ -196,8 +196,14 @@ def test_selectors_autoscaler_and_disruption_budget_fit_together(overlay):
     # With the fewest replicas, one may still be drained and one still serves.
     assert hpa["minReplicas"] - objects["PodDisruptionBudget"]["spec"]["maxUnavailable"] >= 1
     assert hpa["maxReplicas"] > hpa["minReplicas"]
-    # A rolling update never goes below the current replicas (a new one is ready first).
-    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+    if name == "gpu":
+        # No surge pod that needs a spare GPU; one replica at a time, and one still serves.
+        assert (rolling["maxSurge"], rolling["maxUnavailable"]) == (0, 1)
+        assert hpa["minReplicas"] - rolling["maxUnavailable"] >= 1
+    else:
+        # A rolling update never goes below the current replicas (a new one is ready first).
+        assert rolling["maxUnavailable"] == 0 and rolling["maxSurge"] >= 1
 
 
 def test_prometheus_scrape_job_keeps_the_annotated_pods_and_scrapes_their_port():
