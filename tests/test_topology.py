@@ -207,6 +207,8 @@ def test_requests_through_nginx_reach_both_replicas_and_prometheus_sees_both(top
             assert body["image"] == {"width": 96, "height": 96, "image_id": index}
             assert isinstance(body["instances"], list)
         assert client.get("/health/ready").status_code == 200  # readiness answers through nginx too
+        assert client.get("/metrics").status_code == 404  # for Prometheus on the inside only
+    assert httpx.get(f"http://127.0.0.1:{topology.replica_ports[0]}/metrics").status_code == 200
 
     # Prometheus scrapes each replica every second: wait until both show the requests they served.
     expected = {f"127.0.0.1:{port}" for port in topology.replica_ports}
