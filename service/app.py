@@ -60,7 +60,10 @@ def create_app(
         app.include_router(demo.router)
     app.add_middleware(HeadAsGetMiddleware)  # innermost: the metrics still see a HEAD
     # Added last = outermost: the metrics middleware also counts the limit's early 413s.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, max_total_bytes=settings.max_body_bytes_total,
+        metrics=metrics,
+    )
     known = frozenset(route.path for router in (segment.router, models.router, health.router) for route in router.routes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_paths=known)
     return app

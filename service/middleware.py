@@ -66,13 +66,26 @@ class HeadAsGetMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over ``max_bytes``: at once from Content-Length, or while streaming
-    (chunked uploads) by raising ``ServiceError`` from ``receive`` inside the route."""
+    """413 for bodies over ``max_bytes``, and 503 ``memory_budget`` once the bodies held by all
+    requests in progress would pass ``max_total_bytes``: at once from Content-Length (which is
+    reserved in full as the request starts), or while streaming (chunked uploads) by raising
+    ``ServiceError`` from ``receive`` inside the route. A request's bytes count until it ends."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, metrics: ServiceMetrics, max_total_bytes: int | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_total_bytes = max_total_bytes
         self.metrics = metrics
+        self.held = 0  # bytes of the bodies of the requests in progress (one event loop: no lock)
+
+    def _over_budget(self, more: int) -> bool:
+        return self.max_total_bytes is not None and self.held + more > self.max_total_bytes
+
+    def _budget_message(self) -> str:
+        return (f"the request bodies in progress hold {self.held} bytes; this one would pass the limit of "
+                f"{self.max_total_bytes} (max_body_bytes_total)")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -93,10 +106,17 @@ class BodyLimitMiddleware:
             )
             return
 
+        if declared and self._over_budget(declared):
+            self.metrics.rejections.labels(reason="memory_budget").inc()
+            await _send_error(send, 503, "memory_budget", self._budget_message(), retry_after=1)
+            return
+
+        reserved = declared or 0  # counted in self.held while this request runs
         received = 0
+        self.held += reserved
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, reserved
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -105,16 +125,25 @@ class BodyLimitMiddleware:
                         413, "body_too_large", f"request body exceeds the limit of {self.max_bytes} bytes",
                         reason="too_large",
                     )
+                if received > reserved:  # a chunked body: counted as it arrives
+                    if self._over_budget(received - reserved):
+                        raise ServiceError(503, "memory_budget", self._budget_message(), reason="memory_budget",
+                                           retry_after=1)
+                    self.held += received - reserved
+                    reserved = received
             return message
 
-        await self.app(scope, limited_receive, send)
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            self.held -= reserved
 
 
-async def _send_error(send: Send, status: int, code: str, message: str) -> None:
+async def _send_error(send: Send, status: int, code: str, message: str, retry_after: int | None = None) -> None:
     body = error_body(code, message)
-    await send({
-        "type": "http.response.start", "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close")],
-    })
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -300,3 +300,41 @@ def test_beyond_max_connections_the_answer_is_the_services_json_503(checkpoint):
                 connection.close()
         time.sleep(0.2)
         assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 200
+
+
+def test_request_bodies_held_at_once_stay_within_their_budget(checkpoint):
+    """Two large uploads stalled mid-body hold their declared bytes; a third that would pass
+    max_body_bytes_total is refused at once (503 memory_budget, Retry-After), a chunked one as soon
+    as it passes, a small one still fits and is answered; once the stalled clients leave, the
+    large upload fits again."""
+    png = encode(scene(64, 64))
+    settings = ServiceSettings(model=str(checkpoint), device="cpu", warmup_batches=0, max_body_bytes=200_000,
+                               max_body_bytes_total=250_000 + len(png), body_timeout_s=60)
+    with running(settings) as server:
+        head = "POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Length: 120000\r\n\r\n"
+        stalled = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        try:
+            for connection in stalled:
+                connection.sendall(head.encode() + png)  # an image's worth, then nothing
+            time.sleep(0.3)
+            refused = httpx.post(server.url + "/v1/segment", content=png + bytes(120_000 - len(png)), timeout=30)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "memory_budget" and int(refused.headers["Retry-After"]) >= 1
+
+            def chunks():
+                yield png
+                yield bytes(40_000)
+
+            chunked = httpx.post(server.url + "/v1/segment", content=chunks(), timeout=30)
+            assert chunked.status_code == 503 and chunked.json()["error"]["code"] == "memory_budget", chunked.text
+            assert httpx.post(server.url + "/v1/segment", content=png, timeout=60).status_code == 200
+        finally:
+            for connection in stalled:
+                connection.close()
+        deadline = time.monotonic() + 10
+        while httpx.post(server.url + "/v1/segment", content=png, timeout=60).status_code != 200:
+            assert time.monotonic() < deadline, "the stalled uploads' bytes were never given back"
+            time.sleep(0.1)
+        padded = png + bytes(120_000 - len(png))  # trailing bytes after the PNG's end are ignored
+        assert httpx.post(server.url + "/v1/segment", content=padded, timeout=60).status_code == 200
+        assert metric(server.url, "transfiner_rejections_total", reason="memory_budget") == 2
