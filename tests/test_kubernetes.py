@@ -7,6 +7,7 @@ user, and the metric the GPU autoscaler reads."""
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 
@@ -41,12 +42,27 @@ def _container(objects: dict[str, dict]) -> dict:
     return containers[0]
 
 
+def _cores(quantity: str) -> float:
+    """A Kubernetes CPU quantity ("2", "500m") in cores."""
+    return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
 def _env(objects: dict[str, dict]) -> dict[str, str]:
-    env = _container(objects)["env"]
-    assert all("value" in item for item in env), "plain values only"
-    names = [item["name"] for item in env]
+    """The container's environment as the kubelet sets it: plain values, and the CPU request
+    (resourceFieldRef, divisor 1: whole cores, rounded up) where the downward API gives it."""
+    container = _container(objects)
+    names = [item["name"] for item in container["env"]]
     assert len(names) == len(set(names)), f"duplicate variables: {names}"
-    return {item["name"]: item["value"] for item in env}
+    env = {}
+    for item in container["env"]:
+        assert ("value" in item) != ("valueFrom" in item), f"one source for {item['name']}"
+        if "value" in item:
+            env[item["name"]] = item["value"]
+            continue
+        field = item["valueFrom"]["resourceFieldRef"]
+        assert (field["resource"], field["divisor"]) == ("requests.cpu", "1"), item
+        env[item["name"]] = str(math.ceil(_cores(container["resources"]["requests"]["cpu"])))
+    return env
 
 
 def _seconds_setting(env: dict[str, str], name: str) -> float:
@@ -114,6 +130,14 @@ def test_the_environment_is_valid_service_settings(overlay, monkeypatch):
         monkeypatch.setenv(name, value)
     settings = ServiceSettings()  # validates every value as the service would at start-up
     assert settings.port == 8000 and settings.host == "0.0.0.0"
+
+
+def test_thread_pools_follow_the_cores_the_pod_requests(overlay):
+    name, objects = overlay
+    env = _env(objects)
+    requested = {"cpu": "2", "gpu": "4"}[name]
+    for pool in ("TORCH_THREADS", "DECODE_THREADS", "POSTPROCESS_THREADS"):
+        assert env[f"TRANSFINER_{pool}"] == requested, pool
 
 
 def test_termination_grace_covers_the_prestop_wait_the_drain_and_the_readiness_grace(overlay):
