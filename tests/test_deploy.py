@@ -218,6 +218,9 @@ def test_nginx_template_fits_compose_and_the_service_limits(compose):
     # (That nginx waits NGINX_PROXY_TIMEOUT for an answer is tested on a real nginx in test_topology.py.)
     assert _seconds(environment["NGINX_PROXY_TIMEOUT"]) > defaults.max_request_timeout_s
     assert environment["NGINX_RESOLVER"] == "127.0.0.11"  # Docker's embedded DNS
+    # nginx lets an idle upstream connection go before the replica would close it.
+    upstream = re.search(r"upstream transfiner \{(.*?)\}", rendered, re.S).group(1)
+    assert _seconds(re.search(r"keepalive_timeout (\S+);", upstream).group(1)) < defaults.keep_alive_s
 
 
 # ------------------------------------------------------------------------------------------------
