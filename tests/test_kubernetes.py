@@ -210,9 +210,12 @@ def test_selectors_autoscaler_and_disruption_budget_fit_together(overlay):
     name, objects = overlay
     deployment = objects["Deployment"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (spread,) = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
     for selector in (deployment["spec"]["selector"]["matchLabels"], objects["Service"]["spec"]["selector"],
-                     objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]):
+                     objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+                     spread["labelSelector"]["matchLabels"]):
         assert selector.items() <= labels.items()
+    assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["whenUnsatisfiable"] == "ScheduleAnyway"
     hpa = objects["HorizontalPodAutoscaler"]["spec"]
     target = hpa["scaleTargetRef"]
     assert (target["apiVersion"], target["kind"], target["name"]) == (
@@ -247,6 +250,24 @@ def test_prometheus_scrape_job_keeps_the_annotated_pods_and_scrapes_their_port()
         assert set(rule) <= {"source_labels", "action", "regex", "replacement", "target_label"}
         assert rule.get("action", "replace") in {"keep", "replace"}
         re.compile(rule.get("regex", "(.*)"))
+
+
+def test_the_adapter_rule_serves_the_gpu_autoscalers_metric_from_the_scraped_series():
+    """prometheus-adapter-values.yaml: the series it reads is a gauge the service exports, under
+    the labels the scrape job adds, and it names the metric as the GPU overlay's HPA asks for it."""
+    (rule,) = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    series = re.fullmatch(r"(\w+)\{(.*)\}", rule["seriesQuery"])
+    assert registry_metric_families()[series.group(1)] == "gauge"  # summed per pod, not a rate
+    scrape = yaml.safe_load((K8S / "prometheus-scrape.yml").read_text())["scrape_configs"][0]
+    added = {r["target_label"]: r["source_labels"] for r in scrape["relabel_configs"] if "target_label" in r}
+    overrides = rule["resources"]["overrides"]
+    assert overrides == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    assert added["namespace"] == ["__meta_kubernetes_namespace"] and added["pod"] == ["__meta_kubernetes_pod_name"]
+    assert all(f'{label}!=""' in series.group(2) for label in overrides)
+    assert re.fullmatch(rule["name"]["matches"], series.group(1))
+    hpa = render(K8S / "overlays" / "gpu")
+    (metric,) = [obj for obj in hpa if obj["kind"] == "HorizontalPodAutoscaler"][0]["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == rule["name"]["as"]
 
 
 def test_the_renderer_refuses_what_it_does_not_implement(tmp_path):
