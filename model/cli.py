@@ -46,7 +46,7 @@ def cmd_predict(args: argparse.Namespace, make_predictor: Callable[[argparse.Nam
 
     paths = [Path(p) for p in args.images]
     ids = image_ids(paths)
-    overlays = overlay_names(ids)
+    overlays = overlay_names(paths) if args.overlay else []
     predictor = make_predictor(args)
     cfg = predictor.cfg
     if args.overlay:
@@ -83,11 +83,25 @@ def image_ids(paths: list[Path]) -> list[str]:
     return ids
 
 
-def overlay_names(ids: list[str]) -> list[str]:
-    """Each input's overlay file: ``<stem>.png``, or the whole id (folders joined by ``_``) plus
-    ``.png`` where another input has the same stem (x.png and x.jpg)."""
-    stems = Counter(Path(image_id).stem for image_id in ids)
-    return [f"{Path(i).stem}.png" if stems[Path(i).stem] == 1 else i.replace("/", "_") + ".png" for i in ids]
+def overlay_names(paths: list[Path]) -> list[str]:
+    """Each input's overlay file: ``<stem>.png``; where inputs share a stem (d1/x.png, d2/x.png,
+    x.jpg), the fewest trailing parts of their paths that tell them apart, joined by ``__``, plus
+    ``.png`` (d1__x.png.png, d2__x.png.png, x.jpg.png)."""
+    stems = Counter(path.stem for path in paths)
+    names = []
+    for path in paths:
+        if stems[path.stem] == 1:
+            names.append(f"{path.stem}.png")
+            continue
+        alike = [other.parts for other in paths if other.stem == path.stem]
+        for depth in range(1, len(path.parts) + 1):
+            tail = path.parts[-depth:]
+            if sum(other[-depth:] == tail for other in alike) == 1:
+                break
+        names.append("__".join(tail) + ".png")
+    if len(set(names)) < len(names):  # only names that were built to look alike, such as a__b/x and a/b/x
+        raise ValueError(f"the overlays of two inputs would both be named {Counter(names).most_common(1)[0][0]}")
+    return names
 
 
 def cmd_convert_official(args: argparse.Namespace) -> int:

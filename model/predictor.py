@@ -101,15 +101,21 @@ class Prediction:
         )
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """A device name (cpu, cuda, cuda:N, ...) -> ``torch.device``; a clear ValueError, not
+    torch's RuntimeError, for a name that is none."""
+    try:
+        return torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"not a device: {device!r} (use cpu, cuda, cuda:N or auto)") from error
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``auto``/None -> CUDA when available, else the CPU; a CUDA device must exist (a clear
     ValueError here instead of a driver error deep inside the first forward pass)."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"not a device: {device!r} (use cpu, cuda, cuda:N or auto)") from error
+    resolved = parse_device(device)
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (resolved.index or 0) >= count:

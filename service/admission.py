@@ -59,7 +59,7 @@ class Admission:
         left_s = None if deadline is None else deadline - time.monotonic()
         if left_s is not None and wait_s is not None and wait_s > left_s:
             raise ServiceError(
-                503, "overloaded", f"an answer takes about {wait_s:.2f} s now (this request's batch and the work "
+                503, "overloaded", f"an answer takes about {wait_s:.3f} s now (this request's batch and the work "
                 f"queued ahead of it), past this request's deadline in {max(left_s, 0.0):.3f} s",
                 reason="deadline_unmeetable", retry_after=wait_s,
             )

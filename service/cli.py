@@ -76,19 +76,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from model.predictor import resolve_device
 
     from .app import create_app
-    from .server import DrainingServer, uvicorn_config
+    from .server import DrainingServer, listening_sockets, uvicorn_config
 
     settings = checked_settings(args)
     resolve_device(settings.device)  # a GPU asked for must be here (Ray's replicas check on their own nodes)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    config = uvicorn_config(app, settings)
-    try:
-        listening = config.bind_socket()  # before the model loads, so that a port in use fails at once
-    except SystemExit:  # uvicorn's way of saying so, after logging why
-        raise ValueError(f"cannot listen on {settings.host}:{settings.port} (the line above says why)") from None
-    server = DrainingServer(config, app.state.runtime)
-    server.run(sockets=[listening])
+    listening = listening_sockets(settings.host, settings.port)
+    server = DrainingServer(uvicorn_config(app, settings), app.state.runtime)
+    server.run(sockets=listening)
     if server.failure is not None:
         print(f"error: {server.failure}", file=sys.stderr)
         return 2

@@ -106,8 +106,9 @@ def decode_image(data: bytes, max_pixels: int, reduce_to: SizeNeeded | None = No
         # its message gives the pixel count, and its own limit, which is not the client's concern.
         counted = re.search(r"\((\d+) pixels\)", str(error))
         pixels = f"{int(counted.group(1))} pixels" if counted else "more pixels"
+        limit = min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)  # the lower of the two is the one that applies
         raise ServiceError(
-            413, "image_too_large", f"image has {pixels}, more than the limit {max_pixels}", reason="too_large",
+            413, "image_too_large", f"image has {pixels}, more than the limit {limit}", reason="too_large",
         ) from None
     # Pillow reports corrupt data with many exception types (OSError, SyntaxError, struct.error...).
     except Exception as error:  # noqa: BLE001

@@ -66,10 +66,12 @@ class HeadAsGetMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over ``max_bytes``, and 503 ``memory_budget`` once the bodies held by all
-    requests in progress would pass ``max_total_bytes``: at once from Content-Length (which is
-    reserved in full as the request starts), or while streaming (chunked uploads) by raising
-    ``ServiceError`` from ``receive`` inside the route. A request's bytes count until it ends."""
+    """413 for bodies over ``max_bytes``, and 503 ``memory_budget`` once the body bytes held by
+    all requests in progress would pass ``max_total_bytes``: at once when a declared
+    Content-Length would not fit beside what is held now, or as the bytes arrive (by raising
+    ``ServiceError`` from ``receive`` inside the route). Bytes count as they arrive, not as they
+    are declared, so connections that send headers and stall hold nothing; they count until the
+    request ends."""
 
     def __init__(
         self, app: ASGIApp, max_bytes: int, metrics: ServiceMetrics, max_total_bytes: int | None = None,
@@ -111,32 +113,29 @@ class BodyLimitMiddleware:
             await _send_error(send, 503, "memory_budget", self._budget_message(), retry_after=1)
             return
 
-        reserved = declared or 0  # counted in self.held while this request runs
-        received = 0
-        self.held += reserved
+        received = 0  # of this body, counted in self.held until the request ends
 
         async def limited_receive() -> Message:
-            nonlocal received, reserved
+            nonlocal received
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                size = len(message.get("body", b""))
+                if received + size > self.max_bytes:
                     raise ServiceError(
                         413, "body_too_large", f"request body exceeds the limit of {self.max_bytes} bytes",
                         reason="too_large",
                     )
-                if received > reserved:  # a chunked body: counted as it arrives
-                    if self._over_budget(received - reserved):
-                        raise ServiceError(503, "memory_budget", self._budget_message(), reason="memory_budget",
-                                           retry_after=1)
-                    self.held += received - reserved
-                    reserved = received
+                if self._over_budget(size):
+                    raise ServiceError(503, "memory_budget", self._budget_message(), reason="memory_budget",
+                                       retry_after=1)
+                received += size
+                self.held += size
             return message
 
         try:
             await self.app(scope, limited_receive, send)
         finally:
-            self.held -= reserved
+            self.held -= received
 
 
 async def _send_error(send: Send, status: int, code: str, message: str, retry_after: int | None = None) -> None:

@@ -191,6 +191,28 @@ def uvicorn_config(app: Any, settings: ServiceSettings, **overrides: Any) -> uvi
 log = logging.getLogger("service")
 
 
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """``host:port`` bound as uvicorn would bind it (asyncio's ``create_server``: every address
+    the host resolves to, IPv6 ones IPv6-only), but now, before the model loads, so that a port in
+    use fails at once; raises ValueError with the reason."""
+    found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(found):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.set_inheritable(True)
+    except OSError as error:
+        for sock in sockets:
+            sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return sockets
+
+
 class DrainingServer(uvicorn.Server):
     """Plain uvicorn stops accepting connections at once on SIGTERM, so readiness can never be
     seen turning 503; here the first signal starts ``runtime.begin_drain()`` and the server exits
@@ -210,6 +232,9 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)  # the lifespan has begun loading the model
+        for sock in sockets or ():  # uvicorn says where it listens only for sockets it bound itself
+            host, port = sock.getsockname()[:2]
+            log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
         if not self.should_exit:
             self._watch = asyncio.create_task(self._exit_if_the_model_fails(), name="transfiner-load-watch")
 

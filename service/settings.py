@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from typing import Annotated, Literal
 
-import torch
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.config import parse_max_cells
+from model.predictor import parse_device
 
 
 def available_cores() -> int:
@@ -121,12 +121,8 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _check_device(cls, value: str) -> str:
         # Here, not at the first forward pass: TRANSFINER_DEVICE=tpu must fail as one line.
-        try:
-            kind = "auto" if value == "auto" else torch.device(value).type
-        except RuntimeError:
-            kind = None
-        if kind not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"not a device: {value!r} (use cpu, cuda, cuda:N or auto)")
+        if value != "auto" and parse_device(value).type not in ("cpu", "cuda"):
+            raise ValueError(f"the service runs on cpu, cuda, cuda:N or auto, not {value!r}")
         return value
 
     @field_validator("max_cells", mode="before")
@@ -139,4 +135,6 @@ class ServiceSettings(BaseSettings):
     def _check(self) -> "ServiceSettings":
         if self.request_timeout_s > self.max_request_timeout_s:
             raise ValueError("request_timeout_s must not exceed max_request_timeout_s")
+        if self.max_body_bytes_total < self.max_body_bytes:  # else one allowed body could never fit
+            raise ValueError("max_body_bytes_total must be at least max_body_bytes")
         return self

@@ -169,7 +169,8 @@ def test_predict_cli_keeps_inputs_that_share_a_file_name_apart(tmp_path, small_m
         sizes = {tuple(r["segmentation"]["size"]) for r in records if r["image_id"] == image_id}
         assert sizes == {img.shape[:2]}
     written = sorted(p.name for p in overlays.iterdir())
-    assert written == sorted([paths[0].replace("/", "_") + ".png", paths[1].replace("/", "_") + ".png", "x.jpg.png"])
+    assert written == ["d1__x.png.png", "d2__x.png.png", "x.jpg.png"]
+    assert Image.open(overlays / "d2__x.png.png").size == (200, 100)
     assert Image.open(overlays / "x.jpg.png").size == (120, 150)
 
     assert main(["predict", paths[2], paths[2], "--weights", str(weights), "--out", str(out)]) == 2

@@ -303,38 +303,56 @@ def test_beyond_max_connections_the_answer_is_the_services_json_503(checkpoint):
 
 
 def test_request_bodies_held_at_once_stay_within_their_budget(checkpoint):
-    """Two large uploads stalled mid-body hold their declared bytes; a third that would pass
-    max_body_bytes_total is refused at once (503 memory_budget, Retry-After), a chunked one as soon
-    as it passes, a small one still fits and is answered; once the stalled clients leave, the
-    large upload fits again."""
+    """Two uploads stalled after 120 kB each hold those bytes; a connection that sent only its
+    headers holds nothing. A declared body that would pass max_body_bytes_total is refused at once
+    (503 memory_budget, Retry-After), a chunked one as it passes; a small one still fits; once the
+    stalled clients leave, the large upload fits again, with the header-only connection still open."""
     png = encode(scene(64, 64))
     settings = ServiceSettings(model=str(checkpoint), device="cpu", warmup_batches=0, max_body_bytes=200_000,
-                               max_body_bytes_total=250_000 + len(png), body_timeout_s=60)
+                               max_body_bytes_total=300_000, body_timeout_s=60)
+    stalled_part = png + bytes(120_000 - len(png))
     with running(settings) as server:
-        head = "POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Length: 120000\r\n\r\n"
-        stalled = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        head = b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Length: 150000\r\n\r\n"
+        stalled = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
         try:
-            for connection in stalled:
-                connection.sendall(head.encode() + png)  # an image's worth, then nothing
-            time.sleep(0.3)
-            refused = httpx.post(server.url + "/v1/segment", content=png + bytes(120_000 - len(png)), timeout=30)
+            stalled[0].sendall(head)  # headers only
+            for connection in stalled[1:]:
+                connection.sendall(head + stalled_part)  # 120 kB of 150 kB, then nothing
+            middleware = _body_limit(server)  # the server runs in this process: its count can be read
+            _wait_for(lambda: middleware.held == 240_000)
+            refused = httpx.post(server.url + "/v1/segment", content=stalled_part, timeout=30)
             assert refused.status_code == 503, refused.text
             assert refused.json()["error"]["code"] == "memory_budget" and int(refused.headers["Retry-After"]) >= 1
 
             def chunks():
                 yield png
-                yield bytes(40_000)
+                yield bytes(70_000)
 
             chunked = httpx.post(server.url + "/v1/segment", content=chunks(), timeout=30)
             assert chunked.status_code == 503 and chunked.json()["error"]["code"] == "memory_budget", chunked.text
             assert httpx.post(server.url + "/v1/segment", content=png, timeout=60).status_code == 200
+            for connection in stalled[1:]:
+                connection.close()
+            _wait_for(lambda: middleware.held == 0)
+            assert httpx.post(server.url + "/v1/segment", content=stalled_part, timeout=60).status_code == 200
         finally:
             for connection in stalled:
                 connection.close()
-        deadline = time.monotonic() + 10
-        while httpx.post(server.url + "/v1/segment", content=png, timeout=60).status_code != 200:
-            assert time.monotonic() < deadline, "the stalled uploads' bytes were never given back"
-            time.sleep(0.1)
-        padded = png + bytes(120_000 - len(png))  # trailing bytes after the PNG's end are ignored
-        assert httpx.post(server.url + "/v1/segment", content=padded, timeout=60).status_code == 200
         assert metric(server.url, "transfiner_rejections_total", reason="memory_budget") == 2
+
+
+def _body_limit(server: ThreadServer):
+    """The running app's BodyLimitMiddleware (built by Starlette on the first request)."""
+    from service.middleware import BodyLimitMiddleware
+
+    layer = server.app.middleware_stack
+    while not isinstance(layer, BodyLimitMiddleware):
+        layer = layer.app
+    return layer
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)

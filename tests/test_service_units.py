@@ -856,6 +856,13 @@ def test_max_batch_size_by_default_8_on_gpus_4_on_the_cpu(monkeypatch):
     assert ServiceRuntime(ServiceSettings(device="cuda")).settings.max_batch_size == 16
 
 
+def test_a_body_budget_smaller_than_one_body_is_refused():
+    """Else an upload of an allowed size would get 503 memory_budget for ever."""
+    with pytest.raises(ValueError, match="max_body_bytes_total must be at least max_body_bytes"):
+        ServiceSettings(max_body_bytes=200_000, max_body_bytes_total=100_000)
+    assert ServiceSettings(max_body_bytes=200_000, max_body_bytes_total=200_000).max_body_bytes_total == 200_000
+
+
 def test_thread_pools_default_to_the_cores(monkeypatch):
     from service.settings import available_cores
 
