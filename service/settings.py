@@ -59,8 +59,8 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="if set, /v1/* needs X-API-Key or a Bearer token")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_body_bytes_total: int = Field(
-        1024 * 1024 * 1024, ge=1024, description="all request bodies held at once (being received, or by a "
-        "request still in progress); beyond it 503 memory_budget + Retry-After, so many large uploads at once "
+        1024 * 1024 * 1024, ge=1024, description="the bytes of all request bodies held at once (received so far, "
+        "until their request ends); beyond it 503 memory_budget + Retry-After, so many large uploads at once "
         "cannot exhaust the memory"
     )
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard: width x height")
