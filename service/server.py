@@ -195,9 +195,9 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
     """``host:port`` bound as uvicorn would bind it (asyncio's ``create_server``: every address
     the host resolves to, IPv6 ones IPv6-only), but now, before the model loads, so that a port in
     use fails at once; raises ValueError with the reason."""
-    found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     try:
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         for family, kind, proto, _, address in dict.fromkeys(found):
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
