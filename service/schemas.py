@@ -54,6 +54,15 @@ class SegmentParams(BaseModel):
             return [int(i) if isinstance(i, str) and i.isdigit() else i for i in items]
         return value
 
+    @field_validator("score_threshold", "max_detections", "mask_threshold", "image_id", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        # pydantic would read JSON true as 1 (a threshold of 1 finds nothing, an image_id of 1 is
+        # another image's): a number was meant, or a mistake was made.
+        if isinstance(value, bool):
+            raise ValueError("a number, not true or false")
+        return value
+
     @field_validator("image_id", mode="before")
     @classmethod
     def _numeric_id(cls, value: Any) -> Any:

@@ -901,6 +901,8 @@ def test_segment_params_parsing():
     ([("image_id", "x" * 2000)], "image_id: Input should be a valid integer, unable to parse string as an "
      "integer or String should have at most"),
     ([("classes", "")], "classes: name at least one class (ids or names), or leave classes out for all of them"),
+    ([("score_threshold", True)], "score_threshold: a number, not true or false"),  # JSON true
+    ([("image_id", False)], "image_id: a number, not true or false"),
 ])
 def test_parameter_errors_name_the_parameter_as_the_client_sent_it(items, message):
     """Each problem once, under the parameter's own name: not pydantic's names for the members of
