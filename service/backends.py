@@ -15,7 +15,7 @@ from model.backend import Backend, TorchBackend
 from model.config import ModelConfig
 
 __all__ = ["Backend", "LoadedModel", "TorchBackend", "build_backends", "max_batch_size_for", "uses_worker_process",
-           "worker_devices"]
+           "worker_devices", "workers_on_gpu"]
 
 
 @dataclass
@@ -43,14 +43,17 @@ def worker_devices(device: str, workers: int | None) -> list[torch.device]:
     return [gpus[i % len(gpus)] for i in range(count)]
 
 
+def workers_on_gpu(device: str, workers: int | None) -> bool:
+    """Whether the model workers run on GPUs (``worker_devices`` gives all GPUs or none)."""
+    return worker_devices(device, workers)[0].type == "cuda"
+
+
 def uses_worker_process(worker_process: bool | None, device: str, workers: int | None) -> bool:
     """``worker_process`` as set; by default a process of its own for workers on CUDA devices (a
     GPU's launch thread must not wait for the GIL; README, "worker process"), a thread on the
     CPU (whose forward passes release the GIL for long stretches, and a child costs a second
     copy of the model in memory)."""
-    if worker_process is not None:
-        return worker_process
-    return any(device.type == "cuda" for device in worker_devices(device, workers))
+    return workers_on_gpu(device, workers) if worker_process is None else worker_process
 
 
 # Images per forward pass when none is set. On a GPU, batches pay: on an H200 at 800x1333, batch 8
@@ -64,8 +67,7 @@ def max_batch_size_for(max_batch_size: int | None, device: str, workers: int | N
     """``max_batch_size`` as set; by default 8 where a worker is on a GPU, 4 on the CPU."""
     if max_batch_size is not None:
         return max_batch_size
-    on_gpu = any(dev.type == "cuda" for dev in worker_devices(device, workers))
-    return GPU_MAX_BATCH_SIZE if on_gpu else CPU_MAX_BATCH_SIZE
+    return GPU_MAX_BATCH_SIZE if workers_on_gpu(device, workers) else CPU_MAX_BATCH_SIZE
 
 
 def build_backends(

@@ -22,7 +22,7 @@ from model.host_memory import keep_freed_memory_for_reuse
 
 from .admission import Admission
 from .backends import (
-    LoadedModel, build_backends, max_batch_size_for, uses_worker_process, worker_devices,
+    LoadedModel, build_backends, max_batch_size_for, uses_worker_process, workers_on_gpu,
 )
 from .batcher import Batcher, Job
 from .errors import ServiceError
@@ -70,8 +70,7 @@ def keeps_freed_memory(settings: ServiceSettings) -> bool:
     kept 100-160 MB more for no measured gain, so a CPU worker thread leaves glibc as it is."""
     if settings.keep_freed_memory is not None:
         return settings.keep_freed_memory
-    devices = worker_devices(settings.device, settings.workers)
-    return bool(settings.worker_process) or all(device.type == "cuda" for device in devices)
+    return bool(settings.worker_process) or workers_on_gpu(settings.device, settings.workers)
 
 
 class ServiceRuntime:
