@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from .errors import ServiceError, bad_request, invalid_parameter
+from .imaging import sniff_format
 from .schemas import SegmentParams
 
 MAX_FORM_FIELDS = 32
@@ -154,6 +155,15 @@ async def _read_segment_request(request: Request) -> tuple[bytes, SegmentParams]
         # Raw bytes, whatever the declared type: `curl --data-binary @img.png` declares
         # application/x-www-form-urlencoded. Sniffing the bytes decides what the image is.
         data, body_params = await request.body(), {}
+        if content_type == "application/x-www-form-urlencoded" and data and sniff_format(data) is None:
+            # Most likely `curl -d image=...`: say what works instead of only "not an image".
+            raise ServiceError(
+                415, "unsupported_media_type",
+                "a URL-encoded form is not accepted: send the image as the body itself "
+                "(curl --data-binary @photo.jpg) or as the field 'image' of multipart/form-data "
+                "(curl -F image=@photo.jpg)",
+                reason="unsupported_type",
+            )
     params = _multi(list(request.query_params.multi_items()))
     twice = sorted(set(params) & set(body_params))
     if twice:

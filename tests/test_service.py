@@ -173,6 +173,17 @@ def test_upload_forms_and_declared_type_agree(client):
         assert other["instances"] == bodies[0]["instances"]
 
 
+def test_a_urlencoded_form_is_told_how_to_send_the_image(client):
+    # `curl -d image=...` sends a real form; the answer names the two uploads that work.
+    response = client.post(
+        "/v1/segment", content=b"image=%2Fhome%2Fme%2Fphoto.jpg",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 415
+    message = response.json()["error"]["message"]
+    assert "--data-binary" in message and "multipart/form-data" in message, message
+
+
 def test_per_request_parameters(client, predictor):
     """Each option is applied to its own request; results match the Predictor run with it."""
     image = scene(seed=2)
