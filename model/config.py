@@ -144,7 +144,7 @@ class TransfinerConfig:
     # with this, not with the detection count or the caps (each box is independent, so the
     # chunking never changes a result). Exported graphs take all boxes in one pass. On a CPU
     # shorter passes are faster (about 8 boxes at the shipped model's caps); a GPU needs long ones
-    # to fill the card (README, "GPU performance"). These three are this code's choice for the
+    # to fill the card (docs/gpu-performance.md: the token sweep). These three are this code's choice for the
     # machine it runs on, not part of a model: a checkpoint's stored values give way to them
     # (``with_current_chunking``).
     tokens_per_chunk: int = 24_576

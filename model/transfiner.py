@@ -159,7 +159,7 @@ def plan_chunks(
     As few chunks as that, evened out: when the last would hold less than half as many boxes as
     the largest (100 boxes at a 90-box budget: 90 + 10), the box cap is lowered to the smallest
     that still needs no more chunks (50 + 50). A pass of a few boxes fills a GPU poorly: each
-    of its boxes costs more (README, "GPU performance": the token sweep).
+    of its boxes costs more (docs/gpu-performance.md: the token sweep).
     """
     order = sorted(range(len(cell_counts)), key=lambda r: -tokens_per_box(cell_counts[r]))
     chunks = _next_fit(cell_counts, order, token_budget, max_boxes)

@@ -1221,7 +1221,7 @@ def plot(report: dict, path: Path) -> bool:
 
 PARTS = ("attention", "in-process", "worker", "http", "profile", "nms", "refiner", "chunks", "memory-format", "jpeg",
          "compile")
-# Parts whose question an H200 has answered (README, "GPU performance") run only when named, so
+# Parts whose question an H200 has answered (docs/gpu-performance.md) run only when named, so
 # the default run stays under 6 minutes there: the token sweep (gpu_tokens_per_chunk),
 # channels-last and nvJPEG (no gain for the model, not needed by the server), torch.compile.
 DECIDED_PARTS = ("chunks", "memory-format", "jpeg", "compile")

@@ -66,7 +66,7 @@ def keeps_freed_memory(settings: ServiceSettings) -> bool:
     """``keep_freed_memory`` as set; by default when no model runs on the CPU in this process.
 
     Then its large buffers are the uploads', image-sized and renewed every request, and kept they
-    save each request its page faults (README, "GPU performance"). A CPU model's own allocations
+    save each request its page faults (docs/gpu-performance.md). A CPU model's own allocations
     kept 100-160 MB more for no measured gain, so a CPU worker thread leaves glibc as it is."""
     if settings.keep_freed_memory is not None:
         return settings.keep_freed_memory
