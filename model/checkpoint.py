@@ -18,6 +18,9 @@ from .config import COVERING_MAX_CELLS, ModelConfig, preset, with_current_chunki
 from .rcnn import MaskTransfiner
 
 FORMAT = "transfiner/1"
+# What ``transfiner train`` saves as ``last.pth`` to resume from: config and weights as in
+# ``FORMAT``, with the optimizer's state beside them. A run that stopped early has only this file.
+TRAIN_STATE_FORMAT = "transfiner-train/1"
 
 # Official name -> our name, for the mask branch (everything else keeps detectron2's names).
 OFFICIAL_RENAMES: tuple[tuple[str, str], ...] = (
@@ -110,11 +113,12 @@ def save_checkpoint(path: str | os.PathLike, model: MaskTransfiner, **extra) -> 
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig | None, dict[str, torch.Tensor]]:
-    """Reads our checkpoint (config + weights) or a bare state dict (config ``None``), once."""
+    """Reads our checkpoint (config + weights; a training state's too) or a bare state dict
+    (config ``None``), once."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     data = load_torch_file(Path(path))
-    if isinstance(data, dict) and data.get("format") == FORMAT:
+    if isinstance(data, dict) and data.get("format") in (FORMAT, TRAIN_STATE_FORMAT):
         return with_current_chunking(ModelConfig.from_dict(data["config"])), data["model"]
     return None, state_dict_of(data, Path(path))
 

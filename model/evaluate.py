@@ -43,11 +43,12 @@ from .rcnn import InferenceOptions
 from .targets import gt_incoherence
 
 if TYPE_CHECKING:
+    from .config import ModelConfig
     from .predictor import Predictor
 
 __all__ = [
     "BOUNDARY_DILATION_RATIO", "METRIC_NAMES", "IncoherenceStats", "check_categories", "coco_metrics",
-    "evaluate", "add_evaluate_arguments", "cmd_evaluate",
+    "evaluate", "evaluation_dataset", "add_evaluate_arguments", "cmd_evaluate",
 ]
 
 METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -261,6 +262,22 @@ def _overlay_name(file_name: str, image_id: int, used: set[str]) -> str:
     return f"{name}.png"
 
 
+def evaluation_dataset(
+    data_json: str | os.PathLike, cfg: ModelConfig, image_root: str | os.PathLike | None = None
+) -> CocoDataset:
+    """The evaluation images of a COCO json for a model of config ``cfg``, class k being the model's
+    class k; raises DatasetError naming the problem (the json, an image file, other categories)."""
+    dataset = CocoDataset(
+        data_json, image_root=image_root, class_ids=None, train=False, input_cfg=cfg.input, filter_empty=False
+    )
+    categories = [{"id": i, "name": n} for i, n in zip(dataset.category_ids, dataset.class_names)]
+    check_categories(categories, cfg.class_names, cfg.category_ids, source=str(data_json))
+    if dataset.category_ids != tuple(cfg.category_ids):  # same ids, another order
+        dataset = CocoDataset(data_json, image_root=image_root, class_ids=cfg.category_ids, train=False,
+                              input_cfg=cfg.input, filter_empty=False)
+    return dataset
+
+
 def evaluate(
     predictor, data_json: str | os.PathLike, out_dir: str | os.PathLike, image_root: str | os.PathLike | None = None,
     batch_size: int = 2, max_images: int | None = None, num_overlays: int = 4, *,
@@ -287,15 +304,7 @@ def evaluate(
         raise ValueError(f"the number of overlays cannot be negative, got {num_overlays}")
     cfg = predictor.cfg
     model = predictor.model
-    # Validates the json and the image files (DatasetError naming the problem).
-    dataset = CocoDataset(
-        data_json, image_root=image_root, class_ids=None, train=False, input_cfg=cfg.input, filter_empty=False
-    )
-    categories = [{"id": i, "name": n} for i, n in zip(dataset.category_ids, dataset.class_names)]
-    check_categories(categories, cfg.class_names, cfg.category_ids, source=str(data_json))
-    if dataset.category_ids != tuple(cfg.category_ids):  # same ids, another order: class k must be the model's k
-        dataset = CocoDataset(data_json, image_root=image_root, class_ids=cfg.category_ids, train=False,
-                              input_cfg=cfg.input, filter_empty=False)
+    dataset = evaluation_dataset(data_json, cfg, image_root)
     gt = _load_gt(Path(data_json))
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     if count == 0:
@@ -304,6 +313,8 @@ def evaluate(
     loader = make_loader(subset, batch_size, shuffle=False, num_workers=num_workers)
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: the report goes into a folder")
     overlay_dir = out / "overlays"
     out.mkdir(parents=True, exist_ok=True)
     if num_overlays:

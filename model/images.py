@@ -52,6 +52,8 @@ def load_image_rgb(path: PathLike) -> np.ndarray:
     16-bit grey (``I;16``, ``I``) is scaled by 1/257 to 0..255 rather than clipped.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{path}: a folder, not an image file (give the files, e.g. {path / '*.jpg'})")
     if not path.is_file():
         raise DatasetError(f"{path}: image file not found")
     try:

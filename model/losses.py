@@ -214,8 +214,11 @@ class TrainingLosses(nn.Module):
 
         incoherence = head.incoherence(roi_features, mask_features)  # [F, 28, 28]
         gt_inc = gt_incoherence(masks, boxes, instance).float()
+        # F.binary_cross_entropy raises on NaN input; a diverged run must reach the trainer's check
+        # of the total instead (the dice term keeps the total NaN). Finite values are unchanged.
+        probabilities = incoherence.nan_to_num(nan=0.5).clamp(1e-6, 1 - 1e-6)
         losses["loss_mask_uncertain"] = 0.5 * (
-            dice_loss(incoherence, gt_inc) + F.binary_cross_entropy(incoherence.clamp(1e-6, 1 - 1e-6), gt_inc)
+            dice_loss(incoherence, gt_inc) + F.binary_cross_entropy(probabilities, gt_inc)
         )
 
         # Refinement on at most `train_max_boxes` boxes, nodes sampled among predicted incoherent cells.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Union
 
@@ -41,6 +42,9 @@ def to_rgb_tensor(image: ImageLike) -> torch.Tensor:
         raise ValueError(f"expected an image of shape [H, W], [H, W, C] or [C, H, W], got {tuple(image.shape)}")
     if tensor.shape[1] < 1 or tensor.shape[2] < 1:
         raise ValueError(f"empty image of shape {tuple(image.shape)}")
+    if tensor.is_floating_point() and 0 < float(tensor.amax()) <= 1:
+        # A common slip (torchvision's ToTensor scales to 0..1); the model then sees a black image.
+        warnings.warn("a float image with values in 0..1: the model expects 0..255 (multiply by 255)", stacklevel=3)
     if tensor.shape[0] == 1:
         tensor = tensor.expand(3, -1, -1)
     return tensor[:3]

@@ -20,16 +20,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import TRAIN_STATE_FORMAT, load_checkpoint, save_checkpoint
 from .checkpoint_io import CheckpointError, load_torch_file
 from .config import PRESET_NAMES, ModelConfig, preset, small_config
-from .data import CocoDataset, TrainingSample, make_loader
+from .data import CocoDataset, DatasetError, TrainingSample, make_loader
+from .default_model import DEFAULT_WEIGHTS
+from .evaluate import evaluate, evaluation_dataset
 from .losses import TrainingLosses
-from .predictor import resolve_device
+from .predictor import Predictor, resolve_device
 from .preprocess import pad_batch, padded_shape
 from .rcnn import MaskTransfiner
 
-TRAIN_STATE_FORMAT = "transfiner-train/1"
+
+class TrainingDiverged(ValueError):
+    """The loss stopped being a finite number: the learning rate is too high for this data and batch."""
 
 
 @dataclass
@@ -37,7 +41,7 @@ class SolverConfig:
     iters: int = 3000
     batch_size: int = 4
     optimizer: str = "sgd"  # or "adamw"
-    lr: float = 0.02
+    lr: float = 0.005  # default_lr("sgd", 4)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 200
@@ -60,6 +64,13 @@ class SolverConfig:
             alpha = iteration / self.warmup_iters
             factor *= self.warmup_factor * (1 - alpha) + alpha
         return self.lr * factor
+
+
+def default_lr(optimizer: str, batch_size: int) -> float:
+    """SGD: detectron2's 0.02 for 16 images a batch, scaled linearly to the batch (the full 0.02
+    diverges at small batches: README, "Train and evaluate"); AdamW: the rate the shipped default
+    model was trained with."""
+    return 0.02 * batch_size / 16 if optimizer == "sgd" else 0.0004
 
 
 def model_config_for_data(name: str | ModelConfig, dataset: CocoDataset) -> ModelConfig:
@@ -121,25 +132,44 @@ def build_optimizer(parameters: list[torch.nn.Parameter], solver: SolverConfig) 
 def train(
     config_name: str | ModelConfig, data: str | Path, out: str | Path, solver: SolverConfig, val: str | Path | None = None,
     resume: bool = False, init_weights: str | Path | None = None, device: str = "auto",
-    image_root: str | Path | None = None,
+    image_root: str | Path | None = None, *, val_image_root: str | Path | None = None, overwrite: bool = False,
 ) -> Path:
-    """Trains and returns the path of the final inference checkpoint."""
+    """Trains and returns the path of the final inference checkpoint.
+
+    Everything a run needs is checked before its first iteration: the data, the validation data
+    (read as the final evaluation will read it), and that ``out`` holds no earlier run unless
+    ``resume`` (continue it) or ``overwrite`` (replace it)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "last.pth"
+    if resume and init_weights is not None:
+        raise ValueError("--resume continues a run from its own last.pth; --weights starts a new run: give one of them")
+    earlier = [name for name in ("last.pth", "model_final.pth") if (out / name).exists()]
+    if earlier and not resume and not overwrite:
+        raise ValueError(f"{out} holds an earlier run ({', '.join(earlier)}): --resume it, --overwrite it, "
+                         "or give another --out")
     device = resolve_device(device)
     torch.manual_seed(solver.seed)
     random.seed(solver.seed)
     np.random.seed(solver.seed)
 
-    state_path = out / "last.pth"
     state = None
     if resume:
         state = read_train_state(state_path)
-        solver = SolverConfig(**{**state["solver"], "iters": solver.iters})
+        solver = _resumed_solver(state, solver)
 
     dataset = CocoDataset(data, image_root=image_root, train=True, seed=solver.seed)
+    if len(dataset) == 0:
+        raise DatasetError(f"{data}: no image has an instance to train on (crowd regions alone do not count)")
     cfg = ModelConfig.from_dict(state["config"]) if state else model_config_for_data(config_name, dataset)
+    if state and (cfg.class_names, cfg.category_ids) != (dataset.class_names, dataset.category_ids):
+        raise DatasetError(
+            f"--resume: the run in {out} was trained on categories {_categories(cfg.category_ids, cfg.class_names)}, "
+            f"{data} has {_categories(dataset.category_ids, dataset.class_names)}"
+        )
+    if val is not None:
+        evaluation_dataset(val, cfg, val_image_root)  # a bad --val fails now, not after training
     dataset.input_cfg = cfg.input
+    out.mkdir(parents=True, exist_ok=True)
     model = MaskTransfiner(cfg).to(device)
     losses_fn = TrainingLosses(model, solver.semantic_loss, solver.boundary_loss).to(device)
     if init_weights is not None and state is None:
@@ -186,7 +216,10 @@ def train(
             losses = canvas_losses(losses_fn, model, samples, device)
         total = sum(losses.values())
         if not torch.isfinite(total):
-            raise FloatingPointError(f"loss became {total.item()} at iteration {iteration}: {_fmt(losses)}")
+            raise TrainingDiverged(
+                f"the loss became {total.item()} at iteration {iteration} (lr {lr:.3g}; {_fmt(losses)}): "
+                "lower --lr, or add --clip-grad 5, or use --optimizer adamw --lr 0.0004"
+            )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         if solver.clip_grad:
@@ -203,6 +236,9 @@ def train(
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             progress.set_postfix(loss=f"{mean['total']:.3f}", lr=f"{lr:.2g}")
+            if progress.disable:  # no terminal (a log file, a pipe): a line a logged iteration instead
+                print(f"iter {iteration + 1}/{solver.iters}  loss {mean['total']:.3f}  lr {lr:.2g}  "
+                      f"{record['s_per_iter']:.2f} s/iter", flush=True)
             window, tic = [], time.perf_counter()
         if (iteration + 1) % solver.checkpoint_period == 0:
             save_state(iteration + 1)
@@ -214,11 +250,25 @@ def train(
     save_checkpoint(final, model, trained_iters=solver.iters, data=str(data))
     plot_losses(metrics_path, out / "loss_curve.png")
     if val is not None:
-        from .evaluate import evaluate
-        from .predictor import Predictor
-
-        evaluate(Predictor(cfg, final, device), val, out / "eval")
+        evaluate(Predictor(cfg, final, device), val, out / "eval", image_root=val_image_root, weights=final)
     return final
+
+
+def _categories(ids: tuple[int, ...], names: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"{i} {n}" for i, n in zip(ids, names)) + "]"
+
+
+def _resumed_solver(state: dict, given: SolverConfig) -> SolverConfig:
+    """The run's own solver with the new ``iters``: resuming continues the same schedule, so the
+    other solver flags given now are not applied (and the run's own are printed)."""
+    saved = SolverConfig(**state["solver"])
+    finished = int(state["iter"])
+    if given.iters <= finished:
+        raise ValueError(f"--resume: the run has finished {finished} iterations; give --iters above that")
+    print(f"resuming at iteration {finished} of {given.iters} with the run's own solver (other solver flags are "
+          f"not applied): {saved.optimizer}, lr {saved.lr:g}, batch size {saved.batch_size}, "
+          f"warm-up {saved.warmup_iters}, clip-grad {saved.clip_grad}, seed {saved.seed}")
+    return dataclasses.replace(saved, iters=given.iters, workers=given.workers)  # loader processes change nothing
 
 
 def canvas_losses(
@@ -247,7 +297,7 @@ def _cycle(loader, dataset: CocoDataset, epoch: int):
 
 
 def _fmt(losses: dict[str, torch.Tensor]) -> str:
-    return ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+    return ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
 
 
 def plot_losses(metrics_path: Path, png: Path) -> None:
@@ -282,14 +332,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", default=None, help="validation annotations, evaluated at the end")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")
-    parser.add_argument("--weights", default=None, help="initialise from a checkpoint (e.g. a converted official one)")
-    parser.add_argument("--image-root", default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in OUT")
+    parser.add_argument("--weights", default=None,
+                        help="initialise from a checkpoint (e.g. a converted official one; 'default': the shipped model)")
+    parser.add_argument("--image-root", default=None, help="folder of --data's images (default: next to the json)")
+    parser.add_argument("--val-image-root", default=None, help="folder of --val's images (default: next to its json)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--iters", type=int, default=defaults.iters, help="(default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default %(default)s)")
     parser.add_argument("--optimizer", default=defaults.optimizer, choices=["sgd", "adamw"],
                         help="(default %(default)s)")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="(default %(default)s)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="(default: 0.02 x batch size / 16 with sgd, as detectron2; 0.0004 with adamw)")
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default %(default)s)")
     parser.add_argument("--warmup-iters", type=int, default=defaults.warmup_iters, help="(default %(default)s)")
     parser.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
@@ -307,16 +361,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     for name in ("iters", "batch_size", "checkpoint_period", "log_period"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if not math.isfinite(args.lr) or args.lr <= 0:
+    lr = default_lr(args.optimizer, args.batch_size) if args.lr is None else args.lr
+    if not math.isfinite(lr) or lr <= 0:
         raise ValueError("--lr must be a positive number")
+    if args.warmup_iters < 0:
+        raise ValueError("--warmup-iters cannot be negative")
+    weights = DEFAULT_WEIGHTS if args.weights == "default" else args.weights
     solver = SolverConfig(
-        iters=args.iters, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+        iters=args.iters, batch_size=args.batch_size, optimizer=args.optimizer, lr=lr,
         weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, clip_grad=args.clip_grad,
         amp=not args.no_amp, checkpoint_period=args.checkpoint_period, log_period=args.log_period,
         seed=args.seed, workers=args.workers, semantic_loss=not args.no_semantic_loss,
         boundary_loss=not args.no_boundary_loss,
     )
-    final = train(args.config, args.data, args.out, solver, args.val, args.resume, args.weights, args.device, args.image_root)
+    final = train(args.config, args.data, args.out, solver, args.val, args.resume, weights, args.device, args.image_root,
+                  val_image_root=args.val_image_root, overwrite=args.overwrite)
     print(f"wrote {final}")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -60,6 +61,16 @@ def test_input_formats_give_the_same_result(predictor, image):
         np.testing.assert_array_equal(other.masks, results[0].masks)
     gray = predictor(image.mean(axis=2).astype(np.uint8), score_threshold=0.0, max_detections=3)
     assert gray.masks.shape[1:] == (150, 200)
+
+
+def test_a_float_image_in_0_to_1_is_warned_about(predictor, image):
+    """The model takes 0..255; ToTensor-style 0..1 input would quietly find nothing."""
+    with pytest.warns(UserWarning, match="0..1: the model expects 0..255"):
+        predictor(image.astype(np.float32) / 255, score_threshold=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predictor(image.astype(np.float32), score_threshold=0.5)  # 0..255 floats are fine
+        predictor(np.zeros_like(image, dtype=np.float32), score_threshold=0.5)  # black is black
 
 
 def test_no_detections(predictor, image):
@@ -147,6 +158,8 @@ def test_predict_cli_writes_coco_results(tmp_path, small_model, image, capsys):
     assert "cannot read image" in err and "cannot identify image file broken.png" in err and " at 0x" not in err
     assert main(["predict", str(tmp_path / "nope.png"), "--weights", str(weights), "--out", str(out)]) == 2
     assert "image file not found" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "overlays"), "--weights", str(weights), "--out", str(out)]) == 2
+    assert "a folder, not an image file" in capsys.readouterr().err
 
 
 def test_predict_cli_keeps_inputs_that_share_a_file_name_apart(tmp_path, small_model, image, capsys):

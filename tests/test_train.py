@@ -13,7 +13,7 @@ import dataclasses
 from transfiner.cli import main
 from model.config import InputConfig, small_config
 from model.checkpoint_io import CheckpointError
-from model.data import CocoDataset
+from model.data import CocoDataset, DatasetError
 from model.losses import Matcher, TrainingLosses, dice_loss, subsample_labels
 from model.preprocess import pad_batch
 from model.rcnn import MaskTransfiner
@@ -133,6 +133,12 @@ def test_training_reduces_loss_and_resumes(tiny_data, tmp_path):
     predictor = Predictor(weights=final, device="cpu")
     assert predictor.cfg == tiny_config(tiny_data)
     assert len(predictor(torch.zeros(3, 160, 160, dtype=torch.uint8), max_detections=3).masks) <= 3
+    # So is the training state, all a run stopped early leaves: it holds the same weights here.
+    image = torch.randint(0, 255, (3, 160, 160), dtype=torch.uint8)
+    from_state = Predictor(weights=out / "last.pth", device="cpu")(image, score_threshold=0.0)
+    from_final = predictor(image, score_threshold=0.0)
+    torch.testing.assert_close(from_state.boxes, from_final.boxes, rtol=0, atol=0)
+    assert from_state.rles == from_final.rles
 
 
 def test_train_cli_errors(tiny_data, tmp_path, capsys):
@@ -142,6 +148,72 @@ def test_train_cli_errors(tiny_data, tmp_path, capsys):
     assert "--iters" in capsys.readouterr().err
     assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "fresh"), "--resume"]) == 2
     assert "resume" in capsys.readouterr().err
+
+
+def _crowd_only(annotations: Path, tmp_path: Path) -> Path:
+    data = json.loads(annotations.read_text())
+    for ann in data["annotations"]:
+        ann["iscrowd"] = 1
+    path = annotations.parent / f"crowd-only-{tmp_path.name}.json"  # beside the images
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _other_categories(annotations: Path, tmp_path: Path) -> Path:
+    data = json.loads(annotations.read_text())
+    for cat in data["categories"]:
+        cat["id"] += 100
+    for ann in data["annotations"]:
+        ann["category_id"] += 100
+    path = annotations.parent / f"other-ids-{tmp_path.name}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_train_refuses_before_the_first_iteration_what_would_fail_or_hang_later(tiny_data, tmp_path, capsys):
+    """Each of these used to train first (or forever) and fail at the end, or go on silently."""
+    def refused(*extra: str) -> str:
+        out = tmp_path / "run"
+        argv = ["train", "--data", str(tiny_data), "--out", str(out), "--iters", "2", "--batch-size", "1", *extra]
+        assert main(argv) == 2
+        assert not (out / "last.pth").exists() and not (out / "metrics.jsonl").exists()
+        return capsys.readouterr().err
+
+    # Only crowd regions: no sample to draw, the loader used to wait forever.
+    assert "no image has an instance" in refused("--data", str(_crowd_only(tiny_data, tmp_path)))
+    # A validation set that cannot be read or has other categories: found after training before.
+    assert "missing.json" in refused("--val", str(tmp_path / "missing.json"))
+    assert "category ids" in refused("--val", str(_other_categories(tiny_data, tmp_path)))
+    assert "image file not found" in refused("--val", str(tiny_data), "--val-image-root", str(tmp_path))
+    assert "--warmup-iters" in refused("--warmup-iters", "-1")
+    # An earlier run is neither overwritten nor mixed into silently.
+    (tmp_path / "run").mkdir()
+    torch.save({}, tmp_path / "run" / "model_final.pth")
+    assert "--resume it, --overwrite it" in refused()
+    assert "give one of them" in refused("--resume", "--weights", "default")
+
+
+def test_resume_keeps_its_categories_and_its_schedule(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    solver = SolverConfig(iters=4, batch_size=1, lr=0.001)
+    other = dataclasses.replace(tiny_config(tiny_data), class_names=("a",) * 7, category_ids=tuple(range(101, 108)))
+    state = {"format": TRAIN_STATE_FORMAT, "config": other.to_dict(), "solver": dataclasses.asdict(solver), "iter": 2}
+    torch.save(state, out / "last.pth")
+    with pytest.raises(DatasetError, match="trained on categories .*101 a"):
+        train(tiny_config(tiny_data), tiny_data, out, solver, resume=True, device="cpu")
+    state["config"] = tiny_config(tiny_data).to_dict()
+    torch.save(state, out / "last.pth")
+    with pytest.raises(ValueError, match="finished 2 iterations; give --iters above"):
+        train(tiny_config(tiny_data), tiny_data, out, dataclasses.replace(solver, iters=2), resume=True, device="cpu")
+
+
+def test_a_diverging_run_stops_with_one_line_that_says_what_to_change(tiny_data, tmp_path, capsys):
+    argv = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--iters", "6", "--batch-size", "1",
+            "--lr", "1e8", "--warmup-iters", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the loss became" in err and "lower --lr" in err and "Traceback" not in err, err
 
 
 class _Trap:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from pydantic import ValidationError
 
@@ -143,8 +144,21 @@ def one_line(error: Exception) -> str:
     return str(error)
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """A warning as a user of the command reads it: what happened, not where in our code."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    shown_as, warnings.formatwarning = warnings.formatwarning, _warning_line
+    try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = shown_as  # main() also runs inside other programs (the tests)
+
+
+def _run(args: argparse.Namespace) -> int:
     if getattr(args, "batch_size", 1) < 1:
         print("error: --batch-size must be at least 1", file=sys.stderr)
         return 2
