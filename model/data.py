@@ -322,6 +322,7 @@ class CocoDataset(Dataset):
             raise DatasetError(f"{path}: annotation ids {orphans[:5]} refer to image ids not in 'images'")
         records = []
         skipped: list[int] = []
+        flat: list[int] = []  # boxes of zero width or height
         for iid, img in images.items():
             height, width = img["height"], img["width"]
             instances, crowd = [], []
@@ -351,6 +352,8 @@ class CocoDataset(Dataset):
                 if segm is None:
                     skipped.append(aid)
                     continue
+                if bbox[2] == 0 or bbox[3] == 0:
+                    flat.append(aid)  # dropped with the empty boxes after resizing, as detectron2
                 instances.append(_Instance(aid, tuple(float(v) for v in bbox), class_index[cid], segm))
             records.append(_ImageRecord(
                 iid, self.image_root / img["file_name"], height, width, tuple(instances), tuple(crowd)
@@ -359,6 +362,12 @@ class CocoDataset(Dataset):
             warnings.warn(
                 f"{path}: skipped {len(skipped)} annotation(s) with no polygon of 3 or more points "
                 f"(ids {skipped[:10]}{' ...' if len(skipped) > 10 else ''})",
+                DatasetWarning, stacklevel=3,
+            )
+        if flat and self.train:
+            warnings.warn(
+                f"{path}: {len(flat)} annotation(s) have a box of zero width or height and are not trained on, "
+                f"whatever their mask (ids {flat[:10]}{' ...' if len(flat) > 10 else ''})",
                 DatasetWarning, stacklevel=3,
             )
         return records

@@ -114,6 +114,14 @@ def test_zero_area_mask_is_skipped_with_a_warning(tmp_path):
         assert len(dataset[0].classes) == 1
 
 
+def test_a_zero_width_box_is_not_trained_on_and_says_so(tmp_path):
+    """detectron2 drops instances whose box is empty, whatever the mask: kept, but no longer silent."""
+    path = write(tmp_path, [ann(4, RECT_POLYGON, bbox=(5, 10, 0, 10)), ann(5, RECT_POLYGON)])
+    with pytest.warns(DatasetWarning, match=r"1 annotation\(s\) have a box of zero width.*\[4\]"):
+        dataset = CocoDataset(path, train=True, input_cfg=NO_RESIZE)
+    assert len(dataset[0].classes) == 1
+
+
 # -- targets ---------------------------------------------------------------------------------
 
 
