@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,10 @@ from .losses import TrainingLosses
 from .predictor import Predictor, resolve_device
 from .preprocess import pad_batch, padded_shape
 from .rcnn import MaskTransfiner
+
+
+# What a run writes into its --out folder.
+RUN_FILES = ("last.pth", "model_final.pth", "config.json", "metrics.jsonl", "loss_curve.png", "eval")
 
 
 class TrainingDiverged(ValueError):
@@ -169,6 +174,9 @@ def train(
     if val is not None:
         evaluation_dataset(val, cfg, val_image_root)  # a bad --val fails now, not after training
     dataset.input_cfg = cfg.input
+    if earlier and overwrite:  # nothing of the replaced run may pass for this one's
+        for name in RUN_FILES:
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     model = MaskTransfiner(cfg).to(device)
     losses_fn = TrainingLosses(model, solver.semantic_loss, solver.boundary_loss).to(device)

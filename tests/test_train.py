@@ -191,6 +191,13 @@ def test_train_refuses_before_the_first_iteration_what_would_fail_or_hang_later(
     torch.save({}, tmp_path / "run" / "model_final.pth")
     assert "--resume it, --overwrite it" in refused()
     assert "give one of them" in refused("--resume", "--weights", "default")
+    # --overwrite replaces it, the earlier run's report included.
+    (tmp_path / "run" / "eval").mkdir()
+    (tmp_path / "run" / "eval" / "report.md").write_text("the earlier model's")
+    solver = SolverConfig(iters=1, batch_size=1, lr=1e-9, warmup_iters=0, log_period=1, checkpoint_period=100)
+    train(tiny_config(tiny_data), tiny_data, tmp_path / "run", solver, device="cpu", overwrite=True)
+    assert not (tmp_path / "run" / "eval").exists()
+    assert (tmp_path / "run" / "model_final.pth").stat().st_size > 1000
 
 
 def test_resume_keeps_its_categories_and_its_schedule(tiny_data, tmp_path):
