@@ -572,6 +572,9 @@ def write_shapes(cfg: ShapesConfig, out_dir: str | os.PathLike, workers: int = 1
     from tqdm import tqdm
 
     out = Path(out_dir)
+    if (out / "annotations.json").exists():
+        # Rewriting it would leave the earlier set's extra images behind, unannotated.
+        raise ValueError(f"{out} holds a data set already (annotations.json): give a new or empty folder")
     (out / "images").mkdir(parents=True, exist_ok=True)
     indices = range(cfg.num_images)
     write = partial(_write_image, cfg, out)

@@ -73,6 +73,8 @@ def test_same_seed_same_bytes(tmp_path: Path, dataset: Path) -> None:
     assert second["images"] == first["images"][:4]
     assert second["annotations"] == [a for a in first["annotations"] if a["image_id"] <= 4]
     make_shapes(tmp_path / "twice", 4, seed=0)
+    with pytest.raises(ValueError, match="holds a data set already"):
+        make_shapes(tmp_path / "twice", 2, seed=0)
     assert (again / "annotations.json").read_bytes() == (tmp_path / "twice" / "annotations.json").read_bytes()
     for i in range(4):
         name = f"images/{i:06d}.png"
