@@ -118,6 +118,13 @@ def test_open_loop_with_generated_images(server, tmp_path, capsys):
     assert step["requests"] + step["dropped"] == 6 and step["arrival_rate"] > 0 and step["concurrency"] is None
     assert report["workload"]["source"] == "make-shapes 96x96, seed 0"
     assert sorted(p.name for p in (out / "workload" / "images").iterdir()) == ["000000.png", "000001.png"]
+    # Run again into the same --out with fewer images: the workload is generated afresh.
+    code = main([
+        "bench", "--url", server.url, "--rate", "8", "--requests", "2", "--warmup", "0",
+        "--num-images", "1", "--image-size", "96x96", "--out", str(out),
+    ])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (out / "workload" / "images").iterdir()) == ["000000.png"]
 
 
 # -- bad input: one error line, exit 2 ------------------------------------------------------------

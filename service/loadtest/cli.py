@@ -17,6 +17,7 @@ import asyncio
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -124,8 +125,10 @@ def generate_images(out_dir: Path, count: int, size: str, seed: int) -> list[Wor
     """``count`` make-shapes images (deterministic for ``seed``) written to ``out_dir/workload``."""
     from model.shapes import make_shapes, parse_size
 
-    make_shapes(out_dir / "workload", count, seed, parse_size(size))
-    return load_images(out_dir / "workload" / "images")
+    workload = out_dir / "workload"
+    shutil.rmtree(workload, ignore_errors=True)  # an earlier run's (bench may rerun into the same --out)
+    make_shapes(workload, count, seed, parse_size(size))
+    return load_images(workload / "images")
 
 
 def command_line(args: argparse.Namespace) -> str:
