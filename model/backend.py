@@ -18,6 +18,9 @@ from .precision import autocast, resolve_precision
 from .rcnn import InferenceOptions, MaskTransfiner, RawOutputs
 
 BACKEND_NAMES = ("pytorch", "torchscript", "onnxruntime")
+# Runtimes whose graph takes one score threshold and one detection cap for a whole batch
+# (``InferenceOptions.batch_wide``); eager PyTorch takes them per image.
+BATCH_WIDE_OPTIONS = ("torchscript", "onnxruntime")
 
 
 @runtime_checkable

@@ -1,7 +1,8 @@
 """An asyncio dynamic batcher: a bounded queue, one dispatcher per worker, size/delay/pixel caps.
 
 A batch only holds jobs of one canvas (the padded network input size, ``Job.canvas``), so no
-request's answer depends on its batch-mates. The oldest waiting job always leads the next batch
+request's answer depends on its batch-mates, and of one ``Job.shares`` (what else a runtime
+applies to a whole batch), so no request pays for a batch-mate's options. The oldest waiting job always leads the next batch
 (no starvation); its batch takes the queued jobs of its canvas in arrival order, the others keep
 their place for a later batch (FIFO within each canvas).
 
@@ -30,7 +31,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -60,9 +61,17 @@ class Job:
     payload: Any = field(repr=False)  # an image: never formatted into logs or errors
     deadline: float  # time.monotonic() seconds
     canvas: tuple[int, int] = (0, 0)  # padded network input (H, W): batch-mates share it
+    # Anything else batch-mates must share (None: nothing); e.g. the options an exported graph
+    # takes once per batch, whose cost (a score threshold of 0) would otherwise fall on all.
+    shares: Hashable = None
     enqueued_at: float = field(default_factory=time.monotonic)
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     dispatched_at: float | None = None
+
+    @property
+    def group(self) -> tuple[tuple[int, int], Hashable]:
+        """Jobs of one group may share a batch."""
+        return self.canvas, self.shares
 
 
 def batch_capacity(canvas: tuple[int, int], max_batch_size: int, max_batch_pixels: int | None) -> int:
@@ -309,9 +318,9 @@ class Batcher:
             now = time.monotonic()
             self._queue = collections.deque(job for job in self._queue if self._alive(job, now))
             if self._queue and self._running[id(runner)] == 1:
-                canvas = self._queue[0].canvas
-                same = [job for job in self._queue if job.canvas == canvas]
-                capacity = batch_capacity(canvas, self.max_batch_size, self.max_batch_pixels)
+                group = self._queue[0].group
+                same = [job for job in self._queue if job.group == group]
+                capacity = batch_capacity(group[0], self.max_batch_size, self.max_batch_pixels)
                 if len(same) >= capacity:
                     taken = set(map(id, same[:capacity]))
                     self._queue = collections.deque(job for job in self._queue if id(job) not in taken)
@@ -350,7 +359,7 @@ class Batcher:
             job = self._queue.popleft()
             if not self._alive(job, now):
                 continue
-            if not batch or (job.canvas == batch[0].canvas and not self._full(batch)):
+            if not batch or (job.group == batch[0].group and not self._full(batch)):
                 batch.append(job)
             else:
                 left.append(job)

@@ -51,7 +51,7 @@ class RayServeBatcher:
     ``max_delay_s`` for batch-mates) and reports Ray's batch metrics (``ray_serve_batch_*``).
     A Ray batch may mix canvases (padded input sizes), which a forward pass must not (a request's
     answer would depend on its batch-mates' padding), so each Ray batch runs as one forward pass
-    per canvas (more where ``max_batch_pixels`` says so), in arrival order, on the service's own ``Worker`` (the same pre-processing and
+    per canvas and ``Job.shares`` (more where ``max_batch_pixels`` says so), in arrival order, on the service's own ``Worker`` (the same pre-processing and
     forward pass as the FastAPI engine). Jobs whose client left or whose deadline passed while
     they waited never reach the model, as in ``Batcher``.
     """
@@ -152,21 +152,21 @@ class RayServeBatcher:
         self._waiting -= len(jobs)
         self._report_depth()
         now = time.monotonic()
-        by_canvas: dict[tuple[int, int], list[Job]] = {}
+        by_group: dict[tuple, list[Job]] = {}
         for job in jobs:
             if job.future.done():  # the client left, or its handler gave up
                 continue
             if job.deadline <= now:
                 job.future.set_exception(DeadlineExceeded("the request's deadline passed in the queue"))
                 continue
-            by_canvas.setdefault(job.canvas, []).append(job)
-        if not by_canvas:
+            by_group.setdefault(job.group, []).append(job)
+        if not by_group:
             return
         # Serve caps a batch by its count only: a canvas's jobs then run in batches that also
         # keep to max_batch_pixels, as the FastAPI engine's.
         groups = [
             jobs[start : start + size]
-            for canvas, jobs in by_canvas.items()
+            for (canvas, _), jobs in by_group.items()
             for size in [batch_capacity(canvas, self.max_batch_size, self.max_batch_pixels)]
             for start in range(0, len(jobs), size)
         ]

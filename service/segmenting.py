@@ -11,11 +11,12 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+from model.backend import BATCH_WIDE_OPTIONS
 from model.host_memory import release_freed_memory
 from model.preprocess import network_shape
 
@@ -77,6 +78,15 @@ class SegmentFlow:
 
     # -- the flow --------------------------------------------------------------------------------
 
+    def _shares(self, options: RequestOptions) -> Hashable:
+        """What this request's batch-mates must share: nothing on eager PyTorch, which applies
+        options per image; on an exported graph, the threshold and cap it takes once per batch
+        (a batch runs at its lowest threshold and largest cap: one ``score_threshold=0``
+        request would make every batch-mate compute 100 refined masks)."""
+        if self.model.backend not in BATCH_WIDE_OPTIONS:
+            return None
+        return options.score_threshold, None if options.classes is not None else options.max_detections
+
     def request_options(self, params: SegmentParams) -> RequestOptions:
         """Validates the parameters that depend on the model (class names and ids)."""
         classes = None
@@ -116,7 +126,7 @@ class SegmentFlow:
                 f"({image.nbytes} bytes) would pass the budget of {budget}",
                 reason="memory_budget", retry_after=self.retry_after(),
             )
-        job = Job(SegmentJob(image, options), deadline=deadline, canvas=image.canvas)
+        job = Job(SegmentJob(image, options), deadline=deadline, canvas=image.canvas, shares=self._shares(options))
         self._hold_bytes(job, image.nbytes)
         try:
             self.batcher.submit(job)

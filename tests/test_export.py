@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -33,7 +34,7 @@ from model.predictor import Predictor
 from model.preprocess import prepare_batch
 from model.rcnn import InferenceOptions
 from service.settings import ServiceSettings
-from tests.test_service_support import encode, running, scene
+from tests.test_service_support import encode, metric, running, scene
 
 
 @pytest.fixture(scope="module")
@@ -363,6 +364,30 @@ def test_service_serves_the_onnx_backend(exports, model):
     assert len(instances) == len(expected) > 0
     for instance, mask in zip(instances, expected.masks):
         assert np.array_equal(mask_utils.decode(instance["segmentation"]).astype(bool), mask)
+
+
+def test_an_exported_graph_batches_only_requests_of_one_threshold_and_cap(exports):
+    """The graph takes one score threshold and one cap a batch: a score_threshold=0 request in a
+    batch would make its batch-mates compute every detection, so it runs in a batch of its own."""
+    folder = exports["torchscript"].model_file.parent
+    settings = ServiceSettings(model=str(folder), backend="torchscript", device="cpu", max_batch_size=4,
+                               max_delay_ms=400, max_arrival_wait_ms=400)
+    picture = encode(scene(96, 128, seed=3))
+    params = [{"score_threshold": 0.5}] * 3 + [{"score_threshold": 0.0, "max_detections": 100}]
+    with running(settings) as server:
+        before = metric(server.url, "transfiner_batch_size_count")
+
+        def post(query):
+            return httpx.post(server.url + "/v1/segment", content=picture, params=query, timeout=120)
+
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(post, params))
+        after = metric(server.url, "transfiner_batch_size_count")
+    assert [r.status_code for r in responses] == [200] * 4
+    # Three requests alike in one batch (or more, had they not arrived together), the costly one alone.
+    assert after - before >= 2
+    cheap = {json.dumps(r.json()["instances"]) for r in responses[:3]}
+    assert len(cheap) == 1  # same image, same options, same answer
 
 
 @pytest.mark.slow  # two evaluations: half a minute or more on 2 cores

@@ -473,6 +473,25 @@ def test_a_filling_batch_takes_later_arrivals_of_its_canvas_only():
     assert run(main()) == [["A0", "A2"], ["B1", "B3"]]
 
 
+def test_batches_hold_one_value_of_what_jobs_share():
+    """Same canvas, other ``shares`` (an exported graph's batch-wide options): never one batch."""
+    async def main():
+        runner = Recorder()
+        batcher = Batcher([runner], max_batch_size=4, max_delay_s=0.05, max_queue_size=100)
+        jobs = []
+        for i, shares in enumerate([(0.5, 100), (0.0, 100), (0.5, 100), None, (0.5, 100), None]):
+            jobs.append(job(f"{i}", canvas=(64, 64)))
+            jobs[-1].shares = shares
+        for j in jobs:
+            batcher.submit(j)
+        batcher.start()
+        await asyncio.gather(*(j.future for j in jobs))
+        await batcher.close()
+        return runner.batches
+
+    assert run(main()) == [["0", "2", "4"], ["1"], ["3", "5"]]
+
+
 def test_a_failing_batch_fails_its_jobs_and_the_batcher_goes_on():
     async def main():
         bad = Recorder(fail=True)
