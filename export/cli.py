@@ -25,7 +25,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.set_defaults(device="cpu")
     parser.add_argument("--out", required=True, help="output folder (model file + metadata.json)")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17, at least 17)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 17 to 21)")
     parser.add_argument("--no-check", action="store_true", help="skip the parity check against eager PyTorch")
 
 
@@ -104,7 +104,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from model.checkpoint import load_model
     from model.predictor import resolve_device
 
-    from .exporter import DEFAULT_OPSET, export_model
+    from .exporter import DEFAULT_OPSET, ExportError, export_model
     from .tensorrt import build_instructions, check_onnx, tensorrt_available
 
     # Exporting runs the eager model, so --model must name a checkpoint (or the default).
@@ -123,7 +123,12 @@ def cmd_export(args: argparse.Namespace) -> int:
                "seconds": round(result.seconds, 1)}
     if not args.no_check:
         progress.set_postfix_str("parity check")
-        summary["parity"] = parity_check(model, fmt, out)
+        try:
+            summary["parity"] = parity_check(model, fmt, out)
+        except ExportError:  # the runtime cannot load what was written: nothing to keep
+            result.model_file.unlink(missing_ok=True)
+            result.metadata_file.unlink(missing_ok=True)
+            raise
         progress.update()
     report = None
     if fmt == "onnx":

@@ -43,6 +43,8 @@ METADATA_FILE = "metadata.json"
 METADATA_VERSION = 1
 # Opset 17: LayerNormalization as one op; RoiAlign with half-pixel coordinates needs >= 16.
 DEFAULT_OPSET = 17
+# ONNX Runtime (1.31) has no RoiAlign of opset 22, and the exporter stops at 21.
+MAX_OPSET = 21
 
 
 class ExportError(ValueError):
@@ -117,17 +119,25 @@ def export_model(
     """Exports ``model`` (eval mode, on its device) as ``fmt`` into ``out_dir``."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt == "onnx" and opset < 17:
-        raise ExportError(f"opset {opset} is too old: the graph needs opset 17 or newer")
+    if fmt == "onnx" and not DEFAULT_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset {opset}: the graph needs an opset from {DEFAULT_OPSET} (LayerNormalization, "
+                          f"RoiAlign's half-pixel coordinates) to {MAX_OPSET} (ONNX Runtime's RoiAlign)")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file: an export goes into a folder")
     out.mkdir(parents=True, exist_ok=True)
     model_file = out / FORMATS[fmt]
     model.eval()
     start = time.perf_counter()
-    if fmt == "torchscript":
-        trace(model).save(str(model_file))
-    else:
-        _export_onnx(model, model_file, opset)
+    try:
+        if fmt == "torchscript":
+            trace(model).save(str(model_file))
+        else:
+            _export_onnx(model, model_file, opset)
+    except Exception as error:  # noqa: BLE001 - a half-written file must not be loaded later
+        model_file.unlink(missing_ok=True)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ExportError(f"the {fmt} export failed: {type(error).__name__}: {first_line}") from error
     seconds = time.perf_counter() - start
     metadata = build_metadata(model.cfg, fmt, model_file, model.device, opset, source)
     metadata_file = out / METADATA_FILE

@@ -293,8 +293,10 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequence
     return torch.cat(out) if out else torch.empty_like(q)
 
 
-# Queries per attention block in exported graphs (see ``exportable_attention``).
-EXPORT_QUERY_BLOCK = 256
+# Queries per attention block in exported graphs (see ``exportable_attention``). ONNX Runtime's
+# peak memory follows the block's score tensor [R, h, block, L] until other tensors dominate; 64
+# is where that happens for the default model (README, "Benchmarks": scripts/bench_onnx_memory.py).
+EXPORT_QUERY_BLOCK = 64
 
 
 def exportable_attention(

@@ -1,0 +1,84 @@
+"""Peak memory and time of ONNX Runtime on the default model's graph, by attention query block.
+
+Exports the shipped default model (its own caps) once per ``--blocks`` value of
+``model.transfiner.EXPORT_QUERY_BLOCK``, then runs each export in a fresh process on random
+384x384 images at score threshold 0 (every image has ``--detections`` refined detections) and
+reads that process's peak resident memory. Writes ``OUT/bench_onnx_memory.{json,md}``.
+
+    .venv/bin/python scripts/bench_onnx_memory.py --blocks 256 64 32 --images 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm import tqdm
+
+EXPORT = """
+import sys
+import model.transfiner
+model.transfiner.EXPORT_QUERY_BLOCK = int(sys.argv[1])
+from export.exporter import export_model
+from model.checkpoint import build_model, load_checkpoint
+from model.default_model import DEFAULT_WEIGHTS
+model = build_model(load_checkpoint(DEFAULT_WEIGHTS)[0], DEFAULT_WEIGHTS, "cpu")
+export_model(model, "onnx", sys.argv[2], source=DEFAULT_WEIGHTS)
+"""
+
+RUN = """
+import resource, sys, time
+import numpy as np
+from export.runtimes import load_backend
+from model.predictor import Predictor
+predictor = Predictor.from_backend(load_backend(sys.argv[1], "onnxruntime", device="cpu"))
+rng = np.random.default_rng(0)
+images = [rng.integers(0, 255, (384, 384, 3), dtype=np.uint8) for _ in range(int(sys.argv[2]))]
+started = time.perf_counter()
+found = predictor.predict(images, score_threshold=0.0, max_detections=int(sys.argv[3]))
+seconds = time.perf_counter() - started
+print(sum(len(p.boxes) for p in found), seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[256, 64, 32])
+    parser.add_argument("--images", type=int, nargs="+", default=[1, 2], help="images a forward pass")
+    parser.add_argument("--detections", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=Path("bench-results/onnx-memory"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    cases = [(block, images) for block in args.blocks for images in args.images]
+    for block, images in tqdm(cases, desc="onnx memory"):
+        folder = args.out / f"export-block{block}"
+        if not (folder / "model.onnx").exists():
+            subprocess.run([sys.executable, "-c", EXPORT, str(block), str(folder)], check=True)
+        done = subprocess.run([sys.executable, "-c", RUN, str(folder), str(images), str(args.detections)],
+                              check=True, capture_output=True, text=True)
+        detections, seconds, peak_mb = done.stdout.split()
+        rows.append({"block": block, "images": images, "detections": int(detections),
+                     "seconds": round(float(seconds), 2), "peak_mb": int(peak_mb)})
+        print(rows[-1], flush=True)
+
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
+              "cpus": len(os.sched_getaffinity(0)), "rows": rows}
+    (args.out / "bench_onnx_memory.json").write_text(json.dumps(report, indent=2))
+    lines = [f"# ONNX Runtime, default model, random 384x384 images, {args.detections} detections an image",
+             "", "| query block | images | detections | s | peak MB |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['block']} | {r['images']} | {r['detections']} | {r['seconds']} | {r['peak_mb']} |" for r in rows]
+    (args.out / "bench_onnx_memory.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
