@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from model.default_model import add_model_arguments, model_from_args
+from model.default_model import add_max_cells_argument, add_model_arguments, model_from_args
 
 from .resolve import resolve_model, runtime_for
 
@@ -27,6 +27,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (model file + metadata.json)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 17 to 21)")
     parser.add_argument("--no-check", action="store_true", help="skip the parity check against eager PyTorch")
+    add_max_cells_argument(parser)  # the graph's shapes are static: its caps are chosen here
 
 
 def parity_check(model, fmt: str, out: Path) -> dict:
@@ -114,7 +115,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     steps = ["load", "export"] + ([] if args.no_check else ["check"]) + (["tensorrt"] if fmt == "onnx" else [])
     progress = tqdm(steps, desc="export", unit="step", disable=None)
     progress.set_postfix_str("load")
-    model = load_model(weights, args.config, resolve_device(args.device))
+    model = load_model(weights, args.config, resolve_device(args.device), args.max_cells)
     progress.update()
     progress.set_postfix_str(f"trace + {fmt}")
     result = export_model(model, fmt, out, source=weights, opset=args.opset or DEFAULT_OPSET)

@@ -22,11 +22,12 @@ import torch
 
 from model.backend import Backend, TorchBackend
 from model.checkpoint import load_model
+from model.checkpoint_io import file_digest
 from model.config import ModelConfig
 from model.predictor import resolve_device
 from model.rcnn import InferenceOptions, RawOutputs
 
-from .exporter import ExportError, export_model, find_export, graph_code_digest
+from .exporter import METADATA_FILE, ExportError, export_model, find_export, graph_code_digest
 from .graph import INPUT_NAMES, graph_arguments, raw_outputs
 from .resolve import RUNTIME_FORMATS, ResolvedModel, check_backend_name, resolve_model
 
@@ -180,9 +181,15 @@ def load_backend(
     exported_caps = tuple(metadata["config"]["transfiner"]["max_cells"])
     if max_cells is not None and tuple(max_cells) != exported_caps:
         raise ValueError(f"{model_file} was exported with max cells {exported_caps}: its graph's shapes are "
-                         "static, so export the checkpoint again with other caps (or give the checkpoint)")
+                         "static, so export the checkpoint again with `transfiner export --max-cells` (or give "
+                         "the checkpoint)")
     if metadata["format"] != fmt:  # an answer of resolve_model for another backend
-        raise ExportError(f"{model_file} holds a {metadata['format']} export; --backend {backend} needs {fmt}")
+        raise ExportError(f"{model_file} is an export in the {metadata['format']} format; --backend {backend} "
+                          f"needs {fmt}")
+    if file_digest(model_file) != metadata["sha256_12"]:
+        # Another model's file copied in: it would run under this metadata's name and version.
+        raise ExportError(f"{model_file} is not the file its {METADATA_FILE} describes (sha256 "
+                          f"{file_digest(model_file)}, recorded {metadata['sha256_12']}): export it again")
     if backend == "torchscript":
         return TorchScriptBackend(model_file, metadata, device)
     return OnnxRuntimeBackend(model_file, metadata, device, threads)

@@ -326,6 +326,21 @@ def test_cli_errors(tmp_path, capsys):
     assert "is a file: an export goes into a folder" in capsys.readouterr().err
 
 
+def test_export_takes_the_node_caps_its_static_graph_keeps(tmp_path, capsys):
+    """The advice an export folder gives for other caps (export again with --max-cells) works."""
+    out = tmp_path / "ts"
+    assert main(["export", "--format", "torchscript", "--max-cells", "784,49,16", "--out", str(out), "--no-check"]) == 0
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["node_selection"]["max_cells"] == [784, 49, 16]
+    capsys.readouterr()
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(scene(64, 64, seed=2)))
+    predict = ["predict", str(image), "--backend", "torchscript", "--model", str(out), "--out", str(tmp_path / "o.json")]
+    assert main([*predict, "--max-cells", "784,49,16"]) == 0
+    assert main([*predict, "--max-cells", "784,784,784"]) == 2
+    assert "export the checkpoint again with `transfiner export --max-cells`" in capsys.readouterr().err
+
+
 def test_a_failed_export_leaves_no_model_file(model, tmp_path, monkeypatch):
     """An exporter that fails half way (its own error; not one this graph causes) leaves no file
     that a later load would take for an export."""

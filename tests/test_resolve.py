@@ -5,6 +5,7 @@ Real files throughout: the tiny seeded checkpoint and real ONNX and TorchScript 
 
 from __future__ import annotations
 
+import shutil
 import typing
 from pathlib import Path
 
@@ -71,10 +72,10 @@ def test_an_export_refuses_the_backends_that_cannot_run_it(exports, fmt):
     with pytest.raises(ExportError, match=f"exported model: run it with --backend {runtime_for(fmt)}"):
         resolve_model(folder, "pytorch")
     other = next(name for name in RUNTIME_FORMATS if name != runtime_for(fmt))
-    with pytest.raises(ExportError, match=f"holds a {fmt} export; --backend {other} needs"):
+    with pytest.raises(ExportError, match=f"is an export in the {fmt} format; --backend {other} needs"):
         resolve_model(folder, other)
     # An answer resolved for one runtime is refused by another one too.
-    with pytest.raises(ExportError, match=f"holds a {fmt} export"):
+    with pytest.raises(ExportError, match=f"is an export in the {fmt} format"):
         load_backend(resolve_model(folder, runtime_for(fmt)), other, device="cpu")
     with pytest.raises(ExportError, match="pytorch backend needs a checkpoint"):
         load_backend(resolve_model(folder, runtime_for(fmt)), "pytorch", device="cpu")
@@ -99,6 +100,18 @@ def test_a_folder_that_is_no_export(tmp_path):
         resolve_model(tmp_path, "pytorch")
     with pytest.raises(ExportError, match="has no metadata.json"):
         resolve_model(tmp_path, "onnxruntime")
+
+
+@pytest.mark.parametrize("fmt", EXPORT_FORMATS)
+def test_a_model_file_its_metadata_does_not_describe_is_refused(exports, fmt, tmp_path):
+    """Another export's file copied into a folder would otherwise run under this metadata's name,
+    caps and version."""
+    folder = tmp_path / "copy"
+    shutil.copytree(exports[fmt].model_file.parent, folder)
+    model_file = folder / exports[fmt].model_file.name
+    model_file.write_bytes(model_file.read_bytes() + b"\0")
+    with pytest.raises(ExportError, match="is not the file its metadata.json describes"):
+        load_backend(folder, runtime_for(fmt), device="cpu")
 
 
 def test_every_backend_loads_what_was_resolved(exports, checkpoint):
