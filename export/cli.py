@@ -151,6 +151,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         # No engine is built here either way: engines belong to the GPU and TensorRT version
         # that will run them. Without TensorRT the requested artifact does not exist: exit 2.
         installed = tensorrt_available()
-        print(build_instructions(result.model_file, installed), file=sys.stderr)
+        print(build_instructions(result.model_file, model.cfg.input, installed), file=sys.stderr)
         return 0 if installed and report is not None and report.ok else 2
     return 0

@@ -17,6 +17,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.config import InputConfig
+from model.preprocess import padded_shape
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SUPPORT_MATRIX = DATA_DIR / "tensorrt_onnx_operators.json"
 GRAPH_OPERATORS = DATA_DIR / "graph_operators.json"
@@ -145,15 +148,20 @@ def tensorrt_available() -> bool:
 
 
 def build_instructions(
-    onnx_file: str | os.PathLike, installed: bool = False, max_side: int = 1344, max_batch: int = 4
+    onnx_file: str | os.PathLike, input_cfg: InputConfig, installed: bool = False, max_batch: int = 8
 ) -> str:
-    """How to build an engine from ``onnx_file`` where TensorRT is installed."""
+    """How to build an engine from ``onnx_file`` where TensorRT is installed, with an optimization
+    profile from the model's own input sizes: optimal at a landscape canvas of its test size,
+    largest at a square canvas of its longest side, up to ``max_batch`` images (the service's
+    default batch on a GPU)."""
     onnx_file = Path(onnx_file)
     engine = onnx_file.with_suffix(".plan")
+    opt_h, opt_w = padded_shape(input_cfg.min_size_test, input_cfg.max_size_test, input_cfg)
+    side = padded_shape(input_cfg.max_size_test, input_cfg.max_size_test, input_cfg)[0]
     shapes = (
         f"--minShapes=images:1x3x32x32,image_sizes:1x2 "
-        f"--optShapes=images:1x3x800x1216,image_sizes:1x2 "
-        f"--maxShapes=images:{max_batch}x3x{max_side}x{max_side},image_sizes:{max_batch}x2"
+        f"--optShapes=images:{max_batch}x3x{opt_h}x{opt_w},image_sizes:{max_batch}x2 "
+        f"--maxShapes=images:{max_batch}x3x{side}x{side},image_sizes:{max_batch}x2"
     )
     first = ("TensorRT is installed; build the engine with trtexec or its Python builder" if installed
              else "TensorRT is not installed here, so no engine was built")

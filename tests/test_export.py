@@ -304,6 +304,12 @@ def test_cli_tensorrt_says_how(tmp_path, capsys):
     assert code == 2
     assert "TensorRT is not installed" in captured.err
     assert f"trtexec --onnx={out / 'model.onnx'}" in captured.err
+    # The profile fits the model's own sizes (the default model: 384 short side, 640 long) and the
+    # GPU service's batch of 8.
+    cfg = load_checkpoint(DEFAULT_WEIGHTS)[0].input
+    assert (cfg.min_size_test, cfg.max_size_test) == (384, 640)
+    assert "--optShapes=images:8x3x384x640,image_sizes:8x2" in captured.err
+    assert "--maxShapes=images:8x3x640x640,image_sizes:8x2" in captured.err
     assert json.loads(captured.out)["tensorrt_operator_check"]["ok"]
     assert (out / "model.onnx").is_file()
 
