@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from model.checkpoint_io import CheckpointError
 from model.host_memory import keep_freed_memory_for_reuse
+from model.images import DatasetError
 
 from .admission import Admission
 from .backends import (
@@ -34,6 +36,9 @@ from .worker import Worker
 from .worker_process import ProcessWorker, start_worker_processes
 
 log = logging.getLogger("service")
+# What a model that cannot be loaded raises for a reason its message states (a missing or corrupt
+# file, a setting that does not fit it), as the command line reports it: no traceback in the log.
+MODEL_ERRORS = (CheckpointError, DatasetError, ValueError, OSError)
 
 ModelLoader = Callable[[ServiceSettings], LoadedModel]
 # (workers, observer) -> an object with Batcher's submit/start/close/depth/estimate_wait/recent_batch_seconds.
@@ -142,8 +147,11 @@ class ServiceRuntime:
                 for worker in workers:
                     await asyncio.to_thread(worker.warm_up, settings.warmup_batches, warm_batch)
         except Exception as error:  # noqa: BLE001 - reported by readiness and the log, not raised
-            log.exception("the model could not be loaded")
             self.state, self.detail = "failed", f"model failed to load: {type(error).__name__}: {error}"
+            if isinstance(error, MODEL_ERRORS):  # a bad file or setting: its message says it all
+                log.error("%s", self.detail)
+            else:
+                log.exception("the model could not be loaded")
             return
         self.model, self.workers = model, workers
         if self.batcher_factory is not None:

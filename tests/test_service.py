@@ -717,3 +717,7 @@ def test_serve_exits_when_its_model_cannot_be_loaded(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: model failed to load: CheckpointError: cannot read checkpoint"), done.stderr
+    # At the default log level the log says why too, in a line: a corrupt file is no bug of ours.
+    done = subprocess.run(command[:-2], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert done.returncode == 2 and "cannot read checkpoint" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
