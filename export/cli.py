@@ -108,6 +108,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .exporter import DEFAULT_OPSET, ExportError, export_model
     from .tensorrt import build_instructions, check_onnx, tensorrt_available
 
+    if args.opset is not None and args.format == "torchscript":
+        raise ValueError("--opset applies to ONNX exports (--format onnx or tensorrt)")
     # Exporting runs the eager model, so --model must name a checkpoint (or the default).
     weights = resolve_model(model_from_args(args), "pytorch").path
     fmt = "onnx" if args.format == "tensorrt" else args.format

@@ -139,6 +139,8 @@ def export_model(
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ExportError(f"the {fmt} export failed: {type(error).__name__}: {first_line}") from error
     seconds = time.perf_counter() - start
+    for other in set(FORMATS.values()) - {model_file.name}:  # an earlier export's, which the metadata
+        (out / other).unlink(missing_ok=True)                # below no longer describes
     metadata = build_metadata(model.cfg, fmt, model_file, model.device, opset, source)
     metadata_file = out / METADATA_FILE
     metadata_file.write_text(json.dumps(metadata, indent=2))

@@ -32,8 +32,11 @@ def resolve_weights(model: str | os.PathLike | None) -> Path | None:
         return DEFAULT_WEIGHTS
     path = Path(model)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; give a checkpoint file (.pth), or, for a `transfiner export` "
-                              "folder, --backend onnxruntime or torchscript")
+        inside = [path / name for name in ("model_final.pth", "last.pth") if (path / name).is_file()]
+        if inside:  # a `transfiner train` run
+            raise CheckpointError(f"{path} is a folder; give a checkpoint file, e.g. {inside[0]}")
+        raise CheckpointError(f"{path} is a folder; give a checkpoint file (.pth) (predict, evaluate and serve "
+                              "run a `transfiner export` folder with --backend onnxruntime or torchscript)")
     if not path.is_file():
         raise CheckpointError(f"model not found: {path}")
     return path

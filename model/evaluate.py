@@ -232,6 +232,9 @@ def _markdown(report: dict) -> str:
         f"| {percent(report['incoherent_area_share'])} |",
         "",
     ]
+    if report.get("backend", "pytorch") != "pytorch":
+        lines += ["(n/a: the incoherence statistics need the eager model's intermediate maps; an exported "
+                  "graph gives its outputs only. Evaluate the checkpoint with the pytorch backend for them.)", ""]
     return "\n".join(lines)
 
 

@@ -327,6 +327,8 @@ def test_cli_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"error: opset {opset}: ") and err.count("\n") == 1, err
     assert not (tmp_path / "o" / "model.onnx").exists()
+    assert main(["export", "--format", "torchscript", "--opset", "18", "--out", str(tmp_path / "o")]) == 2
+    assert "--opset applies to ONNX exports" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("")
     assert main(["export", "--format", "torchscript", "--out", str(tmp_path / "a-file")]) == 2
     assert "is a file: an export goes into a folder" in capsys.readouterr().err
@@ -338,6 +340,11 @@ def test_export_takes_the_node_caps_its_static_graph_keeps(tmp_path, capsys):
     assert main(["export", "--format", "torchscript", "--max-cells", "784,49,16", "--out", str(out), "--no-check"]) == 0
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["node_selection"]["max_cells"] == [784, 49, 16]
+    # Exported again into the folder as the other format: no file of the first export is left.
+    assert main(["export", "--format", "onnx", "--max-cells", "784,49,16", "--out", str(out), "--no-check"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "model.onnx"]
+    assert main(["export", "--format", "torchscript", "--max-cells", "784,49,16", "--out", str(out), "--no-check"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "model.ts"]
     capsys.readouterr()
     image = tmp_path / "a.png"
     image.write_bytes(encode(scene(64, 64, seed=2)))
@@ -477,3 +484,5 @@ def test_evaluate_runs_on_the_exported_model(model, runtimes, tmp_path):
     assert abs(exported["refined"]["AP"] - eager["refined"]["AP"]) < 1.0
     assert abs(exported["bbox_AP"] - eager["bbox_AP"]) < 0.5
     assert exported["incoherence_recall"] is None  # needs the eager model's features
+    assert "an exported graph gives its outputs only" in (tmp_path / "onnx" / "report.md").read_text()
+    assert "an exported graph" not in (tmp_path / "eager" / "report.md").read_text()

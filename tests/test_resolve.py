@@ -98,6 +98,9 @@ def test_a_missing_path_is_an_error_never_the_current_folder(exports, backend, m
 def test_a_folder_that_is_no_export(tmp_path):
     with pytest.raises(CheckpointError, match="is a folder; give a checkpoint file"):
         resolve_model(tmp_path, "pytorch")
+    (tmp_path / "model_final.pth").write_bytes(b"")  # a training run's folder: its checkpoint is named
+    with pytest.raises(CheckpointError, match=f"give a checkpoint file, e.g. {tmp_path / 'model_final.pth'}$"):
+        resolve_model(tmp_path, "pytorch")
     with pytest.raises(ExportError, match="has no metadata.json"):
         resolve_model(tmp_path, "onnxruntime")
 
