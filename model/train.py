@@ -341,8 +341,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in OUT")
-    parser.add_argument("--weights", default=None,
-                        help="initialise from a checkpoint (e.g. a converted official one; 'default': the shipped model)")
+    parser.add_argument("--weights", default=None, help="initialise from a checkpoint (e.g. a converted "
+                        "official one; 'default': the shipped model)")
     parser.add_argument("--image-root", default=None, help="folder of --data's images (default: next to the json)")
     parser.add_argument("--val-image-root", default=None, help="folder of --val's images (default: next to its json)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -382,8 +382,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed, workers=args.workers, semantic_loss=not args.no_semantic_loss,
         boundary_loss=not args.no_boundary_loss,
     )
-    final = train(args.config, args.data, args.out, solver, args.val, args.resume, weights, args.device, args.image_root,
-                  val_image_root=args.val_image_root, overwrite=args.overwrite)
+    final = train(args.config, args.data, args.out, solver, args.val, args.resume, weights, args.device,
+                  args.image_root, val_image_root=args.val_image_root, overwrite=args.overwrite)
     print(f"wrote {final}")
     return 0
 

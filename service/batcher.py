@@ -2,9 +2,10 @@
 
 A batch only holds jobs of one canvas (the padded network input size, ``Job.canvas``), so no
 request's answer depends on its batch-mates, and of one ``Job.shares`` (what else a runtime
-applies to a whole batch), so no request pays for a batch-mate's options. The oldest waiting job always leads the next batch
-(no starvation); its batch takes the queued jobs of its canvas in arrival order, the others keep
-their place for a later batch (FIFO within each canvas).
+applies to a whole batch), so no request pays for a batch-mate's options. The oldest waiting job
+always leads the next batch (no starvation); its batch takes the queued jobs of its group (canvas
+and shares) in arrival order, the others keep their place for a later batch (FIFO within each
+group).
 
 A dispatcher takes a batch only when its worker is free, so under load batches fill from the
 queue with no waiting at all, and ``max_delay`` is only paid when the service is idle enough

@@ -51,8 +51,9 @@ class RayServeBatcher:
     ``max_delay_s`` for batch-mates) and reports Ray's batch metrics (``ray_serve_batch_*``).
     A Ray batch may mix canvases (padded input sizes), which a forward pass must not (a request's
     answer would depend on its batch-mates' padding), so each Ray batch runs as one forward pass
-    per canvas and ``Job.shares`` (more where ``max_batch_pixels`` says so), in arrival order, on the service's own ``Worker`` (the same pre-processing and
-    forward pass as the FastAPI engine). Jobs whose client left or whose deadline passed while
+    per canvas and ``Job.shares`` (more where ``max_batch_pixels`` says so), in arrival order,
+    on the service's own ``Worker`` (the same pre-processing and forward pass as the FastAPI
+    engine). Jobs whose client left or whose deadline passed while
     they waited never reach the model, as in ``Batcher``.
     """
 
