@@ -186,10 +186,11 @@ def load_backend(
     if metadata["format"] != fmt:  # an answer of resolve_model for another backend
         raise ExportError(f"{model_file} is an export in the {metadata['format']} format; --backend {backend} "
                           f"needs {fmt}")
-    if file_digest(model_file) != metadata["sha256_12"]:
+    digest = file_digest(model_file)
+    if digest != metadata["sha256_12"]:
         # Another model's file copied in: it would run under this metadata's name and version.
-        raise ExportError(f"{model_file} is not the file its {METADATA_FILE} describes (sha256 "
-                          f"{file_digest(model_file)}, recorded {metadata['sha256_12']}): export it again")
+        raise ExportError(f"{model_file} is not the file its {METADATA_FILE} describes (sha256 {digest}, "
+                          f"recorded {metadata['sha256_12']}): export it again")
     if backend == "torchscript":
         return TorchScriptBackend(model_file, metadata, device)
     return OnnxRuntimeBackend(model_file, metadata, device, threads)

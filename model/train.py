@@ -25,7 +25,7 @@ from .checkpoint import TRAIN_STATE_FORMAT, load_checkpoint, save_checkpoint
 from .checkpoint_io import CheckpointError, load_torch_file
 from .config import PRESET_NAMES, ModelConfig, preset, small_config
 from .data import CocoDataset, DatasetError, TrainingSample, make_loader
-from .default_model import DEFAULT_WEIGHTS
+from .default_model import resolve_weights
 from .evaluate import evaluate, evaluation_dataset
 from .losses import TrainingLosses
 from .predictor import Predictor, resolve_device
@@ -176,7 +176,10 @@ def train(
     dataset.input_cfg = cfg.input
     if earlier and overwrite:  # nothing of the replaced run may pass for this one's
         for name in RUN_FILES:
-            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     model = MaskTransfiner(cfg).to(device)
     losses_fn = TrainingLosses(model, solver.semantic_loss, solver.boundary_loss).to(device)
@@ -374,7 +377,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--lr must be a positive number")
     if args.warmup_iters < 0:
         raise ValueError("--warmup-iters cannot be negative")
-    weights = DEFAULT_WEIGHTS if args.weights == "default" else args.weights
+    weights = resolve_weights(args.weights)  # 'default' is the shipped model, as for --model
     solver = SolverConfig(
         iters=args.iters, batch_size=args.batch_size, optimizer=args.optimizer, lr=lr,
         weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, clip_grad=args.clip_grad,

@@ -59,8 +59,25 @@ class Recorder:
                 job.future.set_result(job.payload)
 
 
-def job(payload, timeout: float = 30.0, canvas=(100, 100)) -> Job:
-    return Job(payload, deadline=time.monotonic() + timeout, canvas=canvas)
+def job(payload, timeout: float = 30.0, canvas=(100, 100), shares=None) -> Job:
+    return Job(payload, deadline=time.monotonic() + timeout, canvas=canvas, shares=shares)
+
+
+def batches_of(make_jobs, **batcher_settings) -> list[list]:
+    """The batches one recording runner gets when ``make_jobs()``'s jobs are all queued before
+    the batcher starts."""
+    async def main():
+        runner = Recorder()
+        batcher = Batcher([runner], **batcher_settings)
+        jobs = make_jobs()
+        for j in jobs:
+            batcher.submit(j)
+        batcher.start()
+        await asyncio.gather(*(j.future for j in jobs))
+        await batcher.close()
+        return runner.batches
+
+    return run(main())
 
 
 def run(coroutine):
@@ -421,36 +438,19 @@ def test_the_arrival_wait_is_bounded_and_ends_when_arrivals_stop():
 
 
 def test_pixel_budget_caps_batches():
-    async def main():
-        runner = Recorder()
-        batcher = Batcher([runner], max_batch_size=8, max_delay_s=0.05, max_queue_size=10,
-                          max_batch_pixels=2 * 100 * 100)
-        jobs = [job(i, canvas=(100, 100)) for i in range(5)] + [job(5, canvas=(300, 300))]
-        for j in jobs:
-            batcher.submit(j)
-        batcher.start()
-        await asyncio.gather(*(j.future for j in jobs))
-        await batcher.close()
-        return runner.batches
-
+    batches = batches_of(
+        lambda: [job(i, canvas=(100, 100)) for i in range(5)] + [job(5, canvas=(300, 300))],
+        max_batch_size=8, max_delay_s=0.05, max_queue_size=10, max_batch_pixels=2 * 100 * 100,
+    )
     # A canvas over the budget still runs, alone.
-    assert run(main()) == [[0, 1], [2, 3], [4], [5]]
+    assert batches == [[0, 1], [2, 3], [4], [5]]
 
 
 def test_batches_hold_one_canvas_fifo_per_canvas_and_the_oldest_leads():
-    async def main():
-        runner = Recorder()
-        batcher = Batcher([runner], max_batch_size=3, max_delay_s=0.05, max_queue_size=100)
-        canvases = "ABAACBBAB"
-        jobs = [job(f"{c}{i}", canvas=(ord(c), 32)) for i, c in enumerate(canvases)]
-        for j in jobs:
-            batcher.submit(j)
-        batcher.start()
-        await asyncio.gather(*(j.future for j in jobs))
-        await batcher.close()
-        return runner.batches
-
-    batches = run(main())
+    batches = batches_of(
+        lambda: [job(f"{c}{i}", canvas=(ord(c), 32)) for i, c in enumerate("ABAACBBAB")],
+        max_batch_size=3, max_delay_s=0.05, max_queue_size=100,
+    )
     # Each batch: the oldest job still waiting, then the next ones of its canvas, in order.
     assert batches == [["A0", "A2", "A3"], ["B1", "B5", "B6"], ["C4"], ["A7"], ["B8"]]
 
@@ -475,21 +475,12 @@ def test_a_filling_batch_takes_later_arrivals_of_its_canvas_only():
 
 def test_batches_hold_one_value_of_what_jobs_share():
     """Same canvas, other ``shares`` (an exported graph's batch-wide options): never one batch."""
-    async def main():
-        runner = Recorder()
-        batcher = Batcher([runner], max_batch_size=4, max_delay_s=0.05, max_queue_size=100)
-        jobs = []
-        for i, shares in enumerate([(0.5, 100), (0.0, 100), (0.5, 100), None, (0.5, 100), None]):
-            jobs.append(job(f"{i}", canvas=(64, 64)))
-            jobs[-1].shares = shares
-        for j in jobs:
-            batcher.submit(j)
-        batcher.start()
-        await asyncio.gather(*(j.future for j in jobs))
-        await batcher.close()
-        return runner.batches
-
-    assert run(main()) == [["0", "2", "4"], ["1"], ["3", "5"]]
+    shared = [(0.5, 100), (0.0, 100), (0.5, 100), None, (0.5, 100), None]
+    batches = batches_of(
+        lambda: [job(f"{i}", canvas=(64, 64), shares=shares) for i, shares in enumerate(shared)],
+        max_batch_size=4, max_delay_s=0.05, max_queue_size=100,
+    )
+    assert batches == [["0", "2", "4"], ["1"], ["3", "5"]]
 
 
 def test_a_failing_batch_fails_its_jobs_and_the_batcher_goes_on():
