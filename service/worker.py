@@ -106,7 +106,8 @@ class Worker:
                 break
             inference_s = time.perf_counter() - started
             if settle(jobs, step, pre_s, inference_s) and not observed:
-                observed = observe_batch(self.metrics, pre_s, inference_s)
+                observe_batch(self.metrics, pre_s, inference_s)
+                observed = True
         if not observed:
             observe_batch(self.metrics, pre_s, time.perf_counter() - started)
 
@@ -168,14 +169,13 @@ def settle(jobs: list[Job], step: list[tuple[int, FetchedDetections]], preproces
     return all(job.future.done() for job in jobs)
 
 
-def observe_batch(metrics, preprocess_s: float, inference_s: float) -> bool:
+def observe_batch(metrics, preprocess_s: float, inference_s: float) -> None:
     """Counts a batch's times in the metrics. Called as its last answer is set, before the event
     loop sends any answer, so that a scrape of /metrics made after a batch's last answer always
     counts that batch (``transfiner bench`` reads each step's batches that way)."""
     if metrics is not None:
         metrics.preprocess_seconds.observe(preprocess_s)
         metrics.inference_seconds.observe(inference_s)
-    return True
 
 
 def _fail(jobs: list[Job], error: Exception) -> None:

@@ -221,7 +221,8 @@ class ProcessWorker:
         elif kind == "step":
             inference_s = time.perf_counter() - batch.started
             if settle(batch.jobs, rest[0], batch.preprocess_s, inference_s) and not batch.observed:
-                batch.observed = observe_batch(self.metrics, batch.preprocess_s, inference_s)
+                observe_batch(self.metrics, batch.preprocess_s, inference_s)
+                batch.observed = True
         elif kind == "done":
             batch.done.set_result(None)
         elif kind == "error":
