@@ -27,16 +27,21 @@ from pathlib import Path
 
 import torch
 
-import model as model_package
-from model.checkpoint_io import file_digest
-from model.config import COVERING_MAX_CELLS, ModelConfig
-from model.rcnn import MaskTransfiner
-from model.transfiner import tokens_per_box
-
-from .graph import (
-    INPUT_NAMES, INPUTS, OUTPUT_NAMES, OUTPUTS, ExportableMaskTransfiner, dynamic_axes, example_inputs,
+import transfiner.model as model_package
+from transfiner.export.graph import (
+    INPUT_NAMES,
+    INPUTS,
+    OUTPUT_NAMES,
+    OUTPUTS,
+    ExportableMaskTransfiner,
+    dynamic_axes,
+    example_inputs,
     specs_as_dicts,
 )
+from transfiner.model.config import COVERING_MAX_CELLS, ModelConfig
+from transfiner.model.modeling.rcnn import MaskTransfiner
+from transfiner.model.modeling.refiner import tokens_per_box
+from transfiner.model.weights.files import file_digest
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 METADATA_FILE = "metadata.json"
@@ -64,8 +69,8 @@ def graph_code_digest() -> str:
     packages): a checkpoint's cached export is keyed by it, so new code exports it again."""
     digest = hashlib.sha256()
     for package in (Path(model_package.__file__).parent, Path(__file__).parent):
-        for source in sorted(package.glob("*.py")):
-            digest.update(f"{package.name}/{source.name}\0".encode())
+        for source in sorted(package.rglob("*.py")):
+            digest.update(f"{package.name}/{source.relative_to(package).as_posix()}\0".encode())
             digest.update(source.read_bytes())
     return digest.hexdigest()[:12]
 

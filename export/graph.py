@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from model.config import ModelConfig
-from model.preprocess import pad_batch
-from model.rcnn import InferenceOptions, MaskTransfiner, RawOutputs
+from transfiner.model.config import ModelConfig
+from transfiner.model.inference.preprocess import pad_batch
+from transfiner.model.modeling.rcnn import InferenceOptions, MaskTransfiner, RawOutputs
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from model.backend import BACKEND_NAMES
-from model.checkpoint_io import file_digest
-from model.default_model import resolve_weights
-
-from .exporter import ExportError, find_export
+from transfiner.export.exporter import ExportError, find_export
+from transfiner.model.inference.backend import BACKEND_NAMES
+from transfiner.model.weights.default import resolve_weights
+from transfiner.model.weights.files import file_digest
 
 # Which export format each runtime reads (eager PyTorch reads checkpoints only).
 RUNTIME_FORMATS = {"torchscript": "torchscript", "onnxruntime": "onnx"}

@@ -17,8 +17,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.config import InputConfig
-from model.preprocess import padded_shape
+from transfiner.model.config import InputConfig
+from transfiner.model.inference.preprocess import padded_shape
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SUPPORT_MATRIX = DATA_DIR / "tensorrt_onnx_operators.json"
@@ -189,22 +189,3 @@ def write_operator_list(report: TensorRTReport) -> None:
     }, indent=1) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m export.tensorrt MODEL.onnx [--write-operator-list]``: the TensorRT check."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m export.tensorrt", description=main.__doc__)
-    parser.add_argument("onnx_file")
-    parser.add_argument("--write-operator-list", action="store_true", help=f"update {GRAPH_OPERATORS.name}")
-    args = parser.parse_args(argv)
-    report = check_onnx(args.onnx_file)
-    print(json.dumps({"tensorrt": report.tensorrt_version, "ok": report.ok, "problems": report.problems,
-                      "topk_bounds": report.topk_bounds, "type_notes": report.type_notes,
-                      "operators": report.operators}, indent=1))
-    if args.write_operator_list:
-        write_operator_list(report)
-    return 0 if report.ok else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

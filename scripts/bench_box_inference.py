@@ -23,9 +23,9 @@ import torch
 # The previous implementation lives with the tests, which are not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.config import ROIHeadsConfig  # noqa: E402
-from model.roi_heads import BoxROIHeads  # noqa: E402
-from tests.box_inference_reference import reference_inference  # noqa: E402
+from scripts.reference.box_inference import reference_inference  # noqa: E402
+from transfiner.model.config import ROIHeadsConfig  # noqa: E402
+from transfiner.model.modeling.roi_heads import BoxROIHeads  # noqa: E402
 
 
 def synthetic_outputs(images: int, per_image: int, num_classes: int, device: str, seed: int = 0):

@@ -35,7 +35,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from model.images import image_to_rgb, open_image
+from transfiner.model.inference.images import image_to_rgb, open_image
 
 
 def parse_args() -> argparse.Namespace:

@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from export.exporter import export_model
-from export.resolve import resolve_model
-from export.runtimes import load_backend
-from model.backend import BACKEND_NAMES, TorchBackend
-from model.checkpoint import load_model
-from model.preprocess import prepare_batch, to_rgb_tensor
-from model.rcnn import InferenceOptions
-from model.shapes import ShapesConfig, render_image
+from transfiner.export.backends import load_backend
+from transfiner.export.exporter import export_model
+from transfiner.export.resolve import resolve_model
+from transfiner.model.datasets.shapes import ShapesConfig, render_image
+from transfiner.model.inference.backend import BACKEND_NAMES, TorchBackend
+from transfiner.model.inference.preprocess import prepare_batch, to_rgb_tensor
+from transfiner.model.modeling.rcnn import InferenceOptions
+from transfiner.model.weights.checkpoint import load_model
 
 
 def parse_args() -> argparse.Namespace:

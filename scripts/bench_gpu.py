@@ -46,16 +46,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, whe
 
 from bench_model import calibrate_frozen_bn  # noqa: E402
 
-from model.backend import CPU_BOXES_PER_GROUP, TorchBackend  # noqa: E402
-from model.checkpoint import build_model, save_checkpoint  # noqa: E402
-from model.config import ModelConfig, preset  # noqa: E402
-from model.postprocess import image_detections, masks_to_rle  # noqa: E402
-from model.precision import autocast  # noqa: E402
-from model.preprocess import prepare_batch  # noqa: E402
-from model.rcnn import InferenceOptions, MaskTransfiner  # noqa: E402
-from model.shapes import ShapesConfig, render_image  # noqa: E402
-from model.transfiner import CONTEXT_SIZE  # noqa: E402
-from service.loadtest.servers import free_port, wait_for_server  # noqa: E402
+from transfiner.model.config import ModelConfig, preset  # noqa: E402
+from transfiner.model.datasets.shapes import ShapesConfig, render_image  # noqa: E402
+from transfiner.model.inference.backend import CPU_BOXES_PER_GROUP, TorchBackend  # noqa: E402
+from transfiner.model.inference.postprocess import image_detections, masks_to_rle  # noqa: E402
+from transfiner.model.inference.precision import autocast  # noqa: E402
+from transfiner.model.inference.preprocess import prepare_batch  # noqa: E402
+from transfiner.model.modeling.rcnn import InferenceOptions, MaskTransfiner  # noqa: E402
+from transfiner.model.modeling.refiner import CONTEXT_SIZE  # noqa: E402
+from transfiner.model.weights.checkpoint import build_model, save_checkpoint  # noqa: E402
+from transfiner.service.loadtest.servers import free_port, wait_for_server  # noqa: E402
 
 # The `transfiner` command without relying on an installed console script (GPU images lack it).
 TRANSFINER = [sys.executable, "-m", "transfiner"]
@@ -458,7 +458,7 @@ def bench_refiner_variants(workload: Workload, model: MaskTransfiner, images, de
     ``linear_relu``); the layers on packed real tokens with FlashAttention's variable-length
     kernel (``SequenceEncoder.packed``, off by default). With the largest change of a mask
     probability against the model as it is."""
-    import model.transfiner as transfiner
+    import transfiner.model.modeling.refiner as transfiner
 
     precision, batch_size, detections = workload.precisions[0], max(workload.batch_sizes), max(workload.detections)
     chosen = [torch.from_numpy(images[i % len(images)]).permute(2, 0, 1) for i in range(batch_size)]
@@ -663,7 +663,7 @@ def busy_python(active: bool, cfg: ModelConfig, fetched: list) -> Iterator[None]
     if not active:
         yield
         return
-    from service.pipeline import records
+    from transfiner.service.engine.pipeline import records
 
     payload = [records(f, cfg, None) for f in fetched]
     stop = threading.Event()
@@ -689,8 +689,8 @@ def bench_worker(workload: Workload, model: MaskTransfiner, images, device, log)
     and JSON of earlier answers), at a short GIL switch interval: a thread that launches
     thousands of small kernels waits for the lock at each of them. Then alone again with the
     batch's masks in one step instead of groups of images, lightest first."""
-    from service.pipeline import RequestOptions, network_image
-    from service.worker import Worker
+    from transfiner.service.engine.pipeline import RequestOptions, network_image
+    from transfiner.service.engine.worker import Worker
 
     precision, batch_size = workload.precisions[0], workload.http_batch_size
     backend = TorchBackend(model, precision)
@@ -761,11 +761,11 @@ def bench_worker_process(workload: Workload, checkpoint: Path, cfg: ModelConfig,
     launches the kernels."""
     import asyncio
 
-    from export.resolve import resolve_model
-    from service.batcher import Job
-    from service.pipeline import RequestOptions, network_image
-    from service.worker import SegmentJob
-    from service.worker_process import ProcessWorker, WorkerSpec
+    from transfiner.export.resolve import resolve_model
+    from transfiner.service.engine.batcher import Job
+    from transfiner.service.engine.pipeline import RequestOptions, network_image
+    from transfiner.service.engine.worker import SegmentJob
+    from transfiner.service.engine.worker_process import ProcessWorker, WorkerSpec
 
     precision, batch_size = workload.precisions[0], workload.http_batch_size
     queued = [network_image(images[i % len(images)], images[i % len(images)].shape[:2], cfg.input)
@@ -824,10 +824,10 @@ def bench_jpeg_decode(workload: Workload, images, device, log) -> list[dict]:
 
     from torchvision.io import decode_jpeg
 
-    from model.config import preset as config_preset
-    from model.preprocess import network_shape, resize_image
-    from service.imaging import decode_image
-    from service.pipeline import network_image
+    from transfiner.model.config import preset as config_preset
+    from transfiner.model.inference.preprocess import network_shape, resize_image
+    from transfiner.service.engine.pipeline import network_image
+    from transfiner.service.imaging import decode_image
 
     cfg = config_preset(workload.config).input
     cores = os.cpu_count() or 1

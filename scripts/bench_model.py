@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.config import COVERING_MAX_CELLS, parse_max_cells, preset
-from model.layers import FrozenBatchNorm2d
-from model.preprocess import prepare_batch
-from model.rcnn import InferenceOptions, MaskTransfiner
-from model.transfiner import PointQuadtree, tokens_per_box
+from transfiner.model.config import COVERING_MAX_CELLS, parse_max_cells, preset
+from transfiner.model.inference.preprocess import prepare_batch
+from transfiner.model.modeling.layers import FrozenBatchNorm2d
+from transfiner.model.modeling.rcnn import InferenceOptions, MaskTransfiner
+from transfiner.model.modeling.refiner import PointQuadtree, tokens_per_box
 
 
 def _rss_kib(field: str) -> int:
@@ -293,9 +293,8 @@ class TimedBackend:
 
 def bench_caps(args) -> None:
     """The default model at each of ``args.caps``: AP, AP^B, forward time, tokens per refined box."""
-    from model.predictor import load_predictor
-    from model.evaluate import evaluate
-    from model.predictor import Predictor
+    from transfiner.model.evaluation.evaluate import evaluate
+    from transfiner.model.inference.predictor import Predictor, load_predictor
 
     out = Path(args.out)
     rows = []

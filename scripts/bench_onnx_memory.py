@@ -1,7 +1,7 @@
 """Peak memory and time of ONNX Runtime on the default model's graph, by attention query block.
 
 Exports the shipped default model (its own caps) once per ``--blocks`` value of
-``model.transfiner.EXPORT_QUERY_BLOCK``, then runs each export in a fresh process on random
+``transfiner.model.modeling.refiner.EXPORT_QUERY_BLOCK``, then runs each export in a fresh process on random
 384x384 images at score threshold 0 (every image has ``--detections`` refined detections) and
 reads that process's peak resident memory. Writes ``OUT/bench_onnx_memory.{json,md}``.
 
@@ -23,11 +23,11 @@ from tqdm import tqdm
 
 EXPORT = """
 import sys
-import model.transfiner
-model.transfiner.EXPORT_QUERY_BLOCK = int(sys.argv[1])
-from export.exporter import export_model
-from model.checkpoint import build_model, load_checkpoint
-from model.default_model import DEFAULT_WEIGHTS
+import transfiner.model.modeling.refiner
+transfiner.model.modeling.refiner.EXPORT_QUERY_BLOCK = int(sys.argv[1])
+from transfiner.export.exporter import export_model
+from transfiner.model.weights.checkpoint import build_model, load_checkpoint
+from transfiner.model.weights.default import DEFAULT_WEIGHTS
 model = build_model(load_checkpoint(DEFAULT_WEIGHTS)[0], DEFAULT_WEIGHTS, "cpu")
 export_model(model, "onnx", sys.argv[2], source=DEFAULT_WEIGHTS)
 """
@@ -35,8 +35,8 @@ export_model(model, "onnx", sys.argv[2], source=DEFAULT_WEIGHTS)
 RUN = """
 import resource, sys, time
 import numpy as np
-from export.runtimes import load_backend
-from model.predictor import Predictor
+from transfiner.export.backends import load_backend
+from transfiner.model.inference.predictor import Predictor
 predictor = Predictor.from_backend(load_backend(sys.argv[1], "onnxruntime", device="cpu"))
 rng = np.random.default_rng(0)
 images = [rng.integers(0, 255, (384, 384, 3), dtype=np.uint8) for _ in range(int(sys.argv[2]))]

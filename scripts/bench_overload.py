@@ -42,14 +42,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from bench_service import synthetic_png  # scripts/, on the path when run as a script
 from PIL import Image
 
-from service.loadtest.client import TRANSPORT_ERRORS, poisson_arrivals, run_closed_loop, run_open_loop
-from service.loadtest.metrics_delta import scrape
-from service.loadtest.report import LatencyStats
-from service.loadtest.servers import free_port, wait_for_server
-
-from bench_service import synthetic_png  # scripts/, on the path when run as a script
+from transfiner.service.loadtest.client import TRANSPORT_ERRORS, poisson_arrivals, run_closed_loop, run_open_loop
+from transfiner.service.loadtest.metrics_delta import scrape
+from transfiner.service.loadtest.report import LatencyStats
+from transfiner.service.loadtest.servers import free_port, wait_for_server
 
 
 def zeros_png(side: int) -> bytes:

@@ -37,14 +37,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.loadtest.cli import generate_images, machine_info  # noqa: E402
-from service.loadtest.client import InvalidAnswer, SegmentClient, WorkloadImage, run_closed_loop  # noqa: E402
-from service.loadtest.report import StepResult  # noqa: E402
-from service.loadtest.servers import free_port, wait_for_server  # noqa: E402
+from transfiner.cli.bench import generate_images, machine_info  # noqa: E402
+from transfiner.service.loadtest.client import InvalidAnswer, SegmentClient, WorkloadImage, run_closed_loop  # noqa: E402
+from transfiner.service.loadtest.report import StepResult  # noqa: E402
+from transfiner.service.loadtest.servers import free_port, wait_for_server  # noqa: E402
 
 SERVERS = ("fastapi", "ray", "litserve")
 LABELS = {"fastapi": "transfiner serve (FastAPI)", "ray": "transfiner serve --engine ray (Ray Serve)",

@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not an installed package
 
-from model.polygons import mask_to_polygons  # noqa: E402
-from tests.polygon_reference import reference_mask_to_polygons  # noqa: E402
+from scripts.reference.polygons import reference_mask_to_polygons  # noqa: E402
+from transfiner.model.inference.polygons import mask_to_polygons  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model.postprocess import box_windows, encode_rle, masks_to_rle, paste_masks
+from transfiner.model.inference.postprocess import box_windows, encode_rle, masks_to_rle, paste_masks
 
 
 def parse_args() -> argparse.Namespace:

@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from service.loadtest.client import RunResult, SegmentClient, WorkloadImage, run_closed_loop
-from service.loadtest.metrics_delta import Scrape, scrape
-from service.loadtest.report import LatencyStats
-from service.loadtest.servers import free_port, wait_for_server
-from service.runtime import ServiceRuntime
-from service.settings import ServiceSettings
+from transfiner.service.engine.runtime import ServiceRuntime
+from transfiner.service.loadtest.client import RunResult, SegmentClient, WorkloadImage, run_closed_loop
+from transfiner.service.loadtest.metrics_delta import Scrape, scrape
+from transfiner.service.loadtest.report import LatencyStats
+from transfiner.service.loadtest.servers import free_port, wait_for_server
+from transfiner.service.settings import ServiceSettings
 
 
 def synthetic_png(height: int, width: int, seed: int = 0) -> bytes:
@@ -80,7 +80,7 @@ def mean_batch(before: Scrape, after: Scrape) -> float:
 
 
 async def run_in_process(settings: ServiceSettings, png: bytes, params: dict, plan: list[tuple[int, int]]) -> list[dict]:
-    from service.schemas import SegmentParams
+    from transfiner.service.schemas import SegmentParams
 
     runtime = ServiceRuntime(settings)
     await runtime.start()

@@ -33,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.pipeline import NetworkImage  # noqa: E402
-from service.worker_process import BatchMemory, read_images, receive_memory  # noqa: E402
+from transfiner.service.engine.pipeline import NetworkImage  # noqa: E402
+from transfiner.service.engine.worker_process import BatchMemory, read_images, receive_memory  # noqa: E402
 
 METHODS = ("pipe", "shared memory")
 

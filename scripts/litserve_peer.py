@@ -19,7 +19,7 @@ import litserve as ls
 import numpy as np
 from PIL import Image, ImageOps
 
-from model.predictor import Predictor
+from transfiner.model.inference.predictor import Predictor
 
 
 class TransfinerLitAPI(ls.LitAPI):

@@ -1,4 +1,4 @@
-"""Packages a trained checkpoint as the shipped default model (model/default_model/).
+"""Packages a trained checkpoint as the shipped default model (model/weights/default_model/).
 
 Stores the weights in half precision (loading converts them back to float32), copies the
 evaluation reports and an overlay picture, draws the loss curve over every training phase, and
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import FORMAT
-from model.train import plot_losses
+from transfiner.model.training.train import plot_losses
+from transfiner.model.weights.checkpoint import FORMAT
 
 
 def combined_metrics(runs: list[Path], path: Path) -> int:

@@ -68,8 +68,8 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import FORMAT
-from model.train import plot_losses
+from transfiner.model.weights.checkpoint import FORMAT
+from transfiner.model.training.train import plot_losses
 
 run, pack = Path(sys.argv[1]), Path(sys.argv[2])
 pack.mkdir(parents=True, exist_ok=True)

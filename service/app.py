@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from importlib.metadata import version as package_version
 
 from fastapi import FastAPI
 
-from .errors import COMMON_ERRORS, install_error_handlers
-from .metrics import ServiceMetrics
-from .middleware import BodyLimitMiddleware, HeadAsGetMiddleware, MetricsMiddleware
-from .routes import demo, health, models, segment
-from .runtime import BatcherFactory, ModelLoader, ServiceRuntime, load_model
-from .settings import ServiceSettings
+from transfiner.service.engine.runtime import BatcherFactory, ModelLoader, ServiceRuntime, load_model
+from transfiner.service.errors import COMMON_ERRORS, install_error_handlers
+from transfiner.service.metrics import ServiceMetrics
+from transfiner.service.middleware import BodyLimitMiddleware, HeadAsGetMiddleware, MetricsMiddleware
+from transfiner.service.routes import demo, health, models, segment
+from transfiner.service.settings import ServiceSettings
 
 DESCRIPTION = """\
 Mask Transfiner instance segmentation. `POST /v1/segment` takes one image (multipart field
@@ -43,10 +44,8 @@ def create_app(
         finally:
             await runtime.stop()
 
-    from . import __version__
-
     app = FastAPI(
-        title="Mask Transfiner service", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+        title="Mask Transfiner service", version=package_version("transfiner"), description=DESCRIPTION, lifespan=lifespan,
         responses=COMMON_ERRORS,  # documented on every operation; a route's own entries take precedence
     )
     app.state.settings = settings

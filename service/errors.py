@@ -14,9 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.images import without_object_reprs
-
-from .schemas import ErrorResponse
+from transfiner.model.inference.images import without_object_reprs
+from transfiner.service.schemas import ErrorResponse
 
 log = logging.getLogger("service")
 

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image
 
-from model.images import image_to_rgb, open_image
-
-from .errors import ServiceError
+from transfiner.model.inference.images import image_to_rgb, open_image
+from transfiner.service.errors import ServiceError
 
 __all__ = ["DecodedImage", "sniff_format", "decode_image", "SUPPORTED_FORMATS"]
 

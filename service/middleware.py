@@ -7,8 +7,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ServiceError, error_body
-from .metrics import ServiceMetrics
+from transfiner.service.errors import ServiceError, error_body
+from transfiner.service.metrics import ServiceMetrics
 
 
 class MetricsMiddleware:

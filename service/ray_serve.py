@@ -29,10 +29,18 @@ import ray
 from ray import serve
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .app import create_app
-from .backends import max_batch_size_for
-from .batcher import BatchObserver, BatcherClosed, BatchRunner, BatchTimes, DeadlineExceeded, Job, batch_capacity
-from .settings import ServiceSettings
+from transfiner.service.app import create_app
+from transfiner.service.engine.batcher import (
+    BatcherClosed,
+    BatchObserver,
+    BatchRunner,
+    BatchTimes,
+    DeadlineExceeded,
+    Job,
+    batch_capacity,
+)
+from transfiner.service.engine.loading import max_batch_size_for
+from transfiner.service.settings import ServiceSettings
 
 log = logging.getLogger("service")
 

@@ -7,7 +7,7 @@ import hmac
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from .errors import ServiceError
+from transfiner.service.errors import ServiceError
 
 # Declared as security schemes so that /openapi.json (and /docs' "Authorize") shows both ways of
 # sending the key; an operation lists them as alternatives (either one is enough). auto_error is

@@ -13,9 +13,9 @@ import uvicorn
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .errors import error_body
-from .runtime import ServiceRuntime
-from .settings import ServiceSettings
+from transfiner.service.engine.runtime import ServiceRuntime
+from transfiner.service.errors import error_body
+from transfiner.service.settings import ServiceSettings
 
 
 def _error_response(status_line: str, code: str, message: str) -> bytes:

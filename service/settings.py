@@ -8,8 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from model.config import parse_max_cells
-from model.predictor import parse_device
+from transfiner.model.config import parse_max_cells
+from transfiner.model.inference.predictor import parse_device
 
 
 def available_cores() -> int:

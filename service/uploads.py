@@ -24,9 +24,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from .errors import ServiceError, bad_request, invalid_parameter
-from .imaging import sniff_format
-from .schemas import SegmentParams
+from transfiner.service.errors import ServiceError, bad_request, invalid_parameter
+from transfiner.service.imaging import sniff_format
+from transfiner.service.schemas import SegmentParams
 
 MAX_FORM_FIELDS = 32
 TOO_DEEP = "the JSON body is nested too deeply"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.config import TransfinerConfig, small_config
-from model.rcnn import MaskTransfiner
+from transfiner.model.config import TransfinerConfig, small_config
+from transfiner.model.modeling.rcnn import MaskTransfiner
 
 torch.set_num_threads(2)
 

@@ -104,7 +104,7 @@ def declared_metric_families() -> dict[str, str]:
 
 def registry_metric_families() -> dict[str, str]:
     """{family name: type} of a real ``ServiceMetrics`` registry (CPU: no GPU gauges)."""
-    from service.metrics import ServiceMetrics
+    from transfiner.service.metrics import ServiceMetrics
 
     return {family.name: family.type for family in ServiceMetrics().registry.collect()}
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from service.loadtest.servers import free_port
+from transfiner.service.loadtest.servers import free_port
 
 REPLICA_CLASS = "ServeReplica:transfiner:transfiner"  # Serve's actor class: ServeReplica:<app>:<deployment>
 # Series of Ray's metrics that every node with a replica that served must export.

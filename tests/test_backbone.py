@@ -10,9 +10,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from model.backbone import FPN, BottleneckBlock, ResNet, build_backbone
-from model.config import FPNConfig, ResNetConfig
-from model.layers import DeformConv, FrozenBatchNorm2d
+from transfiner.model.config import FPNConfig, ResNetConfig
+from transfiner.model.modeling.backbone import FPN, BottleneckBlock, ResNet, build_backbone
+from transfiner.model.modeling.layers import DeformConv, FrozenBatchNorm2d
 
 
 def _randomize_norms(module: nn.Module, generator: torch.Generator) -> None:

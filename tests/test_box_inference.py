@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.config import ROIHeadsConfig
-from model.roi_heads import BoxROIHeads
-from tests.box_inference_reference import reference_inference
+from scripts.reference.box_inference import reference_inference
+from transfiner.model.config import ROIHeadsConfig
+from transfiner.model.modeling.roi_heads import BoxROIHeads
 
 NUM_CLASSES = 6
 

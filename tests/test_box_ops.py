@@ -6,11 +6,16 @@ import math
 
 import pytest
 import torch
-
 from torchvision.ops import batched_nms, nms
 
-from model.box_ops import (
-    AnchorGenerator, Box2BoxTransform, best_first, box_area, clip_boxes, coordinate_trick_nms, nms_in_each_image,
+from transfiner.model.modeling.box_ops import (
+    AnchorGenerator,
+    Box2BoxTransform,
+    best_first,
+    box_area,
+    clip_boxes,
+    coordinate_trick_nms,
+    nms_in_each_image,
 )
 
 

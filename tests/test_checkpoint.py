@@ -9,11 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import build_model, convert_official_state_dict, load_checkpoint, official_to_ours, save_checkpoint
-from model.checkpoint_io import CheckpointError
-from transfiner.cli import main
-from model.config import TransfinerConfig, preset, small_config
-from model.rcnn import MaskTransfiner
+from transfiner.cli.main import main
+from transfiner.model.config import TransfinerConfig, preset, small_config
+from transfiner.model.modeling.rcnn import MaskTransfiner
+from transfiner.model.weights.checkpoint import (
+    build_model,
+    convert_official_state_dict,
+    load_checkpoint,
+    official_to_ours,
+    save_checkpoint,
+)
+from transfiner.model.weights.files import CheckpointError
 
 KEYS = Path(__file__).parent / "data" / "official_keys"
 
@@ -196,8 +202,7 @@ def torch_loads(monkeypatch):
 
 
 def test_building_a_model_reads_its_checkpoint_once(tmp_path, torch_loads):
-    from model.predictor import load_predictor
-    from model.predictor import Predictor
+    from transfiner.model.inference.predictor import Predictor, load_predictor
 
     torch.manual_seed(5)
     model = MaskTransfiner(small_config(("a", "b"))).eval()
@@ -222,9 +227,9 @@ def test_building_a_model_reads_its_checkpoint_once(tmp_path, torch_loads):
 
 def test_max_cells_override_the_checkpoint_caps(tmp_path, capsys):
     """``--max-cells`` / ``max_cells=`` replaces the stored caps at inference only."""
-    from model.config import parse_max_cells
-    from model.predictor import load_predictor
-    from transfiner.cli import build_parser
+    from transfiner.cli.main import build_parser
+    from transfiner.model.config import parse_max_cells
+    from transfiner.model.inference.predictor import load_predictor
 
     torch.manual_seed(5)
     save_checkpoint(tmp_path / "m.pth", MaskTransfiner(small_config()).eval())
@@ -248,7 +253,7 @@ def test_max_cells_override_the_checkpoint_caps(tmp_path, capsys):
 
 
 def test_service_max_cells_setting(monkeypatch):
-    from service.settings import ServiceSettings
+    from transfiner.service.settings import ServiceSettings
 
     assert ServiceSettings().max_cells is None  # the checkpoint's caps
     monkeypatch.setenv("TRANSFINER_MAX_CELLS", "784,196,64")

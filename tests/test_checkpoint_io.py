@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint_io import CheckpointError, _NumpyOnlyUnpickler, read_state_dict
+from transfiner.model.weights.files import CheckpointError, _NumpyOnlyUnpickler, read_state_dict
 
 KEYS_DIR = Path(__file__).parent / "data" / "official_keys"
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from export.runtimes import load_backend
-from model.backend import TorchBackend
-from model.predictor import load_predictor
-from service.batcher import Job
-from service.pipeline import RequestOptions, network_image, records
-from service.worker import SegmentJob, Worker
+from transfiner.export.backends import load_backend
+from transfiner.model.inference.backend import TorchBackend
+from transfiner.model.inference.predictor import load_predictor
+from transfiner.service.engine.batcher import Job
+from transfiner.service.engine.pipeline import RequestOptions, network_image, records
+from transfiner.service.engine.worker import SegmentJob, Worker
 
 from .test_service_support import scene
 

@@ -11,10 +11,17 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from model.config import InputConfig
-from model.data import CocoDataset, DatasetError, DatasetWarning, TrainingSample, decode_segmentation, make_loader
-from model.images import load_image_rgb
-from model.preprocess import resized_shape
+from transfiner.model.config import InputConfig
+from transfiner.model.datasets.coco import (
+    CocoDataset,
+    DatasetError,
+    DatasetWarning,
+    TrainingSample,
+    decode_segmentation,
+    make_loader,
+)
+from transfiner.model.inference.images import load_image_rgb
+from transfiner.model.inference.preprocess import resized_shape
 
 H, W = 30, 40
 # Exact sizes so test-mode samples are not resized and masks compare pixel for pixel.

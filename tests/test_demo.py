@@ -29,9 +29,9 @@ import pycocotools.mask as mask_util
 import pytest
 from PIL import Image
 
-from model.shapes import make_shapes
-from service.app import create_app
-from service.settings import ServiceSettings
+from transfiner.model.datasets.shapes import make_shapes
+from transfiner.service.app import create_app
+from transfiner.service.settings import ServiceSettings
 
 from .test_service_support import ThreadServer
 

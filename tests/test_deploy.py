@@ -22,13 +22,27 @@ from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from service.server import AFTER_DRAIN_S
-from service.settings import ServiceSettings
+from transfiner.service.server import AFTER_DRAIN_S
+from transfiner.service.settings import ServiceSettings
 
 from .deploy_support import (
-    COMPOSE_FILE, DASHBOARD_DIR, DOCKER_DIR, NGINX_TEMPLATE, PROMETHEUS_CONFIG, REPO, SERVICE,
-    dashboard_queries, declared_metric_families, exported_sample_names, interpolations, load_compose, missing_tool,
-    nginx_template_variables, parse_port, registry_metric_families, render_nginx_template,
+    COMPOSE_FILE,
+    DASHBOARD_DIR,
+    DOCKER_DIR,
+    NGINX_TEMPLATE,
+    PROMETHEUS_CONFIG,
+    REPO,
+    SERVICE,
+    dashboard_queries,
+    declared_metric_families,
+    exported_sample_names,
+    interpolations,
+    load_compose,
+    missing_tool,
+    nginx_template_variables,
+    parse_port,
+    registry_metric_families,
+    render_nginx_template,
 )
 
 SCHEMA = REPO / "tests" / "data" / "compose_spec" / "compose-spec.json"
@@ -236,7 +250,7 @@ def _prometheus_job() -> dict:
 def test_prometheus_discovers_every_replica_by_dns(compose):
     job = _prometheus_job()
     assert job.get("metrics_path", "/metrics") == "/metrics"
-    from service.routes.health import router
+    from transfiner.service.routes.health import router
 
     assert "/metrics" in {route.path for route in router.routes}
     (sd,) = job["dns_sd_configs"]
@@ -300,7 +314,7 @@ def test_dashboard_uses_only_metrics_the_service_exports():
     }
     assert not {topic for topic, name in wanted.items() if name not in used}
     # The route the queries filter on exists.
-    from service.routes.segment import router
+    from transfiner.service.routes.segment import router
 
     assert "/v1/segment" in {route.path for route in router.routes}
 
@@ -320,7 +334,7 @@ def test_every_rejection_reason_is_a_series_before_the_first_rejection():
     only appears at its first rejection has no earlier sample, so rate() misses that rejection."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from service.metrics import ServiceMetrics
+    from transfiner.service.metrics import ServiceMetrics
 
     exported = {
         sample.labels["reason"]: sample.value

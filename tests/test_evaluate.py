@@ -13,20 +13,24 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 
-from model.checkpoint import save_checkpoint
-from model.config import small_config
-from model.data import CocoDataset, DatasetError
-from model.evaluate import (
-    METRIC_NAMES, IncoherenceStats, add_evaluate_arguments, check_categories, cmd_evaluate, coco_metrics, evaluate,
-)
-from model.images import load_image_rgb
-from model.predictor import Predictor
-from model.preprocess import pad_batch, prepare_batch, to_rgb_tensor
-from model.rcnn import MaskTransfiner
-from model.shapes import CATEGORIES, make_shapes
-from model.targets import gt_incoherence
 from tests.conftest import tiny_transfiner_config
-from transfiner.cli import predictor_from_args
+from transfiner.cli.evaluate import add_evaluate_arguments, cmd_evaluate
+from transfiner.model.config import small_config
+from transfiner.model.datasets.coco import CocoDataset, DatasetError
+from transfiner.model.datasets.shapes import CATEGORIES, make_shapes
+from transfiner.model.datasets.targets import gt_incoherence
+from transfiner.model.evaluation.evaluate import (
+    METRIC_NAMES,
+    IncoherenceStats,
+    check_categories,
+    coco_metrics,
+    evaluate,
+)
+from transfiner.model.inference.images import load_image_rgb
+from transfiner.model.inference.predictor import Predictor
+from transfiner.model.inference.preprocess import pad_batch, prepare_batch, to_rgb_tensor
+from transfiner.model.modeling.rcnn import MaskTransfiner
+from transfiner.model.weights.checkpoint import save_checkpoint
 
 IMAGE_IDS = (10, 20)  # not 1, 2: results must carry the json's own ids
 
@@ -182,7 +186,7 @@ def test_cmd_evaluate_end_to_end(shapes_json, tmp_path, capsys):
         "--weights", str(weights), "--data", str(shapes_json), "--out", str(out), "--device", "cpu",
         "--batch-size", "2", "--max-detections", "4",
     ])
-    assert cmd_evaluate(args, predictor_from_args) == 0
+    assert cmd_evaluate(args) == 0
     assert "refined" in capsys.readouterr().out
 
     report = json.loads((out / "report.json").read_text())
@@ -220,7 +224,7 @@ def test_bad_arguments(shapes_json, tmp_path):
     args = add_evaluate_arguments(argparse.ArgumentParser()).parse_args(
         ["--model", str(tmp_path / "nope.pth"), "--data", str(shapes_json), "--out", str(tmp_path)]
     )
-    from model.checkpoint_io import CheckpointError
+    from transfiner.model.weights.files import CheckpointError
 
     with pytest.raises(CheckpointError, match="model not found"):
-        cmd_evaluate(args, predictor_from_args)
+        cmd_evaluate(args)

@@ -12,8 +12,8 @@ import dataclasses
 import json
 import subprocess
 import sys
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -23,21 +23,21 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from export.cli import compare_outputs, mask_iou, masks_match
-from export.exporter import ExportError, export_model, find_export
-from export.graph import INPUT_NAMES, OUTPUT_NAMES, example_inputs
-from export.runtimes import OnnxRuntimeBackend, TorchScriptBackend, load_backend
-from export.tensorrt import GRAPH_OPERATORS, check_onnx, graph_operators, support_matrix
-from model.backend import TorchBackend
-from model.checkpoint import build_model, load_checkpoint, save_checkpoint
-from model.checkpoint_io import file_digest
-from transfiner.cli import main
-from model.default_model import DEFAULT_WEIGHTS
-from model.predictor import Predictor
-from model.preprocess import prepare_batch
-from model.rcnn import InferenceOptions
-from service.settings import ServiceSettings
 from tests.test_service_support import encode, metric, running, scene
+from transfiner.cli.export import compare_outputs, mask_iou, masks_match
+from transfiner.cli.main import main
+from transfiner.export.backends import OnnxRuntimeBackend, TorchScriptBackend, load_backend
+from transfiner.export.exporter import ExportError, export_model, find_export
+from transfiner.export.graph import INPUT_NAMES, OUTPUT_NAMES, example_inputs
+from transfiner.export.tensorrt import GRAPH_OPERATORS, check_onnx, graph_operators, support_matrix
+from transfiner.model.inference.backend import TorchBackend
+from transfiner.model.inference.predictor import Predictor
+from transfiner.model.inference.preprocess import prepare_batch
+from transfiner.model.modeling.rcnn import InferenceOptions
+from transfiner.model.weights.checkpoint import build_model, load_checkpoint, save_checkpoint
+from transfiner.model.weights.default import DEFAULT_WEIGHTS
+from transfiner.model.weights.files import file_digest
+from transfiner.service.settings import ServiceSettings
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +243,7 @@ def test_checkpoint_is_exported_once_into_the_cache(model, tmp_path, monkeypatch
         load_backend(folders[0], "onnxruntime", device="cpu", max_cells=(784, 16, 4))
     # Other exporting code (another digest of the model and export sources) exports again: a
     # graph the previous version made is never taken for the current one's.
-    monkeypatch.setattr("export.runtimes.graph_code_digest", lambda: "0" * 12)
+    monkeypatch.setattr("transfiner.export.backends.graph_code_digest", lambda: "0" * 12)
     load_backend(checkpoint, "onnxruntime", device="cpu")
     assert len(list((tmp_path / "cache" / "exports").iterdir())) == 3
 
@@ -288,9 +288,9 @@ def test_masks_match_tolerates_a_cells_pixels_not_a_share_of_a_mask():
 
 def test_a_failed_parity_check_removes_the_export(checkpoint, tmp_path, capsys, monkeypatch):
     """An export that does not match eager PyTorch is not left where `--model DIR` would load it."""
-    import export.cli
+    import transfiner.cli.export
 
-    monkeypatch.setattr(export.cli, "parity_check", lambda model, fmt, out: {"ok": False})
+    monkeypatch.setattr(transfiner.cli.export, "parity_check", lambda model, fmt, out: {"ok": False})
     out = tmp_path / "ts"
     assert main(["export", "--format", "torchscript", "--model", str(checkpoint), "--out", str(out)]) == 1
     assert "were removed" in capsys.readouterr().err
@@ -391,7 +391,7 @@ def test_a_mistyped_model_inside_an_export_folder_is_an_error(exports, tmp_path,
 def test_every_backend_reports_the_version_of_the_weights(exports):
     """The version is the source checkpoint's digest (the exports' own files differ), so the
     eager, TorchScript and ONNX Runtime services, CPU or GPU, agree for the same weights."""
-    from service.backends import build_backends
+    from transfiner.service.engine.loading import build_backends
 
     weights_version = file_digest(DEFAULT_WEIGHTS)
     assert file_digest(exports["onnx"].model_file) != weights_version
@@ -427,8 +427,8 @@ def test_service_serves_the_onnx_backend(exports, model):
 MEASURE_PEAK = """
 import resource, sys
 import numpy as np
-from export.runtimes import load_backend
-from model.predictor import Predictor
+from transfiner.export.backends import load_backend
+from transfiner.model.inference.predictor import Predictor
 predictor = Predictor.from_backend(load_backend(sys.argv[1], "onnxruntime", device="cpu"))
 image = np.random.default_rng(0).integers(0, 255, (384, 384, 3), dtype=np.uint8)
 found = predictor.predict([image], score_threshold=0.0, max_detections=100)[0]
@@ -478,8 +478,8 @@ def test_an_exported_graph_batches_only_requests_of_one_threshold_and_cap(export
 @pytest.mark.slow  # two evaluations: half a minute or more on 2 cores
 def test_evaluate_runs_on_the_exported_model(model, runtimes, tmp_path):
     """`transfiner evaluate --backend onnxruntime`: the same AP as eager, up to rounding."""
-    from model.evaluate import evaluate
-    from model.shapes import make_shapes
+    from transfiner.model.datasets.shapes import make_shapes
+    from transfiner.model.evaluation.evaluate import evaluate
 
     data = make_shapes(tmp_path / "shapes", num_images=3, seed=11)
     eager = evaluate(Predictor.from_model(model), data, tmp_path / "eager", num_overlays=0)

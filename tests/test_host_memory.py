@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from model import host_memory
-from service.runtime import keeps_freed_memory
-from service.settings import ServiceSettings
+from transfiner.service.engine import host_memory
+from transfiner.service.engine.runtime import keeps_freed_memory
+from transfiner.service.settings import ServiceSettings
 
 from .test_service_support import encode, free_port, scene, wait_ready
 

@@ -35,7 +35,7 @@ import pycocotools.mask as mask_util
 import pytest
 from PIL import Image
 
-from service.settings import ServiceSettings
+from transfiner.service.settings import ServiceSettings
 
 from .test_service_support import ThreadServer, encode, metric, scene
 

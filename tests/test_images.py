@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from model.images import _with_one_idat, image_to_rgb, open_image
+from transfiner.model.inference.images import _with_one_idat, image_to_rgb, open_image
 
 from .test_service_support import encode, scene
 

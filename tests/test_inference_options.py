@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.backend import TorchBackend, infer_lightest_first
-from model.preprocess import prepare_batch, to_rgb_tensor
-from model.rcnn import InferenceOptions, MaskTransfiner, RawOutputs
+from transfiner.model.inference.backend import TorchBackend, infer_lightest_first
+from transfiner.model.inference.preprocess import prepare_batch, to_rgb_tensor
+from transfiner.model.modeling.rcnn import InferenceOptions, MaskTransfiner, RawOutputs
 
 from .test_service_support import scene, tiny_config
 

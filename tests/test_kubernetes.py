@@ -15,8 +15,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.server import AFTER_DRAIN_S
-from service.settings import ServiceSettings
+from transfiner.service.server import AFTER_DRAIN_S
+from transfiner.service.settings import ServiceSettings
 
 from .deploy_support import DOCKER_DIR, REPO, registry_metric_families
 from .kustomize_support import KustomizeError, merge, render
@@ -94,7 +94,7 @@ def test_each_overlay_runs_its_image_and_everything_is_labelled(overlay):
 
 
 def test_ports_probes_and_scraping_match_the_service(overlay):
-    from service.routes.health import router
+    from transfiner.service.routes.health import router
 
     _, objects = overlay
     container = _container(objects)
@@ -128,7 +128,7 @@ def test_ports_probes_and_scraping_match_the_service(overlay):
 def test_the_environment_is_valid_service_settings(overlay, monkeypatch):
     _, objects = overlay
     env = _env(objects)
-    extra = {"TRANSFINER_CACHE"}  # read by export/runtimes.py, not a setting
+    extra = {"TRANSFINER_CACHE"}  # read by export/backends.py, not a setting
     for name in env:
         assert name in extra or name.removeprefix("TRANSFINER_").lower() in ServiceSettings.model_fields, name
     for name, value in env.items():

@@ -1,4 +1,4 @@
-"""Packages only look down: transfiner (the command) -> service -> export -> model."""
+"""Packages only look down: transfiner.cli -> service -> export -> model; the network below the rest of model."""
 
 from __future__ import annotations
 
@@ -8,68 +8,106 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Import name -> the folder it installs from (pyproject's package-dir).
+FOLDERS = {
+    "transfiner.model": "model",
+    "transfiner.export": "export",
+    "transfiner.service": "service",
+    "transfiner": "transfiner",
+}
 # Each package and the project packages it must never import, at module level or inside functions.
 FORBIDDEN = {
-    "model": {"export", "service", "transfiner"},
-    "export": {"service", "transfiner"},
-    "service": {"transfiner"},
+    "transfiner.model": ("transfiner.export", "transfiner.service", "transfiner.cli"),
+    "transfiner.export": ("transfiner.service", "transfiner.cli"),
+    "transfiner.service": ("transfiner.cli",),
+    # The network knows nothing of inference, weights files, data sets, training or evaluation.
+    "transfiner.model.modeling": (
+        "transfiner.model.inference",
+        "transfiner.model.weights",
+        "transfiner.model.datasets",
+        "transfiner.model.training",
+        "transfiner.model.evaluation",
+    ),
+    # Evaluation is used by training, never the reverse.
+    "transfiner.model.evaluation": ("transfiner.model.training",),
 }
 
 
-def imported_packages(path: Path) -> list[tuple[int, str]]:
-    """(line, top-level package) of every absolute import in a file."""
+def project_modules(root: Path, folders: dict[str, str]) -> dict[str, Path]:
+    """Import name -> source file of every module of the project."""
+    modules: dict[str, Path] = {}
+    for name, folder in folders.items():
+        for path in (root / folder).rglob("*.py"):
+            parts = path.relative_to(root / folder).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            modules[".".join((name, *parts))] = path
+    return modules
+
+
+def imported_modules(name: str, path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in a file, relative imports resolved."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     found = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.append((node.lineno, node.module.split(".")[0]))
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, node.module] if node.module else base)
+            found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
     return found
+
+
+def within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+MODULES = project_modules(ROOT, FOLDERS)
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_packages_only_import_downwards(package):
-    files = sorted((ROOT / package).rglob("*.py"))
+    files = {name: path for name, path in MODULES.items() if within(name, package)}
     assert files, f"no sources found for {package}"
     upward = [
-        f"{path.relative_to(ROOT)}:{line} imports {name}"
-        for path in files
-        for line, name in imported_packages(path)
-        if name in FORBIDDEN[package]
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for name, path in sorted(files.items())
+        for line, module in imported_modules(name, path)
+        if any(within(module, forbidden) for forbidden in FORBIDDEN[package])
     ]
     assert not upward, "\n".join(upward)
 
 
-def test_the_layering_check_sees_imports_inside_functions(tmp_path):
-    source = tmp_path / "m.py"
-    source.write_text("def f():\n    from service.cli import main\n    import export.runtimes\n")
-    assert imported_packages(source) == [(2, "service"), (3, "export")]
+def test_only_the_command_line_parses_arguments():
+    parsers = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for name, path in sorted(MODULES.items())
+        if not within(name, "transfiner.cli")
+        for line, module in imported_modules(name, path)
+        if module.split(".")[0] == "argparse"
+    ]
+    assert not parsers, "argparse outside transfiner.cli:\n" + "\n".join(parsers)
 
 
-def module_imports(root: Path, packages: tuple[str, ...]) -> dict[str, set[str]]:
-    """Every project module -> the project modules it imports (at module level or inside
-    functions; relative imports resolved; ``from pkg import name`` counts ``pkg.name`` when that
-    is a module, else ``pkg``)."""
-    modules: dict[str, Path] = {}
-    for package in packages:
-        for path in (root / package).rglob("*.py"):
-            parts = path.relative_to(root).with_suffix("").parts
-            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+def test_the_layering_check_sees_relative_imports_inside_functions(tmp_path):
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    source = tmp_path / "pkg" / "sub" / "m.py"
+    source.write_text("def f():\n    from ..service import main\n    import pkg.export.backends\n")
+    assert imported_modules("pkg.sub.m", source) == [(2, "pkg.service.main"), (3, "pkg.export.backends")]
+
+
+def module_imports(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Every project module -> the project modules it imports (``from pkg import name`` counts
+    ``pkg.name`` when that is a module, else ``pkg``)."""
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
-        is_package = path.name == "__init__.py"
-        here = name.split(".") if is_package else name.split(".")[:-1]
-        targets: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.Import):
-                targets |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                base = ".".join(here[: len(here) - node.level + 1] if node.level else [])
-                module = ".".join(p for p in (base, node.module or "") if p) if node.level else node.module or ""
-                for alias in node.names:
-                    child = f"{module}.{alias.name}"
-                    targets.add(child if child in modules else module)
-        graph[name] = {t for t in targets if t in modules and t != name}
+        targets = set()
+        for _, module in imported_modules(name, path):
+            while module and module not in modules:
+                module = module.rpartition(".")[0]
+            if module:
+                targets.add(module)
+        graph[name] = targets - {name}
     return graph
 
 
@@ -109,9 +147,16 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_import_cycles():
-    graph = module_imports(ROOT, ("model", "export", "service", "transfiner"))
+    graph = module_imports(MODULES)
     assert len(graph) > 40
     assert import_cycles(graph) == []
+
+
+def test_the_library_never_imports_the_public_api():
+    # transfiner/__init__.py imports the library; the library importing it back would be a cycle.
+    graph = module_imports(MODULES)
+    users = sorted(name for name, targets in graph.items() if "transfiner" in targets)
+    assert users == []
 
 
 def test_the_cycle_check_finds_a_cycle_held_apart_by_an_import_inside_a_function(tmp_path):
@@ -120,6 +165,6 @@ def test_the_cycle_check_finds_a_cycle_held_apart_by_an_import_inside_a_function
     (tmp_path / "pkg" / "a.py").write_text("from .b import g\n")
     (tmp_path / "pkg" / "b.py").write_text("def g():\n    from pkg import a\n")
     (tmp_path / "pkg" / "c.py").write_text("from pkg.a import g\n")
-    graph = module_imports(tmp_path, ("pkg",))
+    graph = module_imports(project_modules(tmp_path, {"pkg": "pkg"}))
     assert graph["pkg.c"] == {"pkg.a"}
     assert import_cycles(graph) == [["pkg.a", "pkg.b"]]

@@ -13,14 +13,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transfiner.cli import build_parser, main
-from model.shapes import make_shapes
-from service.loadtest.cli import command_line
-from service.loadtest.client import RequestRecord, RunResult, poisson_arrivals, run_closed_loop, run_open_loop
-from service.loadtest.metrics_delta import Histogram, Scrape, breakdown
-from service.loadtest.report import StepResult
-from service.metrics import ServiceMetrics
-from service.settings import ServiceSettings
+from transfiner.cli.bench import command_line
+from transfiner.cli.main import build_parser, main
+from transfiner.model.datasets.shapes import make_shapes
+from transfiner.service.loadtest.client import (
+    RequestRecord,
+    RunResult,
+    poisson_arrivals,
+    run_closed_loop,
+    run_open_loop,
+)
+from transfiner.service.loadtest.metrics_delta import Histogram, Scrape, breakdown
+from transfiner.service.loadtest.report import StepResult
+from transfiner.service.metrics import ServiceMetrics
+from transfiner.service.settings import ServiceSettings
 
 from .test_service_support import free_port, running
 

@@ -15,11 +15,14 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
-    content_type_conformance, response_headers_conformance, response_schema_conformance, status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
 )
 
-from service.app import create_app
-from service.settings import ServiceSettings
+from transfiner.service.app import create_app
+from transfiner.service.settings import ServiceSettings
 
 from .test_service_support import ThreadServer
 

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from model.polygons import mask_to_polygons
-from tests.polygon_reference import reference_mask_to_polygons
+from scripts.reference.polygons import reference_mask_to_polygons
+from transfiner.model.inference.polygons import mask_to_polygons
 
 
 def _speckled(rng: np.random.Generator, h: int, w: int) -> np.ndarray:

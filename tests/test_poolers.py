@@ -7,7 +7,13 @@ import math
 import torch
 from torchvision.ops import roi_align
 
-from model.poolers import ROIPooler, _roi_align_per_level_traced, assign_fpn_levels, boxes_to_rois, multilevel_roi_align
+from transfiner.model.modeling.poolers import (
+    ROIPooler,
+    _roi_align_per_level_traced,
+    assign_fpn_levels,
+    boxes_to_rois,
+    multilevel_roi_align,
+)
 
 
 def _square(side: float, x0: float = 3.0, y0: float = 5.0) -> list[float]:

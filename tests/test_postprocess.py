@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model.postprocess as pp
-from model.polygons import mask_to_polygons
-from model.postprocess import encode_rle, masks_to_rle, paste_masks, paste_windows
-from model.predictor import Prediction
-from model.rcnn import RawOutputs
+import transfiner.model.inference.postprocess as pp
+from transfiner.model.inference.polygons import mask_to_polygons
+from transfiner.model.inference.postprocess import encode_rle, masks_to_rle, paste_masks, paste_windows
+from transfiner.model.inference.predictor import Prediction
+from transfiner.model.modeling.rcnn import RawOutputs
 
 
 def reference_paste(probs, boxes, image_size, threshold=0.5):

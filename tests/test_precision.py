@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
-from model.backend import TorchBackend
-from model.checkpoint import save_checkpoint
-from transfiner.cli import main
-from model.precision import resolve_precision
-from model.predictor import Predictor
-from model.transfiner import layer_norm
+from transfiner.cli.main import main
+from transfiner.model.inference.backend import TorchBackend
+from transfiner.model.inference.precision import resolve_precision
+from transfiner.model.inference.predictor import Predictor
+from transfiner.model.modeling.refiner import layer_norm
+from transfiner.model.weights.checkpoint import save_checkpoint
 
 from .test_transfiner import build_refiner, make_inputs, run
 
@@ -104,7 +104,7 @@ def test_cli_precision_flag(tmp_path, small_model):
 
 
 def test_exported_backends_refuse_reduced_precision(tmp_path, small_model):
-    from export.runtimes import load_backend
+    from transfiner.export.backends import load_backend
 
     checkpoint = tmp_path / "small.pth"
     save_checkpoint(checkpoint, small_model)

@@ -14,11 +14,18 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools.coco import COCO
 
-from model.checkpoint import save_checkpoint
-from transfiner.cli import main
-from model.predictor import Predictor
-from model.preprocess import canvas_shape, group_by_canvas, prepare_batch, resize_image, resized_shape, to_rgb_tensor
-from model.rcnn import InferenceOptions
+from transfiner.cli.main import main
+from transfiner.model.inference.predictor import Predictor
+from transfiner.model.inference.preprocess import (
+    canvas_shape,
+    group_by_canvas,
+    prepare_batch,
+    resize_image,
+    resized_shape,
+    to_rgb_tensor,
+)
+from transfiner.model.modeling.rcnn import InferenceOptions
+from transfiner.model.weights.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +120,7 @@ def test_preprocessing_matches_detectron2_sizes():
     assert resized_shape(1, 1281, 800, 1333) == (1, 1333)
     assert resized_shape(10000, 2, 800, 1333) == (1333, 1)
     cfg = dataclasses.replace(
-        __import__("model.config", fromlist=["InputConfig"]).InputConfig(), min_size_test=64, max_size_test=100
+        __import__("transfiner.model.config", fromlist=["InputConfig"]).InputConfig(), min_size_test=64, max_size_test=100
     )
     batch, sizes = prepare_batch([torch.zeros(3, 30, 40, dtype=torch.uint8), torch.zeros(3, 40, 20, dtype=torch.uint8)], cfg, "cpu")
     assert sizes.tolist() == [[64, 85], [100, 50]]
@@ -224,7 +231,7 @@ def test_upsampled_coarse_is_bilinear_of_28(predictor, image):
 
 
 def test_unavailable_or_malformed_device_is_a_clear_error():
-    from model.predictor import resolve_device
+    from transfiner.model.inference.predictor import resolve_device
 
     with pytest.raises(ValueError, match="not available"):
         resolve_device("cuda:99")
@@ -253,7 +260,7 @@ def test_an_answer_does_not_depend_on_batch_mates_of_other_canvases(predictor, i
 
 
 def test_canvas_is_the_image_own_padded_network_size():
-    from model.config import InputConfig
+    from transfiner.model.config import InputConfig
 
     cfg = InputConfig(min_size_test=800, max_size_test=1333)
     assert canvas_shape(480, 640, cfg) == (800, 1088)  # resized to 800x1067, padded to /32

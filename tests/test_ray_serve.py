@@ -26,8 +26,8 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 
-from model.predictor import Predictor
-from service.settings import ServiceSettings
+from transfiner.model.inference.predictor import Predictor
+from transfiner.service.settings import ServiceSettings
 
 from .ray_cluster_support import RAY_METRICS
 from .test_service_support import encode, running, scene
@@ -218,7 +218,7 @@ def test_the_scenario_fits_the_time_budget(report):
     (["--engine", "ray", "--port", "0"], "needs a fixed --port"),
 ])
 def test_serve_engine_flags_are_checked_before_anything_starts(flags, message, capsys):
-    from transfiner.cli import main
+    from transfiner.cli.main import main
 
     assert main(["serve", *flags]) == 2
     assert message in capsys.readouterr().err
@@ -230,8 +230,8 @@ def test_a_ray_batch_runs_per_canvas_within_the_pixel_cap():
     import asyncio
     import time
 
-    from service.batcher import Job
-    from service.ray_serve import RayServeBatcher
+    from transfiner.service.engine.batcher import Job
+    from transfiner.service.ray_serve import RayServeBatcher
 
     class Recorder:
         def __init__(self) -> None:
@@ -261,7 +261,7 @@ def test_a_gpu_replica_batches_8_images_by_default_a_cpu_replica_4():
     """The driver sizes each replica's admission from the replica's batch size before any replica
     exists, so the device default is resolved from the GPUs Ray gives a replica, not from the
     driver's own machine."""
-    from service.ray_serve import replica_settings
+    from transfiner.service.ray_serve import replica_settings
 
     assert replica_settings(ServiceSettings(), gpus=1).max_batch_size == 8
     assert replica_settings(ServiceSettings(), gpus=0).max_batch_size == 4

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from export.exporter import ExportError, ExportResult, export_model
-from export.resolve import RUNTIME_FORMATS, ResolvedModel, resolve_model, runtime_for
-from export.runtimes import OnnxRuntimeBackend, TorchScriptBackend, load_backend
-from model.backend import BACKEND_NAMES, TorchBackend
-from model.checkpoint import load_model
-from model.checkpoint_io import CheckpointError, file_digest
-from model.default_model import DEFAULT_WEIGHTS
-from service.backends import build_backends
-from service.settings import ServiceSettings
-from transfiner.cli import main
+from transfiner.cli.main import main
+from transfiner.export.backends import OnnxRuntimeBackend, TorchScriptBackend, load_backend
+from transfiner.export.exporter import ExportError, ExportResult, export_model
+from transfiner.export.resolve import RUNTIME_FORMATS, ResolvedModel, resolve_model, runtime_for
+from transfiner.model.inference.backend import BACKEND_NAMES, TorchBackend
+from transfiner.model.weights.checkpoint import load_model
+from transfiner.model.weights.default import DEFAULT_WEIGHTS
+from transfiner.model.weights.files import CheckpointError, file_digest
+from transfiner.service.engine.loading import build_backends
+from transfiner.service.settings import ServiceSettings
 
 EXPORT_FORMATS = tuple(RUNTIME_FORMATS.values())
 

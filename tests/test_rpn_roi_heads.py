@@ -7,11 +7,10 @@ import math
 import torch
 from torchvision.ops import box_iou, nms
 
-from model.box_ops import Box2BoxTransform
-from model.config import ROIHeadsConfig, RPNConfig
-from model.box_ops import rank_within_image
-from model.roi_heads import BoxROIHeads
-from model.rpn import RPN, RPNHead
+from transfiner.model.config import ROIHeadsConfig, RPNConfig
+from transfiner.model.modeling.box_ops import Box2BoxTransform, rank_within_image
+from transfiner.model.modeling.roi_heads import BoxROIHeads
+from transfiner.model.modeling.rpn import RPN, RPNHead
 
 STRIDES = (4, 8, 16, 32, 64)
 

@@ -27,12 +27,19 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from model.predictor import load_predictor
-from model.images import load_image_rgb
-from service.settings import ServiceSettings
+from transfiner.model.inference.images import load_image_rgb
+from transfiner.model.inference.predictor import load_predictor
+from transfiner.service.settings import ServiceSettings
 
 from .test_service_support import (
-    CATEGORY_IDS, CLASS_NAMES, ThreadServer, encode, free_port, metric, scene, wait_ready,
+    CATEGORY_IDS,
+    CLASS_NAMES,
+    ThreadServer,
+    encode,
+    free_port,
+    metric,
+    scene,
+    wait_ready,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -545,7 +552,7 @@ class FaultyBackend:
 
 
 def faulty_loader(settings):
-    from service.runtime import load_model
+    from transfiner.service.engine.runtime import load_model
 
     loaded = load_model(settings)
     loaded.backends = [FaultyBackend(b) for b in loaded.backends]
@@ -646,7 +653,7 @@ def test_after_the_drain_a_stalled_request_holds_the_stop_only_briefly(checkpoin
     """A request still open when the drain ends (here an upload that stalled before its body, so
     never admitted) is given AFTER_DRAIN_S, not a second drain_timeout_s: a replica stops within
     what Kubernetes' and Docker's grace periods allow for (tests/test_kubernetes.py)."""
-    from service.server import AFTER_DRAIN_S
+    from transfiner.service.server import AFTER_DRAIN_S
 
     port = free_port()
     env = dict(os.environ, TRANSFINER_DRAIN_TIMEOUT_S="30", TRANSFINER_BODY_TIMEOUT_S="120", TRANSFINER_DEVICE="cpu")
@@ -670,8 +677,8 @@ def test_after_the_drain_a_stalled_request_holds_the_stop_only_briefly(checkpoin
 
 
 def test_serve_defaults_and_missing_model(capsys):
-    from transfiner.cli import build_parser, main
-    from service.cli import settings_from_args
+    from transfiner.cli.main import build_parser, main
+    from transfiner.cli.serve import settings_from_args
 
     settings = settings_from_args(build_parser().parse_args(["serve"]))
     assert (settings.model, settings.host, settings.port) == ("default", "127.0.0.1", 8000)
@@ -687,7 +694,7 @@ def test_serve_defaults_and_missing_model(capsys):
     ("cuda:99", "error: cuda:99 is not available here"),
 ])
 def test_serve_refuses_a_device_it_cannot_use_in_one_line(device, message, capsys):
-    from transfiner.cli import main
+    from transfiner.cli.main import main
 
     assert main(["serve", "--device", device, "--port", "0"]) == 2
     err = capsys.readouterr().err

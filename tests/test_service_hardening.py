@@ -12,12 +12,12 @@ import httpx
 import numpy as np
 import pytest
 
-from model.backend import TorchBackend
-from model.predictor import load_predictor
-from service.batcher import Batcher, DeadlineExceeded, Job
-from service.pipeline import RequestOptions, network_image, records
-from service.settings import ServiceSettings
-from service.worker import SegmentJob, Worker, WorkerError
+from transfiner.model.inference.backend import TorchBackend
+from transfiner.model.inference.predictor import load_predictor
+from transfiner.service.engine.batcher import Batcher, DeadlineExceeded, Job
+from transfiner.service.engine.pipeline import RequestOptions, network_image, records
+from transfiner.service.engine.worker import SegmentJob, Worker, WorkerError
+from transfiner.service.settings import ServiceSettings
 
 from .test_service_support import ThreadServer, encode, metric, running, scene
 
@@ -343,7 +343,7 @@ def test_request_bodies_held_at_once_stay_within_their_budget(checkpoint):
 
 def _body_limit(server: ThreadServer):
     """The running app's BodyLimitMiddleware (built by Starlette on the first request)."""
-    from service.middleware import BodyLimitMiddleware
+    from transfiner.service.middleware import BodyLimitMiddleware
 
     layer = server.app.middleware_stack
     while not isinstance(layer, BodyLimitMiddleware):

@@ -20,12 +20,12 @@ import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from model.checkpoint import save_checkpoint
-from model.config import ModelConfig, small_config
-from model.rcnn import MaskTransfiner
-from service.app import create_app
-from service.server import uvicorn_config
-from service.settings import ServiceSettings
+from transfiner.model.config import ModelConfig, small_config
+from transfiner.model.modeling.rcnn import MaskTransfiner
+from transfiner.model.weights.checkpoint import save_checkpoint
+from transfiner.service.app import create_app
+from transfiner.service.server import uvicorn_config
+from transfiner.service.settings import ServiceSettings
 
 CLASS_NAMES = ("circle", "square")
 CATEGORY_IDS = (3, 7)  # sparse on purpose: responses must map contiguous classes to these

@@ -16,22 +16,26 @@ import pytest
 import torch
 from PIL import Image
 
-from model.predictor import load_predictor
-from model.images import load_image_rgb
-from model.polygons import mask_to_polygons
-from model.postprocess import select_detections
-from model.predictor import Prediction, Predictor
-from model.preprocess import network_shape, prepare_batch, to_rgb_tensor
-from service.backends import TorchBackend, max_batch_size_for, uses_worker_process
-from service.batcher import Batcher, BatcherClosed, DeadlineExceeded, Job, QueueFull
-from service.errors import ServiceError, error_response
-from service.imaging import decode_image, sniff_format
-from service.pipeline import (
-    RequestOptions, batch_options, fetch, network_image, preprocess, records,
+from transfiner.model.inference.images import load_image_rgb
+from transfiner.model.inference.polygons import mask_to_polygons
+from transfiner.model.inference.postprocess import select_detections
+from transfiner.model.inference.predictor import Prediction, Predictor, load_predictor
+from transfiner.model.inference.preprocess import network_shape, prepare_batch, to_rgb_tensor
+from transfiner.service.engine.batcher import Batcher, BatcherClosed, DeadlineExceeded, Job, QueueFull
+from transfiner.service.engine.loading import TorchBackend, max_batch_size_for, uses_worker_process
+from transfiner.service.engine.pipeline import (
+    RequestOptions,
+    batch_options,
+    fetch,
+    network_image,
+    preprocess,
+    records,
 )
-from service.schemas import SegmentParams
-from service.settings import ServiceSettings
-from service.worker import SegmentJob, Worker
+from transfiner.service.engine.worker import SegmentJob, Worker
+from transfiner.service.errors import ServiceError, error_response
+from transfiner.service.imaging import decode_image, sniff_format
+from transfiner.service.schemas import SegmentParams
+from transfiner.service.settings import ServiceSettings
 
 from .test_service_support import CATEGORY_IDS, encode, scene, tiny_config
 
@@ -837,7 +841,7 @@ def test_settings_from_environment(monkeypatch):
 def test_worker_process_by_default_on_cuda_only(monkeypatch):
     """Unset, the model worker gets a process of its own where its device is a GPU; the
     environment and explicit values decide otherwise; the runtime holds the resolved value."""
-    from service.runtime import ServiceRuntime
+    from transfiner.service.engine.runtime import ServiceRuntime
 
     assert uses_worker_process(None, "cpu", None) is False
     assert uses_worker_process(None, "auto", 2) is torch.cuda.is_available()
@@ -853,7 +857,7 @@ def test_worker_process_by_default_on_cuda_only(monkeypatch):
 def test_max_batch_size_by_default_8_on_gpus_4_on_the_cpu(monkeypatch):
     """Unset, a batch holds 8 images where a model worker is on a GPU and 4 on the CPU; the
     environment and explicit values decide otherwise; the runtime holds the resolved value."""
-    from service.runtime import ServiceRuntime
+    from transfiner.service.engine.runtime import ServiceRuntime
 
     assert max_batch_size_for(None, "cpu", None) == 4
     assert max_batch_size_for(None, "cuda", None) == 8  # told to use a GPU, whether or not one is here
@@ -874,7 +878,7 @@ def test_a_body_budget_smaller_than_one_body_is_refused():
 
 
 def test_thread_pools_default_to_the_cores(monkeypatch):
-    from service.settings import available_cores
+    from transfiner.service.settings import available_cores
 
     settings = ServiceSettings()
     assert settings.decode_threads == settings.postprocess_threads == available_cores() >= 1
@@ -884,7 +888,7 @@ def test_thread_pools_default_to_the_cores(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only case")
 def test_no_gpu_metrics_without_a_gpu():
-    from service.metrics import ServiceMetrics
+    from transfiner.service.metrics import ServiceMetrics
 
     metrics = ServiceMetrics()
     assert metrics.enable_gpu_metrics() is False
@@ -917,7 +921,7 @@ def test_segment_params_parsing():
 def test_parameter_errors_name_the_parameter_as_the_client_sent_it(items, message):
     """Each problem once, under the parameter's own name: not pydantic's names for the members of
     a union (``image_id.int``, ``image_id.constrained-str``), nor 'should be <= 1' for a NaN."""
-    from service.uploads import _multi, validate_params
+    from transfiner.service.uploads import _multi, validate_params
 
     with pytest.raises(ServiceError) as caught:
         validate_params(_multi(items))

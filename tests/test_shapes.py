@@ -1,4 +1,4 @@
-"""Tests for model.shapes: the synthetic fine-detail instance segmentation data set."""
+"""Tests for transfiner.model.datasets.shapes: the synthetic fine-detail instance segmentation data set."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from model.shapes import (CATEGORIES, ShapesConfig, add_make_shapes_arguments, cmd_make_shapes, make_shapes,
-                          parse_size, render_image)
+from transfiner.cli.make_shapes import add_make_shapes_arguments, cmd_make_shapes
+from transfiner.model.datasets.shapes import CATEGORIES, ShapesConfig, make_shapes, parse_size, render_image
 
 NUM_IMAGES = 20
 

@@ -25,7 +25,13 @@ import pytest
 import yaml
 
 from .deploy_support import (
-    PROMETHEUS_CONFIG, REPO, SERVICE, dashboard_queries, grafana_to_promql, load_compose, missing_tool,
+    PROMETHEUS_CONFIG,
+    REPO,
+    SERVICE,
+    dashboard_queries,
+    grafana_to_promql,
+    load_compose,
+    missing_tool,
     render_nginx_template,
 )
 from .test_service_support import encode, free_port, scene, wait_ready

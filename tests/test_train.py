@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-import dataclasses
-
-from transfiner.cli import main
-from model.config import InputConfig, small_config
-from model.checkpoint_io import CheckpointError
-from model.data import CocoDataset, DatasetError
-from model.losses import Matcher, TrainingLosses, dice_loss, subsample_labels
-from model.preprocess import pad_batch
-from model.rcnn import MaskTransfiner
-from model.predictor import Predictor
-from model.shapes import make_shapes
-from model.targets import crop_masks, gt_incoherence, incoherence_maps, mask_boundary
-from model.train import TRAIN_STATE_FORMAT, SolverConfig, canvas_losses, train
+from transfiner.cli.main import main
+from transfiner.model.config import InputConfig, small_config
+from transfiner.model.datasets.coco import CocoDataset, DatasetError
+from transfiner.model.datasets.shapes import make_shapes
+from transfiner.model.datasets.targets import crop_masks, gt_incoherence, incoherence_maps, mask_boundary
+from transfiner.model.inference.predictor import Predictor
+from transfiner.model.inference.preprocess import pad_batch
+from transfiner.model.modeling.rcnn import MaskTransfiner
+from transfiner.model.training.losses import Matcher, TrainingLosses, dice_loss, subsample_labels
+from transfiner.model.training.train import TRAIN_STATE_FORMAT, SolverConfig, canvas_losses, train
+from transfiner.model.weights.files import CheckpointError
 
 
 def test_matcher_thresholds_and_low_quality_matches():
@@ -259,9 +258,9 @@ def test_resume_refuses_another_state_format(tiny_data, tmp_path):
 
 def test_fine_tune_from_a_checkpoint_with_other_classes(tiny_data, tmp_path):
     """As from a converted 80-class official checkpoint: shared weights load, class heads start fresh."""
-    from model.checkpoint import load_checkpoint, save_checkpoint
-    from model.config import COCO_CATEGORY_IDS, COCO_CLASSES
-    from model.rcnn import MaskTransfiner
+    from transfiner.model.config import COCO_CATEGORY_IDS, COCO_CLASSES
+    from transfiner.model.modeling.rcnn import MaskTransfiner
+    from transfiner.model.weights.checkpoint import load_checkpoint, save_checkpoint
 
     torch.manual_seed(5)
     coco_cfg = dataclasses.replace(tiny_config(tiny_data), roi_heads=dataclasses.replace(

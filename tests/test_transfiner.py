@@ -11,10 +11,18 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from model.poolers import assign_fpn_levels
-from model.transfiner import (
-    LEVEL_SIZES, PointQuadtree, SequenceEncoder, TransfinerRefiner, linear_relu, plan_chunks, propagate,
-    sine_position_table, tokens_per_box, write_nodes,
+from transfiner.model.modeling.poolers import assign_fpn_levels
+from transfiner.model.modeling.refiner import (
+    LEVEL_SIZES,
+    PointQuadtree,
+    SequenceEncoder,
+    TransfinerRefiner,
+    linear_relu,
+    plan_chunks,
+    propagate,
+    sine_position_table,
+    tokens_per_box,
+    write_nodes,
 )
 
 from .conftest import random_boxes, tiny_transfiner_config

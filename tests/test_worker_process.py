@@ -14,21 +14,28 @@ import signal
 import subprocess
 import sys
 import time
+from multiprocessing import Pipe
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from model.predictor import load_predictor
-from service.pipeline import network_image
-from service.settings import ServiceSettings
-from multiprocessing import Pipe
-
-from service.worker_process import BatchMemory, _page_locked, read_images, receive_memory
+from transfiner.model.inference.predictor import load_predictor
+from transfiner.service.engine.pipeline import network_image
+from transfiner.service.engine.worker_process import BatchMemory, _page_locked, read_images, receive_memory
+from transfiner.service.settings import ServiceSettings
 
 from .test_service_support import (
-    CATEGORY_IDS, ThreadServer, encode, free_port, metric, running, scene, tiny_config, wait_ready,
+    CATEGORY_IDS,
+    ThreadServer,
+    encode,
+    free_port,
+    metric,
+    running,
+    scene,
+    tiny_config,
+    wait_ready,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -345,13 +352,13 @@ def test_a_batch_is_in_the_metrics_before_its_answers_go_out(checkpoint, kind):
     event loop runs a callback of its last answer, they are in."""
     import asyncio
 
-    from export.resolve import resolve_model
-    from model.backend import TorchBackend
-    from service.batcher import Job
-    from service.metrics import ServiceMetrics
-    from service.pipeline import RequestOptions
-    from service.worker import SegmentJob, Worker
-    from service.worker_process import ProcessWorker, WorkerSpec
+    from transfiner.export.resolve import resolve_model
+    from transfiner.model.inference.backend import TorchBackend
+    from transfiner.service.engine.batcher import Job
+    from transfiner.service.engine.pipeline import RequestOptions
+    from transfiner.service.engine.worker import SegmentJob, Worker
+    from transfiner.service.engine.worker_process import ProcessWorker, WorkerSpec
+    from transfiner.service.metrics import ServiceMetrics
 
     metrics = ServiceMetrics()
     predictor = load_predictor(str(checkpoint), device="cpu")

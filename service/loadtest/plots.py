@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 
-from .report import BenchReport, StepResult  # noqa: E402
+from transfiner.service.loadtest.report import BenchReport, StepResult  # noqa: E402
 
 
 def write_plots(report: BenchReport, out_dir: Path) -> list[Path]:

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .client import RunResult
-from .metrics_delta import ServerBreakdown, StageTiming
+from transfiner.service.loadtest.client import RunResult
+from transfiner.service.loadtest.metrics_delta import ServerBreakdown, StageTiming
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from ..errors import ServiceError
+from transfiner.service.errors import ServiceError
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 MEDIA_TYPES = {

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..schemas import HealthResponse
+from transfiner.service.schemas import HealthResponse
 
 router = APIRouter(tags=["health"])
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from ..errors import ServiceError
-from ..schemas import ErrorResponse, ModelsResponse
-from ..security import require_api_key
+from transfiner.service.errors import ServiceError
+from transfiner.service.schemas import ErrorResponse, ModelsResponse
+from transfiner.service.security import require_api_key
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
 

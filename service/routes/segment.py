@@ -10,12 +10,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from ..errors import ServiceError, invalid_parameter
-from ..schemas import ErrorResponse, SegmentParams, SegmentResponse
-from ..segmenting import dumps
-from ..security import client_key, require_api_key
-from ..settings import ServiceSettings
-from ..uploads import read_segment_request
+from transfiner.service.engine.segmenting import dumps
+from transfiner.service.errors import ServiceError, invalid_parameter
+from transfiner.service.schemas import ErrorResponse, SegmentParams, SegmentResponse
+from transfiner.service.security import client_key, require_api_key
+from transfiner.service.settings import ServiceSettings
+from transfiner.service.uploads import read_segment_request
 
 router = APIRouter(tags=["segment"], dependencies=[Depends(require_api_key)])
 _DEFAULT_MAX_TIMEOUT = ServiceSettings.model_fields["max_request_timeout_s"].default

@@ -1,0 +1,1 @@
+"""Plain reference implementations that the tests and the benchmarks compare the product against."""

@@ -1,0 +1,161 @@
+"""``transfiner serve``: flags override ``TRANSFINER_*`` environment variables, which override defaults.
+
+SIGTERM (or Ctrl-C) drains instead of dropping work: readiness turns 503 and new segment requests
+are refused, queued and in-flight requests finish (up to ``drain_timeout_s``), readiness stays
+503 for at least ``shutdown_grace_s`` so load balancers notice, then the port closes. A second
+signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from transfiner.cli.arguments import (
+    add_backend_argument,
+    add_max_cells_argument,
+    add_model_arguments,
+    add_precision_argument,
+)
+
+# Flag -> settings field, for the flags that map one to one.
+_FLAGS = (
+    "config", "device", "backend", "precision", "max_cells", "workers", "max_batch_size", "max_delay_ms",
+    "max_arrival_wait_ms", "max_queue_size", "host", "port", "log_level", "worker_process",
+)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    add_backend_argument(parser)
+    add_precision_argument(parser)
+    add_max_cells_argument(parser)
+    # None = not given, so TRANSFINER_DEVICE (or the settings default) applies.
+    parser.set_defaults(device=None)
+    parser.add_argument("--workers", type=int, default=None, help="model workers (default: one per GPU, or 1)")
+    parser.add_argument(
+        "--worker-process", action=argparse.BooleanOptionalAction, default=None,
+        help="each model worker in a process of its own, or not (TRANSFINER_WORKER_PROCESS; default: on CUDA "
+        "devices yes, on the CPU no)",
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=None, help="images per forward pass (default: 8 on GPUs, 4 on the CPU)",
+    )
+    parser.add_argument("--max-delay-ms", type=float, default=None, help="how long a batch waits to fill (5)")
+    parser.add_argument(
+        "--max-arrival-wait-ms", type=float, default=None,
+        help="how long a batch that is not full waits for requests still being decoded (100)",
+    )
+    parser.add_argument("--max-queue-size", type=int, default=None, help="queued requests before 503 (64)")
+    parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
+    parser.add_argument("--port", type=int, default=None, help="default 8000 (0: any free port)")
+    parser.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"])
+
+
+def settings_from_args(args: argparse.Namespace):
+    from transfiner.service.settings import ServiceSettings
+
+    overrides = {name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None}
+    model = args.weights or args.model
+    if model is not None:
+        overrides["model"] = str(model)
+    return ServiceSettings(**overrides)
+
+
+def checked_settings(args: argparse.Namespace):
+    """The settings, once the model they name is known to exist and to suit the backend (for every
+    engine): a wrong --model fails here, as one line, before binding the port."""
+    from transfiner.export.resolve import resolve_model
+
+    settings = settings_from_args(args)
+    resolve_model(settings.model, settings.backend)
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serves until a signal (exit 0), or until the model fails to load (exit 2): a server that
+    can never answer should end, so that Docker or Kubernetes restarts it and shows why."""
+    from transfiner.model.inference.predictor import resolve_device
+    from transfiner.service.app import create_app
+    from transfiner.service.server import DrainingServer, listening_sockets, uvicorn_config
+
+    settings = checked_settings(args)
+    resolve_device(settings.device)  # a GPU asked for must be here (Ray's replicas check on their own nodes)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    listening = listening_sockets(settings.host, settings.port)
+    server = DrainingServer(uvicorn_config(app, settings), app.state.runtime)
+    server.run(sockets=listening)
+    if server.failure is not None:
+        print(f"error: {server.failure}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ``transfiner serve --engine``: the FastAPI server (default), or the same app as a Ray Serve
+# application on a Ray cluster (service/ray_serve.py; Ray is the optional extra ``transfiner[ray]``).
+_RAY_FLAGS = ("ray_address", "replicas", "min_replicas", "max_replicas", "replica_cpus", "replica_gpus",
+              "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s", "metrics_export_port")
+
+
+def add_serve_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    add_serve_arguments(parser)
+    parser.add_argument("--engine", choices=["fastapi", "ray"], default="fastapi",
+                        help="fastapi: this process serves (default); ray: Ray Serve replicas on a Ray cluster")
+    ray = parser.add_argument_group("--engine ray")
+    ray.add_argument("--ray-address", default=None,
+                     help="the cluster to join (e.g. auto, HOST:6379), or local to start one here (default)")
+    ray.add_argument("--replicas", type=int, default=None, help="fixed number of replicas (default 1)")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling: at least this many replicas")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling: at most this many replicas")
+    ray.add_argument("--target-ongoing-requests", type=float, default=None,
+                     help="autoscaling: requests in flight per replica to aim for (default: --max-batch-size)")
+    ray.add_argument("--upscale-delay-s", type=float, default=None,
+                     help="autoscaling: how long load must stay high before replicas are added (10)")
+    ray.add_argument("--downscale-delay-s", type=float, default=None,
+                     help="autoscaling: how long load must stay low before replicas are removed (300)")
+    ray.add_argument("--replica-cpus", type=float, default=None, help="CPUs Ray reserves per replica (default 1)")
+    ray.add_argument("--replica-gpus", type=float, default=None,
+                     help="GPUs per replica, fractions allowed (0.5: two replicas share a GPU); default 1 with "
+                          "--device cuda, else 0")
+    ray.add_argument("--metrics-export-port", type=int, default=None,
+                     help="with --ray-address local: the port of Ray's Prometheus metrics (ray_serve_*)")
+
+
+def cmd_serve_engine(args: argparse.Namespace) -> int:
+    if args.engine == "fastapi":
+        given = [f"--{name.replace('_', '-')}" for name in _RAY_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --engine ray")
+        return cmd_serve(args)
+    try:
+        from transfiner.service.ray_serve import Scaling, serve_on_ray
+    except ImportError as error:
+        raise ValueError(f"--engine ray needs Ray Serve: pip install 'transfiner[ray]' ({error})") from None
+    from transfiner.cli.serve import checked_settings
+
+    if args.workers is not None:
+        raise ValueError("--workers: with --engine ray each replica runs one model worker; scale with --replicas")
+    if args.worker_process:
+        raise ValueError("--worker-process: with --engine ray each replica is a process of Ray's own")
+    autoscale = args.min_replicas is not None or args.max_replicas is not None
+    tuning = [f"--{n.replace('_', '-')}" for n in ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")
+              if getattr(args, n) is not None]
+    if tuning and not autoscale:
+        raise ValueError(f"{', '.join(tuning)}: only with --min-replicas/--max-replicas (autoscaling)")
+    settings = checked_settings(args)
+    gpus = args.replica_gpus
+    if gpus is None:
+        gpus = 1.0 if settings.device.startswith("cuda") else 0.0
+    scaling = Scaling(
+        replicas=args.replicas if autoscale or args.replicas is not None else 1, min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas, replica_cpus=1.0 if args.replica_cpus is None else args.replica_cpus,
+        replica_gpus=gpus, target_ongoing_requests=args.target_ongoing_requests,
+        **{name: getattr(args, name) for name in ("upscale_delay_s", "downscale_delay_s")
+           if getattr(args, name) is not None},
+    )
+    if args.metrics_export_port is not None and (args.ray_address or "local") != "local":
+        raise ValueError("--metrics-export-port applies to a cluster started here (--ray-address local); "
+                         "a running cluster's nodes set theirs with `ray start --metrics-export-port`")
+    return serve_on_ray(settings, scaling, args.ray_address or "local", args.metrics_export_port)
