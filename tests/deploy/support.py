@@ -1,13 +1,19 @@
 """Helpers for the deployment tests (no tests here): the compose file as Compose reads it, the
-nginx template as the nginx image renders it, and the metric names the service really exports."""
+nginx template as the nginx image renders it, the Kubernetes overlays as ``kubectl kustomize``
+renders them, the Dockerfiles as dockerfile-parse reads them, and the metric names the service
+really exports."""
 
 from __future__ import annotations
 
 import ast
 import io
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
@@ -147,19 +153,35 @@ def parse_port(spec) -> tuple[str | None, int | None, int, str]:
 
 
 REQUIRE_TOOLS_ENV = "TRANSFINER_REQUIRE_TOPOLOGY"
+REQUIRE_KUBECTL_ENV = "TRANSFINER_REQUIRE_KUBECTL"
+
+
+def _skip_unless_required(message: str, require_env: str) -> None:
+    """Skips the test, or fails it where ``require_env``=1 (CI sets it where it installs the tool)."""
+    if os.environ.get(require_env) == "1":
+        pytest.fail(f"{message}, and {require_env}=1 requires it")
+    pytest.skip(message)
 
 
 def missing_tool(what: str) -> None:
     """Skips a test whose system tool (nginx, prometheus, promtool) is not installed, unless
     TRANSFINER_REQUIRE_TOPOLOGY=1 (set by .ci/run, which installs them): then it fails."""
-    import os
+    _skip_unless_required(f"{what} is not installed (apt-get install nginx prometheus; .ci/run does)",
+                          REQUIRE_TOOLS_ENV)
 
-    import pytest
 
-    message = f"{what} is not installed (apt-get install nginx prometheus; .ci/run does)"
-    if os.environ.get(REQUIRE_TOOLS_ENV) == "1":
-        pytest.fail(f"{message}, and {REQUIRE_TOOLS_ENV}=1 requires it")
-    pytest.skip(message)
+def kustomize(directory: Path) -> list[dict]:
+    """The objects ``kubectl apply -k directory`` would send to the API server, rendered by
+    ``kubectl kustomize``. Without kubectl the test skips, unless TRANSFINER_REQUIRE_KUBECTL=1:
+    then it fails."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        _skip_unless_required("kubectl is not installed (it renders deploy/k8s with kubectl kustomize)",
+                              REQUIRE_KUBECTL_ENV)
+    done = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"kubectl kustomize {directory} failed ({done.returncode}): {done.stderr.strip()}")
+    return [document for document in yaml.safe_load_all(done.stdout) if document is not None]
 
 
 def _parsed(dockerfile: Path) -> DockerfileParser:

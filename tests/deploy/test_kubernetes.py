@@ -1,5 +1,5 @@
-"""deploy/k8s, checked without a cluster: both overlays rendered as ``kubectl apply -k`` would
-(tests/kustomize_support.py), every object validated against the Kubernetes API's JSON schemas
+"""deploy/k8s, checked without a cluster: both overlays rendered by ``kubectl kustomize`` (what
+``kubectl apply -k`` sends), every object validated against the Kubernetes API's JSON schemas
 (``kubernetes-validate``, offline, strict: unknown fields are errors), and the manifests checked
 against the service itself: ports, health and metrics routes, settings, drain timing, the images'
 user, and the metric the GPU autoscaler reads."""
@@ -15,11 +15,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy.support import DOCKER_DIR, REPO, registry_metric_families
+from tests.deploy.support import DOCKER_DIR, REPO, kustomize, registry_metric_families
 from transfiner.service.server import AFTER_DRAIN_S
 from transfiner.service.settings import ServiceSettings
-
-from .kustomize_support import KustomizeError, merge, render
 
 K8S = REPO / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu")
@@ -30,7 +28,7 @@ KINDS = {"ServiceAccount", "Deployment", "Service", "HorizontalPodAutoscaler", "
 
 @pytest.fixture(scope="module", params=OVERLAYS)
 def overlay(request) -> tuple[str, dict[str, dict]]:
-    objects = render(K8S / "overlays" / request.param)
+    objects = kustomize(K8S / "overlays" / request.param)
     by_kind = {obj["kind"]: obj for obj in objects}
     assert len(by_kind) == len(objects), "one object of each kind"
     return request.param, by_kind
@@ -270,34 +268,12 @@ def test_the_adapter_rule_serves_the_gpu_autoscalers_metric_from_the_scraped_ser
     assert added["namespace"] == ["__meta_kubernetes_namespace"] and added["pod"] == ["__meta_kubernetes_pod_name"]
     assert all(f'{label}!=""' in series.group(2) for label in overrides)
     assert re.fullmatch(rule["name"]["matches"], series.group(1))
-    hpa = render(K8S / "overlays" / "gpu")
+    hpa = kustomize(K8S / "overlays" / "gpu")
     (metric,) = [obj for obj in hpa if obj["kind"] == "HorizontalPodAutoscaler"][0]["spec"]["metrics"]
     assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == rule["name"]["as"]
 
 
-def test_the_renderer_refuses_what_it_does_not_implement(tmp_path):
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({"resources": [], "replicas": [{"name": "x"}]}))
-    with pytest.raises(KustomizeError, match="does not implement"):
-        render(tmp_path)
+def test_an_overlay_kubectl_cannot_render_is_an_error_not_an_empty_list(tmp_path):
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({"resources": ["../nowhere.yaml"]}))
-    with pytest.raises(KustomizeError, match="does not exist"):
-        render(tmp_path)
-    # A patch whose target is missing is an error, as in kustomize.
-    (tmp_path / "svc.yaml").write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Service",
-                                                       "metadata": {"name": "a"}}))
-    (tmp_path / "patch.yaml").write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Service",
-                                                         "metadata": {"name": "b"}}))
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({"resources": ["svc.yaml"],
-                                                                 "patches": [{"path": "patch.yaml"}]}))
-    with pytest.raises(KustomizeError, match="matched 0"):
-        render(tmp_path)
-
-
-def test_strategic_merge_merges_named_lists_and_replaces_others():
-    base = {"containers": [{"name": "a", "env": [{"name": "X", "value": "1"}], "args": ["p", "q"]}]}
-    patch = {"containers": [{"name": "a", "env": [{"name": "Y", "value": "2"}], "args": ["r"]},
-                            {"name": "b"}]}
-    assert merge(base, patch) == {"containers": [
-        {"name": "a", "env": [{"name": "X", "value": "1"}, {"name": "Y", "value": "2"}], "args": ["r"]},
-        {"name": "b"}]}
-    assert base["containers"][0]["env"] == [{"name": "X", "value": "1"}]  # inputs untouched
+    with pytest.raises(RuntimeError, match="nowhere.yaml"):
+        kustomize(tmp_path)
