@@ -831,8 +831,8 @@ def test_hostile_input_never_gets_a_server_error(server, client, spec, expect, r
             assert result.closed, f"{name}: the server kept the connection open"
             if result.replies:  # the last answer says so
                 assert result.replies[-1].headers.get("connection") == "close", (name, result.replies[-1].headers)
-        if spec.min_s:  # a timeout: not answered early, and not left hanging either
-            assert spec.min_s * 0.9 <= result.seconds < spec.min_s + 5, f"{name}: answered after {result.seconds:.2f} s"
+        if spec.min_s:  # a timeout: not answered early (left hanging, the exchange gives up unclosed)
+            assert spec.min_s * 0.9 <= result.seconds, f"{name}: answered after {result.seconds:.2f} s"
         return
     kwargs = spec.make()
     headers = dict(kwargs.pop("headers", None) or {})
