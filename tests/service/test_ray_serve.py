@@ -202,22 +202,6 @@ def test_sigterm_deletes_the_application_and_exits_0(report):
     assert report["fixed_exit"] == 0 and report["auto_exit"] == 0
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--replicas", "2"], "--replicas: only with --engine ray"),
-    (["--engine", "ray", "--replicas", "2", "--max-replicas", "3"], "either --replicas or"),
-    (["--engine", "ray", "--min-replicas", "1"], "needs both --min-replicas and --max-replicas"),
-    (["--engine", "ray", "--workers", "2"], "each replica runs one model worker"),
-    (["--engine", "ray", "--worker-process"], "each replica is a process of Ray's own"),
-    (["--engine", "ray", "--upscale-delay-s", "1"], "only with --min-replicas/--max-replicas"),
-    (["--engine", "ray", "--port", "0"], "needs a fixed --port"),
-])
-def test_serve_engine_flags_are_checked_before_anything_starts(flags, message, capsys):
-    from transfiner.cli.main import main
-
-    assert main(["serve", *flags]) == 2
-    assert message in capsys.readouterr().err
-
-
 def test_a_ray_batch_runs_per_canvas_within_the_pixel_cap():
     """Serve hands over batches capped by count only; each canvas's jobs then run in batches
     that keep to max_batch_pixels, as the FastAPI engine's batcher (``batch_capacity``)."""
