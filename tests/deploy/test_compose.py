@@ -1,8 +1,8 @@
 """The deployment files, checked without a Docker engine: docker-compose.yml against the Compose
 Specification's JSON schema and against everything it refers to (files, ports, health checks,
 the service's port and settings), the Prometheus and Grafana configuration against the metrics
-the service really exports, and the Dockerfiles with hadolint. tests/test_topology.py runs the
-same topology with real processes."""
+the service really exports. The Dockerfiles are in tests/deploy/test_dockerfiles.py;
+tests/deploy/test_topology.py runs the same topology with real processes."""
 
 from __future__ import annotations
 
@@ -141,10 +141,10 @@ def test_long_running_services_have_health_checks_that_match_what_they_serve(com
     for name in REPLICA_SERVICES:
         test = services[name]["healthcheck"]["test"]
         assert test[-1] == "/opt/transfiner/healthcheck.py", test
-    # (tests/test_topology.py runs that script against a real replica, ready and not.)
+    # (tests/deploy/test_topology.py runs that script against a real replica, ready and not.)
     # The others ask their own port.
     nginx = services["nginx"]
-    # (tests/test_topology.py asks the nginx rendered from the template for /nginx-health.)
+    # (tests/deploy/test_topology.py asks the nginx rendered from the template for /nginx-health.)
     assert f"127.0.0.1:{nginx['environment']['NGINX_PORT']}/nginx-health" in nginx["healthcheck"]["test"][-1]
     assert "127.0.0.1:9090/" in services["prometheus"]["healthcheck"]["test"][-1]
     assert "127.0.0.1:3000/" in services["grafana"]["healthcheck"]["test"][-1]

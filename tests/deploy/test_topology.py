@@ -283,7 +283,7 @@ def test_container_healthcheck_script_reports_readiness(topology):
 def test_nginx_answers_its_health_check_and_waits_the_proxy_timeout(tmp_path):
     """The template's own health route answers without a replica; NGINX_PROXY_TIMEOUT is how long
     nginx waits for a replica's answer (compose sets it above the service's longest deadline,
-    tests/test_deploy.py, so the service's own 504 comes first). Here it is 1 s, in front of an
+    tests/deploy/test_compose.py, so the service's own 504 comes first). Here it is 1 s, in front of an
     upstream that accepts connections and never answers: nginx gives up after 1 s with 504,
     where its built-in default would wait 60 s."""
     nginx = _nginx_binary()

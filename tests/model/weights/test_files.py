@@ -1,4 +1,4 @@
-"""Tests for model.checkpoint_io and for the official key lists in tests/data/official_keys."""
+"""Tests for model.weights.files (reading weight files safely) and for the official key lists in tests/data/official_keys."""
 
 from __future__ import annotations
 
