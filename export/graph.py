@@ -14,7 +14,8 @@ One graph covers the whole network, image tensor to detections::
     coarse_probs    float32 [D, 112, 112] the coarse Mask R-CNN masks of the same detections
 
 B, H, W and D are dynamic. Resizing and padding before, pasting and RLE after, stay in the shared
-Python code (``model.preprocess``, ``model.postprocess``) that every runtime uses.
+Python code (``model.inference.preprocess``, ``model.inference.paste``, ``model.inference.rle``) that
+every runtime uses.
 
 Why it can be exported at all: the quadtree's node selection is a fixed-size top-k with a
 threshold mask (``model.transfiner.PointQuadtree``), features are gathered and the refined values

@@ -1,9 +1,10 @@
 """Runtimes behind one interface: a padded BGR batch in, ``RawOutputs`` out.
 
-Only the tensor part differs between runtimes. Resizing and padding (``model.preprocess``) and
-mask pasting + RLE encoding (``model.postprocess``) are shared, so every runtime gives the same
-masks for the same network outputs. This module has eager PyTorch; ``export.runtimes`` adds
-TorchScript and ONNX Runtime, and ``export.runtimes.load_backend`` picks one by name.
+- Only the tensor part differs between runtimes: resizing and padding (``model.inference.preprocess``)
+  and mask pasting + RLE encoding (``model.inference.paste``, ``model.inference.rle``) are shared, so
+  every runtime gives the same masks for the same network outputs.
+- This module has eager PyTorch; ``export.backends`` adds TorchScript and ONNX Runtime, and
+  ``export.backends.load_backend`` picks one by name.
 """
 
 from __future__ import annotations

@@ -22,14 +22,10 @@ import numpy as np
 import torch
 
 from transfiner.model.config import InputConfig, ModelConfig
-from transfiner.model.inference.postprocess import (
-    DetectionRequest,
-    FetchedDetections,
-    coco_records,
-    fetch_detections,
-    finish_segments,
-)
+from transfiner.model.inference.detections import coco_records
+from transfiner.model.inference.fetch import DetectionRequest, FetchedDetections, fetch_detections
 from transfiner.model.inference.preprocess import canvas_shape, network_shape, pad_batch, resize_image
+from transfiner.model.inference.segments import finish_segments
 from transfiner.model.modeling.rcnn import InferenceOptions, RawOutputs
 from transfiner.model.transfer import to_device
 
@@ -139,7 +135,7 @@ def fetch(
     """The device half of post-processing for the requests ``indices`` of a batch (``options``
     by batch index), in the worker's thread: each one's rows, boxes in its own pixels, RLE (or
     polygon windows) from each mask's window, onto the host in two copies for all of them
-    (``model.postprocess.fetch_detections``).
+    (``model.inference.fetch.fetch_detections``).
 
     On a GPU this is the thread that launches the forward pass's kernels anyway; from a pool of
     post-processing threads the same kernels contended with it for the GIL and the driver, and

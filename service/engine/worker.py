@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from transfiner.model.inference.backend import infer_lightest_first
-from transfiner.model.inference.postprocess import FetchedDetections
+from transfiner.model.inference.fetch import FetchedDetections
 from transfiner.service.engine.batcher import Job
 from transfiner.service.engine.loading import Backend
 from transfiner.service.engine.pipeline import (
