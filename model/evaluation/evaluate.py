@@ -72,14 +72,16 @@ def coco_metrics(
 ) -> dict[str, float | None]:
     """COCO AP of ``results`` against ``gt`` with faster-coco-eval, in percent.
 
-    gt: a faster-coco-eval ``COCO``, an annotation json path or its dict; results: COCO result
-    records (``image_id``, ``category_id``, ``score``, ``bbox`` xywh and/or ``segmentation`` RLE);
-    iou_type: ``"bbox"``, ``"segm"`` or ``"boundary"``; image_ids: the images evaluated (default:
-    every image of ``gt``; give it when only part of the set was predicted). Returns ``AP``,
-    ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl``; ``None`` where COCO has nothing to judge (-1).
-
-    As detectron2's COCOEvaluator, ``segm`` / ``boundary`` drop the result boxes so the area (for
-    the size ranges) and box come from the mask; ``results`` is not modified.
+    - ``gt``: a faster-coco-eval ``COCO``, an annotation json path or its dict.
+    - ``results``: COCO result records (``image_id``, ``category_id``, ``score``, ``bbox`` xywh
+      and/or ``segmentation`` RLE).
+    - ``iou_type``: ``"bbox"``, ``"segm"`` or ``"boundary"``.
+    - ``image_ids``: the images evaluated (default: every image of ``gt``; give it when only part of
+      the set was predicted).
+    - Returns ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl``; ``None`` where COCO has nothing
+      to judge (-1).
+    - As detectron2's COCOEvaluator, ``segm`` / ``boundary`` drop the result boxes so the area (for
+      the size ranges) and box come from the mask; ``results`` is not modified.
     """
     from faster_coco_eval import COCOeval_faster
 

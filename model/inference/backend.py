@@ -31,7 +31,7 @@ class Backend(Protocol):
     name: str  # one of BACKEND_NAMES
     device: torch.device  # where pre-processing should put the batch
     cfg: ModelConfig
-    precision: str  # fp32, bf16 or fp16 (see model.precision)
+    precision: str  # fp32, bf16 or fp16 (see model.inference.precision)
 
     def infer(self, images: torch.Tensor, image_sizes: torch.Tensor, options: InferenceOptions) -> RawOutputs:
         """images [B, 3, H, W] float BGR 0..255 padded with the pixel mean; image_sizes [B, 2] (h, w)."""

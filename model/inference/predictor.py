@@ -135,7 +135,7 @@ class Predictor:
     >>> predictions = predictor.predict([image_a, image_b]) # one batch -> list[Prediction]
 
     Exported models (TorchScript, ONNX Runtime) run through the same object:
-    ``Predictor.from_backend(export.runtimes.load_backend("model-onnx/", "onnxruntime"))``.
+    ``Predictor.from_backend(export.backends.load_backend("model-onnx/", "onnxruntime"))``.
     """
 
     def __init__(
