@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
+from transfiner.model.inference.detections import select_detections
 from transfiner.model.inference.images import load_image_rgb
 from transfiner.model.inference.polygons import mask_to_polygons
-from transfiner.model.inference.postprocess import select_detections
 from transfiner.model.inference.predictor import Prediction, Predictor, load_predictor
 from transfiner.model.inference.preprocess import network_shape, prepare_batch, to_rgb_tensor
 from transfiner.service.engine.batcher import Batcher, BatcherClosed, DeadlineExceeded, Job, QueueFull
