@@ -39,7 +39,7 @@ format: install
 
 # The documentation site; broken links and missing pages fail the build.
 docs: install
-	$(BIN)/mkdocs build --strict --quiet --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
 
 serve: $(RUNTIME)
 	$(BIN)/transfiner serve
