@@ -49,9 +49,10 @@ from bench_model import calibrate_frozen_bn  # noqa: E402
 from transfiner.model.config import ModelConfig, preset  # noqa: E402
 from transfiner.model.datasets.shapes import ShapesConfig, render_image  # noqa: E402
 from transfiner.model.inference.backend import CPU_BOXES_PER_GROUP, TorchBackend  # noqa: E402
-from transfiner.model.inference.postprocess import image_detections, masks_to_rle  # noqa: E402
+from transfiner.model.inference.detections import image_detections  # noqa: E402
 from transfiner.model.inference.precision import autocast  # noqa: E402
 from transfiner.model.inference.preprocess import prepare_batch  # noqa: E402
+from transfiner.model.inference.rle import masks_to_rle  # noqa: E402
 from transfiner.model.modeling.rcnn import InferenceOptions, MaskTransfiner  # noqa: E402
 from transfiner.model.modeling.refiner import CONTEXT_SIZE  # noqa: E402
 from transfiner.model.weights.checkpoint import build_model, save_checkpoint  # noqa: E402

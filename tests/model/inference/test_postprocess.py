@@ -7,10 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import transfiner.model.inference.postprocess as pp
+import transfiner.model.inference.paste as paste
+from transfiner.model.inference.detections import coco_records, image_detections, rescale_boxes, select_detections
+from transfiner.model.inference.fetch import DetectionRequest, fetch_detections
+from transfiner.model.inference.paste import paste_masks, paste_windows
 from transfiner.model.inference.polygons import mask_to_polygons
-from transfiner.model.inference.postprocess import encode_rle, masks_to_rle, paste_masks, paste_windows
 from transfiner.model.inference.predictor import Prediction
+from transfiner.model.inference.rle import changes_on_host, encode_rle, masks_to_rle, rles_from_changes, window_changes
+from transfiner.model.inference.segments import fetch_segments, finish_segments
 from transfiner.model.modeling.rcnn import RawOutputs
 
 
@@ -203,9 +207,9 @@ def test_masks_to_rle_does_not_depend_on_grouping(device, waste, threads, monkey
     # box (waste 1) or all padded together, and on the CPU cut into strips of rows for the
     # threads: each detection's pixels are those of its own paste.
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(pp, "_GROUP_WASTE", {"cpu": waste})
-    monkeypatch.setattr(pp, "_GROUP_WASTE_ACCELERATOR", waste)
-    monkeypatch.setattr(pp, "_GROUP_PIXELS", 1 << 40)
+    monkeypatch.setattr(paste, "_GROUP_WASTE", {"cpu": waste})
+    monkeypatch.setattr(paste, "_GROUP_WASTE_ACCELERATOR", waste)
+    monkeypatch.setattr(paste, "_GROUP_PIXELS", 1 << 40)
     gen = torch.Generator().manual_seed(3)
     h, w = 90, 140
     boxes = random_boxes(gen, 60, h, w)
@@ -260,11 +264,11 @@ def test_prediction_masks_are_lazy():
 
 def test_coco_records_round_and_carry_only_what_is_given():
     boxes = np.array([[1.234, 2.0, 11.2391, 7.5]], np.float32)  # [1, 4] xyxy
-    plain = pp.coco_records(9, boxes, np.array([0.1234567], np.float32), np.array([1]), (3, 7))
+    plain = coco_records(9, boxes, np.array([0.1234567], np.float32), np.array([1]), (3, 7))
     assert plain == [{
         "image_id": 9, "bbox": [1.23, 2.0, 10.01, 5.5], "score": 0.12346, "category_id": 7,
     }]
-    full = pp.coco_records(9, boxes, np.array([0.5]), np.array([0]), (3, 7), [{"counts": "x"}], [4.0], ("a", "b"))
+    full = coco_records(9, boxes, np.array([0.5]), np.array([0]), (3, 7), [{"counts": "x"}], [4.0], ("a", "b"))
     assert list(full[0]) == ["image_id", "bbox", "score", "category_id", "category_name", "area", "segmentation"]
     assert full[0]["category_name"] == "a" and full[0]["area"] == 4.0 and full[0]["segmentation"] == {"counts": "x"}
 
@@ -285,22 +289,22 @@ def random_outputs(gen, images, per_image, dtype=torch.float32, device="cpu"):
 
 def one_at_a_time(raw, request):
     """What ``fetch_detections`` must equal: the one-image functions, on the outputs' device."""
-    selected = pp.select_detections(
+    selected = select_detections(
         raw, request.index, request.score_threshold, request.classes, request.max_detections, request.refine,
     )
-    detections = pp.image_detections(selected, 0, torch.tensor(request.input_size), request.original)
-    segments = pp.fetch_segments(detections, request.original, request.mask_format, request.mask_threshold)
+    detections = image_detections(selected, 0, torch.tensor(request.input_size), request.original)
+    segments = fetch_segments(detections, request.original, request.mask_format, request.mask_threshold)
     return detections, segments
 
 
 REQUESTS = [
-    pp.DetectionRequest(0, (60, 90), (120, 180)),
-    pp.DetectionRequest(1, (60, 90), (45, 67), score_threshold=0.4, max_detections=3, mask_threshold=0.3),
-    pp.DetectionRequest(2, (60, 90), (60, 90), classes=frozenset({0, 2}), refine=False),
-    pp.DetectionRequest(3, (60, 90), (61, 89), mask_format="polygon"),
-    pp.DetectionRequest(4, (60, 90), (30, 45), mask_format="none"),
-    pp.DetectionRequest(5, (60, 90), (90, 135), mask_format="polygon", refine=False, max_detections=4),
-    pp.DetectionRequest(6, (60, 90), (60, 90)),  # no detections
+    DetectionRequest(0, (60, 90), (120, 180)),
+    DetectionRequest(1, (60, 90), (45, 67), score_threshold=0.4, max_detections=3, mask_threshold=0.3),
+    DetectionRequest(2, (60, 90), (60, 90), classes=frozenset({0, 2}), refine=False),
+    DetectionRequest(3, (60, 90), (61, 89), mask_format="polygon"),
+    DetectionRequest(4, (60, 90), (30, 45), mask_format="none"),
+    DetectionRequest(5, (60, 90), (90, 135), mask_format="polygon", refine=False, max_detections=4),
+    DetectionRequest(6, (60, 90), (60, 90)),  # no detections
 ]
 
 
@@ -309,7 +313,7 @@ REQUESTS = [
 def test_fetch_detections_equals_one_image_at_a_time(device, dtype):
     gen = torch.Generator().manual_seed(8)
     raw = random_outputs(gen, 7, [12, 9, 15, 8, 10, 11, 0], dtype, device)
-    fetched = pp.fetch_detections(raw, REQUESTS)
+    fetched = fetch_detections(raw, REQUESTS)
     assert len(fetched) == len(REQUESTS)
     for request, got in zip(REQUESTS, fetched):
         want, segments = one_at_a_time(raw, request)
@@ -317,7 +321,7 @@ def test_fetch_detections_equals_one_image_at_a_time(device, dtype):
         np.testing.assert_array_equal(got.scores, want.scores.cpu().numpy())
         np.testing.assert_array_equal(got.classes, want.classes.cpu().numpy())
         assert got.boxes.dtype == np.float32 and got.scores.dtype == np.float32
-        assert pp.finish_segments(got.segments) == pp.finish_segments(segments)
+        assert finish_segments(got.segments) == finish_segments(segments)
         assert got.segments.mask_format == request.mask_format
     # Not a test of two copies of the same code: the filters really narrowed the picks.
     assert 0 < len(fetched[1].scores) <= 3 and (fetched[1].scores > 0.4).all()
@@ -330,14 +334,14 @@ def test_fetch_detections_equals_one_image_at_a_time(device, dtype):
 def test_fetch_detections_masks_are_those_of_the_full_image_paste():
     gen = torch.Generator().manual_seed(9)
     raw = random_outputs(gen, 2, [10, 7])
-    requests = [pp.DetectionRequest(0, (60, 90), (120, 180)), pp.DetectionRequest(1, (60, 90), (50, 80), mask_format="polygon")]
-    first, second = pp.fetch_detections(raw, requests)
+    requests = [DetectionRequest(0, (60, 90), (120, 180)), DetectionRequest(1, (60, 90), (50, 80), mask_format="polygon")]
+    first, second = fetch_detections(raw, requests)
     rows = raw.batch_index == 0
-    boxes, nonempty = pp.rescale_boxes(raw.boxes[rows], torch.tensor((60, 90)), (120, 180))
+    boxes, nonempty = rescale_boxes(raw.boxes[rows], torch.tensor((60, 90)), (120, 180))
     pasted = paste_masks(raw.mask_probs[rows][nonempty], boxes[nonempty], (120, 180))
     assert first.segments.rles == encode_rle(pasted)
     rows = raw.batch_index == 1
-    boxes, nonempty = pp.rescale_boxes(raw.boxes[rows], torch.tensor((60, 90)), (50, 80))
+    boxes, nonempty = rescale_boxes(raw.boxes[rows], torch.tensor((60, 90)), (50, 80))
     pasted = paste_masks(raw.mask_probs[rows][nonempty], boxes[nonempty], (50, 80)).numpy()
     assert len(second.segments.windows) == len(pasted) > 3
     for mask, (window, (x, y)) in zip(pasted, second.segments.windows):
@@ -350,11 +354,11 @@ def test_changes_of_several_images_come_back_in_one_copy_as_each_alone():
     cases = []
     for n, (h, w) in [(6, (40, 50)), (0, (10, 10)), (9, (70, 30))]:
         boxes, probs = random_boxes(gen, n, h, w), torch.rand(n, 28, 28, generator=gen)
-        cases.append((probs, boxes, (h, w), pp.window_changes(probs, boxes, (h, w), 0.5)))
-    together = pp.changes_on_host([changes for *_, changes in cases])
+        cases.append((probs, boxes, (h, w), window_changes(probs, boxes, (h, w), 0.5)))
+    together = changes_on_host([changes for *_, changes in cases])
     for (probs, boxes, size, changes), found in zip(cases, together):
-        assert np.array_equal(found, pp.changes_on_host([changes])[0])
-        assert pp.rles_from_changes(changes, found) == encode_rle(paste_masks(probs, boxes, size, 0.5))
+        assert np.array_equal(found, changes_on_host([changes])[0])
+        assert rles_from_changes(changes, found) == encode_rle(paste_masks(probs, boxes, size, 0.5))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -363,14 +367,14 @@ def test_cuda_fetch_detections_waits_for_the_gpu_a_fixed_number_of_times():
 
     gen = torch.Generator().manual_seed(11)
     raw = random_outputs(gen, 7, [12, 9, 15, 8, 10, 11, 3], torch.float32, "cuda")
-    pp.fetch_detections(raw, REQUESTS)  # warm-up: the allocators' first calls may synchronize
+    fetch_detections(raw, REQUESTS)  # warm-up: the allocators' first calls may synchronize
 
     def waits(requests) -> int:
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                pp.fetch_detections(raw, requests)
+                fetch_detections(raw, requests)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message) for w in caught)

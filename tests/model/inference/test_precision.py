@@ -46,14 +46,16 @@ def test_auto_precision_is_fp32_on_the_cpu_and_names_are_checked():
 def test_bf16_gives_the_fp32_detections_with_float32_outputs(small_model):
     """bf16 autocast moves scores and masks a little, never the dtype of what leaves the model."""
     image = scene()
-    fp32 = Predictor.from_backend(TorchBackend(small_model, "fp32"))(image, score_threshold=0.0, max_detections=8)
+    fp32 = Predictor.from_backend(TorchBackend(small_model, "fp32"))(image, score_threshold=0.0, max_detections=16)
     bf16_backend = TorchBackend(small_model, "bf16")
-    bf16 = Predictor.from_backend(bf16_backend)(image, score_threshold=0.0, max_detections=8)
-    assert bf16_backend.precision == "bf16" and len(fp32) == len(bf16) == 8
+    bf16 = Predictor.from_backend(bf16_backend)(image, score_threshold=0.0, max_detections=16)
+    assert bf16_backend.precision == "bf16" and len(fp32) == len(bf16) == 16
     # The same boxes (float32 decoding and NMS; bf16 features move them a little). Near-tied
-    # scores of a random model may swap places: match boxes, not rows.
-    assert (matched_iou(bf16.boxes, fp32.boxes) > 0.9).all()
-    np.testing.assert_allclose(np.sort(bf16.scores), np.sort(fp32.scores), atol=0.05)
+    # scores of a random model may swap places, also across a cut: each top 8 is among the
+    # other's top 16, matched by boxes, not rows.
+    assert (matched_iou(bf16.boxes[:8], fp32.boxes) > 0.9).all()
+    assert (matched_iou(fp32.boxes[:8], bf16.boxes) > 0.9).all()
+    np.testing.assert_allclose(np.sort(bf16.scores)[-8:], np.sort(fp32.scores)[-8:], atol=0.05)
     assert bf16.mask_probs.dtype == np.float32
     assert np.abs(bf16.mask_probs - fp32.mask_probs).mean() < 0.05
     # And the stage that ran in bf16 really ran in bf16: the outputs are not the fp32 ones.

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.support import CATEGORY_IDS, scene, tiny_config
-from transfiner.model.inference.postprocess import select_detections
+from transfiner.model.inference.detections import select_detections
 from transfiner.model.inference.predictor import Prediction
 from transfiner.model.inference.preprocess import network_shape, prepare_batch, to_rgb_tensor
 from transfiner.service.engine.batcher import Job
