@@ -13,7 +13,7 @@
 - The work is linear in the number of pixels: finding the boundary edges and the edge that follows
   each one is array arithmetic, and one pass over the edges links them into loops. (The tracer it
   replaced, kept in scripts/reference/polygons.py, scanned every untraced edge to start each loop,
-  quadratic in the number of pieces; tests/test_polygons.py checks the answers are identical.)
+  quadratic in the number of pieces; tests/model/inference/test_polygons.py checks the answers are identical.)
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ def _resize_on_cpu(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     upload two copies of 480 MB each). The antialiased resize is separable and treats channels
     alike, so it runs per channel, the width pass on bands of rows (converted through one float
     buffer: a fresh one per band fragments the heap by hundreds of megabytes) and the height pass
-    on the [H, w] result, channels taken in BGR order. tests/test_predictor.py checks the equality.
+    on the [H, w] result, channels taken in BGR order. tests/model/inference/test_predictor.py checks the equality.
     """
     height, width = image.shape[-2:]
     band = torch.empty(min(_BAND_ROWS, height), width)  # one float buffer, reused for every band
