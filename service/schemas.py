@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 MAX_ID_CHARS = 1024
 MAX_CLASSES = 1000
 
-ImageId = Union[int, Annotated[str, StringConstraints(max_length=MAX_ID_CHARS)]]
+ImageId = int | Annotated[str, StringConstraints(max_length=MAX_ID_CHARS)]
 
 
 class SegmentParams(BaseModel):

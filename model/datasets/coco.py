@@ -21,7 +21,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from transfiner.model.config import InputConfig
 from transfiner.model.inference.images import DatasetError, load_image_rgb
 from transfiner.model.inference.preprocess import padded_shape, resized_shape
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 Polygons = list[list[float]]
 
 

@@ -17,14 +17,13 @@ import struct
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 __all__ = ["DatasetError", "load_image_rgb", "open_image", "image_to_rgb", "without_object_reprs"]
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 # Pillow names the file object in its messages ("cannot identify image file <_io.BytesIO object at

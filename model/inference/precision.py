@@ -10,7 +10,7 @@ that support it and fp32 everywhere else, so CPU results are the float32 ones un
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -31,7 +31,7 @@ def resolve_precision(precision: str | None, device: torch.device | str) -> str:
     return precision
 
 
-def autocast(precision: str, device: torch.device | str) -> ContextManager:
+def autocast(precision: str, device: torch.device | str) -> AbstractContextManager:
     """The context a forward pass runs in at ``precision`` (a resolved name, not ``auto``)."""
     if precision == "fp32":
         return contextlib.nullcontext()

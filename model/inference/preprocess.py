@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 import torch
@@ -14,7 +13,7 @@ from PIL import Image
 from transfiner.model.config import InputConfig
 from transfiner.model.transfer import to_device
 
-ImageLike = Union[np.ndarray, Image.Image, torch.Tensor]
+ImageLike = np.ndarray | Image.Image | torch.Tensor
 
 
 def to_rgb_tensor(image: ImageLike) -> torch.Tensor:

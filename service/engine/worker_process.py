@@ -451,7 +451,7 @@ def _child_main(conn: Connection, spec: WorkerSpec) -> None:
     while (message := batches.get()) is not None:
         batch_id, images, options = message
         try:
-            steps, preprocess_s = worker.start(images, options, lambda i: (batch_id, i) not in cancelled)
+            steps, preprocess_s = worker.start(images, options, lambda i, batch=batch_id: (batch, i) not in cancelled)
             conn.send(("started", batch_id, preprocess_s))
             for step in steps:
                 conn.send(("step", batch_id, step))

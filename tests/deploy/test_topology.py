@@ -186,7 +186,7 @@ def topology(tmp_path_factory):
         topo.prometheus_url = f"http://127.0.0.1:{topo.prometheus_port}"
         _wait_http(topo.nginx_url + "/nginx-health", 30, nginx_process, nginx_log)
         _wait_http(topo.prometheus_url + "/-/ready", 30, prometheus_process, prometheus_log)
-        for port, process, log in replicas:
+        for port, _process, log in replicas:
             try:
                 wait_ready(f"http://127.0.0.1:{port}", timeout=120)
             except TimeoutError:

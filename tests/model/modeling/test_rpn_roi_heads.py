@@ -110,11 +110,11 @@ def _reference_proposals(anchors, logits, deltas, image_sizes, pre, post, nms_th
     results = []
     for n, (h, w) in enumerate(image_sizes.tolist()):
         boxes, scores, lvls = [], [], []
-        for level, (a, l, d) in enumerate(zip(anchors, logits, deltas)):
+        for level, (a, logit, d) in enumerate(zip(anchors, logits, deltas)):
             decoded = transform.apply_deltas(d[n], a)
-            order = l[n].sort(descending=True).indices[:pre]
+            order = logit[n].sort(descending=True).indices[:pre]
             boxes.append(decoded[order])
-            scores.append(l[n][order])
+            scores.append(logit[n][order])
             lvls.append(torch.full((len(order),), level))
         boxes, scores, lvls = torch.cat(boxes), torch.cat(scores), torch.cat(lvls)
         valid = torch.isfinite(boxes).all(1) & torch.isfinite(scores)
