@@ -64,7 +64,7 @@ def timed(fn, device: str, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_box_inference", description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--proposals", type=int, default=1000, help="per image")
     parser.add_argument("--classes", type=int, default=80)

@@ -39,7 +39,7 @@ from transfiner.model.inference.images import image_to_rgb, open_image
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_decode", description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1333x800", help="image WxH")
     parser.add_argument("--busy", default="0,0.5,1", help="shares of time the other thread runs Python")
     parser.add_argument("--repeats", type=int, default=15)

@@ -33,7 +33,7 @@ from transfiner.model.weights.checkpoint import load_model
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_export", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="'default' or a checkpoint")
     parser.add_argument("--images", type=int, default=6, help="make-shapes images (384x384)")
     parser.add_argument("--rounds", type=int, default=3, help="passes over the images")

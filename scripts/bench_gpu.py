@@ -58,7 +58,7 @@ PARTS = ("attention", "in-process", "worker", "http", "profile", "nms", "refiner
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_gpu", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model and images, for the CPU")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--out", default="bench-results/gpu", help="bench_gpu.json and bench_gpu.md go here")

@@ -2,9 +2,9 @@
 
 R50-FPN with random weights (FrozenBN statistics calibrated on the image) on one 800x1333 image,
 for 10 / 50 / 100 detections, with the Transfiner refinement on and off (coarse Mask R-CNN masks).
-Random weights with a score threshold of 0 give exactly the asked number of detections. Peak memory is the process's peak
-resident set size during the measured call, reset before each call (Linux ``clear_refs``), minus
-the resident size just before it.
+Random weights with a score threshold of 0 give exactly the asked number of detections. Peak
+memory is the process's peak resident set size during the measured call, reset before each call
+(Linux ``clear_refs``), minus the resident size just before it.
 
 The refiner section compares, on the same detections and the same module, the refinement as it
 was (every box padded to the caps ``--padded-cells``, chunks of ``boxes_per_chunk`` boxes) with
@@ -94,7 +94,7 @@ def _exec_with_mmap_allocations() -> None:
 
 def main() -> None:
     _exec_with_mmap_allocations()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_model", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="R50-FPN")
     parser.add_argument("--detections", type=int, nargs="+", default=[10, 50, 100])
     parser.add_argument("--repeats", type=int, default=2)
@@ -154,7 +154,8 @@ def main() -> None:
         r["model_ratio_refined_vs_coarse"] = r["model_s"] / by_key[(r["detections"], False)]["model_s"]
     report = {
         "config": args.config, "image": [args.height, args.width], "device": "cpu",
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
         "max_cells": [k28, k56, k112], "tokens_per_box": tokens, "official_worst_case_tokens": 196 + 784 + 3136 + 12544,
         "tokens_per_chunk": cfg.transfiner.tokens_per_chunk, "boxes_per_chunk": cfg.transfiner.boxes_per_chunk,
         "rows": rows, "refiner_rows": refiner_rows,

@@ -49,7 +49,7 @@ print(sum(len(p.boxes) for p in found), seconds, resource.getrusage(resource.RUS
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_onnx_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, nargs="+", default=[256, 64, 32])
     parser.add_argument("--images", type=int, nargs="+", default=[1, 2], help="images a forward pass")
     parser.add_argument("--detections", type=int, default=100)

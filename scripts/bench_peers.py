@@ -236,7 +236,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_peers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     amount = parser.add_mutually_exclusive_group()

@@ -26,7 +26,7 @@ from transfiner.model.inference.polygons import mask_to_polygons
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_polygons", description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=2000, help="side of the large speckled mask")
     parser.add_argument("--reference-sizes", default="50,100,150",
                         help="sides of the small masks both tracers run on (comma-separated; empty for none)")

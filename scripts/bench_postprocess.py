@@ -26,7 +26,7 @@ from transfiner.model.inference.postprocess import box_windows, encode_rle, mask
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_postprocess", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
                         help="all: the CPU, and CUDA when available")
     parser.add_argument("--masks", type=int, default=100)

@@ -202,7 +202,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_service", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="'default' or a checkpoint")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])

@@ -60,7 +60,8 @@ def child(conn) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_worker_transfer",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--out", default="bench-results/worker-transfer")

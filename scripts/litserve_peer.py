@@ -50,7 +50,7 @@ class TransfinerLitAPI(ls.LitAPI):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.litserve_peer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8002)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--model", default="default")
