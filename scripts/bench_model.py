@@ -308,7 +308,7 @@ def bench_caps(args) -> None:
             hook.remove()
         real: list[int] = []
         for maps in incoherence:
-            for index, levels in refiner.chunks(maps):
+            for _, levels in refiner.chunks(maps):
                 real.extend((196 + sum(lv.valid.sum(1) for lv in levels)).tolist())
         rows.append({
             "max_cells": list(caps), "padded_tokens": tokens_per_box(caps),

@@ -77,13 +77,14 @@ def ensure_litserve(venv: Path, version: str) -> Path:
     if not marker.exists():
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", f"litserve=={version}"], check=True)
-        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              check=True, capture_output=True, text=True).stdout.strip()
-        # The model stack from the project's environment, after LitServe's own packages. As a site
-        # directory, so its own .pth files run too: the installed transfiner is one of them.
-        ours = sysconfig.get_paths()["purelib"]
-        (Path(site) / "transfiner-model-stack.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
         marker.touch()
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    # The model stack from the project's environment, after LitServe's own packages. As a site
+    # directory, so its own .pth files run too: the installed transfiner is one of them. Written
+    # at every run, so an environment made for another checkout serves this one.
+    ours = sysconfig.get_paths()["purelib"]
+    (Path(site) / "transfiner-model-stack.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
     return python
 
 
