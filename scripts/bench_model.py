@@ -30,6 +30,7 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -135,11 +136,10 @@ def main() -> None:
             options = InferenceOptions(score_threshold=0.0, max_detections=count, refine=refine)
             detections = model(batch, sizes, options)
             assert len(detections.scores) == count, "random weights gave too few detections"
-            whole_s, whole_mib = measure(lambda: model(batch, sizes, options), args.repeats)
+            whole_s, whole_mib = measure(partial(model, batch, sizes, options), args.repeats)
             head_s, head_mib = measure(
-                lambda: model.mask_head(
-                    features, detections.boxes, detections.classes, detections.batch_index, None, refine
-                ),
+                partial(model.mask_head, features, detections.boxes, detections.classes, detections.batch_index,
+                        None, refine),
                 args.repeats,
             )
             rows.append({
@@ -196,6 +196,11 @@ def main() -> None:
 
 def bench_refiner(model: MaskTransfiner, batch, sizes, features, args) -> list[dict]:
     """The refinement of the same detections, padded to caps as before vs trimmed as now."""
+    return [row for count in args.detections for row in bench_refiner_at(model, batch, sizes, features, args, count)]
+
+
+def bench_refiner_at(model: MaskTransfiner, batch, sizes, features, args, count: int) -> list[dict]:
+    """``bench_refiner``'s rows for ``count`` detections."""
     head = model.mask_head
     refiner = head.refiner
     thresholds = model.cfg.transfiner.thresholds
@@ -203,46 +208,45 @@ def bench_refiner(model: MaskTransfiner, batch, sizes, features, args) -> list[d
     padded = PointQuadtree(thresholds, args.padded_cells)
     enhanced = head.enhanced_features(features)
     rows = []
-    for count in args.detections:
-        det = model(batch, sizes, InferenceOptions(score_threshold=0.0, max_detections=count, refine=False))
-        roi_features, mask_features, coarse = head._coarse(features, det.boxes, det.classes, det.batch_index)
-        incoherence = head.incoherence(roi_features, mask_features)
-        per_box = (det.boxes, det.batch_index, head.pooler.levels(det.boxes), roi_features, coarse)
-        real = sum(tokens_per_box(level) for level in
-                   torch.stack([lv.cell_valid.sum(1) for lv in covering(incoherence)], 1).tolist()) / count
+    det = model(batch, sizes, InferenceOptions(score_threshold=0.0, max_detections=count, refine=False))
+    roi_features, mask_features, coarse = head._coarse(features, det.boxes, det.classes, det.batch_index)
+    incoherence = head.incoherence(roi_features, mask_features)
+    per_box = (det.boxes, det.batch_index, head.pooler.levels(det.boxes), roi_features, coarse)
+    real = sum(tokens_per_box(level) for level in
+               torch.stack([lv.cell_valid.sum(1) for lv in covering(incoherence)], 1).tolist()) / count
 
-        def before() -> torch.Tensor:
-            step = refiner.boxes_per_chunk
-            return torch.cat([
-                refiner.refine_chunk(enhanced, *(t[s : s + step] for t in per_box), padded(incoherence[s : s + step]))
-                for s in range(0, count, step)
-            ])
+    def before() -> torch.Tensor:
+        step = refiner.boxes_per_chunk
+        return torch.cat([
+            refiner.refine_chunk(enhanced, *(t[s : s + step] for t in per_box), padded(incoherence[s : s + step]))
+            for s in range(0, count, step)
+        ])
 
-        def now() -> torch.Tensor:
-            refiner.quadtree = covering
-            try:
-                return refiner(enhanced, *per_box, incoherence)
-            finally:
-                refiner.quadtree = default
-
-        default = refiner.quadtree
-        reference = None
-        cases = [("trimmed (now)", now)] if args.skip_padded else [("padded (before)", before), ("trimmed (now)", now)]
-        for mode, fn in cases:
-            outputs = []
-            seconds, peak = measure(lambda: outputs.append(fn()), args.repeats)
-            result = outputs.pop()
-            outputs.clear()
-            refiner.quadtree = covering
-            chunks = refiner.chunks(incoherence)
+    def now() -> torch.Tensor:
+        refiner.quadtree = covering
+        try:
+            return refiner(enhanced, *per_box, incoherence)
+        finally:
             refiner.quadtree = default
-            computed = (count * tokens_per_box(args.padded_cells) if mode.startswith("padded") else
-                        sum(len(index) * (196 + sum(lv.nodes.shape[1] for lv in levels)) for index, levels in chunks))
-            diff = None if reference is None else float((result - reference).abs().max())
-            reference = result if reference is None else reference
-            rows.append({"detections": count, "mode": mode, "real_tokens_mean": real, "computed_tokens": computed,
-                         "seconds": seconds, "peak_mib": peak, "max_abs_diff": diff})
-            print(rows[-1], flush=True)
+
+    default = refiner.quadtree
+    reference = None
+    cases = [("trimmed (now)", now)] if args.skip_padded else [("padded (before)", before), ("trimmed (now)", now)]
+    for mode, fn in cases:
+        outputs = []
+        seconds, peak = measure(lambda fn=fn, outputs=outputs: outputs.append(fn()), args.repeats)
+        result = outputs.pop()
+        outputs.clear()
+        refiner.quadtree = covering
+        chunks = refiner.chunks(incoherence)
+        refiner.quadtree = default
+        computed = (count * tokens_per_box(args.padded_cells) if mode.startswith("padded") else
+                    sum(len(index) * (196 + sum(lv.nodes.shape[1] for lv in levels)) for index, levels in chunks))
+        diff = None if reference is None else float((result - reference).abs().max())
+        reference = result if reference is None else reference
+        rows.append({"detections": count, "mode": mode, "real_tokens_mean": real, "computed_tokens": computed,
+                     "seconds": seconds, "peak_mib": peak, "max_abs_diff": diff})
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -300,7 +304,7 @@ def bench_caps(args) -> None:
         timed = TimedBackend(base.backend)
         refiner = timed.model.mask_head.refiner
         incoherence: list[torch.Tensor] = []  # of the refined boxes; their tokens are counted after timing
-        hook = refiner.register_forward_hook(lambda module, inputs, output: incoherence.append(inputs[-1]))
+        hook = refiner.register_forward_hook(lambda module, inputs, output, kept=incoherence: kept.append(inputs[-1]))
         try:
             report = evaluate(Predictor.from_backend(timed), args.caps_data, out / "-".join(map(str, caps)),
                               batch_size=1, max_images=args.max_images, num_overlays=0)
