@@ -2,11 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The package alone (what serving needs), then the test tools on top (Ray, Playwright, ...).
+# The package alone (what serving needs), then the test, docs and Ray tools on top.
 RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast serve bench clean
+.PHONY: install test test-fast lint format docs serve bench clean
 
 install: $(STAMP)
 
@@ -20,19 +20,32 @@ $(STAMP): $(RUNTIME)
 	$(BIN)/pip install -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# Everything, slow tests included: what .ci/run runs.
-test: install
+# Everything CI runs: style, the documentation site, then every test (slow ones included).
+test: lint docs
 	$(BIN)/python -m pytest -q
 
 # Leaves out the tests marked slow (training runs, real process topologies) while iterating.
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" -q
 
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Rewrites the tree in the project's style.
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# The documentation site; broken links and missing pages fail the build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
+
 serve: $(RUNTIME)
 	$(BIN)/transfiner serve
 
 bench: install
-	$(BIN)/python scripts/bench_model.py
+	$(BIN)/python -m scripts.bench_model
 
 clean:
 	rm -rf $(VENV) build *.egg-info

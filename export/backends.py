@@ -1,11 +1,12 @@
-"""TorchScript and ONNX Runtime behind ``model.backend.Backend``, and ``load_backend`` by name.
+"""TorchScript and ONNX Runtime behind ``model.inference.backend.Backend``, and ``load_backend`` by name.
 
-``load_backend(model, "onnxruntime")`` accepts an export folder (``transfiner export``), a model
-file inside one, or what ``--model`` accepts elsewhere (``default``, a checkpoint), as
-``export.resolve.resolve_model`` decides. Checkpoints are exported once into a cache folder
-(``$TRANSFINER_CACHE``, default ``~/.cache/transfiner``) keyed by the checkpoint's digest and the
-exporting code's (``graph_code_digest``), so ``transfiner serve --backend onnxruntime`` works on
-the default model with no extra step, and an upgrade never runs a graph the old code made.
+- ``load_backend(model, "onnxruntime")`` accepts an export folder (``transfiner export``), a model
+  file inside one, or what ``--model`` accepts elsewhere (``default``, a checkpoint), as
+  ``export.resolve.resolve_model`` decides.
+- Checkpoints are exported once into a cache folder (``$TRANSFINER_CACHE``, default
+  ``~/.cache/transfiner``) keyed by the checkpoint's digest and the exporting code's
+  (``graph_code_digest``), so ``transfiner serve --backend onnxruntime`` works on the default model
+  with no extra step, and an upgrade never runs a graph the old code made.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def load_backend(
 ) -> Backend:
     """A runtime by name (``pytorch``, ``torchscript``, ``onnxruntime``) for ``model`` (what
     ``--model`` names, or ``resolve_model``'s answer for this backend, so that a caller that also
-    needs its name and version resolves once), at ``precision`` (``model.precision``; exported
+    needs its name and version resolves once), at ``precision`` (``model.inference.precision``; exported
     graphs are float32, so they take auto or fp32), with node caps ``max_cells`` (default: the
     checkpoint's; an export folder keeps its own)."""
     check_backend_name(backend)

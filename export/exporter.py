@@ -1,15 +1,14 @@
 """Writes a trained model as TorchScript or ONNX, plus the metadata file that describes it.
 
-An export folder holds ``model.ts`` (TorchScript) or ``model.onnx``, and ``metadata.json``:
-the model config (class names, preprocessing), the input/output spec, the opset, the versions
-that exported it and the checkpoint it came from. ``export.runtimes`` loads such a folder.
-
-Both formats come from one trace of ``ExportableMaskTransfiner`` (TorchScript's tracer; the ONNX
-exporter traces the same way). Tracing records tensor shapes as graph values, and the model's
-forward has no Python number taken from a tensor and no loop over images or boxes but NMS's loop
-over the images (scripted into the TorchScript graph, one NonMaxSuppression in ONNX), so the graph
-holds for any batch size, image size and detection count. The parity tests check exactly that,
-on inputs unlike the example.
+- An export folder holds ``model.ts`` (TorchScript) or ``model.onnx``, and ``metadata.json``: the
+  model config (class names, preprocessing), the input/output spec, the opset, the versions that
+  exported it and the checkpoint it came from. ``export.backends`` loads such a folder.
+- Both formats come from one trace of ``ExportableMaskTransfiner`` (TorchScript's tracer; the ONNX
+  exporter traces the same way). Tracing records tensor shapes as graph values, and the model's
+  forward has no Python number taken from a tensor and no loop over images or boxes but NMS's loop
+  over the images (scripted into the TorchScript graph, one NonMaxSuppression in ONNX), so the graph
+  holds for any batch size, image size and detection count. The parity tests check exactly that, on
+  inputs unlike the example.
 """
 
 from __future__ import annotations

@@ -13,14 +13,14 @@ One graph covers the whole network, image tensor to detections::
     mask_probs      float32 [D, 112, 112] refined mask probabilities inside each box
     coarse_probs    float32 [D, 112, 112] the coarse Mask R-CNN masks of the same detections
 
-B, H, W and D are dynamic. Resizing and padding before, pasting and RLE after, stay in the shared
-Python code (``model.preprocess``, ``model.postprocess``) that every runtime uses.
-
-Why it can be exported at all: the quadtree's node selection is a fixed-size top-k with a
-threshold mask (``model.transfiner.PointQuadtree``), features are gathered and the refined values
-scattered back with ``where`` on that mask, and every box is one padded sequence with a
-key-padding mask. The detector's data-dependent parts (score filtering, per-level RoI assignment)
-use NonZero and NonMaxSuppression, which ONNX Runtime and TensorRT 10 both run.
+- B, H, W and D are dynamic. Resizing and padding before, pasting and RLE after, stay in the shared
+  Python code (``model.inference.preprocess``, ``model.inference.paste``, ``model.inference.rle``)
+  that every runtime uses.
+- Why it can be exported at all: the quadtree's node selection is a fixed-size top-k with a
+  threshold mask (``model.modeling.refiner.PointQuadtree``), features are gathered and the refined values
+  scattered back with ``where`` on that mask, and every box is one padded sequence with a
+  key-padding mask. The detector's data-dependent parts (score filtering, per-level RoI assignment)
+  use NonZero and NonMaxSuppression, which ONNX Runtime and TensorRT 10 both run.
 """
 
 from __future__ import annotations

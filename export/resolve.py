@@ -1,19 +1,18 @@
 """Which model a ``--model`` names: the shipped default, a checkpoint, or a ``transfiner export`` folder.
 
-Every command and the service decide this here, once, with ``resolve_model(spec, backend)``:
+- Every command and the service decide this here, once, with ``resolve_model(spec, backend)``:
 
-* ``"default"`` -> the shipped checkpoint (``model.default_model.DEFAULT_WEIGHTS``);
-* an export folder, or the model file inside one -> that export, for the runtime that reads its
-  format (``onnxruntime`` for ONNX, ``torchscript`` for TorchScript), never for eager PyTorch;
-* any other path -> a checkpoint file, which must exist. A path that does not exist is an error:
-  nothing here looks in the current directory (or any other) for a model it was not named.
+  * ``"default"`` -> the shipped checkpoint (``model.weights.default.DEFAULT_WEIGHTS``);
+  * an export folder, or the model file inside one -> that export, for the runtime that reads its
+    format (``onnxruntime`` for ONNX, ``torchscript`` for TorchScript), never for eager PyTorch;
+  * any other path -> a checkpoint file, which must exist. A path that does not exist is an error:
+    nothing here looks in the current directory (or any other) for a model it was not named.
 
-The result's ``weights_digest`` is the version every backend reports for the same weights: the
-checkpoint's digest, or, for an export, the digest of the checkpoint it was exported from (its
-metadata holds it), so the eager, TorchScript and ONNX Runtime services agree.
-
-``model`` only knows checkpoints (``model.default_model.resolve_weights``); export folders are
-this package's, so the whole decision lives here and ``service`` and the command line call it.
+- The result's ``weights_digest`` is the version every backend reports for the same weights: the
+  checkpoint's digest, or, for an export, the digest of the checkpoint it was exported from (its
+  metadata holds it), so the eager, TorchScript and ONNX Runtime services agree.
+- ``model`` only knows checkpoints (``model.weights.default.resolve_weights``); export folders are
+  this package's, so the whole decision lives here and ``service`` and the command line call it.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """The TensorRT path: what our ONNX graph asks of TensorRT, and how to build an engine.
 
-TensorRT cannot be installed on our machines (its libraries are only on NVIDIA's index), so no
-engine is built or timed here. What we can check, and do in the tests, is the graph: every
-operator it uses must be in the ONNX-TensorRT parser's support matrix
-(``data/tensorrt_onnx_operators.json``, transcribed with the TensorRT version it describes), with
-the input types that matrix lists, and every TopK must have k below TensorRT's limit.
-``data/graph_operators.json`` is the checked-in list of operators the graph uses; a change to the
-model that adds an operator shows up there (and in review) before it reaches a user's trtexec.
+- TensorRT cannot be installed on our machines (its libraries are only on NVIDIA's index), so no
+  engine is built or timed here.
+- What we can check, and do in the tests, is the graph: every operator it uses must be in the
+  ONNX-TensorRT parser's support matrix (``data/tensorrt_onnx_operators.json``, transcribed with the
+  TensorRT version it describes), with the input types that matrix lists, and every TopK must have k
+  below TensorRT's limit.
+- ``data/graph_operators.json`` is the checked-in list of operators the graph uses; a change to the
+  model that adds an operator shows up there (and in review) before it reaches a user's trtexec.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ class MaskHeadConfig:
 
 # Caps that cover every 28-cell at every level: node selection is then exactly the official
 # thresholding (up to 196 + 784 + 3136 + 12544 = 16,660 tokens a box; compute follows the real
-# nodes, see model.transfiner).
+# nodes, see model.modeling.refiner).
 COVERING_MAX_CELLS: tuple[int, int, int] = (784, 784, 784)
 
 

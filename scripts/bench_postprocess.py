@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from scripts.results import markdown_table, write_report
-from transfiner.model.inference.postprocess import box_windows, encode_rle, masks_to_rle, paste_masks
+from transfiner.model.inference.paste import box_windows, paste_masks
+from transfiner.model.inference.rle import encode_rle, masks_to_rle
 
 
 def parse_args() -> argparse.Namespace:

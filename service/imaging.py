@@ -1,15 +1,14 @@
 """Uploaded bytes -> an upright RGB array, decided by the bytes themselves, never the declared type.
 
-The format is sniffed from magic bytes, Pillow is then told to try only that format (no other
-plugin ever parses the upload), the pixel count is checked from the header before anything is
-decoded, and the pixels go through the same opening (one native decoder call for the whole
-upload) and conversion as ``model.images.load_image_rgb`` (EXIF orientation; grey, palette,
-CMYK, alpha and 16-bit modes). Animated images give their first frame.
-
-Given ``reduce_to``, a JPEG is decoded by libjpeg's reduced DCT (Pillow's draft mode: 1/2, 1/4 or
-1/8 scale) to the smallest such size that is still at least what the network needs, which is
-several times faster and holds a fraction of the memory for large photos. The pixels then differ
-slightly from a full decode followed by the resize; other formats are always decoded in full.
+- The format is sniffed from magic bytes, Pillow is then told to try only that format (no other
+  plugin ever parses the upload), the pixel count is checked from the header before anything is
+  decoded, and the pixels go through the same opening (one native decoder call for the whole upload)
+  and conversion as ``model.inference.images.load_image_rgb`` (EXIF orientation; grey, palette, CMYK, alpha
+  and 16-bit modes). Animated images give their first frame.
+- Given ``reduce_to``, a JPEG is decoded by libjpeg's reduced DCT (Pillow's draft mode: 1/2, 1/4 or
+  1/8 scale) to the smallest such size that is still at least what the network needs, which is
+  several times faster and holds a fraction of the memory for large photos. The pixels then differ
+  slightly from a full decode followed by the resize; other formats are always decoded in full.
 """
 
 from __future__ import annotations

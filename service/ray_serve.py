@@ -1,15 +1,14 @@
 """The service as a Ray Serve application: ``transfiner serve --engine ray``.
 
-Each Ray Serve replica runs the very app ``transfiner serve`` runs (``create_app``: the same
-routes, request parsing, parameters, error model, JSON, metrics and health routes) around its own
-copy of the model. Only the batching engine differs: instead of the service's asyncio
-``Batcher``, requests are batched by Ray Serve's ``@serve.batch`` (``RayServeBatcher``), and Ray
-places the replicas (CPU, whole or fractional GPUs) on the cluster's nodes, routes HTTP to them
-from the proxy on every node, replaces replicas that die, and scales their number between a
-minimum and a maximum on load (Serve autoscaling on ongoing requests per replica).
-
-Ray is an optional dependency (``pip install 'transfiner[ray]'``); nothing else imports this
-module, so the FastAPI engine runs without it.
+- Each Ray Serve replica runs the very app ``transfiner serve`` runs (``create_app``: the same
+  routes, request parsing, parameters, error model, JSON, metrics and health routes) around its own
+  copy of the model. Only the batching engine differs: instead of the service's asyncio ``Batcher``,
+  requests are batched by Ray Serve's ``@serve.batch`` (``RayServeBatcher``), and Ray places the
+  replicas (CPU, whole or fractional GPUs) on the cluster's nodes, routes HTTP to them from the
+  proxy on every node, replaces replicas that die, and scales their number between a minimum and a
+  maximum on load (Serve autoscaling on ongoing requests per replica).
+- Ray is an optional dependency (``pip install 'transfiner[ray]'``); nothing else imports this
+  module, so the FastAPI engine runs without it.
 """
 
 from __future__ import annotations
@@ -55,14 +54,14 @@ class RayServeBatcher:
     """What ``ServiceRuntime`` needs of a batcher (``submit``, ``start``, ``close``,
     ``estimate_wait``, ``arriving``), on Ray Serve's own batching.
 
-    ``@serve.batch`` collects the replica's requests (up to ``max_batch_size``, waiting at most
-    ``max_delay_s`` for batch-mates) and reports Ray's batch metrics (``ray_serve_batch_*``).
-    A Ray batch may mix canvases (padded input sizes), which a forward pass must not (a request's
-    answer would depend on its batch-mates' padding), so each Ray batch runs as one forward pass
-    per canvas and ``Job.shares`` (more where ``max_batch_pixels`` says so), in arrival order,
-    on the service's own ``Worker`` (the same pre-processing and forward pass as the FastAPI
-    engine). Jobs whose client left or whose deadline passed while
-    they waited never reach the model, as in ``Batcher``.
+    - ``@serve.batch`` collects the replica's requests (up to ``max_batch_size``, waiting at most
+      ``max_delay_s`` for batch-mates) and reports Ray's batch metrics (``ray_serve_batch_*``).
+    - A Ray batch may mix canvases (padded input sizes), which a forward pass must not (a request's
+      answer would depend on its batch-mates' padding), so each Ray batch runs as one forward pass
+      per canvas and ``Job.shares`` (more where ``max_batch_pixels`` says so), in arrival order, on
+      the service's own ``Worker`` (the same pre-processing and forward pass as the FastAPI engine).
+    - Jobs whose client left or whose deadline passed while they waited never reach the model, as
+      in ``Batcher``.
     """
 
     def __init__(

@@ -12,8 +12,8 @@ from importlib.metadata import version as package_version
 from transfiner.model.config import ModelConfig, preset
 from transfiner.model.datasets.shapes import make_shapes
 from transfiner.model.evaluation.evaluate import evaluate
-from transfiner.model.inference.postprocess import masks_to_rle
 from transfiner.model.inference.predictor import Prediction, Predictor, load_predictor
+from transfiner.model.inference.rle import masks_to_rle
 from transfiner.model.modeling.rcnn import InferenceOptions, MaskTransfiner
 from transfiner.model.weights.checkpoint import build_model, load_model, save_checkpoint
 

@@ -1,15 +1,15 @@
-"""COCO-format instance segmentation data for training (images are read by ``model.images``).
+"""COCO-format instance segmentation data for training (images are read by ``model.inference.images``).
 
-The json is parsed and validated when a :class:`CocoDataset` is built (structure, ids, boxes,
-segmentation encodings, that every image file exists); images and masks are decoded lazily, one
-sample at a time, so a worker only holds the images of its batch. Problems are reported as
-:class:`DatasetError` naming the file and the image / annotation id; unusable but well-formed
-annotations (no polygon of 3 or more points, zero area) are skipped with a :class:`DatasetWarning`.
-
-Segmentations may be polygons (a list of ``[x0, y0, x1, y1, ...]``; their union is the mask),
-compressed RLE (``counts`` a string, or bytes) or uncompressed RLE (``counts`` a list of run
-lengths). COCO polygons cannot express holes ("polygons in polygons" are unioned, not
-subtracted); an object with a hole must be written as RLE.
+- The json is parsed and validated when a :class:`CocoDataset` is built (structure, ids, boxes,
+  segmentation encodings, that every image file exists); images and masks are decoded lazily, one
+  sample at a time, so a worker only holds the images of its batch. Problems are reported as
+  :class:`DatasetError` naming the file and the image / annotation id; unusable but well-formed
+  annotations (no polygon of 3 or more points, zero area) are skipped with a
+  :class:`DatasetWarning`.
+- Segmentations may be polygons (a list of ``[x0, y0, x1, y1, ...]``; their union is the mask),
+  compressed RLE (``counts`` a string, or bytes) or uncompressed RLE (``counts`` a list of run
+  lengths). COCO polygons cannot express holes ("polygons in polygons" are unioned, not subtracted);
+  an object with a hole must be written as RLE.
 """
 
 from __future__ import annotations
@@ -183,32 +183,28 @@ class _ImageRecord:
 class CocoDataset(Dataset):
     """Instance segmentation samples from a COCO json, augmented as detectron2 trains Mask R-CNN.
 
-    ``image_root``: where the images' ``file_name`` are relative to. By default the first of
-    ``<json dir>/images`` and ``<json dir>`` that holds the first image; if neither does,
-    ``<json dir>/images`` if that folder exists, else ``<json dir>`` (the missing file is then
-    reported). Absolute file names are used as they are.
-
-    ``class_ids``: the COCO category ids to learn, in the order of the model's classes (e.g. a
-    config's ``category_ids``); annotations of other categories are ignored. By default every
-    category, in sorted id order. Class index ``k`` is ``category_ids[k]``.
-
-    ``train``: shortest-edge jitter (short side drawn from ``input_cfg.min_size_train``, long
-    side at most ``max_size_train``) and horizontal flip with p=0.5; otherwise a plain resize to
-    ``min_size_test`` / ``max_size_test``. The draws depend only on ``(seed, epoch, index)``
-    (see :meth:`set_epoch`), so they do not depend on workers or iteration order.
-
-    ``filter_empty`` (default: ``train``): drop images with no non-crowd instance, as detectron2's
-    DATASETS.FILTER_EMPTY_ANNOTATIONS. Kept images may still yield N=0 samples (tensors of
-    shape [0, 4], [0], [0, H, W]) when every mask is empty at the drawn size.
-
-    Masks: polygons are scaled and rasterised directly at the output size (exact geometry, and
-    several times cheaper than resizing a full-resolution bitmask). RLE masks are decoded at the file's
-    resolution, resized with antialiased bilinear filtering and thresholded at 0.5 (foreground
-    where more than half covered): the same filter as the image, so mask edges stay aligned
-    with image edges, whereas nearest-neighbour sampling shifts edges by up to half a source
-    pixel and aliases thin parts when shrinking. Both agree on pixel-aligned shapes.
-    Boxes are the json boxes scaled, flipped and clipped to the image, as detectron2; instances
-    whose box or mask is empty after resizing are dropped, as detectron2's filter_empty_instances.
+    - ``image_root``: where the images' ``file_name`` are relative to. By default the first of
+      ``<json dir>/images`` and ``<json dir>`` that holds the first image; if neither does,
+      ``<json dir>/images`` if that folder exists, else ``<json dir>`` (the missing file is then
+      reported). Absolute file names are used as they are.
+    - ``class_ids``: the COCO category ids to learn, in the order of the model's classes (e.g. a
+      config's ``category_ids``); annotations of other categories are ignored. By default every
+      category, in sorted id order. Class index ``k`` is ``category_ids[k]``.
+    - ``train``: shortest-edge jitter (short side drawn from ``input_cfg.min_size_train``, long side
+      at most ``max_size_train``) and horizontal flip with p=0.5; otherwise a plain resize to
+      ``min_size_test`` / ``max_size_test``. The draws depend only on ``(seed, epoch, index)`` (see
+      :meth:`set_epoch`), so they do not depend on workers or iteration order.
+    - ``filter_empty`` (default: ``train``): drop images with no non-crowd instance, as detectron2's
+      DATASETS.FILTER_EMPTY_ANNOTATIONS. Kept images may still yield N=0 samples (tensors of shape
+      [0, 4], [0], [0, H, W]) when every mask is empty at the drawn size.
+    - Masks: polygons are scaled and rasterised directly at the output size (exact geometry, and
+      several times cheaper than resizing a full-resolution bitmask). RLE masks are decoded at the
+      file's resolution, resized with antialiased bilinear filtering and thresholded at 0.5
+      (foreground where more than half covered): the same filter as the image, so mask edges stay
+      aligned with image edges, whereas nearest-neighbour sampling shifts edges by up to half a
+      source pixel and aliases thin parts when shrinking. Both agree on pixel-aligned shapes. Boxes
+      are the json boxes scaled, flipped and clipped to the image, as detectron2; instances whose
+      box or mask is empty after resizing are dropped, as detectron2's filter_empty_instances.
     """
 
     def __init__(
@@ -498,10 +494,10 @@ class CanvasBatchSampler(Sampler[list[int]]):
     alone, so the padding a model is trained with (which GroupNorm's statistics and every
     convolution near the border see) is the padding it meets when served.
 
-    Each epoch walks a fresh permutation (from ``generator``) and fills one bucket per canvas, as
-    detectron2's aspect-ratio grouping; a full bucket is a batch, and the buckets left at the end
-    of the epoch are yielded as smaller batches, so every sample is seen once per epoch. Call the
-    data set's ``set_epoch`` before iterating, as for its augmentation draws.
+    - Each epoch walks a fresh permutation (from ``generator``) and fills one bucket per canvas, as
+      detectron2's aspect-ratio grouping; a full bucket is a batch, and the buckets left at the end
+      of the epoch are yielded as smaller batches, so every sample is seen once per epoch.
+    - Call the data set's ``set_epoch`` before iterating, as for its augmentation draws.
     """
 
     def __init__(self, dataset: "CocoDataset", batch_size: int, generator: torch.Generator) -> None:

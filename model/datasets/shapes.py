@@ -1,30 +1,29 @@
 """A synthetic fine-detail instance segmentation benchmark (``transfiner make-shapes``).
 
-Our stand-in for COCO / Cityscapes on machines without internet. Every image holds a few
-instances of a handful of categories whose boundaries carry detail that a 28x28 Mask R-CNN
-mask cannot represent once it is upsampled to the box: thin spikes, gear teeth, holes, thin
-rings, letter strokes, comb teeth and serrated edges. Objects are reasonably large (about
-40-250 px on the default 384x384 canvas) and their category shows in both shape and colour,
-so a small model learns them quickly; the fine detail lives at a scale of a few pixels.
-
-Each instance is drawn as a 4x supersampled binary mask; its area coverage (the mean of the
-4x4 sub-pixels) is the alpha used to paint it, and ``coverage >= 0.5`` is its mask, so edges
-are crisp in the annotation and anti-aliased in the picture. Instances are painted in order
-over a textured background (low-frequency noise, gradients, stripes and low-contrast clutter
-shapes that are not instances); later ones cover earlier ones and the annotations store the
-visible parts only. An instance is only placed when it leaves every earlier instance at least
-``min_visible_fraction`` of its area and ``min_area`` pixels, so no painted object is left
-unannotated and nothing is chopped into confetti.
+- Our stand-in for COCO / Cityscapes on machines without internet. Every image holds a few instances
+  of a handful of categories whose boundaries carry detail that a 28x28 Mask R-CNN mask cannot
+  represent once it is upsampled to the box: thin spikes, gear teeth, holes, thin rings, letter
+  strokes, comb teeth and serrated edges. Objects are reasonably large (about 40-250 px on the
+  default 384x384 canvas) and their category shows in both shape and colour, so a small model learns
+  them quickly; the fine detail lives at a scale of a few pixels.
+- Each instance is drawn as a 4x supersampled binary mask; its area coverage (the mean of the 4x4
+  sub-pixels) is the alpha used to paint it, and ``coverage >= 0.5`` is its mask, so edges are crisp
+  in the annotation and anti-aliased in the picture. Instances are painted in order over a textured
+  background (low-frequency noise, gradients, stripes and low-contrast clutter shapes that are not
+  instances); later ones cover earlier ones and the annotations store the visible parts only. An
+  instance is only placed when it leaves every earlier instance at least ``min_visible_fraction`` of
+  its area and ``min_area`` pixels, so no painted object is left unannotated and nothing is chopped
+  into confetti.
 
 Output, COCO format::
 
     OUT/annotations.json   images, annotations (compressed RLE with str counts), categories, info
     OUT/images/000000.png  ...
 
-Deterministic: image ``i`` of seed ``s`` is drawn from its own generator
-``np.random.default_rng(np.random.SeedSequence(s, spawn_key=(i,)))``, so it is the same
-whether 3 or 300 images are generated, and the same seed gives byte-identical files (with the
-same numpy / Pillow / zlib versions).
+- Deterministic: image ``i`` of seed ``s`` is drawn from its own generator
+  ``np.random.default_rng(np.random.SeedSequence(s, spawn_key=(i,)))``, so it is the same whether 3
+  or 300 images are generated, and the same seed gives byte-identical files (with the same numpy /
+  Pillow / zlib versions).
 """
 
 from __future__ import annotations

@@ -1,21 +1,19 @@
 """``transfiner evaluate``: COCO metrics of the coarse and the refined masks, and the incoherence
 detector judged against ground truth (paper Tables 1 and 3).
 
-One forward pass per batch gives both mask sets of the same detections (``RawOutputs.mask_probs``
-refined, ``RawOutputs.coarse_probs`` coarse); both go through the Predictor's own post-processing
-(``Prediction.from_outputs`` and ``coco_records``, i.e. ``model.postprocess``: boxes mapped back
-to the image, masks pasted, records rounded), so the refined numbers are what users get.
-
-Metrics come from faster-coco-eval: box AP (``bbox``), mask AP (``segm``) and boundary AP^B
-(``boundary``: Boundary IoU, Cheng et al. 2021, dilation 2% of the image diagonal; faster-coco-eval
-uses min(mask IoU, boundary IoU) per pair, as the Boundary IoU API). Numbers are in percent, as
-detectron2's COCOEvaluator; a metric with no ground truth to judge (e.g. APs without small
-objects) is ``None`` in report.json (detectron2 prints NaN).
-
-The incoherence statistics use the val set's ground-truth boxes and classes, so the detector's
-quality does not enter: the backbone features of the same forward pass feed
-``mask_head.coarse_and_incoherence`` on the GT boxes, and its incoherence >= 0.5 is compared with
-``gt_incoherence`` of the GT masks on the 28x28 grid of each box.
+- One forward pass per batch gives both mask sets of the same detections (``RawOutputs.mask_probs``
+  refined, ``RawOutputs.coarse_probs`` coarse); both go through the Predictor's own post-processing
+  (``Prediction.from_outputs`` and ``coco_records``: boxes mapped back to the image, masks pasted,
+  records rounded), so the refined numbers are what users get.
+- Metrics come from faster-coco-eval: box AP (``bbox``), mask AP (``segm``) and boundary AP^B
+  (``boundary``: Boundary IoU, Cheng et al. 2021, dilation 2% of the image diagonal; faster-coco-eval
+  uses min(mask IoU, boundary IoU) per pair, as the Boundary IoU API).
+- Numbers are in percent, as detectron2's COCOEvaluator; a metric with no ground truth to judge
+  (e.g. APs without small objects) is ``None`` in report.json (detectron2 prints NaN).
+- The incoherence statistics use the val set's ground-truth boxes and classes, so the detector's
+  quality does not enter: the backbone features of the same forward pass feed
+  ``mask_head.coarse_and_incoherence`` on the GT boxes, and its incoherence >= 0.5 is compared with
+  ``gt_incoherence`` of the GT masks on the 28x28 grid of each box.
 """
 
 from __future__ import annotations
@@ -74,14 +72,16 @@ def coco_metrics(
 ) -> dict[str, float | None]:
     """COCO AP of ``results`` against ``gt`` with faster-coco-eval, in percent.
 
-    gt: a faster-coco-eval ``COCO``, an annotation json path or its dict; results: COCO result
-    records (``image_id``, ``category_id``, ``score``, ``bbox`` xywh and/or ``segmentation`` RLE);
-    iou_type: ``"bbox"``, ``"segm"`` or ``"boundary"``; image_ids: the images evaluated (default:
-    every image of ``gt``; give it when only part of the set was predicted). Returns ``AP``,
-    ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl``; ``None`` where COCO has nothing to judge (-1).
-
-    As detectron2's COCOEvaluator, ``segm`` / ``boundary`` drop the result boxes so the area (for
-    the size ranges) and box come from the mask; ``results`` is not modified.
+    - ``gt``: a faster-coco-eval ``COCO``, an annotation json path or its dict.
+    - ``results``: COCO result records (``image_id``, ``category_id``, ``score``, ``bbox`` xywh
+      and/or ``segmentation`` RLE).
+    - ``iou_type``: ``"bbox"``, ``"segm"`` or ``"boundary"``.
+    - ``image_ids``: the images evaluated (default: every image of ``gt``; give it when only part of
+      the set was predicted).
+    - Returns ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl``; ``None`` where COCO has nothing
+      to judge (-1).
+    - As detectron2's COCOEvaluator, ``segm`` / ``boundary`` drop the result boxes so the area (for
+      the size ranges) and box come from the mask; ``results`` is not modified.
     """
     from faster_coco_eval import COCOeval_faster
 
@@ -284,27 +284,16 @@ def evaluate(
     batch_size: int = 2, max_images: int | None = None, num_overlays: int = 4, *,
     max_detections: int | None = None, weights: str | os.PathLike | None = None, num_workers: int = 0,
 ) -> dict:
-    """Evaluates ``predictor`` (a :class:`model.predictor.Predictor`) on a COCO json; writes
+    """Evaluates ``predictor`` (a :class:`model.inference.predictor.Predictor`) on a COCO json; writes
     ``report.json``, ``report.md`` and ``overlays/*.png`` into ``out_dir`` and returns the report.
 
-    Detections use the model's score threshold (0.05) and ``max_detections`` per image (default
-    the config's 100), as detectron2's evaluation. ``max_images``: only the first N images of the
-    json (the metrics then cover those images only). ``weights`` is only recorded in the report.
+    - Detections use the model's score threshold (0.05) and ``max_detections`` per image (default
+      the config's 100), as detectron2's evaluation.
+    - ``max_images``: only the first N images of the json (the metrics then cover those images only).
+    - ``weights`` is only recorded in the report.
     """
-    from tqdm import tqdm
-
-    from transfiner.model.inference.predictor import Prediction
-
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    if max_images is not None and max_images < 1:
-        raise ValueError(f"max images must be at least 1, got {max_images}")
-    if max_detections is not None and max_detections < 1:
-        raise ValueError(f"max detections must be at least 1, got {max_detections}")
-    if num_overlays < 0:
-        raise ValueError(f"the number of overlays cannot be negative, got {num_overlays}")
+    _check_arguments(batch_size, max_images, max_detections, num_overlays)
     cfg = predictor.cfg
-    model = predictor.model
     dataset = evaluation_dataset(data_json, cfg, image_root)
     gt = _load_gt(Path(data_json))
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
@@ -320,10 +309,47 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     if num_overlays:
         overlay_dir.mkdir(exist_ok=True)
+    found = _predict(predictor, loader, dataset, gt, overlay_dir, num_overlays, max_detections)
+    report = _report(found, gt, predictor, weights, data_json)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(report_markdown(report))
+    return report
+
+
+def _check_arguments(batch_size: int, max_images: int | None, max_detections: int | None, num_overlays: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max images must be at least 1, got {max_images}")
+    if max_detections is not None and max_detections < 1:
+        raise ValueError(f"max detections must be at least 1, got {max_detections}")
+    if num_overlays < 0:
+        raise ValueError(f"the number of overlays cannot be negative, got {num_overlays}")
+
+
+@dataclass
+class _Predictions:
+    """What the pass over the data set found: both mask sets' COCO records, and the incoherence counts."""
+
+    results: dict[str, list[dict]]  # "coarse" and "refined" records of the same detections
+    incoherence: IncoherenceStats
+    image_ids: list[int]
+
+
+def _predict(
+    predictor, loader, dataset: CocoDataset, gt, overlay_dir: Path, num_overlays: int, max_detections: int | None,
+) -> _Predictions:
+    """One forward pass per batch: the coarse and refined records of every image, the first
+    ``num_overlays`` images' overlays, and (eager model only) the incoherence detector on the GT boxes."""
+    from tqdm import tqdm
+
+    from transfiner.model.inference.predictor import Prediction
+
+    cfg = predictor.cfg
+    model = predictor.model
     options = InferenceOptions(max_detections=max_detections, refine=True)
-    results: dict[str, list[dict]] = {"coarse": [], "refined": []}
-    incoherence = IncoherenceStats()
-    image_ids: list[int] = []
+    found = _Predictions({"coarse": [], "refined": []}, IncoherenceStats(), [])
+    results, image_ids = found.results, found.image_ids
     used_names: set[str] = set()
     captured: list[list[torch.Tensor]] = []
     # Incoherence statistics need the eager model's features; exported runtimes give outputs only.
@@ -352,11 +378,16 @@ def evaluate(
                 if model is not None:
                     features = captured[-1][:4]  # P2..P5, as the mask head reads them
                     with autocast(predictor.precision, predictor.device):  # as the forward pass ran
-                        _update_incoherence(incoherence, model, features, samples, predictor.device)
+                        _update_incoherence(found.incoherence, model, features, samples, predictor.device)
     finally:
         if hook is not None:
             hook.remove()
+    return found
 
+
+def _report(found: _Predictions, gt, predictor, weights: str | os.PathLike | None, data_json) -> dict:
+    """The COCO metrics of both mask sets, the box AP and the incoherence statistics, as report.json holds them."""
+    results, image_ids, incoherence = found.results, found.image_ids, found.incoherence
     metrics = {name: {} for name in results}
     for name, records in results.items():
         for iou_type, key in (("segm", None), ("boundary", "boundary_AP")):
@@ -367,7 +398,7 @@ def evaluate(
                 metrics[name][key] = values["AP"]
     # Coarse and refined masks belong to the same detections: one box AP.
     bbox = coco_metrics(gt, results["refined"], "bbox", image_ids)
-    report = {
+    return {
         "coarse": metrics["coarse"],
         "refined": metrics["refined"],
         "bbox_AP": bbox["AP"],
@@ -378,16 +409,13 @@ def evaluate(
         "incoherence_instances": incoherence.instances,
         "num_images": len(image_ids),
         "num_detections": len(results["refined"]),
-        "config": cfg.name,
+        "config": predictor.cfg.name,
         "backend": predictor.backend.name,
         "precision": predictor.precision,
         "weights": None if weights is None else str(weights),
         "data": str(data_json),
         "boundary_dilation_ratio": BOUNDARY_DILATION_RATIO,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(report_markdown(report))
-    return report
 
 
 def _update_incoherence(stats: IncoherenceStats, model, features, samples, device) -> None:

@@ -1,9 +1,10 @@
 """Runtimes behind one interface: a padded BGR batch in, ``RawOutputs`` out.
 
-Only the tensor part differs between runtimes. Resizing and padding (``model.preprocess``) and
-mask pasting + RLE encoding (``model.postprocess``) are shared, so every runtime gives the same
-masks for the same network outputs. This module has eager PyTorch; ``export.runtimes`` adds
-TorchScript and ONNX Runtime, and ``export.runtimes.load_backend`` picks one by name.
+- Only the tensor part differs between runtimes: resizing and padding (``model.inference.preprocess``)
+  and mask pasting + RLE encoding (``model.inference.paste``, ``model.inference.rle``) are shared, so
+  every runtime gives the same masks for the same network outputs.
+- This module has eager PyTorch; ``export.backends`` adds TorchScript and ONNX Runtime, and
+  ``export.backends.load_backend`` picks one by name.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Backend(Protocol):
     name: str  # one of BACKEND_NAMES
     device: torch.device  # where pre-processing should put the batch
     cfg: ModelConfig
-    precision: str  # fp32, bf16 or fp16 (see model.precision)
+    precision: str  # fp32, bf16 or fp16 (see model.inference.precision)
 
     def infer(self, images: torch.Tensor, image_sizes: torch.Tensor, options: InferenceOptions) -> RawOutputs:
         """images [B, 3, H, W] float BGR 0..255 padded with the pixel mean; image_sizes [B, 2] (h, w)."""

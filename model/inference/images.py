@@ -1,13 +1,12 @@
 """Image files and opened PIL images -> upright uint8 RGB arrays: the one pixel conversion shared
 by the training data, the command line and the service's upload decoder.
 
-Kept apart from ``model.data`` so that a reader of images does not import the training data's
-machinery (``torch.utils.data``, ``pycocotools.coco``).
-
-Encoded bytes are opened by ``open_image`` so that Pillow decodes them in one native call, which
-releases the GIL once. Left to itself Pillow decodes 64 KB at a time, and a PNG one IDAT chunk
-(8-64 KB) at a time, taking the GIL back between pieces; in a server whose event loop is busy,
-each of those hand-overs can wait a whole switch interval (5 ms).
+- Kept apart from ``model.datasets.coco`` so that a reader of images does not import the training data's
+  machinery (``torch.utils.data``, ``pycocotools.coco``).
+- Encoded bytes are opened by ``open_image`` so that Pillow decodes them in one native call, which
+  releases the GIL once. Left to itself Pillow decodes 64 KB at a time, and a PNG one IDAT chunk
+  (8-64 KB) at a time, taking the GIL back between pieces; in a server whose event loop is busy,
+  each of those hand-overs can wait a whole switch interval (5 ms).
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ class DatasetError(Exception):
     """A data set that cannot be used; the message names the file and the image/annotation id.
 
     Defined here, with the lowest reader that raises it (a missing or undecodable image file), so
-    that one exception covers input images and data sets alike; ``model.data`` re-exports it."""
+    that one exception covers input images and data sets alike; ``model.datasets.coco`` imports it from here."""
 
 
 def load_image_rgb(path: PathLike) -> np.ndarray:

@@ -1,19 +1,19 @@
 """Binary masks -> COCO polygons, by tracing the pixel edges between foreground and background.
 
-pycocotools can rasterise polygons (``frPyObjects``) but not trace them, and the project has no
-OpenCV; this is a small crack-following tracer. Each polygon runs along pixel *corners*, so a
-mask is reproduced pixel for pixel when pycocotools rasterises it again, except where COCO
-polygons cannot express the shape:
+- pycocotools can rasterise polygons (``frPyObjects``) but not trace them, and the project has no
+  OpenCV; this is a small crack-following tracer. Each polygon runs along pixel *corners*, so a mask
+  is reproduced pixel for pixel when pycocotools rasterises it again, except where COCO polygons
+  cannot express the shape:
 
-* holes: COCO merges an object's polygons by union, so an inner boundary would fill the hole
-  instead of cutting it; only outer boundaries are returned, holes are lost;
-* diagonal-only contact: two pixels touching at a corner are traced as separate polygons
-  (4-connectivity), which keeps every polygon simple (no self-touching vertex).
+  * holes: COCO merges an object's polygons by union, so an inner boundary would fill the hole
+    instead of cutting it; only outer boundaries are returned, holes are lost;
+  * diagonal-only contact: two pixels touching at a corner are traced as separate polygons
+    (4-connectivity), which keeps every polygon simple (no self-touching vertex).
 
-The work is linear in the number of pixels: finding the boundary edges and the edge that follows
-each one is array arithmetic, and one pass over the edges links them into loops. (The tracer it
-replaced, kept in tests/polygon_reference.py, scanned every untraced edge to start each loop,
-quadratic in the number of pieces; tests/test_polygons.py checks the answers are identical.)
+- The work is linear in the number of pixels: finding the boundary edges and the edge that follows
+  each one is array arithmetic, and one pass over the edges links them into loops. (The tracer it
+  replaced, kept in scripts/reference/polygons.py, scanned every untraced edge to start each loop,
+  quadratic in the number of pieces; tests/model/inference/test_polygons.py checks the answers are identical.)
 """
 
 from __future__ import annotations
@@ -92,13 +92,12 @@ def _trace_loops(following: list[int]) -> tuple[list[int], list[int]]:
 def mask_to_polygons(mask: np.ndarray, offset: tuple[int, int] = (0, 0)) -> list[list[float]]:
     """A [H, W] binary mask -> COCO polygons ``[[x0, y0, x1, y1, ...], ...]`` (outer boundaries).
 
-    Coordinates are pixel corners (pixel (x, y) spans x..x+1, y..y+1), as pycocotools'
-    ``frPyObjects`` expects for an exact round trip. Largest polygon first; polygons of equal
-    area in the order of their boundaries' smallest (x, y) corner.
-
-    ``offset`` (x, y) places ``mask`` in a larger image whose other pixels are background: a
-    detection's window (``model.postprocess.paste_windows``) gives the polygons of its
-    full-image mask, identical, since tracing and ordering do not change under translation.
+    - Coordinates are pixel corners (pixel (x, y) spans x..x+1, y..y+1), as pycocotools'
+      ``frPyObjects`` expects for an exact round trip. Largest polygon first; polygons of equal area
+      in the order of their boundaries' smallest (x, y) corner.
+    - ``offset`` (x, y) places ``mask`` in a larger image whose other pixels are background: a
+      detection's window (``model.inference.paste.paste_windows``) gives the polygons of its
+      full-image mask, identical, since tracing and ordering do not change under translation.
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:

@@ -11,14 +11,10 @@ import torch
 
 from transfiner.model.config import ModelConfig, preset, with_max_cells
 from transfiner.model.inference.backend import Backend, TorchBackend
-from transfiner.model.inference.postprocess import (
-    coco_records,
-    image_detections,
-    masks_to_rle,
-    paste_masks,
-    paste_windows,
-)
+from transfiner.model.inference.detections import coco_records, image_detections
+from transfiner.model.inference.paste import paste_masks, paste_windows
 from transfiner.model.inference.preprocess import ImageLike, group_by_canvas, prepare_batch, to_rgb_tensor
+from transfiner.model.inference.rle import masks_to_rle
 from transfiner.model.modeling.rcnn import InferenceOptions, MaskTransfiner, RawOutputs
 from transfiner.model.weights.checkpoint import build_model, load_model
 from transfiner.model.weights.default import resolve_weights
@@ -52,7 +48,7 @@ class Prediction:
         return len(self.scores)
 
     def _mask_inputs(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], float]:
-        """The arguments of ``model.postprocess``'s samplers, on ``device``."""
+        """The arguments of ``model.inference.paste``'s samplers, on ``device``."""
         if self._tensors is not None:
             probs, boxes = self._tensors
         else:
@@ -81,7 +77,7 @@ class Prediction:
 
     def coco_records(self, image_id, category_ids: Sequence[int]) -> list[dict]:
         """One COCO results record per instance: bbox as xywh, compressed RLE with str counts
-        (``model.postprocess.coco_records``)."""
+        (``model.inference.detections.coco_records``)."""
         return coco_records(image_id, self.boxes, self.scores, self.classes, category_ids, self.rles)
 
     @classmethod
@@ -90,7 +86,7 @@ class Prediction:
         mask_threshold: float = 0.5,
     ) -> "Prediction":
         """Image ``index`` of a batch's outputs, in the ``original`` (h, w) image's pixels
-        (``model.postprocess.image_detections``; ``input_size`` (h, w) is its network input).
+        (``model.inference.detections.image_detections``; ``input_size`` (h, w) is its network input).
         Masks are sampled later, when asked for, on the outputs' device."""
         detections = image_detections(raw, index, input_size, original)
         probs, boxes = detections.mask_probs, detections.boxes
@@ -139,7 +135,7 @@ class Predictor:
     >>> predictions = predictor.predict([image_a, image_b]) # one batch -> list[Prediction]
 
     Exported models (TorchScript, ONNX Runtime) run through the same object:
-    ``Predictor.from_backend(export.runtimes.load_backend("model-onnx/", "onnxruntime"))``.
+    ``Predictor.from_backend(export.backends.load_backend("model-onnx/", "onnxruntime"))``.
     """
 
     def __init__(

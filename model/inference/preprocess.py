@@ -132,7 +132,7 @@ def _resize_on_cpu(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     upload two copies of 480 MB each). The antialiased resize is separable and treats channels
     alike, so it runs per channel, the width pass on bands of rows (converted through one float
     buffer: a fresh one per band fragments the heap by hundreds of megabytes) and the height pass
-    on the [H, w] result, channels taken in BGR order. tests/test_predictor.py checks the equality.
+    on the [H, w] result, channels taken in BGR order. tests/model/inference/test_predictor.py checks the equality.
     """
     height, width = image.shape[-2:]
     band = torch.empty(min(_BAND_ROWS, height), width)  # one float buffer, reused for every band
@@ -152,14 +152,13 @@ def prepare_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RGB [3, H, W] tensors -> (batch [B, 3, Hp, Wp] float BGR 0..255, sizes [B, 2] (h, w)).
 
-    Each image is resized so its short edge is ``min_size_test`` (long edge at most
-    ``max_size_test``) by ``resize_image``. Padding is filled with the pixel mean, so it is 0
-    after the model's normalisation, as detectron2 pads normalised images with 0.
-
-    Images of one ``canvas_shape`` give each exactly the canvas it has alone. Images of several
-    canvases are padded to the smallest canvas holding them all (what the export checks feed
-    the graphs); their answers then depend on the batch, so callers that must not (the
-    Predictor, the service) batch one canvas at a time.
+    - Each image is resized so its short edge is ``min_size_test`` (long edge at most
+      ``max_size_test``) by ``resize_image``. Padding is filled with the pixel mean, so it is 0
+      after the model's normalisation, as detectron2 pads normalised images with 0.
+    - Images of one ``canvas_shape`` give each exactly the canvas it has alone. Images of several
+      canvases are padded to the smallest canvas holding them all (what the export checks feed the
+      graphs); their answers then depend on the batch, so callers that must not (the Predictor, the
+      service) batch one canvas at a time.
     """
     resized = [resize_image(image, network_shape(*image.shape[-2:], cfg), device) for image in images]
     return pad_batch(resized, cfg)

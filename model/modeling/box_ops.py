@@ -102,16 +102,15 @@ def nms_in_each_image(
 ) -> torch.Tensor:
     """NMS within each (image, group) of a batch laid out per image -> kept [B, n] bool.
 
-    boxes [B, n, 4] (clipped, >= 0 where valid), scores [B, n], groups [B, n] in
-    [0, num_groups), valid [B, n]: the candidates (the others take no part, whatever their values).
-
-    Each image's result is that of NMS on its own candidates, so it cannot depend on its
-    batch-mates. Eager and TorchScript: one call per image, as detectron2 (on an H200 faster than
-    one call for the batch or one per group, README), its groups moved apart by the coordinate
-    trick (``coordinate_trick``) or as torchvision's ``batched_nms`` does (detectron2's RPN). A
-    traced graph calls the loop scripted, so it holds for any batch size. ONNX: one
-    NonMaxSuppression over the batch with the groups as its classes: per (image, group), no
-    coordinates moved at all (``onnx_nms_in_each_image``).
+    - boxes [B, n, 4] (clipped, >= 0 where valid), scores [B, n], groups [B, n] in [0, num_groups),
+      valid [B, n]: the candidates (the others take no part, whatever their values).
+    - Each image's result is that of NMS on its own candidates, so it cannot depend on its
+      batch-mates. Eager and TorchScript: one call per image, as detectron2 (on an H200 faster than
+      one call for the batch or one per group, README), its groups moved apart by the coordinate
+      trick (``coordinate_trick``) or as torchvision's ``batched_nms`` does (detectron2's RPN). A
+      traced graph calls the loop scripted, so it holds for any batch size. ONNX: one
+      NonMaxSuppression over the batch with the groups as its classes: per (image, group), no
+      coordinates moved at all (``onnx_nms_in_each_image``).
     """
     if torch.onnx.is_in_onnx_export():
         return onnx_nms_in_each_image(boxes, scores, groups, valid, num_groups, iou_threshold)

@@ -74,7 +74,7 @@ class MaskTransfiner(nn.Module):
     ``forward`` takes a padded batch of BGR images in 0..255 and returns ``RawOutputs``.
     Parameter names follow detectron2 (``backbone.bottom_up.*``, ``proposal_generator.*``,
     ``roi_heads.*``), except the mask branch, which lives under ``mask_head.*`` with named parts;
-    ``model.checkpoint`` maps the official names onto it.
+    ``model.weights.checkpoint`` maps the official names onto it.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:

@@ -1,26 +1,24 @@
 """The Transfiner refinement: point quadtree, node encoder, sequence encoder, pixel decoder, propagation.
 
-Every detection of every image is refined, in chunks of boxes sized by a token budget
-(``tokens_per_chunk``) so that memory does not grow with the detection count. Each box becomes
-one padded token sequence (196 context tokens + the selected nodes of the three quadtree levels),
-boxes are stacked along the batch dimension, and a key-padding mask hides the unselected slots,
-so the result of a box never depends on the other boxes or on how much padding it got.
-
-Nodes are cells of three fixed grids inside the box: 28x28, 56x56 and 112x112. Because the
-official code thresholds *nearest-upsampled* copies of the single 28x28 incoherence map, the
-nodes of the 56 (112) level are exactly the 2x2 (4x4) children of chosen 28-cells. Selection is
-therefore done once, on the 28x28 map: per level a fixed-size top-k of cells (``max_cells``),
-combined with that level's threshold as a validity mask. When ``max_cells`` is at least the
-number of cells above the threshold (always with 784, the default for official weights), the
-selected node set is exactly the official one.
-
-Compute follows the nodes, not the caps: in eager mode the boxes are sorted by their real token
-count, grouped into chunks that fit the budget, and each chunk's levels are trimmed to the
-largest real cell count of the chunk (``trim_level``), so a box with 300 nodes does not pay for
-the caps. A traced graph (TorchScript, ONNX) has static shapes: one chunk, padded to the caps,
-``L = 196 + k28 + 4 k56 + 16 k112`` tokens per box (16,660 with covering caps). Attention runs
-through ``scaled_dot_product_attention`` whose fused kernels keep O(L) memory per head (no
-L x L attention matrix), so a chunk's memory is linear in its tokens.
+- Every detection of every image is refined, in chunks of boxes sized by a token budget
+  (``tokens_per_chunk``) so that memory does not grow with the detection count. Each box becomes one
+  padded token sequence (196 context tokens + the selected nodes of the three quadtree levels),
+  boxes are stacked along the batch dimension, and a key-padding mask hides the unselected slots, so
+  the result of a box never depends on the other boxes or on how much padding it got.
+- Nodes are cells of three fixed grids inside the box: 28x28, 56x56 and 112x112. Because the
+  official code thresholds *nearest-upsampled* copies of the single 28x28 incoherence map, the nodes
+  of the 56 (112) level are exactly the 2x2 (4x4) children of chosen 28-cells. Selection is
+  therefore done once, on the 28x28 map: per level a fixed-size top-k of cells (``max_cells``),
+  combined with that level's threshold as a validity mask. When ``max_cells`` is at least the number
+  of cells above the threshold (always with 784, the default for official weights), the selected
+  node set is exactly the official one.
+- Compute follows the nodes, not the caps: in eager mode the boxes are sorted by their real token
+  count, grouped into chunks that fit the budget, and each chunk's levels are trimmed to the largest
+  real cell count of the chunk (``trim_level``), so a box with 300 nodes does not pay for the caps.
+  A traced graph (TorchScript, ONNX) has static shapes: one chunk, padded to the caps,
+  ``L = 196 + k28 + 4 k56 + 16 k112`` tokens per box (16,660 with covering caps). Attention runs
+  through ``scaled_dot_product_attention`` whose fused kernels keep O(L) memory per head (no L x L
+  attention matrix), so a chunk's memory is linear in its tokens.
 """
 
 from __future__ import annotations
@@ -150,16 +148,15 @@ def plan_chunks(
 ) -> list[tuple[list[int], tuple[int, ...]]]:
     """Groups boxes into chunks: -> [(box indices, cells per level to keep)].
 
-    ``cell_counts[r]`` is box r's count of valid cells per level. Boxes go longest first, so
-    boxes of similar length share a chunk and little padding is computed; a chunk grows while
-    (its boxes) x (its padded length, every level at the chunk's largest count) stays within
-    ``token_budget`` and it holds at most ``max_boxes``. A box longer than the budget gets a
-    chunk of its own.
-
-    As few chunks as that, evened out: when the last would hold less than half as many boxes as
-    the largest (100 boxes at a 90-box budget: 90 + 10), the box cap is lowered to the smallest
-    that still needs no more chunks (50 + 50). A pass of a few boxes fills a GPU poorly: each
-    of its boxes costs more (docs/gpu-performance.md: the token sweep).
+    - ``cell_counts[r]`` is box r's count of valid cells per level. Boxes go longest first, so boxes
+      of similar length share a chunk and little padding is computed; a chunk grows while (its
+      boxes) x (its padded length, every level at the chunk's largest count) stays within
+      ``token_budget`` and it holds at most ``max_boxes``. A box longer than the budget gets a chunk
+      of its own.
+    - As few chunks as that, evened out: when the last would hold less than half as many boxes as
+      the largest (100 boxes at a 90-box budget: 90 + 10), the box cap is lowered to the smallest
+      that still needs no more chunks (50 + 50). A pass of a few boxes fills a GPU poorly: each of
+      its boxes costs more (docs/gpu-performance.md: the token sweep).
     """
     order = sorted(range(len(cell_counts)), key=lambda r: -tokens_per_box(cell_counts[r]))
     chunks = _next_fit(cell_counts, order, token_budget, max_boxes)
@@ -304,14 +301,14 @@ def exportable_attention(
 ) -> torch.Tensor:
     """Attention as two MatMuls and a Softmax, for ONNX graphs.
 
-    q, k, v [R, h, L, d]; padding_mask [R, L] True = ignore that key. ONNX (opset 17) has no fused
-    attention, and the exporter's SDPA translation adds NaN guards over the whole [R, h, L, L]
-    score tensor. Here the key-padding mask rides inside the first MatMul: queries get an extra
-    component 1 and keys an extra component 0 (attend) or -1e9 (ignore), so no pass over the
-    score tensor is spent on masking (every sequence has unmasked context tokens, so no row is
-    all masked). Queries go in blocks of ``EXPORT_QUERY_BLOCK``, so the largest live tensor is
-    [R, h, block, L] instead of [R, h, L, L]; L is static (fixed top-k), so the blocks are
-    unrolled at export time.
+    - q, k, v [R, h, L, d]; padding_mask [R, L] True = ignore that key.
+    - Why: ONNX (opset 17) has no fused attention, and the exporter's SDPA translation adds NaN
+      guards over the whole [R, h, L, L] score tensor.
+    - The key-padding mask rides inside the first MatMul: queries get an extra component 1 and keys
+      an extra component 0 (attend) or -1e9 (ignore), so no pass over the score tensor is spent on
+      masking (every sequence has unmasked context tokens, so no row is all masked).
+    - Queries go in blocks of ``EXPORT_QUERY_BLOCK``, so the largest live tensor is [R, h, block, L]
+      instead of [R, h, L, L]; L is static (fixed top-k), so the blocks are unrolled at export time.
     """
     heads = q.shape[1]
     bias = torch.zeros_like(padding_mask, dtype=q.dtype).masked_fill(padding_mask, -1e9)  # [R, L]
@@ -565,16 +562,16 @@ class TransfinerRefiner(nn.Module):
     ) -> torch.Tensor:
         """Refines R boxes.
 
-        features: P2 (+ semantic enhancement), P3, P4, P5; boxes [R, 4] in input-image pixels;
-        batch_index [R]; box_levels [R] (0 = P2) from the box size; context [R, C, 14, 14] RoI
-        features; coarse [R, 28, 28] and incoherence [R, 28, 28] probabilities.
-        Returns [R, 112, 112] mask probabilities.
-
-        Eager: boxes go in chunks of at most ``tokens_per_chunk`` tokens (``gpu_tokens_per_chunk``
-        off the CPU; and ``boxes_per_chunk`` boxes), every level trimmed to the chunk's real cells, so peak memory is flat in R and
-        compute follows the real nodes (``plan_chunks``). The plan needs the node counts on the
-        host: one device sync per call. A traced graph (TorchScript, ONNX) has static shapes and
-        a dynamic box count: all boxes in one chunk, padded to the caps.
+        - features: P2 (+ semantic enhancement), P3, P4, P5; boxes [R, 4] in input-image pixels;
+          batch_index [R]; box_levels [R] (0 = P2) from the box size; context [R, C, 14, 14] RoI
+          features; coarse [R, 28, 28] and incoherence [R, 28, 28] probabilities.
+        - Returns [R, 112, 112] mask probabilities.
+        - Eager: boxes go in chunks of at most ``tokens_per_chunk`` tokens (``gpu_tokens_per_chunk``
+          off the CPU; and ``boxes_per_chunk`` boxes), every level trimmed to the chunk's real
+          cells, so peak memory is flat in R and compute follows the real nodes (``plan_chunks``).
+          The plan needs the node counts on the host: one device sync per call. A traced graph
+          (TorchScript, ONNX) has static shapes and a dynamic box count: all boxes in one chunk,
+          padded to the caps.
         """
         per_box = (boxes, batch_index, box_levels, context, coarse)
         if torch.jit.is_tracing():

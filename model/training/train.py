@@ -1,8 +1,12 @@
 """``transfiner train``: iteration-based training on any COCO-format data set, CPU or GPU.
 
-Writes into ``--out``: ``last.pth`` (everything needed to ``--resume``), ``model_final.pth``
-(our inference checkpoint), ``metrics.jsonl`` (one line per logged iteration), ``loss_curve.png``
-and, with ``--val``, an evaluation report in ``eval/``.
+Writes into ``--out``:
+
+- ``last.pth``: everything needed to ``--resume``;
+- ``model_final.pth``: our inference checkpoint;
+- ``config.json``: the model config and the solver;
+- ``metrics.jsonl``: one line per logged iteration; ``loss_curve.png``;
+- with ``--val``, an evaluation report in ``eval/``.
 """
 
 from __future__ import annotations
@@ -137,17 +141,14 @@ def train(
 ) -> Path:
     """Trains and returns the path of the final inference checkpoint.
 
-    Everything a run needs is checked before its first iteration: the data, the validation data
-    (read as the final evaluation will read it), and that ``out`` holds no earlier run unless
-    ``resume`` (continue it) or ``overwrite`` (replace it)."""
+    - Everything a run needs is checked before its first iteration: the data, the validation data
+      (read as the final evaluation will read it), and that ``out`` holds no earlier run unless
+      ``resume`` (continue it) or ``overwrite`` (replace it).
+    - The steps: those checks, the model and solver state (``_TrainingRun``), the iterations
+      (``_train_loop``), then the final checkpoint and evaluation (``_finish``).
+    """
     out = Path(out)
-    state_path = out / "last.pth"
-    if resume and init_weights is not None:
-        raise ValueError("--resume continues a run from its own last.pth; --weights starts a new run: give one of them")
-    earlier = [name for name in ("last.pth", "model_final.pth") if (out / name).exists()]
-    if earlier and not resume and not overwrite:
-        raise ValueError(f"{out} holds an earlier run ({', '.join(earlier)}): --resume it, --overwrite it, "
-                         "or give another --out")
+    earlier = _check_out(out, resume, init_weights, overwrite)
     device = resolve_device(device)
     torch.manual_seed(solver.seed)
     random.seed(solver.seed)
@@ -155,10 +156,44 @@ def train(
 
     state = None
     if resume:
-        state = read_train_state(state_path)
+        state = read_train_state(out / "last.pth")
         solver = _resumed_solver(state, solver)
+    dataset, cfg = _training_data(config_name, data, image_root, state, out, solver.seed)
+    if val is not None:
+        evaluation_dataset(val, cfg, val_image_root)  # a bad --val fails now, not after training
+    dataset.input_cfg = cfg.input
+    if earlier and overwrite:  # nothing of the replaced run may pass for this one's
+        _remove_run_files(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = _TrainingRun.build(cfg, solver, device, out / "last.pth", init_weights, state)
 
-    dataset = CocoDataset(data, image_root=image_root, train=True, seed=solver.seed)
+    (out / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "solver": dataclasses.asdict(solver)}, indent=2))
+    metrics_path = out / "metrics.jsonl"
+    if not resume and metrics_path.exists():
+        metrics_path.unlink()
+    _train_loop(run, dataset, metrics_path, out / "loss_curve.png")
+    return _finish(run, out, data, val, val_image_root)
+
+
+def _check_out(out: Path, resume: bool, init_weights: str | Path | None, overwrite: bool) -> list[str]:
+    """The run files of an earlier run in ``out``; raises ValueError when the flags do not say what to do
+    with them (or ask for a resumed run and fresh weights at once)."""
+    if resume and init_weights is not None:
+        raise ValueError("--resume continues a run from its own last.pth; --weights starts a new run: give one of them")
+    earlier = [name for name in ("last.pth", "model_final.pth") if (out / name).exists()]
+    if earlier and not resume and not overwrite:
+        raise ValueError(f"{out} holds an earlier run ({', '.join(earlier)}): --resume it, --overwrite it, "
+                         "or give another --out")
+    return earlier
+
+
+def _training_data(
+    config_name: str | ModelConfig, data: str | Path, image_root: str | Path | None, state: dict | None, out: Path,
+    seed: int,
+) -> tuple[CocoDataset, ModelConfig]:
+    """The training set and the model config: the resumed run's own, which must have the data's categories,
+    or ``config_name`` with the data's classes."""
+    dataset = CocoDataset(data, image_root=image_root, train=True, seed=seed)
     if len(dataset) == 0:
         raise DatasetError(f"{data}: no image has an instance to train on (crowd regions alone do not count)")
     cfg = ModelConfig.from_dict(state["config"]) if state else model_config_for_data(config_name, dataset)
@@ -167,97 +202,140 @@ def train(
             f"--resume: the run in {out} was trained on categories {_categories(cfg.category_ids, cfg.class_names)}, "
             f"{data} has {_categories(dataset.category_ids, dataset.class_names)}"
         )
-    if val is not None:
-        evaluation_dataset(val, cfg, val_image_root)  # a bad --val fails now, not after training
-    dataset.input_cfg = cfg.input
-    if earlier and overwrite:  # nothing of the replaced run may pass for this one's
-        for name in RUN_FILES:
-            if (out / name).is_dir():
-                shutil.rmtree(out / name)
-            else:
-                (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    model = MaskTransfiner(cfg).to(device)
-    losses_fn = TrainingLosses(model, solver.semantic_loss, solver.boundary_loss).to(device)
-    if init_weights is not None and state is None:
-        skipped = load_matching_weights(model, init_weights)
-        print(f"initialised from {init_weights}; {len(skipped)} tensors kept their fresh initialisation")
-    parameters = [p for p in list(model.parameters()) + list(losses_fn.parameters()) if p.requires_grad]
-    optimizer = build_optimizer(parameters, solver)
-    use_amp = solver.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    start = 0
-    if state:
-        model.load_state_dict(state["model"])
-        losses_fn.load_state_dict(state["aux"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        start = state["iter"]
+    return dataset, cfg
 
-    (out / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "solver": dataclasses.asdict(solver)}, indent=2))
-    metrics_path = out / "metrics.jsonl"
-    if not resume and metrics_path.exists():
-        metrics_path.unlink()
 
-    def save_state(iteration: int) -> None:
+def _remove_run_files(out: Path) -> None:
+    for name in RUN_FILES:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+        else:
+            (out / name).unlink(missing_ok=True)
+
+
+@dataclass
+class _TrainingRun:
+    """What the iterations update, and what ``last.pth`` saves of it."""
+
+    cfg: ModelConfig
+    solver: SolverConfig
+    device: torch.device
+    state_path: Path  # last.pth
+    model: MaskTransfiner
+    losses_fn: TrainingLosses
+    parameters: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    start: int  # the first iteration to run
+
+    @classmethod
+    def build(
+        cls, cfg: ModelConfig, solver: SolverConfig, device: torch.device, state_path: Path,
+        init_weights: str | Path | None, state: dict | None,
+    ) -> _TrainingRun:
+        """A fresh model (from ``init_weights`` where they fit), or the resumed ``state``."""
+        model = MaskTransfiner(cfg).to(device)
+        losses_fn = TrainingLosses(model, solver.semantic_loss, solver.boundary_loss).to(device)
+        if init_weights is not None and state is None:
+            skipped = load_matching_weights(model, init_weights)
+            print(f"initialised from {init_weights}; {len(skipped)} tensors kept their fresh initialisation")
+        parameters = [p for p in list(model.parameters()) + list(losses_fn.parameters()) if p.requires_grad]
+        optimizer = build_optimizer(parameters, solver)
+        use_amp = solver.amp and device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        start = 0
+        if state:
+            model.load_state_dict(state["model"])
+            losses_fn.load_state_dict(state["aux"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"])
+            start = state["iter"]
+        return cls(cfg, solver, device, state_path, model, losses_fn, parameters, optimizer, scaler, use_amp, start)
+
+    def save_state(self, iteration: int) -> None:
         torch.save({
-            "format": TRAIN_STATE_FORMAT, "config": cfg.to_dict(), "solver": dataclasses.asdict(solver),
-            "model": model.state_dict(), "aux": losses_fn.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "iter": iteration,
-        }, state_path)
+            "format": TRAIN_STATE_FORMAT, "config": self.cfg.to_dict(), "solver": dataclasses.asdict(self.solver),
+            "model": self.model.state_dict(), "aux": self.losses_fn.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "rng": torch.get_rng_state(), "iter": iteration,
+        }, self.state_path)
 
-    model.train()
-    loader = make_loader(dataset, solver.batch_size, shuffle=True, num_workers=solver.workers, seed=solver.seed)
-    epoch = start * solver.batch_size // max(len(dataset), 1)
-    batches = _cycle(loader, dataset, epoch)
-    progress = tqdm(range(start, solver.iters), initial=start, total=solver.iters, desc="train", disable=None)
-    window: list[dict[str, float]] = []
-    tic = time.perf_counter()
-    for iteration in progress:
-        samples = next(batches)
-        lr = solver.lr_at(iteration)
-        for group in optimizer.param_groups:
+    def step(
+        self, samples: list[TrainingSample], iteration: int
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
+        """One optimizer step on a batch: its losses, their total and the learning rate it ran with."""
+        lr = self.solver.lr_at(iteration)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            losses = canvas_losses(losses_fn, model, samples, device)
+        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            losses = canvas_losses(self.losses_fn, self.model, samples, self.device)
         total = sum(losses.values())
         if not torch.isfinite(total):
             raise TrainingDiverged(
                 f"the loss became {total.item()} at iteration {iteration} (lr {lr:.3g}; {_fmt(losses)}): "
                 "lower --lr, or add --clip-grad 5, or use --optimizer adamw --lr 0.0004"
             )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        if solver.clip_grad:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(parameters, solver.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.solver.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.solver.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return losses, total, lr
 
+
+def _train_loop(run: _TrainingRun, dataset: CocoDataset, metrics_path: Path, loss_png: Path) -> None:
+    """The iterations from ``run.start``: a line of ``metrics_path`` every ``log_period``, the training
+    state and the loss plot every ``checkpoint_period``."""
+    solver = run.solver
+    run.model.train()
+    loader = make_loader(dataset, solver.batch_size, shuffle=True, num_workers=solver.workers, seed=solver.seed)
+    epoch = run.start * solver.batch_size // max(len(dataset), 1)
+    batches = _cycle(loader, dataset, epoch)
+    progress = tqdm(range(run.start, solver.iters), initial=run.start, total=solver.iters, desc="train", disable=None)
+    window: list[dict[str, float]] = []
+    tic = time.perf_counter()
+    for iteration in progress:
+        losses, total, lr = run.step(next(batches), iteration)
         window.append({k: float(v.detach()) for k, v in losses.items()} | {"total": float(total.detach())})
         if (iteration + 1) % solver.log_period == 0 or iteration + 1 == solver.iters:
-            mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-            elapsed = time.perf_counter() - tic
-            record = {"iter": iteration + 1, "lr": lr, "s_per_iter": elapsed / len(window)} | mean
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            progress.set_postfix(loss=f"{mean['total']:.3f}", lr=f"{lr:.2g}")
-            if progress.disable:  # no terminal (a log file, a pipe): a line a logged iteration instead
-                print(f"iter {iteration + 1}/{solver.iters}  loss {mean['total']:.3f}  lr {lr:.2g}  "
-                      f"{record['s_per_iter']:.2f} s/iter", flush=True)
+            _log_window(window, iteration + 1, lr, time.perf_counter() - tic, metrics_path, progress, solver.iters)
             window, tic = [], time.perf_counter()
         if (iteration + 1) % solver.checkpoint_period == 0:
-            save_state(iteration + 1)
-            plot_losses(metrics_path, out / "loss_curve.png")
+            run.save_state(iteration + 1)
+            plot_losses(metrics_path, loss_png)
 
-    save_state(solver.iters)
-    model.eval()
+
+def _log_window(
+    window: list[dict[str, float]], done: int, lr: float, elapsed: float, metrics_path: Path, progress: tqdm,
+    iters: int,
+) -> None:
+    """The mean losses of the iterations since the last log: a line of ``metrics_path``, and the progress bar's
+    (or a printed line without a terminal)."""
+    mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+    record = {"iter": done, "lr": lr, "s_per_iter": elapsed / len(window)} | mean
+    with metrics_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    progress.set_postfix(loss=f"{mean['total']:.3f}", lr=f"{lr:.2g}")
+    if progress.disable:  # no terminal (a log file, a pipe): a line a logged iteration instead
+        print(f"iter {done}/{iters}  loss {mean['total']:.3f}  lr {lr:.2g}  "
+              f"{record['s_per_iter']:.2f} s/iter", flush=True)
+
+
+def _finish(run: _TrainingRun, out: Path, data: str | Path, val: str | Path | None,
+            val_image_root: str | Path | None) -> Path:
+    """The last training state, the inference checkpoint ``model_final.pth``, the loss plot and, with
+    ``val``, the evaluation report in ``eval/``."""
+    run.save_state(run.solver.iters)
+    run.model.eval()
     final = out / "model_final.pth"
-    save_checkpoint(final, model, trained_iters=solver.iters, data=str(data))
-    plot_losses(metrics_path, out / "loss_curve.png")
+    save_checkpoint(final, run.model, trained_iters=run.solver.iters, data=str(data))
+    plot_losses(out / "metrics.jsonl", out / "loss_curve.png")
     if val is not None:
-        evaluate(Predictor(cfg, final, device), val, out / "eval", image_root=val_image_root, weights=final)
+        evaluate(Predictor(run.cfg, final, run.device), val, out / "eval", image_root=val_image_root, weights=final)
     return final
 
 

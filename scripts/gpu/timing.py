@@ -9,8 +9,9 @@ import torch
 
 from scripts.gpu.workload import Case
 from transfiner.model.config import ModelConfig
-from transfiner.model.inference.postprocess import image_detections, masks_to_rle
+from transfiner.model.inference.detections import image_detections
 from transfiner.model.inference.precision import autocast
+from transfiner.model.inference.rle import masks_to_rle
 from transfiner.model.modeling.rcnn import MaskTransfiner
 from transfiner.model.modeling.refiner import CONTEXT_SIZE
 

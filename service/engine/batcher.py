@@ -1,27 +1,28 @@
 """An asyncio dynamic batcher: a bounded queue, one dispatcher per worker, size/delay/pixel caps.
 
-A batch only holds jobs of one canvas (the padded network input size, ``Job.canvas``), so no
-request's answer depends on its batch-mates, and of one ``Job.shares`` (what else a runtime
-applies to a whole batch), so no request pays for a batch-mate's options. The oldest waiting job
-always leads the next batch (no starvation); its batch takes the queued jobs of its group (canvas
-and shares) in arrival order, the others keep their place for a later batch (FIFO within each
-group).
-
-A dispatcher takes a batch only when its worker is free, so under load batches fill from the
-queue with no waiting at all, and ``max_delay`` is only paid when the service is idle enough
-that a lone request would otherwise run alone. While requests are still ``arriving`` (their
-uploads being decoded; they queue next) a filling batch waits for them a little longer
-(``max_arrival_wait``, never longer than a recent batch took): a closed loop of as many clients
-as a batch holds would otherwise settle into two half batches, each sent while the other's
-clients decode. A worker that says it ``takes_next_batch`` (one
-in a process of its own, which must receive a batch's images before it can start) also gets a
-second dispatcher that hands it the next batch while one runs, but only a full one, and only of
-the oldest job's canvas: under load its images travel while the model computes, and a partial
-batch keeps filling in the queue until the worker is free. Jobs whose deadline would pass before
-their batch is done (by the recent batch times) are failed with ``DeadlineExceeded``, and jobs
-whose future is settled (the client went away, or its handler gave up) leave the queue at once;
-neither reaches a worker. Nothing here knows about HTTP or models:
-a worker is anything with ``async run(jobs)`` that settles each job's future.
+- A batch only holds jobs of one canvas (the padded network input size, ``Job.canvas``), so no
+  request's answer depends on its batch-mates, and of one ``Job.shares`` (what else a runtime
+  applies to a whole batch), so no request pays for a batch-mate's options. The oldest waiting job
+  always leads the next batch (no starvation); its batch takes the queued jobs of its group (canvas
+  and shares) in arrival order, the others keep their place for a later batch (FIFO within each
+  group).
+- A dispatcher takes a batch only when its worker is free, so under load batches fill from the queue
+  with no waiting at all, and ``max_delay`` is only paid when the service is idle enough that a lone
+  request would otherwise run alone.
+- While requests are still ``arriving`` (their uploads being decoded; they queue next) a filling
+  batch waits for them a little longer (``max_arrival_wait``, never longer than a recent batch
+  took): a closed loop of as many clients as a batch holds would otherwise settle into two half
+  batches, each sent while the other's clients decode.
+- A worker that says it ``takes_next_batch`` (one in a process of its own, which must receive a
+  batch's images before it can start) also gets a second dispatcher that hands it the next batch
+  while one runs, but only a full one, and only of the oldest job's canvas: under load its images
+  travel while the model computes, and a partial batch keeps filling in the queue until the worker
+  is free.
+- Jobs whose deadline would pass before their batch is done (by the recent batch times) are failed
+  with ``DeadlineExceeded``, and jobs whose future is settled (the client went away, or its handler
+  gave up) leave the queue at once; neither reaches a worker.
+- Nothing here knows about HTTP or models: a worker is anything with ``async run(jobs)`` that
+  settles each job's future.
 """
 
 from __future__ import annotations

@@ -1,17 +1,16 @@
 """What this process's C heap (glibc's malloc) does with freed memory: kept for the next image
 while the process serves, handed back to the system after a very large one.
 
-Every image passes through buffers of a few megabytes (the upload, the decoded pixels, their RGB
-array, the network input, activations). By default glibc gives such blocks back to the system as
-soon as they are freed: blocks above its mmap threshold are unmapped, and a heap whose free top
-grows past its trim threshold is shrunk (both thresholds follow the block sizes it has seen, and
-several buffers freed together still cross them). The next image's buffers are then mapped
-afresh and every 4 KB page of them faults in again, in the kernel, while the thread that touches
-it holds the GIL. ``keep_freed_memory_for_reuse`` raises both thresholds so those blocks stay in
-the heap for the next image; ``release_freed_memory`` still hands everything back after a decode
-far above them.
-
-glibc only (``mallopt``, ``malloc_trim``); elsewhere both do nothing.
+- Every image passes through buffers of a few megabytes (the upload, the decoded pixels, their RGB
+  array, the network input, activations). By default glibc gives such blocks back to the system as
+  soon as they are freed: blocks above its mmap threshold are unmapped, and a heap whose free top
+  grows past its trim threshold is shrunk (both thresholds follow the block sizes it has seen, and
+  several buffers freed together still cross them). The next image's buffers are then mapped afresh
+  and every 4 KB page of them faults in again, in the kernel, while the thread that touches it holds
+  the GIL. ``keep_freed_memory_for_reuse`` raises both thresholds so those blocks stay in the heap
+  for the next image; ``release_freed_memory`` still hands everything back after a decode far above
+  them.
+- glibc only (``mallopt``, ``malloc_trim``); elsewhere both do nothing.
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ def keep_freed_memory_for_reuse() -> bool:
     """Keeps freed blocks below ``MMAP_THRESHOLD`` in this process for reuse; -> whether it did.
 
     For a process that handles one image after another in buffers of a few megabytes (the
-    service's, ``service.runtime.keeps_freed_memory``). The cost is resident memory: each malloc
+    service's, ``service.engine.runtime.keeps_freed_memory``). The cost is resident memory: each malloc
     arena (about one per thread that allocates) may keep up to ``TRIM_THRESHOLD`` free, and
     blocks freed amid live ones stay too. When glibc's own ``MALLOC_*_`` variables or
     ``GLIBC_TUNABLES`` malloc settings are given, they are the operator's choice and stay.

@@ -1,8 +1,8 @@
-"""The runtimes behind the workers: one ``model.backend.Backend`` per worker.
+"""The runtimes behind the workers: one ``model.inference.backend.Backend`` per worker.
 
-``model.backend`` defines the interface (a padded BGR batch in, ``RawOutputs`` out) and eager
-PyTorch; ``export.runtimes`` adds TorchScript and ONNX Runtime. Pre-processing and pasting + RLE
-(``service.pipeline``) are shared, so every backend gives the same JSON for the same outputs.
+``model.inference.backend`` defines the interface (a padded BGR batch in, ``RawOutputs`` out) and eager
+PyTorch; ``export.backends`` adds TorchScript and ONNX Runtime. Pre-processing and pasting + RLE
+(``service.engine.pipeline``) are shared, so every backend gives the same JSON for the same outputs.
 """
 
 from __future__ import annotations

@@ -3,13 +3,14 @@
 * ``batch_options``: the ``InferenceOptions`` a batch runs with: per image, its own request's
   threshold, detection cap, class filter and refinement, so no request pays for a batch-mate's.
 * ``network_image``: a decoded upload -> what waits in the queue (``NetworkImage``), on a decode
-  thread; ``preprocess``: those of one canvas -> the padded BGR batch (``model.preprocess``).
-* ``fetch``: each request's rows of the batch outputs (``model.postprocess.detection_rows``: a
-  higher threshold or a smaller top-k applied there gives exactly what a forward pass run with
+  thread; ``preprocess``: those of one canvas -> the padded BGR batch (``model.inference.preprocess``).
+* ``fetch``: each request's rows of the batch outputs (``model.inference.detections.detection_rows``:
+  a higher threshold or a smaller top-k applied there gives exactly what a forward pass run with
   them would have given; ``refine=false`` takes the coarse masks of the same detections), boxes
   back to image pixels, RLE or polygon windows from each mask's window around its box (no
-  full-image masks), onto the host; in the worker's thread, by ``model.postprocess`` as the
-  ``Predictor``'s. ``records``: the COCO result records, host only, in a post-processing thread.
+  full-image masks), onto the host; in the worker's thread, by ``model.inference.fetch`` with the
+  ``Predictor``'s own post-processing.
+* ``records``: the COCO result records, host only, in a post-processing thread.
 """
 
 from __future__ import annotations
@@ -22,14 +23,10 @@ import numpy as np
 import torch
 
 from transfiner.model.config import InputConfig, ModelConfig
-from transfiner.model.inference.postprocess import (
-    DetectionRequest,
-    FetchedDetections,
-    coco_records,
-    fetch_detections,
-    finish_segments,
-)
+from transfiner.model.inference.detections import coco_records
+from transfiner.model.inference.fetch import DetectionRequest, FetchedDetections, fetch_detections
 from transfiner.model.inference.preprocess import canvas_shape, network_shape, pad_batch, resize_image
+from transfiner.model.inference.segments import finish_segments
 from transfiner.model.modeling.rcnn import InferenceOptions, RawOutputs
 from transfiner.model.transfer import to_device
 
@@ -54,7 +51,7 @@ class NetworkImage:
     pixels: torch.Tensor  # [3, h, w]: uint8 RGB as decoded, or float32 BGR at ``network`` if ``resized``
     resized: bool
     original: tuple[int, int]  # (h, w) of the uploaded image, upright: boxes and masks come back in it
-    network: tuple[int, int]  # (h, w) of the network input (``model.preprocess.network_shape``)
+    network: tuple[int, int]  # (h, w) of the network input (``model.inference.preprocess.network_shape``)
     canvas: tuple[int, int]  # (H, W) padded network input: a batch holds one canvas
 
     @property
@@ -80,7 +77,7 @@ class PreparedBatch:
 
 def batch_options(options: Sequence[RequestOptions], cfg: ModelConfig) -> InferenceOptions:
     """Each image's forward-pass settings from its own request ([B] tensors, see
-    ``model.rcnn.InferenceOptions``): the model then keeps, and computes masks for, only the
+    ``model.modeling.rcnn.InferenceOptions``): the model then keeps, and computes masks for, only the
     detections each request gets back. A request without masks (``mask_format=none``) skips
     refinement; one with a class filter picks from the model's top-k (the config's
     ``detections_per_image``) before its own ``max_detections``, as ``fetch`` does."""
@@ -104,12 +101,13 @@ def network_image(rgb: np.ndarray, original: tuple[int, int], cfg: InputConfig) 
     """A decoded [h, w, 3] uint8 RGB array (``original`` (h, w) upright, larger when the JPEG was
     decoded at a reduced scale) -> what its request holds while it waits for a batch.
 
-    The network input is float32 (4 bytes a value): when that is smaller than the decoded uint8
-    pixels (shrinking by more than 2x a side: large photos) the resize runs here, on the decode
-    thread, and the decoded pixels are freed before the request queues; otherwise (small images,
-    upscaled to ``min_size_test``) the uint8 pixels wait and the worker resizes them. Either way
-    by ``model.preprocess.resize_image`` to the original's network size, so the input is the
-    Predictor's (on CPU to the bit; a CUDA worker resizes small images on the GPU).
+    - The network input is float32 (4 bytes a value): when that is smaller than the decoded uint8
+      pixels (shrinking by more than 2x a side: large photos) the resize runs here, on the decode
+      thread, and the decoded pixels are freed before the request queues.
+    - Otherwise (small images, upscaled to ``min_size_test``) the uint8 pixels wait and the worker
+      resizes them.
+    - Either way by ``model.inference.preprocess.resize_image`` to the original's network size, so
+      the input is the Predictor's (on CPU to the bit; a CUDA worker resizes small images on the GPU).
     """
     pixels = torch.from_numpy(rgb).permute(2, 0, 1)  # [3, h, w] uint8, a view
     network = network_shape(*original, cfg)
@@ -139,7 +137,7 @@ def fetch(
     """The device half of post-processing for the requests ``indices`` of a batch (``options``
     by batch index), in the worker's thread: each one's rows, boxes in its own pixels, RLE (or
     polygon windows) from each mask's window, onto the host in two copies for all of them
-    (``model.postprocess.fetch_detections``).
+    (``model.inference.fetch.fetch_detections``).
 
     On a GPU this is the thread that launches the forward pass's kernels anyway; from a pool of
     post-processing threads the same kernels contended with it for the GIL and the driver, and

@@ -1,6 +1,6 @@
 """The running service, independent of HTTP: its lifecycle (model loading and warm-up, readiness,
-draining, shutdown). Admission (``service.admission``) and the segment flow
-(``service.segmenting``) are its two other parts; it owns them and hands routes their entry points.
+draining, shutdown). Admission (``service.engine.admission``) and the segment flow
+(``service.engine.segmenting``) are its two other parts; it owns them and hands routes their entry points.
 
 One ``ServiceRuntime`` lives in ``app.state.runtime``; routes only parse requests and call it.
 """

@@ -1,16 +1,15 @@
 """A model worker: runs batches on one backend in a dedicated thread, off the event loop.
 
-Torch releases the GIL inside its kernels, so the event loop keeps accepting and decoding while
-a batch runs. The worker does pre-processing, the forward pass and the device half of each
-request's post-processing (``pipeline.fetch``: its rows, boxes and RLE, onto the host), so one
-thread launches every kernel; the host half (``pipeline.records``, polygon tracing, JSON) runs
-in the post-processing pool.
-
-Each image of a batch runs with its own request's options (``pipeline.batch_options``), and on
-eager PyTorch the masks come in groups of images, fewest detections first: a request is answered
-as soon as its own masks are done, so a batch-mate that asked for many detections costs it
-little. A batch that fails is retried one request at a time, so only the request that causes the
-failure gets the error.
+- Torch releases the GIL inside its kernels, so the event loop keeps accepting and decoding while a
+  batch runs. The worker does pre-processing, the forward pass and the device half of each request's
+  post-processing (``pipeline.fetch``: its rows, boxes and RLE, onto the host), so one thread
+  launches every kernel; the host half (``pipeline.records``, polygon tracing, JSON) runs in the
+  post-processing pool.
+- Each image of a batch runs with its own request's options (``pipeline.batch_options``), and on
+  eager PyTorch the masks come in groups of images, fewest detections first: a request is answered
+  as soon as its own masks are done, so a batch-mate that asked for many detections costs it little.
+  A batch that fails is retried one request at a time, so only the request that causes the failure
+  gets the error.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from transfiner.model.inference.backend import infer_lightest_first
-from transfiner.model.inference.postprocess import FetchedDetections
+from transfiner.model.inference.fetch import FetchedDetections
 from transfiner.service.engine.batcher import Job
 from transfiner.service.engine.loading import Backend
 from transfiner.service.engine.pipeline import (
@@ -80,7 +79,7 @@ class Worker:
         self, images: list[NetworkImage], options: list[RequestOptions], wanted: Callable[[int], bool] = lambda i: True,
     ) -> tuple[Steps, float]:
         """Synchronous, in the worker thread: pre-process one batch of one canvas and set up its
-        forward pass, whose steps (``model.backend.infer_lightest_first``, then ``pipeline.fetch``
+        forward pass, whose steps (``model.inference.backend.infer_lightest_first``, then ``pipeline.fetch``
         for the images of the step that are still ``wanted``) run as they are asked for."""
         started = time.perf_counter()
         prepared = preprocess(images, self.backend.cfg.input, self.backend.device)

@@ -1,19 +1,19 @@
 """A model worker in a process of its own (``worker_process=true``), for ``batcher.BatchRunner``.
 
-Why: eager PyTorch releases the GIL around every operator and takes it back afterwards, so a
-thread that launches thousands of small GPU kernels a batch waits for the GIL each time another
-thread of its process runs Python (the event loop, decoding, JSON), up to the switch interval
-each time. In a process of its own, the thread that launches the kernels has its interpreter to
-itself; the server's process keeps HTTP, decoding and the host half of post-processing.
-
-The child loads its backend (``export.runtimes.load_backend``), warms up and then runs batches
-with the service's own ``Worker.start``: the same pre-processing, forward pass and device half of
-post-processing as the in-process worker, so the answers are the same. Over one pipe, the parent
-sends each batch (its images' layout and options, their pixels in shared memory: ``BatchMemory``)
-and the requests whose client left; the child sends back each step's ``FetchedDetections`` (host
-arrays, run lengths) as soon as it has them. If the child exits, the requests of its batch are
-retried one at a time (only one that makes it exit again gets a 500), readiness reports 503
-until a new child is up, and ``transfiner_worker_restarts`` counts the restarts.
+- Why: eager PyTorch releases the GIL around every operator and takes it back afterwards, so a
+  thread that launches thousands of small GPU kernels a batch waits for the GIL each time another
+  thread of its process runs Python (the event loop, decoding, JSON), up to the switch interval each
+  time. In a process of its own, the thread that launches the kernels has its interpreter to itself;
+  the server's process keeps HTTP, decoding and the host half of post-processing.
+- The child loads its backend (``export.backends.load_backend``), warms up and then runs batches
+  with the service's own ``Worker.start``: the same pre-processing, forward pass and device half of
+  post-processing as the in-process worker, so the answers are the same.
+- Over one pipe, the parent sends each batch (its images' layout and options, their pixels in
+  shared memory: ``BatchMemory``) and the requests whose client left; the child sends back each
+  step's ``FetchedDetections`` (host arrays, run lengths) as soon as it has them.
+- If the child exits, the requests of its batch are retried one at a time (only one that makes it
+  exit again gets a 500), readiness reports 503 until a new child is up, and
+  ``transfiner_worker_restarts`` counts the restarts.
 """
 
 from __future__ import annotations

@@ -1,17 +1,15 @@
 """What the server did during one load-test step, from two scrapes of its ``/metrics``.
 
-Counters and histograms only ever grow, so the difference of a scrape taken after a step and one
-taken before it describes exactly the requests of that step (warm-up excluded): how many batches
-ran and how big they were, the mean queue wait, inference and post-processing times, and which
-requests were refused. Gauges (queue depth, in-flight requests) are instantaneous and are left
-out of the difference.
-
-Behind a load balancer each replica has its own ``/metrics``; scrapes of several URLs are summed
-sample by sample, which is what the Prometheus aggregation ``sum(...)`` would give.
-
-Quantiles from a histogram are approximate: like PromQL's ``histogram_quantile`` they assume the
-observations are spread evenly inside a bucket, so they are only as fine as the buckets
-(``service.metrics.LATENCY_BUCKETS``). Means (sum / count) are exact.
+- Counters and histograms only ever grow, so the difference of a scrape taken after a step and one
+  taken before it describes exactly the requests of that step (warm-up excluded): how many batches
+  ran and how big they were, the mean queue wait, inference and post-processing times, and which
+  requests were refused. Gauges (queue depth, in-flight requests) are instantaneous and are left out
+  of the difference.
+- Behind a load balancer each replica has its own ``/metrics``; scrapes of several URLs are summed
+  sample by sample, which is what the Prometheus aggregation ``sum(...)`` would give.
+- Quantiles from a histogram are approximate: like PromQL's ``histogram_quantile`` they assume the
+  observations are spread evenly inside a bucket, so they are only as fine as the buckets
+  (``service.metrics.LATENCY_BUCKETS``). Means (sum / count) are exact.
 """
 
 from __future__ import annotations

@@ -3,11 +3,11 @@
     transfiner bench --url http://127.0.0.1:8000 --concurrency 1 4 16 --requests 48 --out bench-results/closed
     transfiner bench --url http://127.0.0.1:8000 --rate 0.5 1 1.5 --duration 40 --out bench-results/open
 
-Each step (one concurrency, or one offered rate) runs ``--warmup`` unmeasured requests, scrapes
-``/metrics``, runs the measured load, and scrapes again; the difference of the two scrapes is the
-server's account of exactly the measured requests. Bad input (an unreachable service, an empty
-image folder, a refused test request) is reported as ``ValueError``, which ``transfiner`` prints
-as one ``error:`` line with exit status 2.
+- Each step (one concurrency, or one offered rate) runs ``--warmup`` unmeasured requests, scrapes
+  ``/metrics``, runs the measured load, and scrapes again; the difference of the two scrapes is the
+  server's account of exactly the measured requests.
+- Bad input (an unreachable service, an empty image folder, a refused test request) is reported as
+  ``ValueError``, which ``transfiner`` prints as one ``error:`` line with exit status 2.
 """
 
 from __future__ import annotations
