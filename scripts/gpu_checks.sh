@@ -16,8 +16,9 @@ mkdir -p "$OUT"
 source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 status=0
-timeout 150 python3 -m pytest -q -p no:cacheprovider -k "cuda" tests/test_precision.py tests/test_postprocess.py tests/test_transfiner.py \
-    tests/test_cuda_smoke.py tests/test_worker_process.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider -k "cuda" tests/model/inference/test_precision.py \
+    tests/model/inference/test_postprocess.py tests/model/modeling/test_refiner.py \
+    tests/service/engine/test_cuda_smoke.py tests/service/engine/test_worker_process.py \
     2>&1 | tail -15 | tee "$OUT/cuda-tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # The host's own decoding beside a busy Python thread (a few seconds): what the server's decode
