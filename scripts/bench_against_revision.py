@@ -4,12 +4,16 @@ Both serve the same model on this machine, one at a time, in alternating rounds 
 new, ...), each loaded by the same ``transfiner bench`` closed loop, so slow drifts of a shared
 machine hit both alike. Prints images/s per round, the medians and their ratio.
 
-    .venv/bin/python scripts/bench_against_revision.py 054c9aa --rounds 2 --out bench-results/vs-054c9aa
+    python -m scripts.bench_against_revision 054c9aa --rounds 2 --out bench-results/vs-054c9aa
 
 A setting against the default, on the same code: ``HEAD --new-env TRANSFINER_WORKER_PROCESS=true``.
 Uploads of a given size: ``--images DIR`` (every server gets the same files); ``--env`` sets a
 variable for both servers. The table also gives, per request, the server's mean decode time and
 the CPU time and page faults of the server's process (its worker processes not counted).
+
+Each tree's own ``transfiner`` serves (and, for the working tree, loads): ``transfiner.cli.main``
+where ``[tool.setuptools] package-dir`` maps ``transfiner.model`` and the rest onto the tree's
+folders, ``transfiner/cli.py`` before that, ``model/cli.py`` before that.
 """
 
 from __future__ import annotations
@@ -27,14 +31,55 @@ import time
 import urllib.request
 from pathlib import Path
 
+from scripts.results import markdown_table, write_report
+
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 4  # unmeasured requests before each load step
 
+# Imports each package of the tree's package-dir from the tree's own folder, ahead of whatever is
+# installed (the installed transfiner maps transfiner.model onto the working tree's model/).
+TREE_FINDER = """
+import importlib.util, sys
+from pathlib import Path
+
+class TreeFinder:
+    folders = {folders!r}
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name in cls.folders:
+            folder = Path(cls.folders[name])
+            return importlib.util.spec_from_file_location(
+                name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+        return None
+
+sys.meta_path.insert(0, TreeFinder)
+"""
+
+
+def package_folders(tree: Path) -> dict[str, str]:
+    """Import name -> folder of the tree's ``[tool.setuptools] package-dir``; empty where it has none."""
+    import tomllib  # Python 3.11+: imported here, as ruff's target (3.10) would sort it as third-party
+
+    pyproject = tree / "pyproject.toml"
+    if not pyproject.is_file():
+        return {}
+    package_dir = tomllib.loads(pyproject.read_text()).get("tool", {}).get("setuptools", {}).get("package-dir", {})
+    return {name: str(tree / folder) for name, folder in package_dir.items() if name}
+
 
 def command(tree: Path) -> list[str]:
-    """``transfiner`` as the tree runs it, installed or not (older trees kept it in ``model.cli``)."""
-    module = "transfiner.cli" if (tree / "transfiner" / "cli.py").is_file() else "model.cli"
-    return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
+    """``transfiner`` as the tree runs it, from the tree's own files whatever is installed.
+
+    - ``transfiner/cli/main.py``: the packages mapped onto the tree's folders by its package-dir.
+    - ``transfiner/cli.py`` or ``model/cli.py`` (older trees): top-level packages, found on the
+      PYTHONPATH that ``one_round`` sets to the tree.
+    """
+    if (tree / "transfiner" / "cli" / "main.py").is_file():
+        prelude, module = TREE_FINDER.format(folders=package_folders(tree)), "transfiner.cli.main"
+    else:
+        prelude, module = "", "transfiner.cli" if (tree / "transfiner" / "cli.py").is_file() else "model.cli"
+    return [sys.executable, "-c", f"{prelude}\nimport sys\nfrom {module} import main\nsys.exit(main())"]
 
 
 def free_port() -> int:
@@ -100,7 +145,8 @@ def one_round(tree: Path, args: argparse.Namespace, out: Path, extra_env: dict[s
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_against_revision",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("revision", help="the git revision to compare with, e.g. a commit of main")
     parser.add_argument("--new", default=None, metavar="REVISION",
                         help="compare this revision instead of the working tree")
@@ -143,12 +189,6 @@ def main() -> int:
 
     setting = "".join(f" with {item}" for item in args.new_env)
     both = "".join(f", {item}" for item in args.env)
-    lines = [f"# Service throughput: {args.new or 'working tree'}{setting} vs {args.revision} "
-             f"(model {args.model}{both}, CPU)",
-             "",
-             "| clients | old img/s (median) | new img/s (median) | new / old | decode ms (old, new) "
-             "| server CPU ms a request (old, new) | page faults a request (old, new) |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
     summary = {}
 
     def median(tree: str, c: str, key: str) -> float | None:
@@ -159,18 +199,23 @@ def main() -> int:
         values = [median(tree, c, key) for tree in ("old", "new")]
         return ", ".join("-" if v is None else f"{scale * v:.{digits}f}" for v in values)
 
+    rows = []
     for c in map(str, args.concurrency):
         old, new = median("old", c, "images_per_s"), median("new", c, "images_per_s")
         summary[c] = {"old": old, "new": new, "ratio": new / old,
                       **{f"{key}_{tree}": median(tree, c, key) for key in ("decode_s", "server_cpu_ms", "page_faults")
                          for tree in ("old", "new")}}
-        lines.append(f"| {c} | {old:.2f} | {new:.2f} | {new / old:.2f}x | {pair(c, 'decode_s', 1000, 1)} "
-                     f"| {pair(c, 'server_cpu_ms', 1, 1)} | {pair(c, 'page_faults', 1, 0)} |")
-    (out / "bench_against_revision.json").write_text(json.dumps(
-        {"revision": args.revision, "env": both_env, "new_env": new_env, "model": args.model, "images": args.images,
-         "rounds": rounds, "summary": summary},
-        indent=2))
-    (out / "bench_against_revision.md").write_text("\n".join(lines) + "\n")
+        rows.append([c, f"{old:.2f}", f"{new:.2f}", f"{new / old:.2f}x", pair(c, "decode_s", 1000, 1),
+                     pair(c, "server_cpu_ms", 1, 1), pair(c, "page_faults", 1, 0)])
+    lines = [f"# Service throughput: {args.new or 'working tree'}{setting} vs {args.revision} "
+             f"(model {args.model}{both}, CPU)",
+             "",
+             *markdown_table(["clients", "old img/s (median)", "new img/s (median)", "new / old",
+                              "decode ms (old, new)", "server CPU ms a request (old, new)",
+                              "page faults a request (old, new)"], rows, align="rrrrrrr")]
+    report = {"revision": args.revision, "env": both_env, "new_env": new_env, "model": args.model,
+              "images": args.images, "rounds": rounds, "summary": summary}
+    write_report(out, "bench_against_revision", report, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

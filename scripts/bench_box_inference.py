@@ -4,9 +4,9 @@ Synthetic box-head outputs at R50 sizes: 8 images, 1000 proposals each (interlea
 as the RPN emits them), 80 classes + background, 800x1333 images. Logits mimic a trained head:
 most proposals lean to the background, the others to one class, so a 0.05 threshold leaves a
 few hundred candidates per image while 0 leaves all 80,000. "previous" is the implementation
-before the pre-NMS bound (tests/box_inference_reference.py), "current" is ``BoxROIHeads.inference``.
+before the pre-NMS bound (``scripts.reference.box_inference``), "current" is ``BoxROIHeads.inference``.
 
-    .venv/bin/python scripts/bench_box_inference.py --out bench-results/box_inference
+    python -m scripts.bench_box_inference --out bench-results/box_inference
 """
 
 from __future__ import annotations
@@ -14,18 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-# The previous implementation lives with the tests, which are not an installed package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from scripts.reference.box_inference import reference_inference  # noqa: E402
-from transfiner.model.config import ROIHeadsConfig  # noqa: E402
-from transfiner.model.modeling.roi_heads import BoxROIHeads  # noqa: E402
+from scripts.reference.box_inference import reference_inference
+from scripts.results import markdown_table, write_report
+from transfiner.model.config import ROIHeadsConfig
+from transfiner.model.modeling.roi_heads import BoxROIHeads
 
 
 def synthetic_outputs(images: int, per_image: int, num_classes: int, device: str, seed: int = 0):
@@ -66,7 +64,7 @@ def timed(fn, device: str, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_box_inference", description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--proposals", type=int, default=1000, help="per image")
     parser.add_argument("--classes", type=int, default=80)
@@ -95,8 +93,8 @@ def main() -> None:
                     old[3].tolist() == new.batch_index.tolist() and old[2].tolist() == new.classes.tolist()
                     and torch.equal(old[1], new.scores) and torch.equal(old[0], new.boxes)
                 )
-                old_ms = timed(lambda: reference_inference(heads, *inputs, thresh, top_k), device, args.repeats)
-                new_ms = timed(lambda: heads.inference(*inputs, thresh, top_k), device, args.repeats)
+                old_ms = timed(partial(reference_inference, heads, *inputs, thresh, top_k), device, args.repeats)
+                new_ms = timed(partial(heads.inference, *inputs, thresh, top_k), device, args.repeats)
                 rows.append({
                     "device": device, "threshold": thresh, "candidates_per_image": candidates,
                     "detections_per_image": new.scores.shape[0] / args.images,
@@ -113,28 +111,23 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "rows": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_box_inference.json").write_text(json.dumps(report, indent=2))
     lines = [
         f"# Box inference, {args.images} images x {args.proposals} proposals, {args.classes} classes, "
         f"pre-NMS bound {cfg.pre_nms_topk_test}",
         f"CPU: {report['machine']} ({report['cpu_threads']} threads); GPU: {report['gpu']}; torch {torch.__version__}",
         "",
-        "| device | threshold | candidates/img | detections/img | previous ms/img | current ms/img | speedup | identical |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        *markdown_table(
+            ["device", "threshold", "candidates/img", "detections/img", "previous ms/img", "current ms/img",
+             "speedup", "identical"],
+            ([r["device"], r["threshold"], f"{r['candidates_per_image']:.0f}", f"{r['detections_per_image']:.0f}",
+              f"{r['previous_ms_per_image']:.2f}", f"{r['current_ms_per_image']:.2f}", f"{r['speedup']:.1f}x",
+              "yes" if r["identical_to_previous"] else "no"] for r in rows),
+            align="lrrrrrrl",
+        ),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['device']} | {r['threshold']} | {r['candidates_per_image']:.0f} | "
-            f"{r['detections_per_image']:.0f} | "
-            f"{r['previous_ms_per_image']:.2f} | {r['current_ms_per_image']:.2f} | {r['speedup']:.1f}x | "
-            f"{'yes' if r['identical_to_previous'] else 'no'} |"
-        )
     table = "\n".join(lines)
-    (out / "bench_box_inference.md").write_text(table + "\n")
+    write_report(Path(args.out), "bench_box_inference", report, table)
     print(table)
-
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ image. Uploads: a photo-like 1333x800 image as a
 PNG written by Pillow (64 KB IDAT chunks), the same PNG in 8 KB chunks (libpng's default, as
 browsers and OpenCV write), and a JPEG.
 
-    .venv/bin/python scripts/bench_decode.py --out bench-results/decode
+    python -m scripts.bench_decode --out bench-results/decode
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import platform
 import statistics
 import struct
@@ -35,11 +34,12 @@ import numpy as np
 import PIL
 from PIL import Image
 
+from scripts.results import markdown_table, write_report
 from transfiner.model.inference.images import image_to_rgb, open_image
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_decode", description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1333x800", help="image WxH")
     parser.add_argument("--busy", default="0,0.5,1", help="shares of time the other thread runs Python")
     parser.add_argument("--repeats", type=int, default=15)
@@ -164,17 +164,16 @@ def main() -> None:
          f"{result['switch_interval_ms']:g} ms. Median of {args.repeats} decodes (to the RGB array); "
          "both give the same pixels. Busy: the share of time the other thread runs Python."),
         "",
-        "| upload | busy | Pillow piecewise ms | one call ms | speed-up |",
-        "|---|---:|---:|---:|---:|",
-        *(f"| {r['upload']} ({r['bytes'] / 1e6:.2f} MB) | {100 * r['busy_share']:.0f}% | {r['piecewise_ms']:.1f} | "
-          f"{r['one_call_ms']:.1f} | {r['speedup']:.1f}x |" for r in rows),
+        *markdown_table(
+            ["upload", "busy", "Pillow piecewise ms", "one call ms", "speed-up"],
+            ([f"{r['upload']} ({r['bytes'] / 1e6:.2f} MB)", f"{100 * r['busy_share']:.0f}%", f"{r['piecewise_ms']:.1f}",
+              f"{r['one_call_ms']:.1f}", f"{r['speedup']:.1f}x"] for r in rows),
+            align="lrrrr",
+        ),
     ]
     markdown = "\n".join(table) + "\n"
     print(markdown)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_decode.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "bench_decode.md").write_text(markdown)
+    write_report(Path(args.out), "bench_decode", result, markdown)
 
 
 if __name__ == "__main__":

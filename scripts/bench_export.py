@@ -5,13 +5,12 @@ images, batch of one), measured side by side: each round runs every backend once
 image, in rotating order, so slow spells of a noisy machine hit all of them alike. Ratios are
 per round (eager time / backend time), then the median over rounds.
 
-    .venv/bin/python scripts/bench_export.py --out bench-results/export
+    python -m scripts.bench_export --out bench-results/export
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from scripts.results import markdown_table, write_report
 from transfiner.export.backends import load_backend
 from transfiner.export.exporter import export_model
 from transfiner.export.resolve import resolve_model
@@ -33,7 +33,7 @@ from transfiner.model.weights.checkpoint import load_model
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_export", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="'default' or a checkpoint")
     parser.add_argument("--images", type=int, default=6, help="make-shapes images (384x384)")
     parser.add_argument("--rounds", type=int, default=3, help="passes over the images")
@@ -71,7 +71,7 @@ def main() -> None:
     inputs = [prepare_batch([image], cfg.input, "cpu") for image in images]
     options = InferenceOptions(score_threshold=args.score_threshold)
 
-    for name, backend in backends.items():  # warm-up: first calls allocate and plan
+    for backend in backends.values():  # warm-up: first calls allocate and plan
         backend.infer(*inputs[0], options)
 
     times: dict[str, list[float]] = {name: [] for name in BACKEND_NAMES}
@@ -101,21 +101,21 @@ def main() -> None:
         "file_size_mb": sizes_mb,
         "export_seconds": export_seconds,
     }
-    (out / "bench_export.json").write_text(json.dumps(summary, indent=2))
     lines = [
         f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), {cfg.name} model, "
         f"{args.images} make-shapes images 384x384 x {args.rounds} rounds, batch 1, score threshold "
         f"{args.score_threshold}, {summary['mean_detections']:.1f} detections per image on average.",
         "",
-        "| backend | median ms/img | mean ms/img | speed-up vs eager (median of per-image ratios) |",
-        "|---|---:|---:|---:|",
+        *markdown_table(
+            ["backend", "median ms/img", "mean ms/img", "speed-up vs eager (median of per-image ratios)"],
+            ([name, f"{summary['latency_ms'][name]['median']:.0f}", f"{summary['latency_ms'][name]['mean']:.0f}",
+              f"{ratios[name]:.2f}x"] for name in BACKEND_NAMES),
+            align="lrrr",
+        ),
+        "",
+        *markdown_table(["file", "MiB"], ([name, f"{size:.1f}"] for name, size in sizes_mb.items()), align="lr"),
     ]
-    for name in BACKEND_NAMES:
-        latency = summary["latency_ms"][name]
-        lines.append(f"| {name} | {latency['median']:.0f} | {latency['mean']:.0f} | {ratios[name]:.2f}x |")
-    lines += ["", "| file | MiB |", "|---|---:|"]
-    lines += [f"| {name} | {size:.1f} |" for name, size in sizes_mb.items()]
-    (out / "bench_export.md").write_text("\n".join(lines) + "\n")
+    write_report(out, "bench_export", summary, "\n".join(lines))
     print("\n".join(lines))
     plot(times, out / "bench_export.png")
 

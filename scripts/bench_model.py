@@ -1,10 +1,10 @@
 """Benchmark: per-image time and peak memory of Mask Transfiner, whole model and mask head alone.
 
-R50-FPN with random weights (FrozenBN statistics calibrated on the image) on one 800x1333 image, for 10 / 50 / 100 detections, with the
-Transfiner refinement on and off (coarse Mask R-CNN masks). Random weights with a score
-threshold of 0 give exactly the asked number of detections. Peak memory is the process's peak
-resident set size during the measured call, reset before each call (Linux ``clear_refs``), minus
-the resident size just before it.
+R50-FPN with random weights (FrozenBN statistics calibrated on the image) on one 800x1333 image,
+for 10 / 50 / 100 detections, with the Transfiner refinement on and off (coarse Mask R-CNN masks).
+Random weights with a score threshold of 0 give exactly the asked number of detections. Peak
+memory is the process's peak resident set size during the measured call, reset before each call
+(Linux ``clear_refs``), minus the resident size just before it.
 
 The refiner section compares, on the same detections and the same module, the refinement as it
 was (every box padded to the caps ``--padded-cells``, chunks of ``boxes_per_chunk`` boxes) with
@@ -13,29 +13,30 @@ weights give incoherence ~0.5 everywhere: all 28- and 56-level cells and no 112-
 tokens a box, as many as the official code refines there; ``--padded-cells 784,784,1`` pads that
 to 4,132.
 
-    .venv/bin/python scripts/bench_model.py --out bench-results/model
-    .venv/bin/python scripts/bench_model.py --skip-model --detections 10 50 100 --out bench-results/refiner
+    python -m scripts.bench_model --out bench-results/model
+    python -m scripts.bench_model --skip-model --detections 10 50 100 --out bench-results/refiner
 
 ``--caps-data annotations.json`` instead evaluates the shipped default model on make-shapes
 images at several node caps (``--caps``): mask AP / AP^B and forward time per image, and the
 tokens a refined box really had (trimmed; the caps' padded length in brackets).
 
-    .venv/bin/python scripts/bench_model.py --caps-data data/val/annotations.json --max-images 20 --out bench-results/caps
+    python -m scripts.bench_model --caps-data data/val/annotations.json --max-images 20 --out bench-results/caps
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from scripts.results import markdown_table, write_report
 from transfiner.model.config import COVERING_MAX_CELLS, parse_max_cells, preset
 from transfiner.model.inference.preprocess import prepare_batch
 from transfiner.model.modeling.layers import FrozenBatchNorm2d
@@ -85,16 +86,16 @@ def calibrate_frozen_bn(model: MaskTransfiner, batch: torch.Tensor) -> None:
 
 
 def _exec_with_mmap_allocations() -> None:
-    """Re-runs this script with glibc serving large blocks by mmap, so a freed tensor leaves the
+    """Re-runs this module with glibc serving large blocks by mmap, so a freed tensor leaves the
     resident set at once and peak-RSS deltas measure what a call really allocates."""
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+        os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]], env)
 
 
 def main() -> None:
     _exec_with_mmap_allocations()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_model", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="R50-FPN")
     parser.add_argument("--detections", type=int, nargs="+", default=[10, 50, 100])
     parser.add_argument("--repeats", type=int, default=2)
@@ -135,11 +136,10 @@ def main() -> None:
             options = InferenceOptions(score_threshold=0.0, max_detections=count, refine=refine)
             detections = model(batch, sizes, options)
             assert len(detections.scores) == count, "random weights gave too few detections"
-            whole_s, whole_mib = measure(lambda: model(batch, sizes, options), args.repeats)
+            whole_s, whole_mib = measure(partial(model, batch, sizes, options), args.repeats)
             head_s, head_mib = measure(
-                lambda: model.mask_head(
-                    features, detections.boxes, detections.classes, detections.batch_index, None, refine
-                ),
+                partial(model.mask_head, features, detections.boxes, detections.classes, detections.batch_index,
+                        None, refine),
                 args.repeats,
             )
             rows.append({
@@ -154,44 +154,41 @@ def main() -> None:
         r["model_ratio_refined_vs_coarse"] = r["model_s"] / by_key[(r["detections"], False)]["model_s"]
     report = {
         "config": args.config, "image": [args.height, args.width], "device": "cpu",
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
         "max_cells": [k28, k56, k112], "tokens_per_box": tokens, "official_worst_case_tokens": 196 + 784 + 3136 + 12544,
         "tokens_per_chunk": cfg.transfiner.tokens_per_chunk, "boxes_per_chunk": cfg.transfiner.boxes_per_chunk,
         "rows": rows, "refiner_rows": refiner_rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_model.json").write_text(json.dumps(report, indent=2))
     lines = [
         f"# {args.config}, {args.height}x{args.width}, CPU ({report['threads']} threads), random weights",
         f"Tokens per refined box: at most {tokens} (official code: up to {report['official_worst_case_tokens']}).",
         "",
-        "| detections | masks | model s/img | model peak MiB | mask head s | mask head peak MiB | model time vs coarse |",
-        "|---:|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['detections']} | {'refined' if r['refine'] else 'coarse'} | {r['model_s']:.2f} | "
-            f"{r['model_peak_mib']:.0f} | {r['mask_head_s']:.2f} | {r['mask_head_peak_mib']:.0f} | "
-            f"{r['model_ratio_refined_vs_coarse']:.2f}x |"
-        )
-    lines += [
+        *markdown_table(
+            ["detections", "masks", "model s/img", "model peak MiB", "mask head s", "mask head peak MiB",
+             "model time vs coarse"],
+            ([r["detections"], "refined" if r["refine"] else "coarse", f"{r['model_s']:.2f}",
+              f"{r['model_peak_mib']:.0f}", f"{r['mask_head_s']:.2f}", f"{r['mask_head_peak_mib']:.0f}",
+              f"{r['model_ratio_refined_vs_coarse']:.2f}x"] for r in rows),
+            align="rlrrrrr",
+        ),
         "",
         f"Refiner alone, same detections: padded to caps {list(args.padded_cells)} in chunks of "
         f"{cfg.transfiner.boxes_per_chunk} boxes (before) vs covering caps, chunks of at most "
         f"{cfg.transfiner.tokens_per_chunk} tokens, trimmed to the real nodes (now).",
         "",
-        "| detections | refinement | real tokens/box (mean) | computed tokens | s | peak MiB | max abs diff vs padded |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        *markdown_table(
+            ["detections", "refinement", "real tokens/box (mean)", "computed tokens", "s", "peak MiB",
+             "max abs diff vs padded"],
+            ([r["detections"], r["mode"], f"{r['real_tokens_mean']:.0f}", r["computed_tokens"], f"{r['seconds']:.2f}",
+              f"{r['peak_mib']:.0f}", "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"]
+             for r in refiner_rows),
+            align="rlrrrrr",
+        ),
     ]
-    for r in refiner_rows:
-        diff = "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
-        lines.append(
-            f"| {r['detections']} | {r['mode']} | {r['real_tokens_mean']:.0f} | {r['computed_tokens']} | "
-            f"{r['seconds']:.2f} | {r['peak_mib']:.0f} | {diff} |"
-        )
     table = "\n".join(lines)
-    (out / "bench_model.md").write_text(table + "\n")
+    out = Path(args.out)
+    write_report(out, "bench_model", report, table)
     print(table)
     if rows:
         _plot(rows, out / "bench_model.png", args.config)
@@ -199,6 +196,11 @@ def main() -> None:
 
 def bench_refiner(model: MaskTransfiner, batch, sizes, features, args) -> list[dict]:
     """The refinement of the same detections, padded to caps as before vs trimmed as now."""
+    return [row for count in args.detections for row in bench_refiner_at(model, batch, sizes, features, args, count)]
+
+
+def bench_refiner_at(model: MaskTransfiner, batch, sizes, features, args, count: int) -> list[dict]:
+    """``bench_refiner``'s rows for ``count`` detections."""
     head = model.mask_head
     refiner = head.refiner
     thresholds = model.cfg.transfiner.thresholds
@@ -206,46 +208,45 @@ def bench_refiner(model: MaskTransfiner, batch, sizes, features, args) -> list[d
     padded = PointQuadtree(thresholds, args.padded_cells)
     enhanced = head.enhanced_features(features)
     rows = []
-    for count in args.detections:
-        det = model(batch, sizes, InferenceOptions(score_threshold=0.0, max_detections=count, refine=False))
-        roi_features, mask_features, coarse = head._coarse(features, det.boxes, det.classes, det.batch_index)
-        incoherence = head.incoherence(roi_features, mask_features)
-        per_box = (det.boxes, det.batch_index, head.pooler.levels(det.boxes), roi_features, coarse)
-        real = sum(tokens_per_box(level) for level in
-                   torch.stack([lv.cell_valid.sum(1) for lv in covering(incoherence)], 1).tolist()) / count
+    det = model(batch, sizes, InferenceOptions(score_threshold=0.0, max_detections=count, refine=False))
+    roi_features, mask_features, coarse = head._coarse(features, det.boxes, det.classes, det.batch_index)
+    incoherence = head.incoherence(roi_features, mask_features)
+    per_box = (det.boxes, det.batch_index, head.pooler.levels(det.boxes), roi_features, coarse)
+    real = sum(tokens_per_box(level) for level in
+               torch.stack([lv.cell_valid.sum(1) for lv in covering(incoherence)], 1).tolist()) / count
 
-        def before() -> torch.Tensor:
-            step = refiner.boxes_per_chunk
-            return torch.cat([
-                refiner.refine_chunk(enhanced, *(t[s : s + step] for t in per_box), padded(incoherence[s : s + step]))
-                for s in range(0, count, step)
-            ])
+    def before() -> torch.Tensor:
+        step = refiner.boxes_per_chunk
+        return torch.cat([
+            refiner.refine_chunk(enhanced, *(t[s : s + step] for t in per_box), padded(incoherence[s : s + step]))
+            for s in range(0, count, step)
+        ])
 
-        def now() -> torch.Tensor:
-            refiner.quadtree = covering
-            try:
-                return refiner(enhanced, *per_box, incoherence)
-            finally:
-                refiner.quadtree = default
-
-        default = refiner.quadtree
-        reference = None
-        cases = [("trimmed (now)", now)] if args.skip_padded else [("padded (before)", before), ("trimmed (now)", now)]
-        for mode, fn in cases:
-            outputs = []
-            seconds, peak = measure(lambda: outputs.append(fn()), args.repeats)
-            result = outputs.pop()
-            outputs.clear()
-            refiner.quadtree = covering
-            chunks = refiner.chunks(incoherence)
+    def now() -> torch.Tensor:
+        refiner.quadtree = covering
+        try:
+            return refiner(enhanced, *per_box, incoherence)
+        finally:
             refiner.quadtree = default
-            computed = (count * tokens_per_box(args.padded_cells) if mode.startswith("padded") else
-                        sum(len(index) * (196 + sum(lv.nodes.shape[1] for lv in levels)) for index, levels in chunks))
-            diff = None if reference is None else float((result - reference).abs().max())
-            reference = result if reference is None else reference
-            rows.append({"detections": count, "mode": mode, "real_tokens_mean": real, "computed_tokens": computed,
-                         "seconds": seconds, "peak_mib": peak, "max_abs_diff": diff})
-            print(rows[-1], flush=True)
+
+    default = refiner.quadtree
+    reference = None
+    cases = [("trimmed (now)", now)] if args.skip_padded else [("padded (before)", before), ("trimmed (now)", now)]
+    for mode, fn in cases:
+        outputs = []
+        seconds, peak = measure(lambda fn=fn, outputs=outputs: outputs.append(fn()), args.repeats)
+        result = outputs.pop()
+        outputs.clear()
+        refiner.quadtree = covering
+        chunks = refiner.chunks(incoherence)
+        refiner.quadtree = default
+        computed = (count * tokens_per_box(args.padded_cells) if mode.startswith("padded") else
+                    sum(len(index) * (196 + sum(lv.nodes.shape[1] for lv in levels)) for index, levels in chunks))
+        diff = None if reference is None else float((result - reference).abs().max())
+        reference = result if reference is None else reference
+        rows.append({"detections": count, "mode": mode, "real_tokens_mean": real, "computed_tokens": computed,
+                     "seconds": seconds, "peak_mib": peak, "max_abs_diff": diff})
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -303,7 +304,7 @@ def bench_caps(args) -> None:
         timed = TimedBackend(base.backend)
         refiner = timed.model.mask_head.refiner
         incoherence: list[torch.Tensor] = []  # of the refined boxes; their tokens are counted after timing
-        hook = refiner.register_forward_hook(lambda module, inputs, output: incoherence.append(inputs[-1]))
+        hook = refiner.register_forward_hook(lambda module, inputs, output, kept=incoherence: kept.append(inputs[-1]))
         try:
             report = evaluate(Predictor.from_backend(timed), args.caps_data, out / "-".join(map(str, caps)),
                               batch_size=1, max_images=args.max_images, num_overlays=0)
@@ -311,7 +312,7 @@ def bench_caps(args) -> None:
             hook.remove()
         real: list[int] = []
         for maps in incoherence:
-            for index, levels in refiner.chunks(maps):
+            for _, levels in refiner.chunks(maps):
                 real.extend((196 + sum(lv.valid.sum(1) for lv in levels)).tolist())
         rows.append({
             "max_cells": list(caps), "padded_tokens": tokens_per_box(caps),
@@ -322,19 +323,18 @@ def bench_caps(args) -> None:
         })
         print(rows[-1], flush=True)
     lines = [
-        f"# Default model, {rows[0]['images']} make-shapes images ({args.caps_data}), CPU ({torch.get_num_threads()} threads), fp32",
+        f"# Default model, {rows[0]['images']} make-shapes images ({args.caps_data}), "
+        f"CPU ({torch.get_num_threads()} threads), fp32",
         "",
-        "| max cells | tokens/box real (padded) | mask AP | AP^B | box AP | forward s/img |",
-        "|---|---:|---:|---:|---:|---:|",
+        *markdown_table(
+            ["max cells", "tokens/box real (padded)", "mask AP", "AP^B", "box AP", "forward s/img"],
+            ([",".join(map(str, r["max_cells"])), f"{r['real_tokens_mean']:.0f} ({r['padded_tokens']})",
+              f"{r['mask_AP']:.2f}", f"{r['boundary_AP']:.2f}", f"{r['box_AP']:.2f}",
+              f"{r['forward_s_per_image']:.3f}"] for r in rows),
+            align="lrrrrr",
+        ),
     ]
-    for r in rows:
-        lines.append(
-            f"| {','.join(map(str, r['max_cells']))} | {r['real_tokens_mean']:.0f} ({r['padded_tokens']}) | "
-            f"{r['mask_AP']:.2f} | {r['boundary_AP']:.2f} | {r['box_AP']:.2f} | {r['forward_s_per_image']:.3f} |"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_caps.json").write_text(json.dumps(rows, indent=2))
-    (out / "bench_caps.md").write_text("\n".join(lines) + "\n")
+    write_report(out, "bench_caps", rows, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -5,13 +5,12 @@ Exports the shipped default model (its own caps) once per ``--blocks`` value of
 384x384 images at score threshold 0 (every image has ``--detections`` refined detections) and
 reads that process's peak resident memory. Writes ``OUT/bench_onnx_memory.{json,md}``.
 
-    .venv/bin/python scripts/bench_onnx_memory.py --blocks 256 64 32 --images 1 2
+    python -m scripts.bench_onnx_memory --blocks 256 64 32 --images 1 2
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -20,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from tqdm import tqdm
+
+from scripts.results import markdown_table, write_report
 
 EXPORT = """
 import sys
@@ -48,7 +49,7 @@ print(sum(len(p.boxes) for p in found), seconds, resource.getrusage(resource.RUS
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_onnx_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, nargs="+", default=[256, 64, 32])
     parser.add_argument("--images", type=int, nargs="+", default=[1, 2], help="images a forward pass")
     parser.add_argument("--detections", type=int, default=100)
@@ -71,11 +72,11 @@ def main() -> int:
 
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
               "cpus": len(os.sched_getaffinity(0)), "rows": rows}
-    (args.out / "bench_onnx_memory.json").write_text(json.dumps(report, indent=2))
-    lines = [f"# ONNX Runtime, default model, random 384x384 images, {args.detections} detections an image",
-             "", "| query block | images | detections | s | peak MB |", "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['block']} | {r['images']} | {r['detections']} | {r['seconds']} | {r['peak_mb']} |" for r in rows]
-    (args.out / "bench_onnx_memory.md").write_text("\n".join(lines) + "\n")
+    lines = [f"# ONNX Runtime, default model, random 384x384 images, {args.detections} detections an image", "",
+             *markdown_table(["query block", "images", "detections", "s", "peak MB"],
+                             ([r["block"], r["images"], r["detections"], r["seconds"], r["peak_mb"]] for r in rows),
+                             align="rrrrr")]
+    write_report(args.out, "bench_onnx_memory", report, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

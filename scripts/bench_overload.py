@@ -20,8 +20,8 @@ Every client sends ``X-Request-Timeout: --deadline`` and gives up 2 s after it (
 server's own 504 to arrive). Figures go
 to ``<out>/overload.json`` and ``<out>/overload.md``.
 
-    .venv/bin/python scripts/bench_overload.py --model default --out bench-results/overload
-    .venv/bin/python scripts/bench_overload.py --model tiny.pth --overload-s 10 --soak-s 10 --out /tmp/o
+    python -m scripts.bench_overload --model default --out bench-results/overload
+    python -m scripts.bench_overload --model tiny.pth --overload-s 10 --soak-s 10 --out /tmp/o
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from bench_service import synthetic_png  # scripts/, on the path when run as a script
 from PIL import Image
 
+from scripts.bench_service import synthetic_png
+from scripts.results import markdown_table
 from transfiner.service.loadtest.client import TRANSPORT_ERRORS, poisson_arrivals, run_closed_loop, run_open_loop
 from transfiner.service.loadtest.metrics_delta import scrape
 from transfiner.service.loadtest.report import LatencyStats
@@ -293,22 +294,24 @@ def markdown(report: dict) -> str:
     if mates:
         lines += [
             "## A costly batch-mate", "",
-            f"{mates['mates']} ordinary requests at once, {mates['rounds']} rounds: p50 {mates['ordinary_alone_p50_ms']} ms "
-            f"alone, {mates['ordinary_with_costly_p50_ms']} ms with a `score_threshold=0` request among them "
+            f"{mates['mates']} ordinary requests at once, {mates['rounds']} rounds: "
+            f"p50 {mates['ordinary_alone_p50_ms']} ms alone, {mates['ordinary_with_costly_p50_ms']} ms "
+            "with a `score_threshold=0` request among them "
             f"(**ratio {mates['ratio']:.2f}**, goal <= 1.5); the costly one took {mates['costly_p50_ms']} ms.", "",
         ]
-    lines += ["## Open loop", "", "| run | offered | statuses | answers/s | goodput vs capacity | computed images delivered | "
-              "refusals with Retry-After | p50 ms | p99 ms | slowest success s |", "|---|---:|---|---:|---:|---:|---|---:|---:|---:|"]
+    open_loops = []
     for name in ("overload", "soak"):
         run = report.get(name)
-        if not run:
-            continue
-        delivered = "-" if run["delivered_share"] is None else f"{100 * run['delivered_share']:.1f}%"
-        lines.append(
-            f"| {name} | {run['offered_rate']:.2f}/s for {run['seconds']:.0f} s | {run['statuses']} | "
-            f"{run['answers_per_s']:.2f} | {100 * run['answers_per_s'] / cap:.0f}% | {delivered} | "
-            f"{run['refusals_with_retry_after']} | {run['p50_ms']} | {run['p99_ms']} | {run['max_ok_latency_s']:.2f} |"
-        )
+        if run:
+            delivered = "-" if run["delivered_share"] is None else f"{100 * run['delivered_share']:.1f}%"
+            open_loops.append([
+                name, f"{run['offered_rate']:.2f}/s for {run['seconds']:.0f} s", run["statuses"],
+                f"{run['answers_per_s']:.2f}", f"{100 * run['answers_per_s'] / cap:.0f}%", delivered,
+                run["refusals_with_retry_after"], run["p50_ms"], run["p99_ms"], f"{run['max_ok_latency_s']:.2f}",
+            ])
+    lines += ["## Open loop", "", *markdown_table(
+        ["run", "offered", "statuses", "answers/s", "goodput vs capacity", "computed images delivered",
+         "refusals with Retry-After", "p50 ms", "p99 ms", "slowest success s"], open_loops, align="lrlrrrlrrr")]
     soak = report.get("soak")
     if soak and soak["rss_mb"]:
         first, last = soak["rss_mb"][0][1], soak["rss_mb"][-1][1]
@@ -342,7 +345,7 @@ def machine() -> str:
 async def main_async(args: argparse.Namespace, url: str, port: int, pid: int) -> dict:
     images = [synthetic_png(480, 640, seed) for seed in range(4)]
     client = Client(url, args.deadline, images)
-    report: dict = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": machine(),
+    report: dict = {"command": " ".join(["python -m scripts.bench_overload", *sys.argv[1:]]), "machine": machine(),
                     "deadline_s": args.deadline}
     out = Path(args.out)
 
@@ -389,7 +392,8 @@ async def main_async(args: argparse.Namespace, url: str, port: int, pid: int) ->
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_overload",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-batch-size", type=int, default=4)

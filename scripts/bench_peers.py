@@ -1,10 +1,10 @@
 """Our service against its peers, in one run, on one machine, with one model, one workload and one
 client: ``transfiner serve`` (FastAPI engine), the same app on Ray Serve (``transfiner serve
 --engine ray``, one replica on a local Ray instance) and a plain LitServe server wrapping our
-``Predictor`` (scripts/litserve_peer.py). Closed loop at each concurrency (1, 4, 16 by default):
+``Predictor`` (``scripts.litserve_peer``). Closed loop at each concurrency (1, 4, 16 by default):
 throughput, p50 and p99 of ``transfiner bench``'s client (``service.loadtest.client``).
 
-    python scripts/bench_peers.py [--requests 24] [--concurrency 1 4 16] [--out bench-results/peers]
+    python -m scripts.bench_peers [--requests 24] [--concurrency 1 4 16] [--out bench-results/peers]
 
 * Every server gets the same model (``--model``, the default one), the same batching (at most
   ``--max-batch-size`` images per forward pass, waiting at most 5 ms for batch-mates), one model
@@ -37,13 +37,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from scripts.results import markdown_table
+from transfiner.cli.bench import generate_images, machine_info
+from transfiner.service.loadtest.client import InvalidAnswer, SegmentClient, WorkloadImage, run_closed_loop
+from transfiner.service.loadtest.report import StepResult
+from transfiner.service.loadtest.servers import free_port, wait_for_server
 
-from transfiner.cli.bench import generate_images, machine_info  # noqa: E402
-from transfiner.service.loadtest.client import InvalidAnswer, SegmentClient, WorkloadImage, run_closed_loop  # noqa: E402
-from transfiner.service.loadtest.report import StepResult  # noqa: E402
-from transfiner.service.loadtest.servers import free_port, wait_for_server  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SERVERS = ("fastapi", "ray", "litserve")
 LABELS = {"fastapi": "transfiner serve (FastAPI)", "ray": "transfiner serve --engine ray (Ray Serve)",
@@ -77,12 +77,14 @@ def ensure_litserve(venv: Path, version: str) -> Path:
     if not marker.exists():
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", f"litserve=={version}"], check=True)
-        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              check=True, capture_output=True, text=True).stdout.strip()
-        # The model stack from the project's environment, after LitServe's own packages.
-        ours = sysconfig.get_paths()["purelib"]
-        (Path(site) / "transfiner-model-stack.pth").write_text(f"{ours}\n{REPO}\n")
         marker.touch()
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    # The model stack from the project's environment, after LitServe's own packages. As a site
+    # directory, so its own .pth files run too: the installed transfiner is one of them. Written
+    # at every run, so an environment made for another checkout serves this one.
+    ours = sysconfig.get_paths()["purelib"]
+    (Path(site) / "transfiner-model-stack.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
     return python
 
 
@@ -102,8 +104,7 @@ def start_server(name: str, args: argparse.Namespace, port: int, log: Path, lits
                    "--replicas", "1", "--replica-cpus", str(os.cpu_count()), *common, "--device", "cpu",
                    "--max-delay-ms", "5", "--log-level", "warning"]
     else:
-        command = [str(litserve_python), str(REPO / "scripts" / "litserve_peer.py"), *common,
-                   "--batch-timeout", "0.005"]
+        command = [str(litserve_python), "-m", "scripts.litserve_peer", *common, "--batch-timeout", "0.005"]
     handle = log.open("w")
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -190,14 +191,15 @@ def markdown(report: dict) -> str:
         + (" requests" if report["requests_per_step"] else f"{report['duration_s']} s") + " per step after "
         f"{report['warmup']} warm-up requests.",
         "",
-        "| server | clients | ok/requests | img/s | p50 ms | p99 ms |",
-        "|---|---:|---:|---:|---:|---:|",
+        *markdown_table(
+            ["server", "clients", "ok/requests", "img/s", "p50 ms", "p99 ms"],
+            ([LABELS[name], row["concurrency"], f"{row['ok']}/{row['requests']}", f"{row['images_per_s']:.2f}",
+              f"{row['p50_ms']:.0f}", f"{row['p99_ms']:.0f}"]
+             for name, rows in report["results"].items() for row in rows),
+            align="lrrrrr",
+        ),
+        "",
     ]
-    for name, rows in report["results"].items():
-        for row in rows:
-            out.append(f"| {LABELS[name]} | {row['concurrency']} | {row['ok']}/{row['requests']} | "
-                       f"{row['images_per_s']:.2f} | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} |")
-    out.append("")
     if report["verdicts"]:
         out.append("Where the FastAPI service is not ahead (throughput >= and p99 <= the peer's):")
         out += [f"* {line}" for line in report["verdicts"]]
@@ -235,7 +237,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_peers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     amount = parser.add_mutually_exclusive_group()
@@ -270,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     can_isolate = os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip")
     if not args.inside and not args.no_netns and can_isolate:
         script = 'ip link set lo up && exec "$0" "$@"'
-        command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--inside"]
+        arguments = argv if argv is not None else sys.argv[1:]
+        command = [sys.executable, "-m", "scripts.bench_peers", *arguments, "--inside"]
         return subprocess.run(["unshare", "--net", "sh", "-c", script, *command]).returncode
 
     images = generate_images(out, args.num_images, args.image_size, args.seed)
@@ -291,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop_server(process)
     report = {
-        "command": " ".join(["python", "scripts/bench_peers.py", *(argv if argv is not None else sys.argv[1:])]
+        "command": " ".join(["python -m scripts.bench_peers", *(argv if argv is not None else sys.argv[1:])]
                             ).replace(" --inside", ""),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(), "netns": args.inside, "model": args.model,

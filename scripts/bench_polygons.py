@@ -3,33 +3,30 @@
 A speckled mask (each pixel foreground with probability 0.5, seeded) is the worst case for the
 tracer: about one piece per 15 pixels, each its own polygon. ``model.polygons.mask_to_polygons``
 is timed on a 2000x2000 one (the figure the README quotes) and, with the tracer it replaced
-(tests/polygon_reference.py, quadratic in the number of pieces), on small ones, where both
+(``scripts.reference.polygons``, quadratic in the number of pieces), on small ones, where both
 answers are checked to be identical. Median seconds over the repeats.
 
-    .venv/bin/python scripts/bench_polygons.py --out bench-results/polygons
+    python -m scripts.bench_polygons --out bench-results/polygons
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not an installed package
-
-from scripts.reference.polygons import reference_mask_to_polygons  # noqa: E402
-from transfiner.model.inference.polygons import mask_to_polygons  # noqa: E402
+from scripts.reference.polygons import reference_mask_to_polygons
+from scripts.results import markdown_table, write_report
+from transfiner.model.inference.polygons import mask_to_polygons
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_polygons", description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=2000, help="side of the large speckled mask")
     parser.add_argument("--reference-sizes", default="50,100,150",
                         help="sides of the small masks both tracers run on (comma-separated; empty for none)")
@@ -57,14 +54,14 @@ def main() -> None:
     rows = []
     for side in [int(s) for s in args.reference_sizes.split(",") if s.strip()]:
         mask = speckled(side, args.seed)
-        linear_s, polygons = median_s(lambda: mask_to_polygons(mask), args.repeats)
-        reference_s, expected = median_s(lambda: reference_mask_to_polygons(mask), 1)
+        linear_s, polygons = median_s(lambda mask=mask: mask_to_polygons(mask), args.repeats)
+        reference_s, expected = median_s(lambda mask=mask: reference_mask_to_polygons(mask), 1)
         if polygons != expected:
             raise SystemExit(f"{side}x{side}: mask_to_polygons differs from the reference tracer")
         rows.append({"side": side, "polygons": len(polygons), "seconds": round(linear_s, 4),
                      "reference_seconds": round(reference_s, 3)})
     mask = speckled(args.size, args.seed)
-    seconds, polygons = median_s(lambda: mask_to_polygons(mask), args.repeats)
+    seconds, polygons = median_s(lambda mask=mask: mask_to_polygons(mask), args.repeats)
     rows.append({"side": args.size, "polygons": len(polygons), "seconds": round(seconds, 3),
                  "reference_seconds": None})
 
@@ -82,18 +79,16 @@ def main() -> None:
         f"Median of {args.repeats} runs (the reference tracer: 1 run); where both ran, the answers are identical. "
         f"{os.cpu_count()} CPUs, load average {result['load_average']} at the end.",
         "",
-        "| mask | polygons | mask_to_polygons s | reference tracer s |",
-        "|---|---:|---:|---:|",
-        *(f"| {r['side']}x{r['side']} | {r['polygons']:,} | {r['seconds']:.3f} | "
-          f"{'not run' if r['reference_seconds'] is None else format(r['reference_seconds'], '.2f')} |"
-          for r in rows),
+        *markdown_table(
+            ["mask", "polygons", "mask_to_polygons s", "reference tracer s"],
+            ([f"{r['side']}x{r['side']}", f"{r['polygons']:,}", f"{r['seconds']:.3f}",
+              "not run" if r["reference_seconds"] is None else f"{r['reference_seconds']:.2f}"] for r in rows),
+            align="lrrr",
+        ),
     ]
     markdown = "\n".join(table) + "\n"
     print(markdown)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_polygons.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "bench_polygons.md").write_text(markdown)
+    write_report(Path(args.out), "bench_polygons", result, markdown)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,12 @@ to it. Today's path ``encode_rle(paste_masks(...))`` builds [N, H, W] full-image
 and encodes them; ``masks_to_rle`` samples each box's window only. Both answers are checked to
 be byte-identical, then each is timed after a warm-up: median milliseconds over the repeats.
 
-    .venv/bin/python scripts/bench_postprocess.py --out bench-results/postprocess
+    python -m scripts.bench_postprocess --out bench-results/postprocess
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -22,12 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from scripts.results import markdown_table, write_report
 from transfiner.model.inference.paste import box_windows, paste_masks
 from transfiner.model.inference.rle import encode_rle, masks_to_rle
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_postprocess", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
                         help="all: the CPU, and CUDA when available")
     parser.add_argument("--masks", type=int, default=100)
@@ -87,12 +87,17 @@ def main() -> None:
             raise SystemExit("--device cuda: CUDA is not available here")
 
     rows = []
+    size = (height, width)
     for name in devices:
         device = torch.device(name)
         p, b = probs.to(device), boxes.to(device)
-        size = (height, width)
-        full = lambda: encode_rle(paste_masks(p, b, size))  # noqa: E731
-        windows = lambda: masks_to_rle(p, b, size)  # noqa: E731
+
+        def full(p=p, b=b):
+            return encode_rle(paste_masks(p, b, size))
+
+        def windows(p=p, b=b):
+            return masks_to_rle(p, b, size)
+
         if full() != windows():
             raise SystemExit(f"{name}: masks_to_rle differs from encode_rle(paste_masks(...))")
         full_ms = median_ms(full, device, args.warmup, args.repeats)
@@ -121,17 +126,16 @@ def main() -> None:
         f"Full-image masks: {result['full_image_mask_mb']} MiB; box windows: {result['window_pixels_m']} M pixels. "
         f"Median of {args.repeats} runs after {args.warmup} warm-up; answers byte-identical.",
         "",
-        "| device | encode_rle(paste_masks) ms | masks_to_rle ms | speed-up |",
-        "|---|---:|---:|---:|",
-        *(f"| {r['device']} | {r['paste_encode_ms']:.1f} | {r['masks_to_rle_ms']:.1f} | {r['speedup']:.1f}x |"
-          for r in rows),
+        *markdown_table(
+            ["device", "encode_rle(paste_masks) ms", "masks_to_rle ms", "speed-up"],
+            ([r["device"], f"{r['paste_encode_ms']:.1f}", f"{r['masks_to_rle_ms']:.1f}", f"{r['speedup']:.1f}x"]
+             for r in rows),
+            align="lrrr",
+        ),
     ]
     markdown = "\n".join(table) + "\n"
     print(markdown)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_postprocess.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "bench_postprocess.md").write_text(markdown)
+    write_report(Path(args.out), "bench_postprocess", result, markdown)
 
 
 if __name__ == "__main__":

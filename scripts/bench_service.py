@@ -15,8 +15,8 @@ The closed loop, the HTTP client and the /metrics differences are those of ``tra
 (``service.loadtest``); for load tests of a deployed service (open loop, sweeps, server
 breakdown) use that command. This script is the in-process vs HTTP and batching comparison.
 
-    .venv/bin/python scripts/bench_service.py --model default --out bench-results/service
-    .venv/bin/python scripts/bench_service.py --model tiny.pth --requests 16 --concurrency 1 4 --out /tmp/b
+    python -m scripts.bench_service --model default --out bench-results/service
+    python -m scripts.bench_service --model tiny.pth --requests 16 --concurrency 1 4 --out /tmp/b
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scripts.results import markdown_table
 from transfiner.service.engine.runtime import ServiceRuntime
 from transfiner.service.loadtest.client import RunResult, SegmentClient, WorkloadImage, run_closed_loop
 from transfiner.service.loadtest.metrics_delta import Scrape, scrape
@@ -79,7 +80,9 @@ def mean_batch(before: Scrape, after: Scrape) -> float:
 # -- in-process ------------------------------------------------------------------------------------
 
 
-async def run_in_process(settings: ServiceSettings, png: bytes, params: dict, plan: list[tuple[int, int]]) -> list[dict]:
+async def run_in_process(
+    settings: ServiceSettings, png: bytes, params: dict, plan: list[tuple[int, int]]
+) -> list[dict]:
     from transfiner.service.schemas import SegmentParams
 
     runtime = ServiceRuntime(settings)
@@ -159,14 +162,12 @@ async def run_http(settings: ServiceSettings, png: bytes, params: dict, plan: li
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| mode | batching | concurrency | images/s | p50 ms | p99 ms | mean batch |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(
-            f"| {r['mode']} | {r['batching']} | {r['concurrency']} | {r['throughput']:.2f} | {r['p50_ms']:.1f} "
-            f"| {r['p99_ms']:.1f} | {r['mean_batch']:.2f} |"
-        )
-    return "\n".join(lines)
+    return "\n".join(markdown_table(
+        ["mode", "batching", "concurrency", "images/s", "p50 ms", "p99 ms", "mean batch"],
+        ([r["mode"], r["batching"], r["concurrency"], f"{r['throughput']:.2f}", f"{r['p50_ms']:.1f}",
+          f"{r['p99_ms']:.1f}", f"{r['mean_batch']:.2f}"] for r in rows),
+        align="llrrrrr",
+    ))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -201,11 +202,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_service", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="'default' or a checkpoint")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=64, help="measured requests per configuration (min 2x concurrency)")
+    parser.add_argument("--requests", type=int, default=64,
+                        help="measured requests per configuration (min 2x concurrency)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="batching on")
     parser.add_argument("--max-delay-ms", type=float, default=5.0)
     parser.add_argument("--height", type=int, default=480)

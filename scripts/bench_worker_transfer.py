@@ -13,7 +13,7 @@ the child's reader thread up to the tensors and then of one full read of the pix
 pre-processing reads them), and the wall time from send to the child's acknowledgement. Prints a
 table and writes ``worker_transfer.json`` (default ``bench-results/worker-transfer``).
 
-    python scripts/bench_worker_transfer.py [--batch 8] [--batches 20]
+    python -m scripts.bench_worker_transfer [--batch 8] [--batches 20]
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transfiner.service.engine.pipeline import NetworkImage  # noqa: E402
-from transfiner.service.engine.worker_process import BatchMemory, read_images, receive_memory  # noqa: E402
+from scripts.results import markdown_table
+from transfiner.service.engine.pipeline import NetworkImage
+from transfiner.service.engine.worker_process import BatchMemory, read_images, receive_memory
 
 METHODS = ("pipe", "shared memory")
 
@@ -61,7 +60,8 @@ def child(conn) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_worker_transfer",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--out", default="bench-results/worker-transfer")
@@ -110,11 +110,12 @@ def main() -> int:
 
     print(f"{args.batch} decoded 1333x800 images a batch ({megabytes:.1f} MB), median of {args.batches} batches, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    print("| method | server's sending thread CPU ms | child: to tensors CPU ms | child: one read CPU ms | wall ms |")
-    print("|---|---:|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['method']} | {row['send_cpu_ms']:.1f} | {row['child_receive_cpu_ms']:.1f} | "
-              f"{row['child_read_cpu_ms']:.1f} | {row['wall_ms']:.1f} |")
+    print("\n".join(markdown_table(
+        ["method", "server's sending thread CPU ms", "child: to tensors CPU ms", "child: one read CPU ms", "wall ms"],
+        ([row["method"], f"{row['send_cpu_ms']:.1f}", f"{row['child_receive_cpu_ms']:.1f}",
+          f"{row['child_read_cpu_ms']:.1f}", f"{row['wall_ms']:.1f}"] for row in rows),
+        align="lrrrr",
+    )))
     pipe, shared = rows
     print(f"shared memory against pipe: sending CPU {pipe['send_cpu_ms'] / shared['send_cpu_ms']:.1f}x less, "
           f"wall {pipe['wall_ms'] / shared['wall_ms']:.1f}x less")

@@ -1,7 +1,7 @@
 """Which ONNX operators does an exported graph use, and does TensorRT's support matrix cover them?
 
 ``python -m scripts.check_tensorrt_operators MODEL.onnx [--write-operator-list]`` prints the check;
-with ``--write-operator-list`` it updates ``export/data/graph_operators.json`` (seconds).
+with ``--write-operator-list`` it also updates ``export/data/graph_operators.json``. Seconds.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from transfiner.export.tensorrt import GRAPH_OPERATORS, check_onnx, write_operat
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m transfiner.export.tensorrt MODEL.onnx [--write-operator-list]``: the TensorRT check."""
-    parser = argparse.ArgumentParser(prog="python -m transfiner.export.tensorrt", description=main.__doc__)
+    """The operators of MODEL.onnx against TensorRT's support matrix; exit status 1 where one is missing."""
+    parser = argparse.ArgumentParser(prog="python -m scripts.check_tensorrt_operators", description=main.__doc__)
     parser.add_argument("onnx_file")
     parser.add_argument("--write-operator-list", action="store_true", help=f"update {GRAPH_OPERATORS.name}")
     args = parser.parse_args(argv)

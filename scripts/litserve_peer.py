@@ -1,13 +1,13 @@
 """A plain LitServe server around our ``Predictor``, as LitServe's documentation shows it: a
 ``LitAPI`` with ``setup`` / ``decode_request`` / ``predict`` / ``encode_response``, LitServe's own
 batching (``max_batch_size``, ``batch_timeout``) and one worker per device. It is the LitServe peer
-of scripts/bench_peers.py, which installs LitServe in a virtual environment of its own and runs
-this file there; LitServe is not a dependency of this project.
+of ``scripts.bench_peers``, which installs LitServe in a virtual environment of its own and runs
+this module there; LitServe is not a dependency of this project.
 
 Requests are multipart uploads (field ``image``, thresholds as form fields), the form LitServe
 reads without custom code; the answer is ``{"instances": [COCO result records]}``.
 
-    python scripts/litserve_peer.py --port 8002 [--model default] [--max-batch-size 4]
+    python -m scripts.litserve_peer --port 8002 [--model default] [--max-batch-size 4]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class TransfinerLitAPI(ls.LitAPI):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.litserve_peer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8002)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--model", default="default")

@@ -4,7 +4,7 @@ Stores the weights in half precision (loading converts them back to float32), co
 evaluation reports and an overlay picture, draws the loss curve over every training phase, and
 writes a README with each evaluation and the commands that made the model.
 
-    .venv/bin/python scripts/package_default_model.py model/default_model \\
+    python -m scripts.package_default_model model/weights/default_model \\
         --run runs/default/train --run runs/default/finetune \\
         --eval "fresh seed 21"=runs/default/eval-21 --eval "fresh seed 22"=runs/default/eval-22 \\
         --commands scripts/train_default_model.sh --hardware "an NVIDIA H200" --wall-time-min 6.3
@@ -40,7 +40,8 @@ def combined_metrics(runs: list[Path], path: Path) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.package_default_model",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("out", help="where the default model goes")
     parser.add_argument("--run", action="append", required=True, type=Path,
                         help="training output folder (model_final.pth, metrics.jsonl), in training order")

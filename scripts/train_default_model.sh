@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the shipped default model (model/weights/default_model/): data, training in two phases,
+# Reproduces the shipped default model (model/weights/default_model/): data, training in three phases,
 # evaluation on data of three seeds training never saw, packaging. Phases 1 and 2 of the shipped
 # model ran on a lent NVIDIA H200 (0.13-0.18 s an iteration at batch 8; 6.3 minutes for both,
 # with scripts/train_default_model_gpu.sh, which runs these training commands with --iters sized
@@ -27,7 +27,7 @@ for seed in 21 22 2; do
     $T evaluate --model "$OUT/finetune2/model_final.pth" --data "$OUT/data/seed$seed/annotations.json" \
         --out "$OUT/eval-$seed"
 done
-.venv/bin/python scripts/package_default_model.py model/default_model --run "$OUT/train" --run "$OUT/finetune" --run "$OUT/finetune2" \
+.venv/bin/python -m scripts.package_default_model model/weights/default_model --run "$OUT/train" --run "$OUT/finetune" --run "$OUT/finetune2" \
     --eval "fresh seed 21=$OUT/eval-21" --eval "fresh seed 22=$OUT/eval-22" \
     --eval "seed 2 (the validation set of the model before)=$OUT/eval-2" \
     --commands scripts/train_default_model.sh --hardware "${HARDWARE:-an NVIDIA H200 (phases 1 and 2) and a 2-core CPU (phase 3)}" --wall-time-min "$minutes" \

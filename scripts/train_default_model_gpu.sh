@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Trains the default model on a lent GPU machine for as long as it has (issue 15), leaving a
+# Trains the default model on a lent GPU machine for as long as it has, leaving a
 # checkpoint to bring back whatever happens. Two steps, so the data can be rendered on the CPU
 # cores while the GPU checks run:
 #

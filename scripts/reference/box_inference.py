@@ -1,5 +1,5 @@
 """The box inference as it was before the pre-NMS bound (kept as the reference for tests and
-scripts/bench_box_inference.py): every candidate above the threshold goes into torchvision's
+``scripts.bench_box_inference``): every candidate above the threshold goes into torchvision's
 ``batched_nms``, then per-image ranks and grouping from a [detections x images] one-hot.
 """
 

@@ -1,5 +1,5 @@
 """The polygon tracer as it was before it was made linear-time (kept as the reference for
-tests/test_polygons.py): the same crack-following tracer, but each loop starts at
+the tests and ``scripts.bench_polygons``): the same crack-following tracer, but each loop starts at
 ``min(remaining)``, a scan of every untraced edge, so a mask of k pieces costs O(k * edges).
 """
 
