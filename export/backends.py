@@ -33,6 +33,7 @@ from transfiner.model.weights.files import file_digest
 
 logger = logging.getLogger(__name__)
 
+
 def _keep_options(raw: RawOutputs, options: InferenceOptions) -> RawOutputs:
     """The exported graph always refines; ``refine=False`` takes the coarse masks it also returns."""
     if options.refine:
@@ -122,7 +123,10 @@ def cache_root() -> Path:
 
 
 def exported_copy(
-    source: ResolvedModel, fmt: str, config: str | ModelConfig | None, device: torch.device,
+    source: ResolvedModel,
+    fmt: str,
+    config: str | ModelConfig | None,
+    device: torch.device,
     max_cells: tuple[int, int, int] | None = None,
 ) -> Path:
     """The cached export of a checkpoint (``source``, from ``resolve_model``), made on first use;
@@ -152,9 +156,13 @@ def exported_copy(
 
 
 def load_backend(
-    model: str | os.PathLike | ResolvedModel = "default", backend: str = "pytorch",
-    config: str | ModelConfig | None = None, device: str | torch.device | None = "auto", threads: int | None = None,
-    precision: str | None = "auto", max_cells: tuple[int, int, int] | None = None,
+    model: str | os.PathLike | ResolvedModel = "default",
+    backend: str = "pytorch",
+    config: str | ModelConfig | None = None,
+    device: str | torch.device | None = "auto",
+    threads: int | None = None,
+    precision: str | None = "auto",
+    max_cells: tuple[int, int, int] | None = None,
 ) -> Backend:
     """A runtime by name (``pytorch``, ``torchscript``, ``onnxruntime``) for ``model`` (what
     ``--model`` names, or ``resolve_model``'s answer for this backend, so that a caller that also
@@ -164,12 +172,16 @@ def load_backend(
     check_backend_name(backend)
     device = resolve_device(device)
     if backend != "pytorch" and precision not in (None, "auto", "fp32"):
-        raise ValueError(f"the {backend} backend runs the float32 export; --precision {precision} needs --backend pytorch")
+        raise ValueError(
+            f"the {backend} backend runs the float32 export; --precision {precision} needs --backend pytorch"
+        )
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model, backend)
     if backend == "pytorch":
         if not resolved.is_checkpoint:  # resolved for another backend
-            raise ExportError(f"{resolved.path} is an exported model ({resolved.export_format}): the pytorch "
-                              "backend needs a checkpoint")
+            raise ExportError(
+                f"{resolved.path} is an exported model ({resolved.export_format}): the pytorch "
+                "backend needs a checkpoint"
+            )
         return TorchBackend(load_model(resolved.path, config, device, max_cells), precision)
     fmt = RUNTIME_FORMATS[backend]
     if resolved.is_checkpoint:
@@ -180,17 +192,22 @@ def load_backend(
         model_file, metadata = resolved.path, resolved.metadata
     exported_caps = tuple(metadata["config"]["transfiner"]["max_cells"])
     if max_cells is not None and tuple(max_cells) != exported_caps:
-        raise ValueError(f"{model_file} was exported with max cells {exported_caps}: its graph's shapes are "
-                         "static, so export the checkpoint again with `transfiner export --max-cells` (or give "
-                         "the checkpoint)")
+        raise ValueError(
+            f"{model_file} was exported with max cells {exported_caps}: its graph's shapes are "
+            "static, so export the checkpoint again with `transfiner export --max-cells` (or give "
+            "the checkpoint)"
+        )
     if metadata["format"] != fmt:  # an answer of resolve_model for another backend
-        raise ExportError(f"{model_file} is an export in the {metadata['format']} format; --backend {backend} "
-                          f"needs {fmt}")
+        raise ExportError(
+            f"{model_file} is an export in the {metadata['format']} format; --backend {backend} needs {fmt}"
+        )
     digest = file_digest(model_file)
     if digest != metadata["sha256_12"]:
         # Another model's file copied in: it would run under this metadata's name and version.
-        raise ExportError(f"{model_file} is not the file its {METADATA_FILE} describes (sha256 {digest}, "
-                          f"recorded {metadata['sha256_12']}): export it again")
+        raise ExportError(
+            f"{model_file} is not the file its {METADATA_FILE} describes (sha256 {digest}, "
+            f"recorded {metadata['sha256_12']}): export it again"
+        )
     if backend == "torchscript":
         return TorchScriptBackend(model_file, metadata, device)
     return OnnxRuntimeBackend(model_file, metadata, device, threads)

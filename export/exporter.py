@@ -110,22 +110,34 @@ def _export_onnx(model: MaskTransfiner, path: Path, opset: int) -> None:
         # The TorchScript-based exporter: it keeps NonZero/NonMaxSuppression with dynamic output
         # sizes, which torch.export (dynamo=True) would need guards for everywhere.
         torch.onnx.export(
-            ExportableMaskTransfiner(model), example_inputs(model.cfg, model.device), str(path), dynamo=False,
-            opset_version=opset, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-            dynamic_axes=dynamic_axes(), do_constant_folding=True,
+            ExportableMaskTransfiner(model),
+            example_inputs(model.cfg, model.device),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes=dynamic_axes(),
+            do_constant_folding=True,
         )
 
 
 def export_model(
-    model: MaskTransfiner, fmt: str, out_dir: str | os.PathLike, *, source: str | os.PathLike | None = None,
+    model: MaskTransfiner,
+    fmt: str,
+    out_dir: str | os.PathLike,
+    *,
+    source: str | os.PathLike | None = None,
     opset: int = DEFAULT_OPSET,
 ) -> ExportResult:
     """Exports ``model`` (eval mode, on its device) as ``fmt`` into ``out_dir``."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "onnx" and not DEFAULT_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"opset {opset}: the graph needs an opset from {DEFAULT_OPSET} (LayerNormalization, "
-                          f"RoiAlign's half-pixel coordinates) to {MAX_OPSET} (ONNX Runtime's RoiAlign)")
+        raise ExportError(
+            f"opset {opset}: the graph needs an opset from {DEFAULT_OPSET} (LayerNormalization, "
+            f"RoiAlign's half-pixel coordinates) to {MAX_OPSET} (ONNX Runtime's RoiAlign)"
+        )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file: an export goes into a folder")
@@ -144,7 +156,7 @@ def export_model(
         raise ExportError(f"the {fmt} export failed: {type(error).__name__}: {first_line}") from error
     seconds = time.perf_counter() - start
     for other in set(FORMATS.values()) - {model_file.name}:  # an earlier export's, which the metadata
-        (out / other).unlink(missing_ok=True)                # below no longer describes
+        (out / other).unlink(missing_ok=True)  # below no longer describes
     metadata = build_metadata(model.cfg, fmt, model_file, model.device, opset, source)
     metadata_file = out / METADATA_FILE
     metadata_file.write_text(json.dumps(metadata, indent=2))
@@ -152,7 +164,11 @@ def export_model(
 
 
 def build_metadata(
-    cfg: ModelConfig, fmt: str, model_file: Path, device: torch.device, opset: int,
+    cfg: ModelConfig,
+    fmt: str,
+    model_file: Path,
+    device: torch.device,
+    opset: int,
     source: str | os.PathLike | None,
 ) -> dict:
     return {
@@ -189,8 +205,10 @@ def build_metadata(
             "official": tuple(cfg.transfiner.max_cells) == COVERING_MAX_CELLS,
         },
         "config": cfg.to_dict(),
-        "source": {"checkpoint": str(source) if source else None,
-                   "sha256_12": file_digest(source) if source and Path(source).is_file() else None},
+        "source": {
+            "checkpoint": str(source) if source else None,
+            "sha256_12": file_digest(source) if source and Path(source).is_file() else None,
+        },
         "exported_by": _versions(),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -220,8 +238,10 @@ def find_export(path: str | os.PathLike) -> tuple[Path, dict] | None:
     except (ValueError, KeyError, TypeError) as error:
         raise ExportError(f"{metadata_file} is not a transfiner export metadata file ({error})") from error
     if metadata.get("metadata_version") != METADATA_VERSION:
-        raise ExportError(f"{metadata_file} has metadata version {metadata.get('metadata_version')}, "
-                          f"this transfiner reads {METADATA_VERSION}: export again")
+        raise ExportError(
+            f"{metadata_file} has metadata version {metadata.get('metadata_version')}, "
+            f"this transfiner reads {METADATA_VERSION}: export again"
+        )
     model_file = folder / name
     if path.is_file() and path != model_file:
         raise ExportError(f"{metadata_file} describes {name}, not {path.name}")

@@ -44,8 +44,12 @@ class TensorSpec:
 
 
 INPUTS = (
-    TensorSpec("images", "float32", ("batch", 3, "height", "width"),
-               "BGR 0..255, resized as model.preprocess, padded with the pixel mean to multiples of 32"),
+    TensorSpec(
+        "images",
+        "float32",
+        ("batch", 3, "height", "width"),
+        "BGR 0..255, resized as model.preprocess, padded with the pixel mean to multiples of 32",
+    ),
     TensorSpec("image_sizes", "int64", ("batch", 2), "(h, w) of each image before padding"),
     TensorSpec("score_threshold", "float32", (), "keep class scores strictly above this"),
     TensorSpec("max_detections", "int64", (), "detections per image, best first; negative: no limit"),
@@ -90,7 +94,10 @@ class ExportableMaskTransfiner(nn.Module):
         self.eval()
 
     def forward(
-        self, images: torch.Tensor, image_sizes: torch.Tensor, score_threshold: torch.Tensor,
+        self,
+        images: torch.Tensor,
+        image_sizes: torch.Tensor,
+        score_threshold: torch.Tensor,
         max_detections: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         raw = self.model(images, image_sizes, InferenceOptions(score_threshold, max_detections, refine=True))

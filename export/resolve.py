@@ -92,11 +92,14 @@ def resolve_model(spec: str | os.PathLike, backend: str = "pytorch") -> Resolved
     model_file, metadata = found
     fmt = metadata["format"]
     if backend == "pytorch":
-        raise ExportError(f"{spec} is an exported model: run it with --backend {runtime_for(fmt)} "
-                          "(the pytorch backend and `transfiner export` need its checkpoint)")
+        raise ExportError(
+            f"{spec} is an exported model: run it with --backend {runtime_for(fmt)} "
+            "(the pytorch backend and `transfiner export` need its checkpoint)"
+        )
     if fmt != RUNTIME_FORMATS[backend]:
-        raise ExportError(f"{model_file} is an export in the {fmt} format; --backend {backend} needs "
-                          f"{RUNTIME_FORMATS[backend]}")
+        raise ExportError(
+            f"{model_file} is an export in the {fmt} format; --backend {backend} needs {RUNTIME_FORMATS[backend]}"
+        )
     return ResolvedModel("export", model_file, Path(spec).name, fmt, metadata)
 
 

@@ -26,7 +26,17 @@ SUPPORT_MATRIX = DATA_DIR / "tensorrt_onnx_operators.json"
 GRAPH_OPERATORS = DATA_DIR / "graph_operators.json"
 
 # ONNX TensorProto element types -> the names the support matrix uses.
-_TYPE_NAMES = {1: "FP32", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BOOL", 10: "FP16", 11: "DOUBLE", 16: "BF16"}
+_TYPE_NAMES = {
+    1: "FP32",
+    2: "UINT8",
+    3: "INT8",
+    6: "INT32",
+    7: "INT64",
+    9: "BOOL",
+    10: "FP16",
+    11: "DOUBLE",
+    16: "BF16",
+}
 
 
 @dataclass
@@ -92,7 +102,9 @@ def _upper_bound(name: str, graph, producers, depth: int = 0) -> float | None:
     if node is None or depth > 8:
         return None
     if node.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Concat"):
-        bounds = [_upper_bound(i, graph, producers, depth + 1) for i in node.input[:1 if node.op_type != "Concat" else None]]
+        bounds = [
+            _upper_bound(i, graph, producers, depth + 1) for i in node.input[: 1 if node.op_type != "Concat" else None]
+        ]
         return None if any(b is None for b in bounds) else max(bounds)
     if node.op_type == "Min":
         bounds = [b for b in (_upper_bound(i, graph, producers, depth + 1) for i in node.input) if b is not None]
@@ -112,7 +124,9 @@ def check_onnx(path: str | os.PathLike) -> TensorRTReport:
     widened = matrix.get("importer_types", {})
     graph = model.graph
     producers = _producers(graph)
-    types = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    types = {
+        v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.input) + list(graph.output)
+    }
     types.update({t.name: t.data_type for t in graph.initializer})
     operators = graph_operators(model)
     problems = []
@@ -135,7 +149,9 @@ def check_onnx(path: str | os.PathLike) -> TensorRTReport:
             else:
                 topk_bounds.append(int(bound))
                 if bound >= matrix["topk_max_k"]:
-                    problems.append(f"TopK node {node.name}: k can reach {int(bound)}, TensorRT needs < {matrix['topk_max_k']}")
+                    problems.append(
+                        f"TopK node {node.name}: k can reach {int(bound)}, TensorRT needs < {matrix['topk_max_k']}"
+                    )
     notes = [f"{note} x{count}" for note, count in sorted(Counter(type_notes).items())]
     return TensorRTReport(matrix["tensorrt_version"], dict(sorted(operators.items())), problems, topk_bounds, notes)
 
@@ -164,11 +180,14 @@ def build_instructions(
         f"--optShapes=images:{max_batch}x3x{opt_h}x{opt_w},image_sizes:{max_batch}x2 "
         f"--maxShapes=images:{max_batch}x3x{side}x{side},image_sizes:{max_batch}x2"
     )
-    first = ("TensorRT is installed; build the engine with trtexec or its Python builder" if installed
-             else "TensorRT is not installed here, so no engine was built")
+    first = (
+        "TensorRT is installed; build the engine with trtexec or its Python builder"
+        if installed
+        else "TensorRT is not installed here, so no engine was built"
+    )
     return f"""{first}. The ONNX file is ready for it:
   {onnx_file}
-Its operators were checked against TensorRT {support_matrix()['tensorrt_version']}'s ONNX support matrix
+Its operators were checked against TensorRT {support_matrix()["tensorrt_version"]}'s ONNX support matrix
 (export/data/tensorrt_onnx_operators.json). Build the engine on the machine that will run it
 (engines are specific to the GPU and TensorRT version), with TensorRT >= 10.0:
 
@@ -184,9 +203,13 @@ The graph has data-dependent shapes (NonZero, NonMaxSuppression), which TensorRT
 
 
 def write_operator_list(report: TensorRTReport) -> None:
-    GRAPH_OPERATORS.write_text(json.dumps({
-        "note": "ONNX operators of the exported graph; see export/data/README.md",
-        "operators": sorted(report.operators),
-    }, indent=1) + "\n")
-
-
+    GRAPH_OPERATORS.write_text(
+        json.dumps(
+            {
+                "note": "ONNX operators of the exported graph; see export/data/README.md",
+                "operators": sorted(report.operators),
+            },
+            indent=1,
+        )
+        + "\n"
+    )

@@ -13,23 +13,169 @@ from dataclasses import dataclass, field
 from typing import Any
 
 COCO_CLASSES: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
 )
 # The COCO category ids of the 80 contiguous classes above (the json ids skip some numbers).
 COCO_CATEGORY_IDS: tuple[int, ...] = (
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
-    31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55,
-    56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84,
-    85, 86, 87, 88, 89, 90,
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+    8,
+    9,
+    10,
+    11,
+    13,
+    14,
+    15,
+    16,
+    17,
+    18,
+    19,
+    20,
+    21,
+    22,
+    23,
+    24,
+    25,
+    27,
+    28,
+    31,
+    32,
+    33,
+    34,
+    35,
+    36,
+    37,
+    38,
+    39,
+    40,
+    41,
+    42,
+    43,
+    44,
+    46,
+    47,
+    48,
+    49,
+    50,
+    51,
+    52,
+    53,
+    54,
+    55,
+    56,
+    57,
+    58,
+    59,
+    60,
+    61,
+    62,
+    63,
+    64,
+    65,
+    67,
+    70,
+    72,
+    73,
+    74,
+    75,
+    76,
+    77,
+    78,
+    79,
+    80,
+    81,
+    82,
+    84,
+    85,
+    86,
+    87,
+    88,
+    89,
+    90,
 )
 
 
@@ -173,19 +319,15 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.roi_heads.num_classes:
-            raise ValueError(
-                f"{len(self.class_names)} class names for {self.roi_heads.num_classes} classes"
-            )
+            raise ValueError(f"{len(self.class_names)} class names for {self.roi_heads.num_classes} classes")
         if len(self.category_ids) != self.roi_heads.num_classes:
-            raise ValueError(
-                f"{len(self.category_ids)} category ids for {self.roi_heads.num_classes} classes"
-            )
+            raise ValueError(f"{len(self.category_ids)} category ids for {self.roi_heads.num_classes} classes")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return _from_dict(cls, data)
 
 
@@ -228,7 +370,9 @@ def with_current_chunking(cfg: ModelConfig) -> ModelConfig:
     ``gpu_tokens_per_chunk``, ``boxes_per_chunk``) instead of those stored with it: they change
     no result, only speed and memory, and are tuned to the code and the hardware, not the weights."""
     current = TransfinerConfig()
-    chunking = {name: getattr(current, name) for name in ("tokens_per_chunk", "gpu_tokens_per_chunk", "boxes_per_chunk")}
+    chunking = {
+        name: getattr(current, name) for name in ("tokens_per_chunk", "gpu_tokens_per_chunk", "boxes_per_chunk")
+    }
     return dataclasses.replace(cfg, transfiner=dataclasses.replace(cfg.transfiner, **chunking))
 
 
@@ -264,20 +408,31 @@ def small_config(
         name="small",
         # Native make-shapes resolution: downscaling would erase the detail the refiner is for.
         input=InputConfig(
-            min_size_test=384, max_size_test=640, min_size_train=(320, 352, 384, 416), max_size_train=640,
+            min_size_test=384,
+            max_size_test=640,
+            min_size_train=(320, 352, 384, 416),
+            max_size_train=640,
         ),
         resnet=ResNetConfig(depth=18, res2_out_channels=64, freeze_at=0, norm="GN"),
         fpn=FPNConfig(out_channels=64),
         rpn=RPNConfig(
-            anchor_sizes=(16, 32, 64, 128, 256), pre_nms_topk_train=1000, pre_nms_topk_test=500,
-            post_nms_topk_train=500, post_nms_topk_test=200,
+            anchor_sizes=(16, 32, 64, 128, 256),
+            pre_nms_topk_train=1000,
+            pre_nms_topk_test=500,
+            post_nms_topk_train=500,
+            post_nms_topk_test=200,
         ),
         roi_heads=ROIHeadsConfig(num_classes=num_classes, fc_dim=256, batch_size_per_image=128),
         mask_head=MaskHeadConfig(conv_dim=64, incoherence_dim=32),
         # No dropout: it costs a quarter of a CPU training step and a short schedule needs none.
         # Caps as the default model was trained and evaluated with (covering caps: README table).
         transfiner=TransfinerConfig(
-            d_model=64, num_heads=4, num_layers=3, dim_feedforward=256, dropout=0.0, max_cells=(784, 196, 64),
+            d_model=64,
+            num_heads=4,
+            num_layers=3,
+            dim_feedforward=256,
+            dropout=0.0,
+            max_cells=(784, 196, 64),
         ),
         class_names=class_names,
         category_ids=category_ids or tuple(range(1, num_classes + 1)),

@@ -114,9 +114,22 @@ def one_round(tree: Path, args: argparse.Namespace, out: Path, extra_env: dict[s
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(tree), **extra_env)
     server = subprocess.Popen(
-        [*command(tree), "serve", "--model", args.model, "--device", "cpu", "--port", str(port),
-         "--log-level", "warning"],
-        cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            *command(tree),
+            "serve",
+            "--model",
+            args.model,
+            "--device",
+            "cpu",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=tree,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     steps = {}
     try:
@@ -124,11 +137,26 @@ def one_round(tree: Path, args: argparse.Namespace, out: Path, extra_env: dict[s
         for concurrency in args.concurrency:
             before = process_usage(server.pid)
             subprocess.run(
-                [*command(ROOT), "bench", "--url", f"http://127.0.0.1:{port}",
-                 "--concurrency", str(concurrency), "--requests", str(args.requests), "--warmup", str(WARMUP),
-                 *(["--images", args.images] if args.images else ["--num-images", "8"]),
-                 "--out", str(out / f"c{concurrency}")],
-                cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True, capture_output=True, timeout=900,
+                [
+                    *command(ROOT),
+                    "bench",
+                    "--url",
+                    f"http://127.0.0.1:{port}",
+                    "--concurrency",
+                    str(concurrency),
+                    "--requests",
+                    str(args.requests),
+                    "--warmup",
+                    str(WARMUP),
+                    *(["--images", args.images] if args.images else ["--num-images", "8"]),
+                    "--out",
+                    str(out / f"c{concurrency}"),
+                ],
+                cwd=ROOT,
+                env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                check=True,
+                capture_output=True,
+                timeout=900,
             )
             step = json.loads((out / f"c{concurrency}" / "report.json").read_text())["steps"][0]
             after, answered = process_usage(server.pid), args.requests + WARMUP
@@ -145,15 +173,27 @@ def one_round(tree: Path, args: argparse.Namespace, out: Path, extra_env: dict[s
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m scripts.bench_against_revision",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.bench_against_revision", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("revision", help="the git revision to compare with, e.g. a commit of main")
-    parser.add_argument("--new", default=None, metavar="REVISION",
-                        help="compare this revision instead of the working tree")
-    parser.add_argument("--new-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="an environment variable for the new server only (repeatable)")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="an environment variable for both servers (repeatable)")
+    parser.add_argument(
+        "--new", default=None, metavar="REVISION", help="compare this revision instead of the working tree"
+    )
+    parser.add_argument(
+        "--new-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the new server only (repeatable)",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for both servers (repeatable)",
+    )
     parser.add_argument("--model", default="default")
     parser.add_argument("--images", default=None, help="a folder of images to send (default: 8 generated)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
@@ -170,8 +210,11 @@ def main() -> int:
         trees = {"old": Path(scratch) / "old", "new": Path(scratch) / "new" if args.new else ROOT}
         for name, revision in (("old", args.revision), ("new", args.new)):
             if revision:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(trees[name]), revision],
-                               check=True, capture_output=True)
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(trees[name]), revision],
+                    check=True,
+                    capture_output=True,
+                )
         try:
             rounds = []
             for index in range(args.rounds):
@@ -179,9 +222,15 @@ def main() -> int:
                     extra_env = {**both_env, **(new_env if name == "new" else {})}
                     steps = one_round(tree, args, Path(scratch) / f"{name}-{index}", extra_env)
                     rounds.append({"round": index, "tree": name, "steps": steps})
-                    print(f"round {index} {name}: " + ", ".join(
-                        f"c={c} {step['images_per_s']:.2f} img/s, server {step['server_cpu_ms']:.1f} ms CPU and "
-                        f"{step['page_faults']:.0f} page faults a request" for c, step in steps.items()), flush=True)
+                    print(
+                        f"round {index} {name}: "
+                        + ", ".join(
+                            f"c={c} {step['images_per_s']:.2f} img/s, server {step['server_cpu_ms']:.1f} ms CPU and "
+                            f"{step['page_faults']:.0f} page faults a request"
+                            for c, step in steps.items()
+                        ),
+                        flush=True,
+                    )
         finally:
             for tree in trees.values():
                 if tree != ROOT:
@@ -202,19 +251,54 @@ def main() -> int:
     rows = []
     for c in map(str, args.concurrency):
         old, new = median("old", c, "images_per_s"), median("new", c, "images_per_s")
-        summary[c] = {"old": old, "new": new, "ratio": new / old,
-                      **{f"{key}_{tree}": median(tree, c, key) for key in ("decode_s", "server_cpu_ms", "page_faults")
-                         for tree in ("old", "new")}}
-        rows.append([c, f"{old:.2f}", f"{new:.2f}", f"{new / old:.2f}x", pair(c, "decode_s", 1000, 1),
-                     pair(c, "server_cpu_ms", 1, 1), pair(c, "page_faults", 1, 0)])
-    lines = [f"# Service throughput: {args.new or 'working tree'}{setting} vs {args.revision} "
-             f"(model {args.model}{both}, CPU)",
-             "",
-             *markdown_table(["clients", "old img/s (median)", "new img/s (median)", "new / old",
-                              "decode ms (old, new)", "server CPU ms a request (old, new)",
-                              "page faults a request (old, new)"], rows, align="rrrrrrr")]
-    report = {"revision": args.revision, "env": both_env, "new_env": new_env, "model": args.model,
-              "images": args.images, "rounds": rounds, "summary": summary}
+        summary[c] = {
+            "old": old,
+            "new": new,
+            "ratio": new / old,
+            **{
+                f"{key}_{tree}": median(tree, c, key)
+                for key in ("decode_s", "server_cpu_ms", "page_faults")
+                for tree in ("old", "new")
+            },
+        }
+        rows.append(
+            [
+                c,
+                f"{old:.2f}",
+                f"{new:.2f}",
+                f"{new / old:.2f}x",
+                pair(c, "decode_s", 1000, 1),
+                pair(c, "server_cpu_ms", 1, 1),
+                pair(c, "page_faults", 1, 0),
+            ]
+        )
+    lines = [
+        f"# Service throughput: {args.new or 'working tree'}{setting} vs {args.revision} "
+        f"(model {args.model}{both}, CPU)",
+        "",
+        *markdown_table(
+            [
+                "clients",
+                "old img/s (median)",
+                "new img/s (median)",
+                "new / old",
+                "decode ms (old, new)",
+                "server CPU ms a request (old, new)",
+                "page faults a request (old, new)",
+            ],
+            rows,
+            align="rrrrrrr",
+        ),
+    ]
+    report = {
+        "revision": args.revision,
+        "env": both_env,
+        "new_env": new_env,
+        "model": args.model,
+        "images": args.images,
+        "rounds": rounds,
+        "summary": summary,
+    }
     write_report(out, "bench_against_revision", report, "\n".join(lines))
     print("\n".join(lines))
     return 0

@@ -90,23 +90,35 @@ def main() -> None:
                 old = reference_inference(heads, *inputs, thresh, top_k)
                 new = heads.inference(*inputs, thresh, top_k)
                 identical = (
-                    old[3].tolist() == new.batch_index.tolist() and old[2].tolist() == new.classes.tolist()
-                    and torch.equal(old[1], new.scores) and torch.equal(old[0], new.boxes)
+                    old[3].tolist() == new.batch_index.tolist()
+                    and old[2].tolist() == new.classes.tolist()
+                    and torch.equal(old[1], new.scores)
+                    and torch.equal(old[0], new.boxes)
                 )
                 old_ms = timed(partial(reference_inference, heads, *inputs, thresh, top_k), device, args.repeats)
                 new_ms = timed(partial(heads.inference, *inputs, thresh, top_k), device, args.repeats)
-                rows.append({
-                    "device": device, "threshold": thresh, "candidates_per_image": candidates,
-                    "detections_per_image": new.scores.shape[0] / args.images,
-                    "previous_ms_per_image": old_ms / args.images, "current_ms_per_image": new_ms / args.images,
-                    "speedup": old_ms / new_ms, "identical_to_previous": identical,
-                })
+                rows.append(
+                    {
+                        "device": device,
+                        "threshold": thresh,
+                        "candidates_per_image": candidates,
+                        "detections_per_image": new.scores.shape[0] / args.images,
+                        "previous_ms_per_image": old_ms / args.images,
+                        "current_ms_per_image": new_ms / args.images,
+                        "speedup": old_ms / new_ms,
+                        "identical_to_previous": identical,
+                    }
+                )
                 print(json.dumps(rows[-1]))
 
     report = {
-        "images": args.images, "proposals_per_image": args.proposals, "classes": args.classes,
-        "pre_nms_topk_test": cfg.pre_nms_topk_test, "detections_per_image": cfg.detections_per_image,
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "images": args.images,
+        "proposals_per_image": args.proposals,
+        "classes": args.classes,
+        "pre_nms_topk_test": cfg.pre_nms_topk_test,
+        "detections_per_image": cfg.detections_per_image,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "rows": rows,
@@ -117,17 +129,36 @@ def main() -> None:
         f"CPU: {report['machine']} ({report['cpu_threads']} threads); GPU: {report['gpu']}; torch {torch.__version__}",
         "",
         *markdown_table(
-            ["device", "threshold", "candidates/img", "detections/img", "previous ms/img", "current ms/img",
-             "speedup", "identical"],
-            ([r["device"], r["threshold"], f"{r['candidates_per_image']:.0f}", f"{r['detections_per_image']:.0f}",
-              f"{r['previous_ms_per_image']:.2f}", f"{r['current_ms_per_image']:.2f}", f"{r['speedup']:.1f}x",
-              "yes" if r["identical_to_previous"] else "no"] for r in rows),
+            [
+                "device",
+                "threshold",
+                "candidates/img",
+                "detections/img",
+                "previous ms/img",
+                "current ms/img",
+                "speedup",
+                "identical",
+            ],
+            (
+                [
+                    r["device"],
+                    r["threshold"],
+                    f"{r['candidates_per_image']:.0f}",
+                    f"{r['detections_per_image']:.0f}",
+                    f"{r['previous_ms_per_image']:.2f}",
+                    f"{r['current_ms_per_image']:.2f}",
+                    f"{r['speedup']:.1f}x",
+                    "yes" if r["identical_to_previous"] else "no",
+                ]
+                for r in rows
+            ),
             align="lrrrrrrl",
         ),
     ]
     table = "\n".join(lines)
     write_report(Path(args.out), "bench_box_inference", report, table)
     print(table)
+
 
 if __name__ == "__main__":
     main()

@@ -151,23 +151,37 @@ def main() -> None:
             print(row, flush=True)
 
     result = {
-        "image_wxh": [width, height], "repeats": args.repeats, "seed": args.seed,
-        "switch_interval_ms": 1000 * sys.getswitchinterval(), "pillow": PIL.__version__,
-        "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+        "image_wxh": [width, height],
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "switch_interval_ms": 1000 * sys.getswitchinterval(),
+        "pillow": PIL.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
         "results": rows,
     }
 
     table = [
         f"# Decoding a {width}x{height} upload beside a busy Python thread",
         "",
-        (f"Pillow {PIL.__version__}, Python {platform.python_version()}, switch interval "
-         f"{result['switch_interval_ms']:g} ms. Median of {args.repeats} decodes (to the RGB array); "
-         "both give the same pixels. Busy: the share of time the other thread runs Python."),
+        (
+            f"Pillow {PIL.__version__}, Python {platform.python_version()}, switch interval "
+            f"{result['switch_interval_ms']:g} ms. Median of {args.repeats} decodes (to the RGB array); "
+            "both give the same pixels. Busy: the share of time the other thread runs Python."
+        ),
         "",
         *markdown_table(
             ["upload", "busy", "Pillow piecewise ms", "one call ms", "speed-up"],
-            ([f"{r['upload']} ({r['bytes'] / 1e6:.2f} MB)", f"{100 * r['busy_share']:.0f}%", f"{r['piecewise_ms']:.1f}",
-              f"{r['one_call_ms']:.1f}", f"{r['speedup']:.1f}x"] for r in rows),
+            (
+                [
+                    f"{r['upload']} ({r['bytes'] / 1e6:.2f} MB)",
+                    f"{100 * r['busy_share']:.0f}%",
+                    f"{r['piecewise_ms']:.1f}",
+                    f"{r['one_call_ms']:.1f}",
+                    f"{r['speedup']:.1f}x",
+                ]
+                for r in rows
+            ),
             align="lrrrr",
         ),
     ]

@@ -80,7 +80,7 @@ def main() -> None:
     with tqdm(total=steps, desc="latency", unit="image", disable=None) as progress:
         for step in range(steps):
             batch, sizes = inputs[step % len(inputs)]
-            order = BACKEND_NAMES[step % 3:] + BACKEND_NAMES[: step % 3]
+            order = BACKEND_NAMES[step % 3 :] + BACKEND_NAMES[: step % 3]
             for name in order:
                 start = time.perf_counter()
                 raw = backends[name].infer(batch, sizes, options)
@@ -91,12 +91,22 @@ def main() -> None:
 
     ratios = {name: statistics.median(e / t for e, t in zip(times["pytorch"], times[name])) for name in BACKEND_NAMES}
     summary = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads()},
-        "model": str(args.model), "config": cfg.name, "images": args.images, "rounds": args.rounds,
-        "score_threshold": args.score_threshold, "mean_detections": statistics.mean(detections),
-        "latency_ms": {name: {"median": 1e3 * statistics.median(t), "mean": 1e3 * statistics.mean(t),
-                              "min": 1e3 * min(t)} for name, t in times.items()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "model": str(args.model),
+        "config": cfg.name,
+        "images": args.images,
+        "rounds": args.rounds,
+        "score_threshold": args.score_threshold,
+        "mean_detections": statistics.mean(detections),
+        "latency_ms": {
+            name: {"median": 1e3 * statistics.median(t), "mean": 1e3 * statistics.mean(t), "min": 1e3 * min(t)}
+            for name, t in times.items()
+        },
         "speedup_vs_eager": ratios,
         "file_size_mb": sizes_mb,
         "export_seconds": export_seconds,
@@ -108,8 +118,15 @@ def main() -> None:
         "",
         *markdown_table(
             ["backend", "median ms/img", "mean ms/img", "speed-up vs eager (median of per-image ratios)"],
-            ([name, f"{summary['latency_ms'][name]['median']:.0f}", f"{summary['latency_ms'][name]['mean']:.0f}",
-              f"{ratios[name]:.2f}x"] for name in BACKEND_NAMES),
+            (
+                [
+                    name,
+                    f"{summary['latency_ms'][name]['median']:.0f}",
+                    f"{summary['latency_ms'][name]['mean']:.0f}",
+                    f"{ratios[name]:.2f}x",
+                ]
+                for name in BACKEND_NAMES
+            ),
             align="lrrr",
         ),
         "",

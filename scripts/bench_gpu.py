@@ -62,16 +62,29 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small model and images, for the CPU")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--out", default="bench-results/gpu", help="bench_gpu.json and bench_gpu.md go here")
-    parser.add_argument("--work", default=None, help="images, checkpoint, server log, load-test reports "
-                        "(default: OUT/work)")
+    parser.add_argument(
+        "--work", default=None, help="images, checkpoint, server log, load-test reports (default: OUT/work)"
+    )
     parser.add_argument("--no-http", action="store_true", help="in-process only")
-    parser.add_argument("--parts", default=None, help="comma-separated subset of: " + ",".join(PARTS)
-                        + " (default: all); e.g. a rerun of what a run cut short missed")
-    parser.add_argument("--plot", default=None, metavar="BENCH_GPU_JSON",
-                        help="only draw bench_gpu.png next to an earlier run's bench_gpu.json")
-    parser.add_argument("--http-servers", default=None,
-                        help="comma-separated indices into the workload's HTTP servers (default: thread and "
-                        "process; 2 adds two worker processes on one card)")
+    parser.add_argument(
+        "--parts",
+        default=None,
+        help="comma-separated subset of: "
+        + ",".join(PARTS)
+        + " (default: all); e.g. a rerun of what a run cut short missed",
+    )
+    parser.add_argument(
+        "--plot",
+        default=None,
+        metavar="BENCH_GPU_JSON",
+        help="only draw bench_gpu.png next to an earlier run's bench_gpu.json",
+    )
+    parser.add_argument(
+        "--http-servers",
+        default=None,
+        help="comma-separated indices into the workload's HTTP servers (default: thread and "
+        "process; 2 adds two worker processes on one card)",
+    )
     args = parser.parse_args()
     args.parts = set(args.parts.split(",") if args.parts else PARTS)
     if unknown := args.parts - set(PARTS):
@@ -99,11 +112,18 @@ def main() -> int:
         print(f"[{time.perf_counter() - began:6.1f}s] {message}", flush=True)
 
     report: dict = {
-        "config": workload.config, "image": [workload.height, workload.width], "date": time.strftime("%Y-%m-%d"),
-        "device": str(device), "torch": torch.__version__, "http_batch_size": workload.http_batch_size,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
-        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "matmul_tflops": {}, "in_process": [], "errors": [],
+        "config": workload.config,
+        "image": [workload.height, workload.width],
+        "date": time.strftime("%Y-%m-%d"),
+        "device": str(device),
+        "torch": torch.__version__,
+        "http_batch_size": workload.http_batch_size,
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "matmul_tflops": {},
+        "in_process": [],
+        "errors": [],
     }
 
     def save() -> None:
@@ -139,8 +159,10 @@ def main() -> int:
         report["attention"] = attempt("attention", lambda: bench_attention(device, log))
 
     def in_process(precisions: tuple[str, ...]) -> None:
-        rows = attempt(f"in-process {precisions}", lambda: bench_in_process(
-            workload, precisions, model, images, device, report["matmul_tflops"], log))
+        rows = attempt(
+            f"in-process {precisions}",
+            lambda: bench_in_process(workload, precisions, model, images, device, report["matmul_tflops"], log),
+        )
         report["in_process"] += rows or []
         save()
 
@@ -153,20 +175,29 @@ def main() -> int:
     if "nms" in parts:
         report["nms"] = attempt("nms", lambda: bench_nms(workload, device, log))
     if "refiner" in parts:
-        report["refiner_variants"] = attempt("refiner variants",
-                                             lambda: bench_refiner_variants(workload, model, images, device, log))
+        report["refiner_variants"] = attempt(
+            "refiner variants", lambda: bench_refiner_variants(workload, model, images, device, log)
+        )
     if "worker" in parts:
         report["worker"] = attempt("worker", lambda: bench_worker(workload, model, images, device, log))
-        report["worker"] = (report["worker"] or []) + (attempt("worker process", lambda: bench_worker_process(
-            workload, checkpoint, model.cfg, images, device, log)) or [])
+        report["worker"] = (report["worker"] or []) + (
+            attempt(
+                "worker process", lambda: bench_worker_process(workload, checkpoint, model.cfg, images, device, log)
+            )
+            or []
+        )
     if "http" in parts and not args.no_http:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the server shares the card
         report["http"] = []
         for variant in servers:
             name = f"http (switch {variant.switch_interval_ms:g} ms, {variant.name})"
-            report["http"] += attempt(name, partial(
-                bench_http, workload, checkpoint, work / "images", work, str(device), variant, log)) or []
+            report["http"] += (
+                attempt(
+                    name, partial(bench_http, workload, checkpoint, work / "images", work, str(device), variant, log)
+                )
+                or []
+            )
     if "in-process" in parts:
         in_process(workload.precisions[1:])
     checkpoint.unlink(missing_ok=True)

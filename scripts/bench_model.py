@@ -102,13 +102,18 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1333)
     parser.add_argument("--max-cells", type=parse_max_cells, default=None, help="caps of the whole-model rows")
-    parser.add_argument("--padded-cells", type=parse_max_cells, default=(784, 784, 1),
-                        help="caps of the padded (before) refiner rows")
+    parser.add_argument(
+        "--padded-cells", type=parse_max_cells, default=(784, 784, 1), help="caps of the padded (before) refiner rows"
+    )
     parser.add_argument("--skip-model", action="store_true", help="only the refiner section")
     parser.add_argument("--skip-padded", action="store_true", help="refiner section: only the trimmed rows")
     parser.add_argument("--caps-data", default=None, help="COCO json: run the default model's caps sweep instead")
-    parser.add_argument("--caps", type=parse_max_cells, nargs="+",
-                        default=[(784, 196, 64), (784, 392, 128), (784, 588, 256), COVERING_MAX_CELLS])
+    parser.add_argument(
+        "--caps",
+        type=parse_max_cells,
+        nargs="+",
+        default=[(784, 196, 64), (784, 392, 128), (784, 588, 256), COVERING_MAX_CELLS],
+    )
     parser.add_argument("--max-images", type=int, default=20, help="caps sweep: first N images of --caps-data")
     parser.add_argument("--out", default="bench-results/model")
     args = parser.parse_args()
@@ -138,14 +143,27 @@ def main() -> None:
             assert len(detections.scores) == count, "random weights gave too few detections"
             whole_s, whole_mib = measure(partial(model, batch, sizes, options), args.repeats)
             head_s, head_mib = measure(
-                partial(model.mask_head, features, detections.boxes, detections.classes, detections.batch_index,
-                        None, refine),
+                partial(
+                    model.mask_head,
+                    features,
+                    detections.boxes,
+                    detections.classes,
+                    detections.batch_index,
+                    None,
+                    refine,
+                ),
                 args.repeats,
             )
-            rows.append({
-                "detections": count, "refine": refine, "model_s": whole_s, "model_peak_mib": whole_mib,
-                "mask_head_s": head_s, "mask_head_peak_mib": head_mib,
-            })
+            rows.append(
+                {
+                    "detections": count,
+                    "refine": refine,
+                    "model_s": whole_s,
+                    "model_peak_mib": whole_mib,
+                    "mask_head_s": head_s,
+                    "mask_head_peak_mib": head_mib,
+                }
+            )
 
         refiner_rows = bench_refiner(model, batch, sizes, features, args)
 
@@ -153,23 +171,46 @@ def main() -> None:
     for r in rows:
         r["model_ratio_refined_vs_coarse"] = r["model_s"] / by_key[(r["detections"], False)]["model_s"]
     report = {
-        "config": args.config, "image": [args.height, args.width], "device": "cpu",
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "config": args.config,
+        "image": [args.height, args.width],
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
-        "max_cells": [k28, k56, k112], "tokens_per_box": tokens, "official_worst_case_tokens": 196 + 784 + 3136 + 12544,
-        "tokens_per_chunk": cfg.transfiner.tokens_per_chunk, "boxes_per_chunk": cfg.transfiner.boxes_per_chunk,
-        "rows": rows, "refiner_rows": refiner_rows,
+        "max_cells": [k28, k56, k112],
+        "tokens_per_box": tokens,
+        "official_worst_case_tokens": 196 + 784 + 3136 + 12544,
+        "tokens_per_chunk": cfg.transfiner.tokens_per_chunk,
+        "boxes_per_chunk": cfg.transfiner.boxes_per_chunk,
+        "rows": rows,
+        "refiner_rows": refiner_rows,
     }
     lines = [
         f"# {args.config}, {args.height}x{args.width}, CPU ({report['threads']} threads), random weights",
         f"Tokens per refined box: at most {tokens} (official code: up to {report['official_worst_case_tokens']}).",
         "",
         *markdown_table(
-            ["detections", "masks", "model s/img", "model peak MiB", "mask head s", "mask head peak MiB",
-             "model time vs coarse"],
-            ([r["detections"], "refined" if r["refine"] else "coarse", f"{r['model_s']:.2f}",
-              f"{r['model_peak_mib']:.0f}", f"{r['mask_head_s']:.2f}", f"{r['mask_head_peak_mib']:.0f}",
-              f"{r['model_ratio_refined_vs_coarse']:.2f}x"] for r in rows),
+            [
+                "detections",
+                "masks",
+                "model s/img",
+                "model peak MiB",
+                "mask head s",
+                "mask head peak MiB",
+                "model time vs coarse",
+            ],
+            (
+                [
+                    r["detections"],
+                    "refined" if r["refine"] else "coarse",
+                    f"{r['model_s']:.2f}",
+                    f"{r['model_peak_mib']:.0f}",
+                    f"{r['mask_head_s']:.2f}",
+                    f"{r['mask_head_peak_mib']:.0f}",
+                    f"{r['model_ratio_refined_vs_coarse']:.2f}x",
+                ]
+                for r in rows
+            ),
             align="rlrrrrr",
         ),
         "",
@@ -178,11 +219,27 @@ def main() -> None:
         f"{cfg.transfiner.tokens_per_chunk} tokens, trimmed to the real nodes (now).",
         "",
         *markdown_table(
-            ["detections", "refinement", "real tokens/box (mean)", "computed tokens", "s", "peak MiB",
-             "max abs diff vs padded"],
-            ([r["detections"], r["mode"], f"{r['real_tokens_mean']:.0f}", r["computed_tokens"], f"{r['seconds']:.2f}",
-              f"{r['peak_mib']:.0f}", "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"]
-             for r in refiner_rows),
+            [
+                "detections",
+                "refinement",
+                "real tokens/box (mean)",
+                "computed tokens",
+                "s",
+                "peak MiB",
+                "max abs diff vs padded",
+            ],
+            (
+                [
+                    r["detections"],
+                    r["mode"],
+                    f"{r['real_tokens_mean']:.0f}",
+                    r["computed_tokens"],
+                    f"{r['seconds']:.2f}",
+                    f"{r['peak_mib']:.0f}",
+                    "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}",
+                ]
+                for r in refiner_rows
+            ),
             align="rlrrrrr",
         ),
     ]
@@ -212,15 +269,22 @@ def bench_refiner_at(model: MaskTransfiner, batch, sizes, features, args, count:
     roi_features, mask_features, coarse = head._coarse(features, det.boxes, det.classes, det.batch_index)
     incoherence = head.incoherence(roi_features, mask_features)
     per_box = (det.boxes, det.batch_index, head.pooler.levels(det.boxes), roi_features, coarse)
-    real = sum(tokens_per_box(level) for level in
-               torch.stack([lv.cell_valid.sum(1) for lv in covering(incoherence)], 1).tolist()) / count
+    real = (
+        sum(
+            tokens_per_box(level)
+            for level in torch.stack([lv.cell_valid.sum(1) for lv in covering(incoherence)], 1).tolist()
+        )
+        / count
+    )
 
     def before() -> torch.Tensor:
         step = refiner.boxes_per_chunk
-        return torch.cat([
-            refiner.refine_chunk(enhanced, *(t[s : s + step] for t in per_box), padded(incoherence[s : s + step]))
-            for s in range(0, count, step)
-        ])
+        return torch.cat(
+            [
+                refiner.refine_chunk(enhanced, *(t[s : s + step] for t in per_box), padded(incoherence[s : s + step]))
+                for s in range(0, count, step)
+            ]
+        )
 
     def now() -> torch.Tensor:
         refiner.quadtree = covering
@@ -240,12 +304,24 @@ def bench_refiner_at(model: MaskTransfiner, batch, sizes, features, args, count:
         refiner.quadtree = covering
         chunks = refiner.chunks(incoherence)
         refiner.quadtree = default
-        computed = (count * tokens_per_box(args.padded_cells) if mode.startswith("padded") else
-                    sum(len(index) * (196 + sum(lv.nodes.shape[1] for lv in levels)) for index, levels in chunks))
+        computed = (
+            count * tokens_per_box(args.padded_cells)
+            if mode.startswith("padded")
+            else sum(len(index) * (196 + sum(lv.nodes.shape[1] for lv in levels)) for index, levels in chunks)
+        )
         diff = None if reference is None else float((result - reference).abs().max())
         reference = result if reference is None else reference
-        rows.append({"detections": count, "mode": mode, "real_tokens_mean": real, "computed_tokens": computed,
-                     "seconds": seconds, "peak_mib": peak, "max_abs_diff": diff})
+        rows.append(
+            {
+                "detections": count,
+                "mode": mode,
+                "real_tokens_mean": real,
+                "computed_tokens": computed,
+                "seconds": seconds,
+                "peak_mib": peak,
+                "max_abs_diff": diff,
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -306,21 +382,34 @@ def bench_caps(args) -> None:
         incoherence: list[torch.Tensor] = []  # of the refined boxes; their tokens are counted after timing
         hook = refiner.register_forward_hook(lambda module, inputs, output, kept=incoherence: kept.append(inputs[-1]))
         try:
-            report = evaluate(Predictor.from_backend(timed), args.caps_data, out / "-".join(map(str, caps)),
-                              batch_size=1, max_images=args.max_images, num_overlays=0)
+            report = evaluate(
+                Predictor.from_backend(timed),
+                args.caps_data,
+                out / "-".join(map(str, caps)),
+                batch_size=1,
+                max_images=args.max_images,
+                num_overlays=0,
+            )
         finally:
             hook.remove()
         real: list[int] = []
         for maps in incoherence:
             for _, levels in refiner.chunks(maps):
                 real.extend((196 + sum(lv.valid.sum(1) for lv in levels)).tolist())
-        rows.append({
-            "max_cells": list(caps), "padded_tokens": tokens_per_box(caps),
-            "real_tokens_mean": sum(real) / max(len(real), 1), "refined_boxes": len(real),
-            "mask_AP": report["refined"]["AP"], "boundary_AP": report["refined"]["boundary_AP"],
-            "box_AP": report["bbox_AP"], "coarse_mask_AP": report["coarse"]["AP"],
-            "forward_s_per_image": timed.seconds / timed.images, "images": timed.images,
-        })
+        rows.append(
+            {
+                "max_cells": list(caps),
+                "padded_tokens": tokens_per_box(caps),
+                "real_tokens_mean": sum(real) / max(len(real), 1),
+                "refined_boxes": len(real),
+                "mask_AP": report["refined"]["AP"],
+                "boundary_AP": report["refined"]["boundary_AP"],
+                "box_AP": report["bbox_AP"],
+                "coarse_mask_AP": report["coarse"]["AP"],
+                "forward_s_per_image": timed.seconds / timed.images,
+                "images": timed.images,
+            }
+        )
         print(rows[-1], flush=True)
     lines = [
         f"# Default model, {rows[0]['images']} make-shapes images ({args.caps_data}), "
@@ -328,9 +417,17 @@ def bench_caps(args) -> None:
         "",
         *markdown_table(
             ["max cells", "tokens/box real (padded)", "mask AP", "AP^B", "box AP", "forward s/img"],
-            ([",".join(map(str, r["max_cells"])), f"{r['real_tokens_mean']:.0f} ({r['padded_tokens']})",
-              f"{r['mask_AP']:.2f}", f"{r['boundary_AP']:.2f}", f"{r['box_AP']:.2f}",
-              f"{r['forward_s_per_image']:.3f}"] for r in rows),
+            (
+                [
+                    ",".join(map(str, r["max_cells"])),
+                    f"{r['real_tokens_mean']:.0f} ({r['padded_tokens']})",
+                    f"{r['mask_AP']:.2f}",
+                    f"{r['boundary_AP']:.2f}",
+                    f"{r['box_AP']:.2f}",
+                    f"{r['forward_s_per_image']:.3f}",
+                ]
+                for r in rows
+            ),
             align="lrrrrr",
         ),
     ]

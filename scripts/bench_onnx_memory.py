@@ -63,19 +63,39 @@ def main() -> int:
         folder = args.out / f"export-block{block}"
         if not (folder / "model.onnx").exists():
             subprocess.run([sys.executable, "-c", EXPORT, str(block), str(folder)], check=True)
-        done = subprocess.run([sys.executable, "-c", RUN, str(folder), str(images), str(args.detections)],
-                              check=True, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-c", RUN, str(folder), str(images), str(args.detections)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         detections, seconds, peak_mb = done.stdout.split()
-        rows.append({"block": block, "images": images, "detections": int(detections),
-                     "seconds": round(float(seconds), 2), "peak_mb": int(peak_mb)})
+        rows.append(
+            {
+                "block": block,
+                "images": images,
+                "detections": int(detections),
+                "seconds": round(float(seconds), 2),
+                "peak_mb": int(peak_mb),
+            }
+        )
         print(rows[-1], flush=True)
 
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
-              "cpus": len(os.sched_getaffinity(0)), "rows": rows}
-    lines = [f"# ONNX Runtime, default model, random 384x384 images, {args.detections} detections an image", "",
-             *markdown_table(["query block", "images", "detections", "s", "peak MB"],
-                             ([r["block"], r["images"], r["detections"], r["seconds"], r["peak_mb"]] for r in rows),
-                             align="rrrrr")]
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.node(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "rows": rows,
+    }
+    lines = [
+        f"# ONNX Runtime, default model, random 384x384 images, {args.detections} detections an image",
+        "",
+        *markdown_table(
+            ["query block", "images", "detections", "s", "peak MB"],
+            ([r["block"], r["images"], r["detections"], r["seconds"], r["peak_mb"]] for r in rows),
+            align="rrrrr",
+        ),
+    ]
     write_report(args.out, "bench_onnx_memory", report, "\n".join(lines))
     print("\n".join(lines))
     return 0

@@ -99,10 +99,15 @@ class Client:
         scheduled = time.perf_counter()
         status, retry_after = None, False
         try:
-            response = await asyncio.wait_for(self.http.post(
-                "/v1/segment", content=self.images[index % len(self.images)], params=params or {},
-                headers={"X-Request-Timeout": str(self.deadline_s), "Content-Type": "image/png"},
-            ), self.patience_s)
+            response = await asyncio.wait_for(
+                self.http.post(
+                    "/v1/segment",
+                    content=self.images[index % len(self.images)],
+                    params=params or {},
+                    headers={"X-Request-Timeout": str(self.deadline_s), "Content-Type": "image/png"},
+                ),
+                self.patience_s,
+            )
             status, retry_after = response.status_code, "retry-after" in response.headers
         except TRANSPORT_ERRORS:
             pass
@@ -139,8 +144,13 @@ async def capacity(client: Client, concurrency: int, seconds: float) -> dict:
     client.reset()
     run = await run_closed_loop(client.send, concurrency, duration_s=seconds)
     ok = sum(r.ok for r in run.records)
-    return {"concurrency": concurrency, "requests": len(run.records), "ok": ok,
-            "images_per_s": ok / run.duration_s, **latency_ms(client.outcomes)}
+    return {
+        "concurrency": concurrency,
+        "requests": len(run.records),
+        "ok": ok,
+        "images_per_s": ok / run.duration_s,
+        **latency_ms(client.outcomes),
+    }
 
 
 async def costly_batch_mate(client: Client, rounds: int, mates: int) -> dict:
@@ -166,7 +176,9 @@ async def costly_batch_mate(client: Client, rounds: int, mates: int) -> dict:
     failed = sum(v is None for v in alone + together + costly)
     alone, together, costly = ([v for v in values if v is not None] for values in (alone, together, costly))
     return {
-        "mates": mates, "rounds": rounds, "failed": failed,
+        "mates": mates,
+        "rounds": rounds,
+        "failed": failed,
         "ordinary_alone_p50_ms": round(float(np.median(alone)) * 1000, 1),
         "ordinary_with_costly_p50_ms": round(float(np.median(together)) * 1000, 1),
         "costly_p50_ms": round(float(np.median(costly)) * 1000, 1),
@@ -199,11 +211,17 @@ async def open_loop(client: Client, url: str, rate: float, seconds: float, pid: 
     refused = [o for o in outcomes if o.status in (429, 503)]
     latest_ok = max((o.latency_s for o in ok), default=0.0)
     return {
-        "offered_rate": rate, "seconds": seconds, "arrivals": len(arrivals), "duration_s": run.duration_s,
-        "statuses": count_statuses(outcomes), "answers_per_s": len(ok) / run.duration_s,
-        "images_computed": computed, "delivered_share": (len(ok) / computed) if computed else None,
+        "offered_rate": rate,
+        "seconds": seconds,
+        "arrivals": len(arrivals),
+        "duration_s": run.duration_s,
+        "statuses": count_statuses(outcomes),
+        "answers_per_s": len(ok) / run.duration_s,
+        "images_computed": computed,
+        "delivered_share": (len(ok) / computed) if computed else None,
         "refusals_with_retry_after": f"{sum(o.retry_after for o in refused)}/{len(refused)}",
-        "max_ok_latency_s": latest_ok, "ok_past_deadline": sum(o.latency_s > client.deadline_s for o in ok),
+        "max_ok_latency_s": latest_ok,
+        "ok_past_deadline": sum(o.latency_s > client.deadline_s for o in ok),
         **latency_ms(outcomes),
         "rss_mb": [(round(t, 1), round(m, 1)) for t, m in rss],
     }
@@ -212,8 +230,10 @@ async def open_loop(client: Client, url: str, rate: float, seconds: float, pid: 
 def stall_forever(port: int, count: int, stop: threading.Event, timed_out: list[int]) -> None:
     """``count`` connections that declare a 100 KB PNG body, send 16 bytes of it and stall; when the
     server closes one (408), it is opened again at once."""
-    head = (b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
-            b"\x89PNG\r\n\x1a\n" + bytes(8))
+    head = (
+        b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+        b"\x89PNG\r\n\x1a\n" + bytes(8)
+    )
 
     def open_one() -> socket.socket:
         connection = socket.create_connection(("127.0.0.1", port))
@@ -251,9 +271,15 @@ async def slow_uploads(client: Client, port: int, stalled: int, seconds: float) 
         stop.set()
         attacker.join(timeout=30)
     ok = sum(r.ok for r in run.records)
-    return {"stalled_connections": stalled, "normal_requests": len(run.records), "normal_ok": ok,
-            "normal_images_per_s": ok / run.duration_s, "stalled_answered_408": len(timed_out),
-            "statuses": count_statuses(client.outcomes), **latency_ms(client.outcomes)}
+    return {
+        "stalled_connections": stalled,
+        "normal_requests": len(run.records),
+        "normal_ok": ok,
+        "normal_images_per_s": ok / run.duration_s,
+        "stalled_answered_408": len(timed_out),
+        "statuses": count_statuses(client.outcomes),
+        **latency_ms(client.outcomes),
+    }
 
 
 async def big_upload(url: str, pid: int) -> dict:
@@ -274,9 +300,16 @@ async def big_upload(url: str, pid: int) -> dict:
     await watcher
     await asyncio.sleep(2.0)
     after = resident_mb(pid)
-    return {"upload_bytes": len(data), "megapixels": 6320 * 6320 / 1e6, "status": response.status_code,
-            "rss_before_mb": round(before, 1), "rss_peak_mb": round(peak, 1), "rss_after_mb": round(after, 1),
-            "rise_mb": round(peak - before, 1), "after_vs_before": round(after / before, 3)}
+    return {
+        "upload_bytes": len(data),
+        "megapixels": 6320 * 6320 / 1e6,
+        "status": response.status_code,
+        "rss_before_mb": round(before, 1),
+        "rss_peak_mb": round(peak, 1),
+        "rss_after_mb": round(after, 1),
+        "rise_mb": round(peak - before, 1),
+        "after_vs_before": round(after / before, 3),
+    }
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -285,52 +318,94 @@ async def big_upload(url: str, pid: int) -> dict:
 def markdown(report: dict) -> str:
     cap = report["capacity"]["images_per_s"]
     lines = [
-        "# Overload benchmark", "",
-        f"`{report['command']}` on {report['machine']}", "",
+        "# Overload benchmark",
+        "",
+        f"`{report['command']}` on {report['machine']}",
+        "",
         f"Capacity: **{cap:.2f} images/s** (closed loop, {report['capacity']['concurrency']} clients; "
-        f"p50 {report['capacity']['p50_ms']} ms, p99 {report['capacity']['p99_ms']} ms).", "",
+        f"p50 {report['capacity']['p50_ms']} ms, p99 {report['capacity']['p99_ms']} ms).",
+        "",
     ]
     mates = report.get("costly_batch_mate")
     if mates:
         lines += [
-            "## A costly batch-mate", "",
+            "## A costly batch-mate",
+            "",
             f"{mates['mates']} ordinary requests at once, {mates['rounds']} rounds: "
             f"p50 {mates['ordinary_alone_p50_ms']} ms alone, {mates['ordinary_with_costly_p50_ms']} ms "
             "with a `score_threshold=0` request among them "
-            f"(**ratio {mates['ratio']:.2f}**, goal <= 1.5); the costly one took {mates['costly_p50_ms']} ms.", "",
+            f"(**ratio {mates['ratio']:.2f}**, goal <= 1.5); the costly one took {mates['costly_p50_ms']} ms.",
+            "",
         ]
     open_loops = []
     for name in ("overload", "soak"):
         run = report.get(name)
         if run:
             delivered = "-" if run["delivered_share"] is None else f"{100 * run['delivered_share']:.1f}%"
-            open_loops.append([
-                name, f"{run['offered_rate']:.2f}/s for {run['seconds']:.0f} s", run["statuses"],
-                f"{run['answers_per_s']:.2f}", f"{100 * run['answers_per_s'] / cap:.0f}%", delivered,
-                run["refusals_with_retry_after"], run["p50_ms"], run["p99_ms"], f"{run['max_ok_latency_s']:.2f}",
-            ])
-    lines += ["## Open loop", "", *markdown_table(
-        ["run", "offered", "statuses", "answers/s", "goodput vs capacity", "computed images delivered",
-         "refusals with Retry-After", "p50 ms", "p99 ms", "slowest success s"], open_loops, align="lrlrrrlrrr")]
+            open_loops.append(
+                [
+                    name,
+                    f"{run['offered_rate']:.2f}/s for {run['seconds']:.0f} s",
+                    run["statuses"],
+                    f"{run['answers_per_s']:.2f}",
+                    f"{100 * run['answers_per_s'] / cap:.0f}%",
+                    delivered,
+                    run["refusals_with_retry_after"],
+                    run["p50_ms"],
+                    run["p99_ms"],
+                    f"{run['max_ok_latency_s']:.2f}",
+                ]
+            )
+    lines += [
+        "## Open loop",
+        "",
+        *markdown_table(
+            [
+                "run",
+                "offered",
+                "statuses",
+                "answers/s",
+                "goodput vs capacity",
+                "computed images delivered",
+                "refusals with Retry-After",
+                "p50 ms",
+                "p99 ms",
+                "slowest success s",
+            ],
+            open_loops,
+            align="lrlrrrlrrr",
+        ),
+    ]
     soak = report.get("soak")
     if soak and soak["rss_mb"]:
         first, last = soak["rss_mb"][0][1], soak["rss_mb"][-1][1]
-        lines += ["", f"Soak resident memory: {first:.0f} MB at the start, {last:.0f} MB at the end "
-                      f"({100 * (last - first) / first:+.1f}%)."]
+        lines += [
+            "",
+            f"Soak resident memory: {first:.0f} MB at the start, {last:.0f} MB at the end "
+            f"({100 * (last - first) / first:+.1f}%).",
+        ]
     slow = report.get("slow_uploads")
     if slow:
-        lines += ["", "## Slow uploads", "",
-                  f"{slow['stalled_connections']} stalled uploads (reopened when timed out; "
-                  f"{slow['stalled_answered_408']} answered 408) next to 2 normal clients: "
-                  f"{slow['normal_ok']}/{slow['normal_requests']} normal requests answered 200 "
-                  f"({slow['normal_images_per_s']:.2f} images/s, p50 {slow['p50_ms']} ms, p99 {slow['p99_ms']} ms)."]
+        lines += [
+            "",
+            "## Slow uploads",
+            "",
+            f"{slow['stalled_connections']} stalled uploads (reopened when timed out; "
+            f"{slow['stalled_answered_408']} answered 408) next to 2 normal clients: "
+            f"{slow['normal_ok']}/{slow['normal_requests']} normal requests answered 200 "
+            f"({slow['normal_images_per_s']:.2f} images/s, p50 {slow['p50_ms']} ms, p99 {slow['p99_ms']} ms).",
+        ]
     big = report.get("big_upload")
     if big:
-        lines += ["", "## A 40-megapixel upload", "",
-                  f"{big['megapixels']:.1f} Mpx PNG of {big['upload_bytes']} bytes: status {big['status']}; resident "
-                  f"memory {big['rss_before_mb']} MB before, {big['rss_peak_mb']} MB at the peak "
-                  f"(**+{big['rise_mb']} MB**, goal < 300), {big['rss_after_mb']} MB after "
-                  f"({big['after_vs_before']:.3f} x before, goal within 10%)."]
+        lines += [
+            "",
+            "## A 40-megapixel upload",
+            "",
+            f"{big['megapixels']:.1f} Mpx PNG of {big['upload_bytes']} bytes: status {big['status']}; resident "
+            f"memory {big['rss_before_mb']} MB before, {big['rss_peak_mb']} MB at the peak "
+            f"(**+{big['rise_mb']} MB**, goal < 300), {big['rss_after_mb']} MB after "
+            f"({big['after_vs_before']:.3f} x before, goal within 10%).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -345,8 +420,11 @@ def machine() -> str:
 async def main_async(args: argparse.Namespace, url: str, port: int, pid: int) -> dict:
     images = [synthetic_png(480, 640, seed) for seed in range(4)]
     client = Client(url, args.deadline, images)
-    report: dict = {"command": " ".join(["python -m scripts.bench_overload", *sys.argv[1:]]), "machine": machine(),
-                    "deadline_s": args.deadline}
+    report: dict = {
+        "command": " ".join(["python -m scripts.bench_overload", *sys.argv[1:]]),
+        "machine": machine(),
+        "deadline_s": args.deadline,
+    }
     out = Path(args.out)
 
     def save() -> None:
@@ -392,13 +470,17 @@ async def main_async(args: argparse.Namespace, url: str, port: int, pid: int) ->
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m scripts.bench_overload",
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.bench_overload",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-batch-size", type=int, default=4)
-    parser.add_argument("--deadline", type=float, default=30.0,
-                        help="X-Request-Timeout (default: the service's default deadline)")
+    parser.add_argument(
+        "--deadline", type=float, default=30.0, help="X-Request-Timeout (default: the service's default deadline)"
+    )
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="what to run")
     parser.add_argument("--capacity-s", type=float, default=30.0)
     parser.add_argument("--rounds", type=int, default=4)
@@ -414,8 +496,22 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "transfiner", "serve", "--model", args.model, "--device", args.device,
-               "--port", str(port), "--max-batch-size", str(args.max_batch_size), "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "transfiner",
+        "serve",
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--log-level",
+        "warning",
+    ]
     with open(out / "server.log", "w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:

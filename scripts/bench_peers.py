@@ -46,8 +46,11 @@ from transfiner.service.loadtest.servers import free_port, wait_for_server
 REPO = Path(__file__).resolve().parents[1]
 
 SERVERS = ("fastapi", "ray", "litserve")
-LABELS = {"fastapi": "transfiner serve (FastAPI)", "ray": "transfiner serve --engine ray (Ray Serve)",
-          "litserve": "LitServe + Predictor"}
+LABELS = {
+    "fastapi": "transfiner serve (FastAPI)",
+    "ray": "transfiner serve --engine ray (Ray Serve)",
+    "litserve": "LitServe + Predictor",
+}
 
 
 class MultipartSegmentClient(SegmentClient):
@@ -57,7 +60,9 @@ class MultipartSegmentClient(SegmentClient):
     async def send(self, index: int) -> int:
         image = self.images[index % len(self.images)]
         response = await self.http.post(
-            "/v1/segment", files={"image": (image.name, image.data, image.content_type)}, data=self.params,
+            "/v1/segment",
+            files={"image": (image.name, image.data, image.content_type)},
+            data=self.params,
         )
         if response.is_success:
             try:
@@ -78,8 +83,12 @@ def ensure_litserve(venv: Path, version: str) -> Path:
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", f"litserve=={version}"], check=True)
         marker.touch()
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     # The model stack from the project's environment, after LitServe's own packages. As a site
     # directory, so its own .pth files run too: the installed transfiner is one of them. Written
     # at every run, so an environment made for another checkout serves this one.
@@ -96,18 +105,46 @@ def start_server(name: str, args: argparse.Namespace, port: int, log: Path, lits
     common = ["--model", args.model, "--port", str(port), *batch]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     if name == "fastapi":
-        command = [sys.executable, "-m", "transfiner", "serve", *common, "--device", "cpu", "--max-delay-ms", "5",
-                   "--log-level", "warning"]
+        command = [
+            sys.executable,
+            "-m",
+            "transfiner",
+            "serve",
+            *common,
+            "--device",
+            "cpu",
+            "--max-delay-ms",
+            "5",
+            "--log-level",
+            "warning",
+        ]
     elif name == "ray":
         # One replica holding every core (Ray gives an actor as many torch threads as CPUs).
-        command = [sys.executable, "-m", "transfiner", "serve", "--engine", "ray", "--ray-address", "local",
-                   "--replicas", "1", "--replica-cpus", str(os.cpu_count()), *common, "--device", "cpu",
-                   "--max-delay-ms", "5", "--log-level", "warning"]
+        command = [
+            sys.executable,
+            "-m",
+            "transfiner",
+            "serve",
+            "--engine",
+            "ray",
+            "--ray-address",
+            "local",
+            "--replicas",
+            "1",
+            "--replica-cpus",
+            str(os.cpu_count()),
+            *common,
+            "--device",
+            "cpu",
+            "--max-delay-ms",
+            "5",
+            "--log-level",
+            "warning",
+        ]
     else:
         command = [str(litserve_python), "-m", "scripts.litserve_peer", *common, "--batch-timeout", "0.005"]
     handle = log.open("w")
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop_server(process: subprocess.Popen) -> None:
@@ -141,8 +178,11 @@ async def measure(url: str, images: list[WorkloadImage], args: argparse.Namespac
             step = StepResult.from_run("closed", run, None, concurrency=concurrency)
             steps.append(step)
             lat = step.latency
-            print(f"  c={concurrency}: {step.ok}/{step.requests} ok, {step.images_per_s:.2f} img/s"
-                  + (f", p50 {lat.p50_s * 1000:.0f} ms, p99 {lat.p99_s * 1000:.0f} ms" if lat else ""), flush=True)
+            print(
+                f"  c={concurrency}: {step.ok}/{step.requests} ok, {step.images_per_s:.2f} img/s"
+                + (f", p50 {lat.p50_s * 1000:.0f} ms, p99 {lat.p99_s * 1000:.0f} ms" if lat else ""),
+                flush=True,
+            )
     return steps
 
 
@@ -152,9 +192,14 @@ async def measure(url: str, images: list[WorkloadImage], args: argparse.Namespac
 def _row(step: StepResult) -> dict:
     lat = step.latency
     return {
-        "concurrency": step.concurrency, "requests": step.requests, "ok": step.ok, "errors": step.errors,
-        "duration_s": round(step.duration_s, 3), "images_per_s": round(step.images_per_s, 3),
-        "p50_ms": round(lat.p50_s * 1000, 1) if lat else None, "p99_ms": round(lat.p99_s * 1000, 1) if lat else None,
+        "concurrency": step.concurrency,
+        "requests": step.requests,
+        "ok": step.ok,
+        "errors": step.errors,
+        "duration_s": round(step.duration_s, 3),
+        "images_per_s": round(step.images_per_s, 3),
+        "p50_ms": round(lat.p50_s * 1000, 1) if lat else None,
+        "p99_ms": round(lat.p99_s * 1000, 1) if lat else None,
     }
 
 
@@ -173,8 +218,10 @@ def verdicts(results: dict[str, list[dict]]) -> list[str]:
                 lines.append(
                     f"c={row['concurrency']}: FastAPI {mine['images_per_s']:.2f} img/s, p99 {mine['p99_ms']:.0f} ms vs "
                     f"{LABELS[peer]} {row['images_per_s']:.2f} img/s, p99 {row['p99_ms']:.0f} ms: "
-                    + ("lower throughput" if not faster else "") + (" and " if not faster and not tighter else "")
-                    + ("higher p99" if not tighter else ""))
+                    + ("lower throughput" if not faster else "")
+                    + (" and " if not faster and not tighter else "")
+                    + ("higher p99" if not tighter else "")
+                )
     return lines
 
 
@@ -188,14 +235,24 @@ def markdown(report: dict) -> str:
         f"Workload: {report['workload']['images']} `make-shapes` images {report['workload']['size']}, model "
         f"`{report['model']}`, score threshold {report['score_threshold']}, max batch {report['max_batch_size']}; "
         f"closed loop, {report['requests_per_step'] or ''}"
-        + (" requests" if report["requests_per_step"] else f"{report['duration_s']} s") + " per step after "
+        + (" requests" if report["requests_per_step"] else f"{report['duration_s']} s")
+        + " per step after "
         f"{report['warmup']} warm-up requests.",
         "",
         *markdown_table(
             ["server", "clients", "ok/requests", "img/s", "p50 ms", "p99 ms"],
-            ([LABELS[name], row["concurrency"], f"{row['ok']}/{row['requests']}", f"{row['images_per_s']:.2f}",
-              f"{row['p50_ms']:.0f}", f"{row['p99_ms']:.0f}"]
-             for name, rows in report["results"].items() for row in rows),
+            (
+                [
+                    LABELS[name],
+                    row["concurrency"],
+                    f"{row['ok']}/{row['requests']}",
+                    f"{row['images_per_s']:.2f}",
+                    f"{row['p50_ms']:.0f}",
+                    f"{row['p99_ms']:.0f}",
+                ]
+                for name, rows in report["results"].items()
+                for row in rows
+            ),
             align="lrrrrr",
         ),
         "",
@@ -294,14 +351,22 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop_server(process)
     report = {
-        "command": " ".join(["python -m scripts.bench_peers", *(argv if argv is not None else sys.argv[1:])]
-                            ).replace(" --inside", ""),
+        "command": " ".join(["python -m scripts.bench_peers", *(argv if argv is not None else sys.argv[1:])]).replace(
+            " --inside", ""
+        ),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(), "netns": args.inside, "model": args.model,
+        "machine": machine_info(),
+        "netns": args.inside,
+        "model": args.model,
         "workload": {"images": len(images), "size": args.image_size, "seed": args.seed},
-        "score_threshold": args.score_threshold, "max_batch_size": args.max_batch_size,
-        "concurrency": args.concurrency, "requests_per_step": args.requests, "duration_s": args.duration,
-        "warmup": args.warmup, "litserve_version": args.litserve_version, "results": results,
+        "score_threshold": args.score_threshold,
+        "max_batch_size": args.max_batch_size,
+        "concurrency": args.concurrency,
+        "requests_per_step": args.requests,
+        "duration_s": args.duration,
+        "warmup": args.warmup,
+        "litserve_version": args.litserve_version,
+        "results": results,
         # Other work on the machine skews every figure; the 1-minute load average says how much.
         "load_average_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
     }

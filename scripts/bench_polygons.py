@@ -28,8 +28,11 @@ from transfiner.model.inference.polygons import mask_to_polygons
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m scripts.bench_polygons", description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=2000, help="side of the large speckled mask")
-    parser.add_argument("--reference-sizes", default="50,100,150",
-                        help="sides of the small masks both tracers run on (comma-separated; empty for none)")
+    parser.add_argument(
+        "--reference-sizes",
+        default="50,100,150",
+        help="sides of the small masks both tracers run on (comma-separated; empty for none)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench-results/polygons")
@@ -58,18 +61,28 @@ def main() -> None:
         reference_s, expected = median_s(lambda mask=mask: reference_mask_to_polygons(mask), 1)
         if polygons != expected:
             raise SystemExit(f"{side}x{side}: mask_to_polygons differs from the reference tracer")
-        rows.append({"side": side, "polygons": len(polygons), "seconds": round(linear_s, 4),
-                     "reference_seconds": round(reference_s, 3)})
+        rows.append(
+            {
+                "side": side,
+                "polygons": len(polygons),
+                "seconds": round(linear_s, 4),
+                "reference_seconds": round(reference_s, 3),
+            }
+        )
     mask = speckled(args.size, args.seed)
     seconds, polygons = median_s(lambda mask=mask: mask_to_polygons(mask), args.repeats)
-    rows.append({"side": args.size, "polygons": len(polygons), "seconds": round(seconds, 3),
-                 "reference_seconds": None})
+    rows.append({"side": args.size, "polygons": len(polygons), "seconds": round(seconds, 3), "reference_seconds": None})
 
     result = {
-        "mask": "speckled, p=0.5", "repeats": args.repeats, "seed": args.seed,
-        "vertices": sum(len(p) // 2 for p in polygons), "results": rows,
-        "numpy": np.__version__, "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "mask": "speckled, p=0.5",
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "vertices": sum(len(p) // 2 for p in polygons),
+        "results": rows,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
         # Other work on the machine slows every figure: the 1-minute load average when it ended.
         "load_average": round(os.getloadavg()[0], 1),
     }
@@ -81,8 +94,15 @@ def main() -> None:
         "",
         *markdown_table(
             ["mask", "polygons", "mask_to_polygons s", "reference tracer s"],
-            ([f"{r['side']}x{r['side']}", f"{r['polygons']:,}", f"{r['seconds']:.3f}",
-              "not run" if r["reference_seconds"] is None else f"{r['reference_seconds']:.2f}"] for r in rows),
+            (
+                [
+                    f"{r['side']}x{r['side']}",
+                    f"{r['polygons']:,}",
+                    f"{r['seconds']:.3f}",
+                    "not run" if r["reference_seconds"] is None else f"{r['reference_seconds']:.2f}",
+                ]
+                for r in rows
+            ),
             align="lrrr",
         ),
     ]

@@ -28,8 +28,9 @@ from transfiner.model.inference.rle import encode_rle, masks_to_rle
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m scripts.bench_postprocess", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
-                        help="all: the CPU, and CUDA when available")
+    parser.add_argument(
+        "--device", choices=("all", "cpu", "cuda"), default="all", help="all: the CPU, and CUDA when available"
+    )
     parser.add_argument("--masks", type=int, default=100)
     parser.add_argument("--size", default="1333x800", help="image WxH")
     parser.add_argument("--mask-size", type=int, default=112)
@@ -55,8 +56,9 @@ def make_inputs(n: int, height: int, width: int, mask_size: int, seed: int) -> t
     coords = (torch.arange(mask_size) + 0.5) / mask_size * 2 - 1  # [S] in (-1, 1)
     radius = 0.6 + 0.3 * torch.rand(n, 1, 1, generator=gen)  # [n, 1, 1]
     blob = radius - (coords[None, :, None] ** 2 + coords[None, None, :] ** 2).sqrt()  # [n, S, S]
-    noise = F.interpolate(torch.randn(n, 1, 6, 6, generator=gen), size=(mask_size, mask_size),
-                          mode="bicubic", align_corners=False)[:, 0]  # [n, S, S] smooth wobble
+    noise = F.interpolate(
+        torch.randn(n, 1, 6, 6, generator=gen), size=(mask_size, mask_size), mode="bicubic", align_corners=False
+    )[:, 0]  # [n, S, S] smooth wobble
     return torch.sigmoid(12 * (blob + 0.15 * noise)), boxes
 
 
@@ -103,21 +105,28 @@ def main() -> None:
         full_ms = median_ms(full, device, args.warmup, args.repeats)
         window_ms = median_ms(windows, device, args.warmup, args.repeats)
         cpu = f"cpu ({torch.get_num_threads()} threads)"
-        rows.append({
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
-            "paste_encode_ms": round(full_ms, 2),
-            "masks_to_rle_ms": round(window_ms, 2),
-            "speedup": round(full_ms / window_ms, 2),
-        })
+        rows.append(
+            {
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+                "paste_encode_ms": round(full_ms, 2),
+                "masks_to_rle_ms": round(window_ms, 2),
+                "speedup": round(full_ms / window_ms, 2),
+            }
+        )
 
     windows = box_windows(boxes, (height, width))  # [N, 4] the pixels each detection samples
     window_pixels = ((windows[:, 2] - windows[:, 0]) * (windows[:, 3] - windows[:, 1])).sum()
     result = {
-        "masks": args.masks, "image_wxh": [width, height], "mask_size": args.mask_size,
+        "masks": args.masks,
+        "image_wxh": [width, height],
+        "mask_size": args.mask_size,
         "full_image_mask_mb": round(args.masks * height * width / 2**20, 1),
         "window_pixels_m": round(float(window_pixels) / 1e6, 2),
-        "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed,
-        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
         "results": rows,
     }
     table = [
@@ -128,8 +137,10 @@ def main() -> None:
         "",
         *markdown_table(
             ["device", "encode_rle(paste_masks) ms", "masks_to_rle ms", "speed-up"],
-            ([r["device"], f"{r['paste_encode_ms']:.1f}", f"{r['masks_to_rle_ms']:.1f}", f"{r['speedup']:.1f}x"]
-             for r in rows),
+            (
+                [r["device"], f"{r['paste_encode_ms']:.1f}", f"{r['masks_to_rle_ms']:.1f}", f"{r['speedup']:.1f}x"]
+                for r in rows
+            ),
             align="lrrr",
         ),
     ]

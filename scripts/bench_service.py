@@ -51,8 +51,11 @@ def synthetic_png(height: int, width: int, seed: int = 0) -> bytes:
     img = np.full((height, width, 3), 40, np.uint8)
     yy, xx = np.mgrid[:height, :width]
     for _ in range(6):
-        cy, cx, r = rng.integers(0, height), rng.integers(0, width), rng.integers(min(height, width) // 12,
-                                                                                   min(height, width) // 4)
+        cy, cx, r = (
+            rng.integers(0, height),
+            rng.integers(0, width),
+            rng.integers(min(height, width) // 12, min(height, width) // 4),
+        )
         img[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = rng.integers(60, 255, 3)
     img = img + rng.integers(0, 12, img.shape, dtype=np.uint8)
     buffer = io.BytesIO()
@@ -64,12 +67,16 @@ def summarise(run: RunResult) -> dict:
     """Throughput and latency of a closed-loop run; any failed request aborts the benchmark."""
     failed = [r for r in run.records if not r.ok]
     if failed:
-        raise SystemExit(f"{len(failed)} of {len(run.records)} requests failed, e.g. "
-                         f"{failed[0].status or failed[0].error}")
+        raise SystemExit(
+            f"{len(failed)} of {len(run.records)} requests failed, e.g. {failed[0].status or failed[0].error}"
+        )
     stats = LatencyStats.of([r.latency_s for r in run.records])
     return {
-        "requests": len(run.records), "throughput": len(run.records) / run.duration_s,
-        "p50_ms": stats.p50_s * 1000, "p99_ms": stats.p99_s * 1000, "mean_ms": stats.mean_s * 1000,
+        "requests": len(run.records),
+        "throughput": len(run.records) / run.duration_s,
+        "p50_ms": stats.p50_s * 1000,
+        "p99_ms": stats.p99_s * 1000,
+        "mean_ms": stats.mean_s * 1000,
     }
 
 
@@ -114,14 +121,28 @@ async def run_in_process(
 # -- over HTTP -------------------------------------------------------------------------------------
 
 
-async def run_http(settings: ServiceSettings, png: bytes, params: dict, plan: list[tuple[int, int]],
-                   log_path: Path) -> list[dict]:
+async def run_http(
+    settings: ServiceSettings, png: bytes, params: dict, plan: list[tuple[int, int]], log_path: Path
+) -> list[dict]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [
-        sys.executable, "-m", "transfiner", "serve", "--model", settings.model, "--port", str(port),
-        "--max-batch-size", str(settings.max_batch_size), "--max-delay-ms", str(settings.max_delay_ms),
-        "--max-queue-size", str(settings.max_queue_size), "--log-level", "warning",
+        sys.executable,
+        "-m",
+        "transfiner",
+        "serve",
+        "--model",
+        settings.model,
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(settings.max_batch_size),
+        "--max-delay-ms",
+        str(settings.max_delay_ms),
+        "--max-queue-size",
+        str(settings.max_queue_size),
+        "--log-level",
+        "warning",
     ]
     if settings.device:
         command += ["--device", settings.device]
@@ -142,8 +163,9 @@ async def run_http(settings: ServiceSettings, png: bytes, params: dict, plan: li
         metrics_urls = [url + "/metrics"]
         for concurrency, total in plan:
             # A client per concurrency, with exactly that many connections, as `transfiner bench` does.
-            async with SegmentClient(url, [image], params={k: str(v) for k, v in params.items()}, timeout_s=600,
-                                     max_connections=concurrency) as client:
+            async with SegmentClient(
+                url, [image], params={k: str(v) for k, v in params.items()}, timeout_s=600, max_connections=concurrency
+            ) as client:
                 await run_closed_loop(client.send, concurrency, requests=min(total, 2 * concurrency))
                 before = await scrape(client.http, metrics_urls)
                 run = await run_closed_loop(client.send, concurrency, requests=total)
@@ -162,12 +184,24 @@ async def run_http(settings: ServiceSettings, png: bytes, params: dict, plan: li
 
 
 def table(rows: list[dict]) -> str:
-    return "\n".join(markdown_table(
-        ["mode", "batching", "concurrency", "images/s", "p50 ms", "p99 ms", "mean batch"],
-        ([r["mode"], r["batching"], r["concurrency"], f"{r['throughput']:.2f}", f"{r['p50_ms']:.1f}",
-          f"{r['p99_ms']:.1f}", f"{r['mean_batch']:.2f}"] for r in rows),
-        align="llrrrrr",
-    ))
+    return "\n".join(
+        markdown_table(
+            ["mode", "batching", "concurrency", "images/s", "p50 ms", "p99 ms", "mean batch"],
+            (
+                [
+                    r["mode"],
+                    r["batching"],
+                    r["concurrency"],
+                    f"{r['throughput']:.2f}",
+                    f"{r['p50_ms']:.1f}",
+                    f"{r['p99_ms']:.1f}",
+                    f"{r['mean_batch']:.2f}",
+                ]
+                for r in rows
+            ),
+            align="llrrrrr",
+        )
+    )
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -179,8 +213,9 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for mode in ("in-process", "http"):
         for batching, style in (("on", "-"), ("off", "--")):
-            series = sorted((r for r in rows if r["mode"] == mode and r["batching"] == batching),
-                            key=lambda r: r["concurrency"])
+            series = sorted(
+                (r for r in rows if r["mode"] == mode and r["batching"] == batching), key=lambda r: r["concurrency"]
+            )
             if not series:
                 continue
             xs = [r["concurrency"] for r in series]
@@ -206,8 +241,9 @@ def main() -> None:
     parser.add_argument("--model", default="default", help="'default' or a checkpoint")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=64,
-                        help="measured requests per configuration (min 2x concurrency)")
+    parser.add_argument(
+        "--requests", type=int, default=64, help="measured requests per configuration (min 2x concurrency)"
+    )
     parser.add_argument("--max-batch-size", type=int, default=8, help="batching on")
     parser.add_argument("--max-delay-ms", type=float, default=5.0)
     parser.add_argument("--height", type=int, default=480)
@@ -224,15 +260,22 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     png = Path(args.image).read_bytes() if args.image else synthetic_png(args.height, args.width)
-    params = {"score_threshold": args.score_threshold, "max_detections": args.max_detections,
-              "mask_format": args.mask_format}
+    params = {
+        "score_threshold": args.score_threshold,
+        "max_detections": args.max_detections,
+        "mask_format": args.mask_format,
+    }
     plan = [(c, max(args.requests, 2 * c)) for c in args.concurrency]
 
     rows = []
     for batching, batch_size in (("on", args.max_batch_size), ("off", 1)):
         settings = ServiceSettings(
-            model=args.model, device=args.device, max_batch_size=batch_size, max_delay_ms=args.max_delay_ms,
-            max_queue_size=max(64, 4 * max(args.concurrency)), torch_threads=args.torch_threads,
+            model=args.model,
+            device=args.device,
+            max_batch_size=batch_size,
+            max_delay_ms=args.max_delay_ms,
+            max_queue_size=max(64, 4 * max(args.concurrency)),
+            torch_threads=args.torch_threads,
             warmup_batches=2,
         )
         for mode in args.modes:
@@ -244,8 +287,9 @@ def main() -> None:
             rows.extend({"mode": mode, "batching": batching, **r} for r in results)
 
     def find(mode: str, batching: str, concurrency: int) -> dict | None:
-        return next((r for r in rows if (r["mode"], r["batching"], r["concurrency"]) == (mode, batching, concurrency)),
-                    None)
+        return next(
+            (r for r in rows if (r["mode"], r["batching"], r["concurrency"]) == (mode, batching, concurrency)), None
+        )
 
     top = max(args.concurrency)
     http, local = find("http", "on", top), find("in-process", "on", top)
@@ -259,8 +303,7 @@ def main() -> None:
 
     report = {
         "settings": {**vars(args), "image_bytes": len(png)},
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "cpus": os.cpu_count()},
+        "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
         "rows": rows,
         "http_over_in_process_throughput_at_saturation": ratio,
         "batching_gain": gains,
@@ -283,7 +326,11 @@ def main() -> None:
     print("\n".join(summary))
     (out / "bench_service.json").write_text(json.dumps(report, indent=2))
     (out / "bench_service.md").write_text(
-        "# Service benchmark\n\n" + text + "\n\n" + "\n\n".join(summary) + "\n\n"
+        "# Service benchmark\n\n"
+        + text
+        + "\n\n"
+        + "\n\n".join(summary)
+        + "\n\n"
         + f"Settings: `{json.dumps(report['settings'])}`\n\nMachine: `{json.dumps(report['machine'])}`\n"
     )
     plot(rows, out / "bench_service.png")

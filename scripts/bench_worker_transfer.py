@@ -60,8 +60,9 @@ def child(conn) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m scripts.bench_worker_transfer",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.bench_worker_transfer", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--out", default="bench-results/worker-transfer")
@@ -69,8 +70,10 @@ def main() -> int:
 
     rng = np.random.default_rng(0)
     decoded = [rng.integers(0, 256, (800, 1333, 3), dtype=np.uint8) for _ in range(args.batch)]
-    images = [NetworkImage(torch.from_numpy(hwc).permute(2, 0, 1), False, (800, 1333), (800, 1333), (800, 1344))
-              for hwc in decoded]
+    images = [
+        NetworkImage(torch.from_numpy(hwc).permute(2, 0, 1), False, (800, 1333), (800, 1333), (800, 1344))
+        for hwc in decoded
+    ]
     expected = sum(int(hwc.sum(dtype=np.int64)) for hwc in decoded)
     megabytes = sum(hwc.nbytes for hwc in decoded) / 1e6
 
@@ -98,32 +101,71 @@ def main() -> int:
                     receive_cpu.append(received)
                     read_cpu.append(read)
                     wall.append(time.perf_counter() - begin_wall)
-            row = {"method": method, "batch": args.batch, "megabytes": megabytes,
-                   **{name: 1000 * statistics.median(values) for name, values in (
-                       ("send_cpu_ms", send_cpu), ("child_receive_cpu_ms", receive_cpu),
-                       ("child_read_cpu_ms", read_cpu), ("wall_ms", wall))}}
+            row = {
+                "method": method,
+                "batch": args.batch,
+                "megabytes": megabytes,
+                **{
+                    name: 1000 * statistics.median(values)
+                    for name, values in (
+                        ("send_cpu_ms", send_cpu),
+                        ("child_receive_cpu_ms", receive_cpu),
+                        ("child_read_cpu_ms", read_cpu),
+                        ("wall_ms", wall),
+                    )
+                },
+            }
             rows.append(row)
     finally:
         conn.send(None)
         process.join(timeout=10)
         memory.close()
 
-    print(f"{args.batch} decoded 1333x800 images a batch ({megabytes:.1f} MB), median of {args.batches} batches, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    print("\n".join(markdown_table(
-        ["method", "server's sending thread CPU ms", "child: to tensors CPU ms", "child: one read CPU ms", "wall ms"],
-        ([row["method"], f"{row['send_cpu_ms']:.1f}", f"{row['child_receive_cpu_ms']:.1f}",
-          f"{row['child_read_cpu_ms']:.1f}", f"{row['wall_ms']:.1f}"] for row in rows),
-        align="lrrrr",
-    )))
+    print(
+        f"{args.batch} decoded 1333x800 images a batch ({megabytes:.1f} MB), median of {args.batches} batches, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    )
+    print(
+        "\n".join(
+            markdown_table(
+                [
+                    "method",
+                    "server's sending thread CPU ms",
+                    "child: to tensors CPU ms",
+                    "child: one read CPU ms",
+                    "wall ms",
+                ],
+                (
+                    [
+                        row["method"],
+                        f"{row['send_cpu_ms']:.1f}",
+                        f"{row['child_receive_cpu_ms']:.1f}",
+                        f"{row['child_read_cpu_ms']:.1f}",
+                        f"{row['wall_ms']:.1f}",
+                    ]
+                    for row in rows
+                ),
+                align="lrrrr",
+            )
+        )
+    )
     pipe, shared = rows
-    print(f"shared memory against pipe: sending CPU {pipe['send_cpu_ms'] / shared['send_cpu_ms']:.1f}x less, "
-          f"wall {pipe['wall_ms'] / shared['wall_ms']:.1f}x less")
+    print(
+        f"shared memory against pipe: sending CPU {pipe['send_cpu_ms'] / shared['send_cpu_ms']:.1f}x less, "
+        f"wall {pipe['wall_ms'] / shared['wall_ms']:.1f}x less"
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "worker_transfer.json").write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "rows": rows}, indent=2))
+    (out / "worker_transfer.json").write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out / 'worker_transfer.json'}")
     return 0
 

@@ -19,9 +19,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-operator-list", action="store_true", help=f"update {GRAPH_OPERATORS.name}")
     args = parser.parse_args(argv)
     report = check_onnx(args.onnx_file)
-    print(json.dumps({"tensorrt": report.tensorrt_version, "ok": report.ok, "problems": report.problems,
-                      "topk_bounds": report.topk_bounds, "type_notes": report.type_notes,
-                      "operators": report.operators}, indent=1))
+    print(
+        json.dumps(
+            {
+                "tensorrt": report.tensorrt_version,
+                "ok": report.ok,
+                "problems": report.problems,
+                "topk_bounds": report.topk_bounds,
+                "type_notes": report.type_notes,
+                "operators": report.operators,
+            },
+            indent=1,
+        )
+    )
     if args.write_operator_list:
         write_operator_list(report)
     return 0 if report.ok else 1

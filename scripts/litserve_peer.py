@@ -42,8 +42,9 @@ class TransfinerLitAPI(ls.LitAPI):
         threshold = min(t for _, t in batch)
         predictions = self.predictor.predict([image for image, _ in batch], score_threshold=threshold)
         category_ids = self.predictor.cfg.category_ids
-        return [[r for r in p.coco_records(None, category_ids) if r["score"] > t]
-                for p, (_, t) in zip(predictions, batch)]
+        return [
+            [r for r in p.coco_records(None, category_ids) if r["score"] > t] for p, (_, t) in zip(predictions, batch)
+        ]
 
     def encode_response(self, output: list[dict]) -> dict:
         return {"instances": output}
@@ -57,8 +58,9 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=4)
     parser.add_argument("--batch-timeout", type=float, default=0.005, help="seconds a batch waits to fill")
     args = parser.parse_args()
-    api = TransfinerLitAPI(args.model, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout,
-                           api_path="/v1/segment")
+    api = TransfinerLitAPI(
+        args.model, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout, api_path="/v1/segment"
+    )
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=300)
     server.run(host=args.host, port=args.port, generate_client_file=False)
 

@@ -40,13 +40,23 @@ def combined_metrics(runs: list[Path], path: Path) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m scripts.package_default_model",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.package_default_model", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("out", help="where the default model goes")
-    parser.add_argument("--run", action="append", required=True, type=Path,
-                        help="training output folder (model_final.pth, metrics.jsonl), in training order")
-    parser.add_argument("--eval", action="append", required=True,
-                        help="NAME=FOLDER of an evaluation (report.json, report.md, overlays/); the first is copied")
+    parser.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        type=Path,
+        help="training output folder (model_final.pth, metrics.jsonl), in training order",
+    )
+    parser.add_argument(
+        "--eval",
+        action="append",
+        required=True,
+        help="NAME=FOLDER of an evaluation (report.json, report.md, overlays/); the first is copied",
+    )
     parser.add_argument("--commands", required=True, help="the script whose commands produced the model")
     parser.add_argument("--hardware", required=True, help='what it was trained on, e.g. "an NVIDIA H200"')
     parser.add_argument("--wall-time-min", type=float, required=True, help="training wall time, minutes")

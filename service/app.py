@@ -24,7 +24,9 @@ RLE by default) that `pycocotools.COCO.loadRes` accepts as they are. Errors are
 
 
 def create_app(
-    settings: ServiceSettings | None = None, *, loader: ModelLoader = load_model,
+    settings: ServiceSettings | None = None,
+    *,
+    loader: ModelLoader = load_model,
     batcher_factory: BatcherFactory | None = None,
 ) -> FastAPI:
     """A new, independent service (its own metrics registry, runtime and thread pools).
@@ -45,7 +47,10 @@ def create_app(
             await runtime.stop()
 
     app = FastAPI(
-        title="Mask Transfiner service", version=package_version("transfiner"), description=DESCRIPTION, lifespan=lifespan,
+        title="Mask Transfiner service",
+        version=package_version("transfiner"),
+        description=DESCRIPTION,
+        lifespan=lifespan,
         responses=COMMON_ERRORS,  # documented on every operation; a route's own entries take precedence
     )
     app.state.settings = settings
@@ -60,9 +65,13 @@ def create_app(
     app.add_middleware(HeadAsGetMiddleware)  # innermost: the metrics still see a HEAD
     # Added last = outermost: the metrics middleware also counts the limit's early 413s.
     app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, max_total_bytes=settings.max_body_bytes_total,
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        max_total_bytes=settings.max_body_bytes_total,
         metrics=metrics,
     )
-    known = frozenset(route.path for router in (segment.router, models.router, health.router) for route in router.routes)
+    known = frozenset(
+        route.path for router in (segment.router, models.router, health.router) for route in router.routes
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_paths=known)
     return app

@@ -37,8 +37,14 @@ class ServiceError(Exception):
     """A request that cannot be served; ``reason`` (if any) labels the rejection metric."""
 
     def __init__(
-        self, status: int, code: str, message: str, *, reason: str | None = None,
-        retry_after: float | None = None, headers: dict[str, str] | None = None,
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        reason: str | None = None,
+        retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status

@@ -78,7 +78,8 @@ def decode_image(data: bytes, max_pixels: int, reduce_to: SizeNeeded | None = No
     fmt = sniff_format(data)
     if fmt is None:
         raise ServiceError(
-            415, "unsupported_media_type",
+            415,
+            "unsupported_media_type",
             f"not a supported image: the bytes are none of {', '.join(SUPPORTED_FORMATS)}",
             reason="unsupported_type",
         )
@@ -88,7 +89,8 @@ def decode_image(data: bytes, max_pixels: int, reduce_to: SizeNeeded | None = No
             width, height = image.size
             if width * height > max_pixels:
                 raise ServiceError(
-                    413, "image_too_large",
+                    413,
+                    "image_too_large",
                     f"image has {width}x{height} = {width * height} pixels, more than the limit {max_pixels}",
                     reason="too_large",
                 )
@@ -106,12 +108,17 @@ def decode_image(data: bytes, max_pixels: int, reduce_to: SizeNeeded | None = No
         pixels = f"{int(counted.group(1))} pixels" if counted else "more pixels"
         limit = min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)  # the lower of the two is the one that applies
         raise ServiceError(
-            413, "image_too_large", f"image has {pixels}, more than the limit {limit}", reason="too_large",
+            413,
+            "image_too_large",
+            f"image has {pixels}, more than the limit {limit}",
+            reason="too_large",
         ) from None
     # Pillow reports corrupt data with many exception types (OSError, SyntaxError, struct.error...).
     except Exception as error:  # noqa: BLE001
         raise ServiceError(
-            422, "invalid_image", f"cannot decode the {fmt} image ({type(error).__name__}: {error})",
+            422,
+            "invalid_image",
+            f"cannot decode the {fmt} image ({type(error).__name__}: {error})",
             reason="bad_image",
         ) from None
     if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
@@ -133,4 +140,3 @@ def _draft(image: Image.Image, upright: tuple[int, int], needed: tuple[int, int]
     if upright != (image.height, image.width):  # stored on its side: so is the request
         needed_h, needed_w = needed_w, needed_h
     image.draft("RGB", (needed_w, needed_h))
-

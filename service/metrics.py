@@ -16,15 +16,41 @@ log = logging.getLogger("service")
 
 # Sub-millisecond decode of a thumbnail up to tens of seconds on a saturated CPU.
 LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 INSTANCE_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100)
 MEGAPIXEL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 12, 24, 50)
 
 REJECTION_REASONS = (
-    "queue_full", "deadline", "bad_image", "too_large", "unsupported_type", "unauthorized",
-    "client_limit", "draining", "not_ready", "client_disconnected", "deadline_unmeetable", "memory_budget",
+    "queue_full",
+    "deadline",
+    "bad_image",
+    "too_large",
+    "unsupported_type",
+    "unauthorized",
+    "client_limit",
+    "draining",
+    "not_ready",
+    "client_disconnected",
+    "deadline_unmeetable",
+    "memory_budget",
     "body_timeout",
 )
 
@@ -36,64 +62,96 @@ class ServiceMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.request_seconds = Histogram(
-            "transfiner_request_duration_seconds", "End-to-end time of HTTP requests, by route",
-            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+            "transfiner_request_duration_seconds",
+            "End-to-end time of HTTP requests, by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_seconds = Histogram(
-            "transfiner_queue_wait_seconds", "Time a request waits in the batch queue",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "transfiner_queue_wait_seconds",
+            "Time a request waits in the batch queue",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.decode_seconds = Histogram(
-            "transfiner_decode_seconds", "Image decoding (sniff, decode, EXIF, mode conversion)",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "transfiner_decode_seconds",
+            "Image decoding (sniff, decode, EXIF, mode conversion)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.preprocess_seconds = Histogram(
-            "transfiner_preprocess_seconds", "Resize and pad of a batch (inside the worker)",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "transfiner_preprocess_seconds",
+            "Resize and pad of a batch (inside the worker)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inference_seconds = Histogram(
-            "transfiner_inference_seconds", "Model forward pass of a batch",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "transfiner_inference_seconds",
+            "Model forward pass of a batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.postprocess_seconds = Histogram(
-            "transfiner_postprocess_seconds", "Per request: records, polygon tracing and JSON encoding (masks are sampled and run-length encoded by the worker, in its inference time)",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "transfiner_postprocess_seconds",
+            "Per request: records, polygon tracing and JSON encoding (masks are sampled and run-length encoded "
+            "by the worker, in its inference time)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "transfiner_batch_size", "Images per forward pass", buckets=BATCH_BUCKETS, registry=r,
+            "transfiner_batch_size",
+            "Images per forward pass",
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge("transfiner_queue_depth", "Requests waiting in the batch queue", registry=r)
         self.inflight = Gauge(
-            "transfiner_inflight_requests", "Segment requests admitted and not yet answered", registry=r,
+            "transfiner_inflight_requests",
+            "Segment requests admitted and not yet answered",
+            registry=r,
         )
         self.queued_bytes = Gauge(
-            "transfiner_queued_image_bytes", "Bytes of decoded images held by requests not yet through the model",
+            "transfiner_queued_image_bytes",
+            "Bytes of decoded images held by requests not yet through the model",
             registry=r,
         )
         self.instances = Histogram(
-            "transfiner_instances_per_image", "Instances returned per image",
-            buckets=INSTANCE_BUCKETS, registry=r,
+            "transfiner_instances_per_image",
+            "Instances returned per image",
+            buckets=INSTANCE_BUCKETS,
+            registry=r,
         )
         self.megapixels = Histogram(
-            "transfiner_input_megapixels", "Decoded input size in megapixels",
-            buckets=MEGAPIXEL_BUCKETS, registry=r,
+            "transfiner_input_megapixels",
+            "Decoded input size in megapixels",
+            buckets=MEGAPIXEL_BUCKETS,
+            registry=r,
         )
         self.requests = Counter(
-            "transfiner_requests", "HTTP requests by route, method and status",
-            ["route", "method", "status"], registry=r,
+            "transfiner_requests",
+            "HTTP requests by route, method and status",
+            ["route", "method", "status"],
+            registry=r,
         )
         self.rejections = Counter(
-            "transfiner_rejections", "Requests refused, by reason", ["reason"], registry=r,
+            "transfiner_rejections",
+            "Requests refused, by reason",
+            ["reason"],
+            registry=r,
         )
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason=reason)  # export zeros, so rate() works from the start
         self.model_info = Gauge(
-            "transfiner_model_info", "The served model (value 1)",
-            ["name", "version", "backend", "precision", "device"], registry=r,
+            "transfiner_model_info",
+            "The served model (value 1)",
+            ["name", "version", "backend", "precision", "device"],
+            registry=r,
         )
         self.ready = Gauge("transfiner_ready", "1 when the service accepts segment requests", registry=r)
         self.worker_restarts = Counter(
-            "transfiner_worker_restarts", "Model worker processes started again after theirs exited",
+            "transfiner_worker_restarts",
+            "Model worker processes started again after theirs exited",
             registry=r,
         )
 
@@ -128,7 +186,7 @@ class GpuCollector:
         self._handles = handles
 
     @classmethod
-    def create(cls, allocator: bool = True) -> "GpuCollector | None":
+    def create(cls, allocator: bool = True) -> GpuCollector | None:
         import torch
 
         if not torch.cuda.is_available():
@@ -158,7 +216,8 @@ class GpuCollector:
             "transfiner_gpu_torch_allocated_bytes", "Memory held by tensors of this process (torch)", labels=["gpu"]
         )
         reserved = GaugeMetricFamily(
-            "transfiner_gpu_torch_reserved_bytes", "Memory cached by torch's allocator in this process",
+            "transfiner_gpu_torch_reserved_bytes",
+            "Memory cached by torch's allocator in this process",
             labels=["gpu"],
         )
         for index in range(self._cuda.device_count()):
@@ -169,8 +228,9 @@ class GpuCollector:
 
     def _nvml_gauges(self):
         util = GaugeMetricFamily("transfiner_gpu_utilization_ratio", "GPU busy fraction (NVML)", labels=["gpu"])
-        used = GaugeMetricFamily("transfiner_gpu_memory_used_bytes", "GPU memory in use, all processes (NVML)",
-                                 labels=["gpu"])
+        used = GaugeMetricFamily(
+            "transfiner_gpu_memory_used_bytes", "GPU memory in use, all processes (NVML)", labels=["gpu"]
+        )
         total = GaugeMetricFamily("transfiner_gpu_memory_total_bytes", "GPU memory (NVML)", labels=["gpu"])
         for index, handle in enumerate(self._handles):
             try:

@@ -74,7 +74,11 @@ class BodyLimitMiddleware:
     request ends."""
 
     def __init__(
-        self, app: ASGIApp, max_bytes: int, metrics: ServiceMetrics, max_total_bytes: int | None = None,
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        metrics: ServiceMetrics,
+        max_total_bytes: int | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
@@ -86,8 +90,10 @@ class BodyLimitMiddleware:
         return self.max_total_bytes is not None and self.held + more > self.max_total_bytes
 
     def _budget_message(self) -> str:
-        return (f"the request bodies in progress hold {self.held} bytes; this one would pass the limit of "
-                f"{self.max_total_bytes} (max_body_bytes_total)")
+        return (
+            f"the request bodies in progress hold {self.held} bytes; this one would pass the limit of "
+            f"{self.max_total_bytes} (max_body_bytes_total)"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -122,12 +128,15 @@ class BodyLimitMiddleware:
                 size = len(message.get("body", b""))
                 if received + size > self.max_bytes:
                     raise ServiceError(
-                        413, "body_too_large", f"request body exceeds the limit of {self.max_bytes} bytes",
+                        413,
+                        "body_too_large",
+                        f"request body exceeds the limit of {self.max_bytes} bytes",
                         reason="too_large",
                     )
                 if self._over_budget(size):
-                    raise ServiceError(503, "memory_budget", self._budget_message(), reason="memory_budget",
-                                       retry_after=1)
+                    raise ServiceError(
+                        503, "memory_budget", self._budget_message(), reason="memory_budget", retry_after=1
+                    )
                 received += size
                 self.held += size
             return message
@@ -140,8 +149,11 @@ class BodyLimitMiddleware:
 
 async def _send_error(send: Send, status: int, code: str, message: str, retry_after: int | None = None) -> None:
     body = error_body(code, message)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
     if retry_after is not None:
         headers.append((b"retry-after", str(retry_after).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})

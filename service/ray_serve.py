@@ -65,8 +65,14 @@ class RayServeBatcher:
     """
 
     def __init__(
-        self, runners: Sequence[BatchRunner], *, max_batch_size: int, max_delay_s: float,
-        max_batch_pixels: int | None = None, observer: BatchObserver | None = None, history: int = 32,
+        self,
+        runners: Sequence[BatchRunner],
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_batch_pixels: int | None = None,
+        observer: BatchObserver | None = None,
+        history: int = 32,
     ) -> None:
         if not runners:
             raise ValueError("a batcher needs at least one runner")
@@ -92,7 +98,8 @@ class RayServeBatcher:
 
         # One batch per worker at a time (a replica has one worker: Ray scales replicas).
         self._batched = serve.batch(
-            max_batch_size=max_batch_size, batch_wait_timeout_s=max_delay_s,
+            max_batch_size=max_batch_size,
+            batch_wait_timeout_s=max_delay_s,
             max_concurrent_batches=len(self.runners),
         )(transfiner_batch)
 
@@ -122,7 +129,10 @@ class RayServeBatcher:
         waiting = self.depth if waiting is None else waiting
         busy = len(self.runners) - self._idle.qsize()
         return self.batch_times.wait(
-            waiting, self.max_batch_size * len(self.runners), running=busy > 0, fallback=self.max_delay_s + 1.0,
+            waiting,
+            self.max_batch_size * len(self.runners),
+            running=busy > 0,
+            fallback=self.max_delay_s + 1.0,
         )
 
     def start(self) -> None:
@@ -230,9 +240,14 @@ def replica_settings(settings: ServiceSettings, gpus: float) -> ServiceSettings:
     one would escape Ray's placement and restarts)."""
     device = "cuda" if gpus > 0 else ("cpu" if settings.device == "auto" else settings.device)
     max_batch_size = max_batch_size_for(settings.max_batch_size, device, 1)
-    return settings.model_copy(update={
-        "workers": 1, "device": device, "worker_process": False, "max_batch_size": max_batch_size,
-    })
+    return settings.model_copy(
+        update={
+            "workers": 1,
+            "device": device,
+            "worker_process": False,
+            "max_batch_size": max_batch_size,
+        }
+    )
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -245,8 +260,11 @@ class TransfinerReplica:
 
         def batcher(workers: Sequence[BatchRunner], observer: BatchObserver) -> RayServeBatcher:
             return RayServeBatcher(
-                workers, max_batch_size=settings.max_batch_size, max_delay_s=settings.max_delay_ms / 1000,
-                max_batch_pixels=settings.max_batch_pixels, observer=observer,
+                workers,
+                max_batch_size=settings.max_batch_size,
+                max_delay_s=settings.max_delay_ms / 1000,
+                max_batch_pixels=settings.max_batch_pixels,
+                observer=observer,
             )
 
         # Not ``self.app``: the ingress wrapper owns that name (the ASGI app it serves).
@@ -293,7 +311,9 @@ class Scaling:
             if low is None or high is None:
                 raise ValueError("autoscaling needs both --min-replicas and --max-replicas")
             if not (0 <= low <= high and high >= 1):
-                raise ValueError(f"need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1, got {low}, {high}")
+                raise ValueError(
+                    f"need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1, got {low}, {high}"
+                )
         elif self.replicas is None or self.replicas < 1:
             raise ValueError(f"--replicas must be at least 1, got {self.replicas}")
         if self.replica_cpus < 0 or self.replica_gpus < 0:
@@ -334,7 +354,10 @@ def build_application(settings: ServiceSettings, scaling: Scaling) -> serve.Appl
 
 
 def serve_on_ray(
-    settings: ServiceSettings, scaling: Scaling, address: str = "local", metrics_export_port: int | None = None,
+    settings: ServiceSettings,
+    scaling: Scaling,
+    address: str = "local",
+    metrics_export_port: int | None = None,
 ) -> int:
     """Deploys the application on a Ray cluster (``address``; ``local`` starts one on this
     machine), serves until SIGTERM/SIGINT, then deletes it (replicas drain) and leaves the cluster
@@ -361,20 +384,29 @@ def serve_on_ray(
         if running is not None:
             http = running.http_config
             if (http.host, http.port) != (settings.host, settings.port):
-                print(f"error: Ray Serve already runs on this cluster with its proxies on {http.host}:{http.port}; "
-                      f"serve there (--host {http.host} --port {http.port}) or shut it down first "
-                      "(`serve shutdown`)", file=sys.stderr)
+                print(
+                    f"error: Ray Serve already runs on this cluster with its proxies on {http.host}:{http.port}; "
+                    f"serve there (--host {http.host} --port {http.port}) or shut it down first "
+                    "(`serve shutdown`)",
+                    file=sys.stderr,
+                )
                 return 2
         serve.start(http_options={"host": settings.host, "port": settings.port})
         try:
             try:
                 serve.run(build_application(settings, scaling), name=APP_NAME, route_prefix="/", blocking=False)
             except RuntimeError as error:  # Serve gave up on the replicas; the reason is in their logs
-                print(f"error: Ray Serve could not deploy the application: {error} (replica logs: logs/serve/ in "
-                      "the Ray session folder, /tmp/ray/session_latest by default)", file=sys.stderr)
+                print(
+                    f"error: Ray Serve could not deploy the application: {error} (replica logs: logs/serve/ in "
+                    "the Ray session folder, /tmp/ray/session_latest by default)",
+                    file=sys.stderr,
+                )
                 return 1
-            how = (f"{scaling.replicas} replicas" if not scaling.autoscaling
-                   else f"{scaling.min_replicas}-{scaling.max_replicas} replicas (autoscaling)")
+            how = (
+                f"{scaling.replicas} replicas"
+                if not scaling.autoscaling
+                else f"{scaling.min_replicas}-{scaling.max_replicas} replicas (autoscaling)"
+            )
             log.info("ready on Ray: http://%s:%d (%s)", settings.host, settings.port, how)
             stop.wait()
             log.info("signal received: deleting the application (its replicas drain)")

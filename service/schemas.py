@@ -28,7 +28,8 @@ class SegmentParams(BaseModel):
     )
     max_detections: int = Field(100, ge=1, le=100, description="per image, best scores first")
     classes: list[ImageId] | None = Field(
-        None, max_length=MAX_CLASSES,
+        None,
+        max_length=MAX_CLASSES,
         description="keep only these classes: category ids or names (comma-separated in a query)",
     )
     mask_threshold: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False, description="binarises the soft masks (>=)")

@@ -14,11 +14,14 @@ from transfiner.service.errors import ServiceError
 # off: they never answer by themselves (FastAPI's own 403/401 would not be the service's error
 # shape), and with no key configured every request passes.
 API_KEY_HEADER = APIKeyHeader(
-    name="X-API-Key", scheme_name="ApiKey", auto_error=False,
+    name="X-API-Key",
+    scheme_name="ApiKey",
+    auto_error=False,
     description="the service's API key (needed only when the service is configured with one)",
 )
 BEARER = HTTPBearer(
-    scheme_name="Bearer", auto_error=False,
+    scheme_name="Bearer",
+    auto_error=False,
     description="the service's API key as a Bearer token (needed only when the service is configured with one)",
 )
 
@@ -48,8 +51,11 @@ async def require_api_key(
     # Constant time, so response timing does not reveal how much of a guess was right.
     if not hmac.compare_digest(supplied.encode(), expected.get_secret_value().encode()):
         raise ServiceError(
-            401, "unauthorized", "missing or wrong API key (X-API-Key or Authorization: Bearer)",
-            reason="unauthorized", headers={"WWW-Authenticate": "Bearer"},
+            401,
+            "unauthorized",
+            "missing or wrong API key (X-API-Key or Authorization: Bearer)",
+            reason="unauthorized",
+            headers={"WWW-Authenticate": "Bearer"},
         )
 
 

@@ -43,10 +43,18 @@ async def _too_many_connections(scope: Any, receive: Any, send: Any) -> None:
         "too_many_connections",
         "the server is serving as many connections and requests as it allows (max_connections); retry later",
     )
-    await send({"type": "http.response.start", "status": 503, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"retry-after", b"1"), (b"connection", b"close"),
-    ]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"1"),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
@@ -88,10 +96,13 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
             if self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
                 self._disarm_head_timer()
-                self.transport.write(_error_response(
-                    "431 Request Header Fields Too Large", "headers_too_large",
-                    f"the request line and headers exceed {self.max_head_bytes} bytes",
-                ))
+                self.transport.write(
+                    _error_response(
+                        "431 Request Header Fields Too Large",
+                        "headers_too_large",
+                        f"the request line and headers exceed {self.max_head_bytes} bytes",
+                    )
+                )
                 self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
@@ -113,10 +124,13 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
         self._bad_request_pending = False
         if self.transport.is_closing():
             return
-        self.transport.write(_error_response(
-            "400 Bad Request", "bad_request",
-            "invalid HTTP request: malformed request line, header, Content-Length or chunked framing",
-        ))
+        self.transport.write(
+            _error_response(
+                "400 Bad Request",
+                "bad_request",
+                "invalid HTTP request: malformed request line, header, Content-Length or chunked framing",
+            )
+        )
         self.transport.close()
 
     def on_response_complete(self) -> None:
@@ -178,8 +192,13 @@ def uvicorn_config(app: Any, settings: ServiceSettings, **overrides: Any) -> uvi
     """The server for ``app`` with the settings' connection limits and timeouts."""
     protocol = type("HeadTimeoutProtocol", (HeadTimeoutProtocol,), {"head_timeout_s": settings.head_timeout_s})
     options: dict[str, Any] = dict(
-        host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on", http=protocol,
-        timeout_graceful_shutdown=AFTER_DRAIN_S, timeout_keep_alive=settings.keep_alive_s,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        lifespan="on",
+        http=protocol,
+        timeout_graceful_shutdown=AFTER_DRAIN_S,
+        timeout_keep_alive=settings.keep_alive_s,
         limit_concurrency=settings.max_connections,
         # No route takes a WebSocket: an Upgrade request is plain HTTP (uvicorn's WebSocket
         # protocol would answer a bad handshake itself, in plain text).
@@ -187,6 +206,7 @@ def uvicorn_config(app: Any, settings: ServiceSettings, **overrides: Any) -> uvi
     )
     options.update(overrides)
     return uvicorn.Config(app, **options)
+
 
 log = logging.getLogger("service")
 

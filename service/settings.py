@@ -26,8 +26,9 @@ class ServiceSettings(BaseSettings):
 
     # Model
     model: str = Field(
-        "default", description="'default' (the shipped model), a checkpoint path, or (for the torchscript and "
-        "onnxruntime backends) a `transfiner export` folder"
+        "default",
+        description="'default' (the shipped model), a checkpoint path, or (for the torchscript and "
+        "onnxruntime backends) a `transfiner export` folder",
     )
     backend: Literal["pytorch", "torchscript", "onnxruntime"] = Field(
         "pytorch", description="runtime; torchscript/onnxruntime export a checkpoint once into a cache folder"
@@ -36,8 +37,9 @@ class ServiceSettings(BaseSettings):
         "auto", description="auto: bf16 on CUDA devices that support it, else fp32 (exported models: fp32)"
     )
     max_cells: Annotated[tuple[int, int, int] | None, NoDecode] = Field(
-        None, description="node caps per quadtree level as A,B,C (default: the checkpoint's; 784,784,784 selects "
-        "exactly the official nodes, smaller is faster); exported models keep their own"
+        None,
+        description="node caps per quadtree level as A,B,C (default: the checkpoint's; 784,784,784 selects "
+        "exactly the official nodes, smaller is faster); exported models keep their own",
     )
     config: str | None = Field(None, description="preset name, only for checkpoints that hold no config")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
@@ -45,9 +47,10 @@ class ServiceSettings(BaseSettings):
         None, ge=1, le=64, description="model workers; default one per GPU (round robin), else 1 on CPU"
     )
     worker_process: bool | None = Field(
-        None, description="run each model worker in a process of its own, so the thread that launches its "
+        None,
+        description="run each model worker in a process of its own, so the thread that launches its "
         "kernels never waits for the GIL held by HTTP, decoding or post-processing; default (None): on CUDA "
-        "devices yes, on the CPU no"
+        "devices yes, on the CPU no",
     )
     torch_threads: int | None = Field(
         None, ge=1, description="intra-op threads of torch (and of ONNX Runtime sessions); default: theirs"
@@ -59,9 +62,11 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="if set, /v1/* needs X-API-Key or a Bearer token")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_body_bytes_total: int = Field(
-        1024 * 1024 * 1024, ge=1024, description="the bytes of all request bodies held at once (received so far, "
+        1024 * 1024 * 1024,
+        ge=1024,
+        description="the bytes of all request bodies held at once (received so far, "
         "until their request ends); beyond it 503 memory_budget + Retry-After, so many large uploads at once "
-        "cannot exhaust the memory"
+        "cannot exhaust the memory",
     )
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard: width x height")
     body_timeout_s: float = Field(
@@ -75,13 +80,18 @@ class ServiceSettings(BaseSettings):
 
     # Batching
     max_batch_size: int | None = Field(
-        None, ge=1, le=256, description="images per forward pass; default (None): 8 where a model worker is on a "
-        "GPU, 4 on the CPU"
+        None,
+        ge=1,
+        le=256,
+        description="images per forward pass; default (None): 8 where a model worker is on a GPU, 4 on the CPU",
     )
     max_delay_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits to fill")
     max_arrival_wait_ms: float = Field(
-        100.0, ge=0, le=10_000, description="how long a batch that is not full waits for requests still being "
-        "decoded (never longer than a recent batch took; 0: not at all)"
+        100.0,
+        ge=0,
+        le=10_000,
+        description="how long a batch that is not full waits for requests still being "
+        "decoded (never longer than a recent batch took; 0: not at all)",
     )
     max_batch_pixels: int | None = Field(
         None, ge=1, description="cap on batch size x padded network-input pixels (None: no cap)"
@@ -89,8 +99,9 @@ class ServiceSettings(BaseSettings):
     max_queue_size: int = Field(64, ge=1, description="requests waiting beyond what the workers hold")
     max_client_inflight: int = Field(0, ge=0, description="per client (API key or address); 0: no limit -> 429")
     max_queued_bytes: int = Field(
-        1024 * 1024 * 1024, ge=1, description="pixels held by admitted requests (decoded, at network size); "
-        "beyond it 503 + Retry-After"
+        1024 * 1024 * 1024,
+        ge=1,
+        description="pixels held by admitted requests (decoded, at network size); beyond it 503 + Retry-After",
     )
     request_timeout_s: float = Field(30.0, gt=0, description="deadline when X-Request-Timeout is absent")
     max_request_timeout_s: float = Field(300.0, gt=0)
@@ -100,14 +111,18 @@ class ServiceSettings(BaseSettings):
     decode_threads: int = Field(default_factory=available_cores, ge=1, description="default: the cores")
     postprocess_threads: int = Field(default_factory=available_cores, ge=1, description="default: the cores")
     gil_switch_interval_ms: float = Field(
-        5.0, gt=0, le=1000, description="Python's thread switch interval in this process (sys.setswitchinterval); "
+        5.0,
+        gt=0,
+        le=1000,
+        description="Python's thread switch interval in this process (sys.setswitchinterval); "
         "a worker thread that launches many small kernels waits up to this long for the GIL at each while "
-        "another thread runs Python"
+        "another thread runs Python",
     )
     keep_freed_memory: bool | None = Field(
-        None, description="keep the memory each upload's buffers freed in this process for the next upload "
+        None,
+        description="keep the memory each upload's buffers freed in this process for the next upload "
         "(glibc), instead of faulting fresh pages in for every request; default (None): when no model runs on "
-        "the CPU in this process (worker processes, CUDA workers)"
+        "the CPU in this process (worker processes, CUDA workers)",
     )
 
     # Lifecycle
@@ -132,7 +147,7 @@ class ServiceSettings(BaseSettings):
         return parse_max_cells(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _check(self) -> "ServiceSettings":
+    def _check(self) -> ServiceSettings:
         if self.request_timeout_s > self.max_request_timeout_s:
             raise ValueError("request_timeout_s must not exceed max_request_timeout_s")
         if self.max_body_bytes_total < self.max_body_bytes:  # else one allowed body could never fit

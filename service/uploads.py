@@ -95,9 +95,7 @@ def _parse_json(raw: bytes) -> Any:
     except RecursionError:
         raise bad_request(TOO_DEEP) from None
     except ValueError:  # Python's cap on int <-> str conversion (CVE-2020-10735)
-        raise bad_request(
-            f"a number in the JSON body has more than {sys.get_int_max_str_digits()} digits"
-        ) from None
+        raise bad_request(f"a number in the JSON body has more than {sys.get_int_max_str_digits()} digits") from None
 
 
 def _check_unicode(params: dict[str, Any]) -> None:
@@ -158,7 +156,8 @@ async def _read_segment_request(request: Request) -> tuple[bytes, SegmentParams]
         if content_type == "application/x-www-form-urlencoded" and data and sniff_format(data) is None:
             # Most likely `curl -d image=...`: say what works instead of only "not an image".
             raise ServiceError(
-                415, "unsupported_media_type",
+                415,
+                "unsupported_media_type",
                 "a URL-encoded form is not accepted: send the image as the body itself "
                 "(curl --data-binary @photo.jpg) or as the field 'image' of multipart/form-data "
                 "(curl -F image=@photo.jpg)",
@@ -189,6 +188,8 @@ def validate_params(params: dict[str, Any]) -> SegmentParams:
             message = item["msg"].removeprefix("Value error, ")
             if message not in problems.setdefault(where, []):
                 problems[where].append(message)
-        parts = [f"{where}: {' or '.join(messages)}" if where else " or ".join(messages)
-                 for where, messages in problems.items()]
+        parts = [
+            f"{where}: {' or '.join(messages)}" if where else " or ".join(messages)
+            for where, messages in problems.items()
+        ]
         raise invalid_parameter("; ".join(parts)) from None

@@ -14,8 +14,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Import name -> the folder it installs from (pyproject's package-dir).
-FOLDERS = {"transfiner": "transfiner", "transfiner.model": "model", "transfiner.export": "export",
-           "transfiner.service": "service"}
+FOLDERS = {
+    "transfiner": "transfiner",
+    "transfiner.model": "model",
+    "transfiner.export": "export",
+    "transfiner.service": "service",
+}
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +27,24 @@ def wheel(tmp_path_factory) -> Path:
     # Built from a copy of the files git tracks or would track: an in-tree build/ folder keeps the
     # modules of earlier builds, which would then ship in the wheel.
     source = tmp_path_factory.mktemp("source")
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            check=True, capture_output=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         if (ROOT / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)],
-                   check=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)], check=True, timeout=600
+    )
     (path,) = out.glob("transfiner-*.whl")
     return path
 
@@ -55,8 +68,12 @@ def test_the_wheel_installs_transfiner_alone_with_every_module_and_its_data(whee
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"transfiner"}
     # A sub-package missing from pyproject's list would be left out of the wheel.
     assert {n for n in names if n.endswith(".py")} == source_files((".py",))
-    data = {"transfiner/model/weights/default_model/model.pth", "transfiner/service/static/index.html",
-            "transfiner/export/data/tensorrt_onnx_operators.json", "transfiner/export/data/graph_operators.json"}
+    data = {
+        "transfiner/model/weights/default_model/model.pth",
+        "transfiner/service/static/index.html",
+        "transfiner/export/data/tensorrt_onnx_operators.json",
+        "transfiner/export/data/graph_operators.json",
+    }
     assert data <= names
 
 
@@ -69,13 +86,18 @@ def test_the_public_api_imports_from_a_fresh_environment_holding_the_wheel(wheel
     # editable install of this repository is a .pth hook, which a plain path does not run.
     (site / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
     python = env / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
-                   check=True, timeout=300)
-    code = ("import transfiner, transfiner.model\n"
-            "from transfiner import Predictor, load_model\n"
-            "from transfiner.model.weights.default import DEFAULT_WEIGHTS\n"
-            "assert DEFAULT_WEIGHTS.is_file(), DEFAULT_WEIGHTS\n"
-            "print(transfiner.model.__file__)")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+        check=True,
+        timeout=300,
+    )
+    code = (
+        "import transfiner, transfiner.model\n"
+        "from transfiner import Predictor, load_model\n"
+        "from transfiner.model.weights.default import DEFAULT_WEIGHTS\n"
+        "assert DEFAULT_WEIGHTS.is_file(), DEFAULT_WEIGHTS\n"
+        "print(transfiner.model.__file__)"
+    )
     found = subprocess.run([str(python), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert found.returncode == 0, found.stderr
     assert Path(found.stdout.strip()).is_relative_to(site / "transfiner")

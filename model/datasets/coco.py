@@ -19,9 +19,10 @@ import io
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -351,20 +352,22 @@ class CocoDataset(Dataset):
                 if bbox[2] == 0 or bbox[3] == 0:
                     flat.append(aid)  # dropped with the empty boxes after resizing, as detectron2
                 instances.append(_Instance(aid, tuple(float(v) for v in bbox), class_index[cid], segm))
-            records.append(_ImageRecord(
-                iid, self.image_root / img["file_name"], height, width, tuple(instances), tuple(crowd)
-            ))
+            records.append(
+                _ImageRecord(iid, self.image_root / img["file_name"], height, width, tuple(instances), tuple(crowd))
+            )
         if skipped:
             warnings.warn(
                 f"{path}: skipped {len(skipped)} annotation(s) with no polygon of 3 or more points "
                 f"(ids {skipped[:10]}{' ...' if len(skipped) > 10 else ''})",
-                DatasetWarning, stacklevel=3,
+                DatasetWarning,
+                stacklevel=3,
             )
         if flat and self.train:
             warnings.warn(
                 f"{path}: {len(flat)} annotation(s) have a box of zero width or height and are not trained on, "
                 f"whatever their mask (ids {flat[:10]}{' ...' if len(flat) > 10 else ''})",
-                DatasetWarning, stacklevel=3,
+                DatasetWarning,
+                stacklevel=3,
             )
         return records
 
@@ -410,8 +413,9 @@ class CocoDataset(Dataset):
 
         image = torch.from_numpy(rgb).permute(2, 0, 1).flip(0).float()  # RGB -> BGR
         if (new_h, new_w) != (height, width):
-            image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False,
-                                  antialias=True)[0].clamp_(0, 255)
+            image = F.interpolate(
+                image[None], size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
+            )[0].clamp_(0, 255)
         instances, masks = self._instance_masks(record, (new_h, new_w))
         scale = torch.tensor([new_w / width, new_h / height] * 2)
         boxes = _xywh_to_xyxy([i.bbox for i in instances]) * scale
@@ -424,8 +428,9 @@ class CocoDataset(Dataset):
         if flip:  # after resizing, so a flipped sample is exactly the mirror of an unflipped one
             image, masks = image.flip(-1), masks.flip(-1)
             boxes, crowd_boxes = _flip_boxes(boxes, new_w), _flip_boxes(crowd_boxes, new_w)
-        return TrainingSample(image.contiguous(), boxes, classes, masks.contiguous(), record.image_id,
-                              (height, width), crowd_boxes)
+        return TrainingSample(
+            image.contiguous(), boxes, classes, masks.contiguous(), record.image_id, (height, width), crowd_boxes
+        )
 
     def _instance_masks(self, record: _ImageRecord, size: tuple[int, int]) -> tuple[list[_Instance], torch.Tensor]:
         """The instances with a non-empty mask in the file, and their masks [N, *size]."""
@@ -445,7 +450,9 @@ class CocoDataset(Dataset):
         if empty:
             warnings.warn(
                 f"{self.annotations_path}: image id {record.image_id}: skipped annotation(s) {empty} "
-                "whose mask has zero area", DatasetWarning, stacklevel=3,
+                "whose mask has zero area",
+                DatasetWarning,
+                stacklevel=3,
             )
         stacked = torch.stack(masks) if masks else torch.zeros((0, *size), dtype=torch.bool)
         return kept, stacked
@@ -500,7 +507,7 @@ class CanvasBatchSampler(Sampler[list[int]]):
     - Call the data set's ``set_epoch`` before iterating, as for its augmentation draws.
     """
 
-    def __init__(self, dataset: "CocoDataset", batch_size: int, generator: torch.Generator) -> None:
+    def __init__(self, dataset: CocoDataset, batch_size: int, generator: torch.Generator) -> None:
         self.dataset, self.batch_size, self.generator = dataset, batch_size, generator
 
     def __iter__(self):
@@ -521,9 +528,7 @@ class CanvasBatchSampler(Sampler[list[int]]):
         return sum(math.ceil(n / self.batch_size) for n in counts.values())
 
 
-def make_loader(
-    dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0
-) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0) -> DataLoader:
     """A DataLoader of ``list[TrainingSample]`` batches whose shuffling is seeded by ``seed``.
 
     The shuffle order follows a generator created here, so a run that iterates the same number
@@ -534,7 +539,17 @@ def make_loader(
     generator = torch.Generator()
     generator.manual_seed(seed)
     if shuffle and isinstance(dataset, CocoDataset):
-        return DataLoader(dataset, batch_sampler=CanvasBatchSampler(dataset, batch_size, generator),
-                          num_workers=num_workers, collate_fn=collate)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      collate_fn=collate, generator=generator)
+        return DataLoader(
+            dataset,
+            batch_sampler=CanvasBatchSampler(dataset, batch_size, generator),
+            num_workers=num_workers,
+            collate_fn=collate,
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate,
+        generator=generator,
+    )

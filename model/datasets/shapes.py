@@ -35,7 +35,7 @@ import os
 import re
 import warnings
 from dataclasses import asdict, dataclass
-from functools import lru_cache, partial
+from functools import cache, lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +96,8 @@ class ShapesConfig:
                 raise ValueError(f"image {name} must be an integer from {MIN_SIDE} to {MAX_SIDE}, got {side!r}")
         if not 1 <= self.min_instances <= self.max_instances:
             raise ValueError(
-                f"need 1 <= min_instances <= max_instances, got {self.min_instances} and {self.max_instances}")
+                f"need 1 <= min_instances <= max_instances, got {self.min_instances} and {self.max_instances}"
+            )
         if self.min_area < 1 or not 0.0 < self.min_visible_fraction <= 1.0:
             raise ValueError("min_area must be >= 1 and min_visible_fraction in (0, 1]")
 
@@ -112,15 +113,19 @@ class Instance:
 # --------------------------------------------------------------------------- fonts
 
 
-@lru_cache(maxsize=None)
+@cache
 def _font_backend() -> str:
     """'scalable' when Pillow's built-in font scales (Pillow >= 10.1 with FreeType), else 'bitmap'."""
     try:
         ImageFont.load_default(size=20)
         return "scalable"
     except (TypeError, ImportError, OSError, AttributeError):
-        warnings.warn("Pillow's built-in font does not scale here (needs Pillow >= 10.1 with FreeType); "
-                      "letters are drawn from the small bitmap font, upscaled", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            "Pillow's built-in font does not scale here (needs Pillow >= 10.1 with FreeType); "
+            "letters are drawn from the small bitmap font, upscaled",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return "bitmap"
 
 
@@ -204,7 +209,7 @@ def _coverage(img: Image.Image) -> np.ndarray:
     rows, cols = np.nonzero(cov >= 0.5)
     if rows.size == 0:
         return np.zeros((0, 0), np.float32)
-    return cov[max(0, rows.min() - 1): rows.max() + 2, max(0, cols.min() - 1): cols.max() + 2]
+    return cov[max(0, rows.min() - 1) : rows.max() + 2, max(0, cols.min() - 1) : cols.max() + 2]
 
 
 # --------------------------------------------------------------------------- shapes
@@ -226,8 +231,16 @@ def _star(rng: np.random.Generator, d: float) -> np.ndarray:
         length = r * rng.uniform(0.7, 1.0)
         wb, wt = base_w * rng.uniform(0.8, 1.1), rng.uniform(1.6, 3.0)
         u, p = np.array([math.cos(a), math.sin(a)]), np.array([-math.sin(a), math.cos(a)])
-        sk.poly(np.stack([core * 0.7 * u + wb / 2 * p, length * u + wt / 2 * p,
-                          length * u - wt / 2 * p, core * 0.7 * u - wb / 2 * p]))
+        sk.poly(
+            np.stack(
+                [
+                    core * 0.7 * u + wb / 2 * p,
+                    length * u + wt / 2 * p,
+                    length * u - wt / 2 * p,
+                    core * 0.7 * u - wb / 2 * p,
+                ]
+            )
+        )
     return _coverage(sk.img)
 
 
@@ -338,8 +351,14 @@ def _leaf(rng: np.random.Generator, d: float) -> np.ndarray:
     outline = pts + normal * saw[:, None]
     stalk_w = rng.uniform(2.0, 4.0)
     stalk_len = d * rng.uniform(0.08, 0.12)
-    stalk = np.array([[half_len - 2, -stalk_w / 2], [half_len + stalk_len, -stalk_w / 2],
-                      [half_len + stalk_len, stalk_w / 2], [half_len - 2, stalk_w / 2]])
+    stalk = np.array(
+        [
+            [half_len - 2, -stalk_w / 2],
+            [half_len + stalk_len, -stalk_w / 2],
+            [half_len + stalk_len, stalk_w / 2],
+            [half_len - 2, stalk_w / 2],
+        ]
+    )
     angle = rng.uniform(0, 2 * math.pi)
     offset = np.array([-stalk_len / 2, 0.0])
     sk = _Sketch(rng, d * 1.1)
@@ -383,8 +402,15 @@ def _cheese(rng: np.random.Generator, d: float) -> np.ndarray:
     return _coverage(sk.img)
 
 
-_RENDERERS = {"star": _star, "gear": _gear, "ring": _ring, "letter": _letter,
-              "comb": _comb, "leaf": _leaf, "cheese": _cheese}
+_RENDERERS = {
+    "star": _star,
+    "gear": _gear,
+    "ring": _ring,
+    "letter": _letter,
+    "comb": _comb,
+    "leaf": _leaf,
+    "cheese": _cheese,
+}
 
 
 def render_shape(name: str, rng: np.random.Generator, diameter: float) -> np.ndarray:
@@ -448,9 +474,16 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
             draw.polygon([tuple(p) for p in pts.tolist()], fill=255)
         else:
             a = rng.uniform(0, math.pi)
-            draw.line([cx - size * 2 * math.cos(a), cy - size * 2 * math.sin(a),
-                       cx + size * 2 * math.cos(a), cy + size * 2 * math.sin(a)],
-                      fill=255, width=int(rng.integers(1, 5)))
+            draw.line(
+                [
+                    cx - size * 2 * math.cos(a),
+                    cy - size * 2 * math.sin(a),
+                    cx + size * 2 * math.cos(a),
+                    cy + size * 2 * math.sin(a),
+                ],
+                fill=255,
+                width=int(rng.integers(1, 5)),
+            )
         alpha = (np.asarray(layer, dtype=np.float32) / 255.0)[..., None] * rng.uniform(0.5, 1.0)
         colour = img.mean(axis=(0, 1)) + rng.normal(0, 0.05, 3).astype(np.float32)
         img = img * (1 - alpha) + colour * alpha
@@ -517,8 +550,9 @@ def render_image(cfg: ShapesConfig, index: int) -> tuple[np.ndarray, list[Instan
             y0 = int(rng.integers(0, H - h + 1))
         box = (slice(y0, y0 + h), slice(x0, x0 + w))
         hidden = [int(np.count_nonzero(p["mask"][box] & mask)) for p in placed]
-        if any(p["area"] - k < max(cfg.min_area, cfg.min_visible_fraction * p["full_area"])
-               for p, k in zip(placed, hidden)):
+        if any(
+            p["area"] - k < max(cfg.min_area, cfg.min_visible_fraction * p["full_area"]) for p, k in zip(placed, hidden)
+        ):
             continue
         for p, k in zip(placed, hidden):
             if k:
@@ -528,8 +562,16 @@ def render_image(cfg: ShapesConfig, index: int) -> tuple[np.ndarray, list[Instan
         image[box] = image[box] * (1 - alpha) + _fill(rng, cat, h, w) * alpha
         full = np.zeros((H, W), dtype=bool)
         full[box] = mask
-        placed.append({"cat": cat, "mask": full, "area": area, "full_area": area,
-                       "center": (x0 + w / 2, y0 + h / 2), "radius": max(h, w) / 2})
+        placed.append(
+            {
+                "cat": cat,
+                "mask": full,
+                "area": area,
+                "full_area": area,
+                "center": (x0 + w / 2, y0 + h / 2),
+                "radius": max(h, w) / 2,
+            }
+        )
     image += rng.normal(0, 0.012, size=image.shape).astype(np.float32)
     pixels = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
     return pixels, [Instance(CATEGORIES[p["cat"]]["id"], p["mask"]) for p in placed]
@@ -582,8 +624,10 @@ def write_shapes(cfg: ShapesConfig, out_dir: str | os.PathLike, workers: int = 1
             per_image = list(tqdm(pool.map(write, indices, chunksize=8), **progress))
     else:
         per_image = list(tqdm(map(write, indices), **progress))
-    images = [{"id": index + 1, "file_name": f"{index:06d}.png", "width": cfg.width, "height": cfg.height}
-              for index in indices]
+    images = [
+        {"id": index + 1, "file_name": f"{index:06d}.png", "width": cfg.width, "height": cfg.height}
+        for index in indices
+    ]
     annotations = [annotation for image in per_image for annotation in image]
     for number, annotation in enumerate(annotations, start=1):
         annotation["id"] = number
@@ -594,8 +638,13 @@ def write_shapes(cfg: ShapesConfig, out_dir: str | os.PathLike, workers: int = 1
         "font": _font_backend(),
         **asdict(cfg),
     }
-    data = {"info": info, "licenses": [], "images": images, "annotations": annotations,
-            "categories": [dict(c) for c in CATEGORIES]}
+    data = {
+        "info": info,
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [dict(c) for c in CATEGORIES],
+    }
     path = out / "annotations.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, separators=(",", ":")))
@@ -609,8 +658,6 @@ def make_shapes(
     """Write ``num_images`` images of ``size`` = (width, height) to ``out_dir``; returns annotations.json's path."""
     width, height = size
     return write_shapes(ShapesConfig(num_images=num_images, seed=seed, width=width, height=height), out_dir, workers)
-
-
 
 
 def parse_size(text: str | None) -> tuple[int, int]:

@@ -43,8 +43,14 @@ if TYPE_CHECKING:
     from transfiner.model.config import ModelConfig
 
 __all__ = [
-    "BOUNDARY_DILATION_RATIO", "METRIC_NAMES", "IncoherenceStats", "check_categories", "coco_metrics",
-    "evaluate", "evaluation_dataset", "report_markdown",
+    "BOUNDARY_DILATION_RATIO",
+    "METRIC_NAMES",
+    "IncoherenceStats",
+    "check_categories",
+    "coco_metrics",
+    "evaluate",
+    "evaluation_dataset",
+    "report_markdown",
 ]
 
 METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -67,7 +73,10 @@ def _load_gt(gt: Any):
 
 
 def coco_metrics(
-    gt: Any, results: Sequence[dict], iou_type: str, image_ids: Sequence[int] | None = None,
+    gt: Any,
+    results: Sequence[dict],
+    iou_type: str,
+    image_ids: Sequence[int] | None = None,
     dilation_ratio: float = BOUNDARY_DILATION_RATIO,
 ) -> dict[str, float | None]:
     """COCO AP of ``results`` against ``gt`` with faster-coco-eval, in percent.
@@ -95,7 +104,10 @@ def coco_metrics(
     # loadRes and the evaluation write into the records (area, id, rle, boundary): give them copies.
     coco_dt = coco_gt.loadRes(copy.deepcopy(dets))
     evaluator = COCOeval_faster(
-        coco_gt, coco_dt, iou_type, print_function=lambda *args, **kwargs: None,
+        coco_gt,
+        coco_dt,
+        iou_type,
+        print_function=lambda *args, **kwargs: None,
         boundary_dilation_ratio=dilation_ratio,
     )
     if image_ids is not None:
@@ -165,8 +177,9 @@ class IncoherenceStats:
 # Data set and model agreement
 
 
-def check_categories(categories: Sequence[dict], class_names: Sequence[str], category_ids: Sequence[int],
-                     source: str = "the data set") -> None:
+def check_categories(
+    categories: Sequence[dict], class_names: Sequence[str], category_ids: Sequence[int], source: str = "the data set"
+) -> None:
     """Raises DatasetError unless the json's categories are exactly the model's classes (ids and names)."""
     data = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
     model = {int(cid): str(name) for cid, name in zip(category_ids, class_names)}
@@ -231,8 +244,11 @@ def report_markdown(report: dict) -> str:
         "",
     ]
     if report.get("backend", "pytorch") != "pytorch":
-        lines += ["(n/a: the incoherence statistics need the eager model's intermediate maps; an exported "
-                  "graph gives its outputs only. Evaluate the checkpoint with the pytorch backend for them.)", ""]
+        lines += [
+            "(n/a: the incoherence statistics need the eager model's intermediate maps; an exported "
+            "graph gives its outputs only. Evaluate the checkpoint with the pytorch backend for them.)",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -274,15 +290,29 @@ def evaluation_dataset(
     categories = [{"id": i, "name": n} for i, n in zip(dataset.category_ids, dataset.class_names)]
     check_categories(categories, cfg.class_names, cfg.category_ids, source=str(data_json))
     if dataset.category_ids != tuple(cfg.category_ids):  # same ids, another order
-        dataset = CocoDataset(data_json, image_root=image_root, class_ids=cfg.category_ids, train=False,
-                              input_cfg=cfg.input, filter_empty=False)
+        dataset = CocoDataset(
+            data_json,
+            image_root=image_root,
+            class_ids=cfg.category_ids,
+            train=False,
+            input_cfg=cfg.input,
+            filter_empty=False,
+        )
     return dataset
 
 
 def evaluate(
-    predictor, data_json: str | os.PathLike, out_dir: str | os.PathLike, image_root: str | os.PathLike | None = None,
-    batch_size: int = 2, max_images: int | None = None, num_overlays: int = 4, *,
-    max_detections: int | None = None, weights: str | os.PathLike | None = None, num_workers: int = 0,
+    predictor,
+    data_json: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    batch_size: int = 2,
+    max_images: int | None = None,
+    num_overlays: int = 4,
+    *,
+    max_detections: int | None = None,
+    weights: str | os.PathLike | None = None,
+    num_workers: int = 0,
 ) -> dict:
     """Evaluates ``predictor`` (a :class:`model.inference.predictor.Predictor`) on a COCO json; writes
     ``report.json``, ``report.md`` and ``overlays/*.png`` into ``out_dir`` and returns the report.
@@ -337,7 +367,13 @@ class _Predictions:
 
 
 def _predict(
-    predictor, loader, dataset: CocoDataset, gt, overlay_dir: Path, num_overlays: int, max_detections: int | None,
+    predictor,
+    loader,
+    dataset: CocoDataset,
+    gt,
+    overlay_dir: Path,
+    num_overlays: int,
+    max_detections: int | None,
 ) -> _Predictions:
     """One forward pass per batch: the coarse and refined records of every image, the first
     ``num_overlays`` images' overlays, and (eager model only) the incoherence detector on the GT boxes."""
@@ -429,8 +465,7 @@ def _update_incoherence(stats: IncoherenceStats, model, features, samples, devic
     size = predicted.shape[-1]
     targets = [
         gt_incoherence(s.masks.to(device), b, torch.arange(len(b), device=device), size=size)
-        for s, b in zip(samples, boxes) if len(b)
+        for s, b in zip(samples, boxes)
+        if len(b)
     ]
     stats.update(predicted, torch.cat(targets))
-
-

@@ -20,7 +20,12 @@ import torch
 from transfiner.model.modeling.rcnn import RawOutputs
 
 __all__ = [
-    "ImageDetections", "select_detections", "detection_rows", "rescale_boxes", "image_detections", "coco_records",
+    "ImageDetections",
+    "select_detections",
+    "detection_rows",
+    "rescale_boxes",
+    "image_detections",
+    "coco_records",
 ]
 
 
@@ -35,8 +40,12 @@ class ImageDetections:
 
 
 def select_detections(
-    raw: RawOutputs, index: int, score_threshold: float | None = None, classes: Collection[int] | None = None,
-    max_detections: int | None = None, refine: bool = True,
+    raw: RawOutputs,
+    index: int,
+    score_threshold: float | None = None,
+    classes: Collection[int] | None = None,
+    max_detections: int | None = None,
+    refine: bool = True,
 ) -> RawOutputs:
     """Image ``index``'s detections, as a one-image ``RawOutputs`` (batch index 0): those scoring
     above ``score_threshold``, of ``classes``, the first ``max_detections`` (``detection_rows``);
@@ -44,14 +53,22 @@ def select_detections(
     rows = detection_rows(raw.batch_index, raw.scores, raw.classes, index, score_threshold, classes, max_detections)
     probs = raw.mask_probs if refine else raw.coarse_probs
     return RawOutputs(
-        boxes=raw.boxes[rows], scores=raw.scores[rows], classes=raw.classes[rows],
-        batch_index=torch.zeros_like(rows), mask_probs=probs[rows], coarse_probs=raw.coarse_probs[rows],
+        boxes=raw.boxes[rows],
+        scores=raw.scores[rows],
+        classes=raw.classes[rows],
+        batch_index=torch.zeros_like(rows),
+        mask_probs=probs[rows],
+        coarse_probs=raw.coarse_probs[rows],
     )
 
 
 def detection_rows(
-    batch_index: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, index: int,
-    score_threshold: float | None = None, kept_classes: Collection[int] | None = None,
+    batch_index: torch.Tensor,
+    scores: torch.Tensor,
+    classes: torch.Tensor,
+    index: int,
+    score_threshold: float | None = None,
+    kept_classes: Collection[int] | None = None,
     max_detections: int | None = None,
 ) -> torch.Tensor:
     """The rows [n] of a batch's detections (batch_index, scores, classes [D], on any device)
@@ -101,10 +118,14 @@ def image_detections(
     )
 
 
-
 def coco_records(
-    image_id: Any, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, category_ids: Sequence[int],
-    segmentations: Sequence[Any] | None = None, areas: Sequence[float] | None = None,
+    image_id: Any,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    classes: np.ndarray,
+    category_ids: Sequence[int],
+    segmentations: Sequence[Any] | None = None,
+    areas: Sequence[float] | None = None,
     class_names: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """One COCO results record per detection: ``image_id``, ``bbox`` as xywh rounded to 2

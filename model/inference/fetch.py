@@ -72,8 +72,7 @@ def fetch_detections(raw: RawOutputs, requests: Sequence[DetectionRequest]) -> l
         pending.append(start_segments(probs.float(), scaled, r.original, r.mask_format, r.mask_threshold))
     segments = segments_on_host(pending)
     return [
-        FetchedDetections(b.numpy(), s.numpy(), c.numpy(), segment)
-        for (b, s, c), segment in zip(selected, segments)
+        FetchedDetections(b.numpy(), s.numpy(), c.numpy(), segment) for (b, s, c), segment in zip(selected, segments)
     ]
 
 
@@ -83,6 +82,8 @@ def _columns_on_host(raw: RawOutputs) -> tuple[torch.Tensor, torch.Tensor, torch
     columns = (raw.boxes, raw.scores[:, None], raw.classes[:, None], raw.batch_index[:, None])
     packed = torch.cat([c.to(torch.float64) for c in columns], dim=1).cpu()  # [D, 7]
     return (
-        packed[:, :4].to(raw.boxes.dtype), packed[:, 4].to(raw.scores.dtype),
-        packed[:, 5].to(raw.classes.dtype), packed[:, 6].to(raw.batch_index.dtype),
+        packed[:, :4].to(raw.boxes.dtype),
+        packed[:, 4].to(raw.scores.dtype),
+        packed[:, 5].to(raw.classes.dtype),
+        packed[:, 6].to(raw.batch_index.dtype),
     )

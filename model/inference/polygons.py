@@ -39,12 +39,15 @@ def _boundary_edges(mask: np.ndarray) -> np.ndarray:
     left = p[1:, :-1]  # the pixel left of it, (x - 1, y)
     up = p[:-1, 1:]  # the pixel above it, (x, y - 1)
     up_left = p[:-1, :-1]  # the pixel diagonally up-left, (x - 1, y - 1)
-    edges = np.stack([
-        pixel & ~up,  # right: the top side of pixel (x, y)
-        left & ~pixel,  # down: the right side of pixel (x - 1, y)
-        up_left & ~left,  # left: the bottom side of pixel (x - 1, y - 1)
-        up & ~up_left,  # up: the left side of pixel (x, y - 1)
-    ], axis=-1)  # [H + 1, W + 1, 4]
+    edges = np.stack(
+        [
+            pixel & ~up,  # right: the top side of pixel (x, y)
+            left & ~pixel,  # down: the right side of pixel (x - 1, y)
+            up_left & ~left,  # left: the bottom side of pixel (x - 1, y - 1)
+            up & ~up_left,  # up: the left side of pixel (x, y - 1)
+        ],
+        axis=-1,
+    )  # [H + 1, W + 1, 4]
     # Indexed [x, y, direction] so that the edges, numbered in memory order, are sorted by
     # (corner x, corner y, direction): the order in which loops are started (see _trace_loops).
     return np.ascontiguousarray(edges.transpose(1, 0, 2))
@@ -64,8 +67,7 @@ def _link_edges(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     # pixels touch diagonally two edges leave the corner, and the right turn keeps the pixel on
     # our right in its own loop (4-connectivity). Elsewhere exactly one edge leaves the corner.
     right, left = (direction + 1) % 4, (direction + 3) % 4
-    nxt = np.where(edges[end_x, end_y, right], right,
-                   np.where(edges[end_x, end_y, direction], direction, left))
+    nxt = np.where(edges[end_x, end_y, right], right, np.where(edges[end_x, end_y, direction], direction, left))
     return number[end_x, end_y, nxt], nxt != direction, end_x, end_y
 
 

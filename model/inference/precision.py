@@ -36,4 +36,3 @@ def autocast(precision: str, device: torch.device | str) -> AbstractContextManag
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[precision])
-

@@ -82,9 +82,13 @@ class Prediction:
 
     @classmethod
     def from_outputs(
-        cls, raw: RawOutputs, index: int, input_size: torch.Tensor, original: tuple[int, int],
+        cls,
+        raw: RawOutputs,
+        index: int,
+        input_size: torch.Tensor,
+        original: tuple[int, int],
         mask_threshold: float = 0.5,
-    ) -> "Prediction":
+    ) -> Prediction:
         """Image ``index`` of a batch's outputs, in the ``original`` (h, w) image's pixels
         (``model.inference.detections.image_detections``; ``input_size`` (h, w) is its network input).
         Masks are sampled later, when asked for, on the outputs' device."""
@@ -139,8 +143,11 @@ class Predictor:
     """
 
     def __init__(
-        self, config: str | ModelConfig | None = None, weights: str | os.PathLike | None = None,
-        device: str | torch.device | None = "auto", precision: str | None = "auto",
+        self,
+        config: str | ModelConfig | None = None,
+        weights: str | os.PathLike | None = None,
+        device: str | torch.device | None = "auto",
+        precision: str | None = "auto",
         max_cells: tuple[int, int, int] | None = None,
     ) -> None:
         if config is None and weights is None:
@@ -153,14 +160,14 @@ class Predictor:
         self._use(TorchBackend(model, precision))
 
     @classmethod
-    def from_backend(cls, backend: Backend) -> "Predictor":
+    def from_backend(cls, backend: Backend) -> Predictor:
         """A Predictor on any runtime (eager, TorchScript, ONNX Runtime)."""
         predictor = cls.__new__(cls)
         predictor._use(backend)
         return predictor
 
     @classmethod
-    def from_model(cls, model: MaskTransfiner) -> "Predictor":
+    def from_model(cls, model: MaskTransfiner) -> Predictor:
         """A Predictor on a model already built (eval mode, its own device)."""
         return cls.from_backend(TorchBackend(model))
 
@@ -181,8 +188,12 @@ class Predictor:
 
     @torch.inference_mode()
     def predict(
-        self, images: Sequence[ImageLike], score_threshold: float | None = None,
-        max_detections: int | None = None, mask_threshold: float = 0.5, refine: bool = True,
+        self,
+        images: Sequence[ImageLike],
+        score_threshold: float | None = None,
+        max_detections: int | None = None,
+        mask_threshold: float = 0.5,
+        refine: bool = True,
     ) -> list[Prediction]:
         """Predicts a batch of RGB images (numpy HxWx3 uint8, PIL images, or tensors), in order.
         Images of different padded canvases (``canvas_shape``) run as separate forward passes.
@@ -214,8 +225,10 @@ class Predictor:
 
 
 def load_predictor(
-    model: str | os.PathLike | None = "default", config: str | ModelConfig | None = None,
-    device: str | torch.device | None = "auto", precision: str | None = "auto",
+    model: str | os.PathLike | None = "default",
+    config: str | ModelConfig | None = None,
+    device: str | torch.device | None = "auto",
+    precision: str | None = "auto",
     max_cells: tuple[int, int, int] | None = None,
 ) -> Predictor:
     """A ``Predictor`` for ``--model`` (and optionally ``--config``, needed for bare state dicts;

@@ -58,7 +58,10 @@ class WindowChanges:
 
 
 def window_changes(
-    mask_probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], threshold: float = 0.5,
+    mask_probs: torch.Tensor,
+    boxes: torch.Tensor,
+    image_size: tuple[int, int],
+    threshold: float = 0.5,
 ) -> WindowChanges:
     """Samples each detection's window (``sample_windows``) and marks, down each window column
     with background above and below it, where the value changes. Queues kernels only: nothing

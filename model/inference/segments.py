@@ -24,8 +24,14 @@ from transfiner.model.inference.polygons import mask_to_polygons
 from transfiner.model.inference.rle import WindowChanges, changes_on_host, rles_from_changes, window_changes
 
 __all__ = [
-    "MASK_FORMATS", "FetchedSegments", "fetch_segments", "finish_segments", "segment", "PendingSegments",
-    "start_segments", "segments_on_host",
+    "MASK_FORMATS",
+    "FetchedSegments",
+    "fetch_segments",
+    "finish_segments",
+    "segment",
+    "PendingSegments",
+    "start_segments",
+    "segments_on_host",
 ]
 
 MASK_FORMATS = ("rle", "polygon", "none")
@@ -43,7 +49,10 @@ class FetchedSegments:
 
 
 def fetch_segments(
-    detections: ImageDetections, image_size: tuple[int, int], mask_format: str = "rle", threshold: float = 0.5,
+    detections: ImageDetections,
+    image_size: tuple[int, int],
+    mask_format: str = "rle",
+    threshold: float = 0.5,
 ) -> FetchedSegments:
     """The device half of ``segment``: RLE from the windows around the boxes (``masks_to_rle``),
     or the thresholded windows themselves (polygons), or the boxes; on the host."""
@@ -63,7 +72,11 @@ class PendingSegments:
 
 
 def start_segments(
-    mask_probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], mask_format: str, threshold: float,
+    mask_probs: torch.Tensor,
+    boxes: torch.Tensor,
+    image_size: tuple[int, int],
+    mask_format: str,
+    threshold: float,
 ) -> PendingSegments:
     """Queues ``fetch_segments``' kernels for one image's detections; nothing waits for the device."""
     if mask_format == "none":
@@ -106,14 +119,19 @@ def finish_segments(fetched: FetchedSegments) -> tuple[list[Any] | None, list[fl
     if fetched.mask_format == "none":
         return None, [float((b[2] - b[0]) * (b[3] - b[1])) for b in fetched.boxes]  # float32, as the boxes
     if fetched.mask_format == "polygon":
-        return ([mask_to_polygons(w, origin) for w, origin in fetched.windows],
-                [float(w.sum()) for w, _ in fetched.windows])
+        return (
+            [mask_to_polygons(w, origin) for w, origin in fetched.windows],
+            [float(w.sum()) for w, _ in fetched.windows],
+        )
     rles = fetched.rles
     return rles, [float(a) for a in mask_util.area(rles)] if rles else []
 
 
 def segment(
-    detections: ImageDetections, image_size: tuple[int, int], mask_format: str = "rle", threshold: float = 0.5,
+    detections: ImageDetections,
+    image_size: tuple[int, int],
+    mask_format: str = "rle",
+    threshold: float = 0.5,
 ) -> tuple[list[Any] | None, list[float]]:
     """Each detection's segmentation in ``mask_format`` and its area, from the windows around the
     boxes (no full-image masks are built).

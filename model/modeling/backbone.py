@@ -20,7 +20,12 @@ class BasicStem(nn.Module):
     def __init__(self, in_channels: int = 3, out_channels: int = 64, norm: str = "FrozenBN") -> None:
         super().__init__()
         self.conv1 = Conv2d(
-            in_channels, out_channels, 7, stride=2, padding=3, bias=False,
+            in_channels,
+            out_channels,
+            7,
+            stride=2,
+            padding=3,
+            bias=False,
             norm=get_norm(norm, out_channels),
         )
         c2_msra_fill(self.conv1)
@@ -33,9 +38,7 @@ class BasicStem(nn.Module):
 def _shortcut(in_channels: int, out_channels: int, stride: int, norm: str) -> Conv2d | None:
     if in_channels == out_channels:
         return None
-    conv = Conv2d(
-        in_channels, out_channels, 1, stride=stride, bias=False, norm=get_norm(norm, out_channels)
-    )
+    conv = Conv2d(in_channels, out_channels, 1, stride=stride, bias=False, norm=get_norm(norm, out_channels))
     c2_msra_fill(conv)
     return conv
 
@@ -47,12 +50,15 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.shortcut = _shortcut(in_channels, out_channels, stride, norm)
         self.conv1 = Conv2d(
-            in_channels, out_channels, 3, stride=stride, padding=1, bias=False,
+            in_channels,
+            out_channels,
+            3,
+            stride=stride,
+            padding=1,
+            bias=False,
             norm=get_norm(norm, out_channels),
         )
-        self.conv2 = Conv2d(
-            out_channels, out_channels, 3, padding=1, bias=False, norm=get_norm(norm, out_channels)
-        )
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, bias=False, norm=get_norm(norm, out_channels))
         for conv in (self.conv1, self.conv2):
             c2_msra_fill(conv)
 
@@ -66,39 +72,57 @@ class BottleneckBlock(nn.Module):
     """1x1 reduce, 3x3 (optionally deformable), 1x1 expand (ResNet-50/101)."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, bottleneck_channels: int, stride: int,
-        num_groups: int = 1, stride_in_1x1: bool = True, deform: bool = False,
-        deform_modulated: bool = False, norm: str = "FrozenBN",
+        self,
+        in_channels: int,
+        out_channels: int,
+        bottleneck_channels: int,
+        stride: int,
+        num_groups: int = 1,
+        stride_in_1x1: bool = True,
+        deform: bool = False,
+        deform_modulated: bool = False,
+        norm: str = "FrozenBN",
     ) -> None:
         super().__init__()
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.shortcut = _shortcut(in_channels, out_channels, stride, norm)
         self.conv1 = Conv2d(
-            in_channels, bottleneck_channels, 1, stride=stride_1x1, bias=False,
+            in_channels,
+            bottleneck_channels,
+            1,
+            stride=stride_1x1,
+            bias=False,
             norm=get_norm(norm, bottleneck_channels),
         )
         self.deform_modulated = deform_modulated
         if deform:
             # 2 offsets (and, modulated, 1 mask value) per kernel tap.
-            offset_channels = (27 if deform_modulated else 18)
-            self.conv2_offset = nn.Conv2d(
-                bottleneck_channels, offset_channels, 3, stride=stride_3x3, padding=1
-            )
+            offset_channels = 27 if deform_modulated else 18
+            self.conv2_offset = nn.Conv2d(bottleneck_channels, offset_channels, 3, stride=stride_3x3, padding=1)
             nn.init.zeros_(self.conv2_offset.weight)
             nn.init.zeros_(self.conv2_offset.bias)
             self.conv2 = DeformConv(
-                bottleneck_channels, bottleneck_channels, 3, stride=stride_3x3, padding=1,
-                groups=num_groups, norm=get_norm(norm, bottleneck_channels),
+                bottleneck_channels,
+                bottleneck_channels,
+                3,
+                stride=stride_3x3,
+                padding=1,
+                groups=num_groups,
+                norm=get_norm(norm, bottleneck_channels),
             )
         else:
             self.conv2_offset = None
             self.conv2 = Conv2d(
-                bottleneck_channels, bottleneck_channels, 3, stride=stride_3x3, padding=1,
-                groups=num_groups, bias=False, norm=get_norm(norm, bottleneck_channels),
+                bottleneck_channels,
+                bottleneck_channels,
+                3,
+                stride=stride_3x3,
+                padding=1,
+                groups=num_groups,
+                bias=False,
+                norm=get_norm(norm, bottleneck_channels),
             )
-        self.conv3 = Conv2d(
-            bottleneck_channels, out_channels, 1, bias=False, norm=get_norm(norm, out_channels)
-        )
+        self.conv3 = Conv2d(bottleneck_channels, out_channels, 1, bias=False, norm=get_norm(norm, out_channels))
         for conv in (self.conv1, self.conv3) + ((self.conv2,) if not deform else ()):
             c2_msra_fill(conv)
 
@@ -143,8 +167,15 @@ class ResNet(nn.Module):
                     block = BasicBlock(in_channels, out_channels, stride, cfg.norm)
                 else:
                     block = BottleneckBlock(
-                        in_channels, out_channels, bottleneck, stride, cfg.num_groups,
-                        cfg.stride_in_1x1, cfg.deform_on_per_stage[index], cfg.deform_modulated, cfg.norm,
+                        in_channels,
+                        out_channels,
+                        bottleneck,
+                        stride,
+                        cfg.num_groups,
+                        cfg.stride_in_1x1,
+                        cfg.deform_on_per_stage[index],
+                        cfg.deform_modulated,
+                        cfg.norm,
                     )
                 blocks.append(block)
                 in_channels = out_channels

@@ -97,8 +97,13 @@ def coordinate_trick_nms(
 
 
 def nms_in_each_image(
-    boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor, num_groups: int,
-    iou_threshold: float, coordinate_trick: bool = True,
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    groups: torch.Tensor,
+    valid: torch.Tensor,
+    num_groups: int,
+    iou_threshold: float,
+    coordinate_trick: bool = True,
 ) -> torch.Tensor:
     """NMS within each (image, group) of a batch laid out per image -> kept [B, n] bool.
 
@@ -120,7 +125,11 @@ def nms_in_each_image(
 
 
 def nms_image_by_image(
-    boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor, iou_threshold: float,
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    groups: torch.Tensor,
+    valid: torch.Tensor,
+    iou_threshold: float,
     coordinate_trick: bool,
 ) -> torch.Tensor:
     """``nms_in_each_image`` as a loop over the images (TorchScript-compatible)."""
@@ -150,7 +159,11 @@ ONNX_SCORE_FLOOR = -65504.0
 
 
 def onnx_nms_in_each_image(
-    boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor, num_groups: int,
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    groups: torch.Tensor,
+    valid: torch.Tensor,
+    num_groups: int,
     iou_threshold: float,
 ) -> torch.Tensor:
     """``nms_in_each_image`` as ONNX's NonMaxSuppression, which runs per (batch item, class):
@@ -178,7 +191,9 @@ class NonMaxSuppression(torch.autograd.Function):
             for group in range(scores.shape[1]):
                 rows = torch.nonzero(scores[image, group] >= ONNX_SCORE_FLOOR).squeeze(1)
                 keep = rows[nms(boxes[image, rows], scores[image, group, rows], iou_threshold)][:, None]
-                selected.append(torch.cat((keep.new_full(keep.shape, image), keep.new_full(keep.shape, group), keep), 1))
+                selected.append(
+                    torch.cat((keep.new_full(keep.shape, image), keep.new_full(keep.shape, group), keep), 1)
+                )
         return torch.cat(selected)
 
     @staticmethod
@@ -187,8 +202,12 @@ class NonMaxSuppression(torch.autograd.Function):
             return g.op("Constant", value_t=torch.tensor([value], dtype=dtype))
 
         return g.op(
-            "NonMaxSuppression", boxes, scores, constant(sys.maxsize, torch.int64),
-            constant(iou_threshold, torch.float32), constant(ONNX_SCORE_FLOOR, torch.float32),
+            "NonMaxSuppression",
+            boxes,
+            scores,
+            constant(sys.maxsize, torch.int64),
+            constant(iou_threshold, torch.float32),
+            constant(ONNX_SCORE_FLOOR, torch.float32),
         )
 
 
@@ -231,7 +250,10 @@ class AnchorGenerator(nn.Module):
     """
 
     def __init__(
-        self, sizes: tuple[int, ...], aspect_ratios: tuple[float, ...], strides: tuple[int, ...],
+        self,
+        sizes: tuple[int, ...],
+        aspect_ratios: tuple[float, ...],
+        strides: tuple[int, ...],
         offset: float = 0.0,
     ) -> None:
         super().__init__()

@@ -72,23 +72,31 @@ class DeformConv(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-        padding: int = 0, dilation: int = 1, groups: int = 1, norm: nn.Module | None = None,
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.stride, self.padding, self.dilation = stride, padding, dilation
-        self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size)
-        )
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size))
         nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
         self.norm = norm
 
-    def forward(
-        self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = deform_conv2d(
-            x, offset, self.weight, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, mask=mask,
+            x,
+            offset,
+            self.weight,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            mask=mask,
         )
         return self.norm(x) if self.norm is not None else x
 

@@ -103,8 +103,12 @@ class TransfinerMaskHead(nn.Module):
     """Everything after the detections: coarse masks, incoherence, and quadtree refinement."""
 
     def __init__(
-        self, in_channels: int, mask_cfg: MaskHeadConfig, transfiner_cfg: TransfinerConfig,
-        num_classes: int, strides: tuple[int, ...] = (4, 8, 16, 32),
+        self,
+        in_channels: int,
+        mask_cfg: MaskHeadConfig,
+        transfiner_cfg: TransfinerConfig,
+        num_classes: int,
+        strides: tuple[int, ...] = (4, 8, 16, 32),
     ) -> None:
         super().__init__()
         self.cfg = transfiner_cfg
@@ -131,8 +135,13 @@ class TransfinerMaskHead(nn.Module):
         return roi_features, mask_features, coarse
 
     def forward(
-        self, features: list[torch.Tensor], boxes: torch.Tensor, classes: torch.Tensor,
-        batch_index: torch.Tensor, refine_mask: torch.Tensor | None = None, refine: bool = True,
+        self,
+        features: list[torch.Tensor],
+        boxes: torch.Tensor,
+        classes: torch.Tensor,
+        batch_index: torch.Tensor,
+        refine_mask: torch.Tensor | None = None,
+        refine: bool = True,
         enhanced: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask probabilities of every detection.
@@ -155,8 +164,13 @@ class TransfinerMaskHead(nn.Module):
         if enhanced is None:
             enhanced = self.enhanced_features(features)
         refined = self.refiner(
-            enhanced, boxes[index], batch_index[index], self.pooler.levels(boxes[index]),
-            roi_features[index], coarse[index], incoherence,
+            enhanced,
+            boxes[index],
+            batch_index[index],
+            self.pooler.levels(boxes[index]),
+            roi_features[index],
+            coarse[index],
+            incoherence,
         )
         return upsampled.index_put((index,), refined), upsampled
 

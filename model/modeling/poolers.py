@@ -10,8 +10,11 @@ from torchvision.ops import roi_align
 
 
 def assign_fpn_levels(
-    boxes: torch.Tensor, min_level: int = 2, max_level: int = 5,
-    canonical_box_size: int = 224, canonical_level: int = 4,
+    boxes: torch.Tensor,
+    min_level: int = 2,
+    max_level: int = 5,
+    canonical_box_size: int = 224,
+    canonical_level: int = 4,
 ) -> torch.Tensor:
     """boxes [R, 4] xyxy -> [R] int64 index into P2..P5 (0 = P2), the FPN paper's rule."""
     sizes = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
@@ -20,8 +23,12 @@ def assign_fpn_levels(
 
 
 def multilevel_roi_align(
-    features: list[torch.Tensor], rois: torch.Tensor, levels: torch.Tensor, output_size: int,
-    scales: tuple[float, ...], sampling_ratio: int = 0,
+    features: list[torch.Tensor],
+    rois: torch.Tensor,
+    levels: torch.Tensor,
+    output_size: int,
+    scales: tuple[float, ...],
+    sampling_ratio: int = 0,
 ) -> torch.Tensor:
     """RoIAlignV2 of each RoI on its own level.
 
@@ -48,8 +55,12 @@ def multilevel_roi_align(
 
 
 def _roi_align_per_level_traced(
-    features: list[torch.Tensor], rois: torch.Tensor, levels: torch.Tensor, output_size: int,
-    scales: tuple[float, ...], sampling_ratio: int,
+    features: list[torch.Tensor],
+    rois: torch.Tensor,
+    levels: torch.Tensor,
+    output_size: int,
+    scales: tuple[float, ...],
+    sampling_ratio: int,
 ) -> torch.Tensor:
     """``multilevel_roi_align`` for traced graphs (TorchScript, ONNX): no count may become a
     constant of the graph, so each level picks its rows by a mask."""
@@ -68,8 +79,12 @@ def _roi_align(feature: torch.Tensor, rois: torch.Tensor, output_size: int, scal
     multiple of 4 pixels), so a bf16/fp16 feature map is sampled in float32, as torchvision's
     CUDA autocast does (its CPU kernel wants equal types)."""
     return roi_align(
-        feature if feature.dtype == rois.dtype else feature.to(rois.dtype), rois, output_size,
-        spatial_scale=scale, sampling_ratio=sampling_ratio, aligned=True,
+        feature if feature.dtype == rois.dtype else feature.to(rois.dtype),
+        rois,
+        output_size,
+        spatial_scale=scale,
+        sampling_ratio=sampling_ratio,
+        aligned=True,
     ).to(feature.dtype)
 
 
@@ -95,6 +110,10 @@ class ROIPooler(nn.Module):
     def forward(self, features: list[torch.Tensor], boxes: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
         """features P2..P5, boxes [R, 4], batch_index [R] -> [R, C, S, S]."""
         return multilevel_roi_align(
-            features, boxes_to_rois(boxes, batch_index), self.levels(boxes), self.output_size,
-            self.scales, self.sampling_ratio,
+            features,
+            boxes_to_rois(boxes, batch_index),
+            self.levels(boxes),
+            self.output_size,
+            self.scales,
+            self.sampling_ratio,
         )

@@ -34,7 +34,7 @@ class InferenceOptions:
     # detections (the config's) before ``max_detections`` applies; None keeps every class.
     classes: torch.Tensor | None = None
 
-    def batch_wide(self) -> "InferenceOptions":
+    def batch_wide(self) -> InferenceOptions:
         """Scalar options that give every image at least what its own options give: the lowest
         threshold, the largest cap (the config's when any image filters classes) and refinement
         if any image wants it. For runtimes that take one value per batch (exported graphs);
@@ -105,7 +105,7 @@ class MaskTransfiner(nn.Module):
 
     def detect(
         self, images: torch.Tensor, image_sizes: torch.Tensor, options: InferenceOptions | None = None
-    ) -> "DetectedBatch":
+    ) -> DetectedBatch:
         """The first half of ``forward``: features and final detections, no masks yet."""
         options = options or InferenceOptions()
         features = self.backbone(self.normalize(images))
@@ -121,7 +121,13 @@ class MaskTransfiner(nn.Module):
             wanted = torch.as_tensor(configured if top_k is None else top_k).expand(images.shape[0])
             top_k = torch.where(options.classes.all(dim=1), wanted.cpu(), configured)
         detections = self.roi_heads.inference(
-            logits, deltas, proposal_boxes, proposal_batch, image_sizes, options.score_threshold, top_k,
+            logits,
+            deltas,
+            proposal_boxes,
+            proposal_batch,
+            image_sizes,
+            options.score_threshold,
+            top_k,
         )
         if options.classes is not None:
             detections = _keep_classes(detections, options.classes, options.max_detections, image_sizes.shape[0])
@@ -134,7 +140,7 @@ class MaskTransfiner(nn.Module):
             refine = True
         return DetectedBatch(box_features, detections, refine_mask, bool(refine))
 
-    def segment(self, batch: "DetectedBatch", rows: torch.Tensor | None = None) -> RawOutputs:
+    def segment(self, batch: DetectedBatch, rows: torch.Tensor | None = None) -> RawOutputs:
         """The second half of ``forward``: the masks of the detections ``rows`` ([R] int64 into
         the batch's detections; default all), as ``RawOutputs`` of those rows. Calls on parts
         of one batch give each detection what one call on all of them gives."""
@@ -145,15 +151,20 @@ class MaskTransfiner(nn.Module):
         if rows is not None and batch.refine and self.mask_head.cfg.enabled:
             enhanced = batch.enhanced_features(self.mask_head)  # once per batch, not per call
         mask_probs, coarse_probs = self.mask_head(
-            batch.features, detections.boxes, detections.classes, detections.batch_index,
-            refine_mask, batch.refine, enhanced,
+            batch.features,
+            detections.boxes,
+            detections.classes,
+            detections.batch_index,
+            refine_mask,
+            batch.refine,
+            enhanced,
         )
         return RawOutputs(
             detections.boxes, detections.scores, detections.classes, detections.batch_index, mask_probs, coarse_probs
         )
 
     def segment_lightest_first(
-        self, batch: "DetectedBatch", boxes_per_group: int
+        self, batch: DetectedBatch, boxes_per_group: int
     ) -> Iterator[tuple[list[int], RawOutputs]]:
         """``segment`` in groups of whole images, the images with the fewest refined detections
         first, each group holding about ``boxes_per_group`` refined boxes (at least one image).

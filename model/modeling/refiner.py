@@ -227,9 +227,7 @@ class MultiheadSelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(
-        self, x: torch.Tensor, pos: torch.Tensor, padding_mask: "torch.Tensor | PackedSequences"
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, padding_mask: torch.Tensor | PackedSequences) -> torch.Tensor:
         """x, pos [R, L, d] with padding_mask [R, L]; or packed tokens [T, d] with their
         ``PackedSequences``."""
         d_model = x.shape[-1]
@@ -266,7 +264,7 @@ class PackedSequences:
     longest: int  # a bound on the longest sequence (L)
 
     @classmethod
-    def from_padding(cls, padding_mask: torch.Tensor) -> "PackedSequences":
+    def from_padding(cls, padding_mask: torch.Tensor) -> PackedSequences:
         """padding_mask [R, L], True = padding."""
         real = ~padding_mask
         starts = F.pad(real.sum(1).cumsum(0), (1, 0)).to(torch.int32)
@@ -296,9 +294,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequence
 EXPORT_QUERY_BLOCK = 64
 
 
-def exportable_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor
-) -> torch.Tensor:
+def exportable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
     """Attention as two MatMuls and a Softmax, for ONNX graphs.
 
     - q, k, v [R, h, L, d]; padding_mask [R, L] True = ignore that key.
@@ -334,9 +330,7 @@ class SequenceEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(
-        self, x: torch.Tensor, pos: torch.Tensor, padding_mask: "torch.Tensor | PackedSequences"
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, padding_mask: torch.Tensor | PackedSequences) -> torch.Tensor:
         """[R, L, d] with a padding mask, or packed [T, d] (``MultiheadSelfAttention``)."""
         x = layer_norm(self.norm1, x + self.dropout(self.self_attn(x, pos, padding_mask)))
         ffn = self.linear2(self.dropout(linear_relu(self.linear1, x)))
@@ -461,9 +455,7 @@ def cell_boxes(boxes: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     cell_w = (boxes[:, 2:3] - x0) / grid
     cell_h = (boxes[:, 3:4] - y0) / grid
     col, row = (cells % grid).to(boxes.dtype), torch.div(cells, grid, rounding_mode="floor").to(boxes.dtype)
-    return torch.stack(
-        (x0 + col * cell_w, y0 + row * cell_h, x0 + (col + 1) * cell_w, y0 + (row + 1) * cell_h), dim=2
-    )
+    return torch.stack((x0 + col * cell_w, y0 + row * cell_h, x0 + (col + 1) * cell_w, y0 + (row + 1) * cell_h), dim=2)
 
 
 class TransfinerRefiner(nn.Module):
@@ -485,8 +477,12 @@ class TransfinerRefiner(nn.Module):
             self.register_buffer(f"pos_{size}", sine_position_table(size, cfg.d_model), persistent=False)
 
     def node_features(
-        self, features: list[torch.Tensor], boxes: torch.Tensor, batch_index: torch.Tensor,
-        box_levels: torch.Tensor, levels: list[QuadtreeLevel],
+        self,
+        features: list[torch.Tensor],
+        boxes: torch.Tensor,
+        batch_index: torch.Tensor,
+        box_levels: torch.Tensor,
+        levels: list[QuadtreeLevel],
     ) -> list[torch.Tensor]:
         """RoIAlign features of every node -> per level [R, n_l, C].
 
@@ -523,8 +519,14 @@ class TransfinerRefiner(nn.Module):
         return out
 
     def decode(
-        self, features: list[torch.Tensor], boxes: torch.Tensor, batch_index: torch.Tensor,
-        box_levels: torch.Tensor, context: torch.Tensor, coarse: torch.Tensor, levels: list[QuadtreeLevel],
+        self,
+        features: list[torch.Tensor],
+        boxes: torch.Tensor,
+        batch_index: torch.Tensor,
+        box_levels: torch.Tensor,
+        context: torch.Tensor,
+        coarse: torch.Tensor,
+        levels: list[QuadtreeLevel],
     ) -> list[torch.Tensor]:
         """Builds each box's token sequence, encodes all boxes at once, decodes probabilities.
 
@@ -557,8 +559,14 @@ class TransfinerRefiner(nn.Module):
         return list(decoded.split(sizes, dim=1))
 
     def forward(
-        self, features: list[torch.Tensor], boxes: torch.Tensor, batch_index: torch.Tensor,
-        box_levels: torch.Tensor, context: torch.Tensor, coarse: torch.Tensor, incoherence: torch.Tensor,
+        self,
+        features: list[torch.Tensor],
+        boxes: torch.Tensor,
+        batch_index: torch.Tensor,
+        box_levels: torch.Tensor,
+        context: torch.Tensor,
+        coarse: torch.Tensor,
+        incoherence: torch.Tensor,
     ) -> torch.Tensor:
         """Refines R boxes.
 
@@ -593,8 +601,14 @@ class TransfinerRefiner(nn.Module):
         return out
 
     def refine_chunk(
-        self, features: list[torch.Tensor], boxes: torch.Tensor, batch_index: torch.Tensor,
-        box_levels: torch.Tensor, context: torch.Tensor, coarse: torch.Tensor, levels: list[QuadtreeLevel],
+        self,
+        features: list[torch.Tensor],
+        boxes: torch.Tensor,
+        batch_index: torch.Tensor,
+        box_levels: torch.Tensor,
+        context: torch.Tensor,
+        coarse: torch.Tensor,
+        levels: list[QuadtreeLevel],
     ) -> torch.Tensor:
         """``forward`` for one chunk of boxes and its chosen nodes -> [n, 112, 112]."""
         decoded = self.decode(features, boxes, batch_index, box_levels, context, coarse, levels)

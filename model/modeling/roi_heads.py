@@ -59,7 +59,11 @@ class Detections:
     """Detections of a whole batch, flattened: rows are grouped by image, best score first."""
 
     def __init__(
-        self, boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, batch_index: torch.Tensor,
+        self,
+        boxes: torch.Tensor,
+        scores: torch.Tensor,
+        classes: torch.Tensor,
+        batch_index: torch.Tensor,
         rank: torch.Tensor,
     ):
         self.boxes = boxes  # [D, 4] xyxy in input-image pixels
@@ -68,9 +72,11 @@ class Detections:
         self.batch_index = batch_index  # [D] int64
         self.rank = rank  # [D] int64, 0-based position within its image (0: its best detection)
 
-    def take(self, rows: torch.Tensor) -> "Detections":
+    def take(self, rows: torch.Tensor) -> Detections:
         """The detections ``rows`` ([R] int64, in order), ranks unchanged."""
-        return Detections(self.boxes[rows], self.scores[rows], self.classes[rows], self.batch_index[rows], self.rank[rows])
+        return Detections(
+            self.boxes[rows], self.scores[rows], self.classes[rows], self.batch_index[rows], self.rank[rows]
+        )
 
 
 def per_image(value, index: torch.Tensor):
@@ -99,8 +105,13 @@ class BoxROIHeads(nn.Module):
         return self.box_predictor(self.box_head(self.box_pooler(features, proposals, proposal_batch)))
 
     def inference(
-        self, logits: torch.Tensor, deltas: torch.Tensor, proposals: torch.Tensor,
-        proposal_batch: torch.Tensor, image_sizes: torch.Tensor, score_thresh: float | torch.Tensor | None = None,
+        self,
+        logits: torch.Tensor,
+        deltas: torch.Tensor,
+        proposals: torch.Tensor,
+        proposal_batch: torch.Tensor,
+        image_sizes: torch.Tensor,
+        score_thresh: float | torch.Tensor | None = None,
         detections_per_image: int | torch.Tensor | None = None,
     ) -> Detections:
         """Detectron2's ``fast_rcnn_inference`` for all images at once (no per-image loop).
@@ -152,10 +163,18 @@ class BoxROIHeads(nn.Module):
         # NMS within each (image, class) on the valid candidates (scores are finite where valid):
         # per image, its classes moved apart by the coordinate trick (clipped boxes are >= 0).
         nms_boxes = _clipped(boxes[top_proposals, classes], image_sizes[images])  # [B * k, 4]
-        kept = nms_in_each_image(
-            nms_boxes.view(num_images, width, 4), top_scores.view(num_images, width), classes.view(num_images, width),
-            (top_scores > -math.inf).view(num_images, width), num_classes, self.cfg.nms_thresh_test,
-        ).flatten().to(torch.float32)  # [B * k]
+        kept = (
+            nms_in_each_image(
+                nms_boxes.view(num_images, width, 4),
+                top_scores.view(num_images, width),
+                classes.view(num_images, width),
+                (top_scores > -math.inf).view(num_images, width),
+                num_classes,
+                self.cfg.nms_thresh_test,
+            )
+            .flatten()
+            .to(torch.float32)
+        )  # [B * k]
 
         # Rank of each kept detection in its image (a float cumsum along the [B, k] rows: TensorRT's
         # CumSum is float-only), the top-k per image (as detectron2, a negative top-k keeps every

@@ -79,7 +79,10 @@ class RPN(nn.Module):
         return proposals, anchors, logits, deltas
 
     def propose(
-        self, anchors: list[torch.Tensor], logits: list[torch.Tensor], deltas: list[torch.Tensor],
+        self,
+        anchors: list[torch.Tensor],
+        logits: list[torch.Tensor],
+        deltas: list[torch.Tensor],
         image_sizes: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """detectron2's ``find_top_rpn_proposals`` for the whole batch at once.
@@ -113,11 +116,11 @@ class RPN(nn.Module):
 
         # NMS inside each (image, level) with torchvision's batched_nms, as detectron2; then each
         # image's best post_topk kept proposals, best first.
-        kept = nms_in_each_image(boxes, scores, levels.expand(batch, -1), valid, len(anchors), self.cfg.nms_thresh,
-                                 coordinate_trick=False)
+        kept = nms_in_each_image(
+            boxes, scores, levels.expand(batch, -1), valid, len(anchors), self.cfg.nms_thresh, coordinate_trick=False
+        )
         ranked = torch.where(kept, scores, -math.inf)
         best, index = best_first(ranked, post_topk)  # [B, >= k]
         batch_index, slot = torch.nonzero(best > -math.inf, as_tuple=True)
         index = index[batch_index, slot]
         return boxes[batch_index, index], scores[batch_index, index], batch_index
-

@@ -50,7 +50,9 @@ class Matcher:
         return matches, labels
 
 
-def subsample_labels(labels: torch.Tensor, num_samples: int, positive_fraction: float, bg_label: int) -> tuple[torch.Tensor, torch.Tensor]:
+def subsample_labels(
+    labels: torch.Tensor, num_samples: int, positive_fraction: float, bg_label: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random positive and negative indices, at most ``positive_fraction`` positive (detectron2)."""
     positive = torch.nonzero((labels != -1) & (labels != bg_label)).squeeze(1)
     negative = torch.nonzero(labels == bg_label).squeeze(1)
@@ -226,8 +228,13 @@ class TrainingLosses(nn.Module):
         refiner = head.refiner
         levels = self.train_quadtree(incoherence[keep].detach(), random_order=True)
         decoded = refiner.decode(
-            enhanced, boxes[keep], batch_index[keep], head.pooler.levels(boxes[keep]),
-            roi_features[keep], logits[keep].detach().sigmoid(), levels,
+            enhanced,
+            boxes[keep],
+            batch_index[keep],
+            head.pooler.levels(boxes[keep]),
+            roi_features[keep],
+            logits[keep].detach().sigmoid(),
+            levels,
         )
         predictions = [decoded[0]]
         labels = [crop_masks(masks, boxes[keep], instance[keep], 14).flatten(1)]

@@ -101,8 +101,11 @@ def load_matching_weights(model: MaskTransfiner, path: str | Path) -> list[str]:
     fine-tuning an 80-class model on other classes). Returns the skipped names."""
     _, state = load_checkpoint(path)
     target = model.state_dict()
-    usable = {k: v.float() if v.is_floating_point() else v for k, v in state.items()
-              if k in target and v.shape == target[k].shape}
+    usable = {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in state.items()
+        if k in target and v.shape == target[k].shape
+    }
     if not usable:
         raise CheckpointError(f"{path} shares no weights with config {model.cfg.name!r}")
     model.load_state_dict(usable, strict=False)
@@ -117,8 +120,10 @@ def read_train_state(path: Path) -> dict:
     state = load_torch_file(path)
     found = state.get("format") if isinstance(state, dict) else None
     if found != TRAIN_STATE_FORMAT:
-        raise CheckpointError(f"--resume: {path} is not a training state this version can resume "
-                              f"(format {found!r}, expected {TRAIN_STATE_FORMAT!r}); start a new --out")
+        raise CheckpointError(
+            f"--resume: {path} is not a training state this version can resume "
+            f"(format {found!r}, expected {TRAIN_STATE_FORMAT!r}); start a new --out"
+        )
     return state
 
 
@@ -135,9 +140,18 @@ def build_optimizer(parameters: list[torch.nn.Parameter], solver: SolverConfig) 
 
 
 def train(
-    config_name: str | ModelConfig, data: str | Path, out: str | Path, solver: SolverConfig, val: str | Path | None = None,
-    resume: bool = False, init_weights: str | Path | None = None, device: str = "auto",
-    image_root: str | Path | None = None, *, val_image_root: str | Path | None = None, overwrite: bool = False,
+    config_name: str | ModelConfig,
+    data: str | Path,
+    out: str | Path,
+    solver: SolverConfig,
+    val: str | Path | None = None,
+    resume: bool = False,
+    init_weights: str | Path | None = None,
+    device: str = "auto",
+    image_root: str | Path | None = None,
+    *,
+    val_image_root: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Trains and returns the path of the final inference checkpoint.
 
@@ -167,7 +181,9 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     run = _TrainingRun.build(cfg, solver, device, out / "last.pth", init_weights, state)
 
-    (out / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "solver": dataclasses.asdict(solver)}, indent=2))
+    (out / "config.json").write_text(
+        json.dumps({"model": cfg.to_dict(), "solver": dataclasses.asdict(solver)}, indent=2)
+    )
     metrics_path = out / "metrics.jsonl"
     if not resume and metrics_path.exists():
         metrics_path.unlink()
@@ -182,13 +198,18 @@ def _check_out(out: Path, resume: bool, init_weights: str | Path | None, overwri
         raise ValueError("--resume continues a run from its own last.pth; --weights starts a new run: give one of them")
     earlier = [name for name in ("last.pth", "model_final.pth") if (out / name).exists()]
     if earlier and not resume and not overwrite:
-        raise ValueError(f"{out} holds an earlier run ({', '.join(earlier)}): --resume it, --overwrite it, "
-                         "or give another --out")
+        raise ValueError(
+            f"{out} holds an earlier run ({', '.join(earlier)}): --resume it, --overwrite it, or give another --out"
+        )
     return earlier
 
 
 def _training_data(
-    config_name: str | ModelConfig, data: str | Path, image_root: str | Path | None, state: dict | None, out: Path,
+    config_name: str | ModelConfig,
+    data: str | Path,
+    image_root: str | Path | None,
+    state: dict | None,
+    out: Path,
     seed: int,
 ) -> tuple[CocoDataset, ModelConfig]:
     """The training set and the model config: the resumed run's own, which must have the data's categories,
@@ -231,8 +252,13 @@ class _TrainingRun:
 
     @classmethod
     def build(
-        cls, cfg: ModelConfig, solver: SolverConfig, device: torch.device, state_path: Path,
-        init_weights: str | Path | None, state: dict | None,
+        cls,
+        cfg: ModelConfig,
+        solver: SolverConfig,
+        device: torch.device,
+        state_path: Path,
+        init_weights: str | Path | None,
+        state: dict | None,
     ) -> _TrainingRun:
         """A fresh model (from ``init_weights`` where they fit), or the resumed ``state``."""
         model = MaskTransfiner(cfg).to(device)
@@ -255,12 +281,20 @@ class _TrainingRun:
         return cls(cfg, solver, device, state_path, model, losses_fn, parameters, optimizer, scaler, use_amp, start)
 
     def save_state(self, iteration: int) -> None:
-        torch.save({
-            "format": TRAIN_STATE_FORMAT, "config": self.cfg.to_dict(), "solver": dataclasses.asdict(self.solver),
-            "model": self.model.state_dict(), "aux": self.losses_fn.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "rng": torch.get_rng_state(), "iter": iteration,
-        }, self.state_path)
+        torch.save(
+            {
+                "format": TRAIN_STATE_FORMAT,
+                "config": self.cfg.to_dict(),
+                "solver": dataclasses.asdict(self.solver),
+                "model": self.model.state_dict(),
+                "aux": self.losses_fn.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "iter": iteration,
+            },
+            self.state_path,
+        )
 
     def step(
         self, samples: list[TrainingSample], iteration: int
@@ -310,7 +344,12 @@ def _train_loop(run: _TrainingRun, dataset: CocoDataset, metrics_path: Path, los
 
 
 def _log_window(
-    window: list[dict[str, float]], done: int, lr: float, elapsed: float, metrics_path: Path, progress: tqdm,
+    window: list[dict[str, float]],
+    done: int,
+    lr: float,
+    elapsed: float,
+    metrics_path: Path,
+    progress: tqdm,
     iters: int,
 ) -> None:
     """The mean losses of the iterations since the last log: a line of ``metrics_path``, and the progress bar's
@@ -321,12 +360,14 @@ def _log_window(
         f.write(json.dumps(record) + "\n")
     progress.set_postfix(loss=f"{mean['total']:.3f}", lr=f"{lr:.2g}")
     if progress.disable:  # no terminal (a log file, a pipe): a line a logged iteration instead
-        print(f"iter {done}/{iters}  loss {mean['total']:.3f}  lr {lr:.2g}  "
-              f"{record['s_per_iter']:.2f} s/iter", flush=True)
+        print(
+            f"iter {done}/{iters}  loss {mean['total']:.3f}  lr {lr:.2g}  {record['s_per_iter']:.2f} s/iter", flush=True
+        )
 
 
-def _finish(run: _TrainingRun, out: Path, data: str | Path, val: str | Path | None,
-            val_image_root: str | Path | None) -> Path:
+def _finish(
+    run: _TrainingRun, out: Path, data: str | Path, val: str | Path | None, val_image_root: str | Path | None
+) -> Path:
     """The last training state, the inference checkpoint ``model_final.pth``, the loss plot and, with
     ``val``, the evaluation report in ``eval/``."""
     run.save_state(run.solver.iters)
@@ -350,9 +391,11 @@ def _resumed_solver(state: dict, given: SolverConfig) -> SolverConfig:
     finished = int(state["iter"])
     if given.iters <= finished:
         raise ValueError(f"--resume: the run has finished {finished} iterations; give --iters above that")
-    print(f"resuming at iteration {finished} of {given.iters} with the run's own solver (other solver flags are "
-          f"not applied): {saved.optimizer}, lr {saved.lr:g}, batch size {saved.batch_size}, "
-          f"warm-up {saved.warmup_iters}, clip-grad {saved.clip_grad}, seed {saved.seed}")
+    print(
+        f"resuming at iteration {finished} of {given.iters} with the run's own solver (other solver flags are "
+        f"not applied): {saved.optimizer}, lr {saved.lr:g}, batch size {saved.batch_size}, "
+        f"warm-up {saved.warmup_iters}, clip-grad {saved.clip_grad}, seed {saved.seed}"
+    )
     return dataclasses.replace(saved, iters=given.iters, workers=given.workers)  # loader processes change nothing
 
 

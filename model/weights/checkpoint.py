@@ -124,7 +124,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig | None, dict[s
 
 
 def load_model(
-    weights: str | os.PathLike, config: str | ModelConfig | None = None, device: str | torch.device = "cpu",
+    weights: str | os.PathLike,
+    config: str | ModelConfig | None = None,
+    device: str | torch.device = "cpu",
     max_cells: tuple[int, int, int] | None = None,
 ) -> MaskTransfiner:
     """A model in eval mode from a checkpoint file, read once: with the config stored in it unless

@@ -30,8 +30,10 @@ def resolve_weights(model: str | os.PathLike | None) -> Path | None:
         inside = [path / name for name in ("model_final.pth", "last.pth") if (path / name).is_file()]
         if inside:  # a `transfiner train` run
             raise CheckpointError(f"{path} is a folder; give a checkpoint file, e.g. {inside[0]}")
-        raise CheckpointError(f"{path} is a folder; give a checkpoint file (.pth) (predict, evaluate and serve "
-                              "run a `transfiner export` folder with --backend onnxruntime or torchscript)")
+        raise CheckpointError(
+            f"{path} is a folder; give a checkpoint file (.pth) (predict, evaluate and serve "
+            "run a `transfiner export` folder with --backend onnxruntime or torchscript)"
+        )
     if not path.is_file():
         raise CheckpointError(f"model not found: {path}")
     return path

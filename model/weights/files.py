@@ -59,9 +59,7 @@ def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict
                 "only numpy arrays and plain containers are accepted."
             )
         return _read_pickle(p)
-    raise CheckpointError(
-        f"unknown checkpoint type {suffix or '(no extension)'!r} for {p}; expected .pth, .pt or .pkl"
-    )
+    raise CheckpointError(f"unknown checkpoint type {suffix or '(no extension)'!r} for {p}; expected .pth, .pt or .pkl")
 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
@@ -177,8 +175,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         if (mod, name) in _PLAIN:
             return _PLAIN[(mod, name)]
         for base in ("numpy.core.", "numpy._core."):
-            if mod.startswith(base) and (mod[len(base):], name) in _NUMPY_CORE:
-                return _numpy_attr(mod[len(base):], name)
+            if mod.startswith(base) and (mod[len(base) :], name) in _NUMPY_CORE:
+                return _numpy_attr(mod[len(base) :], name)
         if mod == "numpy.dtypes" and name.endswith("DType"):
             try:
                 cls = getattr(importlib.import_module("numpy.dtypes"), name, None)

@@ -17,10 +17,11 @@ def bench_attention(device: torch.device, log) -> list[dict]:
 
     rows_, heads, length, dim = 64, 4, 2788, 64
     gen = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(rows_, heads, length, dim, device=device, dtype=torch.bfloat16, generator=gen)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(rows_, heads, length, dim, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(3)
+    )
     padding = torch.rand(rows_, length, device=device, generator=gen) < 0.05
-    padding[:, :CONTEXT_SIZE**2] = False
+    padding[:, : CONTEXT_SIZE**2] = False
     keep = ~padding[:, None, None, :]
     reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=keep)
 
@@ -28,6 +29,7 @@ def bench_attention(device: torch.device, log) -> list[dict]:
         def run():
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
         return run
 
     def unmasked():
@@ -72,8 +74,11 @@ def bench_attention(device: torch.device, log) -> list[dict]:
             seconds = (time.perf_counter() - start) / 5
             is_packed = fn is packed
             expected = packed_reference if is_packed else reference
-            row.update(ms=seconds * 1000, tflops=(packed_flops if is_packed else flops) / seconds / 1e12,
-                       max_abs_error=float((out.float() - expected).abs().max()))
+            row.update(
+                ms=seconds * 1000,
+                tflops=(packed_flops if is_packed else flops) / seconds / 1e12,
+                max_abs_error=float((out.float() - expected).abs().max()),
+            )
         except Exception as error:  # noqa: BLE001 - unsupported kernels are a result too
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
         results.append(row)

@@ -44,19 +44,44 @@ def server_cpu(pid: int) -> tuple[float, float, int]:
 
 
 def bench_http(
-    workload: Workload, checkpoint: Path, image_dir: Path, work: Path, device: str, variant: HttpServer, log,
+    workload: Workload,
+    checkpoint: Path,
+    image_dir: Path,
+    work: Path,
+    device: str,
+    variant: HttpServer,
+    log,
 ) -> list[dict]:
     """One server run as ``variant`` says, loaded at each detection count and client count."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server_log = (work / "server.log").open("w")
     server = subprocess.Popen(
-        [*TRANSFINER, "serve", "--model", str(checkpoint), "--device", device, "--port", str(port),
-         "--max-batch-size", str(workload.http_batch_size), "--max-queue-size", "256", "--log-level", "warning",
-         "--workers", str(variant.workers)],
-        stdout=server_log, stderr=subprocess.STDOUT,
-        env=dict(os.environ, TRANSFINER_GIL_SWITCH_INTERVAL_MS=str(variant.switch_interval_ms),
-                 TRANSFINER_WORKER_PROCESS=str(variant.worker_process).lower()),
+        [
+            *TRANSFINER,
+            "serve",
+            "--model",
+            str(checkpoint),
+            "--device",
+            device,
+            "--port",
+            str(port),
+            "--max-batch-size",
+            str(workload.http_batch_size),
+            "--max-queue-size",
+            "256",
+            "--log-level",
+            "warning",
+            "--workers",
+            str(variant.workers),
+        ],
+        stdout=server_log,
+        stderr=subprocess.STDOUT,
+        env=dict(
+            os.environ,
+            TRANSFINER_GIL_SWITCH_INTERVAL_MS=str(variant.switch_interval_ms),
+            TRANSFINER_WORKER_PROCESS=str(variant.worker_process).lower(),
+        ),
     )
     results = []
     try:
@@ -73,8 +98,10 @@ def bench_http(
                         row["server_page_faults_per_image"] = (after[2] - before[2]) / answered
                         row["server_cpu_cores"] = (after[0] - before[0]) / seconds
                         row["worker_cpu_ms_per_image"] = 1000 * (after[1] - before[1]) / answered
-                log(f"server process: {1000 * (after[0] - before[0]):.0f} ms CPU over {seconds:.1f} s; "
-                    f"worker processes {1000 * (after[1] - before[1]):.0f} ms")
+                log(
+                    f"server process: {1000 * (after[0] - before[0]):.0f} ms CPU over {seconds:.1f} s; "
+                    f"worker processes {1000 * (after[1] - before[1]):.0f} ms"
+                )
                 results += rows
     finally:
         server.send_signal(signal.SIGINT)
@@ -91,8 +118,16 @@ def http_warmup(workload: Workload) -> int:
     return 2 * workload.http_batch_size
 
 
-def http_step(workload: Workload, url: str, image_dir: Path, work: Path, detections: int, concurrency: int,
-              variant: HttpServer, log) -> list[dict]:
+def http_step(
+    workload: Workload,
+    url: str,
+    image_dir: Path,
+    work: Path,
+    detections: int,
+    concurrency: int,
+    variant: HttpServer,
+    log,
+) -> list[dict]:
     """One ``transfiner bench`` closed loop against the running server.
 
     At least 6 requests a client, so the steady rate (``service.loadtest.report.steady_rate``:
@@ -100,30 +135,56 @@ def http_step(workload: Workload, url: str, image_dir: Path, work: Path, detecti
     """
     step_out = work / f"http-{detections}-{concurrency}"
     command = [
-        *TRANSFINER, "bench", "--url", url, "--images", str(image_dir), "--concurrency", str(concurrency),
-        "--requests", str(max(workload.http_requests, 6 * concurrency)),
-        "--warmup", str(http_warmup(workload)), "--param", "score_threshold=0",
-        "--param", f"max_detections={detections}", "--out", str(step_out),
+        *TRANSFINER,
+        "bench",
+        "--url",
+        url,
+        "--images",
+        str(image_dir),
+        "--concurrency",
+        str(concurrency),
+        "--requests",
+        str(max(workload.http_requests, 6 * concurrency)),
+        "--warmup",
+        str(http_warmup(workload)),
+        "--param",
+        "score_threshold=0",
+        "--param",
+        f"max_detections={detections}",
+        "--out",
+        str(step_out),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
-        log(f"http det {detections} c={concurrency}: failed: {done.stderr.strip()[-400:]}\nserver log:\n"
-            + (work / "server.log").read_text()[-2000:])
+        log(
+            f"http det {detections} c={concurrency}: failed: {done.stderr.strip()[-400:]}\nserver log:\n"
+            + (work / "server.log").read_text()[-2000:]
+        )
         return [{"detections": detections, "concurrency": concurrency, "error": done.stderr.strip()[-400:]}]
     report = json.loads((step_out / "report.json").read_text())
     card = (report["target"].get("models") or [{}])[0]
     rows = []
     for step in report["steps"]:
-        rows.append({
-            "detections": detections, "switch_interval_ms": variant.switch_interval_ms, "worker": variant.name,
-            "concurrency": step["concurrency"], "ok": step["ok"], "requests": step["requests"],
-            "images_per_s": step["images_per_s"], "steady_images_per_s": step.get("steady_images_per_s"),
-            "p50_ms": (step.get("latency") or {}).get("p50_s", 0) * 1000,
-            "p99_ms": (step.get("latency") or {}).get("p99_s", 0) * 1000,
-            "precision": card.get("precision"), "server": step.get("server") or {},
-        })
+        rows.append(
+            {
+                "detections": detections,
+                "switch_interval_ms": variant.switch_interval_ms,
+                "worker": variant.name,
+                "concurrency": step["concurrency"],
+                "ok": step["ok"],
+                "requests": step["requests"],
+                "images_per_s": step["images_per_s"],
+                "steady_images_per_s": step.get("steady_images_per_s"),
+                "p50_ms": (step.get("latency") or {}).get("p50_s", 0) * 1000,
+                "p99_ms": (step.get("latency") or {}).get("p99_s", 0) * 1000,
+                "precision": card.get("precision"),
+                "server": step.get("server") or {},
+            }
+        )
         steady = step.get("steady_images_per_s")
-        log(f"http det {detections} c={step['concurrency']} switch {variant.switch_interval_ms:g} ms, worker "
+        log(
+            f"http det {detections} c={step['concurrency']} switch {variant.switch_interval_ms:g} ms, worker "
             f"{variant.name}: {step['images_per_s']:.1f} img/s, steady {steady or 0:.1f} "
-            f"({step['ok']}/{step['requests']} ok), precision {card.get('precision')}")
+            f"({step['ok']}/{step['requests']} ok), precision {card.get('precision')}"
+        )
     return rows

@@ -28,7 +28,8 @@ def bench_in_process(
                 result["refiner_tflops"] = flops / result["refiner"] / 1e12 if result["refiner"] else None
                 result["refiner_share_of_peak"] = (
                     result["refiner_tflops"] / peak_tflops[precision]
-                    if result["refiner_tflops"] and peak_tflops.get(precision) else None
+                    if result["refiner_tflops"] and peak_tflops.get(precision)
+                    else None
                 )
                 result["images_per_s"] = batch_size / (result["forward_s"] + result["postprocess_s"])
                 row.update(result)

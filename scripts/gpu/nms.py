@@ -71,7 +71,16 @@ def bench_nms(workload: Workload, device, log, repeats: int = 10) -> list[dict]:
             sync(device)
             ms = (time.perf_counter() - start) / repeats * 1000
             same = kept_set == reference
-            rows.append({"case": name, "layout": layout, "batch": batch, "boxes": count, "groups": batch * groups,
-                         "ms": ms, "same_as_one_call": same})
+            rows.append(
+                {
+                    "case": name,
+                    "layout": layout,
+                    "batch": batch,
+                    "boxes": count,
+                    "groups": batch * groups,
+                    "ms": ms,
+                    "same_as_one_call": same,
+                }
+            )
             log(f"nms {name}, {layout}: {ms:.1f} ms for {count} boxes ({'same' if same else 'DIFFERENT'})")
     return rows

@@ -48,12 +48,25 @@ def bench_profile(workload: Workload, model: MaskTransfiner, images, device, log
     aten_calls = sum(event.count for event in averages if event.key.startswith("aten::"))
     rows = sorted(operators, key=self_time_us, reverse=True)[:top]
     result = {
-        "precision": case.precision, "batch": case.batch_size, "detections": case.detections,
-        "wall_ms": wall_s * 1000, "device_busy_ms": busy_us / 1000, "kernel_launches": launches,
+        "precision": case.precision,
+        "batch": case.batch_size,
+        "detections": case.detections,
+        "wall_ms": wall_s * 1000,
+        "device_busy_ms": busy_us / 1000,
+        "kernel_launches": launches,
         "aten_calls": aten_calls,
-        "top": [{"op": event.key, "calls": event.count, "self_ms": self_time_us(event) / 1000,
-                 "share": self_time_us(event) / busy_us if busy_us else None} for event in rows],
+        "top": [
+            {
+                "op": event.key,
+                "calls": event.count,
+                "self_ms": self_time_us(event) / 1000,
+                "share": self_time_us(event) / busy_us if busy_us else None,
+            }
+            for event in rows
+        ],
     }
-    log(f"profile {case.precision} batch {case.batch_size} det {case.detections}: wall {wall_s * 1000:.0f} ms, "
-        f"device busy {busy_us / 1000:.0f} ms, {launches} kernel launches, {aten_calls} aten calls")
+    log(
+        f"profile {case.precision} batch {case.batch_size} det {case.detections}: wall {wall_s * 1000:.0f} ms, "
+        f"device busy {busy_us / 1000:.0f} ms, {launches} kernel launches, {aten_calls} aten calls"
+    )
     return result

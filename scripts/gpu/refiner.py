@@ -50,8 +50,11 @@ def bench_refiner_variants(workload: Workload, model: MaskTransfiner, images, de
 
     reference = masks()
     rows = []
-    for name, variant in (("the model", contextlib.nullcontext), ("separate ReLU", separate_relu),
-                          ("packed attention", packed)):
+    for name, variant in (
+        ("the model", contextlib.nullcontext),
+        ("separate ReLU", separate_relu),
+        ("packed attention", packed),
+    ):
         try:
             with variant():
                 change = float((masks() - reference).abs().max()) if reference.numel() else 0.0
@@ -60,10 +63,21 @@ def bench_refiner_variants(workload: Workload, model: MaskTransfiner, images, de
             rows.append({"variant": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"})
             log(f"refiner variant {name}: {rows[-1]['error']}")
             continue
-        rows.append({"variant": name, "precision": case.precision, "batch": case.batch_size,
-                     "detections": case.detections, "forward_s": result["forward_s"],
-                     "mask_head_s": result["mask_head"], "refiner_s": result["refiner"],
-                     "peak_gpu_gib": result["peak_gpu_gib"], "max_mask_prob_change": change})
-        log(f"refiner variant {name}: forward {result['forward_s'] * 1000:.0f} ms, refiner "
-            f"{result['refiner'] * 1000:.0f} ms, masks moved by at most {change:.1e}")
+        rows.append(
+            {
+                "variant": name,
+                "precision": case.precision,
+                "batch": case.batch_size,
+                "detections": case.detections,
+                "forward_s": result["forward_s"],
+                "mask_head_s": result["mask_head"],
+                "refiner_s": result["refiner"],
+                "peak_gpu_gib": result["peak_gpu_gib"],
+                "max_mask_prob_change": change,
+            }
+        )
+        log(
+            f"refiner variant {name}: forward {result['forward_s'] * 1000:.0f} ms, refiner "
+            f"{result['refiner'] * 1000:.0f} ms, masks moved by at most {change:.1e}"
+        )
     return rows

@@ -85,8 +85,10 @@ class ChunkRecorder:
 
         def recorded(incoherence):
             planned = self.plan(incoherence)
-            self.chunks.extend((len(index), CONTEXT_SIZE**2 + sum(level.nodes.shape[1] for level in levels))
-                               for index, levels in planned)
+            self.chunks.extend(
+                (len(index), CONTEXT_SIZE**2 + sum(level.nodes.shape[1] for level in levels))
+                for index, levels in planned
+            )
             return planned
 
         self.refiner.chunks = recorded
@@ -126,8 +128,9 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 8192, repe
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def time_case(model: MaskTransfiner, case: Case, device: torch.device, seconds: float,
-              postprocess: bool = True) -> dict:
+def time_case(
+    model: MaskTransfiner, case: Case, device: torch.device, seconds: float, postprocess: bool = True
+) -> dict:
     """Median per-batch time and stages of one case, and its peak memory.
 
     - Runs for about ``seconds``: at least 2 batches, at most 50.

@@ -61,8 +61,9 @@ def bench_worker(workload: Workload, model: MaskTransfiner, images, device, log)
     worker = Worker(backend)
     default_group = backend.boxes_per_group
     cfg = model.cfg
-    queued = [network_image(images[i % len(images)], images[i % len(images)].shape[:2], cfg.input)
-              for i in range(batch_size)]
+    queued = [
+        network_image(images[i % len(images)], images[i % len(images)].shape[:2], cfg.input) for i in range(batch_size)
+    ]
     default_interval = sys.getswitchinterval()
     rows = []
 
@@ -82,8 +83,11 @@ def bench_worker(workload: Workload, model: MaskTransfiner, images, device, log)
     # grouping: the CPU's small groups (per-image steps at 100 detections) on a GPU, the whole
     # batch in one step on a CPU; what answering the lightest images first costs.
     other_group = CPU_BOXES_PER_GROUP if default_group != CPU_BOXES_PER_GROUP else 10**9
-    cases = ((False, default_interval, default_group), (True, 0.0002, default_group),
-             (False, default_interval, other_group))
+    cases = (
+        (False, default_interval, default_group),
+        (True, 0.0002, default_group),
+        (False, default_interval, other_group),
+    )
     try:
         for detections in workload.detections:
             options = RequestOptions(score_threshold=0.0, max_detections=detections)
@@ -97,21 +101,33 @@ def bench_worker(workload: Workload, model: MaskTransfiner, images, device, log)
                         preprocess.clear()
                         groups.clear()
                         begin = time.perf_counter()
-                        while len(times) < 2 or (time.perf_counter() - begin < workload.seconds_per_case
-                                                 and len(times) < 30):
+                        while len(times) < 2 or (
+                            time.perf_counter() - begin < workload.seconds_per_case and len(times) < 30
+                        ):
                             times.append(one_batch(options)[0])
                 finally:
                     sys.setswitchinterval(default_interval)
                     backend.boxes_per_group = default_group
                 batch_s = float(np.median(times))
-                row = {"precision": precision, "batch": batch_size, "detections": detections, "busy_thread": load,
-                       "worker": "thread", "boxes_per_group": group, "mask_steps": max(groups),
-                       "switch_interval_ms": interval * 1000, "batch_ms": batch_s * 1000,
-                       "preprocess_ms": float(np.median(preprocess)) * 1000,
-                       "images_per_s": batch_size / batch_s, "runs": len(times)}
+                row = {
+                    "precision": precision,
+                    "batch": batch_size,
+                    "detections": detections,
+                    "busy_thread": load,
+                    "worker": "thread",
+                    "boxes_per_group": group,
+                    "mask_steps": max(groups),
+                    "switch_interval_ms": interval * 1000,
+                    "batch_ms": batch_s * 1000,
+                    "preprocess_ms": float(np.median(preprocess)) * 1000,
+                    "images_per_s": batch_size / batch_s,
+                    "runs": len(times),
+                }
                 rows.append(row)
-                log(f"worker det {detections}{' + busy thread' if load else ''} (switch {interval * 1000:g} ms, "
-                    f"{max(groups)} mask steps): {row['images_per_s']:.1f} img/s, {row['batch_ms']:.0f} ms a batch")
+                log(
+                    f"worker det {detections}{' + busy thread' if load else ''} (switch {interval * 1000:g} ms, "
+                    f"{max(groups)} mask steps): {row['images_per_s']:.1f} img/s, {row['batch_ms']:.0f} ms a batch"
+                )
     finally:
         worker.close()
     return rows
@@ -134,10 +150,22 @@ def bench_worker_process(workload: Workload, checkpoint: Path, cfg: ModelConfig,
     from transfiner.service.engine.worker_process import ProcessWorker, WorkerSpec
 
     precision, batch_size = workload.precisions[0], workload.http_batch_size
-    queued = [network_image(images[i % len(images)], images[i % len(images)].shape[:2], cfg.input)
-              for i in range(batch_size)]
-    spec = WorkerSpec(resolve_model(str(checkpoint)), "pytorch", None, str(device), None, precision, None, 1,
-                      batch_size if device.type == "cuda" else 1, sys.getswitchinterval() * 1000, "warning")
+    queued = [
+        network_image(images[i % len(images)], images[i % len(images)].shape[:2], cfg.input) for i in range(batch_size)
+    ]
+    spec = WorkerSpec(
+        resolve_model(str(checkpoint)),
+        "pytorch",
+        None,
+        str(device),
+        None,
+        precision,
+        None,
+        1,
+        batch_size if device.type == "cuda" else 1,
+        sys.getswitchinterval() * 1000,
+        "warning",
+    )
     rows = []
     preprocess: list[float] = []  # of each batch, in the child
 
@@ -161,17 +189,29 @@ def bench_worker_process(workload: Workload, checkpoint: Path, cfg: ModelConfig,
                         times = []
                         preprocess.clear()
                         begin = time.perf_counter()
-                        while len(times) < 2 or (time.perf_counter() - begin < workload.seconds_per_case
-                                                 and len(times) < 30):
+                        while len(times) < 2 or (
+                            time.perf_counter() - begin < workload.seconds_per_case and len(times) < 30
+                        ):
                             times.append((await one_batch(options))[0])
                     batch_s = float(np.median(times))
-                    rows.append({"precision": precision, "batch": batch_size, "detections": detections,
-                                 "busy_thread": load, "worker": "process",
-                                 "switch_interval_ms": sys.getswitchinterval() * 1000, "batch_ms": batch_s * 1000,
-                                 "preprocess_ms": float(np.median(preprocess)) * 1000,
-                                 "images_per_s": batch_size / batch_s, "runs": len(times)})
-                    log(f"worker process det {detections}{' + busy thread' if load else ''}: "
-                        f"{batch_size / batch_s:.1f} img/s, {batch_s * 1000:.0f} ms a batch")
+                    rows.append(
+                        {
+                            "precision": precision,
+                            "batch": batch_size,
+                            "detections": detections,
+                            "busy_thread": load,
+                            "worker": "process",
+                            "switch_interval_ms": sys.getswitchinterval() * 1000,
+                            "batch_ms": batch_s * 1000,
+                            "preprocess_ms": float(np.median(preprocess)) * 1000,
+                            "images_per_s": batch_size / batch_s,
+                            "runs": len(times),
+                        }
+                    )
+                    log(
+                        f"worker process det {detections}{' + busy thread' if load else ''}: "
+                        f"{batch_size / batch_s:.1f} img/s, {batch_s * 1000:.0f} ms a batch"
+                    )
         finally:
             await asyncio.to_thread(worker.close)
 

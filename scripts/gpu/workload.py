@@ -52,9 +52,20 @@ class Workload:
 # switch interval gained nothing there and was dropped.
 SERVERS = (HttpServer(), HttpServer(worker_process=True), HttpServer(worker_process=True, workers=2, concurrency=(32,)))
 FULL = Workload("R50-FPN", 800, 1333, (10, 100), (1, 8), ("bf16", "fp32"), 1.5, 96, (8, 32), 8, SERVERS, "0,1")
-QUICK = Workload("small", 384, 640, (5, 20), (1, 2), ("bf16", "fp32"), 0.5, 8, (2,), 2,
-                 (HttpServer(), HttpServer(worker_process=True),
-                  HttpServer(worker_process=True, workers=2, concurrency=(4,))), "0,1,2")
+QUICK = Workload(
+    "small",
+    384,
+    640,
+    (5, 20),
+    (1, 2),
+    ("bf16", "fp32"),
+    0.5,
+    8,
+    (2,),
+    2,
+    (HttpServer(), HttpServer(worker_process=True), HttpServer(worker_process=True, workers=2, concurrency=(4,))),
+    "0,1,2",
+)
 
 
 @dataclass
@@ -70,8 +81,9 @@ class Case:
     options: InferenceOptions
 
 
-def make_case(model: MaskTransfiner, images: list[np.ndarray], device, precision: str, batch_size: int,
-              detections: int) -> Case:
+def make_case(
+    model: MaskTransfiner, images: list[np.ndarray], device, precision: str, batch_size: int, detections: int
+) -> Case:
     """The first ``batch_size`` images (repeated as needed), pre-processed as the Predictor does.
     Score threshold 0: every image has exactly ``detections`` detections, all refined."""
     chosen = [torch.from_numpy(images[i % len(images)]).permute(2, 0, 1) for i in range(batch_size)]
@@ -82,8 +94,7 @@ def make_case(model: MaskTransfiner, images: list[np.ndarray], device, precision
 
 def largest_case(workload: Workload, model: MaskTransfiner, images: list[np.ndarray], device) -> Case:
     """The largest batch with the most detections, at the service's precision."""
-    return make_case(model, images, device, workload.precisions[0], max(workload.batch_sizes),
-                     max(workload.detections))
+    return make_case(model, images, device, workload.precisions[0], max(workload.batch_sizes), max(workload.detections))
 
 
 def make_images(workload: Workload, count: int, folder: Path) -> list[np.ndarray]:

@@ -36,8 +36,14 @@ def group_by_image(batch_index: torch.Tensor, num_images: int) -> torch.Tensor:
 
 
 def reference_inference(
-    heads: BoxROIHeads, logits: torch.Tensor, deltas: torch.Tensor, proposals: torch.Tensor,
-    proposal_batch: torch.Tensor, image_sizes: torch.Tensor, score_thresh: float, top_k: int,
+    heads: BoxROIHeads,
+    logits: torch.Tensor,
+    deltas: torch.Tensor,
+    proposals: torch.Tensor,
+    proposal_batch: torch.Tensor,
+    image_sizes: torch.Tensor,
+    score_thresh: float,
+    top_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> boxes, scores, classes, batch_index, rank (the last as rcnn.py computed it)."""
     num_classes = heads.cfg.num_classes

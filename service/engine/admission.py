@@ -38,7 +38,12 @@ class Admission:
 
     @contextlib.asynccontextmanager
     async def slot(
-        self, client: str, capacity: int, deadline: float | None, wait_s: float | None, retry_after: float,
+        self,
+        client: str,
+        capacity: int,
+        deadline: float | None,
+        wait_s: float | None,
+        retry_after: float,
     ) -> AsyncIterator[None]:
         """Holds one of ``capacity`` places for the request of ``client``, or refuses it: the
         client's limit reached (429), no place left (503 ``queue_full``), or the work ahead
@@ -48,20 +53,29 @@ class Admission:
         limit = self.max_client_inflight
         if limit and self._per_client[client] >= limit:
             raise ServiceError(
-                429, "too_many_requests", f"at most {limit} requests in flight per client",
-                reason="client_limit", retry_after=retry_after,
+                429,
+                "too_many_requests",
+                f"at most {limit} requests in flight per client",
+                reason="client_limit",
+                retry_after=retry_after,
             )
         if self._inflight >= capacity:
             raise ServiceError(
-                503, "queue_full", f"the queue is full ({self._inflight} requests in flight)",
-                reason="queue_full", retry_after=retry_after,
+                503,
+                "queue_full",
+                f"the queue is full ({self._inflight} requests in flight)",
+                reason="queue_full",
+                retry_after=retry_after,
             )
         left_s = None if deadline is None else deadline - time.monotonic()
         if left_s is not None and wait_s is not None and wait_s > left_s:
             raise ServiceError(
-                503, "overloaded", f"an answer takes about {wait_s:.3f} s now (this request's batch and the work "
+                503,
+                "overloaded",
+                f"an answer takes about {wait_s:.3f} s now (this request's batch and the work "
                 f"queued ahead of it), past this request's deadline in {max(left_s, 0.0):.3f} s",
-                reason="deadline_unmeetable", retry_after=wait_s,
+                reason="deadline_unmeetable",
+                retry_after=wait_s,
             )
         self._inflight += 1
         self._per_client[client] += 1

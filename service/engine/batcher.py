@@ -132,9 +132,16 @@ class BatchObserver(Protocol):
 
 class Batcher:
     def __init__(
-        self, runners: Sequence[BatchRunner], *, max_batch_size: int, max_delay_s: float,
-        max_queue_size: int, max_batch_pixels: int | None = None, observer: BatchObserver | None = None,
-        history: int = 32, max_arrival_wait_s: float = 0.0,
+        self,
+        runners: Sequence[BatchRunner],
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue_size: int,
+        max_batch_pixels: int | None = None,
+        observer: BatchObserver | None = None,
+        history: int = 32,
+        max_arrival_wait_s: float = 0.0,
     ) -> None:
         if not runners:
             raise ValueError("a batcher needs at least one runner")
@@ -173,7 +180,10 @@ class Batcher:
         through the model (``BatchTimes.wait``)."""
         waiting = self.depth if waiting is None else waiting
         return self.batch_times.wait(
-            waiting, self.max_batch_size * len(self.runners), running=self._busy > 0, fallback=self.max_delay_s + 1.0,
+            waiting,
+            self.max_batch_size * len(self.runners),
+            running=self._busy > 0,
+            fallback=self.max_delay_s + 1.0,
         )
 
     # -- producer side ---------------------------------------------------------------------------
@@ -223,7 +233,8 @@ class Batcher:
         ]
         self._tasks += [
             asyncio.create_task(self._dispatch(runner, look_ahead=True), name=f"batcher-{i}-next")
-            for i, runner in enumerate(self.runners) if getattr(runner, "takes_next_batch", False)
+            for i, runner in enumerate(self.runners)
+            if getattr(runner, "takes_next_batch", False)
         ]
 
     async def close(self, drain: bool = True) -> None:

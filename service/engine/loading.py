@@ -14,8 +14,16 @@ import torch
 from transfiner.model.config import ModelConfig
 from transfiner.model.inference.backend import Backend, TorchBackend
 
-__all__ = ["Backend", "LoadedModel", "TorchBackend", "build_backends", "max_batch_size_for", "uses_worker_process",
-           "worker_devices", "workers_on_gpu"]
+__all__ = [
+    "Backend",
+    "LoadedModel",
+    "TorchBackend",
+    "build_backends",
+    "max_batch_size_for",
+    "uses_worker_process",
+    "worker_devices",
+    "workers_on_gpu",
+]
 
 
 @dataclass
@@ -71,8 +79,14 @@ def max_batch_size_for(max_batch_size: int | None, device: str, workers: int | N
 
 
 def build_backends(
-    model: str, config: str | None, device: str, workers: int | None, backend: str = "pytorch",
-    threads: int | None = None, precision: str = "auto", max_cells: tuple[int, int, int] | None = None,
+    model: str,
+    config: str | None,
+    device: str,
+    workers: int | None,
+    backend: str = "pytorch",
+    threads: int | None = None,
+    precision: str = "auto",
+    max_cells: tuple[int, int, int] | None = None,
 ) -> LoadedModel:
     """Loads the model once per distinct device; workers on the same device share it (forward
     passes in eval mode do not mutate the module; ONNX Runtime sessions are thread-safe)."""
@@ -90,6 +104,11 @@ def build_backends(
             by_device[dev] = load_backend(resolved, backend, config, dev, threads, precision, max_cells)
     backends: list[Backend] = [by_device[dev] for dev in devices]
     return LoadedModel(
-        backends, resolved.name, resolved.weights_digest, backend, [str(d) for d in devices], backends[0].cfg,
+        backends,
+        resolved.name,
+        resolved.weights_digest,
+        backend,
+        [str(d) for d in devices],
+        backends[0].cfg,
         backends[0].precision,
     )

@@ -132,7 +132,10 @@ def preprocess(images: Sequence[NetworkImage], cfg: InputConfig, device: torch.d
 
 
 def fetch(
-    raw: RawOutputs, indices: Sequence[int], prepared: PreparedBatch, options: Sequence[RequestOptions],
+    raw: RawOutputs,
+    indices: Sequence[int],
+    prepared: PreparedBatch,
+    options: Sequence[RequestOptions],
 ) -> list[FetchedDetections]:
     """The device half of post-processing for the requests ``indices`` of a batch (``options``
     by batch index), in the worker's thread: each one's rows, boxes in its own pixels, RLE (or
@@ -144,8 +147,15 @@ def fetch(
     slowed every forward pass by more than they cost here."""
     requests = [
         DetectionRequest(
-            i, prepared.network[i], prepared.originals[i], options[i].score_threshold, options[i].classes,
-            options[i].max_detections, options[i].refine, options[i].mask_format, options[i].mask_threshold,
+            i,
+            prepared.network[i],
+            prepared.originals[i],
+            options[i].score_threshold,
+            options[i].classes,
+            options[i].max_detections,
+            options[i].refine,
+            options[i].mask_format,
+            options[i].mask_threshold,
         )
         for i in indices
     ]
@@ -156,7 +166,12 @@ def records(fetched: FetchedDetections, cfg: ModelConfig, image_id: Any) -> list
     """The host half: one request's COCO result records (see ``schemas.Instance``)."""
     segmentations, areas = finish_segments(fetched.segments)
     return coco_records(
-        image_id, fetched.boxes, fetched.scores, fetched.classes, cfg.category_ids, segmentations, areas,
+        image_id,
+        fetched.boxes,
+        fetched.scores,
+        fetched.classes,
+        cfg.category_ids,
+        segmentations,
+        areas,
         cfg.class_names,
     )
-

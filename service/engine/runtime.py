@@ -50,8 +50,14 @@ BatcherFactory = Callable[[Sequence[Worker], "MetricsObserver"], Any]
 
 def load_model(settings: ServiceSettings) -> LoadedModel:
     return build_backends(
-        settings.model, settings.config, settings.device, settings.workers, settings.backend, settings.torch_threads,
-        settings.precision, settings.max_cells,
+        settings.model,
+        settings.config,
+        settings.device,
+        settings.workers,
+        settings.backend,
+        settings.torch_threads,
+        settings.precision,
+        settings.max_cells,
     )
 
 
@@ -85,14 +91,19 @@ class ServiceRuntime:
     """States: starting -> ready -> draining -> stopped (or failed, if the model cannot load)."""
 
     def __init__(
-        self, settings: ServiceSettings, metrics: ServiceMetrics | None = None, loader: ModelLoader = load_model,
+        self,
+        settings: ServiceSettings,
+        metrics: ServiceMetrics | None = None,
+        loader: ModelLoader = load_model,
         batcher_factory: BatcherFactory | None = None,
     ) -> None:
         # Resolved once, so everything downstream (and /v1/models) sees what runs.
-        self.settings = settings = settings.model_copy(update={
-            "worker_process": uses_worker_process(settings.worker_process, settings.device, settings.workers),
-            "max_batch_size": max_batch_size_for(settings.max_batch_size, settings.device, settings.workers),
-        })
+        self.settings = settings = settings.model_copy(
+            update={
+                "worker_process": uses_worker_process(settings.worker_process, settings.device, settings.workers),
+                "max_batch_size": max_batch_size_for(settings.max_batch_size, settings.device, settings.workers),
+            }
+        )
         self.metrics = metrics or ServiceMetrics()
         self.loader = loader
         # Another batching engine for the workers (Ray Serve's, see service/ray_serve.py); None: ``Batcher``.
@@ -161,9 +172,12 @@ class ServiceRuntime:
             self.batcher = self.batcher_factory(workers, MetricsObserver(self.metrics))
         else:
             self.batcher = Batcher(
-                workers, max_batch_size=settings.max_batch_size, max_delay_s=settings.max_delay_ms / 1000,
+                workers,
+                max_batch_size=settings.max_batch_size,
+                max_delay_s=settings.max_delay_ms / 1000,
                 max_arrival_wait_s=settings.max_arrival_wait_ms / 1000,
-                max_queue_size=self.capacity, max_batch_pixels=settings.max_batch_pixels,
+                max_queue_size=self.capacity,
+                max_batch_pixels=settings.max_batch_pixels,
                 observer=MetricsObserver(self.metrics),
             )
         self.batcher.start()
@@ -173,9 +187,14 @@ class ServiceRuntime:
         if self.state == "starting":  # a SIGTERM during start-up wins
             self.state, self.detail = "ready", None
             self.metrics.ready.set(1)
-            log.info("ready: %s %s on %s, %d model worker(s), each in %s", model.name, model.version,
-                     ", ".join(model.devices), len(workers),
-                     "a process of its own" if settings.worker_process else "a thread of the server")
+            log.info(
+                "ready: %s %s on %s, %d model worker(s), each in %s",
+                model.name,
+                model.version,
+                ", ".join(model.devices),
+                len(workers),
+                "a process of its own" if settings.worker_process else "a thread of the server",
+            )
 
     def begin_drain(self) -> asyncio.Task:
         """Readiness 503 and new requests refused from now; returns the task that finishes the
@@ -227,17 +246,23 @@ class ServiceRuntime:
         while not ready or draining; else ``Admission.slot``'s refusals)."""
         if self.state != "ready":
             if self.state == "draining":
-                raise ServiceError(503, "shutting_down", "the service is shutting down", reason="draining",
-                                   retry_after=5)
-            raise ServiceError(503, "not_ready", f"the service is not ready: {self.detail}", reason="not_ready",
-                               retry_after=5)
+                raise ServiceError(
+                    503, "shutting_down", "the service is shutting down", reason="draining", retry_after=5
+                )
+            raise ServiceError(
+                503, "not_ready", f"the service is not ready: {self.detail}", reason="not_ready", retry_after=5
+            )
         wait_s = self.flow.expected_wait() if self.flow is not None else None
         async with self.admitted.slot(client, self.capacity, deadline, wait_s, self.retry_after()):
             yield
 
     async def segment(
-        self, data: bytes, params: SegmentParams, deadline: float,
-        disconnected: Callable[[], Awaitable[Any]] | None = None, as_json: bool = False,
+        self,
+        data: bytes,
+        params: SegmentParams,
+        deadline: float,
+        disconnected: Callable[[], Awaitable[Any]] | None = None,
+        as_json: bool = False,
     ) -> SegmentOutcome:
         """``SegmentFlow.segment`` (call it inside ``admission``)."""
         assert self.flow is not None, "segment() before the model is ready"

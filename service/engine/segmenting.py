@@ -49,8 +49,13 @@ class SegmentOutcome:
 
 class SegmentFlow:
     def __init__(
-        self, settings: ServiceSettings, metrics: ServiceMetrics, model: LoadedModel, batcher: Batcher,
-        decode_pool: Executor, post_pool: Executor,
+        self,
+        settings: ServiceSettings,
+        metrics: ServiceMetrics,
+        model: LoadedModel,
+        batcher: Batcher,
+        decode_pool: Executor,
+        post_pool: Executor,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -95,13 +100,21 @@ class SegmentFlow:
                 raise invalid_parameter(f"unknown classes {unknown}: use category ids or names from /v1/models")
             classes = frozenset(self._class_index[str(c)] for c in params.classes)
         return RequestOptions(
-            score_threshold=params.score_threshold, max_detections=params.max_detections, classes=classes,
-            mask_threshold=params.mask_threshold, mask_format=params.mask_format, refine=params.refine,
+            score_threshold=params.score_threshold,
+            max_detections=params.max_detections,
+            classes=classes,
+            mask_threshold=params.mask_threshold,
+            mask_format=params.mask_format,
+            refine=params.refine,
         )
 
     async def segment(
-        self, data: bytes, params: SegmentParams, deadline: float,
-        disconnected: Callable[[], Awaitable[Any]] | None = None, as_json: bool = False,
+        self,
+        data: bytes,
+        params: SegmentParams,
+        deadline: float,
+        disconnected: Callable[[], Awaitable[Any]] | None = None,
+        as_json: bool = False,
     ) -> SegmentOutcome:
         """Decodes, queues, waits for the batch, post-processes; raises ``ServiceError``.
 
@@ -121,16 +134,21 @@ class SegmentFlow:
         budget = self.settings.max_queued_bytes
         if self._queued_bytes + image.nbytes > budget:
             raise ServiceError(
-                503, "memory_budget", f"the queued images hold {self._queued_bytes} bytes; this one "
+                503,
+                "memory_budget",
+                f"the queued images hold {self._queued_bytes} bytes; this one "
                 f"({image.nbytes} bytes) would pass the budget of {budget}",
-                reason="memory_budget", retry_after=self.retry_after(),
+                reason="memory_budget",
+                retry_after=self.retry_after(),
             )
         job = Job(SegmentJob(image, options), deadline=deadline, canvas=image.canvas, shares=self._shares(options))
         self._hold_bytes(job, image.nbytes)
         try:
             self.batcher.submit(job)
         except QueueFull as full:
-            raise ServiceError(503, "queue_full", str(full), reason="queue_full", retry_after=full.retry_after) from None
+            raise ServiceError(
+                503, "queue_full", str(full), reason="queue_full", retry_after=full.retry_after
+            ) from None
         except BatcherClosed:
             raise ServiceError(503, "shutting_down", "the service is shutting down", reason="draining") from None
 
@@ -173,7 +191,10 @@ class SegmentFlow:
         return image
 
     async def _wait(
-        self, job: Job, deadline: float, disconnected: Callable[[], Awaitable[Any]] | None,
+        self,
+        job: Job,
+        deadline: float,
+        disconnected: Callable[[], Awaitable[Any]] | None,
     ) -> InferenceResult:
         """The job's result, unless its deadline passes (504) or the client leaves first; either
         way the job is cancelled, so the batcher drops it if it is still queued."""

@@ -76,7 +76,10 @@ class Worker:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"transfiner-worker-{index}")
 
     def start(
-        self, images: list[NetworkImage], options: list[RequestOptions], wanted: Callable[[int], bool] = lambda i: True,
+        self,
+        images: list[NetworkImage],
+        options: list[RequestOptions],
+        wanted: Callable[[int], bool] = lambda i: True,
     ) -> tuple[Steps, float]:
         """Synchronous, in the worker thread: pre-process one batch of one canvas and set up its
         forward pass, whose steps (``model.inference.backend.infer_lightest_first``, then ``pipeline.fetch``
@@ -101,7 +104,10 @@ class Worker:
         payloads: list[SegmentJob] = [job.payload for job in jobs]
         loop = asyncio.get_running_loop()
         steps, pre_s = await loop.run_in_executor(
-            self._executor, self.start, [p.image for p in payloads], [p.options for p in payloads],
+            self._executor,
+            self.start,
+            [p.image for p in payloads],
+            [p.options for p in payloads],
             lambda i: not jobs[i].future.done(),  # a request whose client left needs no masks
         )
         started = time.perf_counter()
@@ -154,8 +160,13 @@ async def run_with_retries(jobs: list[Job], run_batch: Callable[[list[Job]], Awa
         if len(live) == 1:
             _fail(failed, error)
             return
-        log.warning("a batch of %d failed (%s: %s); retrying its %d unanswered requests one by one",
-                    len(live), type(error).__name__, error, len(failed))
+        log.warning(
+            "a batch of %d failed (%s: %s); retrying its %d unanswered requests one by one",
+            len(live),
+            type(error).__name__,
+            error,
+            len(failed),
+        )
     for job in failed:
         if job.future.done():
             continue

@@ -137,7 +137,10 @@ class ProcessWorker:
         """Blocking: a new child, up and warm, with a thread that reads its messages."""
         conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(
-            target=_child_main, args=(child_conn, self.spec), name=f"transfiner-worker-{self.index}", daemon=True,
+            target=_child_main,
+            args=(child_conn, self.spec),
+            name=f"transfiner-worker-{self.index}",
+            daemon=True,
         )
         process.start()
         child_conn.close()
@@ -145,7 +148,9 @@ class ProcessWorker:
             message = conn.recv()
         except EOFError:
             process.join()
-            raise WorkerProcessError(f"worker process {self.index} exited while loading (code {process.exitcode})") from None
+            raise WorkerProcessError(
+                f"worker process {self.index} exited while loading (code {process.exitcode})"
+            ) from None
         if message[0] != "ready":
             process.join()
             raise WorkerProcessError(f"worker process {self.index} could not load the model: {message[1]}")
@@ -156,7 +161,10 @@ class ProcessWorker:
         self.info, self._conn, self._process = message[1], conn, process
         self._child += 1
         threading.Thread(
-            target=self._receive, args=(conn, process), name=f"transfiner-worker-{self.index}-receive", daemon=True,
+            target=self._receive,
+            args=(conn, process),
+            name=f"transfiner-worker-{self.index}-receive",
+            daemon=True,
         ).start()
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._up.set)
@@ -179,8 +187,15 @@ class ProcessWorker:
         # The batch's memory is not reused before the child is done with the batch (or gone).
         memory = self._free_memory.pop() if self._free_memory else self._new_memory()
         try:
-            await loop.run_in_executor(self._sender, memory.send, conn, child, batch_id,
-                                       [p.image for p in payloads], [p.options for p in payloads])
+            await loop.run_in_executor(
+                self._sender,
+                memory.send,
+                conn,
+                child,
+                batch_id,
+                [p.image for p in payloads],
+                [p.options for p in payloads],
+            )
             await batch.done
         finally:
             del self._batches[batch_id]
@@ -282,9 +297,18 @@ async def start_worker_processes(settings: ServiceSettings, metrics=None) -> tup
     try:
         for index, device in enumerate(devices):
             spec = WorkerSpec(
-                resolved, settings.backend, settings.config, str(device), settings.torch_threads, settings.precision,
-                settings.max_cells, settings.warmup_batches, settings.max_batch_size if device.type == "cuda" else 1,
-                settings.gil_switch_interval_ms, settings.log_level, index,
+                resolved,
+                settings.backend,
+                settings.config,
+                str(device),
+                settings.torch_threads,
+                settings.precision,
+                settings.max_cells,
+                settings.warmup_batches,
+                settings.max_batch_size if device.type == "cuda" else 1,
+                settings.gil_switch_interval_ms,
+                settings.log_level,
+                index,
             )
             worker = ProcessWorker(spec, metrics)
             workers.append(worker)
@@ -294,7 +318,9 @@ async def start_worker_processes(settings: ServiceSettings, metrics=None) -> tup
             await asyncio.to_thread(worker.close)
         raise
     info = workers[0].info
-    model = LoadedModel([], resolved.name, version, settings.backend, [str(d) for d in devices], info.cfg, info.precision)
+    model = LoadedModel(
+        [], resolved.name, version, settings.backend, [str(d) for d in devices], info.cfg, info.precision
+    )
     return model, workers
 
 
@@ -348,8 +374,18 @@ class BatchMemory:
             order = sorted(range(pixels.dim()), key=lambda d: -pixels.stride(d))
             dense = pixels.permute(order).contiguous()  # a no-op for a permuted view of dense memory
             back = tuple(order.index(d) for d in range(pixels.dim()))
-            layout.append(WireImage(size, pixels.dtype, tuple(dense.shape), back, image.resized, image.original,
-                                    image.network, image.canvas))
+            layout.append(
+                WireImage(
+                    size,
+                    pixels.dtype,
+                    tuple(dense.shape),
+                    back,
+                    image.resized,
+                    image.original,
+                    image.network,
+                    image.canvas,
+                )
+            )
             in_memory.append(dense)
             size += -(-dense.numel() * dense.element_size() // _ALIGN) * _ALIGN
         if size > self.size:
@@ -395,8 +431,10 @@ def pixels_at(memory: mmap.mmap, wire: WireImage) -> torch.Tensor:
 
 def read_images(memory: mmap.mmap, layout: list[WireImage]) -> list[NetworkImage]:
     """A batch's images from the child's mapping of its memory, read in place."""
-    return [NetworkImage(pixels_at(memory, wire).permute(wire.back), wire.resized, wire.original, wire.network,
-                         wire.canvas) for wire in layout]
+    return [
+        NetworkImage(pixels_at(memory, wire).permute(wire.back), wire.resized, wire.original, wire.network, wire.canvas)
+        for wire in layout
+    ]
 
 
 def _page_locked(images: list[NetworkImage]) -> list[NetworkImage]:
@@ -425,7 +463,9 @@ def _child_main(conn: Connection, spec: WorkerSpec) -> None:
     # not kill a worker before the server has drained.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=spec.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[worker %(process)d]: %(message)s")
+    logging.basicConfig(
+        level=spec.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[worker %(process)d]: %(message)s"
+    )
     sys.setswitchinterval(spec.gil_switch_interval_ms / 1000)
     try:
         from transfiner.export.backends import load_backend
@@ -433,7 +473,12 @@ def _child_main(conn: Connection, spec: WorkerSpec) -> None:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         backend = load_backend(
-            spec.resolved, spec.backend, spec.config, torch.device(spec.device), spec.threads, spec.precision,
+            spec.resolved,
+            spec.backend,
+            spec.config,
+            torch.device(spec.device),
+            spec.threads,
+            spec.precision,
             spec.max_cells,
         )
         worker = Worker(backend, spec.index)
@@ -495,6 +540,14 @@ def _child_receive(conn: Connection, batches: queue.SimpleQueue, cancelled: set[
 
 
 __all__ = [
-    "BatchMemory", "ProcessWorker", "WireImage", "WorkerInfo", "WorkerProcessError", "WorkerSpec", "pixels_at",
-    "read_images", "receive_memory", "start_worker_processes",
+    "BatchMemory",
+    "ProcessWorker",
+    "WireImage",
+    "WorkerInfo",
+    "WorkerProcessError",
+    "WorkerSpec",
+    "pixels_at",
+    "read_images",
+    "receive_memory",
+    "start_worker_processes",
 ]

@@ -29,7 +29,6 @@ Send = Callable[[int], Awaitable[int]]
 Progress = Callable[[], None]
 
 
-
 class InvalidAnswer(Exception):
     """A success status whose body is not the complete JSON answer."""
 
@@ -89,7 +88,11 @@ async def _timed(send: Send, index: int, scheduled: float, origin: float) -> Req
 
 
 async def run_closed_loop(
-    send: Send, concurrency: int, *, requests: int | None = None, duration_s: float | None = None,
+    send: Send,
+    concurrency: int,
+    *,
+    requests: int | None = None,
+    duration_s: float | None = None,
     progress: Progress | None = None,
 ) -> RunResult:
     """``concurrency`` users share ``requests`` requests, or send until ``duration_s`` has passed
@@ -119,7 +122,11 @@ async def run_closed_loop(
 
 
 def poisson_arrivals(
-    rate: float, *, count: int | None = None, duration_s: float | None = None, seed: int = 0,
+    rate: float,
+    *,
+    count: int | None = None,
+    duration_s: float | None = None,
+    seed: int = 0,
 ) -> list[float]:
     """Arrival times (seconds from 0) of a Poisson process of ``rate`` per second: exponential
     gaps of mean ``1 / rate``. Stops after ``count`` arrivals or before ``duration_s``."""
@@ -139,7 +146,11 @@ def poisson_arrivals(
 
 
 async def run_open_loop(
-    send: Send, arrivals: Sequence[float], *, max_outstanding: int, progress: Progress | None = None,
+    send: Send,
+    arrivals: Sequence[float],
+    *,
+    max_outstanding: int,
+    progress: Progress | None = None,
 ) -> RunResult:
     """Sends request ``i`` at ``arrivals[i]`` seconds after the start, whatever earlier requests
     are doing. Latency runs from the scheduled time, so lateness of this loop counts too."""
@@ -176,8 +187,14 @@ class SegmentClient:
     turn (request ``i`` sends image ``i mod n``), as raw bodies with the query ``params``."""
 
     def __init__(
-        self, url: str, images: Sequence[WorkloadImage], *, params: dict[str, str] | None = None,
-        api_key: str | None = None, timeout_s: float = 120.0, max_connections: int = 64,
+        self,
+        url: str,
+        images: Sequence[WorkloadImage],
+        *,
+        params: dict[str, str] | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        max_connections: int = 64,
     ) -> None:
         if not images:
             raise ValueError("the workload has no images")
@@ -188,13 +205,19 @@ class SegmentClient:
         # inside this client, where the server's queue-wait metric cannot see them.
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self.http = httpx.AsyncClient(
-            base_url=url.rstrip("/"), headers=headers, timeout=timeout_s, limits=limits,
+            base_url=url.rstrip("/"),
+            headers=headers,
+            timeout=timeout_s,
+            limits=limits,
         )
 
     async def send(self, index: int) -> int:
         image = self.images[index % len(self.images)]
         response = await self.http.post(
-            "/v1/segment", content=image.data, params=self.params, headers={"Content-Type": image.content_type},
+            "/v1/segment",
+            content=image.data,
+            params=self.params,
+            headers={"Content-Type": image.content_type},
         )
         if response.is_success:
             try:
@@ -206,7 +229,7 @@ class SegmentClient:
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def __aenter__(self) -> "SegmentClient":
+    async def __aenter__(self) -> SegmentClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -37,7 +37,7 @@ class Scrape:
     sources: int = 1  # how many replicas were summed into it
 
     @classmethod
-    def parse(cls, text: str) -> "Scrape":
+    def parse(cls, text: str) -> Scrape:
         samples: dict[SampleKey, float] = {}
         for family in text_string_to_metric_families(text):
             if family.type not in _CUMULATIVE_TYPES:
@@ -51,7 +51,7 @@ class Scrape:
         return cls(samples)
 
     @classmethod
-    def combine(cls, scrapes: list["Scrape"]) -> "Scrape":
+    def combine(cls, scrapes: list[Scrape]) -> Scrape:
         """The sum over replicas, sample by sample."""
         total: dict[SampleKey, float] = {}
         for scrape in scrapes:
@@ -59,7 +59,7 @@ class Scrape:
                 total[key] = total.get(key, 0.0) + value
         return cls(total, sources=sum(s.sources for s in scrapes))
 
-    def minus(self, earlier: "Scrape") -> "Scrape":
+    def minus(self, earlier: Scrape) -> Scrape:
         """What accumulated since ``earlier``. A sample that went down belongs to a replica that
         restarted in between; as Prometheus' ``increase()`` does, its new value is the increase."""
         delta = {}
@@ -71,7 +71,8 @@ class Scrape:
     def total(self, name: str, **labels: str) -> float:
         """The sum of the samples called ``name`` whose labels include ``labels``."""
         return sum(
-            value for (sample, sample_labels), value in self.samples.items()
+            value
+            for (sample, sample_labels), value in self.samples.items()
             if sample == name and _has_labels(sample_labels, labels)
         )
 
@@ -84,7 +85,7 @@ class Scrape:
                 out[key] = out.get(key, 0.0) + value
         return out
 
-    def histogram(self, name: str, **labels: str) -> "Histogram":
+    def histogram(self, name: str, **labels: str) -> Histogram:
         """Histogram ``name`` (without suffix), summed over the label sets that include ``labels``."""
         cumulative: dict[float, float] = {}
         for (sample, sample_labels), value in self.samples.items():
@@ -159,7 +160,7 @@ class StageTiming:
     p99_s: float | None
 
     @classmethod
-    def of(cls, histogram: Histogram) -> "StageTiming":
+    def of(cls, histogram: Histogram) -> StageTiming:
         return cls(int(round(histogram.count)), histogram.mean, histogram.quantile(0.5), histogram.quantile(0.99))
 
 

@@ -30,7 +30,7 @@ class LatencyStats:
     max_s: float
 
     @classmethod
-    def of(cls, samples: list[float]) -> "LatencyStats | None":
+    def of(cls, samples: list[float]) -> LatencyStats | None:
         if not samples:
             return None
         values = np.asarray(samples, dtype=float)
@@ -68,9 +68,14 @@ class StepResult:
 
     @classmethod
     def from_run(
-        cls, mode: str, run: RunResult, server: ServerBreakdown | None, *,
-        concurrency: int | None = None, offered_rate: float | None = None,
-    ) -> "StepResult":
+        cls,
+        mode: str,
+        run: RunResult,
+        server: ServerBreakdown | None,
+        *,
+        concurrency: int | None = None,
+        offered_rate: float | None = None,
+    ) -> StepResult:
         errors: dict[str, int] = {}
         for record in run.records:
             if not record.ok:
@@ -82,14 +87,24 @@ class StepResult:
         if mode == "open" and run.arrival_window_s > 0:
             arrival_rate = run.arrivals / run.arrival_window_s
         return cls(
-            mode=mode, concurrency=concurrency, offered_rate=offered_rate, arrival_rate=arrival_rate,
-            requests=len(run.records), ok=len(latencies), dropped=run.dropped, duration_s=run.duration_s,
-            throughput_rps=len(run.records) / duration, images_per_s=len(latencies) / duration,
+            mode=mode,
+            concurrency=concurrency,
+            offered_rate=offered_rate,
+            arrival_rate=arrival_rate,
+            requests=len(run.records),
+            ok=len(latencies),
+            dropped=run.dropped,
+            duration_s=run.duration_s,
+            throughput_rps=len(run.records) / duration,
+            images_per_s=len(latencies) / duration,
             latency=LatencyStats.of(latencies),
             steady_images_per_s=steady_rate([r.finished_s for r in run.records if r.ok], concurrency)
-            if mode == "closed" else None,
-            errors=dict(sorted(errors.items())), server=server,
-            latencies_s=latencies, error_latencies_s=[r.latency_s for r in run.records if not r.ok],
+            if mode == "closed"
+            else None,
+            errors=dict(sorted(errors.items())),
+            server=server,
+            latencies_s=latencies,
+            error_latencies_s=[r.latency_s for r in run.records if not r.ok],
         )
 
 
@@ -152,7 +167,8 @@ def client_table(steps: list[StepResult]) -> str:
     # Open loops: the rate the Poisson draw actually offered, which a short run can miss by 10%+.
     open_loop = any(s.mode == "open" for s in steps)
     lines = [
-        "| step | " + ("arrivals/s | " if open_loop else "")
+        "| step | "
+        + ("arrivals/s | " if open_loop else "")
         + "requests | ok | errors | dropped | req/s | img/s | steady img/s | p50 ms | p90 ms | p99 ms | max ms "
         "| mean ms |",
         "|---|" + ("---:|" if open_loop else "") + "---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -163,7 +179,8 @@ def client_table(steps: list[StepResult]) -> str:
         if open_loop:
             arrivals = ("-" if s.arrival_rate is None else f"{s.arrival_rate:.2f}") + " | "
         lines.append(
-            f"| {s.label} | {arrivals}{s.requests} | {s.ok} | {_counts(s.errors)} | {s.dropped} | {s.throughput_rps:.2f} "
+            f"| {s.label} | {arrivals}{s.requests} | {s.ok} | {_counts(s.errors)} | {s.dropped} "
+            f"| {s.throughput_rps:.2f} "
             f"| {s.images_per_s:.2f} | {'-' if s.steady_images_per_s is None else f'{s.steady_images_per_s:.2f}'} "
             f"| {_ms(lat and lat.p50_s)} | {_ms(lat and lat.p90_s)} "
             f"| {_ms(lat and lat.p99_s)} | {_ms(lat and lat.max_s)} | {_ms(lat and lat.mean_s)} |"

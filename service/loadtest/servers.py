@@ -19,7 +19,11 @@ def free_port() -> int:
 
 
 def wait_for_server(
-    process: subprocess.Popen, url: str, log: Path, timeout: float, path: str = "/health/ready",
+    process: subprocess.Popen,
+    url: str,
+    log: Path,
+    timeout: float,
+    path: str = "/health/ready",
 ) -> None:
     """Returns once ``url + path`` answers 200. A server that exits first, or is not ready within
     ``timeout`` seconds, raises ``RuntimeError`` with the end of its ``log``."""

@@ -18,7 +18,8 @@ async def live() -> dict:
 
 
 @router.get(
-    "/health/ready", response_model=HealthResponse,
+    "/health/ready",
+    response_model=HealthResponse,
     responses={503: {"model": HealthResponse, "description": "loading, warming up, draining or failed"}},
 )
 async def ready(request: Request) -> JSONResponse:
@@ -29,8 +30,9 @@ async def ready(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ready"})
     if runtime.state == "ready":
         down = ", ".join(map(str, runtime.workers_down()))
-        return JSONResponse({"status": "restarting", "detail": f"worker process {down} is starting again"},
-                            status_code=503)
+        return JSONResponse(
+            {"status": "restarting", "detail": f"worker process {down} is starting again"}, status_code=503
+        )
     return JSONResponse({"status": runtime.state, "detail": runtime.detail}, status_code=503)
 
 

@@ -34,33 +34,52 @@ def _openapi_extra() -> dict[str, Any]:
     # The documented minimum is the useful range: any positive value is accepted, but one shorter
     # than a request can take answers 504 (or 503), which a client reading the document should
     # not have to expect for a well-formed request.
-    params.append({
-        "name": "X-Request-Timeout", "in": "header", "required": False,
-        "schema": {"type": "number", "minimum": _MIN_DOCUMENTED_TIMEOUT, "maximum": _DEFAULT_MAX_TIMEOUT},
-        "description": f"deadline in seconds from arrival, {_MIN_DOCUMENTED_TIMEOUT:g} to max_request_timeout_s "
-        f"({_DEFAULT_MAX_TIMEOUT:g} by default); past it 504. Shorter positive values are accepted but may "
-        "expire before any answer (504), or be refused when the queue ahead is longer (503)",
-    })
+    params.append(
+        {
+            "name": "X-Request-Timeout",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "number", "minimum": _MIN_DOCUMENTED_TIMEOUT, "maximum": _DEFAULT_MAX_TIMEOUT},
+            "description": f"deadline in seconds from arrival, {_MIN_DOCUMENTED_TIMEOUT:g} to max_request_timeout_s "
+            f"({_DEFAULT_MAX_TIMEOUT:g} by default); past it 504. Shorter positive values are accepted but may "
+            "expire before any answer (504), or be refused when the queue ahead is longer (503)",
+        }
+    )
     json_props = {"image": {"type": "string", "format": "byte", "description": "base64 or a data: URL"}}
     json_props.update(schema["properties"])
     return {
         "parameters": params,
-        "requestBody": {"required": True, "content": {
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["image"],
-                "properties": {"image": {"type": "string", "format": "binary"}, **schema["properties"]},
-            }},
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/json": {"schema": {"type": "object", "required": ["image"], "properties": json_props}},
-        }},
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {"image": {"type": "string", "format": "binary"}, **schema["properties"]},
+                    }
+                },
+                "image/*": {"schema": {"type": "string", "format": "binary"}},
+                "application/json": {"schema": {"type": "object", "required": ["image"], "properties": json_props}},
+            },
+        },
     }
 
 
-_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer", "minimum": 1}}}
-_HEADERS = {401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
-            429: _RETRY_AFTER, 503: _RETRY_AFTER}
+_RETRY_AFTER = {
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer", "minimum": 1}}
+}
+_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    429: _RETRY_AFTER,
+    503: _RETRY_AFTER,
+}
 ERRORS = {
-    status: {"model": ErrorResponse, "description": text, **({"headers": _HEADERS[status]} if status in _HEADERS else {})}
+    status: {
+        "model": ErrorResponse,
+        "description": text,
+        **({"headers": _HEADERS[status]} if status in _HEADERS else {}),
+    }
     for status, text in {
         400: "malformed request (no image; bad multipart, JSON or base64; huge int, deep nesting, lone surrogate; "
         "invalid Content-Length)",
@@ -99,7 +118,10 @@ async def _disconnect(request: Request) -> None:
 
 
 @router.post(
-    "/v1/segment", response_model=SegmentResponse, responses=ERRORS, openapi_extra=_openapi_extra(),
+    "/v1/segment",
+    response_model=SegmentResponse,
+    responses=ERRORS,
+    openapi_extra=_openapi_extra(),
     summary="Segment the instances of one image",
 )
 async def segment(request: Request) -> Response:
@@ -121,13 +143,14 @@ async def segment(request: Request) -> Response:
                 504, "deadline_exceeded", "the request's deadline passed while its body was read", reason="deadline"
             ) from None
         raise ServiceError(
-            408, "request_timeout", f"the request body did not arrive within {settings.body_timeout_s:g} s",
-            reason="body_timeout", headers={"Connection": "close"},
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {settings.body_timeout_s:g} s",
+            reason="body_timeout",
+            headers={"Connection": "close"},
         ) from None
     async with runtime.admission(client_key(request), deadline):
-        outcome = await runtime.segment(
-            data, params, deadline, disconnected=lambda: _disconnect(request), as_json=True
-        )
+        outcome = await runtime.segment(data, params, deadline, disconnected=lambda: _disconnect(request), as_json=True)
     model = runtime.model
     image = {"width": outcome.image.width, "height": outcome.image.height, "image_id": params.image_id}
     timing = {
@@ -138,13 +161,24 @@ async def segment(request: Request) -> Response:
     }
     # The instances (the bulk: RLE strings) were encoded in the post-processing thread; only the
     # small parts are encoded here, on the event loop.
-    body = b"".join((
-        b'{"image":', dumps(image),
-        b',"model":', dumps({
-            "name": model.name, "version": model.version, "backend": model.backend, "precision": model.precision,
-        }),
-        b',"instances":', outcome.instances_json,
-        b',"timing":', dumps(timing), b"}",
-    ))
+    body = b"".join(
+        (
+            b'{"image":',
+            dumps(image),
+            b',"model":',
+            dumps(
+                {
+                    "name": model.name,
+                    "version": model.version,
+                    "backend": model.backend,
+                    "precision": model.precision,
+                }
+            ),
+            b',"instances":',
+            outcome.instances_json,
+            b',"timing":',
+            dumps(timing),
+            b"}",
+        )
+    )
     return Response(body, media_type="application/json")
-

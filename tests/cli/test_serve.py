@@ -27,10 +27,13 @@ def test_serve_defaults_and_missing_model(capsys):
     assert "model not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("device, message", [
-    ("tpu", "error: device: not a device: 'tpu' (use cpu, cuda, cuda:N or auto)\n"),
-    ("cuda:99", "error: cuda:99 is not available here"),
-])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("tpu", "error: device: not a device: 'tpu' (use cpu, cuda, cuda:N or auto)\n"),
+        ("cuda:99", "error: cuda:99 is not available here"),
+    ],
+)
 def test_serve_refuses_a_device_it_cannot_use_in_one_line(device, message, capsys):
     from transfiner.cli.main import main
 
@@ -44,8 +47,18 @@ def test_serve_on_a_port_in_use_says_so_and_exits_2():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        command = [sys.executable, "-m", "transfiner", "serve", "--model", "default", "--device", "cpu",
-                   "--port", str(port)]
+        command = [
+            sys.executable,
+            "-m",
+            "transfiner",
+            "serve",
+            "--model",
+            "default",
+            "--device",
+            "cpu",
+            "--port",
+            str(port),
+        ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines()[-1] == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
@@ -57,8 +70,20 @@ def test_serve_exits_when_its_model_cannot_be_loaded(tmp_path):
     Docker or Kubernetes restarts it), instead of staying up with its liveness probe passing."""
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
-    command = [sys.executable, "-m", "transfiner", "serve", "--model", str(broken), "--device", "cpu", "--port", "0",
-               "--log-level", "critical"]
+    command = [
+        sys.executable,
+        "-m",
+        "transfiner",
+        "serve",
+        "--model",
+        str(broken),
+        "--device",
+        "cpu",
+        "--port",
+        "0",
+        "--log-level",
+        "critical",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: model failed to load: CheckpointError: cannot read checkpoint"), done.stderr
@@ -68,15 +93,18 @@ def test_serve_exits_when_its_model_cannot_be_loaded(tmp_path):
     assert "Traceback" not in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--replicas", "2"], "--replicas: only with --engine ray"),
-    (["--engine", "ray", "--replicas", "2", "--max-replicas", "3"], "either --replicas or"),
-    (["--engine", "ray", "--min-replicas", "1"], "needs both --min-replicas and --max-replicas"),
-    (["--engine", "ray", "--workers", "2"], "each replica runs one model worker"),
-    (["--engine", "ray", "--worker-process"], "each replica is a process of Ray's own"),
-    (["--engine", "ray", "--upscale-delay-s", "1"], "only with --min-replicas/--max-replicas"),
-    (["--engine", "ray", "--port", "0"], "needs a fixed --port"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--replicas", "2"], "--replicas: only with --engine ray"),
+        (["--engine", "ray", "--replicas", "2", "--max-replicas", "3"], "either --replicas or"),
+        (["--engine", "ray", "--min-replicas", "1"], "needs both --min-replicas and --max-replicas"),
+        (["--engine", "ray", "--workers", "2"], "each replica runs one model worker"),
+        (["--engine", "ray", "--worker-process"], "each replica is a process of Ray's own"),
+        (["--engine", "ray", "--upscale-delay-s", "1"], "only with --min-replicas/--max-replicas"),
+        (["--engine", "ray", "--port", "0"], "needs a fixed --port"),
+    ],
+)
 def test_serve_engine_flags_are_checked_before_anything_starts(flags, message, capsys):
     from transfiner.cli.main import main
 

@@ -90,11 +90,20 @@ def nginx_template_variables() -> set[str]:
 
 
 _METRIC_CLASSES = {
-    "Counter": "counter", "Gauge": "gauge", "Histogram": "histogram", "Summary": "summary",
-    "GaugeMetricFamily": "gauge", "CounterMetricFamily": "counter", "HistogramMetricFamily": "histogram",
+    "Counter": "counter",
+    "Gauge": "gauge",
+    "Histogram": "histogram",
+    "Summary": "summary",
+    "GaugeMetricFamily": "gauge",
+    "CounterMetricFamily": "counter",
+    "HistogramMetricFamily": "histogram",
 }
-_SAMPLE_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),
-                    "summary": ("", "_sum", "_count")}
+_SAMPLE_SUFFIXES = {
+    "counter": ("_total",),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "summary": ("", "_sum", "_count"),
+}
 
 
 def declared_metric_families() -> dict[str, str]:
@@ -166,8 +175,9 @@ def _skip_unless_required(message: str, require_env: str) -> None:
 def missing_tool(what: str) -> None:
     """Skips a test whose system tool (nginx, prometheus, promtool) is not installed, unless
     TRANSFINER_REQUIRE_TOPOLOGY=1 (set by .ci/run, which installs them): then it fails."""
-    _skip_unless_required(f"{what} is not installed (apt-get install nginx prometheus; .ci/run does)",
-                          REQUIRE_TOOLS_ENV)
+    _skip_unless_required(
+        f"{what} is not installed (apt-get install nginx prometheus; .ci/run does)", REQUIRE_TOOLS_ENV
+    )
 
 
 def kustomize(directory: Path) -> list[dict]:
@@ -176,8 +186,9 @@ def kustomize(directory: Path) -> list[dict]:
     then it fails."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        _skip_unless_required("kubectl is not installed (it renders deploy/k8s with kubectl kustomize)",
-                              REQUIRE_KUBECTL_ENV)
+        _skip_unless_required(
+            "kubectl is not installed (it renders deploy/k8s with kubectl kustomize)", REQUIRE_KUBECTL_ENV
+        )
     done = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise RuntimeError(f"kubectl kustomize {directory} failed ({done.returncode}): {done.stderr.strip()}")

@@ -99,7 +99,8 @@ def test_build_contexts_dockerfiles_and_bind_mounts_exist(compose):
         else:
             image = service["image"]
             assert re.fullmatch(r"[\w./-]+:[\w.-]+", image) and not image.endswith(":latest"), (
-                f"{name}: pin the image by tag ({image})")
+                f"{name}: pin the image by tag ({image})"
+            )
         for volume in service.get("volumes", []):
             source, target = volume.split(":")[:2]
             assert target.startswith("/"), volume
@@ -199,6 +200,7 @@ def test_replicas_scale_and_the_gpu_profile_reserves_gpus(compose):
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices), devices
     # GPU replicas answer to the CPU service's name, so nginx and Prometheus find them too.
     assert SERVICE in gpu["networks"]["default"]["aliases"]
+
     # They are told to use the GPU (without one `transfiner serve` exits instead of serving on the
     # CPU), unless TRANSFINER_DEVICE says otherwise; CPU replicas keep the image's `auto`.
     def device(env: dict[str, str], name: str) -> str:
@@ -335,7 +337,8 @@ def test_every_rejection_reason_is_a_series_before_the_first_rejection():
     exported = {
         sample.labels["reason"]: sample.value
         for family in text_string_to_metric_families(ServiceMetrics().render().decode())
-        for sample in family.samples if sample.name == "transfiner_rejections_total"
+        for sample in family.samples
+        if sample.name == "transfiner_rejections_total"
     }
     given = _reasons_given_in_code()
     assert {"queue_full", "client_disconnected", "too_large"} <= given  # the scan finds them

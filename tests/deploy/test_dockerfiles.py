@@ -28,8 +28,12 @@ def test_dockerfiles_pass_hadolint():
     result = subprocess.run([_hadolint(), "--no-color", *map(str, DOCKERFILES)], capture_output=True, text=True)
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
     # The check has teeth: an unpinned apt install is a finding.
-    bad = subprocess.run([_hadolint(), "--no-color", "-"], input="FROM debian:12\nRUN apt-get install -y curl\n",
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [_hadolint(), "--no-color", "-"],
+        input="FROM debian:12\nRUN apt-get install -y curl\n",
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and "DL3008" in bad.stdout
 
 
@@ -47,13 +51,17 @@ def test_every_ignored_hadolint_rule_is_justified_next_to_it():
                 comments.append(previous)
             text = " ".join(comments)
             for rule in match.group(1).split(","):
-                assert rule in text and len(text.split()) >= 12, f"{dockerfile.name}:{index + 1} {rule} is not justified"
+                assert rule in text and len(text.split()) >= 12, (
+                    f"{dockerfile.name}:{index + 1} {rule} is not justified"
+                )
 
 
 def _dockerignore_excludes(path: str) -> bool:
     import fnmatch
 
-    patterns = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")]
+    patterns = [
+        p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")
+    ]
     parts = Path(path).parts
     prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
     return any(fnmatch.fnmatch(prefix, pattern.rstrip("/")) for pattern in patterns for prefix in prefixes)
@@ -68,7 +76,7 @@ def test_dockerfile_is_multi_stage_pinned_non_root_and_healthchecked(dockerfile)
         image = args.split()[0]
         assert image == "build" or (":" in image and not image.endswith(":latest")), f"unpinned base {image}"
     # The runtime stage (the last) runs as a non-root numeric user, with a readiness health check.
-    runtime = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM"):]
+    runtime = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM") :]
     users = [args for keyword, args in runtime if keyword == "USER"]
     assert users and users[-1].split(":")[0] not in ("0", "root") and users[-1].split(":")[0].isdigit()
     healthchecks = [args for keyword, args in runtime if keyword == "HEALTHCHECK"]
@@ -82,7 +90,9 @@ def test_dockerfile_is_multi_stage_pinned_non_root_and_healthchecked(dockerfile)
             *sources, _destination = args.split()
             for source in sources:
                 assert (REPO / source).exists(), f"{dockerfile.name} copies {source}, which does not exist"
-                assert not _dockerignore_excludes(source), f"{dockerfile.name} copies {source}, which .dockerignore drops"
+                assert not _dockerignore_excludes(source), (
+                    f"{dockerfile.name} copies {source}, which .dockerignore drops"
+                )
     # Every package pyproject.toml installs is in the image (the console script imports them all).
     import tomllib
 
@@ -92,12 +102,18 @@ def test_dockerfile_is_multi_stage_pinned_non_root_and_healthchecked(dockerfile)
         assert folder in copied, f"{dockerfile.name} does not copy the {folder} package"
     # Versions are pinned: every pip install names exact versions, or installs under constraints.txt
     # the package (with extras) and requirements that constraints.txt pins.
-    constraints = {Requirement(line).name for line in (REPO / "constraints.txt").read_text().splitlines()
-                   if line.strip() and not line.startswith("#")}
+    constraints = {
+        Requirement(line).name
+        for line in (REPO / "constraints.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     for keyword, args in instructions:
         for command in re.findall(r"pip install ([^&]+)", args) if keyword == "RUN" else []:
-            words = [w.strip("'\\") for w in command.split() if not w.startswith("-") and w != "constraints.txt"
-                     and not w.startswith("https://")]
+            words = [
+                w.strip("'\\")
+                for w in command.split()
+                if not w.startswith("-") and w != "constraints.txt" and not w.startswith("https://")
+            ]
             constrained = "-c constraints.txt" in command
             for word in filter(None, words):
                 package = word == "." or word.startswith(".[")
@@ -118,8 +134,11 @@ def test_cpu_image_installs_the_cpu_build_of_the_pinned_torch():
     them, where another release would make pip replace them with PyPI's CUDA build."""
     constraints = {
         requirement.name: requirement.specifier
-        for requirement in (Requirement(line) for line in (REPO / "constraints.txt").read_text().splitlines()
-                            if line.strip() and not line.startswith("#"))
+        for requirement in (
+            Requirement(line)
+            for line in (REPO / "constraints.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        )
     }
     installed = {}
     for keyword, args in dockerfile_instructions(DOCKER_DIR / "Dockerfile.cpu"):
@@ -135,7 +154,9 @@ def test_cpu_image_installs_the_cpu_build_of_the_pinned_torch():
         version = Version(pin.version)
         assert pin.operator == "==" and version.local == "cpu", requirement
         assert "https://download.pytorch.org/whl/cpu" in words, f"{name} is not from the CPU index"
-        assert constraints[name].contains(version), f"{requirement} does not satisfy constraints.txt's {name}{constraints[name]}"
+        assert constraints[name].contains(version), (
+            f"{requirement} does not satisfy constraints.txt's {name}{constraints[name]}"
+        )
     # The check has teeth: a release other than the pinned one fails it.
     assert not constraints["torch"].contains(Version("2.0.0+cpu"))
 
@@ -143,8 +164,9 @@ def test_cpu_image_installs_the_cpu_build_of_the_pinned_torch():
 def test_gpu_image_serves_the_default_checkpoint_with_pytorch_and_holds_its_onnx_export():
     instructions = dockerfile_instructions(DOCKER_DIR / "Dockerfile.gpu")
     text = " ".join(args for _, args in instructions)
-    assert re.search(r"FROM nvidia/cuda:[\d.]+-cudnn-runtime-ubuntu[\d.]+ AS runtime", "\n".join(
-        f"{k} {a}" for k, a in instructions))
+    assert re.search(
+        r"FROM nvidia/cuda:[\d.]+-cudnn-runtime-ubuntu[\d.]+ AS runtime", "\n".join(f"{k} {a}" for k, a in instructions)
+    )
     assert "onnxruntime-gpu" in text and "uninstall -y onnxruntime" in text
     export = re.search(r"transfiner export --format onnx --model default --out (\S+)", text)
     assert export, "the build exports the default model"

@@ -159,7 +159,8 @@ def test_termination_grace_covers_the_prestop_wait_the_drain_and_the_readiness_g
     assert grace > 0, "readiness must be seen 503 before the port closes"
     # A readiness probe period fits into the grace: endpoints notice the 503.
     assert container["readinessProbe"]["periodSeconds"] * container["readinessProbe"]["failureThreshold"] <= (
-        pre_stop + grace)
+        pre_stop + grace
+    )
 
 
 def test_pods_run_as_the_images_user_on_a_read_only_root_filesystem(overlay):
@@ -167,8 +168,11 @@ def test_pods_run_as_the_images_user_on_a_read_only_root_filesystem(overlay):
     pod = objects["Deployment"]["spec"]["template"]["spec"]
     container = _container(objects)
     for dockerfile in DOCKER_DIR.glob("Dockerfile.*"):
-        assert re.search(rf"^USER {pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}$",
-                         dockerfile.read_text(), re.M), dockerfile.name
+        assert re.search(
+            rf"^USER {pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}$",
+            dockerfile.read_text(),
+            re.M,
+        ), dockerfile.name
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["automountServiceAccountToken"] is False
     assert pod["serviceAccountName"] == objects["ServiceAccount"]["metadata"]["name"]
@@ -214,15 +218,21 @@ def test_selectors_autoscaler_and_disruption_budget_fit_together(overlay):
     deployment = objects["Deployment"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     (spread,) = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
-    for selector in (deployment["spec"]["selector"]["matchLabels"], objects["Service"]["spec"]["selector"],
-                     objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
-                     spread["labelSelector"]["matchLabels"]):
+    for selector in (
+        deployment["spec"]["selector"]["matchLabels"],
+        objects["Service"]["spec"]["selector"],
+        objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+        spread["labelSelector"]["matchLabels"],
+    ):
         assert selector.items() <= labels.items()
     assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["whenUnsatisfiable"] == "ScheduleAnyway"
     hpa = objects["HorizontalPodAutoscaler"]["spec"]
     target = hpa["scaleTargetRef"]
     assert (target["apiVersion"], target["kind"], target["name"]) == (
-        deployment["apiVersion"], deployment["kind"], deployment["metadata"]["name"])
+        deployment["apiVersion"],
+        deployment["kind"],
+        deployment["metadata"]["name"],
+    )
     # With the fewest replicas, one may still be drained and one still serves.
     assert hpa["minReplicas"] - objects["PodDisruptionBudget"]["spec"]["maxUnavailable"] >= 1
     assert hpa["maxReplicas"] > hpa["minReplicas"]

@@ -65,16 +65,16 @@ def _nginx_main_config(workdir: Path, server_config: Path) -> str:
     return f"""
 daemon off;
 master_process off;
-pid {workdir / 'nginx.pid'};
-error_log {workdir / 'error.log'} warn;
+pid {workdir / "nginx.pid"};
+error_log {workdir / "error.log"} warn;
 events {{ worker_connections 256; }}
 http {{
-    access_log {workdir / 'access.log'};
-    client_body_temp_path {temp['client_body']};
-    proxy_temp_path {temp['proxy']};
-    fastcgi_temp_path {temp['fastcgi']};
-    uwsgi_temp_path {temp['uwsgi']};
-    scgi_temp_path {temp['scgi']};
+    access_log {workdir / "access.log"};
+    client_body_temp_path {temp["client_body"]};
+    proxy_temp_path {temp["proxy"]};
+    fastcgi_temp_path {temp["fastcgi"]};
+    uwsgi_temp_path {temp["uwsgi"]};
+    scgi_temp_path {temp["scgi"]};
     include {server_config};
 }}
 """
@@ -102,7 +102,9 @@ class Topology:
     def start(self, name: str, command: list[str], **kwargs) -> tuple[subprocess.Popen, Path]:
         log = self.workdir / f"{name}.log"
         with open(log, "w") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kwargs)
+            process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kwargs
+            )
         self.processes.append(process)
         return process, log
 
@@ -157,17 +159,33 @@ def topology(tmp_path_factory):
         replicas = []
         for index in range(2):
             port = free_port()
-            env = dict(os.environ, TRANSFINER_DEVICE="cpu", TRANSFINER_TORCH_THREADS="1", TRANSFINER_MODEL="default",
-                       TRANSFINER_MAX_CLIENT_INFLIGHT="1")
-            command = [sys.executable, "-m", "transfiner", "serve", "--host", "127.0.0.1", "--port", str(port),
-                       "--log-level", "warning"]
+            env = dict(
+                os.environ,
+                TRANSFINER_DEVICE="cpu",
+                TRANSFINER_TORCH_THREADS="1",
+                TRANSFINER_MODEL="default",
+                TRANSFINER_MAX_CLIENT_INFLIGHT="1",
+            )
+            command = [
+                sys.executable,
+                "-m",
+                "transfiner",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ]
             replicas.append((port, *topo.start(f"replica{index}", command, env=env, cwd=REPO)))
             topo.replica_ports.append(port)
 
         # nginx from the compose template; only the upstream servers, port and resolver differ.
         topo.nginx_port = free_port()
         nginx_process, nginx_log = _start_nginx(
-            topo, nginx,
+            topo,
+            nginx,
             NGINX_PORT=f"127.0.0.1:{topo.nginx_port}",
             NGINX_RESOLVER="127.0.0.1",  # nothing is resolved: the servers are addresses
             NGINX_UPSTREAM_SERVERS=" ".join(f"server 127.0.0.1:{p} max_fails=0;" for p in topo.replica_ports),
@@ -177,10 +195,16 @@ def topology(tmp_path_factory):
         topo.prometheus_port = free_port()
         config = workdir / "prometheus.yml"
         config.write_text(yaml.safe_dump(_prometheus_config([f"127.0.0.1:{p}" for p in topo.replica_ports])))
-        prometheus_process, prometheus_log = topo.start("prometheus", [
-            prometheus, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{topo.prometheus_port}", "--log.level=warn",
-        ])
+        prometheus_process, prometheus_log = topo.start(
+            "prometheus",
+            [
+                prometheus,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{topo.prometheus_port}",
+                "--log.level=warn",
+            ],
+        )
 
         topo.nginx_url = f"http://127.0.0.1:{topo.nginx_port}"
         topo.prometheus_url = f"http://127.0.0.1:{topo.prometheus_port}"
@@ -253,8 +277,15 @@ def test_every_dashboard_query_evaluates_on_the_real_prometheus(topology):
     """Grafana's panels, with $instance = all and $__rate_interval = 1m: valid PromQL for a real
     Prometheus, and the core panels return data for the replicas (rates need two scrapes after the
     traffic, hence the polling)."""
-    core = ("Replicas ready", "Request rate by replica", "Latency (p50 / p95 / p99)", "Queue wait (p50 / p95 / p99)",
-            "Batch size", "Queue depth and in-flight requests", "Model")
+    core = (
+        "Replicas ready",
+        "Request rate by replica",
+        "Latency (p50 / p95 / p99)",
+        "Queue wait (p50 / p95 / p99)",
+        "Batch size",
+        "Queue depth and in-flight requests",
+        "Model",
+    )
     deadline = time.monotonic() + 20
     while True:
         by_title: dict[str, list] = {}
@@ -294,7 +325,11 @@ def test_nginx_answers_its_health_check_and_waits_the_proxy_timeout(tmp_path):
         port = free_port()
         try:
             process, log = _start_nginx(
-                topo, nginx, NGINX_PORT=f"127.0.0.1:{port}", NGINX_RESOLVER="127.0.0.1", NGINX_PROXY_TIMEOUT="1s",
+                topo,
+                nginx,
+                NGINX_PORT=f"127.0.0.1:{port}",
+                NGINX_RESOLVER="127.0.0.1",
+                NGINX_PROXY_TIMEOUT="1s",
                 NGINX_UPSTREAM_SERVERS=f"server 127.0.0.1:{silent.getsockname()[1]} max_fails=0;",
             )
             url = f"http://127.0.0.1:{port}"

@@ -190,8 +190,11 @@ def test_metadata_describes_the_file(model, exports):
     assert {"torch", "torchvision", "onnx"} <= set(metadata["exported_by"])
     assert metadata["source"]["sha256_12"]
     # Static caps are stated: these bind wherever a box has more than 49 (16) incoherent cells.
-    assert metadata["node_selection"] == {"max_cells": [784, 49, 16], "tokens_per_box": 196 + 784 + 4 * 49 + 16 * 16,
-                                          "official": False}
+    assert metadata["node_selection"] == {
+        "max_cells": [784, 49, 16],
+        "tokens_per_box": 196 + 784 + 4 * 49 + 16 * 16,
+        "official": False,
+    }
     session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == list(INPUT_NAMES) == [i["name"] for i in metadata["inputs"]]
     assert [o.name for o in session.get_outputs()] == list(OUTPUT_NAMES) == [o["name"] for o in metadata["outputs"]]
@@ -298,8 +301,12 @@ def test_a_failed_parity_check_removes_the_export(checkpoint, tmp_path, capsys, 
     assert not (out / "model.ts").exists() and not (out / "metadata.json").exists()
     image = tmp_path / "scene.png"
     image.write_bytes(encode(scene(64, 64, seed=1)))
-    assert main(["predict", str(image), "--backend", "torchscript", "--model", str(out),
-                 "--out", str(tmp_path / "o.json")]) == 2
+    assert (
+        main(
+            ["predict", str(image), "--backend", "torchscript", "--model", str(out), "--out", str(tmp_path / "o.json")]
+        )
+        == 2
+    )
     assert "metadata.json" in capsys.readouterr().err
 
 
@@ -354,7 +361,16 @@ def test_export_takes_the_node_caps_its_static_graph_keeps(tmp_path, capsys):
     capsys.readouterr()
     image = tmp_path / "a.png"
     image.write_bytes(encode(scene(64, 64, seed=2)))
-    predict = ["predict", str(image), "--backend", "torchscript", "--model", str(out), "--out", str(tmp_path / "o.json")]
+    predict = [
+        "predict",
+        str(image),
+        "--backend",
+        "torchscript",
+        "--model",
+        str(out),
+        "--out",
+        str(tmp_path / "o.json"),
+    ]
     assert main([*predict, "--max-cells", "784,49,16"]) == 0
     assert main([*predict, "--max-cells", "784,784,784"]) == 2
     assert "export the checkpoint again with `transfiner export --max-cells`" in capsys.readouterr().err
@@ -363,6 +379,7 @@ def test_export_takes_the_node_caps_its_static_graph_keeps(tmp_path, capsys):
 def test_a_failed_export_leaves_no_model_file(model, tmp_path, monkeypatch):
     """An exporter that fails half way (its own error; not one this graph causes) leaves no file
     that a later load would take for an export."""
+
     def fails_half_way(module, args, path, **kwargs):
         Path(path).write_bytes(b"half a graph")
         raise RuntimeError("exporter failed\ngraph(%images : Float(...)) ...")
@@ -381,7 +398,9 @@ def test_a_mistyped_model_inside_an_export_folder_is_an_error(exports, tmp_path,
     image = tmp_path / "scene.png"
     image.write_bytes(encode(scene(64, 64, seed=1)))
     for backend in ("onnxruntime", "torchscript", "pytorch"):
-        code = main(["predict", str(image), "--backend", backend, "--model", "typo.pth", "--out", str(tmp_path / "o.json")])
+        code = main(
+            ["predict", str(image), "--backend", backend, "--model", "typo.pth", "--out", str(tmp_path / "o.json")]
+        )
         assert code == 2, backend
         assert "model not found: typo.pth" in capsys.readouterr().err
     assert not (tmp_path / "o.json").exists()
@@ -412,8 +431,11 @@ def test_service_serves_the_onnx_backend(exports, model):
     expected = Predictor.from_backend(runtime).predict([picture], score_threshold=0.3)[0]
     with running(settings) as server:
         response = httpx.post(
-            server.url + "/v1/segment", content=encode(picture), headers={"Content-Type": "image/png"},
-            params={"score_threshold": 0.3}, timeout=120,
+            server.url + "/v1/segment",
+            content=encode(picture),
+            headers={"Content-Type": "image/png"},
+            params={"score_threshold": 0.3},
+            timeout=120,
         )
     assert response.status_code == 200, response.text
     body = response.json()
@@ -445,8 +467,9 @@ def test_onnx_runtime_memory_at_100_detections_stays_bounded(tmp_path):
     grows by doubling, so the peak varies with how allocations interleave)."""
     model = build_model(load_checkpoint(DEFAULT_WEIGHTS)[0], DEFAULT_WEIGHTS, "cpu")
     folder = export_model(model, "onnx", tmp_path / "onnx", source=DEFAULT_WEIGHTS).model_file.parent
-    done = subprocess.run([sys.executable, "-c", MEASURE_PEAK, str(folder)], capture_output=True, text=True,
-                          timeout=300, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE_PEAK, str(folder)], capture_output=True, text=True, timeout=300, check=True
+    )
     detections, peak_mb = map(int, done.stdout.split())
     assert detections == 100
     assert peak_mb < 4500, f"peak resident memory {peak_mb} MB"
@@ -456,8 +479,14 @@ def test_an_exported_graph_batches_only_requests_of_one_threshold_and_cap(export
     """The graph takes one score threshold and one cap a batch: a score_threshold=0 request in a
     batch would make its batch-mates compute every detection, so it runs in a batch of its own."""
     folder = exports["torchscript"].model_file.parent
-    settings = ServiceSettings(model=str(folder), backend="torchscript", device="cpu", max_batch_size=4,
-                               max_delay_ms=400, max_arrival_wait_ms=400)
+    settings = ServiceSettings(
+        model=str(folder),
+        backend="torchscript",
+        device="cpu",
+        max_batch_size=4,
+        max_delay_ms=400,
+        max_arrival_wait_ms=400,
+    )
     picture = encode(scene(96, 128, seed=3))
     params = [{"score_threshold": 0.5}] * 3 + [{"score_threshold": 0.0, "max_detections": 100}]
     with running(settings) as server:

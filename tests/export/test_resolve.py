@@ -133,11 +133,14 @@ def test_every_backend_reports_the_weights_digest_as_version(exports, checkpoint
     weights_version = file_digest(checkpoint)
     served = {
         "pytorch": build_backends(str(checkpoint), None, "cpu", 1, "pytorch"),
-        **{runtime_for(fmt): build_backends(str(exports[fmt].model_file.parent), None, "cpu", 1, runtime_for(fmt))
-           for fmt in EXPORT_FORMATS},
+        **{
+            runtime_for(fmt): build_backends(str(exports[fmt].model_file.parent), None, "cpu", 1, runtime_for(fmt))
+            for fmt in EXPORT_FORMATS
+        },
     }
-    assert {backend: loaded.version for backend, loaded in served.items()} == dict.fromkeys(BACKEND_NAMES,
-                                                                                             weights_version)
+    assert {backend: loaded.version for backend, loaded in served.items()} == dict.fromkeys(
+        BACKEND_NAMES, weights_version
+    )
     assert served["pytorch"].name == "tiny"
     assert served["onnxruntime"].name == "onnx" and served["torchscript"].name == "torchscript"
 

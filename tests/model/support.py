@@ -24,9 +24,13 @@ def tiny_transfiner_config(**overrides) -> TransfinerConfig:
 
 def random_boxes(generator: torch.Generator, count: int, image_size: int, min_side: float = 6.0) -> torch.Tensor:
     """Boxes of very different sizes (so they land on every FPN level) inside the image."""
-    sides = torch.exp(torch.empty(count, 2).uniform_(torch.log(torch.tensor(min_side)).item(),
-                                                     torch.log(torch.tensor(image_size * 0.95)).item(),
-                                                     generator=generator))
+    sides = torch.exp(
+        torch.empty(count, 2).uniform_(
+            torch.log(torch.tensor(min_side)).item(),
+            torch.log(torch.tensor(image_size * 0.95)).item(),
+            generator=generator,
+        )
+    )
     x0 = torch.rand(count, generator=generator) * (image_size - sides[:, 0])
     y0 = torch.rand(count, generator=generator) * (image_size - sides[:, 1])
     return torch.stack((x0, y0, x0 + sides[:, 0], y0 + sides[:, 1]), dim=1)

@@ -25,8 +25,12 @@ from transfiner.service.loadtest.servers import free_port
 
 REPLICA_CLASS = "ServeReplica:transfiner:transfiner"  # Serve's actor class: ServeReplica:<app>:<deployment>
 # Series of Ray's metrics that every node with a replica that served must export.
-RAY_METRICS = ("ray_serve_deployment_request_counter_total", "ray_serve_actual_batch_size_count",
-               "ray_serve_batch_wait_time_ms_count", "ray_serve_deployment_processing_latency_ms_count")
+RAY_METRICS = (
+    "ray_serve_deployment_request_counter_total",
+    "ray_serve_actual_batch_size_count",
+    "ray_serve_batch_wait_time_ms_count",
+    "ray_serve_deployment_processing_latency_ms_count",
+)
 
 
 def _replicas() -> list[dict]:
@@ -34,8 +38,10 @@ def _replicas() -> list[dict]:
     from ray.util.state import list_actors
 
     actors = list_actors(filters=[("class_name", "=", REPLICA_CLASS), ("state", "=", "ALIVE")], detail=True)
-    return sorted(({"actor_id": a.actor_id, "node_id": a.node_id, "pid": a.pid, "name": a.name} for a in actors),
-                  key=lambda a: a["node_id"])
+    return sorted(
+        ({"actor_id": a.actor_id, "node_id": a.node_id, "pid": a.pid, "name": a.name} for a in actors),
+        key=lambda a: a["node_id"],
+    )
 
 
 def _app_running() -> bool:
@@ -52,9 +58,12 @@ def _segment(url: str, image: bytes) -> dict:
     except httpx.TransportError as error:
         return {"status": None, "error": repr(error), "seconds": time.monotonic() - started}
     return {
-        "status": response.status_code, "replica": response.headers.get("x-transfiner-replica"),
-        "body": response.json() if response.headers.get("content-type", "").startswith("application/json")
-        else response.text, "seconds": time.monotonic() - started,
+        "status": response.status_code,
+        "replica": response.headers.get("x-transfiner-replica"),
+        "body": response.json()
+        if response.headers.get("content-type", "").startswith("application/json")
+        else response.text,
+        "seconds": time.monotonic() - started,
     }
 
 
@@ -80,9 +89,27 @@ def _wait(predicate, timeout: float, step: float = 0.2):
 def _start_server(workdir: Path, name: str, address: str, port: int, checkpoint: Path, *flags: str):
     log = (workdir / f"{name}.log").open("w")
     return subprocess.Popen(
-        [sys.executable, "-m", "transfiner", "serve", "--engine", "ray", "--ray-address", address,
-         "--port", str(port), "--model", str(checkpoint), "--max-batch-size", "4", "--log-level", "warning", *flags],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "transfiner",
+            "serve",
+            "--engine",
+            "ray",
+            "--ray-address",
+            address,
+            "--port",
+            str(port),
+            "--model",
+            str(checkpoint),
+            "--max-batch-size",
+            "4",
+            "--log-level",
+            "warning",
+            *flags,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -125,7 +152,13 @@ def _ray_metrics(nodes: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def _fixed_replicas(
-    report: dict, workdir: Path, address: str, checkpoint: Path, image: bytes, other: bytes, mark,
+    report: dict,
+    workdir: Path,
+    address: str,
+    checkpoint: Path,
+    image: bytes,
+    other: bytes,
+    mark,
 ) -> None:
     """Two replicas: placement, requests, the error model, a replica killed and replaced."""
     import ray
@@ -157,8 +190,9 @@ def _fixed_replicas(
         garbage = httpx.post(f"{url}/v1/segment", content=b"not an image", timeout=30)
         report["garbage"] = {"status": garbage.status_code, "body": garbage.json()}
         metrics = httpx.get(f"{url}/metrics", timeout=5)
-        report["service_metrics"] = sorted({line.split("{")[0].split(" ")[0] for line in metrics.text.splitlines()
-                                            if line.startswith("transfiner_")})
+        report["service_metrics"] = sorted(
+            {line.split("{")[0].split(" ")[0] for line in metrics.text.splitlines() if line.startswith("transfiner_")}
+        )
         # What the cluster listens on (the namespace has no interface but loopback anyway).
         listening = subprocess.run(["ss", "-Htln"], capture_output=True, text=True).stdout
         report["listeners"] = sorted({line.split()[3] for line in listening.splitlines() if line.strip()})
@@ -180,7 +214,8 @@ def _fixed_replicas(
         mark("replaced")
         # Bursts until the replacement has answered too (the proxies learn of it asynchronously).
         replacement = {r["name"].rsplit("#", 1)[1] for r in report["replicas_after"] or []} - {
-            victim["name"].rsplit("#", 1)[1]}
+            victim["name"].rsplit("#", 1)[1]
+        }
         report["after"] = []
         for _ in range(6):
             report["after"] += _burst(url, image, 8)
@@ -191,6 +226,7 @@ def _fixed_replicas(
         # Ray's own metrics (requests, latency, Serve's batches) on every node's metrics agent;
         # the agents export every few seconds.
         nodes = [n for n in ray.nodes() if n["Alive"]]
+
         def exported():
             found = _ray_metrics(nodes)
             return found if all(series.get(name, 0) > 0 for series in found.values() for name in RAY_METRICS) else None
@@ -208,9 +244,21 @@ def _autoscaling(report: dict, workdir: Path, address: str, checkpoint: Path, im
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = _start_server(workdir, "serve-autoscaling", address, port, checkpoint,
-                           "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "1",
-                           "--upscale-delay-s", "1")
+    server = _start_server(
+        workdir,
+        "serve-autoscaling",
+        address,
+        port,
+        checkpoint,
+        "--min-replicas",
+        "1",
+        "--max-replicas",
+        "2",
+        "--target-ongoing-requests",
+        "1",
+        "--upscale-delay-s",
+        "1",
+    )
     try:
         report["auto_ready"] = _wait_ready(server, url)
         report["auto_replicas_idle"] = _replicas()

@@ -42,8 +42,13 @@ def server(checkpoint):
     """Batches of up to 4 that wait 150 ms to fill: concurrent requests batch reliably, and a lone
     request sits in the queue long enough for deadline and disconnect tests."""
     settings = ServiceSettings(
-        model=str(checkpoint), device="cpu", api_key=API_KEY, max_batch_size=4, max_delay_ms=150,
-        max_body_bytes=MAX_BODY, max_pixels=MAX_PIXELS,
+        model=str(checkpoint),
+        device="cpu",
+        api_key=API_KEY,
+        max_batch_size=4,
+        max_delay_ms=150,
+        max_body_bytes=MAX_BODY,
+        max_pixels=MAX_PIXELS,
     )
     srv = ThreadServer(settings).start()
     yield srv
@@ -94,15 +99,18 @@ def test_head_is_answered_as_get_without_a_body(server):
     host, port = server.url.removeprefix("http://").split(":")
     head_count = metric(server.url, "transfiner_requests_total", route="/health/live", method="HEAD")
     with socket.create_connection((host, int(port)), timeout=10) as connection:
-        connection.sendall(b"HEAD /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
-                           b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        connection.sendall(
+            b"HEAD /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
         received = b""
         while chunk := connection.recv(65536):
             received += chunk
     head, rest = received.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 200 ")
-    get_length = int(next(line for line in rest.split(b"\r\n") if line.lower().startswith(b"content-length:"))
-                     .split(b":")[1])
+    get_length = int(
+        next(line for line in rest.split(b"\r\n") if line.lower().startswith(b"content-length:")).split(b":")[1]
+    )
     assert rest.startswith(b"HTTP/1.1 200 "), "the HEAD answer carried a body"
     assert rest.endswith(b'{"status":"alive"}') and get_length == len(b'{"status":"alive"}')
     assert b"content-length: %d" % get_length in head.lower()  # the length a GET would have
@@ -116,7 +124,9 @@ def test_head_is_answered_as_get_without_a_body(server):
 def test_rle_equals_predictor_and_coco_loadres(client, predictor):
     image = scene()
     response = client.post(
-        "/v1/segment", content=encode(image), headers={"Content-Type": "image/png"},
+        "/v1/segment",
+        content=encode(image),
+        headers={"Content-Type": "image/png"},
         params={"score_threshold": 0.0, "max_detections": 6, "image_id": "42"},
     )
     assert response.status_code == 200, response.text
@@ -153,10 +163,14 @@ def test_upload_forms_and_declared_type_agree(client):
     curl_default = client.post(
         "/v1/segment", content=png, params=params, headers={"Content-Type": "application/x-www-form-urlencoded"}
     )
-    as_json = client.post("/v1/segment", json={
-        "image": "data:image/png;base64," + base64.b64encode(png).decode(), "score_threshold": 0,
-        "max_detections": 4,
-    })
+    as_json = client.post(
+        "/v1/segment",
+        json={
+            "image": "data:image/png;base64," + base64.b64encode(png).decode(),
+            "score_threshold": 0,
+            "max_detections": 4,
+        },
+    )
     responses = (raw, mislabelled, form, curl_default, as_json)
     assert [r.status_code for r in responses] == [200] * 5, [r.text for r in responses]
     bodies = [r.json() for r in responses]
@@ -167,7 +181,8 @@ def test_upload_forms_and_declared_type_agree(client):
 def test_a_urlencoded_form_is_told_how_to_send_the_image(client):
     # `curl -d image=...` sends a real form; the answer names the two uploads that work.
     response = client.post(
-        "/v1/segment", content=b"image=%2Fhome%2Fme%2Fphoto.jpg",
+        "/v1/segment",
+        content=b"image=%2Fhome%2Fme%2Fphoto.jpg",
         headers={"Content-Type": "application/x-www-form-urlencoded"},
     )
     assert response.status_code == 415
@@ -240,9 +255,9 @@ def test_extreme_aspect_ratios_are_served_and_spare_their_batch_mates(client):
     extremes = [np.full((1, 1281, 3), 200, np.uint8), np.full((10000, 2, 3), 50, np.uint8)]
     bodies = [encode(image) for image in [*extremes, scene(seed=4)]]
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
-        responses = list(pool.map(
-            lambda body: client.post("/v1/segment", content=body, params={"score_threshold": 0}), bodies
-        ))
+        responses = list(
+            pool.map(lambda body: client.post("/v1/segment", content=body, params={"score_threshold": 0}), bodies)
+        )
     assert [r.status_code for r in responses] == [200] * 3, [r.text for r in responses]
     for response, image in zip(responses, extremes):
         assert response.json()["image"]["height"] == image.shape[0]
@@ -263,9 +278,7 @@ def test_exif_orientation_applied(client, predictor):
     assert response.json()["image"] | {"image_id": None} == {"width": 80, "height": 120, "image_id": None}
     upright = load_image_rgb_from_bytes(jpeg)
     assert upright.shape == (120, 80, 3)
-    assert_same_as_prediction(
-        response.json()["instances"], predictor(upright, score_threshold=0.0, max_detections=3)
-    )
+    assert_same_as_prediction(response.json()["instances"], predictor(upright, score_threshold=0.0, max_detections=3))
 
 
 def load_image_rgb_from_bytes(data: bytes) -> np.ndarray:
@@ -282,10 +295,12 @@ def test_concurrent_requests_form_batches(server, client):
     singles0 = metric(server.url, "transfiner_batch_size_bucket", le="1.0")
     images = [encode(scene(seed=10 + i)) for i in range(4)]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        responses = list(pool.map(
-            lambda png: client.post("/v1/segment", content=png, params={"score_threshold": 0, "max_detections": 2}),
-            images,
-        ))
+        responses = list(
+            pool.map(
+                lambda png: client.post("/v1/segment", content=png, params={"score_threshold": 0, "max_detections": 2}),
+                images,
+            )
+        )
     assert [r.status_code for r in responses] == [200] * 4
     batches = metric(server.url, "transfiner_batch_size_count") - count0
     multi = batches - (metric(server.url, "transfiner_batch_size_bucket", le="1.0") - singles0)
@@ -305,9 +320,11 @@ def test_an_answer_does_not_depend_on_its_batch_mates(server, client):
     count0 = metric(server.url, "transfiner_batch_size_count")
     singles0 = metric(server.url, "transfiner_batch_size_bucket", le="1.0")
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        responses = list(pool.map(
-            lambda png: client.post("/v1/segment", content=png, params=params), [encode(x) for x in [image, *mates]]
-        ))
+        responses = list(
+            pool.map(
+                lambda png: client.post("/v1/segment", content=png, params=params), [encode(x) for x in [image, *mates]]
+            )
+        )
     assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
     batches = metric(server.url, "transfiner_batch_size_count") - count0
     singles = metric(server.url, "transfiner_batch_size_bucket", le="1.0") - singles0
@@ -368,8 +385,11 @@ def error_cases():
         "empty body": (dict(content=b""), 400, "bad_request"),
         "multipart without image": (dict(files={"picture": ("a.png", png)}), 400, "bad_request"),
         "multipart image as text": (dict(data={"image": "not a file"}, files={"x": ("", b"")}), 400, "bad_request"),
-        "malformed json": (dict(content=b'{"image": ', headers={"Content-Type": "application/json"}), 400,
-                           "bad_request"),
+        "malformed json": (
+            dict(content=b'{"image": ', headers={"Content-Type": "application/json"}),
+            400,
+            "bad_request",
+        ),
         "json without image": (dict(json={"score_threshold": 0.5}), 400, "bad_request"),
         "json bad base64": (dict(json={"image": "***"}), 400, "bad_request"),
         "json not an object": (dict(json=[b64]), 400, "bad_request"),
@@ -378,14 +398,20 @@ def error_cases():
         "json lone surrogate": (json_body(b64, rb'"\ud800"'), 400, "bad_request"),
         "no api key": (dict(content=png, headers={"X-API-Key": ""}), 401, "unauthorized"),
         "wrong api key": (dict(content=png, headers={"X-API-Key": API_KEY + "x"}), 401, "unauthorized"),
-        "wrong bearer": (dict(content=png, headers={"X-API-Key": "", "Authorization": "Bearer nope"}), 401,
-                         "unauthorized"),
+        "wrong bearer": (
+            dict(content=png, headers={"X-API-Key": "", "Authorization": "Bearer nope"}),
+            401,
+            "unauthorized",
+        ),
         "body too large": (dict(content=os.urandom(MAX_BODY + 1)), 413, "body_too_large"),
         "chunked body too large": (dict(content=_chunks(os.urandom(2 * MAX_BODY))), 413, "body_too_large"),
         "chunked multipart too large": (streamed_form, 413, "body_too_large"),
         "too many pixels": (dict(content=big_pixels), 413, "image_too_large"),
-        "text as jpeg": (dict(content=b"hello, world", headers={"Content-Type": "image/jpeg"}), 415,
-                         "unsupported_media_type"),
+        "text as jpeg": (
+            dict(content=b"hello, world", headers={"Content-Type": "image/jpeg"}),
+            415,
+            "unsupported_media_type",
+        ),
         "svg": (dict(content=b"<svg xmlns='http://www.w3.org/2000/svg'/>"), 415, "unsupported_media_type"),
         "urlencoded form": (dict(content=b"image=abc", headers=form_ct), 415, "unsupported_media_type"),
         "score above 1": (dict(content=png, params={"score_threshold": 2}), 422, "invalid_parameter"),
@@ -396,8 +422,11 @@ def error_cases():
         "unknown class": (dict(content=png, params={"classes": "dog"}), 422, "invalid_parameter"),
         "empty class filter": (dict(content=png, params={"classes": ""}), 422, "invalid_parameter"),
         "empty class list": (dict(json={"image": b64, "classes": []}), 422, "invalid_parameter"),
-        "parameter twice": (dict(json={"image": b64, "refine": False}, params={"refine": "true"}), 422,
-                            "invalid_parameter"),
+        "parameter twice": (
+            dict(json={"image": b64, "refine": False}, params={"refine": "true"}),
+            422,
+            "invalid_parameter",
+        ),
         "bad timeout header": (dict(content=png, headers={"X-Request-Timeout": "soon"}), 422, "invalid_parameter"),
         "negative timeout": (dict(content=png, headers={"X-Request-Timeout": "-1"}), 422, "invalid_parameter"),
         "truncated png": (dict(content=png[: len(png) * 2 // 3]), 422, "invalid_image"),
@@ -413,8 +442,11 @@ def test_every_error_class_answers_json_and_the_server_keeps_serving(server, cli
         response = client.post("/v1/segment", **kwargs)
         body = response.json() if response.headers.get("content-type", "").startswith("application/json") else None
         ok = (
-            response.status_code == status and body is not None and set(body) == {"error"}
-            and body["error"]["code"] == code and isinstance(body["error"]["message"], str)
+            response.status_code == status
+            and body is not None
+            and set(body) == {"error"}
+            and body["error"]["code"] == code
+            and isinstance(body["error"]["message"], str)
             and "Traceback" not in response.text
             # Encoded alike, whether the app, a middleware or the protocol answered.
             and response.content == json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
@@ -430,8 +462,12 @@ def test_every_error_class_answers_json_and_the_server_keeps_serving(server, cli
     assert all(after[r] > before[r] for r in reasons), (before, after)
     # Still serving, with the right key in either header.
     assert client.get("/health/ready").status_code == 200
-    ok = client.post("/v1/segment", content=encode(scene()), params={"mask_format": "none"},
-                     headers={"X-API-Key": "", "Authorization": f"Bearer {API_KEY}"})
+    ok = client.post(
+        "/v1/segment",
+        content=encode(scene()),
+        params={"mask_format": "none"},
+        headers={"X-API-Key": "", "Authorization": f"Bearer {API_KEY}"},
+    )
     assert ok.status_code == 200, ok.text
 
 
@@ -471,8 +507,10 @@ def test_client_leaving_mid_upload_is_counted_not_an_error(server):
     errors0 = metric(server.url, "transfiner_requests_total", status="500")
     with socket.create_connection(("127.0.0.1", server.port)) as raw:
         raw.sendall(
-            b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nX-API-Key: " + API_KEY.encode()
-            + b"\r\nContent-Length: 50000\r\n\r\n" + encode(scene())[:1000]
+            b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nX-API-Key: "
+            + API_KEY.encode()
+            + b"\r\nContent-Length: 50000\r\n\r\n"
+            + encode(scene())[:1000]
         )
         time.sleep(0.2)
     deadline = time.monotonic() + 5
@@ -484,15 +522,27 @@ def test_client_leaving_mid_upload_is_counted_not_an_error(server):
 
 
 METRIC_NAMES = (
-    "transfiner_request_duration_seconds", "transfiner_queue_wait_seconds", "transfiner_decode_seconds",
-    "transfiner_inference_seconds", "transfiner_postprocess_seconds", "transfiner_batch_size",
-    "transfiner_queue_depth", "transfiner_inflight_requests", "transfiner_instances_per_image",
-    "transfiner_input_megapixels", "transfiner_requests_total", "transfiner_rejections_total",
+    "transfiner_request_duration_seconds",
+    "transfiner_queue_wait_seconds",
+    "transfiner_decode_seconds",
+    "transfiner_inference_seconds",
+    "transfiner_postprocess_seconds",
+    "transfiner_batch_size",
+    "transfiner_queue_depth",
+    "transfiner_inflight_requests",
+    "transfiner_instances_per_image",
+    "transfiner_input_megapixels",
+    "transfiner_requests_total",
+    "transfiner_rejections_total",
     "transfiner_model_info",
 )
 HISTOGRAMS = (
-    "transfiner_queue_wait_seconds", "transfiner_decode_seconds", "transfiner_inference_seconds",
-    "transfiner_postprocess_seconds", "transfiner_batch_size", "transfiner_instances_per_image",
+    "transfiner_queue_wait_seconds",
+    "transfiner_decode_seconds",
+    "transfiner_inference_seconds",
+    "transfiner_postprocess_seconds",
+    "transfiner_batch_size",
+    "transfiner_instances_per_image",
     "transfiner_input_megapixels",
 )
 
@@ -503,7 +553,9 @@ def test_metric_names_exist_and_move(server, client):
         assert f"# TYPE {name} " in text, name
     for reason in ("queue_full", "deadline", "bad_image", "too_large", "unsupported_type", "unauthorized"):
         assert f'reason="{reason}"' in text
-    assert metric(server.url, "transfiner_model_info", name="tiny", backend="pytorch", precision="fp32", device="cpu") == 1
+    assert (
+        metric(server.url, "transfiner_model_info", name="tiny", backend="pytorch", precision="fp32", device="cpu") == 1
+    )
     before = {name: metric(server.url, name + "_count") for name in HISTOGRAMS}
     ok0 = metric(server.url, "transfiner_requests_total", route="/v1/segment", method="POST", status="200")
     e2e0 = metric(server.url, "transfiner_request_duration_seconds_count", route="/v1/segment")
@@ -544,8 +596,13 @@ def faulty_loader(settings):
 @pytest.fixture(scope="module")
 def small_server(checkpoint):
     settings = ServiceSettings(
-        model=str(checkpoint), device="cpu", max_batch_size=1, max_delay_ms=0, max_queue_size=2,
-        max_client_inflight=2, warmup_batches=0,
+        model=str(checkpoint),
+        device="cpu",
+        max_batch_size=1,
+        max_delay_ms=0,
+        max_queue_size=2,
+        max_client_inflight=2,
+        warmup_batches=0,
     )
     srv = ThreadServer(settings, loader=faulty_loader).start()
     yield srv
@@ -582,7 +639,9 @@ def test_a_failing_forward_pass_answers_500_and_the_server_goes_on(small_server)
     wide = encode(scene(96, 200))  # resized to 61x128, padded to 64 rows: the injected failure
     response = httpx.post(small_server.url + "/v1/segment", content=wide, timeout=120)
     assert response.status_code == 500
-    assert response.json() == {"error": {"code": "internal_error", "message": "inference failed (logged on the server)"}}
+    assert response.json() == {
+        "error": {"code": "internal_error", "message": "inference failed (logged on the server)"}
+    }
     assert httpx.post(small_server.url + "/v1/segment", content=encode(scene()), timeout=120).status_code == 200
 
 
@@ -594,12 +653,27 @@ def test_serve_process_readiness_and_graceful_sigterm(checkpoint, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(
-        os.environ, TRANSFINER_SHUTDOWN_GRACE_S="1.5", TRANSFINER_WARMUP_BATCHES="3", TRANSFINER_DEVICE="cpu",
+        os.environ,
+        TRANSFINER_SHUTDOWN_GRACE_S="1.5",
+        TRANSFINER_WARMUP_BATCHES="3",
+        TRANSFINER_DEVICE="cpu",
         TRANSFINER_TORCH_THREADS="1",
     )
     log = open(tmp_path / "serve.log", "w+")
-    command = [sys.executable, "-m", "transfiner", "serve", "--model", str(checkpoint), "--port", str(port),
-               "--max-delay-ms", "300", "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "transfiner",
+        "serve",
+        "--model",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--max-delay-ms",
+        "300",
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
         seen = wait_ready(url, timeout=120)
@@ -640,8 +714,18 @@ def test_after_the_drain_a_stalled_request_holds_the_stop_only_briefly(checkpoin
 
     port = free_port()
     env = dict(os.environ, TRANSFINER_DRAIN_TIMEOUT_S="600", TRANSFINER_BODY_TIMEOUT_S="600", TRANSFINER_DEVICE="cpu")
-    command = [sys.executable, "-m", "transfiner", "serve", "--model", str(checkpoint), "--port", str(port),
-               "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "transfiner",
+        "serve",
+        "--model",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     with open(tmp_path / "serve.log", "w") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:

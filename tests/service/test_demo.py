@@ -138,7 +138,10 @@ def demo(browser, server):
 
 def segment(server, image_path: Path, **params) -> dict:
     response = httpx.post(
-        server.url + "/v1/segment", params=params, content=image_path.read_bytes(), timeout=60,
+        server.url + "/v1/segment",
+        params=params,
+        content=image_path.read_bytes(),
+        timeout=60,
         headers={"Content-Type": "application/octet-stream"},
     )
     response.raise_for_status()
@@ -153,20 +156,25 @@ def row_cells(instances: list[dict]) -> list[list[str]]:
     ]
 
 
-def check_drawing(canvas: np.ndarray, image: np.ndarray, instances: list[dict], colours: list[str], alpha: float) -> None:
+def check_drawing(
+    canvas: np.ndarray, image: np.ndarray, instances: list[dict], colours: list[str], alpha: float
+) -> None:
     """Inside exactly one mask a pixel is the image blended with that instance's colour; outside
     every mask it is the image's own. Box outlines and labels (and a margin) are left out."""
     height, width = image.shape[:2]
-    masks = np.stack([mask_util.decode(inst["segmentation"]).astype(bool) for inst in instances]) if instances \
+    masks = (
+        np.stack([mask_util.decode(inst["segmentation"]).astype(bool) for inst in instances])
+        if instances
         else np.zeros((0, height, width), bool)
+    )
     drawn = np.zeros((height, width), bool)  # where boxes and labels may be
     for x, y, w, h in (inst["bbox"] for inst in instances):
         # 2 px lines (at 384 px) plus a margin; a 16 px high label above the box, or inside at the top.
         x0, y0, x1, y1 = int(x) - 3, int(y) - 3, int(np.ceil(x + w)) + 3, int(np.ceil(y + h)) + 3
         outline = np.zeros_like(drawn)
-        outline[max(y0, 0):y1, max(x0, 0):x1] = True
-        outline[y0 + 6:y1 - 6, x0 + 6:x1 - 6] = False  # the box's inside
-        outline[max(y0 - 16, 0):y0 + 22, max(x0, 0):x0 + 110] = True  # the label
+        outline[max(y0, 0) : y1, max(x0, 0) : x1] = True
+        outline[y0 + 6 : y1 - 6, x0 + 6 : x1 - 6] = False  # the box's inside
+        outline[max(y0 - 16, 0) : y0 + 22, max(x0, 0) : x0 + 110] = True  # the label
         drawn |= outline
     outside = ~masks.any(axis=0) & ~drawn
     assert outside.sum() > 1000
@@ -174,7 +182,7 @@ def check_drawing(canvas: np.ndarray, image: np.ndarray, instances: list[dict], 
     for i, colour in enumerate(colours):
         only = masks[i] & (masks.sum(axis=0) == 1) & ~drawn
         assert only.sum() >= 5, f"instance {i} has too few unobstructed mask pixels to check"
-        rgb = np.array([int(colour[k:k + 2], 16) for k in (1, 3, 5)])
+        rgb = np.array([int(colour[k : k + 2], 16) for k in (1, 3, 5)])
         expected = image[only] + (rgb - image[only].astype(float)) * alpha
         assert np.abs(canvas[only] - expected).max() <= 1, f"instance {i} is not drawn in {colour}"
 
@@ -227,7 +235,12 @@ def test_settings_on_the_page_are_the_api_parameters(demo, server, image_path):
     demo.wait_ready()
     assert page.input_value("#score-threshold") == "0.3" and page.input_value("#mask-threshold") == "0.55"
     expected = segment(
-        server, image_path, score_threshold=0.3, mask_threshold=0.55, max_detections=3, classes="1,3,4,5,6,7",
+        server,
+        image_path,
+        score_threshold=0.3,
+        mask_threshold=0.55,
+        max_detections=3,
+        classes="1,3,4,5,6,7",
     )["instances"]
     assert [row["cells"] for row in demo.rows()] == row_cells(expected)
     assert all(inst["category_id"] != 2 for inst in expected) and len(expected) <= 3
@@ -308,7 +321,9 @@ def test_downloads_are_the_coco_json_and_the_overlay(demo, server, image_path):
 
 def test_a_bad_file_shows_the_api_error(demo, server):
     data = b"these bytes are not an image"
-    response = httpx.post(server.url + "/v1/segment", content=data, headers={"Content-Type": "application/octet-stream"})
+    response = httpx.post(
+        server.url + "/v1/segment", content=data, headers={"Content-Type": "application/octet-stream"}
+    )
     assert response.status_code == 415
     error = response.json()["error"]
     demo.page.set_input_files("#file", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": data}])
@@ -380,6 +395,7 @@ def test_the_page_asks_for_the_api_key_and_sends_it(browser, image_path, checkpo
 
 def _get(settings: ServiceSettings, *paths: str) -> list[httpx.Response]:
     """GETs from a new app in process, without its lifespan: the model never loads, only routing runs."""
+
     async def get() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=create_app(settings))
         async with httpx.AsyncClient(transport=transport, base_url="http://demo") as client:
@@ -392,7 +408,12 @@ def _get(settings: ServiceSettings, *paths: str) -> list[httpx.Response]:
 
 def test_demo_setting_and_static_files(monkeypatch):
     root, demo, module, *missing = _get(
-        ServiceSettings(), "/", "/demo", "/static/app.js", "/static/nope.js", "/static/..%2Fsettings.py",
+        ServiceSettings(),
+        "/",
+        "/demo",
+        "/static/app.js",
+        "/static/nope.js",
+        "/static/..%2Fsettings.py",
         "/static/demo.py",
     )
     for page in (root, demo):

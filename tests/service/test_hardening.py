@@ -116,10 +116,14 @@ def test_a_request_without_masks_is_not_refined(predictor):
     worker = Worker(TorchBackend(predictor.model))
     image = scene(seed=1)
     refined = []  # boxes per refiner call (features, boxes, ...)
-    hook = predictor.model.mask_head.refiner.register_forward_hook(lambda _, inputs, out: refined.append(len(inputs[1])))
+    hook = predictor.model.mask_head.refiner.register_forward_hook(
+        lambda _, inputs, out: refined.append(len(inputs[1]))
+    )
 
     async def main(mask_format):
-        job = segment_job(predictor, image, RequestOptions(score_threshold=0.0, max_detections=5, mask_format=mask_format))
+        job = segment_job(
+            predictor, image, RequestOptions(score_threshold=0.0, max_detections=5, mask_format=mask_format)
+        )
         await worker.run([job])
         return job.future.result()
 
@@ -215,7 +219,11 @@ def test_stalled_uploads_do_not_keep_a_normal_client_waiting(checkpoint):
     room for two requests in flight: a normal request is still answered at once, and the
     stalled ones get 408 once the body timeout passes."""
     settings = ServiceSettings(
-        model=str(checkpoint), device="cpu", max_queue_size=1, max_batch_size=1, body_timeout_s=3.0,
+        model=str(checkpoint),
+        device="cpu",
+        max_queue_size=1,
+        max_batch_size=1,
+        body_timeout_s=3.0,
         warmup_batches=0,
     )
     head = b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
@@ -304,8 +312,14 @@ def test_request_bodies_held_at_once_stay_within_their_budget(checkpoint):
     (503 memory_budget, Retry-After), a chunked one as it passes; a small one still fits; once the
     stalled clients leave, the large upload fits again, with the header-only connection still open."""
     png = encode(scene(64, 64))
-    settings = ServiceSettings(model=str(checkpoint), device="cpu", warmup_batches=0, max_body_bytes=200_000,
-                               max_body_bytes_total=300_000, body_timeout_s=60)
+    settings = ServiceSettings(
+        model=str(checkpoint),
+        device="cpu",
+        warmup_batches=0,
+        max_body_bytes=200_000,
+        max_body_bytes_total=300_000,
+        body_timeout_s=60,
+    )
     stalled_part = png + bytes(120_000 - len(png))
     with running(settings) as server:
         head = b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Length: 150000\r\n\r\n"

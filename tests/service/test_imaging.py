@@ -141,9 +141,11 @@ def test_decode_errors():
 def test_image_errors_speak_of_the_upload_not_of_pillows_internals():
     """A bomb is refused against the service's limit (not also Pillow's own, which the client
     never set); Pillow's file object is 'the upload', not a heap address."""
+
     def png_header(width: int, height: int) -> bytes:
         def chunk(kind: bytes, data: bytes) -> bytes:
             return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
         ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
         return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 

@@ -29,7 +29,10 @@ pytestmark = pytest.mark.timeout(300)
 
 API_KEY = "fuzz-key"
 CHECKS = [
-    not_a_server_error, status_code_conformance, response_schema_conformance, content_type_conformance,
+    not_a_server_error,
+    status_code_conformance,
+    response_schema_conformance,
+    content_type_conformance,
     response_headers_conformance,
 ]
 # Generated examples per operation (the fuzzing phase): /v1/segment (parameters, three body forms)
@@ -58,14 +61,19 @@ schema = schemathesis.openapi.from_dict(DOCUMENT)
 
 @schema.parametrize()
 @settings(
-    max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True, database=None,
+    max_examples=EXAMPLES_PER_OPERATION,
+    deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=list(HealthCheck),
 )
 def test_every_answer_is_documented(case, fuzz_server):
     # The key is sent unless the generated case carries its own (then a 401 must be documented).
-    headers = {} if case.headers and {"x-api-key", "authorization"} & {k.lower() for k in case.headers} else {
-        "X-API-Key": API_KEY
-    }
+    headers = (
+        {}
+        if case.headers and {"x-api-key", "authorization"} & {k.lower() for k in case.headers}
+        else {"X-API-Key": API_KEY}
+    )
     response = case.call(base_url=fuzz_server.url, headers=headers, timeout=60)
     SENT.append((case.operation.label, response.status_code))
     PHASES.append(case.meta.phase.name.value if case.meta else "?")
@@ -102,8 +110,11 @@ def test_the_api_key_scheme_is_declared_on_v1_only(fuzz_server):
     assert "security" not in document  # no global requirement that would cover the probes
     # The declaration changes nothing: the key in either header works, a wrong one is refused.
     for headers, status in (
-        ({"X-API-Key": API_KEY}, 200), ({"Authorization": f"Bearer {API_KEY}"}, 200),
-        ({"Authorization": f"bearer   {API_KEY}"}, 200), ({}, 401), ({"X-API-Key": "nope"}, 401),
+        ({"X-API-Key": API_KEY}, 200),
+        ({"Authorization": f"Bearer {API_KEY}"}, 200),
+        ({"Authorization": f"bearer   {API_KEY}"}, 200),
+        ({}, 401),
+        ({"X-API-Key": "nope"}, 401),
         ({"Authorization": f"Basic {API_KEY}"}, 401),
     ):
         response = httpx.get(fuzz_server.url + "/v1/models", headers=headers)

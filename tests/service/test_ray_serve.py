@@ -68,15 +68,22 @@ def report(tmp_path_factory, checkpoint) -> dict:
         (workdir / name).write_bytes(encode(image))
         paths.append(str(workdir / name))
     # The namespace's loopback starts down; exec keeps the scenario the namespace's only process tree.
-    command = ['ip link set lo up && exec "$0" -m tests.service.ray_cluster "$@"', sys.executable, str(workdir),
-               str(checkpoint), *paths]
+    command = [
+        'ip link set lo up && exec "$0" -m tests.service.ray_cluster "$@"',
+        sys.executable,
+        str(workdir),
+        str(checkpoint),
+        *paths,
+    ]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     try:
-        done = subprocess.run(["unshare", "--net", "sh", "-c", *command], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=300)
+        done = subprocess.run(
+            ["unshare", "--net", "sh", "-c", *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
     except subprocess.TimeoutExpired as error:
-        pytest.fail(f"the Ray cluster scenario did not finish in 300 s:\n{(error.stderr or '')[-3000:]}\n"
-                    + _logs(workdir))
+        pytest.fail(
+            f"the Ray cluster scenario did not finish in 300 s:\n{(error.stderr or '')[-3000:]}\n" + _logs(workdir)
+        )
     if done.returncode != 0 or not (workdir / "report.json").exists():
         pytest.fail(f"the Ray cluster scenario failed ({done.returncode}):\n{done.stderr[-4000:]}\n" + _logs(workdir))
     return json.loads((workdir / "report.json").read_text())
@@ -95,8 +102,9 @@ def fastapi_answers(report, checkpoint) -> dict[str, dict]:
     answers = {}
     with running(settings) as server:
         for name, image in zip(("a", "b"), _images()):
-            answers[name] = httpx.post(f"{server.url}/v1/segment", params=QUERY, content=encode(image),
-                                       timeout=60).json()
+            answers[name] = httpx.post(
+                f"{server.url}/v1/segment", params=QUERY, content=encode(image), timeout=60
+            ).json()
     return answers
 
 
@@ -150,9 +158,15 @@ def test_serve_batches_holding_two_canvases_run_each_canvas_on_its_own(report, f
 def test_errors_health_models_and_metrics_are_the_services(report):
     assert report["invalid"]["status"] == 422
     assert report["invalid"]["body"]["error"]["code"] == "invalid_parameter"
-    assert report["garbage"] == {"status": 415, "body": {"error": {
-        "code": "unsupported_media_type",
-        "message": "not a supported image: the bytes are none of PNG, JPEG, GIF, WEBP, BMP, TIFF"}}}
+    assert report["garbage"] == {
+        "status": 415,
+        "body": {
+            "error": {
+                "code": "unsupported_media_type",
+                "message": "not a supported image: the bytes are none of PNG, JPEG, GIF, WEBP, BMP, TIFF",
+            }
+        },
+    }
     assert report["live"] == {"status": "alive"}
     model = report["models"]["models"][0]
     assert model["ready"] and model["device"] == ["cpu"] and model["batching"]["workers"] == 1

@@ -13,8 +13,13 @@ def test_segment_params_parsing():
     assert SegmentParams.model_validate({"image_id": "0042"}).image_id == "0042"
     assert SegmentParams.model_validate({"classes": 3}).classes == [3]
     assert SegmentParams().model_dump() == {
-        "score_threshold": 0.5, "max_detections": 100, "classes": None, "mask_threshold": 0.5,
-        "mask_format": "rle", "refine": True, "image_id": None,
+        "score_threshold": 0.5,
+        "max_detections": 100,
+        "classes": None,
+        "mask_threshold": 0.5,
+        "mask_format": "rle",
+        "refine": True,
+        "image_id": None,
     }
     for bad in ({"score_threshold": -0.1}, {"max_detections": 101}, {"mask_format": "png"}, {"nope": 1}):
         with pytest.raises(ValueError):

@@ -17,8 +17,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--model", default=None, help="'default' (the shipped model, the default) or a checkpoint")
     group.add_argument("--weights", default=None, help="checkpoint file (same as --model FILE)")
-    parser.add_argument("--config", default=None, choices=PRESET_NAMES,
-                        help="model preset (default: the one stored in the checkpoint)")
+    parser.add_argument(
+        "--config", default=None, choices=PRESET_NAMES, help="model preset (default: the one stored in the checkpoint)"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
 
@@ -29,9 +30,11 @@ def model_from_args(args: argparse.Namespace) -> str | Path:
 
 def add_backend_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--backend", default=None, choices=BACKEND_NAMES,
+        "--backend",
+        default=None,
+        choices=BACKEND_NAMES,
         help="pytorch (eager, the default), torchscript or onnxruntime; --model may then also be a "
-             "`transfiner export` folder (a checkpoint is exported once into ~/.cache/transfiner)",
+        "`transfiner export` folder (a checkpoint is exported once into ~/.cache/transfiner)",
     )
 
 
@@ -44,18 +47,23 @@ def _max_cells_flag(text: str) -> tuple[int, int, int]:
 
 def add_max_cells_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--max-cells", default=None, type=_max_cells_flag, metavar="A,B,C",
+        "--max-cells",
+        default=None,
+        type=_max_cells_flag,
+        metavar="A,B,C",
         help="node caps per quadtree level, 28-cells of the 28/56/112 levels (default: the checkpoint's; "
-             "784,784,784 selects exactly the official nodes; smaller is faster and differs where a box "
-             "has more incoherent cells). Exported models keep the caps they were exported with",
+        "784,784,784 selects exactly the official nodes; smaller is faster and differs where a box "
+        "has more incoherent cells). Exported models keep the caps they were exported with",
     )
 
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--precision", default=None, choices=PRECISIONS,
+        "--precision",
+        default=None,
+        choices=PRECISIONS,
         help="auto (the default: bf16 on CUDA that supports it, else fp32), fp32, bf16 or fp16; exported "
-             "models run fp32",
+        "models run fp32",
     )
 
 
@@ -63,6 +71,12 @@ def predictor_from_args(args: argparse.Namespace) -> Predictor:
     """The Predictor ``--model``, ``--backend``, ``--config``, ``--device`` and ``--precision`` name."""
     backend = getattr(args, "backend", None) or "pytorch"
     return Predictor.from_backend(
-        load_backend(model_from_args(args), backend, args.config, args.device, precision=args.precision,
-                     max_cells=getattr(args, "max_cells", None))
+        load_backend(
+            model_from_args(args),
+            backend,
+            args.config,
+            args.device,
+            precision=args.precision,
+            max_cells=getattr(args, "max_cells", None),
+        )
     )

@@ -18,8 +18,10 @@ def cmd_convert_official(args: argparse.Namespace) -> int:
     converted, report = convert_official_state_dict(official, model)
     print(report.format())
     if not report.ok:
-        print(f"error: {args.input} cannot be used as {args.config}: keys are missing or have the wrong shape",
-              file=sys.stderr)
+        print(
+            f"error: {args.input} cannot be used as {args.config}: keys are missing or have the wrong shape",
+            file=sys.stderr,
+        )
         return 1
     model.load_state_dict(converted)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -32,5 +34,6 @@ def add_convert_arguments(convert: argparse.ArgumentParser) -> None:
     convert.add_argument("input", help="detectron2-format .pth (or .pkl with --allow-pickle)")
     convert.add_argument("output", help="where to write our checkpoint")
     convert.add_argument("--config", required=True, choices=[n for n in PRESET_NAMES if n != "small"])
-    convert.add_argument("--allow-pickle", action="store_true",
-                         help="allow reading .pkl files (numpy arrays only; pickle can run code)")
+    convert.add_argument(
+        "--allow-pickle", action="store_true", help="allow reading .pkl files (numpy arrays only; pickle can run code)"
+    )

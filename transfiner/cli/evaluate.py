@@ -23,8 +23,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     add_precision_argument(parser)
     add_max_cells_argument(parser)
     parser.add_argument("--data", required=True, help="COCO annotations json of the val set")
-    parser.add_argument("--image-root", default=None,
-                        help="folder the json's file names are relative to (default: next to the json)")
+    parser.add_argument(
+        "--image-root", default=None, help="folder the json's file names are relative to (default: next to the json)"
+    )
     parser.add_argument("--out", required=True, help="report folder (report.json, report.md, overlays/)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
@@ -42,9 +43,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers cannot be negative, got {args.workers}")
     predictor = predictor_from_args(args)
     report = evaluate(
-        predictor, args.data, args.out, image_root=args.image_root, batch_size=args.batch_size,
-        max_images=args.max_images, num_overlays=getattr(args, "num_overlays", 4),
-        max_detections=getattr(args, "max_detections", None), weights=model_from_args(args),
+        predictor,
+        args.data,
+        args.out,
+        image_root=args.image_root,
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+        num_overlays=getattr(args, "num_overlays", 4),
+        max_detections=getattr(args, "max_detections", None),
+        weights=model_from_args(args),
         num_workers=getattr(args, "workers", 0),
     )
     print(report_markdown(report))

@@ -91,8 +91,11 @@ def compare_outputs(expected, got) -> dict:
             report["mask_max_abs_diff"] = float((expected.mask_probs.cpu() - got.mask_probs.cpu()).abs().max())
     report["masks_match"] = masks_ok
     report["ok"] = bool(
-        same_rows and report.get("same_classes", False) and report.get("same_batch_index", False)
-        and report.get("box_max_rel_diff", 0.0) <= 1e-3 and masks_ok
+        same_rows
+        and report.get("same_classes", False)
+        and report.get("same_batch_index", False)
+        and report.get("box_max_rel_diff", 0.0) <= 1e-3
+        and masks_ok
     )
     return report
 
@@ -119,8 +122,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     progress.set_postfix_str(f"trace + {fmt}")
     result = export_model(model, fmt, out, source=weights, opset=args.opset or DEFAULT_OPSET)
     progress.update()
-    summary = {"format": fmt, "file": str(result.model_file), "size_mb": round(result.size_bytes / 2**20, 2),
-               "seconds": round(result.seconds, 1)}
+    summary = {
+        "format": fmt,
+        "file": str(result.model_file),
+        "size_mb": round(result.size_bytes / 2**20, 2),
+        "seconds": round(result.seconds, 1),
+    }
     if not args.no_check:
         progress.set_postfix_str("parity check")
         try:
@@ -134,8 +141,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if fmt == "onnx":
         progress.set_postfix_str("TensorRT operator check")
         report = check_onnx(result.model_file)
-        summary["tensorrt_operator_check"] = {"tensorrt": report.tensorrt_version, "ok": report.ok,
-                                              "problems": report.problems, "topk_max_k": max(report.topk_bounds)}
+        summary["tensorrt_operator_check"] = {
+            "tensorrt": report.tensorrt_version,
+            "ok": report.ok,
+            "problems": report.problems,
+            "topk_max_k": max(report.topk_bounds),
+        }
         progress.update()
     progress.close()
     print(json.dumps(summary, indent=2))
@@ -143,8 +154,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         # Left in place, the folder would later be loaded as a working export, without a word.
         result.model_file.unlink(missing_ok=True)
         result.metadata_file.unlink(missing_ok=True)
-        print(f"error: the exported model does not match eager PyTorch (see parity above), so {result.model_file} "
-              "and its metadata.json were removed; --no-check keeps an export without checking it", file=sys.stderr)
+        print(
+            f"error: the exported model does not match eager PyTorch (see parity above), so {result.model_file} "
+            "and its metadata.json were removed; --no-check keeps an export without checking it",
+            file=sys.stderr,
+        )
         return 1
     if args.format == "tensorrt":
         # No engine is built here either way: engines belong to the GPU and TensorRT version

@@ -26,16 +26,22 @@ from transfiner.model.weights.files import CheckpointError
 
 # name, help, add its arguments, run it
 COMMANDS = (
-    ("predict", "segment images, write COCO results JSON", add_predict_arguments,
-     cmd_predict),
-    ("convert-official", "convert an official SysCV/transfiner checkpoint", add_convert_arguments,
-     cmd_convert_official),
+    ("predict", "segment images, write COCO results JSON", add_predict_arguments, cmd_predict),
+    (
+        "convert-official",
+        "convert an official SysCV/transfiner checkpoint",
+        add_convert_arguments,
+        cmd_convert_official,
+    ),
     ("make-shapes", "write a synthetic fine-detail COCO data set", add_make_shapes_arguments, cmd_make_shapes),
     ("train", "train on a COCO-format data set", add_train_arguments, cmd_train),
-    ("evaluate", "box, mask and boundary AP of coarse vs refined masks", add_evaluate_arguments,
-     cmd_evaluate),
-    ("serve", "run the REST service (FastAPI, dynamic batching; or Ray Serve with --engine ray)",
-     add_serve_engine_arguments, cmd_serve_engine),
+    ("evaluate", "box, mask and boundary AP of coarse vs refined masks", add_evaluate_arguments, cmd_evaluate),
+    (
+        "serve",
+        "run the REST service (FastAPI, dynamic batching; or Ray Serve with --engine ray)",
+        add_serve_engine_arguments,
+        cmd_serve_engine,
+    ),
     ("export", "export as TorchScript or ONNX (and check the TensorRT path)", add_export_arguments, cmd_export),
     ("bench", "load-test a running service", add_bench_arguments, cmd_bench),
 )
@@ -54,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 def one_line(error: Exception) -> str:
     """A settings error (pydantic's, several lines with links) as ``field: what is wrong; ...``."""
     if isinstance(error, ValidationError):
-        return "; ".join(f"{'.'.join(str(part) for part in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-                         for e in error.errors())
+        return "; ".join(
+            f"{'.'.join(str(part) for part in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            for e in error.errors()
+        )
     return str(error)
 
 

@@ -15,8 +15,12 @@ def add_make_shapes_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     parser.add_argument("--num-images", type=int, required=True, help="how many images to generate")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--size", default="384x384", help="image size WIDTHxHEIGHT (default 384x384)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="processes rendering in parallel (default 1; the output does not depend on it)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes rendering in parallel (default 1; the output does not depend on it)",
+    )
     return parser
 
 
@@ -33,6 +37,8 @@ def cmd_make_shapes(args: argparse.Namespace) -> int:
     cfg = ShapesConfig(num_images=int(args.num_images), seed=int(args.seed), width=width, height=height)
     path = write_shapes(cfg, args.out, workers)
     count = len(json.loads(path.read_text())["annotations"])
-    print(f"wrote {cfg.num_images} images ({width}x{height}, {count} instances, "
-          f"{len(CATEGORIES)} categories) to {Path(args.out)}; annotations: {path}")
+    print(
+        f"wrote {cfg.num_images} images ({width}x{height}, {count} instances, "
+        f"{len(CATEGORIES)} categories) to {Path(args.out)}; annotations: {path}"
+    )
     return 0

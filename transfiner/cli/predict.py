@@ -34,8 +34,12 @@ def add_predict_arguments(predict: argparse.ArgumentParser) -> None:
     predict.add_argument("--out", required=True, help="results JSON path")
     predict.add_argument("--overlay", default=None, help="folder for overlay PNGs")
     predict.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default 2)")
-    predict.add_argument("--score-threshold", type=float, default=None,
-                         help="0..1, keep detections scoring above it (default: the model's, 0.05)")
+    predict.add_argument(
+        "--score-threshold",
+        type=float,
+        default=None,
+        help="0..1, keep detections scoring above it (default: the model's, 0.05)",
+    )
     predict.add_argument("--max-detections", type=int, default=None, help="per image (default: 100)")
     predict.add_argument("--mask-threshold", type=float, default=0.5, help="0..1, binarises the masks (default 0.5)")
     predict.add_argument("--no-refine", action="store_true", help="coarse Mask R-CNN masks only")
@@ -59,7 +63,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         chunk = range(start, min(start + args.batch_size, len(paths)))
         images = [load_image_rgb(paths[i]) for i in chunk]
         predictions = predictor.predict(
-            images, score_threshold=args.score_threshold, max_detections=args.max_detections,
+            images,
+            score_threshold=args.score_threshold,
+            max_detections=args.max_detections,
             refine=not args.no_refine,
             mask_threshold=args.mask_threshold,
         )

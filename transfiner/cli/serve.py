@@ -21,8 +21,20 @@ from transfiner.cli.arguments import (
 
 # Flag -> settings field, for the flags that map one to one.
 _FLAGS = (
-    "config", "device", "backend", "precision", "max_cells", "workers", "max_batch_size", "max_delay_ms",
-    "max_arrival_wait_ms", "max_queue_size", "host", "port", "log_level", "worker_process",
+    "config",
+    "device",
+    "backend",
+    "precision",
+    "max_cells",
+    "workers",
+    "max_batch_size",
+    "max_delay_ms",
+    "max_arrival_wait_ms",
+    "max_queue_size",
+    "host",
+    "port",
+    "log_level",
+    "worker_process",
 )
 
 
@@ -35,16 +47,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(device=None)
     parser.add_argument("--workers", type=int, default=None, help="model workers (default: one per GPU, or 1)")
     parser.add_argument(
-        "--worker-process", action=argparse.BooleanOptionalAction, default=None,
+        "--worker-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="each model worker in a process of its own, or not (TRANSFINER_WORKER_PROCESS; default: on CUDA "
         "devices yes, on the CPU no)",
     )
     parser.add_argument(
-        "--max-batch-size", type=int, default=None, help="images per forward pass (default: 8 on GPUs, 4 on the CPU)",
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="images per forward pass (default: 8 on GPUs, 4 on the CPU)",
     )
     parser.add_argument("--max-delay-ms", type=float, default=None, help="how long a batch waits to fill (5)")
     parser.add_argument(
-        "--max-arrival-wait-ms", type=float, default=None,
+        "--max-arrival-wait-ms",
+        type=float,
+        default=None,
         help="how long a batch that is not full waits for requests still being decoded (100)",
     )
     parser.add_argument("--max-queue-size", type=int, default=None, help="queued requests before 503 (64)")
@@ -95,32 +114,69 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # ``transfiner serve --engine``: the FastAPI server (default), or the same app as a Ray Serve
 # application on a Ray cluster (service/ray_serve.py; Ray is the optional extra ``transfiner[ray]``).
-_RAY_FLAGS = ("ray_address", "replicas", "min_replicas", "max_replicas", "replica_cpus", "replica_gpus",
-              "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s", "metrics_export_port")
+_RAY_FLAGS = (
+    "ray_address",
+    "replicas",
+    "min_replicas",
+    "max_replicas",
+    "replica_cpus",
+    "replica_gpus",
+    "target_ongoing_requests",
+    "upscale_delay_s",
+    "downscale_delay_s",
+    "metrics_export_port",
+)
 
 
 def add_serve_engine_arguments(parser: argparse.ArgumentParser) -> None:
     add_serve_arguments(parser)
-    parser.add_argument("--engine", choices=["fastapi", "ray"], default="fastapi",
-                        help="fastapi: this process serves (default); ray: Ray Serve replicas on a Ray cluster")
+    parser.add_argument(
+        "--engine",
+        choices=["fastapi", "ray"],
+        default="fastapi",
+        help="fastapi: this process serves (default); ray: Ray Serve replicas on a Ray cluster",
+    )
     ray = parser.add_argument_group("--engine ray")
-    ray.add_argument("--ray-address", default=None,
-                     help="the cluster to join (e.g. auto, HOST:6379), or local to start one here (default)")
+    ray.add_argument(
+        "--ray-address",
+        default=None,
+        help="the cluster to join (e.g. auto, HOST:6379), or local to start one here (default)",
+    )
     ray.add_argument("--replicas", type=int, default=None, help="fixed number of replicas (default 1)")
     ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling: at least this many replicas")
     ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling: at most this many replicas")
-    ray.add_argument("--target-ongoing-requests", type=float, default=None,
-                     help="autoscaling: requests in flight per replica to aim for (default: --max-batch-size)")
-    ray.add_argument("--upscale-delay-s", type=float, default=None,
-                     help="autoscaling: how long load must stay high before replicas are added (10)")
-    ray.add_argument("--downscale-delay-s", type=float, default=None,
-                     help="autoscaling: how long load must stay low before replicas are removed (300)")
+    ray.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        default=None,
+        help="autoscaling: requests in flight per replica to aim for (default: --max-batch-size)",
+    )
+    ray.add_argument(
+        "--upscale-delay-s",
+        type=float,
+        default=None,
+        help="autoscaling: how long load must stay high before replicas are added (10)",
+    )
+    ray.add_argument(
+        "--downscale-delay-s",
+        type=float,
+        default=None,
+        help="autoscaling: how long load must stay low before replicas are removed (300)",
+    )
     ray.add_argument("--replica-cpus", type=float, default=None, help="CPUs Ray reserves per replica (default 1)")
-    ray.add_argument("--replica-gpus", type=float, default=None,
-                     help="GPUs per replica, fractions allowed (0.5: two replicas share a GPU); default 1 with "
-                          "--device cuda, else 0")
-    ray.add_argument("--metrics-export-port", type=int, default=None,
-                     help="with --ray-address local: the port of Ray's Prometheus metrics (ray_serve_*)")
+    ray.add_argument(
+        "--replica-gpus",
+        type=float,
+        default=None,
+        help="GPUs per replica, fractions allowed (0.5: two replicas share a GPU); default 1 with "
+        "--device cuda, else 0",
+    )
+    ray.add_argument(
+        "--metrics-export-port",
+        type=int,
+        default=None,
+        help="with --ray-address local: the port of Ray's Prometheus metrics (ray_serve_*)",
+    )
 
 
 def cmd_serve_engine(args: argparse.Namespace) -> int:
@@ -140,8 +196,11 @@ def cmd_serve_engine(args: argparse.Namespace) -> int:
     if args.worker_process:
         raise ValueError("--worker-process: with --engine ray each replica is a process of Ray's own")
     autoscale = args.min_replicas is not None or args.max_replicas is not None
-    tuning = [f"--{n.replace('_', '-')}" for n in ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")
-              if getattr(args, n) is not None]
+    tuning = [
+        f"--{n.replace('_', '-')}"
+        for n in ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")
+        if getattr(args, n) is not None
+    ]
     if tuning and not autoscale:
         raise ValueError(f"{', '.join(tuning)}: only with --min-replicas/--max-replicas (autoscaling)")
     settings = checked_settings(args)
@@ -149,13 +208,21 @@ def cmd_serve_engine(args: argparse.Namespace) -> int:
     if gpus is None:
         gpus = 1.0 if settings.device.startswith("cuda") else 0.0
     scaling = Scaling(
-        replicas=args.replicas if autoscale or args.replicas is not None else 1, min_replicas=args.min_replicas,
-        max_replicas=args.max_replicas, replica_cpus=1.0 if args.replica_cpus is None else args.replica_cpus,
-        replica_gpus=gpus, target_ongoing_requests=args.target_ongoing_requests,
-        **{name: getattr(args, name) for name in ("upscale_delay_s", "downscale_delay_s")
-           if getattr(args, name) is not None},
+        replicas=args.replicas if autoscale or args.replicas is not None else 1,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        replica_cpus=1.0 if args.replica_cpus is None else args.replica_cpus,
+        replica_gpus=gpus,
+        target_ongoing_requests=args.target_ongoing_requests,
+        **{
+            name: getattr(args, name)
+            for name in ("upscale_delay_s", "downscale_delay_s")
+            if getattr(args, name) is not None
+        },
     )
     if args.metrics_export_port is not None and (args.ray_address or "local") != "local":
-        raise ValueError("--metrics-export-port applies to a cluster started here (--ray-address local); "
-                         "a running cluster's nodes set theirs with `ray start --metrics-export-port`")
+        raise ValueError(
+            "--metrics-export-port applies to a cluster started here (--ray-address local); "
+            "a running cluster's nodes set theirs with `ray start --metrics-export-port`"
+        )
     return serve_on_ray(settings, scaling, args.ray_address or "local", args.metrics_export_port)

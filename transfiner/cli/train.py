@@ -18,23 +18,32 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in OUT")
-    parser.add_argument("--weights", default=None, help="initialise from a checkpoint (e.g. a converted "
-                        "official one; 'default': the shipped model)")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="initialise from a checkpoint (e.g. a converted official one; 'default': the shipped model)",
+    )
     parser.add_argument("--image-root", default=None, help="folder of --data's images (default: next to the json)")
     parser.add_argument("--val-image-root", default=None, help="folder of --val's images (default: next to its json)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--iters", type=int, default=defaults.iters, help="(default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default %(default)s)")
-    parser.add_argument("--optimizer", default=defaults.optimizer, choices=["sgd", "adamw"],
-                        help="(default %(default)s)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="(default: 0.02 x batch size / 16 with sgd, as detectron2; 0.0004 with adamw)")
+    parser.add_argument(
+        "--optimizer", default=defaults.optimizer, choices=["sgd", "adamw"], help="(default %(default)s)"
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="(default: 0.02 x batch size / 16 with sgd, as detectron2; 0.0004 with adamw)",
+    )
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default %(default)s)")
     parser.add_argument("--warmup-iters", type=int, default=defaults.warmup_iters, help="(default %(default)s)")
     parser.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    parser.add_argument("--checkpoint-period", type=int, default=defaults.checkpoint_period,
-                        help="(default %(default)s)")
+    parser.add_argument(
+        "--checkpoint-period", type=int, default=defaults.checkpoint_period, help="(default %(default)s)"
+    )
     parser.add_argument("--log-period", type=int, default=defaults.log_period, help="(default %(default)s)")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="(default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="(default %(default)s)")
@@ -53,13 +62,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--warmup-iters cannot be negative")
     weights = resolve_weights(args.weights)  # 'default' is the shipped model, as for --model
     solver = SolverConfig(
-        iters=args.iters, batch_size=args.batch_size, optimizer=args.optimizer, lr=lr,
-        weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, clip_grad=args.clip_grad,
-        amp=not args.no_amp, checkpoint_period=args.checkpoint_period, log_period=args.log_period,
-        seed=args.seed, workers=args.workers, semantic_loss=not args.no_semantic_loss,
+        iters=args.iters,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=lr,
+        weight_decay=args.weight_decay,
+        warmup_iters=args.warmup_iters,
+        clip_grad=args.clip_grad,
+        amp=not args.no_amp,
+        checkpoint_period=args.checkpoint_period,
+        log_period=args.log_period,
+        seed=args.seed,
+        workers=args.workers,
+        semantic_loss=not args.no_semantic_loss,
         boundary_loss=not args.no_boundary_loss,
     )
-    final = train(args.config, args.data, args.out, solver, args.val, args.resume, weights, args.device,
-                  args.image_root, val_image_root=args.val_image_root, overwrite=args.overwrite)
+    final = train(
+        args.config,
+        args.data,
+        args.out,
+        solver,
+        args.val,
+        args.resume,
+        weights,
+        args.device,
+        args.image_root,
+        val_image_root=args.val_image_root,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {final}")
     return 0

@@ -53,12 +53,21 @@ def asymmetric_image(height: int = H, width: int = W) -> np.ndarray:
 
 
 def ann(aid: int, segmentation, bbox=(5, 10, 10, 10), image_id: int = 1, category_id: int = 1, **extra) -> dict:
-    return {"id": aid, "image_id": image_id, "category_id": category_id, "bbox": list(bbox),
-            "segmentation": segmentation, "area": 100, "iscrowd": 0, **extra}
+    return {
+        "id": aid,
+        "image_id": image_id,
+        "category_id": category_id,
+        "bbox": list(bbox),
+        "segmentation": segmentation,
+        "area": 100,
+        "iscrowd": 0,
+        **extra,
+    }
 
 
-def write(tmp_path: Path, annotations: list[dict], images: list[dict] | None = None,
-          pixels: np.ndarray | None = None) -> Path:
+def write(
+    tmp_path: Path, annotations: list[dict], images: list[dict] | None = None, pixels: np.ndarray | None = None
+) -> Path:
     """ann.json plus images/<id>.png for every image entry (written with ``pixels``)."""
     images = images or [{"id": 1, "file_name": "1.png", "width": W, "height": H}]
     (tmp_path / "images").mkdir(exist_ok=True)
@@ -133,8 +142,10 @@ def test_a_zero_width_box_is_not_trained_on_and_says_so(tmp_path):
 
 
 def test_crowd_is_excluded_and_categories_are_contiguous(tmp_path):
-    path = write(tmp_path, [ann(1, RECT_POLYGON, category_id=3), ann(2, compressed(RECT), iscrowd=1),
-                            ann(3, RECT_POLYGON, category_id=1)])
+    path = write(
+        tmp_path,
+        [ann(1, RECT_POLYGON, category_id=3), ann(2, compressed(RECT), iscrowd=1), ann(3, RECT_POLYGON, category_id=1)],
+    )
     dataset = CocoDataset(path, train=False, input_cfg=NO_RESIZE)
     assert dataset.category_ids == (1, 3) and dataset.class_names == ("dog", "cat")
     sample = dataset[0]
@@ -166,9 +177,20 @@ def test_flip_mirrors_image_masks_and_boxes_consistently(tmp_path):
     reference = CocoDataset(path, train=False, input_cfg=cfg)[0]
     width = reference.image.shape[-1]
     mirrored = TrainingSample(
-        reference.image.flip(-1), torch.stack((width - reference.boxes[:, 2], reference.boxes[:, 1],
-                                                 width - reference.boxes[:, 0], reference.boxes[:, 3]), 1),
-        reference.classes, reference.masks.flip(-1), 1, (H, W),
+        reference.image.flip(-1),
+        torch.stack(
+            (
+                width - reference.boxes[:, 2],
+                reference.boxes[:, 1],
+                width - reference.boxes[:, 0],
+                reference.boxes[:, 3],
+            ),
+            1,
+        ),
+        reference.classes,
+        reference.masks.flip(-1),
+        1,
+        (H, W),
     )
     dataset = CocoDataset(path, train=True, input_cfg=cfg)
     seen = set()
@@ -226,8 +248,10 @@ def test_loader_yields_lists_of_samples(tmp_path):
 
 def test_shuffled_batches_hold_one_canvas_and_cover_the_epoch(tmp_path):
     # Two aspect ratios and three jitter sizes: six canvases, drawn per (seed, epoch, index).
-    images = [{"id": i, "file_name": f"{i}.png", "width": 40 if i % 2 else 30, "height": 30 if i % 2 else 40}
-              for i in range(1, 25)]
+    images = [
+        {"id": i, "file_name": f"{i}.png", "width": 40 if i % 2 else 30, "height": 30 if i % 2 else 40}
+        for i in range(1, 25)
+    ]
     path = write(tmp_path, [ann(i, RECT_POLYGON, image_id=i) for i in range(1, 25)], images)
     cfg = InputConfig(min_size_train=(24, 30, 36), max_size_train=64, size_divisibility=8)
     dataset = CocoDataset(path, input_cfg=cfg, seed=5)

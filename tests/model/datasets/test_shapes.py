@@ -34,7 +34,7 @@ def _pixels(path: Path) -> np.ndarray:
 def _round_trip_iou(mask: np.ndarray) -> float:
     """IoU of a mask with itself squeezed through a 28x28 box mask (bilinear down, bilinear up, >= 0.5)."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    crop = mask[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+    crop = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     h, w = crop.shape
     small = Image.fromarray(crop.astype(np.float32)).resize((28, 28), Image.BILINEAR)
     back = np.asarray(small.resize((w, h), Image.BILINEAR)) >= 0.5
@@ -99,7 +99,7 @@ def test_image_independent_of_count(tmp_path: Path) -> None:
     three = json.loads((tmp_path / "three" / "annotations.json").read_text())
     five = json.loads((tmp_path / "five" / "annotations.json").read_text())
     assert five["annotations"][: len(three["annotations"])] == three["annotations"]
-    assert all(a["image_id"] > 3 for a in five["annotations"][len(three["annotations"]):])
+    assert all(a["image_id"] > 3 for a in five["annotations"][len(three["annotations"]) :])
     for i in range(3):
         name = f"images/{i:06d}.png"
         assert (tmp_path / "three" / name).read_bytes() == (tmp_path / "five" / name).read_bytes()
@@ -111,7 +111,8 @@ def test_different_seed_different_data() -> None:
         b, inst_b = render_image(ShapesConfig(num_images=2, seed=1), i)
         assert not np.array_equal(a, b)
         assert [x.category_id for x in inst_a] != [x.category_id for x in inst_b] or any(
-            not np.array_equal(x.mask, y.mask) for x, y in zip(inst_a, inst_b))
+            not np.array_equal(x.mask, y.mask) for x, y in zip(inst_a, inst_b)
+        )
 
 
 # --------------------------------------------------------------------------- COCO validity
@@ -182,19 +183,29 @@ def test_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (args.seed, args.size) == (0, "384x384")
 
 
-@pytest.mark.parametrize("size, message", [
-    ("abc", "WIDTHxHEIGHT"), ("10x10", "64 to 4096"), ("384x5000", "64 to 4096"), ("384", "WIDTHxHEIGHT"),
-])
+@pytest.mark.parametrize(
+    "size, message",
+    [
+        ("abc", "WIDTHxHEIGHT"),
+        ("10x10", "64 to 4096"),
+        ("384x5000", "64 to 4096"),
+        ("384", "WIDTHxHEIGHT"),
+    ],
+)
 def test_bad_size(tmp_path: Path, size: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         cmd_make_shapes(_args(str(tmp_path / "out"), "--num-images", "1", "--size", size))
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--num-images", "0"], "at least 1"), (["--num-images", "-3"], "at least 1"),
-    (["--num-images", "1", "--seed", "-1"], "non-negative"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num-images", "0"], "at least 1"),
+        (["--num-images", "-3"], "at least 1"),
+        (["--num-images", "1", "--seed", "-1"], "non-negative"),
+    ],
+)
 def test_bad_numbers(tmp_path: Path, argv: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         cmd_make_shapes(_args(str(tmp_path / "out"), *argv))

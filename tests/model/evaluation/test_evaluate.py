@@ -52,8 +52,13 @@ def shapes_json(tmp_path_factory):
 
 def gt_results(data: dict) -> list[dict]:
     return [
-        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
-         "segmentation": a["segmentation"]}
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": 1.0,
+            "segmentation": a["segmentation"],
+        }
         for a in data["annotations"]
     ]
 
@@ -62,7 +67,8 @@ def shapes_model() -> MaskTransfiner:
     names = tuple(c["name"] for c in CATEGORIES)
     cfg = small_config(names, tuple(c["id"] for c in CATEGORIES))
     cfg = dataclasses.replace(
-        cfg, input=dataclasses.replace(cfg.input, min_size_test=128, max_size_test=128),
+        cfg,
+        input=dataclasses.replace(cfg.input, min_size_test=128, max_size_test=128),
         transfiner=tiny_transfiner_config(),
     )
     torch.manual_seed(0)
@@ -182,16 +188,37 @@ def test_cmd_evaluate_end_to_end(shapes_json, tmp_path, capsys):
     save_checkpoint(weights, model)
     out = tmp_path / "report"
     parser = add_evaluate_arguments(argparse.ArgumentParser())
-    args = parser.parse_args([
-        "--weights", str(weights), "--data", str(shapes_json), "--out", str(out), "--device", "cpu",
-        "--batch-size", "2", "--max-detections", "4",
-    ])
+    args = parser.parse_args(
+        [
+            "--weights",
+            str(weights),
+            "--data",
+            str(shapes_json),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--max-detections",
+            "4",
+        ]
+    )
     assert cmd_evaluate(args) == 0
     assert "refined" in capsys.readouterr().out
 
     report = json.loads((out / "report.json").read_text())
-    keys = {"coarse", "refined", "bbox_AP", "incoherence_recall", "incoherence_accuracy", "incoherent_area_share",
-            "num_images", "config", "weights"}
+    keys = {
+        "coarse",
+        "refined",
+        "bbox_AP",
+        "incoherence_recall",
+        "incoherence_accuracy",
+        "incoherent_area_share",
+        "num_images",
+        "config",
+        "weights",
+    }
     assert keys <= set(report)
     assert report["num_images"] == 2 and report["config"] == "small" and report["weights"] == str(weights)
     for name in ("coarse", "refined"):

@@ -80,13 +80,16 @@ def _pngs() -> dict[str, bytes]:
         "1-bit": encode(PICTURE.convert("1")),
         "palette": encode(PICTURE.convert("P", palette=Image.Palette.ADAPTIVE)),
         "4-bit palette with transparency": encode(
-            PICTURE.convert("P", palette=Image.Palette.ADAPTIVE, colors=16), bits=4, transparency=3),
+            PICTURE.convert("P", palette=Image.Palette.ADAPTIVE, colors=16), bits=4, transparency=3
+        ),
         "RGB in 500-byte IDAT chunks": small_chunks,
         "text after the pixels": with_chunk_after_pixels(small_chunks, b"tEXt", b"Comment\x00after"),
         "orientation in an eXIf chunk after the pixels": with_chunk_after_pixels(
-            small_chunks, b"eXIf", _exif(6)[6:]),  # the chunk holds the TIFF data, no "Exif\0\0"
+            small_chunks, b"eXIf", _exif(6)[6:]
+        ),  # the chunk holds the TIFF data, no "Exif\0\0"
         "orientation in XMP before the pixels": encode(
-            PICTURE, pnginfo=_xmp('<x:xmpmeta><rdf:Description tiff:Orientation="8"/></x:xmpmeta>')),
+            PICTURE, pnginfo=_xmp('<x:xmpmeta><rdf:Description tiff:Orientation="8"/></x:xmpmeta>')
+        ),
         "animated (APNG)": _apng(),
     }
 

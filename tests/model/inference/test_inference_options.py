@@ -32,8 +32,11 @@ def batch(tiny_model):
 def rows_of(raw: RawOutputs, image: int) -> dict[str, torch.Tensor]:
     rows = raw.batch_index == image
     return {
-        "boxes": raw.boxes[rows], "scores": raw.scores[rows], "classes": raw.classes[rows],
-        "mask_probs": raw.mask_probs[rows], "coarse_probs": raw.coarse_probs[rows],
+        "boxes": raw.boxes[rows],
+        "scores": raw.scores[rows],
+        "classes": raw.classes[rows],
+        "mask_probs": raw.mask_probs[rows],
+        "coarse_probs": raw.coarse_probs[rows],
     }
 
 
@@ -88,7 +91,9 @@ def test_each_image_gets_what_its_own_options_give(tiny_model, batch):
 
 def test_segmenting_in_groups_equals_segmenting_at_once(tiny_model, batch):
     images, sizes = batch
-    options = InferenceOptions(score_threshold=torch.tensor([0.0, 0.3, 0.0, 0.9]), max_detections=torch.tensor([9, 9, 2, 9]))
+    options = InferenceOptions(
+        score_threshold=torch.tensor([0.0, 0.3, 0.0, 0.9]), max_detections=torch.tensor([9, 9, 2, 9])
+    )
     whole = tiny_model(images, sizes, options)
     detected = tiny_model.detect(images, sizes, options)
     counts = torch.bincount(detected.detections.batch_index[detected.refine_mask], minlength=NUM_IMAGES).tolist()
@@ -132,7 +137,8 @@ def test_backends_answer_every_image_once_in_steps(tiny_model, batch):
 
 def test_batch_wide_options_cover_every_image():
     options = InferenceOptions(
-        score_threshold=torch.tensor([0.5, 0.1, 0.7]), max_detections=torch.tensor([3, 50, 7]),
+        score_threshold=torch.tensor([0.5, 0.1, 0.7]),
+        max_detections=torch.tensor([3, 50, 7]),
         refine=torch.tensor([False, True, False]),
     )
     wide = options.batch_wide()

@@ -67,7 +67,11 @@ def _borders(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 KINDS = {
-    "speckled": _speckled, "blobs": _blobs, "holes": _holes, "diagonals": _diagonals, "borders": _borders,
+    "speckled": _speckled,
+    "blobs": _blobs,
+    "holes": _holes,
+    "diagonals": _diagonals,
+    "borders": _borders,
     "empty": lambda rng, h, w: np.zeros((h, w), bool),
     "full": lambda rng, h, w: np.ones((h, w), bool),
 }

@@ -265,9 +265,14 @@ def test_prediction_masks_are_lazy():
 def test_coco_records_round_and_carry_only_what_is_given():
     boxes = np.array([[1.234, 2.0, 11.2391, 7.5]], np.float32)  # [1, 4] xyxy
     plain = coco_records(9, boxes, np.array([0.1234567], np.float32), np.array([1]), (3, 7))
-    assert plain == [{
-        "image_id": 9, "bbox": [1.23, 2.0, 10.01, 5.5], "score": 0.12346, "category_id": 7,
-    }]
+    assert plain == [
+        {
+            "image_id": 9,
+            "bbox": [1.23, 2.0, 10.01, 5.5],
+            "score": 0.12346,
+            "category_id": 7,
+        }
+    ]
     full = coco_records(9, boxes, np.array([0.5]), np.array([0]), (3, 7), [{"counts": "x"}], [4.0], ("a", "b"))
     assert list(full[0]) == ["image_id", "bbox", "score", "category_id", "category_name", "area", "segmentation"]
     assert full[0]["category_name"] == "a" and full[0]["area"] == 4.0 and full[0]["segmentation"] == {"counts": "x"}
@@ -283,14 +288,24 @@ def random_outputs(gen, images, per_image, dtype=torch.float32, device="cpu"):
     probs = F.interpolate(torch.rand(len(scores), 1, 7, 7, generator=gen), size=(28, 28), mode="bilinear")[:, 0]
     coarse = probs.flip(2)  # other masks, for refine=False
     return RawOutputs(
-        boxes.to(device, dtype), scores.to(device, dtype), classes.to(device), index.to(device),
-        probs.to(device, dtype), coarse.to(device, dtype),
+        boxes.to(device, dtype),
+        scores.to(device, dtype),
+        classes.to(device),
+        index.to(device),
+        probs.to(device, dtype),
+        coarse.to(device, dtype),
     )
+
 
 def one_at_a_time(raw, request):
     """What ``fetch_detections`` must equal: the one-image functions, on the outputs' device."""
     selected = select_detections(
-        raw, request.index, request.score_threshold, request.classes, request.max_detections, request.refine,
+        raw,
+        request.index,
+        request.score_threshold,
+        request.classes,
+        request.max_detections,
+        request.refine,
     )
     detections = image_detections(selected, 0, torch.tensor(request.input_size), request.original)
     segments = fetch_segments(detections, request.original, request.mask_format, request.mask_threshold)
@@ -334,7 +349,10 @@ def test_fetch_detections_equals_one_image_at_a_time(device, dtype):
 def test_fetch_detections_masks_are_those_of_the_full_image_paste():
     gen = torch.Generator().manual_seed(9)
     raw = random_outputs(gen, 2, [10, 7])
-    requests = [DetectionRequest(0, (60, 90), (120, 180)), DetectionRequest(1, (60, 90), (50, 80), mask_format="polygon")]
+    requests = [
+        DetectionRequest(0, (60, 90), (120, 180)),
+        DetectionRequest(1, (60, 90), (50, 80), mask_format="polygon"),
+    ]
     first, second = fetch_detections(raw, requests)
     rows = raw.batch_index == 0
     boxes, nonempty = rescale_boxes(raw.boxes[rows], torch.tensor((60, 90)), (120, 180))

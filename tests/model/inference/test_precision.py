@@ -97,8 +97,22 @@ def test_cli_precision_flag(tmp_path, small_model):
     Image.fromarray(scene()).save(tmp_path / "a.png")
     for precision in ("fp32", "bf16"):
         out = tmp_path / f"{precision}.json"
-        code = main(["predict", str(tmp_path / "a.png"), "--model", str(checkpoint), "--device", "cpu",
-                     "--precision", precision, "--score-threshold", "0", "--out", str(out)])
+        code = main(
+            [
+                "predict",
+                str(tmp_path / "a.png"),
+                "--model",
+                str(checkpoint),
+                "--device",
+                "cpu",
+                "--precision",
+                precision,
+                "--score-threshold",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
         assert code == 0 and len(json.loads(out.read_text())) > 0
     with pytest.raises(SystemExit):
         main(["predict", str(tmp_path / "a.png"), "--precision", "fp8", "--out", str(tmp_path / "x.json")])

@@ -120,9 +120,13 @@ def test_preprocessing_matches_detectron2_sizes():
     assert resized_shape(1, 1281, 800, 1333) == (1, 1333)
     assert resized_shape(10000, 2, 800, 1333) == (1333, 1)
     cfg = dataclasses.replace(
-        __import__("transfiner.model.config", fromlist=["InputConfig"]).InputConfig(), min_size_test=64, max_size_test=100
+        __import__("transfiner.model.config", fromlist=["InputConfig"]).InputConfig(),
+        min_size_test=64,
+        max_size_test=100,
     )
-    batch, sizes = prepare_batch([torch.zeros(3, 30, 40, dtype=torch.uint8), torch.zeros(3, 40, 20, dtype=torch.uint8)], cfg, "cpu")
+    batch, sizes = prepare_batch(
+        [torch.zeros(3, 30, 40, dtype=torch.uint8), torch.zeros(3, 40, 20, dtype=torch.uint8)], cfg, "cpu"
+    )
     assert sizes.tolist() == [[64, 85], [100, 50]]
     assert batch.shape == (2, 3, 128, 96)
     # Padding holds the pixel mean (0 after normalisation); a red RGB pixel becomes BGR.
@@ -141,8 +145,24 @@ def test_predict_cli_writes_coco_results(tmp_path, small_model, image, capsys):
         Image.fromarray(np.ascontiguousarray(img)).save(tmp_path / name)
         paths.append(str(tmp_path / name))
     out = tmp_path / "results.json"
-    code = main(["predict", *paths, "--weights", str(weights), "--out", str(out), "--overlay",
-                 str(tmp_path / "overlays"), "--score-threshold", "0.0", "--max-detections", "5", "--device", "cpu"])
+    code = main(
+        [
+            "predict",
+            *paths,
+            "--weights",
+            str(weights),
+            "--out",
+            str(out),
+            "--overlay",
+            str(tmp_path / "overlays"),
+            "--score-threshold",
+            "0.0",
+            "--max-detections",
+            "5",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     records = json.loads(out.read_text())
     assert {r["image_id"] for r in records} == {"a.png", "b.jpg"}
@@ -152,7 +172,8 @@ def test_predict_cli_writes_coco_results(tmp_path, small_model, image, capsys):
     gt = COCO()
     gt.dataset = {
         "images": [{"id": "a.png", "height": 150, "width": 200}, {"id": "b.jpg", "height": 150, "width": 200}],
-        "annotations": [], "categories": [{"id": 1, "name": "object"}],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "object"}],
     }
     gt.createIndex()
     results = gt.loadRes(records)
@@ -179,8 +200,24 @@ def test_predict_cli_keeps_inputs_that_share_a_file_name_apart(tmp_path, small_m
         Image.fromarray(np.ascontiguousarray(img)).save(tmp_path / name)
     paths = [str(tmp_path / name) for name in inputs]
     out, overlays = tmp_path / "results.json", tmp_path / "overlays"
-    code = main(["predict", *paths, "--weights", str(weights), "--out", str(out), "--overlay", str(overlays),
-                 "--score-threshold", "0.0", "--max-detections", "3", "--device", "cpu"])
+    code = main(
+        [
+            "predict",
+            *paths,
+            "--weights",
+            str(weights),
+            "--out",
+            str(out),
+            "--overlay",
+            str(overlays),
+            "--score-threshold",
+            "0.0",
+            "--max-detections",
+            "3",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     ids = [paths[0], paths[1], "x.jpg"]
     records = json.loads(out.read_text())
@@ -197,12 +234,15 @@ def test_predict_cli_keeps_inputs_that_share_a_file_name_apart(tmp_path, small_m
     assert "x.jpg is given more than once" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--score-threshold", "2"], "score_threshold must be a number from 0 to 1, got 2.0"),
-    (["--score-threshold", "nan"], "score_threshold must be a number from 0 to 1, got nan"),
-    (["--mask-threshold", "-1"], "mask_threshold must be a number from 0 to 1, got -1.0"),
-    (["--max-detections", "0"], "max_detections must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--score-threshold", "2"], "score_threshold must be a number from 0 to 1, got 2.0"),
+        (["--score-threshold", "nan"], "score_threshold must be a number from 0 to 1, got nan"),
+        (["--mask-threshold", "-1"], "mask_threshold must be a number from 0 to 1, got -1.0"),
+        (["--max-detections", "0"], "max_detections must be at least 1"),
+    ],
+)
 def test_predict_refuses_thresholds_out_of_range(small_predictor, image, tmp_path, small_model, flags, message, capsys):
     """As the service does: a score threshold of 2 would quietly find nothing."""
     key, value = flags[0].removeprefix("--").replace("-", "_"), float(flags[1])
@@ -211,8 +251,22 @@ def test_predict_refuses_thresholds_out_of_range(small_predictor, image, tmp_pat
     weights = tmp_path / "small.pth"
     save_checkpoint(weights, small_model)
     Image.fromarray(image).save(tmp_path / "a.png")
-    assert main(["predict", str(tmp_path / "a.png"), "--weights", str(weights), "--out", str(tmp_path / "o.json"),
-                 "--device", "cpu", *flags]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "a.png"),
+                "--weights",
+                str(weights),
+                "--out",
+                str(tmp_path / "o.json"),
+                "--device",
+                "cpu",
+                *flags,
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err == f"error: {message}\n"
 
 
@@ -275,12 +329,20 @@ def test_canvas_is_the_image_own_padded_network_size():
 
 @pytest.mark.parametrize(
     "source, target",
-    [((3000, 2000), (1200, 800)), ((500, 700), (800, 1120)), ((1281, 1), (800, 1)), ((10, 2000), (8, 1333)), ((257, 300), (257, 301))],
+    [
+        ((3000, 2000), (1200, 800)),
+        ((500, 700), (800, 1120)),
+        ((1281, 1), (800, 1)),
+        ((10, 2000), (8, 1333)),
+        ((257, 300), (257, 301)),
+    ],
 )
 def test_cpu_resize_in_bands_equals_the_one_call_resize_to_the_bit(source, target):
     """``resize_image`` on the CPU works per channel and in bands of rows (bounded memory); it
     must give exactly what one antialiased interpolate of the whole float image gives."""
     generator = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, *source), dtype=torch.uint8, generator=generator)
-    whole = F.interpolate(image.float().flip(0)[None], size=target, mode="bilinear", align_corners=False, antialias=True)
+    whole = F.interpolate(
+        image.float().flip(0)[None], size=target, mode="bilinear", align_corners=False, antialias=True
+    )
     assert torch.equal(resize_image(image, target, "cpu"), whole[0].clamp(0, 255))

@@ -65,7 +65,11 @@ def test_resnet50_default_channels_and_key_names():
     with torch.no_grad():
         pyramid = backbone(torch.randn(1, 3, 64, 96))
     assert [tuple(p.shape) for p in pyramid] == [
-        (1, 256, 16, 24), (1, 256, 8, 12), (1, 256, 4, 6), (1, 256, 2, 3), (1, 256, 1, 2)
+        (1, 256, 16, 24),
+        (1, 256, 8, 12),
+        (1, 256, 4, 6),
+        (1, 256, 2, 3),
+        (1, 256, 1, 2),
     ]
     state = backbone.state_dict()
     assert not any("num_batches_tracked" in key for key in state)
@@ -90,8 +94,14 @@ def test_resnet50_default_channels_and_key_names():
     for key, shape in expected_shapes.items():
         assert tuple(state[key].shape) == shape, key
     # Detectron2 has no bias on the backbone convs, no shortcut in non-first blocks, no fpn P6 conv.
-    for absent in ("bottom_up.stem.conv1.bias", "bottom_up.res2.0.conv1.bias", "bottom_up.res2.1.shortcut.weight",
-                   "bottom_up.res4.6.conv1.weight", "fpn_lateral6.weight", "fpn_output6.weight"):
+    for absent in (
+        "bottom_up.stem.conv1.bias",
+        "bottom_up.res2.0.conv1.bias",
+        "bottom_up.res2.1.shortcut.weight",
+        "bottom_up.res4.6.conv1.weight",
+        "fpn_lateral6.weight",
+        "fpn_output6.weight",
+    ):
         assert absent not in state, absent
     # The frozen norms are buffers, never parameters (so nothing trains them).
     names = {name for name, _ in backbone.named_parameters()}
@@ -206,7 +216,9 @@ def test_resnet18_equals_torchvision_resnet18():
     with torch.no_grad():
         out = ours(x)
         y = theirs.maxpool(theirs.relu(theirs.bn1(theirs.conv1(x))))
-        for name, layer in zip(("res2", "res3", "res4", "res5"), (theirs.layer1, theirs.layer2, theirs.layer3, theirs.layer4)):
+        for name, layer in zip(
+            ("res2", "res3", "res4", "res5"), (theirs.layer1, theirs.layer2, theirs.layer3, theirs.layer4)
+        ):
             y = layer(y)
             assert (out[name] - y).norm() <= 1e-5 * y.norm(), name
 
@@ -294,13 +306,15 @@ def test_deform_conv_matches_detectron2_reference_values():
     with torch.no_grad():
         conv.weight.fill_(1.0)
     offset = torch.full((1, 18, 5, 5), 0.5)
-    expected = torch.tensor([
-        [30, 41.25, 48.75, 45, 28.75],
-        [62.25, 81, 90, 80.25, 50.25],
-        [99.75, 126, 135, 117.75, 72.75],
-        [105, 131.25, 138.75, 120, 73.75],
-        [71.75, 89.25, 93.75, 80.75, 49.5],
-    ]).reshape(1, 1, 5, 5)
+    expected = torch.tensor(
+        [
+            [30, 41.25, 48.75, 45, 28.75],
+            [62.25, 81, 90, 80.25, 50.25],
+            [99.75, 126, 135, 117.75, 72.75],
+            [105, 131.25, 138.75, 120, 73.75],
+            [71.75, 89.25, 93.75, 80.75, 49.5],
+        ]
+    ).reshape(1, 1, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(conv(x, offset), expected)
         torch.testing.assert_close(conv(x, offset, torch.full((1, 9, 5, 5), 0.5)), expected * 0.5)
@@ -310,7 +324,7 @@ def _shifted_conv(x: torch.Tensor, weight: torch.Tensor, dy: int, dx: int) -> to
     """3x3 conv (padding 1) whose every tap reads x at (y + dy, x + dx), zero outside the image."""
     height, width = x.shape[-2:]
     padded = F.pad(x, (3, 3, 3, 3))
-    window = padded[:, :, 2 + dy: 2 + dy + height + 2, 2 + dx: 2 + dx + width + 2]
+    window = padded[:, :, 2 + dy : 2 + dy + height + 2, 2 + dx : 2 + dx + width + 2]
     return F.conv2d(window, weight)
 
 
@@ -325,8 +339,9 @@ def test_deform_conv_offset_layout_is_y_then_x_per_tap():
         offset[:, 1::2] = dx
         # Sampling x at (y + dy, x + dx) == a plain conv on the zero-padded input, shifted.
         with torch.no_grad():
-            torch.testing.assert_close(conv(x, offset), _shifted_conv(x, conv.weight, int(dy), int(dx)),
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                conv(x, offset), _shifted_conv(x, conv.weight, int(dy), int(dx)), rtol=1e-5, atol=1e-5
+            )
 
 
 def _plain_and_deform_blocks(stride_in_1x1: bool, modulated: bool, seed: int):
@@ -334,8 +349,9 @@ def _plain_and_deform_blocks(stride_in_1x1: bool, modulated: bool, seed: int):
     g = torch.Generator().manual_seed(seed)
     plain = BottleneckBlock(8, 16, 4, stride=2, stride_in_1x1=stride_in_1x1).eval()
     _randomize_norms(plain, g)
-    deform = BottleneckBlock(8, 16, 4, stride=2, stride_in_1x1=stride_in_1x1, deform=True,
-                             deform_modulated=modulated).eval()
+    deform = BottleneckBlock(
+        8, 16, 4, stride=2, stride_in_1x1=stride_in_1x1, deform=True, deform_modulated=modulated
+    ).eval()
     missing, unexpected = deform.load_state_dict(plain.state_dict(), strict=False)
     assert sorted(missing) == ["conv2_offset.bias", "conv2_offset.weight"] and not unexpected
     return plain, deform, torch.randn(2, 8, 9, 11, generator=g)

@@ -78,8 +78,14 @@ def test_above_the_bound_the_lowest_candidates_are_dropped(seed):
         # The reference on this image alone, thresholded at its bound-th best candidate.
         cut = max(thresh, image_scores.sort(descending=True).values[bound].item()) if counts[image] > bound else thresh
         expected = reference_inference(
-            _heads(), logits[rows], deltas[rows], proposals[rows], torch.zeros_like(rows), sizes[image:image + 1],
-            cut, -1,
+            _heads(),
+            logits[rows],
+            deltas[rows],
+            proposals[rows],
+            torch.zeros_like(rows),
+            sizes[image : image + 1],
+            cut,
+            -1,
         )
         mine = det.batch_index == image
         assert det.classes[mine].tolist() == expected[2].tolist()
@@ -159,8 +165,15 @@ def _runner(kind: str, module: _Inference, example: tuple, tmp_path):
 
         names = ["logits", "deltas", "proposals", "batch", "sizes"]
         axes = {"logits": {0: "p"}, "deltas": {0: "p"}, "proposals": {0: "p"}, "batch": {0: "p"}, "sizes": {0: "b"}}
-        torch.onnx.export(module, example, str(tmp_path / "inference.onnx"), dynamo=False, opset_version=17,
-                          input_names=names, dynamic_axes=axes)
+        torch.onnx.export(
+            module,
+            example,
+            str(tmp_path / "inference.onnx"),
+            dynamo=False,
+            opset_version=17,
+            input_names=names,
+            dynamic_axes=axes,
+        )
     session = ort.InferenceSession(str(tmp_path / "inference.onnx"), providers=["CPUExecutionProvider"])
     return lambda *args: [torch.from_numpy(a) for a in session.run(None, dict(zip(names, (a.numpy() for a in args))))]
 
@@ -173,8 +186,9 @@ def test_an_images_detections_do_not_depend_on_its_batch_mates_at_the_nms_thresh
     graph and in ONNX. (One NMS call for the batch moved this group by 639 group widths of 1,334
     px, where float32 steps by 1/16 px: that rounded the IoU to 0.5024 and dropped a box.)"""
     classes = 80
-    heads = BoxROIHeads(ROIHeadsConfig(num_classes=classes, fc_dim=16, score_thresh_test=0.0, nms_thresh_test=0.5),
-                        in_channels=2).eval()
+    heads = BoxROIHeads(
+        ROIHeadsConfig(num_classes=classes, fc_dim=16, score_thresh_test=0.0, nms_thresh_test=0.5), in_channels=2
+    ).eval()
     x = 3.34  # IoU of [0, 0, 10, 10] and [x, 0, 10 + x, 10] = (10 - x) / (10 + x)
     proposals = torch.tensor([[0.0, 0.0, 10.0, 10.0], [x, 0.0, 10.0 + x, 10.0]])
     logits = torch.full((2, classes + 1), -10.0)

@@ -70,8 +70,8 @@ def test_apply_deltas_k_boxes_per_reference():
     out = transform.apply_deltas(deltas, boxes)
     assert out.shape == (7, 12)
     for k in range(3):
-        single = transform.apply_deltas(deltas[:, 4 * k: 4 * k + 4], boxes)
-        torch.testing.assert_close(out[:, 4 * k: 4 * k + 4], single)
+        single = transform.apply_deltas(deltas[:, 4 * k : 4 * k + 4], boxes)
+        torch.testing.assert_close(out[:, 4 * k : 4 * k + 4], single)
     # Hand-computed: class 1 of the first row.
     b = boxes[0]
     w, h = b[2] - b[0], b[3] - b[1]
@@ -98,8 +98,9 @@ def test_clip_boxes():
     widths = torch.tensor([100.0, 15.0, 1000.0]).view(3, 1, 1)
     per_row = clip_boxes(boxes[:, None, :], heights, widths)
     assert per_row.shape == (3, 1, 4)
-    torch.testing.assert_close(per_row[:, 0], torch.tensor(
-        [[0.0, 0.0, 50.0, 80.0], [10.0, 20.0, 15.0, 30.0], [120.0, 90.0, 130.0, 95.0]]))
+    torch.testing.assert_close(
+        per_row[:, 0], torch.tensor([[0.0, 0.0, 50.0, 80.0], [10.0, 20.0, 15.0, 30.0], [120.0, 90.0, 130.0, 95.0]])
+    )
 
 
 def test_box_area():
@@ -110,11 +111,13 @@ def test_box_area():
 
 # detectron2: w = sqrt(size^2 / ratio), h = ratio * w, anchor = (-w/2, -h/2, w/2, h/2).
 _S = math.sqrt(2.0)
-CELL_32 = torch.tensor([
-    [-16 * _S, -8 * _S, 16 * _S, 8 * _S],  # ratio 0.5: 45.25 x 22.63
-    [-16.0, -16.0, 16.0, 16.0],  # ratio 1
-    [-8 * _S, -16 * _S, 8 * _S, 16 * _S],  # ratio 2: 22.63 x 45.25
-])
+CELL_32 = torch.tensor(
+    [
+        [-16 * _S, -8 * _S, 16 * _S, 8 * _S],  # ratio 0.5: 45.25 x 22.63
+        [-16.0, -16.0, 16.0, 16.0],  # ratio 1
+        [-8 * _S, -16 * _S, 8 * _S, 16 * _S],  # ratio 2: 22.63 x 45.25
+    ]
+)
 
 
 def test_cell_anchors_size_32():
@@ -211,8 +214,15 @@ def test_nms_in_each_image_traced_keeps_its_loop():
 def _onnx_session(module: torch.nn.Module, example: tuple, names: list[str], path):
     import onnxruntime as ort
 
-    torch.onnx.export(module, example, str(path), dynamo=False, opset_version=17, input_names=names,
-                      dynamic_axes={name: {0: "batch", 1: "n"} for name in names})
+    torch.onnx.export(
+        module,
+        example,
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=names,
+        dynamic_axes={name: {0: "batch", 1: "n"} for name in names},
+    )
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 

@@ -36,10 +36,16 @@ def test_assign_fpn_levels_examples():
 
 def test_assign_fpn_levels_boundaries_and_aspect():
     # sqrt(area) decides, not the side: 56 x 224 has the area of a 112 square (P3).
-    boxes = torch.tensor([
-        [0.0, 0.0, 56.0, 224.0],
-        _square(111.0), _square(223.0), _square(447.0), _square(1.0), [0.0, 0.0, 0.0, 0.0],
-    ])
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 56.0, 224.0],
+            _square(111.0),
+            _square(223.0),
+            _square(447.0),
+            _square(1.0),
+            [0.0, 0.0, 0.0, 0.0],
+        ]
+    )
     assert assign_fpn_levels(boxes).tolist() == [1, 0, 1, 2, 0, 0]
     # Other level ranges and canonical sizes.
     big = torch.tensor([_square(2000.0), _square(10.0)])
@@ -62,22 +68,22 @@ def test_assign_fpn_levels_matches_formula_on_random_boxes():
 
 
 def _pyramid(generator: torch.Generator, batch: int = 3, channels: int = 4, size: tuple[int, int] = (64, 96)):
-    return [
-        torch.randn(batch, channels, size[0] // s, size[1] // s, generator=generator) for s in (4, 8, 16, 32)
-    ]
+    return [torch.randn(batch, channels, size[0] // s, size[1] // s, generator=generator) for s in (4, 8, 16, 32)]
 
 
 def test_multilevel_roi_align_equals_torchvision_on_assigned_level():
     g = torch.Generator().manual_seed(1)
     features = _pyramid(g)
-    boxes = torch.tensor([
-        [3.0, 4.0, 20.5, 18.0],  # small -> P2
-        [0.0, 0.0, 95.0, 63.0],  # large -> P3
-        [10.2, 7.7, 40.1, 50.3],  # P2
-        [-5.0, -3.0, 110.0, 70.0],  # outside the image -> P3/P4
-        [30.0, 30.0, 31.0, 31.0],  # tiny
-        [1.0, 2.0, 60.0, 58.0],
-    ])
+    boxes = torch.tensor(
+        [
+            [3.0, 4.0, 20.5, 18.0],  # small -> P2
+            [0.0, 0.0, 95.0, 63.0],  # large -> P3
+            [10.2, 7.7, 40.1, 50.3],  # P2
+            [-5.0, -3.0, 110.0, 70.0],  # outside the image -> P3/P4
+            [30.0, 30.0, 31.0, 31.0],  # tiny
+            [1.0, 2.0, 60.0, 58.0],
+        ]
+    )
     batch_index = torch.tensor([2, 0, 1, 2, 0, 1])
     levels = torch.tensor([0, 3, 0, 2, 0, 1])  # explicit mix, including P5
     rois = boxes_to_rois(boxes, batch_index)
@@ -88,20 +94,30 @@ def test_multilevel_roi_align_equals_torchvision_on_assigned_level():
     assert out.shape == (6, 4, 7, 7)
     for i in range(6):
         level = int(levels[i])
-        expected = roi_align(features[level], rois[i: i + 1], 7, spatial_scale=scales[level],
-                             sampling_ratio=0, aligned=True)
-        torch.testing.assert_close(out[i: i + 1], expected)
+        expected = roi_align(
+            features[level], rois[i : i + 1], 7, spatial_scale=scales[level], sampling_ratio=0, aligned=True
+        )
+        torch.testing.assert_close(out[i : i + 1], expected)
         # aligned=True really matters (RoIAlignV2): the legacy op gives something else here.
-        legacy = roi_align(features[level], rois[i: i + 1], 7, spatial_scale=scales[level],
-                           sampling_ratio=0, aligned=False)
-        assert not torch.allclose(out[i: i + 1], legacy)
+        legacy = roi_align(
+            features[level], rois[i : i + 1], 7, spatial_scale=scales[level], sampling_ratio=0, aligned=False
+        )
+        assert not torch.allclose(out[i : i + 1], legacy)
 
 
 def test_roi_pooler_uses_size_rule_and_keeps_row_order():
     g = torch.Generator().manual_seed(2)
     features = _pyramid(g, batch=2, channels=3, size=(256, 320))
-    boxes = torch.tensor([_square(460.0, 5, 5), _square(12.0), _square(120.0, 40, 30), _square(230.0, 2, 2),
-                          _square(50.0, 100, 100), _square(12.0)])
+    boxes = torch.tensor(
+        [
+            _square(460.0, 5, 5),
+            _square(12.0),
+            _square(120.0, 40, 30),
+            _square(230.0, 2, 2),
+            _square(50.0, 100, 100),
+            _square(12.0),
+        ]
+    )
     batch_index = torch.tensor([1, 0, 0, 1, 1, 1])
     pooler = ROIPooler(7, strides=(4, 8, 16, 32))
     assert (pooler.min_level, pooler.max_level) == (2, 5)
@@ -110,9 +126,9 @@ def test_roi_pooler_uses_size_rule_and_keeps_row_order():
     out = pooler(features, boxes, batch_index)
     for i in range(len(boxes)):
         level = int(levels[i])
-        roi = torch.cat((batch_index[i: i + 1, None].float(), boxes[i: i + 1]), dim=1)
+        roi = torch.cat((batch_index[i : i + 1, None].float(), boxes[i : i + 1]), dim=1)
         expected = roi_align(features[level], roi, 7, spatial_scale=1 / (4 * 2**level), sampling_ratio=0, aligned=True)
-        torch.testing.assert_close(out[i: i + 1], expected)
+        torch.testing.assert_close(out[i : i + 1], expected)
     # The same box in two images pools from its own image.
     assert not torch.allclose(out[1], out[5])
     # Permuting the input rows permutes the output rows.
@@ -125,8 +141,9 @@ def test_zero_boxes():
     features = _pyramid(g, batch=2, channels=5)
     out = ROIPooler(14)(features, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
     assert out.shape == (0, 5, 14, 14)
-    out = multilevel_roi_align(features, torch.zeros(0, 5), torch.zeros(0, dtype=torch.int64), 7,
-                               (1 / 4, 1 / 8, 1 / 16, 1 / 32))
+    out = multilevel_roi_align(
+        features, torch.zeros(0, 5), torch.zeros(0, dtype=torch.int64), 7, (1 / 4, 1 / 8, 1 / 16, 1 / 32)
+    )
     assert out.shape == (0, 5, 7, 7)
     # Some levels empty, others not.
     out = ROIPooler(7)(features, torch.tensor([_square(20.0)]), torch.tensor([1]))

@@ -87,7 +87,11 @@ def official_refine(refiner: TransfinerRefiner, features, boxes, batch_index, co
             dense.append(roi_align(features[level], roi, size, SCALES[level], 0, aligned=True)[0])
             inc_l = F.interpolate(inc, size=(size, size))[0, 0]  # nearest, as official
             masks.append(inc_l >= threshold)
-            p = coarse[r][None, None] if size == 28 else F.interpolate(coarse[r][None, None], (size, size), mode="bilinear")
+            p = (
+                coarse[r][None, None]
+                if size == 28
+                else F.interpolate(coarse[r][None, None], (size, size), mode="bilinear")
+            )
             probs.append(p[0, 0])
             pos.append(official_pos_embed(size, size, d_model))
         ctx_probs = F.interpolate(coarse[r][None, None], (14, 14), mode="bilinear")[0, 0]
@@ -212,7 +216,8 @@ def test_padding_never_changes_outputs():
         garbage = torch.where(padding[..., None], torch.randn(3, 50, 16) * 100, tokens)
         out_garbage = encoder(garbage, pos, padding)
         longer = encoder(
-            torch.cat((tokens, torch.randn(3, 30, 16)), 1), torch.cat((pos, torch.randn(3, 30, 16)), 1),
+            torch.cat((tokens, torch.randn(3, 30, 16)), 1),
+            torch.cat((pos, torch.randn(3, 30, 16)), 1),
             torch.cat((padding, torch.ones(3, 30, dtype=torch.bool)), 1),
         )
     keep = ~padding
@@ -250,8 +255,11 @@ def test_propagation_without_corrections_is_the_upsampling_chain():
     grid28 = coarse.flatten(1)
     grid56 = F.interpolate(coarse[:, None], (56, 56), mode="bilinear", align_corners=True)
     grid112 = F.interpolate(grid56, (112, 112), mode="bilinear", align_corners=True)
-    refined = [grid28.gather(1, levels[0].nodes), grid56.flatten(1).gather(1, levels[1].nodes),
-               grid112.flatten(1).gather(1, levels[2].nodes)]
+    refined = [
+        grid28.gather(1, levels[0].nodes),
+        grid56.flatten(1).gather(1, levels[1].nodes),
+        grid112.flatten(1).gather(1, levels[2].nodes),
+    ]
     torch.testing.assert_close(propagate(coarse, levels, refined), grid112[:, 0])
     # A correction at one 112-level node changes exactly that pixel.
     refined[2] = refined[2].clone()
@@ -267,8 +275,15 @@ def test_zero_boxes():
     refiner = build_refiner((1e-6, 0.125, 0.8), (784, 196, 64))
     features, *_ = make_inputs(seed=10, count=1)
     empty = torch.zeros(0, 4)
-    out = run(refiner, features, empty, torch.zeros(0, dtype=torch.int64), torch.zeros(0, CHANNELS, 14, 14),
-              torch.zeros(0, 28, 28), torch.zeros(0, 28, 28))
+    out = run(
+        refiner,
+        features,
+        empty,
+        torch.zeros(0, dtype=torch.int64),
+        torch.zeros(0, CHANNELS, 14, 14),
+        torch.zeros(0, 28, 28),
+        torch.zeros(0, 28, 28),
+    )
     assert out.shape == (0, 112, 112)
 
 
@@ -439,8 +454,11 @@ def test_packed_sequences_give_the_padded_encoders_outputs():
 def test_packed_attention_on_cuda_matches_the_masked_kernel():
     """FlashAttention's variable-length kernel (bf16) against SDPA with the key mask."""
     torch.manual_seed(0)
-    encoder = SequenceEncoder(dataclasses.replace(tiny_transfiner_config(), d_model=256, num_heads=4,
-                                                  dim_feedforward=512)).eval().cuda()
+    encoder = (
+        SequenceEncoder(dataclasses.replace(tiny_transfiner_config(), d_model=256, num_heads=4, dim_feedforward=512))
+        .eval()
+        .cuda()
+    )
     tokens, pos = torch.randn(8, 700, 256, device="cuda"), torch.randn(8, 700, 256, device="cuda")
     padding = torch.rand(8, 700, device="cuda") < 0.3
     padding[:, :196] = False

@@ -40,10 +40,12 @@ def _position_head(channels: int = 2, num_anchors: int = 3) -> RPNHead:
 def test_rpn_head_flattening_order_is_y_x_anchor():
     head = _position_head()
     height, width, num_anchors = 3, 4, 3
-    values = torch.stack([
-        torch.arange(height * width, dtype=torch.float32).reshape(height, width) + 1,
-        torch.arange(height * width, dtype=torch.float32).reshape(height, width) * 2 + 100,
-    ])  # two images, v(y, x) >= 0 so the ReLU keeps it
+    values = torch.stack(
+        [
+            torch.arange(height * width, dtype=torch.float32).reshape(height, width) + 1,
+            torch.arange(height * width, dtype=torch.float32).reshape(height, width) * 2 + 100,
+        ]
+    )  # two images, v(y, x) >= 0 so the ReLU keeps it
     features = torch.zeros(2, 2, height, width)
     features[:, 0] = values
     small = torch.zeros(2, 2, 1, 2)
@@ -87,8 +89,12 @@ def test_rpn_head_bias_per_anchor_picks_flat_index():
 def _rpn(pre: int = 30, post: int = 20, nms_thresh: float = 0.7, seed: int = 0, std: float = 0.5) -> RPN:
     torch.manual_seed(seed)
     cfg = RPNConfig(
-        anchor_sizes=(16, 32, 64, 128, 256), pre_nms_topk_train=pre + 5, pre_nms_topk_test=pre,
-        post_nms_topk_train=post // 2, post_nms_topk_test=post, nms_thresh=nms_thresh,
+        anchor_sizes=(16, 32, 64, 128, 256),
+        pre_nms_topk_train=pre + 5,
+        pre_nms_topk_test=pre,
+        post_nms_topk_train=post // 2,
+        post_nms_topk_test=post,
+        nms_thresh=nms_thresh,
     )
     rpn = RPN(cfg, 4, STRIDES).eval()
     with torch.no_grad():
@@ -119,8 +125,9 @@ def _reference_proposals(anchors, logits, deltas, image_sizes, pre, post, nms_th
         boxes, scores, lvls = torch.cat(boxes), torch.cat(scores), torch.cat(lvls)
         valid = torch.isfinite(boxes).all(1) & torch.isfinite(scores)
         boxes, scores, lvls = boxes[valid], scores[valid], lvls[valid]
-        boxes = torch.stack((boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
-                             boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)), dim=1)
+        boxes = torch.stack(
+            (boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)), dim=1
+        )
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         boxes, scores, lvls = boxes[keep], scores[keep], lvls[keep]
         kept = []
@@ -232,14 +239,16 @@ def test_box_head_forward_shapes():
 
 def _scenario():
     """Two images; logits and deltas built so the expected detections are known."""
-    proposals = torch.tensor([
-        [10.0, 10.0, 50.0, 50.0],  # A, image 0
-        [12.0, 12.0, 52.0, 52.0],  # B, image 0, IoU(A, B) = 0.82
-        [60.0, 60.0, 90.0, 90.0],  # C, image 0, background
-        [0.0, 0.0, 100.0, 100.0],  # D, image 1, clipped to 60 x 80
-        [5.0, 5.0, 20.0, 20.0],  # E, image 1, class 0 box doubled in width by its deltas
-        [10.0, 10.0, 50.0, 50.0],  # F, image 1, same box as A (other image: no suppression)
-    ])
+    proposals = torch.tensor(
+        [
+            [10.0, 10.0, 50.0, 50.0],  # A, image 0
+            [12.0, 12.0, 52.0, 52.0],  # B, image 0, IoU(A, B) = 0.82
+            [60.0, 60.0, 90.0, 90.0],  # C, image 0, background
+            [0.0, 0.0, 100.0, 100.0],  # D, image 1, clipped to 60 x 80
+            [5.0, 5.0, 20.0, 20.0],  # E, image 1, class 0 box doubled in width by its deltas
+            [10.0, 10.0, 50.0, 50.0],  # F, image 1, same box as A (other image: no suppression)
+        ]
+    )
     batch = torch.tensor([0, 0, 0, 1, 1, 1])
     probs = [
         [0.60, 0.30, 0.04, 0.06],  # A
@@ -263,15 +272,17 @@ def test_box_inference_known_detections():
     assert det.batch_index.tolist() == [0, 0, 0, 1, 1, 1, 1]
     assert det.classes.tolist() == [0, 2, 1, 0, 1, 0, 0]
     torch.testing.assert_close(det.scores, torch.tensor([0.60, 0.40, 0.30, 0.90, 0.70, 0.55, 0.20]))
-    expected_boxes = torch.tensor([
-        [10.0, 10.0, 50.0, 50.0],  # A class 0
-        [12.0, 12.0, 52.0, 52.0],  # B class 2
-        [10.0, 10.0, 50.0, 50.0],  # A class 1: overlaps A class 0, other class, survives
-        [0.0, 5.0, 27.5, 20.0],  # E class 0: [-2.5, 5, 27.5, 20] clipped at x = 0
-        [0.0, 0.0, 60.0, 80.0],  # D class 1 clipped to w = 60, h = 80
-        [10.0, 10.0, 50.0, 50.0],  # F class 0
-        [0.0, 0.0, 60.0, 80.0],  # D class 0
-    ])
+    expected_boxes = torch.tensor(
+        [
+            [10.0, 10.0, 50.0, 50.0],  # A class 0
+            [12.0, 12.0, 52.0, 52.0],  # B class 2
+            [10.0, 10.0, 50.0, 50.0],  # A class 1: overlaps A class 0, other class, survives
+            [0.0, 5.0, 27.5, 20.0],  # E class 0: [-2.5, 5, 27.5, 20] clipped at x = 0
+            [0.0, 0.0, 60.0, 80.0],  # D class 1 clipped to w = 60, h = 80
+            [10.0, 10.0, 50.0, 50.0],  # F class 0
+            [0.0, 0.0, 60.0, 80.0],  # D class 0
+        ]
+    )
     torch.testing.assert_close(det.boxes, expected_boxes)
     assert det.classes.max() < 3  # the background column never becomes a class
 

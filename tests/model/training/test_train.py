@@ -114,8 +114,17 @@ def test_training_reduces_loss_and_resumes(tiny_data, tmp_path):
     final = train(shapes_config(tiny_data), tiny_data, out, solver, device="cpu")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records] == [4, 8, 12, 16, 20, 24]
-    expected = {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask", "loss_mask_uncertain",
-                "loss_mask_refine", "loss_bound", "loss_semantic"}
+    expected = {
+        "loss_rpn_cls",
+        "loss_rpn_loc",
+        "loss_cls",
+        "loss_box_reg",
+        "loss_mask",
+        "loss_mask_uncertain",
+        "loss_mask_refine",
+        "loss_bound",
+        "loss_semantic",
+    }
     assert expected <= set(records[0])
     first, last = records[0], records[-1]
     assert last["total"] < 0.8 * first["total"], (first["total"], last["total"])
@@ -124,7 +133,14 @@ def test_training_reduces_loss_and_resumes(tiny_data, tmp_path):
     assert (out / "last.pth").exists()
 
     # Resume continues from the saved iteration and appends to the log.
-    train(shapes_config(tiny_data), tiny_data, out, SolverConfig(**{**solver.__dict__, "iters": 28}), resume=True, device="cpu")
+    train(
+        shapes_config(tiny_data),
+        tiny_data,
+        out,
+        SolverConfig(**{**solver.__dict__, "iters": 28}),
+        resume=True,
+        device="cpu",
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records][-2:] == [24, 28]
 
@@ -171,6 +187,7 @@ def _other_categories(annotations: Path, tmp_path: Path) -> Path:
 
 def test_train_refuses_before_the_first_iteration_what_would_fail_or_hang_later(tiny_data, tmp_path, capsys):
     """Each of these used to train first (or forever) and fail at the end, or go on silently."""
+
     def refused(*extra: str) -> str:
         out = tmp_path / "run"
         argv = ["train", "--data", str(tiny_data), "--out", str(out), "--iters", "2", "--batch-size", "1", *extra]
@@ -215,8 +232,21 @@ def test_resume_keeps_its_categories_and_its_schedule(tiny_data, tmp_path):
 
 
 def test_a_diverging_run_stops_with_one_line_that_says_what_to_change(tiny_data, tmp_path, capsys):
-    argv = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--iters", "6", "--batch-size", "1",
-            "--lr", "1e8", "--warmup-iters", "0"]
+    argv = [
+        "train",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(tmp_path / "run"),
+        "--iters",
+        "6",
+        "--batch-size",
+        "1",
+        "--lr",
+        "1e8",
+        "--warmup-iters",
+        "0",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "the loss became" in err and "lower --lr" in err and "Traceback" not in err, err
@@ -237,8 +267,9 @@ def test_resume_reads_only_plain_data(tiny_data, tmp_path):
     out.mkdir()
     marker = tmp_path / "code-ran"
     solver = SolverConfig(iters=1, batch_size=1)
-    torch.save({"format": TRAIN_STATE_FORMAT, "solver": dataclasses.asdict(solver), "trap": _Trap(marker)},
-               out / "last.pth")
+    torch.save(
+        {"format": TRAIN_STATE_FORMAT, "solver": dataclasses.asdict(solver), "trap": _Trap(marker)}, out / "last.pth"
+    )
     with pytest.raises(CheckpointError, match="not a plain weights file"):
         train(shapes_config(tiny_data), tiny_data, out, solver, resume=True, device="cpu")
     assert not marker.exists()
@@ -263,12 +294,18 @@ def test_fine_tune_from_a_checkpoint_with_other_classes(tiny_data, tmp_path):
     from transfiner.model.weights.checkpoint import load_checkpoint, save_checkpoint
 
     torch.manual_seed(5)
-    coco_cfg = dataclasses.replace(shapes_config(tiny_data), roi_heads=dataclasses.replace(
-        shapes_config(tiny_data).roi_heads, num_classes=80), class_names=COCO_CLASSES, category_ids=COCO_CATEGORY_IDS)
+    coco_cfg = dataclasses.replace(
+        shapes_config(tiny_data),
+        roi_heads=dataclasses.replace(shapes_config(tiny_data).roi_heads, num_classes=80),
+        class_names=COCO_CLASSES,
+        category_ids=COCO_CATEGORY_IDS,
+    )
     source = MaskTransfiner(coco_cfg)
     save_checkpoint(tmp_path / "coco.pth", source)
     solver = SolverConfig(iters=1, batch_size=1, lr=1e-9, warmup_iters=1, log_period=1, checkpoint_period=100)
-    final = train(shapes_config(tiny_data), tiny_data, tmp_path / "ft", solver, init_weights=tmp_path / "coco.pth", device="cpu")
+    final = train(
+        shapes_config(tiny_data), tiny_data, tmp_path / "ft", solver, init_weights=tmp_path / "coco.pth", device="cpu"
+    )
     _, tuned = load_checkpoint(final)
     before = source.state_dict()
     # A backbone weight and a refiner weight came from the checkpoint (lr ~ 0 keeps them)...

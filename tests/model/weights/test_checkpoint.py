@@ -50,7 +50,8 @@ def test_official_checkpoint_loads_with_zero_missing_inference_keys(variant):
     assert report.ok, report.format()
     assert report.missing == [] and report.wrong_shape == [] and report.unexpected == []
     assert sorted(report.ignored) == sorted(
-        k for k in official
+        k
+        for k in official
         if any(p in k for p in ("mask_head.deconv_bo.", "mask_head.predictor_bo.", "mask_head.predictor_semantic_s."))
     )
     assert len(report.ignored) == 6
@@ -64,11 +65,18 @@ def test_official_checkpoint_loads_with_zero_missing_inference_keys(variant):
 
 
 def test_renames_cover_the_mask_branch():
-    assert official_to_ours("roi_heads.mask_pooler.conv_norm_relus_semantic.6.bias") == "mask_head.semantic.convs.6.bias"
+    assert (
+        official_to_ours("roi_heads.mask_pooler.conv_norm_relus_semantic.6.bias") == "mask_head.semantic.convs.6.bias"
+    )
     assert official_to_ours("roi_heads.mask_head.mask_fcn_uncertain4.weight") == "mask_head.incoherence.conv4.weight"
-    assert official_to_ours("roi_heads.mask_head.encoder.conv_r1.2.weight") == "mask_head.refiner.pixel_decoder.layers.2.weight"
+    assert (
+        official_to_ours("roi_heads.mask_head.encoder.conv_r1.2.weight")
+        == "mask_head.refiner.pixel_decoder.layers.2.weight"
+    )
     assert official_to_ours("roi_heads.mask_head.predictor.weight") == "mask_head.coarse.predictor.weight"
-    assert official_to_ours("backbone.bottom_up.res2.0.conv1.norm.weight") == "backbone.bottom_up.res2.0.conv1.norm.weight"
+    assert (
+        official_to_ours("backbone.bottom_up.res2.0.conv1.norm.weight") == "backbone.bottom_up.res2.0.conv1.norm.weight"
+    )
 
 
 def test_missing_and_misshapen_keys_are_reported(r50_official):
@@ -143,7 +151,9 @@ def test_convert_official_cli_wrong_config(tmp_path, r50_official, capsys):
     # R50 weights are not R101 weights: res4 has 6 blocks instead of 23.
     assert main(["convert-official", str(tmp_path / "r50.pth"), str(tmp_path / "o.pth"), "--config", "R101-FPN"]) == 1
     assert "backbone.bottom_up.res4.22.conv3.weight" in capsys.readouterr().out
-    assert main(["convert-official", str(tmp_path / "missing.pth"), str(tmp_path / "o.pth"), "--config", "R50-FPN"]) == 2
+    assert (
+        main(["convert-official", str(tmp_path / "missing.pth"), str(tmp_path / "o.pth"), "--config", "R50-FPN"]) == 2
+    )
 
 
 def test_our_checkpoint_round_trip(tmp_path):
@@ -164,15 +174,24 @@ def test_a_checkpoints_chunk_budgets_give_way_to_this_codes(tmp_path):
     # stored with a model (the shipped one has the old CPU budget, 65,536 tokens) are replaced.
     torch.manual_seed(3)
     cfg = small_config(("a", "b"))
-    stored = dataclasses.replace(cfg, transfiner=dataclasses.replace(
-        cfg.transfiner, tokens_per_chunk=65_536, gpu_tokens_per_chunk=7, boxes_per_chunk=3, max_cells=(784, 100, 50),
-    ))
+    stored = dataclasses.replace(
+        cfg,
+        transfiner=dataclasses.replace(
+            cfg.transfiner,
+            tokens_per_chunk=65_536,
+            gpu_tokens_per_chunk=7,
+            boxes_per_chunk=3,
+            max_cells=(784, 100, 50),
+        ),
+    )
     save_checkpoint(tmp_path / "m.pth", MaskTransfiner(stored).eval())
     loaded, _ = load_checkpoint(tmp_path / "m.pth")
     current = TransfinerConfig()
-    assert (loaded.transfiner.tokens_per_chunk, loaded.transfiner.gpu_tokens_per_chunk,
-            loaded.transfiner.boxes_per_chunk) == (current.tokens_per_chunk, current.gpu_tokens_per_chunk,
-                                                   current.boxes_per_chunk) != (65_536, 7, 3)
+    assert (
+        (loaded.transfiner.tokens_per_chunk, loaded.transfiner.gpu_tokens_per_chunk, loaded.transfiner.boxes_per_chunk)
+        == (current.tokens_per_chunk, current.gpu_tokens_per_chunk, current.boxes_per_chunk)
+        != (65_536, 7, 3)
+    )
     assert loaded.transfiner.max_cells == (784, 100, 50)  # what shapes results stays as stored
     assert dataclasses.replace(loaded, transfiner=stored.transfiner) == stored
 
@@ -185,7 +204,9 @@ def test_half_precision_checkpoint_loads_as_float32(tmp_path):
     loaded = build_model(model.cfg, tmp_path / "h.pth")
     weight = loaded.state_dict()["mask_head.coarse.predictor.weight"]
     assert weight.dtype == torch.float32
-    np.testing.assert_allclose(weight.numpy(), model.state_dict()["mask_head.coarse.predictor.weight"].numpy(), atol=1e-3)
+    np.testing.assert_allclose(
+        weight.numpy(), model.state_dict()["mask_head.coarse.predictor.weight"].numpy(), atol=1e-3
+    )
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tests for model.weights.files (reading weight files safely) and for the official key lists in tests/data/official_keys."""
+"""Tests for model.weights.files (reading weight files safely) and the official key lists in tests/data."""
 
 from __future__ import annotations
 

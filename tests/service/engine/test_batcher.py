@@ -38,6 +38,7 @@ def job(payload, timeout: float = 30.0, canvas=(100, 100), shares=None) -> Job:
 def batches_of(make_jobs, **batcher_settings) -> list[list]:
     """The batches one recording runner gets when ``make_jobs()``'s jobs are all queued before
     the batcher starts."""
+
     async def main():
         runner = Recorder()
         batcher = Batcher([runner], **batcher_settings)
@@ -365,8 +366,9 @@ def test_a_filling_batch_waits_for_requests_still_arriving():
 
     async def main(arrival_wait: float):
         runner = Recorder()
-        batcher = Batcher([runner], max_batch_size=8, max_delay_s=0.005, max_queue_size=20,
-                          max_arrival_wait_s=arrival_wait)
+        batcher = Batcher(
+            [runner], max_batch_size=8, max_delay_s=0.005, max_queue_size=20, max_arrival_wait_s=arrival_wait
+        )
         batcher.start()
         first = [job(i) for i in range(3)]
         later = [job(i) for i in range(3, 8)]
@@ -395,8 +397,9 @@ def test_the_arrival_wait_is_bounded_and_ends_when_arrivals_stop():
 
     async def main(never_submits: bool, arrival_wait: float, recent_batch: float | None):
         runner = Recorder()
-        batcher = Batcher([runner], max_batch_size=8, max_delay_s=0.0, max_queue_size=20,
-                          max_arrival_wait_s=arrival_wait)
+        batcher = Batcher(
+            [runner], max_batch_size=8, max_delay_s=0.0, max_queue_size=20, max_arrival_wait_s=arrival_wait
+        )
         if recent_batch is not None:
             batcher.batch_times.record(recent_batch)
         batcher.start()
@@ -430,7 +433,10 @@ def test_the_arrival_wait_is_bounded_and_ends_when_arrivals_stop():
 def test_pixel_budget_caps_batches():
     batches = batches_of(
         lambda: [job(i, canvas=(100, 100)) for i in range(5)] + [job(5, canvas=(300, 300))],
-        max_batch_size=8, max_delay_s=0.05, max_queue_size=10, max_batch_pixels=2 * 100 * 100,
+        max_batch_size=8,
+        max_delay_s=0.05,
+        max_queue_size=10,
+        max_batch_pixels=2 * 100 * 100,
     )
     # A canvas over the budget still runs, alone.
     assert batches == [[0, 1], [2, 3], [4], [5]]
@@ -439,7 +445,9 @@ def test_pixel_budget_caps_batches():
 def test_batches_hold_one_canvas_fifo_per_canvas_and_the_oldest_leads():
     batches = batches_of(
         lambda: [job(f"{c}{i}", canvas=(ord(c), 32)) for i, c in enumerate("ABAACBBAB")],
-        max_batch_size=3, max_delay_s=0.05, max_queue_size=100,
+        max_batch_size=3,
+        max_delay_s=0.05,
+        max_queue_size=100,
     )
     # Each batch: the oldest job still waiting, then the next ones of its canvas, in order.
     assert batches == [["A0", "A2", "A3"], ["B1", "B5", "B6"], ["C4"], ["A7"], ["B8"]]
@@ -468,7 +476,9 @@ def test_batches_hold_one_value_of_what_jobs_share():
     shared = [(0.5, 100), (0.0, 100), (0.5, 100), None, (0.5, 100), None]
     batches = batches_of(
         lambda: [job(f"{i}", canvas=(64, 64), shares=shares) for i, shares in enumerate(shared)],
-        max_batch_size=4, max_delay_s=0.05, max_queue_size=100,
+        max_batch_size=4,
+        max_delay_s=0.05,
+        max_queue_size=100,
     )
     assert batches == [["0", "2", "4"], ["1"], ["3", "5"]]
 

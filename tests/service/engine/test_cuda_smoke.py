@@ -39,9 +39,7 @@ def run_worker(backend, images, options) -> list[list[dict]]:
         results = asyncio.run(main())
     finally:
         worker.close()
-    return [
-        records(r.fetched, cfg, None) for r in results
-    ]
+    return [records(r.fetched, cfg, None) for r in results]
 
 
 def test_cuda_worker_with_per_image_options_matches_the_cpu(checkpoint):

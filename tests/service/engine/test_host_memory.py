@@ -41,12 +41,30 @@ def faults_per_request(checkpoint: Path, log: Path, **env: str) -> float:
     receives, decodes and answers)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "transfiner", "serve", "--model", str(checkpoint), "--device", "cpu",
-               "--port", str(port), "--worker-process", "--max-batch-size", "4", "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "transfiner",
+        "serve",
+        "--model",
+        str(checkpoint),
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+        "--worker-process",
+        "--max-batch-size",
+        "4",
+        "--log-level",
+        "warning",
+    ]
     with log.open("w") as output:
         process = subprocess.Popen(
-            command, env={**os.environ, "TRANSFINER_TORCH_THREADS": "1", **env}, stdout=output,
-            stderr=subprocess.STDOUT, cwd=REPO,
+            command,
+            env={**os.environ, "TRANSFINER_TORCH_THREADS": "1", **env},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
         )
     uploads = [encode(scene(800, 1333, seed=seed)) for seed in range(4)]
 

@@ -62,7 +62,10 @@ def test_mixed_batch_gives_each_request_what_its_own_options_give(predictor):
         got = records(result.fetched, cfg, "img")
         top_k = None if opt.classes is not None else opt.max_detections
         want = predictor.predict(
-            images, score_threshold=opt.score_threshold, max_detections=top_k, refine=opt.refine,
+            images,
+            score_threshold=opt.score_threshold,
+            max_detections=top_k,
+            refine=opt.refine,
             mask_threshold=opt.mask_threshold,
         )[i]
         keep = np.arange(len(want))
@@ -92,7 +95,9 @@ def test_box_only_records_are_the_predictors_boxes(predictor):
     assert len(got) == len(want) > 0
     for g, w, box in zip(got, want, full.boxes):
         assert "segmentation" not in g
-        assert [g[k] for k in ("image_id", "bbox", "score", "category_id")] == [w[k] for k in ("image_id", "bbox", "score", "category_id")]
+        assert [g[k] for k in ("image_id", "bbox", "score", "category_id")] == [
+            w[k] for k in ("image_id", "bbox", "score", "category_id")
+        ]
         assert g["area"] == float((box[2] - box[0]) * (box[3] - box[1]))
 
 

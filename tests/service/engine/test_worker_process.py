@@ -36,8 +36,11 @@ SIZES = [(96, 128), (96, 128), (128, 96), (400, 520)]
 
 def segment(url: str, image, timeout: float = 120) -> httpx.Response:
     return httpx.post(
-        url + "/v1/segment", content=encode(image), headers={"Content-Type": "image/png"},
-        params={"score_threshold": 0.0, "max_detections": 6}, timeout=timeout,
+        url + "/v1/segment",
+        content=encode(image),
+        headers={"Content-Type": "image/png"},
+        params={"score_threshold": 0.0, "max_detections": 6},
+        timeout=timeout,
     )
 
 
@@ -82,7 +85,11 @@ def test_images_cross_to_the_worker_process_in_shared_memory_in_their_memory_lay
             assert got.pixels.stride() == image.pixels.stride() and got.pixels.dtype == image.pixels.dtype
             assert torch.equal(got.pixels, image.pixels)
             assert (got.resized, got.original, got.network, got.canvas) == (
-                image.resized, image.original, image.network, image.canvas)
+                image.resized,
+                image.original,
+                image.network,
+                image.canvas,
+            )
         # The child's tensors read the one shared mapping in place.
         starts = [got.pixels.data_ptr() - back[0].pixels.data_ptr() for got in back]
         assert starts == [wire.offset - layout[0].offset for wire in layout]
@@ -107,15 +114,21 @@ def test_images_cross_to_the_worker_process_in_shared_memory_in_their_memory_lay
 def test_a_cuda_workers_batch_is_copied_into_page_locked_memory_as_it_arrives(caplog):
     """On a GPU host the copies are page-locked, in the same layout; where none can be had (no
     CUDA driver: here on a CPU host), the batch goes on as it came and pre-processing copies it."""
-    images = [network_image(scene(96, 128).copy(), (96, 128), tiny_config().input),
-              network_image(scene(400, 520).copy(), (400, 520), tiny_config().input)]
+    images = [
+        network_image(scene(96, 128).copy(), (96, 128), tiny_config().input),
+        network_image(scene(400, 520).copy(), (400, 520), tiny_config().input),
+    ]
     staged = _page_locked(images)
     if torch.cuda.is_available():
         for got, image in zip(staged, images, strict=True):
             assert got.pixels.is_pinned() and got.pixels.data_ptr() != image.pixels.data_ptr()
             assert got.pixels.stride() == image.pixels.stride() and torch.equal(got.pixels, image.pixels)
             assert (got.resized, got.original, got.network, got.canvas) == (
-                image.resized, image.original, image.network, image.canvas)
+                image.resized,
+                image.original,
+                image.network,
+                image.canvas,
+            )
     else:
         assert staged is images
         assert "no page-locked memory" in caplog.text
@@ -124,7 +137,11 @@ def test_a_cuda_workers_batch_is_copied_into_page_locked_memory_as_it_arrives(ca
 def test_answers_equal_the_predictors_alone_and_batched(checkpoint, predictor):
     images = [scene(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
     settings = ServiceSettings(
-        model=str(checkpoint), device="cpu", worker_process=True, max_batch_size=4, max_delay_ms=300,
+        model=str(checkpoint),
+        device="cpu",
+        worker_process=True,
+        max_batch_size=4,
+        max_delay_ms=300,
     )
     with running(settings) as server:
         alone = []
@@ -148,8 +165,11 @@ def test_answers_equal_the_predictors_alone_and_batched(checkpoint, predictor):
         rle = alone[0]
         for mask_format in ("polygon", "none"):
             response = httpx.post(
-                server.url + "/v1/segment", content=encode(images[0]), headers={"Content-Type": "image/png"},
-                params={"score_threshold": 0.0, "max_detections": 6, "mask_format": mask_format}, timeout=120,
+                server.url + "/v1/segment",
+                content=encode(images[0]),
+                headers={"Content-Type": "image/png"},
+                params={"score_threshold": 0.0, "max_detections": 6, "mask_format": mask_format},
+                timeout=120,
             )
             assert response.status_code == 200, response.text
             instances = response.json()["instances"]
@@ -187,7 +207,11 @@ def test_a_worker_process_that_dies_is_started_again(checkpoint, predictor):
     image = scene(96, 128, seed=3)
     expected = expected_records(predictor, image)
     settings = ServiceSettings(
-        model=str(checkpoint), device="cpu", worker_process=True, max_batch_size=2, max_delay_ms=200,
+        model=str(checkpoint),
+        device="cpu",
+        worker_process=True,
+        max_batch_size=2,
+        max_delay_ms=200,
     )
     with running(settings) as server:
         worker = server.runtime.workers[0]
@@ -196,9 +220,13 @@ def test_a_worker_process_that_dies_is_started_again(checkpoint, predictor):
         # A batch of two is in the pipe of a frozen worker when it is killed: each request is
         # retried alone on the new process, and both get their answers.
         responses = kill_with_a_batch_in_its_pipe(
-            server, first_pid, image, 2,
+            server,
+            first_pid,
+            image,
+            2,
             after_kill=lambda: wait_for(
-                lambda: httpx.get(server.url + "/health/ready").json()["status"] == "restarting"),
+                lambda: httpx.get(server.url + "/health/ready").json()["status"] == "restarting"
+            ),
         )
         for response in responses:
             assert response.status_code == 200, response.text
@@ -225,7 +253,11 @@ def test_the_next_full_batch_crosses_to_the_worker_process_while_one_runs(checkp
     image = scene(96, 128, seed=5)
     expected = expected_records(predictor, image)
     settings = ServiceSettings(
-        model=str(checkpoint), device="cpu", worker_process=True, max_batch_size=2, max_delay_ms=100,
+        model=str(checkpoint),
+        device="cpu",
+        worker_process=True,
+        max_batch_size=2,
+        max_delay_ms=100,
     )
     with running(settings) as server:
         pid = server.runtime.workers[0].pid
@@ -235,8 +267,12 @@ def test_the_next_full_batch_crosses_to_the_worker_process_while_one_runs(checkp
             with concurrent.futures.ThreadPoolExecutor(6) as pool:
                 pending = [pool.submit(segment, server.url, image) for _ in range(6)]
                 # The first batch, then the next full one, go to the worker; the third waits.
-                wait_for(lambda: metric(server.url, "transfiner_batch_size_count") == batches + 2
-                         and metric(server.url, "transfiner_queue_depth") == 2)
+                wait_for(
+                    lambda: (
+                        metric(server.url, "transfiner_batch_size_count") == batches + 2
+                        and metric(server.url, "transfiner_queue_depth") == 2
+                    )
+                )
                 time.sleep(0.3)
                 assert metric(server.url, "transfiner_batch_size_count") == batches + 2
                 os.kill(pid, signal.SIGCONT)
@@ -287,10 +323,24 @@ def test_ctrl_c_drains_the_server_before_its_worker_process_stops(checkpoint, tm
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, TRANSFINER_DEVICE="cpu", TRANSFINER_TORCH_THREADS="1", TRANSFINER_SHUTDOWN_GRACE_S="0.5")
     log = open(tmp_path / "serve.log", "w+")
-    command = [sys.executable, "-m", "transfiner", "serve", "--worker-process", "--model", str(checkpoint),
-               "--port", str(port), "--max-delay-ms", "300", "--log-level", "info"]
-    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            start_new_session=True)  # its own process group, as a shell gives a job
+    command = [
+        sys.executable,
+        "-m",
+        "transfiner",
+        "serve",
+        "--worker-process",
+        "--model",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--max-delay-ms",
+        "300",
+        "--log-level",
+        "info",
+    ]
+    proc = subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+    )  # its own process group, as a shell gives a job
     try:
         wait_ready(url, timeout=120)
         workers = children(proc.pid)
@@ -354,15 +404,18 @@ def test_a_batch_is_in_the_metrics_before_its_answers_go_out(checkpoint, kind):
         if kind == "thread":
             worker = Worker(TorchBackend(predictor.model), metrics=metrics)
         else:
-            spec = WorkerSpec(resolve_model(str(checkpoint)), "pytorch", None, "cpu", 1, "fp32", None, 1, 1, 5.0,
-                              "warning")
+            spec = WorkerSpec(
+                resolve_model(str(checkpoint)), "pytorch", None, "cpu", 1, "fp32", None, 1, 1, 5.0, "warning"
+            )
             worker = ProcessWorker(spec, metrics)
             await worker.start()
         seen = []
         try:
             for _ in range(3):
-                jobs = [Job(SegmentJob(image, RequestOptions(score_threshold=0.0)), time.monotonic() + 60, image.canvas)
-                        for _ in range(2)]
+                jobs = [
+                    Job(SegmentJob(image, RequestOptions(score_threshold=0.0)), time.monotonic() + 60, image.canvas)
+                    for _ in range(2)
+                ]
                 jobs[-1].future.add_done_callback(lambda _: seen.append(count()))
                 await worker.run(jobs)
         finally:

@@ -96,10 +96,26 @@ def check_report(out: Path, mode: str, levels: list[float]) -> dict:
 
 def test_closed_loop_sweep_against_a_live_server(server, images, tmp_path, capsys):
     out = tmp_path / "closed"
-    code = main([
-        "bench", "--url", server.url, "--concurrency", "1", "2", "--requests", "4", "--warmup", "1",
-        "--images", str(images), "--param", "score_threshold=0.3", "--out", str(out),
-    ])
+    code = main(
+        [
+            "bench",
+            "--url",
+            server.url,
+            "--concurrency",
+            "1",
+            "2",
+            "--requests",
+            "4",
+            "--warmup",
+            "1",
+            "--images",
+            str(images),
+            "--param",
+            "score_threshold=0.3",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     report = check_report(out, "closed", [1, 2])
     assert report["workload"]["params"] == {"score_threshold": "0.3"}
@@ -111,10 +127,25 @@ def test_closed_loop_sweep_against_a_live_server(server, images, tmp_path, capsy
 
 def test_open_loop_with_generated_images(server, tmp_path, capsys):
     out = tmp_path / "open"
-    code = main([
-        "bench", "--url", server.url + "/", "--rate", "8", "--requests", "6", "--warmup", "1",
-        "--num-images", "2", "--image-size", "96x96", "--out", str(out),
-    ])
+    code = main(
+        [
+            "bench",
+            "--url",
+            server.url + "/",
+            "--rate",
+            "8",
+            "--requests",
+            "6",
+            "--warmup",
+            "1",
+            "--num-images",
+            "2",
+            "--image-size",
+            "96x96",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     report = check_report(out, "open", [8.0])
     step = report["steps"][0]
@@ -122,10 +153,25 @@ def test_open_loop_with_generated_images(server, tmp_path, capsys):
     assert report["workload"]["source"] == "make-shapes 96x96, seed 0"
     assert sorted(p.name for p in (out / "workload" / "images").iterdir()) == ["000000.png", "000001.png"]
     # Run again into the same --out with fewer images: the workload is generated afresh.
-    code = main([
-        "bench", "--url", server.url, "--rate", "8", "--requests", "2", "--warmup", "0",
-        "--num-images", "1", "--image-size", "96x96", "--out", str(out),
-    ])
+    code = main(
+        [
+            "bench",
+            "--url",
+            server.url,
+            "--rate",
+            "8",
+            "--requests",
+            "2",
+            "--warmup",
+            "0",
+            "--num-images",
+            "1",
+            "--image-size",
+            "96x96",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in (out / "workload" / "images").iterdir()) == ["000000.png"]
 
@@ -269,12 +315,17 @@ def test_closed_loop_keeps_concurrency_in_flight():
 
 
 def test_step_result_counts_errors_apart_from_latencies():
-    run = RunResult(records=[
-        RequestRecord(0, 0.0, 0.0, 0.5, 200),
-        RequestRecord(1, 0.1, 0.1, 0.2, 503),
-        RequestRecord(2, 0.2, 0.2, 0.3, None, "ConnectError"),
-        RequestRecord(3, 0.3, 0.4, 1.3, 200),  # sent 0.1 s late: latency counts from 0.3
-    ], duration_s=2.0, arrivals=4, arrival_window_s=0.3)
+    run = RunResult(
+        records=[
+            RequestRecord(0, 0.0, 0.0, 0.5, 200),
+            RequestRecord(1, 0.1, 0.1, 0.2, 503),
+            RequestRecord(2, 0.2, 0.2, 0.3, None, "ConnectError"),
+            RequestRecord(3, 0.3, 0.4, 1.3, 200),  # sent 0.1 s late: latency counts from 0.3
+        ],
+        duration_s=2.0,
+        arrivals=4,
+        arrival_window_s=0.3,
+    )
     step = StepResult.from_run("open", run, None, offered_rate=10.0)
     assert step.errors == {"503": 1, "ConnectError": 1} and step.ok == 2 and step.requests == 4
     assert step.latencies_s == pytest.approx([0.5, 1.0]) and step.error_latencies_s == pytest.approx([0.1, 0.1])
@@ -286,15 +337,23 @@ def test_closed_loop_steady_rate_leaves_out_the_ramp_and_the_drain():
     # 2 users against a batcher of 2: a slow first batch (the loop fills, the model warms), then an
     # answer pair every 0.1 s, then a drain where one user has nothing left to send.
     finished = [1.0, 1.0] + [1.0 + 0.1 * k for k in range(1, 11) for _ in range(2)] + [3.0]
-    run = RunResult(records=[RequestRecord(i, 0.0, 0.0, t, 200) for i, t in enumerate(finished)],
-                    duration_s=3.0, arrivals=len(finished), arrival_window_s=0.0)
+    run = RunResult(
+        records=[RequestRecord(i, 0.0, 0.0, t, 200) for i, t in enumerate(finished)],
+        duration_s=3.0,
+        arrivals=len(finished),
+        arrival_window_s=0.0,
+    )
     step = StepResult.from_run("closed", run, None, concurrency=2)
     assert step.images_per_s == pytest.approx(23 / 3.0)
     # From the 2nd answer (1.0 s) to the 2nd from last (2.0 s): 20 answers in 1 s.
     assert step.steady_images_per_s == pytest.approx(20.0)
     # Answers in batches share their times: the window counts whole batches (2 answers every 1 s).
-    pairs = RunResult(records=[RequestRecord(i, 0.0, 0.0, float(1 + i // 2), 200) for i in range(12)],
-                      duration_s=6.0, arrivals=12, arrival_window_s=0.0)
+    pairs = RunResult(
+        records=[RequestRecord(i, 0.0, 0.0, float(1 + i // 2), 200) for i in range(12)],
+        duration_s=6.0,
+        arrivals=12,
+        arrival_window_s=0.0,
+    )
     assert StepResult.from_run("closed", pairs, None, concurrency=2).steady_images_per_s == pytest.approx(2.0)
     # Too few answers for a window, and no window for an open loop.
     short = RunResult(records=run.records[:4], duration_s=1.1, arrivals=4, arrival_window_s=0.0)
