@@ -49,7 +49,7 @@ from scripts.results import markdown_table
 from transfiner.service.loadtest.client import TRANSPORT_ERRORS, poisson_arrivals, run_closed_loop, run_open_loop
 from transfiner.service.loadtest.metrics_delta import scrape
 from transfiner.service.loadtest.report import LatencyStats
-from transfiner.service.loadtest.servers import free_port, wait_for_server
+from transfiner.service.loadtest.servers import SERVE_COMMAND, free_port, wait_for_server
 
 
 def zeros_png(side: int) -> bytes:
@@ -497,10 +497,7 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [
-        sys.executable,
-        "-m",
-        "transfiner",
-        "serve",
+        *SERVE_COMMAND,
         "--model",
         args.model,
         "--device",

@@ -41,7 +41,7 @@ from scripts.results import markdown_table
 from transfiner.cli.bench import generate_images, machine_info
 from transfiner.service.loadtest.client import InvalidAnswer, SegmentClient, WorkloadImage, run_closed_loop
 from transfiner.service.loadtest.report import StepResult
-from transfiner.service.loadtest.servers import free_port, wait_for_server
+from transfiner.service.loadtest.servers import SERVE_COMMAND, free_port, wait_for_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,10 +106,7 @@ def start_server(name: str, args: argparse.Namespace, port: int, log: Path, lits
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     if name == "fastapi":
         command = [
-            sys.executable,
-            "-m",
-            "transfiner",
-            "serve",
+            *SERVE_COMMAND,
             *common,
             "--device",
             "cpu",
@@ -121,10 +118,7 @@ def start_server(name: str, args: argparse.Namespace, port: int, log: Path, lits
     elif name == "ray":
         # One replica holding every core (Ray gives an actor as many torch threads as CPUs).
         command = [
-            sys.executable,
-            "-m",
-            "transfiner",
-            "serve",
+            *SERVE_COMMAND,
             "--engine",
             "ray",
             "--ray-address",

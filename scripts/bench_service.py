@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from transfiner.service.engine.runtime import ServiceRuntime
 from transfiner.service.loadtest.client import RunResult, SegmentClient, WorkloadImage, run_closed_loop
 from transfiner.service.loadtest.metrics_delta import Scrape, scrape
 from transfiner.service.loadtest.report import LatencyStats
-from transfiner.service.loadtest.servers import free_port, wait_for_server
+from transfiner.service.loadtest.servers import SERVE_COMMAND, free_port, wait_for_server
 from transfiner.service.settings import ServiceSettings
 
 
@@ -127,10 +126,7 @@ async def run_http(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [
-        sys.executable,
-        "-m",
-        "transfiner",
-        "serve",
+        *SERVE_COMMAND,
         "--model",
         settings.model,
         "--port",

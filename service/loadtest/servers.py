@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
+
+# `transfiner serve` in this interpreter, whether or not the console script is on the PATH.
+SERVE_COMMAND = (sys.executable, "-m", "transfiner", "serve")
 
 
 def free_port() -> int:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 
 import pytest
 
 from tests.support import REPO
+from transfiner.service.loadtest.servers import SERVE_COMMAND
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,10 +48,7 @@ def test_serve_on_a_port_in_use_says_so_and_exits_2():
         taken.listen()
         port = taken.getsockname()[1]
         command = [
-            sys.executable,
-            "-m",
-            "transfiner",
-            "serve",
+            *SERVE_COMMAND,
             "--model",
             "default",
             "--device",
@@ -71,10 +68,7 @@ def test_serve_exits_when_its_model_cannot_be_loaded(tmp_path):
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
     command = [
-        sys.executable,
-        "-m",
-        "transfiner",
-        "serve",
+        *SERVE_COMMAND,
         "--model",
         str(broken),
         "--device",

@@ -36,6 +36,7 @@ from tests.deploy.support import (
 )
 from tests.service.support import free_port, wait_ready
 from tests.support import encode, scene
+from transfiner.service.loadtest.servers import SERVE_COMMAND
 
 REQUESTS = 6  # through nginx; round robin gives each replica three
 
@@ -167,10 +168,7 @@ def topology(tmp_path_factory):
                 TRANSFINER_MAX_CLIENT_INFLIGHT="1",
             )
             command = [
-                sys.executable,
-                "-m",
-                "transfiner",
-                "serve",
+                *SERVE_COMMAND,
                 "--host",
                 "127.0.0.1",
                 "--port",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from transfiner.service.loadtest.servers import free_port
+from transfiner.service.loadtest.servers import SERVE_COMMAND, free_port
 
 REPLICA_CLASS = "ServeReplica:transfiner:transfiner"  # Serve's actor class: ServeReplica:<app>:<deployment>
 # Series of Ray's metrics that every node with a replica that served must export.
@@ -90,10 +90,7 @@ def _start_server(workdir: Path, name: str, address: str, port: int, checkpoint:
     log = (workdir / f"{name}.log").open("w")
     return subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "transfiner",
-            "serve",
+            *SERVE_COMMAND,
             "--engine",
             "ray",
             "--ray-address",

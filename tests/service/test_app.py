@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -29,6 +28,7 @@ from pycocotools.coco import COCO
 from tests.service.support import ThreadServer, free_port, metric, wait_ready
 from tests.support import CATEGORY_IDS, CLASS_NAMES, REPO, encode, scene
 from transfiner.model.inference.images import load_image_rgb
+from transfiner.service.loadtest.servers import SERVE_COMMAND
 from transfiner.service.settings import ServiceSettings
 
 pytestmark = pytest.mark.timeout(300)
@@ -661,10 +661,7 @@ def test_serve_process_readiness_and_graceful_sigterm(checkpoint, tmp_path):
     )
     log = open(tmp_path / "serve.log", "w+")
     command = [
-        sys.executable,
-        "-m",
-        "transfiner",
-        "serve",
+        *SERVE_COMMAND,
         "--model",
         str(checkpoint),
         "--port",
@@ -715,10 +712,7 @@ def test_after_the_drain_a_stalled_request_holds_the_stop_only_briefly(checkpoin
     port = free_port()
     env = dict(os.environ, TRANSFINER_DRAIN_TIMEOUT_S="600", TRANSFINER_BODY_TIMEOUT_S="600", TRANSFINER_DEVICE="cpu")
     command = [
-        sys.executable,
-        "-m",
-        "transfiner",
-        "serve",
+        *SERVE_COMMAND,
         "--model",
         str(checkpoint),
         "--port",

@@ -12,7 +12,6 @@ import concurrent.futures
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -22,6 +21,7 @@ from tests.service.support import free_port, wait_ready
 from tests.support import REPO, encode, scene
 from transfiner.service.engine import host_memory
 from transfiner.service.engine.runtime import keeps_freed_memory
+from transfiner.service.loadtest.servers import SERVE_COMMAND
 from transfiner.service.settings import ServiceSettings
 
 pytestmark = pytest.mark.timeout(300)
@@ -42,10 +42,7 @@ def faults_per_request(checkpoint: Path, log: Path, **env: str) -> float:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [
-        sys.executable,
-        "-m",
-        "transfiner",
-        "serve",
+        *SERVE_COMMAND,
         "--model",
         str(checkpoint),
         "--device",

@@ -12,7 +12,6 @@ import concurrent.futures
 import os
 import signal
 import subprocess
-import sys
 import time
 from multiprocessing import Pipe
 from pathlib import Path
@@ -26,6 +25,7 @@ from tests.support import CATEGORY_IDS, REPO, encode, scene, tiny_config
 from transfiner.model.inference.predictor import load_predictor
 from transfiner.service.engine.pipeline import network_image
 from transfiner.service.engine.worker_process import BatchMemory, _page_locked, read_images, receive_memory
+from transfiner.service.loadtest.servers import SERVE_COMMAND
 from transfiner.service.settings import ServiceSettings
 
 pytestmark = pytest.mark.timeout(300)
@@ -324,10 +324,7 @@ def test_ctrl_c_drains_the_server_before_its_worker_process_stops(checkpoint, tm
     env = dict(os.environ, TRANSFINER_DEVICE="cpu", TRANSFINER_TORCH_THREADS="1", TRANSFINER_SHUTDOWN_GRACE_S="0.5")
     log = open(tmp_path / "serve.log", "w+")
     command = [
-        sys.executable,
-        "-m",
-        "transfiner",
-        "serve",
+        *SERVE_COMMAND,
         "--worker-process",
         "--model",
         str(checkpoint),
