@@ -8,6 +8,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import tomllib
 import torch
 from PIL import Image
 
@@ -17,6 +18,10 @@ from transfiner.model.weights.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
+# Import name -> the folder it installs from, as pyproject.toml's package-dir maps them.
+PACKAGE_FOLDERS: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+    "package-dir"
+]
 
 CLASS_NAMES = ("circle", "square")
 CATEGORY_IDS = (3, 7)  # sparse on purpose: responses must map contiguous classes to these

@@ -7,14 +7,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-# Import name -> the folder it installs from (pyproject's package-dir).
-FOLDERS = {
-    "transfiner.model": "model",
-    "transfiner.export": "export",
-    "transfiner.service": "service",
-    "transfiner": "transfiner",
-}
+from tests.support import PACKAGE_FOLDERS, REPO
+
+ROOT = REPO
 # Each package and the project packages it must never import, at module level or inside functions.
 FORBIDDEN = {
     "transfiner.model": ("transfiner.export", "transfiner.service", "transfiner.cli"),
@@ -62,7 +57,7 @@ def within(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
 
-MODULES = project_modules(ROOT, FOLDERS)
+MODULES = project_modules(ROOT, PACKAGE_FOLDERS)
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))

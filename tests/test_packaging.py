@@ -12,14 +12,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-# Import name -> the folder it installs from (pyproject's package-dir).
-FOLDERS = {
-    "transfiner": "transfiner",
-    "transfiner.model": "model",
-    "transfiner.export": "export",
-    "transfiner.service": "service",
-}
+from tests.support import PACKAGE_FOLDERS, REPO
+
+ROOT = REPO
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +47,7 @@ def wheel(tmp_path_factory) -> Path:
 def source_files(suffixes: tuple[str, ...]) -> set[str]:
     """Every file of the four folders with one of ``suffixes``, as the wheel should name it."""
     names = set()
-    for name, folder in FOLDERS.items():
+    for name, folder in PACKAGE_FOLDERS.items():
         for path in (ROOT / folder).rglob("*"):
             if path.suffix in suffixes and "__pycache__" not in path.parts:
                 names.add("/".join((*name.split("."), *path.relative_to(ROOT / folder).parts)))
