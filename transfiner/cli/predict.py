@@ -1,8 +1,4 @@
-"""The model's own sub-commands of ``transfiner``: ``predict`` and ``convert-official``.
-
-The command table and ``main`` live above the packages, in ``transfiner.cli``, since the
-commands come from ``model``, ``export`` and ``service`` alike and ``model`` imports neither.
-"""
+"""``transfiner predict``: segment images on any backend, write COCO results and overlays."""
 
 from __future__ import annotations
 
@@ -10,7 +6,6 @@ import argparse
 import json
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from transfiner.cli.arguments import (
     add_backend_argument,
@@ -20,9 +15,6 @@ from transfiner.cli.arguments import (
     predictor_from_args,
 )
 from transfiner.model.inference.images import load_image_rgb
-
-if TYPE_CHECKING:
-    pass
 
 
 def add_predict_arguments(predict: argparse.ArgumentParser) -> None:
