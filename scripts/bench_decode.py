@@ -3,7 +3,7 @@
 A server decodes uploads on threads while its event loop runs Python. Pillow, left to itself
 (``Image.open`` on the bytes), decodes 64 KB at a time and a PNG one IDAT chunk at a time, taking
 the GIL back between pieces; each time the loop holds it, the decode waits for up to a switch
-interval (5 ms). ``model.images.open_image`` hands the decoder the whole upload in one call.
+interval (5 ms). ``model.inference.images.open_image`` hands the decoder the whole upload in one call.
 
 Both openers are followed by the same ``image_to_rgb`` and give the same pixels (checked). Each is
 timed alone and beside a thread that runs Python for a given share of the time (the event loop's

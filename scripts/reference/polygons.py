@@ -78,7 +78,7 @@ def reference_mask_to_polygons(mask: np.ndarray, offset: tuple[int, int] = (0, 0
     ``frPyObjects`` expects for an exact round trip. Largest polygon first.
 
     ``offset`` (x, y) places ``mask`` in a larger image whose other pixels are background: a
-    detection's window (``model.postprocess.paste_windows``) gives the polygons of its
+    detection's window (``model.inference.paste.paste_windows``) gives the polygons of its
     full-image mask, identical, since tracing and ordering do not change under translation.
     """
     mask = np.asarray(mask, dtype=bool)

@@ -1,4 +1,4 @@
-"""``model.images``: uploads opened for one decoder call give Pillow's own pixels, every mode.
+"""``model.inference.images``: uploads opened for one decoder call give Pillow's own pixels, every mode.
 
 The reference each time is Pillow by itself (``Image.open`` on the bytes, ``exif_transpose``,
 ``convert("RGB")``), not our conversion."""

@@ -1,4 +1,4 @@
-"""A serving process keeps the memory an image freed for the next image (``model.host_memory``).
+"""A serving process keeps the memory an image freed for the next image (``service.engine.host_memory``).
 
 Through the real ``transfiner serve`` in its own process, its model in a worker process: once
 warm, answering more 1333x800 uploads must not make the server's process fault its buffers in
