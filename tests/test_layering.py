@@ -9,7 +9,6 @@ import pytest
 
 from tests.support import PACKAGE_FOLDERS, REPO
 
-ROOT = REPO
 # Each package and the project packages it must never import, at module level or inside functions.
 FORBIDDEN = {
     "transfiner.model": ("transfiner.export", "transfiner.service", "transfiner.cli"),
@@ -57,7 +56,7 @@ def within(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
 
-MODULES = project_modules(ROOT, PACKAGE_FOLDERS)
+MODULES = project_modules(REPO, PACKAGE_FOLDERS)
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -65,7 +64,7 @@ def test_packages_only_import_downwards(package):
     files = {name: path for name, path in MODULES.items() if within(name, package)}
     assert files, f"no sources found for {package}"
     upward = [
-        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        f"{path.relative_to(REPO)}:{line} imports {module}"
         for name, path in sorted(files.items())
         for line, module in imported_modules(name, path)
         if any(within(module, forbidden) for forbidden in FORBIDDEN[package])
@@ -75,7 +74,7 @@ def test_packages_only_import_downwards(package):
 
 def test_only_the_command_line_parses_arguments():
     parsers = [
-        f"{path.relative_to(ROOT)}:{line}"
+        f"{path.relative_to(REPO)}:{line}"
         for name, path in sorted(MODULES.items())
         if not within(name, "transfiner.cli")
         for line, module in imported_modules(name, path)

@@ -14,8 +14,6 @@ import pytest
 
 from tests.support import PACKAGE_FOLDERS, REPO
 
-ROOT = REPO
-
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
@@ -25,7 +23,7 @@ def wheel(tmp_path_factory) -> Path:
     listed = (
         subprocess.run(
             ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=ROOT,
+            cwd=REPO,
             check=True,
             capture_output=True,
         )
@@ -33,9 +31,9 @@ def wheel(tmp_path_factory) -> Path:
         .split("\0")
     )
     for name in filter(None, listed):
-        if (ROOT / name).is_file():
+        if (REPO / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, source / name)
+            shutil.copy2(REPO / name, source / name)
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)], check=True, timeout=600
@@ -48,9 +46,9 @@ def source_files(suffixes: tuple[str, ...]) -> set[str]:
     """Every file of the four folders with one of ``suffixes``, as the wheel should name it."""
     names = set()
     for name, folder in PACKAGE_FOLDERS.items():
-        for path in (ROOT / folder).rglob("*"):
+        for path in (REPO / folder).rglob("*"):
             if path.suffix in suffixes and "__pycache__" not in path.parts:
-                names.add("/".join((*name.split("."), *path.relative_to(ROOT / folder).parts)))
+                names.add("/".join((*name.split("."), *path.relative_to(REPO / folder).parts)))
     return names
 
 
