@@ -98,8 +98,8 @@ async def run_in_process(
     segment_params = SegmentParams.model_validate(params)
 
     async def send(index: int) -> int:
-        async with runtime.admission("bench"):
-            await runtime.segment(png, segment_params, time.monotonic() + 600)
+        async with runtime.admission("bench") as model:
+            await model.segment(png, segment_params, time.monotonic() + 600)
         return 200  # a refusal raises ServiceError, which aborts the benchmark
 
     def metrics() -> Scrape:

@@ -8,18 +8,20 @@ from importlib.metadata import version as package_version
 
 from fastapi import FastAPI
 
+from transfiner.service.engine.loading import resolved_settings
 from transfiner.service.engine.runtime import BatcherFactory, ModelLoader, ServiceRuntime, load_model
 from transfiner.service.errors import COMMON_ERRORS, install_error_handlers
 from transfiner.service.metrics import ServiceMetrics
 from transfiner.service.middleware import BodyLimitMiddleware, HeadAsGetMiddleware, MetricsMiddleware
-from transfiner.service.routes import demo, health, models, segment
+from transfiner.service.routes import demo, health, models, repository, segment
 from transfiner.service.settings import ServiceSettings
 
 DESCRIPTION = """\
 Mask Transfiner instance segmentation. `POST /v1/segment` takes one image (multipart field
 `image`, a raw `image/*` body, or base64 in JSON) and returns COCO result records (compressed
-RLE by default) that `pycocotools.COCO.loadRes` accepts as they are. Errors are
-`{"error": {"code", "message"}}`.
+RLE by default) that `pycocotools.COCO.loadRes` accepts as they are; `/v1/models/{name}/segment`
+and `/v1/models/{name}/versions/{version}/segment` do the same with a model (version) of the
+repository. Errors are `{"error": {"code", "message"}}`.
 """
 
 
@@ -28,15 +30,18 @@ def create_app(
     *,
     loader: ModelLoader = load_model,
     batcher_factory: BatcherFactory | None = None,
+    settings_for=resolved_settings,
 ) -> FastAPI:
     """A new, independent service (its own metrics registry, runtime and thread pools).
 
-    The model loads in the background once the server starts: liveness answers at once,
-    readiness turns 200 after the warm-up batch.
+    - The models load in the background once the server starts: liveness answers at once,
+      readiness turns 200 after their warm-up batches.
+    - ``settings_for``: each model version's settings as they run (the Ray engine's replicas
+      run one in-process worker each).
     """
     settings = settings or ServiceSettings()
     metrics = ServiceMetrics()
-    runtime = ServiceRuntime(settings, metrics, loader, batcher_factory)
+    runtime = ServiceRuntime(settings, metrics, loader, batcher_factory, settings_for)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -59,6 +64,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(segment.router)
     app.include_router(models.router)
+    app.include_router(repository.router)
     app.include_router(health.router)
     if settings.demo:
         app.include_router(demo.router)
@@ -71,7 +77,9 @@ def create_app(
         metrics=metrics,
     )
     known = frozenset(
-        route.path for router in (segment.router, models.router, health.router) for route in router.routes
+        route.path
+        for router in (segment.router, models.router, repository.router, health.router)
+        for route in router.routes
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_paths=known)
     return app

@@ -7,6 +7,7 @@ allocator memory always, utilisation and device memory from NVML when the ``pynv
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -37,6 +38,25 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 INSTANCE_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100)
 MEGAPIXEL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 12, 24, 50)
+
+# Every metric of one loaded model version carries these (model name, version).
+VERSION_LABELS = ("model", "version")
+# What each version's metrics are called on ``VersionMetrics`` (and on ``ServiceMetrics``).
+VERSION_METRICS = (
+    "queue_seconds",
+    "decode_seconds",
+    "preprocess_seconds",
+    "inference_seconds",
+    "postprocess_seconds",
+    "batch_size",
+    "queue_depth",
+    "inflight",
+    "queued_bytes",
+    "instances",
+    "megapixels",
+    "worker_restarts",
+)
+MODEL_STATES = ("LOADING", "READY", "UNLOADING", "UNAVAILABLE")
 
 REJECTION_REASONS = (
     "queue_full",
@@ -71,24 +91,28 @@ class ServiceMetrics:
         self.queue_seconds = Histogram(
             "transfiner_queue_wait_seconds",
             "Time a request waits in the batch queue",
+            VERSION_LABELS,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.decode_seconds = Histogram(
             "transfiner_decode_seconds",
             "Image decoding (sniff, decode, EXIF, mode conversion)",
+            VERSION_LABELS,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.preprocess_seconds = Histogram(
             "transfiner_preprocess_seconds",
             "Resize and pad of a batch (inside the worker)",
+            VERSION_LABELS,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.inference_seconds = Histogram(
             "transfiner_inference_seconds",
             "Model forward pass of a batch",
+            VERSION_LABELS,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -96,35 +120,43 @@ class ServiceMetrics:
             "transfiner_postprocess_seconds",
             "Per request: records, polygon tracing and JSON encoding (masks are sampled and run-length encoded "
             "by the worker, in its inference time)",
+            VERSION_LABELS,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(
             "transfiner_batch_size",
             "Images per forward pass",
+            VERSION_LABELS,
             buckets=BATCH_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge("transfiner_queue_depth", "Requests waiting in the batch queue", registry=r)
+        self.queue_depth = Gauge(
+            "transfiner_queue_depth", "Requests waiting in the batch queue", VERSION_LABELS, registry=r
+        )
         self.inflight = Gauge(
             "transfiner_inflight_requests",
             "Segment requests admitted and not yet answered",
+            VERSION_LABELS,
             registry=r,
         )
         self.queued_bytes = Gauge(
             "transfiner_queued_image_bytes",
             "Bytes of decoded images held by requests not yet through the model",
+            VERSION_LABELS,
             registry=r,
         )
         self.instances = Histogram(
             "transfiner_instances_per_image",
             "Instances returned per image",
+            VERSION_LABELS,
             buckets=INSTANCE_BUCKETS,
             registry=r,
         )
         self.megapixels = Histogram(
             "transfiner_input_megapixels",
             "Decoded input size in megapixels",
+            VERSION_LABELS,
             buckets=MEGAPIXEL_BUCKETS,
             registry=r,
         )
@@ -144,21 +176,53 @@ class ServiceMetrics:
             self.rejections.labels(reason=reason)  # export zeros, so rate() works from the start
         self.model_info = Gauge(
             "transfiner_model_info",
-            "The served model (value 1)",
+            "Each loaded model version (value 1)",
             ["name", "version", "backend", "precision", "device"],
+            registry=r,
+        )
+        self.model_state = Gauge(
+            "transfiner_model_state",
+            "1 for the state each model version on record is in (LOADING, READY, UNLOADING, UNAVAILABLE)",
+            [*VERSION_LABELS, "state"],
+            registry=r,
+        )
+        self.model_load_failures = Counter(
+            "transfiner_model_load_failures",
+            "Model versions that failed to load or warm up (or were refused by the memory budget)",
+            ["model"],
             registry=r,
         )
         self.ready = Gauge("transfiner_ready", "1 when the service accepts segment requests", registry=r)
         self.worker_restarts = Counter(
             "transfiner_worker_restarts",
             "Model worker processes started again after theirs exited",
+            VERSION_LABELS,
             registry=r,
         )
 
-    def set_model(self, name: str, version: str, backend: str, precision: str, devices: list[str]) -> None:
-        self.model_info.labels(
-            name=name, version=version, backend=backend, precision=precision, device=",".join(devices)
-        ).set(1)
+    def for_version(self, model: str, version: str) -> VersionMetrics:
+        """The metrics of one model version (each already labelled with it)."""
+        return VersionMetrics(self, model, version)
+
+    def set_state(self, model: str, version: str, state: str) -> None:
+        for name in MODEL_STATES:
+            self.model_state.labels(model=model, version=version, state=name).set(int(name == state))
+
+    def forget_state(self, model: str, version: str) -> None:
+        """Drops a version's state series (it is no longer on record)."""
+        for name in MODEL_STATES:
+            with contextlib.suppress(KeyError):
+                self.model_state.remove(model, version, name)
+
+    def forget_version(self, model: str, version: str) -> None:
+        """Drops an unloaded version's series (its state and failure records stay)."""
+        for name in VERSION_METRICS:
+            family = getattr(self, name)
+            with contextlib.suppress(KeyError):
+                family.remove(model, version)
+        for labels in list(self.model_info._metrics):  # noqa: SLF001 - prometheus_client has no public lookup
+            if labels[0] == model and labels[1] == version:
+                self.model_info.remove(*labels)
 
     def enable_gpu_metrics(self, allocator: bool = True) -> bool:
         """Registers the GPU collector when CUDA is available; True if it did. ``allocator``:
@@ -172,6 +236,22 @@ class ServiceMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class VersionMetrics:
+    """``ServiceMetrics``' per-version metrics, labelled with one model version, under the same
+    attribute names; the engine's parts take either and need not know about versions."""
+
+    def __init__(self, metrics: ServiceMetrics, model: str, version: str) -> None:
+        self.model, self.version = model, version
+        for name in VERSION_METRICS:
+            setattr(self, name, getattr(metrics, name).labels(model=model, version=version))
+        self._metrics = metrics
+
+    def set_model(self, backend: str, precision: str, devices: list[str]) -> None:
+        self._metrics.model_info.labels(
+            name=self.model, version=self.version, backend=backend, precision=precision, device=",".join(devices)
+        ).set(1)
 
 
 class GpuCollector:

@@ -138,20 +138,44 @@ class BatchingInfo(BaseModel):
     worker_process: bool = False  # each worker in a process of its own
 
 
-class ModelCard(BaseModel):
-    name: str
+class VersionState(BaseModel):
     version: str
-    backend: str
-    precision: str = Field(description="fp32, bf16 or fp16: what the forward pass computes in")
-    device: list[str]
+    state: Literal["LOADING", "READY", "UNLOADING", "UNAVAILABLE"]
+    reason: str | None = Field(None, description="why it is UNAVAILABLE")
+    digest: str | None = Field(None, description="the weights' digest (once loaded)")
+    backend: str | None = None
+    precision: str | None = None
+    device: list[str] | None = None
+
+
+class ModelCard(BaseModel):
+    """A model, described by the version that answers its requests (its newest READY one); the
+    version fields are null while none is ready."""
+
+    name: str
+    version: str | None = Field(description="the version that answers /v1/models/{name}/segment")
+    backend: str | None
+    precision: str | None = Field(description="fp32, bf16 or fp16: what the forward pass computes in")
+    device: list[str] | None
     ready: bool
-    classes: list[dict[str, Any]] = Field(description="[{id, name}] in the model's class order")
-    input: dict[str, int] = Field(description="network input: min_size, max_size")
-    batching: BatchingInfo
+    classes: list[dict[str, Any]] | None = Field(description="[{id, name}] in the model's class order")
+    input: dict[str, int] | None = Field(description="network input: min_size, max_size")
+    batching: BatchingInfo | None
+    default: bool = Field(False, description="POST /v1/segment answers with this model")
+    versions: list[VersionState] = Field(description="every version on record, oldest first")
 
 
 class ModelsResponse(BaseModel):
     models: list[ModelCard]
+
+
+class IndexEntry(BaseModel):
+    """One row of the repository index (Triton's repository extension)."""
+
+    name: str
+    version: str | None = None
+    state: Literal["LOADING", "READY", "UNLOADING", "UNAVAILABLE"]
+    reason: str | None = None
 
 
 class HealthResponse(BaseModel):

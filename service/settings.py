@@ -30,6 +30,24 @@ class ServiceSettings(BaseSettings):
         description="'default' (the shipped model), a checkpoint path, or (for the torchscript and "
         "onnxruntime backends) a `transfiner export` folder",
     )
+    model_repository: str | None = Field(
+        None,
+        description="a folder of models, NAME/VERSION/ (a checkpoint or an export folder each) with an optional "
+        "NAME/config.yaml; served instead of `model`",
+    )
+    default_model: str | None = Field(
+        None, description="the model POST /v1/segment answers with (default: the only one, or `default` for --model)"
+    )
+    repository_poll_s: float | None = Field(
+        None, gt=0, description="look for new, changed and removed versions in the repository this often"
+    )
+    max_loaded_models: int | None = Field(None, ge=1, description="models loaded at once; a load beyond it is refused")
+    max_model_host_bytes: int | None = Field(
+        None, ge=1, description="host memory for the weights of all loaded versions; a load beyond it is refused"
+    )
+    max_model_gpu_bytes: int | None = Field(
+        None, ge=1, description="GPU memory for the weights of all loaded versions; a load beyond it is refused"
+    )
     backend: Literal["pytorch", "torchscript", "onnxruntime"] = Field(
         "pytorch", description="runtime; torchscript/onnxruntime export a checkpoint once into a cache folder"
     )

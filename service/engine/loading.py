@@ -20,6 +20,7 @@ __all__ = [
     "TorchBackend",
     "build_backends",
     "max_batch_size_for",
+    "resolved_settings",
     "uses_worker_process",
     "worker_devices",
     "workers_on_gpu",
@@ -76,6 +77,17 @@ def max_batch_size_for(max_batch_size: int | None, device: str, workers: int | N
     if max_batch_size is not None:
         return max_batch_size
     return GPU_MAX_BATCH_SIZE if workers_on_gpu(device, workers) else CPU_MAX_BATCH_SIZE
+
+
+def resolved_settings(settings):
+    """``settings`` with what depends on the machine decided (worker processes, batch size), so
+    everything downstream, and /v1/models, sees what runs."""
+    return settings.model_copy(
+        update={
+            "worker_process": uses_worker_process(settings.worker_process, settings.device, settings.workers),
+            "max_batch_size": max_batch_size_for(settings.max_batch_size, settings.device, settings.workers),
+        }
+    )
 
 
 def build_backends(

@@ -35,6 +35,14 @@ log = logging.getLogger("service")
 LARGE_DECODE_BYTES = 64 * 1024 * 1024
 
 
+class ByteBudget:
+    """The bytes of queued images held by every model's requests together, against one limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+
 @dataclass
 class SegmentOutcome:
     """A finished request: what the route serialises."""
@@ -56,6 +64,7 @@ class SegmentFlow:
         batcher: Batcher,
         decode_pool: Executor,
         post_pool: Executor,
+        total_bytes: ByteBudget | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -63,7 +72,9 @@ class SegmentFlow:
         self.batcher = batcher
         self._decode_pool = decode_pool
         self._post_pool = post_pool
-        self._queued_bytes = 0  # network-size pixels of the jobs not yet settled
+        self._queued_bytes = 0  # network-size pixels of this model's jobs not yet settled
+        # All models' together (the service's max_queued_bytes; a model's own config may set less).
+        self._total_bytes = total_bytes or ByteBudget(settings.max_queued_bytes)
         cfg = model.cfg
         self._class_index = {name: i for i, name in enumerate(cfg.class_names)}
         self._class_index.update({str(cid): i for i, cid in enumerate(cfg.category_ids)})
@@ -131,16 +142,20 @@ class SegmentFlow:
         if time.monotonic() >= deadline:
             raise _deadline_error("while decoding")
 
-        budget = self.settings.max_queued_bytes
-        if self._queued_bytes + image.nbytes > budget:
-            raise ServiceError(
-                503,
-                "memory_budget",
-                f"the queued images hold {self._queued_bytes} bytes; this one "
-                f"({image.nbytes} bytes) would pass the budget of {budget}",
-                reason="memory_budget",
-                retry_after=self.retry_after(),
-            )
+        total = self._total_bytes
+        for held, budget, whose in (
+            (self._queued_bytes, self.settings.max_queued_bytes, "this model's"),
+            (total.held, total.limit, "all models'"),
+        ):
+            if held + image.nbytes > budget:
+                raise ServiceError(
+                    503,
+                    "memory_budget",
+                    f"{whose} queued images hold {held} bytes; this one "
+                    f"({image.nbytes} bytes) would pass the budget of {budget}",
+                    reason="memory_budget",
+                    retry_after=self.retry_after(),
+                )
         job = Job(SegmentJob(image, options), deadline=deadline, canvas=image.canvas, shares=self._shares(options))
         self._hold_bytes(job, image.nbytes)
         try:
@@ -171,10 +186,12 @@ class SegmentFlow:
         """Counts the image against ``max_queued_bytes`` until its job is settled (answered,
         failed, or cancelled because its client left or its deadline passed)."""
         self._queued_bytes += nbytes
+        self._total_bytes.held += nbytes
         self.metrics.queued_bytes.set(self._queued_bytes)
 
         def release(_: asyncio.Future) -> None:
             self._queued_bytes -= nbytes
+            self._total_bytes.held -= nbytes
             self.metrics.queued_bytes.set(self._queued_bytes)
 
         job.future.add_done_callback(release)

@@ -23,16 +23,16 @@ async def live() -> dict:
     responses={503: {"model": HealthResponse, "description": "loading, warming up, draining or failed"}},
 )
 async def ready(request: Request) -> JSONResponse:
-    """200 once the model is loaded and a warm-up batch has run; 503 before that, while draining,
-    and while a worker process that exited is started again."""
+    """200 once every model that must serve is loaded and warm; 503 before that, while draining,
+    while a worker process that exited is started again, and while a model that served has no
+    version ready."""
     runtime = request.app.state.runtime
     if runtime.ready:
         return JSONResponse({"status": "ready"})
     if runtime.state == "ready":
-        down = ", ".join(map(str, runtime.workers_down()))
-        return JSONResponse(
-            {"status": "restarting", "detail": f"worker process {down} is starting again"}, status_code=503
-        )
+        detail = "; ".join(runtime.not_ready())
+        status = "restarting" if "starting again" in detail else "unavailable"
+        return JSONResponse({"status": status, "detail": detail}, status_code=503)
     return JSONResponse({"status": runtime.state, "detail": runtime.detail}, status_code=503)
 
 

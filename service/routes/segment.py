@@ -22,11 +22,13 @@ _DEFAULT_MAX_TIMEOUT = ServiceSettings.model_fields["max_request_timeout_s"].def
 _MIN_DOCUMENTED_TIMEOUT = 1.0
 
 
-def _openapi_extra() -> dict[str, Any]:
+def _openapi_extra(path: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Documents the three body forms and the parameters, which the route parses itself
-    (FastAPI cannot declare 'query or form field or JSON key' for one parameter)."""
+    (FastAPI cannot declare 'query or form field or JSON key' for one parameter); ``path``: the
+    route's path parameters (this list replaces the one FastAPI would make)."""
     schema = SegmentParams.model_json_schema()
-    params = [
+    params = [*(path or ())]
+    params += [
         {"name": name, "in": "query", "required": False, "schema": prop, "description": prop.get("description", "")}
         for name, prop in schema["properties"].items()
     ]
@@ -84,6 +86,7 @@ ERRORS = {
         400: "malformed request (no image; bad multipart, JSON or base64; huge int, deep nesting, lone surrogate; "
         "invalid Content-Length)",
         401: "missing or wrong API key",
+        404: "no such model or version (or it is being unloaded), or no default model",
         408: "the request head or body did not arrive within head_timeout_s / body_timeout_s (the connection closes)",
         413: "body or pixel count over the limit",
         415: "not a supported image (PNG, JPEG, GIF, WEBP, BMP, TIFF), decided from the bytes",
@@ -117,14 +120,48 @@ async def _disconnect(request: Request) -> None:
             return
 
 
+def _path_parameter(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}, "description": description}
+
+
+_MODEL = _path_parameter("name", "the model, as /v1/models lists it")
+_VERSION = _path_parameter("version", "one of its READY versions")
+
+
 @router.post(
     "/v1/segment",
     response_model=SegmentResponse,
     responses=ERRORS,
     openapi_extra=_openapi_extra(),
-    summary="Segment the instances of one image",
+    summary="Segment the instances of one image (the default model)",
 )
 async def segment(request: Request) -> Response:
+    return await _segment(request, None, None)
+
+
+@router.post(
+    "/v1/models/{name}/segment",
+    response_model=SegmentResponse,
+    responses=ERRORS,
+    openapi_extra=_openapi_extra([_MODEL]),
+    summary="Segment the instances of one image with a model (its newest READY version)",
+)
+async def segment_with_model(name: str, request: Request) -> Response:
+    return await _segment(request, name, None)
+
+
+@router.post(
+    "/v1/models/{name}/versions/{version}/segment",
+    response_model=SegmentResponse,
+    responses=ERRORS,
+    openapi_extra=_openapi_extra([_MODEL, _VERSION]),
+    summary="Segment the instances of one image with one version of a model",
+)
+async def segment_with_version(name: str, version: str, request: Request) -> Response:
+    return await _segment(request, name, version)
+
+
+async def _segment(request: Request, name: str | None, version: str | None) -> Response:
     arrived = time.monotonic()
     runtime = request.app.state.runtime
     settings = runtime.settings
@@ -149,9 +186,16 @@ async def segment(request: Request) -> Response:
             reason="body_timeout",
             headers={"Connection": "close"},
         ) from None
-    async with runtime.admission(client_key(request), deadline):
-        outcome = await runtime.segment(data, params, deadline, disconnected=lambda: _disconnect(request), as_json=True)
-    model = runtime.model
+    async with runtime.admission(client_key(request), deadline, name, version) as served:
+        outcome = await served.segment(data, params, deadline, disconnected=lambda: _disconnect(request), as_json=True)
+        # Read while admitted: once the last admitted request is answered an old version may unload.
+        loaded = served.model
+        model = {
+            "name": served.name,
+            "version": served.version,
+            "backend": loaded.backend,
+            "precision": loaded.precision,
+        }
     image = {"width": outcome.image.width, "height": outcome.image.height, "image_id": params.image_id}
     timing = {
         "queue_ms": round(outcome.queue_s * 1000, 3),
@@ -166,14 +210,7 @@ async def segment(request: Request) -> Response:
             b'{"image":',
             dumps(image),
             b',"model":',
-            dumps(
-                {
-                    "name": model.name,
-                    "version": model.version,
-                    "backend": model.backend,
-                    "precision": model.precision,
-                }
-            ),
+            dumps(model),
             b',"instances":',
             outcome.instances_json,
             b',"timing":',

@@ -83,7 +83,7 @@ def test_health_models_docs(client):
     assert client.get("/health/live").json() == {"status": "alive"}
     assert client.get("/health/ready").status_code == 200
     card = client.get("/v1/models").json()["models"][0]
-    assert card["name"] == "tiny" and len(card["version"]) == 12 and card["backend"] == "pytorch"
+    assert card["name"] == "default" and len(card["version"]) == 12 and card["backend"] == "pytorch"
     assert card["precision"] == "fp32"  # auto on a CPU
     assert card["device"] == ["cpu"] and card["ready"] is True
     assert card["classes"] == [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"}]
@@ -554,7 +554,7 @@ def test_metric_names_exist_and_move(server, client):
     for reason in ("queue_full", "deadline", "bad_image", "too_large", "unsupported_type", "unauthorized"):
         assert f'reason="{reason}"' in text
     assert (
-        metric(server.url, "transfiner_model_info", name="tiny", backend="pytorch", precision="fp32", device="cpu") == 1
+        metric(server.url, "transfiner_model_info", name="default", backend="pytorch", precision="fp32", device="cpu") == 1
     )
     before = {name: metric(server.url, name + "_count") for name in HISTOGRAMS}
     ok0 = metric(server.url, "transfiner_requests_total", route="/v1/segment", method="POST", status="200")

@@ -50,7 +50,7 @@ def test_max_batch_size_by_default_8_on_gpus_4_on_the_cpu(monkeypatch):
     assert max_batch_size_for(3, "cuda", None) == 3
     assert ServiceSettings().max_batch_size is None
     runtime = ServiceRuntime(ServiceSettings(device="cpu", workers=2))
-    assert runtime.settings.max_batch_size == 4 and runtime.capacity == 64 + 2 * 4
+    assert runtime.settings.max_batch_size == 4
     monkeypatch.setenv("TRANSFINER_MAX_BATCH_SIZE", "16")
     assert ServiceRuntime(ServiceSettings(device="cuda")).settings.max_batch_size == 16
 

@@ -35,6 +35,12 @@ _FLAGS = (
     "port",
     "log_level",
     "worker_process",
+    "model_repository",
+    "default_model",
+    "repository_poll_s",
+    "max_loaded_models",
+    "max_model_host_bytes",
+    "max_model_gpu_bytes",
 )
 
 
@@ -70,6 +76,31 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
     parser.add_argument("--port", type=int, default=None, help="default 8000 (0: any free port)")
     parser.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"])
+    repo = parser.add_argument_group("model repository")
+    repo.add_argument(
+        "--model-repository",
+        default=None,
+        metavar="DIR",
+        help="serve the models of DIR (NAME/VERSION/ holding a checkpoint or an export folder, optional "
+        "NAME/config.yaml) instead of --model (TRANSFINER_MODEL_REPOSITORY)",
+    )
+    repo.add_argument(
+        "--default-model", default=None, metavar="NAME", help="the model of POST /v1/segment (default: the only one)"
+    )
+    repo.add_argument(
+        "--repository-poll-s",
+        type=float,
+        default=None,
+        metavar="S",
+        help="load new versions, and unload removed ones, found in the repository every S seconds",
+    )
+    repo.add_argument("--max-loaded-models", type=int, default=None, metavar="N", help="models loaded at once")
+    repo.add_argument(
+        "--max-model-host-bytes", type=int, default=None, metavar="B", help="host memory for all loaded weights"
+    )
+    repo.add_argument(
+        "--max-model-gpu-bytes", type=int, default=None, metavar="B", help="GPU memory for all loaded weights"
+    )
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -78,6 +109,8 @@ def settings_from_args(args: argparse.Namespace):
     overrides = {name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None}
     model = args.weights or args.model
     if model is not None:
+        if args.model_repository is not None:
+            raise ValueError("give --model or --model-repository, not both")
         overrides["model"] = str(model)
     return ServiceSettings(**overrides)
 
@@ -86,9 +119,13 @@ def checked_settings(args: argparse.Namespace):
     """The settings, once the model they name is known to exist and to suit the backend (for every
     engine): a wrong --model fails here, as one line, before binding the port."""
     from transfiner.export.resolve import resolve_model
+    from transfiner.service.repository.layout import scan_repository
 
     settings = settings_from_args(args)
-    resolve_model(settings.model, settings.backend)
+    if settings.model_repository is not None:
+        scan_repository(settings.model_repository)  # a folder that is not there fails here
+    else:
+        resolve_model(settings.model, settings.backend)
     return settings
 
 

@@ -178,7 +178,7 @@ def test_answers_equal_the_predictors_alone_and_batched(checkpoint, predictor):
                 assert all(isinstance(i["segmentation"], list) and i["segmentation"] for i in instances)
 
         card = httpx.get(server.url + "/v1/models").json()["models"][0]
-        assert card["name"] == "tiny" and card["precision"] == "fp32" and card["device"] == ["cpu"]
+        assert card["name"] == "default" and card["precision"] == "fp32" and card["device"] == ["cpu"]
         assert card["ready"] is True and card["batching"]["worker_process"] is True
 
 
@@ -214,7 +214,7 @@ def test_a_worker_process_that_dies_is_started_again(checkpoint, predictor):
         max_delay_ms=200,
     )
     with running(settings) as server:
-        worker = server.runtime.workers[0]
+        worker = server.runtime.models.find(None).workers[0]
         first_pid = worker.pid
 
         # A batch of two is in the pipe of a frozen worker when it is killed: each request is
@@ -260,7 +260,7 @@ def test_the_next_full_batch_crosses_to_the_worker_process_while_one_runs(checkp
         max_delay_ms=100,
     )
     with running(settings) as server:
-        pid = server.runtime.workers[0].pid
+        pid = server.runtime.models.find(None).workers[0].pid
         batches = metric(server.url, "transfiner_batch_size_count")
         os.kill(pid, signal.SIGSTOP)  # the worker holds its first batch for as long as we like
         try:
@@ -392,10 +392,12 @@ def test_a_batch_is_in_the_metrics_before_its_answers_go_out(checkpoint, kind):
     from transfiner.service.engine.worker_process import ProcessWorker, WorkerSpec
     from transfiner.service.metrics import ServiceMetrics
 
-    metrics = ServiceMetrics()
+    registry = ServiceMetrics()
+    metrics = registry.for_version("tiny", "1")
     predictor = load_predictor(str(checkpoint), device="cpu")
     image = network_image(scene(seed=2), scene(seed=2).shape[:2], predictor.cfg.input)
-    count = lambda: metrics.registry.get_sample_value("transfiner_inference_seconds_count")  # noqa: E731
+    labels = {"model": "tiny", "version": "1"}
+    count = lambda: registry.registry.get_sample_value("transfiner_inference_seconds_count", labels)  # noqa: E731
 
     async def main() -> list[float]:
         if kind == "thread":

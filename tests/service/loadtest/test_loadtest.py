@@ -53,7 +53,7 @@ def check_report(out: Path, mode: str, levels: list[float]) -> dict:
     assert report["command"].startswith("transfiner bench --url http://127.0.0.1:")
     assert report["machine"]["cpus"] >= 1 and report["machine"]["platform"]
     card = report["target"]["models"][0]
-    assert card["name"] == "tiny" and card["batching"]["max_batch_size"] == 4
+    assert card["name"] == "default" and card["batching"]["max_batch_size"] == 4
     assert report["target"]["metrics_urls"] == [report["target"]["url"] + "/metrics"]
     assert report["workload"]["images"] >= 1 and report["workload"]["sizes"] == ["96x96"]
 
@@ -200,14 +200,15 @@ def test_empty_image_folder_is_one_error_line(tmp_path, capsys):
 
 
 def _observe_step(m: ServiceMetrics, batches: list[int], queue: list[float], statuses: list[str]) -> None:
+    version = m.for_version("default", "1")
     for size in batches:
-        m.batch_size.observe(size)
-        m.inference_seconds.observe(0.02 * size)
-        m.preprocess_seconds.observe(0.001)
+        version.batch_size.observe(size)
+        version.inference_seconds.observe(0.02 * size)
+        version.preprocess_seconds.observe(0.001)
     for seconds in queue:
-        m.queue_seconds.observe(seconds)
-        m.decode_seconds.observe(0.002)
-        m.postprocess_seconds.observe(0.004)
+        version.queue_seconds.observe(seconds)
+        version.decode_seconds.observe(0.002)
+        version.postprocess_seconds.observe(0.004)
     for status in statuses:
         m.requests.labels(route="/v1/segment", method="POST", status=status).inc()
         m.request_seconds.labels(route="/v1/segment").observe(0.2)
@@ -218,11 +219,11 @@ def _observe_step(m: ServiceMetrics, batches: list[int], queue: list[float], sta
 def test_metrics_delta_of_two_real_scrapes():
     m = ServiceMetrics()
     _observe_step(m, batches=[1, 4], queue=[0.5, 0.5], statuses=["200"] * 5)  # before the step
-    m.queue_depth.set(7)  # a gauge: left out of the difference
+    m.for_version("default", "1").queue_depth.set(7)  # a gauge: left out of the difference
     before = Scrape.parse(m.render().decode())
     _observe_step(m, batches=[2, 4, 4, 5], queue=[0.003, 0.02, 0.03, 0.04], statuses=["200"] * 3 + ["503"])
     m.rejections.labels(reason="queue_full").inc()
-    m.queue_depth.set(0)
+    m.for_version("default", "1").queue_depth.set(0)
     after = Scrape.parse(m.render().decode())
 
     delta = after.minus(before)
