@@ -259,7 +259,7 @@ def _unanswered(jobs: list[Job]) -> list[Job]:
 
 
 def _fail(jobs: list[Job], error: Exception, public: str = INFERENCE_FAILED) -> None:
-    log.error("a request failed (%s): %s: %s", public, type(error).__name__, error, exc_info=error)
+    log.error("a request answers 500, %r: %s: %s", public, type(error).__name__, error, exc_info=error)
     for job in jobs:
         if not job.future.done():
             job.future.set_exception(WorkerError(f"inference failed: {type(error).__name__}: {error}", public))
