@@ -233,7 +233,7 @@ class SegmentFlow:
                 raise ServiceError(503, "shutting_down", "the service is shutting down", reason="draining") from None
             except WorkerError as error:
                 log.error("%s", error)
-                raise ServiceError(500, "internal_error", "inference failed (logged on the server)") from None
+                raise ServiceError(500, "internal_error", error.public) from None
         job.future.cancel()
         if watcher is not None and watcher in done:
             # Nobody will read the answer; 499 (nginx's "client closed request") for the log.

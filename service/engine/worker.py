@@ -9,7 +9,7 @@
   eager PyTorch the masks come in groups of images, fewest detections first: a request is answered
   as soon as its own masks are done, so a batch-mate that asked for many detections costs it little.
   A batch that fails is retried one request at a time, so only the request that causes the failure
-  gets the error.
+  gets the error (``run_with_retries``, which also runs again the batches whose worker process exited).
 """
 
 from __future__ import annotations
@@ -59,8 +59,29 @@ class InferenceResult:
     inference_s: float  # from the start of the forward pass until this request's masks were fetched
 
 
+INFERENCE_FAILED = "inference failed (logged on the server)"
+EXITED_TWICE = "the model worker process exited twice while computing this request"
+
+
 class WorkerError(Exception):
-    """The forward pass failed for this request; it answers 500, the worker keeps running."""
+    """The forward pass failed for this request; it answers 500 with ``public`` as its message,
+    the worker keeps running."""
+
+    def __init__(self, message: str, public: str = INFERENCE_FAILED) -> None:
+        super().__init__(message)
+        self.public = public
+
+
+class WorkerExited(Exception):
+    """The worker's process exited while a batch was in it; the batch may run again on the next one.
+
+    - ``computing``: the process was computing this batch, so one of its requests may be the cause;
+      otherwise the batch only waited behind that one.
+    """
+
+    def __init__(self, message: str, computing: bool) -> None:
+        super().__init__(message)
+        self.computing = computing
 
 
 Steps = Iterator[list[tuple[int, FetchedDetections]]]
@@ -147,33 +168,71 @@ class Worker:
 
 
 async def run_with_retries(jobs: list[Job], run_batch: Callable[[list[Job]], Awaitable[None]]) -> None:
-    """``run_batch`` over the jobs still waiting; if it fails, each unanswered job again alone, so
-    only the request that causes a failure gets the error."""
-    live = [job for job in jobs if not job.future.done()]
-    if not live:
-        return
-    try:
-        await run_batch(live)
-        return
-    except Exception as error:  # noqa: BLE001 - answered per request below
-        failed = [job for job in live if not job.future.done()]
-        if len(live) == 1:
-            _fail(failed, error)
+    """``run_batch`` over the jobs still waiting, so that only the request that causes a failure gets an error.
+
+    - A batch that raises is retried one request at a time; a request that fails alone gets a 500.
+    - A batch whose worker process exited (``WorkerExited``) runs again on the restarted process
+      (inference is idempotent): the batch the process was computing one request at a time, where a
+      request that makes the process exit again gets a 500 that says so; a batch that only waited
+      behind it as it was.
+    """
+    live = _unanswered(jobs)
+    while live:
+        try:
+            await run_batch(live)
             return
-        log.warning(
-            "a batch of %d failed (%s: %s); retrying its %d unanswered requests one by one",
-            len(live),
-            type(error).__name__,
-            error,
-            len(failed),
-        )
+        except WorkerExited as error:
+            if error.computing:
+                await _one_by_one(live, run_batch, error, exited_once=True)
+                return
+            live = _unanswered(live)  # not a suspect: it runs again as it was
+        except Exception as error:  # noqa: BLE001 - answered per request
+            if len(live) == 1:
+                _fail(live, error)
+            else:
+                await _one_by_one(live, run_batch, error, exited_once=False)
+            return
+
+
+async def _one_by_one(
+    jobs: list[Job], run_batch: Callable[[list[Job]], Awaitable[None]], error: Exception, exited_once: bool
+) -> None:
+    """Runs the unanswered jobs of a failed batch one at a time.
+
+    - Why not the batch again, or the batch minus the suspects: a failure does not say which request
+      caused it (nor, for an exit, whether the batch's size did, as when memory ran out), so after an
+      exit every request of the batch is a suspect. Alone, a request that fails is the cause, and no
+      batch-mate fails with it.
+    """
+    failed = _unanswered(jobs)
+    log.warning(
+        "a batch of %d failed (%s: %s); retrying its %d unanswered requests one by one",
+        len(jobs),
+        type(error).__name__,
+        error,
+        len(failed),
+    )
     for job in failed:
-        if job.future.done():
-            continue
+        await _run_alone(job, run_batch, exited_once)
+
+
+async def _run_alone(job: Job, run_batch: Callable[[list[Job]], Awaitable[None]], exited_once: bool) -> None:
+    """``run_batch([job])`` until the job is answered: its worker process may exit while computing
+    it once more (it runs again), not twice."""
+    while not job.future.done():
         try:
             await run_batch([job])
+            return
+        except WorkerExited as error:
+            if not error.computing:  # another request's batch took the process down
+                continue
+            if exited_once:
+                _fail([job], error, EXITED_TWICE)
+                return
+            exited_once = True
         except Exception as error:  # noqa: BLE001
             _fail([job], error)
+            return
 
 
 def settle(jobs: list[Job], step: list[tuple[int, FetchedDetections]], preprocess_s: float, inference_s: float) -> bool:
@@ -195,8 +254,12 @@ def observe_batch(metrics, preprocess_s: float, inference_s: float) -> None:
         metrics.inference_seconds.observe(inference_s)
 
 
-def _fail(jobs: list[Job], error: Exception) -> None:
-    log.error("inference failed for a request: %s: %s", type(error).__name__, error, exc_info=error)
+def _unanswered(jobs: list[Job]) -> list[Job]:
+    return [job for job in jobs if not job.future.done()]
+
+
+def _fail(jobs: list[Job], error: Exception, public: str = INFERENCE_FAILED) -> None:
+    log.error("a request answers 500, %r: %s: %s", public, type(error).__name__, error, exc_info=error)
     for job in jobs:
         if not job.future.done():
-            job.future.set_exception(WorkerError(f"inference failed: {type(error).__name__}"))
+            job.future.set_exception(WorkerError(f"inference failed: {type(error).__name__}: {error}", public))

@@ -11,9 +11,10 @@
 - Over one pipe, the parent sends each batch (its images' layout and options, their pixels in
   shared memory: ``BatchMemory``) and the requests whose client left; the child sends back each
   step's ``FetchedDetections`` (host arrays, run lengths) as soon as it has them.
-- If the child exits, the requests of its batch are retried one at a time (only one that makes it
-  exit again gets a 500), readiness reports 503 until a new child is up, and
-  ``transfiner_worker_restarts`` counts the restarts.
+- If the child exits, a new one is started: readiness reports 503 until it is up, and
+  ``transfiner_worker_restarts`` counts the restarts. The batches it had run again on the new child,
+  within their requests' deadlines (``worker.run_with_retries``): the one it was computing one request
+  at a time, where only a request that makes it exit again gets a 500; those queued behind as they were.
 """
 
 from __future__ import annotations
@@ -39,10 +40,17 @@ import torch
 
 from transfiner.export.resolve import ResolvedModel, resolve_model
 from transfiner.model.config import ModelConfig
-from transfiner.service.engine.batcher import Job
+from transfiner.service.engine.batcher import DeadlineExceeded, Job
 from transfiner.service.engine.loading import LoadedModel, worker_devices
 from transfiner.service.engine.pipeline import NetworkImage
-from transfiner.service.engine.worker import SegmentJob, Worker, observe_batch, run_with_retries, settle
+from transfiner.service.engine.worker import (
+    SegmentJob,
+    Worker,
+    WorkerExited,
+    observe_batch,
+    run_with_retries,
+    settle,
+)
 from transfiner.service.settings import ServiceSettings
 
 log = logging.getLogger("service")
@@ -79,7 +87,7 @@ class WorkerInfo:
 
 
 class WorkerProcessError(RuntimeError):
-    """The child failed a batch, or exited while it ran."""
+    """The child could not start, or a batch raised in it."""
 
 
 @dataclass
@@ -175,7 +183,11 @@ class ProcessWorker:
         await run_with_retries(jobs, self._run_batch)
 
     async def _run_batch(self, jobs: list[Job]) -> None:
-        await self._up.wait()
+        if not await self._wait_up(jobs):
+            return
+        jobs = [job for job in jobs if not job.future.done()]  # their deadlines may have passed meanwhile
+        if not jobs:
+            return
         conn, child = self._conn, self._child
         assert conn is not None
         loop = asyncio.get_running_loop()
@@ -187,21 +199,41 @@ class ProcessWorker:
         # The batch's memory is not reused before the child is done with the batch (or gone).
         memory = self._free_memory.pop() if self._free_memory else self._new_memory()
         try:
-            await loop.run_in_executor(
-                self._sender,
-                memory.send,
-                conn,
-                child,
-                batch_id,
-                [p.image for p in payloads],
-                [p.options for p in payloads],
-            )
+            try:
+                await loop.run_in_executor(
+                    self._sender,
+                    memory.send,
+                    conn,
+                    child,
+                    batch_id,
+                    [p.image for p in payloads],
+                    [p.options for p in payloads],
+                )
+            except OSError as error:
+                # The child's end of the pipe is gone (or the reader closed ours at its end):
+                # the child's exit fails this batch with ``WorkerExited`` below.
+                if not (isinstance(error, ConnectionError) or conn.closed):
+                    raise
             await batch.done
         finally:
             del self._batches[batch_id]
             self._free_memory.append(memory)
         if not batch.observed:
             observe_batch(self.metrics, batch.preprocess_s, time.perf_counter() - batch.started)
+
+    async def _wait_up(self, jobs: list[Job]) -> bool:
+        """Waits for a child to be up (a restarted one after an exit), until the last of the jobs'
+        deadlines; past it, the jobs get ``DeadlineExceeded`` (504) and this returns False."""
+        while not self._up.is_set():  # again after waking: the child may have exited since
+            remaining = max(job.deadline for job in jobs) - time.monotonic()
+            try:
+                await asyncio.wait_for(self._up.wait(), max(0.0, remaining))
+            except TimeoutError:
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(DeadlineExceeded("the deadline passed while the worker restarted"))
+                return False
+        return True
 
     def _new_memory(self) -> BatchMemory:
         self._memory_count += 1  # as many as batches in flight at once: two under load (the look-ahead)
@@ -247,10 +279,13 @@ class ProcessWorker:
         if self._closing:
             return
         log.error("worker process %d (pid %s) exited with code %s; starting it again", self.index, self.pid, exitcode)
-        error = WorkerProcessError(f"the worker process exited (code {exitcode})")
+        # The child computes its batches in the order sent, so of those it had not finished, the
+        # first is the one it died under (or was about to start); the others only waited behind it.
+        computing = True
         for batch in self._batches.values():
             if not batch.done.done():
-                batch.done.set_exception(error)
+                batch.done.set_exception(WorkerExited(f"the worker process exited (code {exitcode})", computing))
+                computing = False
         self._restarting = asyncio.ensure_future(self._restart())
 
     async def _restart(self) -> None:

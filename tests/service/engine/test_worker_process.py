@@ -2,13 +2,15 @@
 
 The answers must be the in-process worker's, to the byte, for batched images of mixed sizes (and
 so both ways an image waits in the queue: decoded uint8 pixels, or resized on decode). A worker
-process that dies is started again: readiness reports it, the requests of its batch are retried
-one at a time on the new process, a lone request gets a JSON 500, and the server keeps serving.
+process that dies is started again: readiness reports it, the requests of its batch, a lone one
+included, run again on the new process and get the answers they would have got, within their
+deadlines; only a request the process dies under twice gets a JSON 500, which says so.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import signal
 import subprocess
@@ -210,43 +212,171 @@ def test_a_worker_process_that_dies_is_started_again(checkpoint, predictor):
         model=str(checkpoint),
         device="cpu",
         worker_process=True,
-        max_batch_size=2,
-        max_delay_ms=200,
+        max_batch_size=3,
+        max_delay_ms=500,
     )
     with running(settings) as server:
         worker = server.runtime.models.find(None).workers[0]
         first_pid = worker.pid
+        before = segment(server.url, image)  # the answer without a crash
+        assert before.status_code == 200, before.text
+        assert_same(before.json()["instances"], expected)
 
-        # A batch of two is in the pipe of a frozen worker when it is killed: each request is
-        # retried alone on the new process, and both get their answers.
+        # A batch of three is in the pipe of a frozen worker when it is killed: its requests run
+        # again on the new process, and all get the answer they get without a crash.
+        batches = metric(server.url, "transfiner_batch_size_count")
+        images = metric(server.url, "transfiner_batch_size_sum")
         responses = kill_with_a_batch_in_its_pipe(
             server,
             first_pid,
             image,
-            2,
+            3,
             after_kill=lambda: wait_for(
                 lambda: httpx.get(server.url + "/health/ready").json()["status"] == "restarting"
             ),
         )
+        assert metric(server.url, "transfiner_batch_size_count") - batches == 1
+        assert metric(server.url, "transfiner_batch_size_sum") - images == 3  # one batch of three
         for response in responses:
             assert response.status_code == 200, response.text
-            assert_same(response.json()["instances"], expected)
+            assert response.json()["instances"] == before.json()["instances"]
         assert worker.pid != first_pid and worker.alive
         assert metric(server.url, "transfiner_worker_restarts_total") == 1
         assert httpx.get(server.url + "/health/ready").status_code == 200
 
-        # A lone request in flight when its worker dies gets a JSON 500; the next one is served.
+        # So does a lone request.
         second_pid = worker.pid
         [response] = kill_with_a_batch_in_its_pipe(server, second_pid, image, 1)
-        assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
-        ready = httpx.get(server.url + "/health/ready")
-        if ready.status_code == 503:  # still starting again
-            assert ready.json()["status"] == "restarting"
-        wait_for(lambda: worker.alive and worker.pid != second_pid)
-        response = segment(server.url, image)
-        assert response.status_code == 200
-        assert_same(response.json()["instances"], expected)
+        assert response.status_code == 200, response.text
+        assert response.json()["instances"] == before.json()["instances"]
+        assert worker.pid != second_pid and worker.alive
         assert metric(server.url, "transfiner_worker_restarts_total") == 2
+
+
+def on_restart(action) -> logging.Handler:
+    """A handler for the ``service`` logger that calls ``action(pid)`` when a worker process is up
+    again (as process ``pid``): the event loop logs it as it wakes the batches that waited for it,
+    before the new process can have computed any."""
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.msg.startswith("worker process %d is up again"):
+                action(record.args[1])
+
+    return Handler()
+
+
+def test_only_a_request_the_worker_process_dies_under_twice_fails(checkpoint, predictor, caplog):
+    """Two requests share a batch that the worker process dies under; whichever of them the new
+    process computes first, it dies under again. That request gets a 500 that says so; the other
+    one runs on the next process and gets its answer."""
+    caplog.set_level(logging.INFO, logger="service")  # the "is up again" line
+    images = [scene(96, 128, seed=11), scene(96, 128, seed=12)]  # one canvas: one batch
+    settings = ServiceSettings(
+        model=str(checkpoint),
+        device="cpu",
+        worker_process=True,
+        max_batch_size=2,
+        max_delay_ms=2000,
+    )
+    with running(settings) as server:
+        worker = server.runtime.workers[0]
+        first_pid = worker.pid
+        frozen = []  # the restarted process, frozen as it comes up with a retry on its way
+
+        def freeze_once(pid: int) -> None:
+            if not frozen:
+                frozen.append(pid)
+                os.kill(pid, signal.SIGSTOP)
+
+        handler = on_restart(freeze_once)
+        logging.getLogger("service").addHandler(handler)
+        try:
+            batches = metric(server.url, "transfiner_batch_size_count")
+            os.kill(first_pid, signal.SIGSTOP)
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                pending = [pool.submit(segment, server.url, image) for image in images]
+                wait_for(lambda: metric(server.url, "transfiner_batch_size_count") >= batches + 1)
+                time.sleep(0.2)  # the batch goes down the pipe
+                os.kill(first_pid, signal.SIGKILL)
+                wait_for(lambda: bool(frozen))
+                time.sleep(0.2)  # the first retry goes down the new process's pipe
+                os.kill(frozen[0], signal.SIGKILL)
+                responses = [p.result() for p in pending]
+        finally:
+            logging.getLogger("service").removeHandler(handler)
+        assert metric(server.url, "transfiner_batch_size_count") - batches == 1  # both in one batch
+
+        statuses = sorted(response.status_code for response in responses)
+        assert statuses == [200, 500], [response.text for response in responses]
+        for image, response in zip(images, responses):
+            if response.status_code == 500:
+                assert response.json()["error"] == {
+                    "code": "internal_error",
+                    "message": "the model worker process exited twice while computing this request",
+                }
+            else:
+                assert_same(response.json()["instances"], expected_records(predictor, image))
+        wait_for(lambda: worker.alive and worker.pid not in (first_pid, frozen[0]))
+        assert metric(server.url, "transfiner_worker_restarts_total") == 2
+        response = segment(server.url, images[0])  # the server keeps serving
+        assert response.status_code == 200
+        assert_same(response.json()["instances"], expected_records(predictor, images[0]))
+
+
+def spawned_children() -> set[int]:
+    """This process's children that ``multiprocessing`` spawned (worker processes among them)."""
+    found = set()
+    for pid in children(os.getpid()):
+        try:
+            if b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.add(pid)
+        except OSError:
+            pass
+    return found
+
+
+def test_a_request_whose_worker_process_is_not_back_by_its_deadline_gets_504(checkpoint, predictor):
+    image = scene(96, 128, seed=4)
+    settings = ServiceSettings(model=str(checkpoint), device="cpu", worker_process=True, max_delay_ms=50)
+    with running(settings) as server:
+        worker = server.runtime.workers[0]
+        first_pid = worker.pid
+        before = spawned_children()
+        loading = []  # the new process, frozen while it loads the model
+
+        def freeze_the_next_process() -> None:
+            wait_for(lambda: bool(spawned_children() - before))
+            loading.extend(spawned_children() - before)
+            for pid in loading:
+                os.kill(pid, signal.SIGSTOP)
+
+        os.kill(first_pid, signal.SIGSTOP)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(
+                    httpx.post,
+                    server.url + "/v1/segment",
+                    content=encode(image),
+                    headers={"Content-Type": "image/png", "X-Request-Timeout": "2"},
+                    timeout=60,
+                )
+                batches = metric(server.url, "transfiner_batch_size_count")
+                wait_for(lambda: metric(server.url, "transfiner_batch_size_count") >= batches + 1)
+                os.kill(first_pid, signal.SIGKILL)
+                freeze_the_next_process()
+                response = pending.result()
+            assert response.status_code == 504, response.text
+            assert response.json()["error"]["code"] == "deadline_exceeded"
+            assert httpx.get(server.url + "/health/ready").json()["status"] == "restarting"
+        finally:
+            for pid in loading:
+                os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: worker.alive and worker.pid != first_pid)
+        assert metric(server.url, "transfiner_worker_restarts_total") == 1
+        response = segment(server.url, image)
+        assert response.status_code == 200, response.text
+        assert_same(response.json()["instances"], expected_records(predictor, image))
 
 
 def test_the_next_full_batch_crosses_to_the_worker_process_while_one_runs(checkpoint, predictor):
