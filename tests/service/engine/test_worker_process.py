@@ -280,7 +280,7 @@ def test_only_a_request_the_worker_process_dies_under_twice_fails(checkpoint, pr
         max_delay_ms=2000,
     )
     with running(settings) as server:
-        worker = server.runtime.workers[0]
+        worker = server.runtime.models.find(None).workers[0]
         first_pid = worker.pid
         frozen = []  # the restarted process, frozen as it comes up with a retry on its way
 
@@ -340,7 +340,7 @@ def test_a_request_whose_worker_process_is_not_back_by_its_deadline_gets_504(che
     image = scene(96, 128, seed=4)
     settings = ServiceSettings(model=str(checkpoint), device="cpu", worker_process=True, max_delay_ms=50)
     with running(settings) as server:
-        worker = server.runtime.workers[0]
+        worker = server.runtime.models.find(None).workers[0]
         first_pid = worker.pid
         before = spawned_children()
         loading = []  # the new process, frozen while it loads the model
