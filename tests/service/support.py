@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,7 +21,7 @@ from transfiner.service.loadtest.servers import free_port
 from transfiner.service.server import uvicorn_config
 from transfiner.service.settings import ServiceSettings
 
-__all__ = ["ThreadServer", "free_port", "metric", "running", "wait_ready"]
+__all__ = ["ThreadServer", "assert_same", "free_port", "metric", "running", "wait_ready"]
 
 
 class ThreadServer:
@@ -84,3 +85,15 @@ def metric(url: str, metric_name: str, **labels: str) -> float:
         for sample in family.samples
         if sample.name == metric_name and all(sample.labels.get(k) == v for k, v in labels.items())
     )
+
+
+def assert_same(instances: list[dict], expected: list[dict], score_tolerance: float = 0.0) -> None:
+    """Masks to the byte; scores and boxes exactly, or within ``score_tolerance`` for an image
+    that shared its forward pass (a batched convolution may round the last bit of a float
+    differently from a single image's, which can move the fifth decimal of a score)."""
+    assert len(instances) == len(expected) > 0
+    for got, want in zip(instances, expected):
+        assert got["segmentation"] == want["segmentation"]
+        assert got["category_id"] == want["category_id"]
+        assert got["score"] == pytest.approx(want["score"], abs=score_tolerance, rel=0)
+        assert got["bbox"] == pytest.approx(want["bbox"], abs=100 * score_tolerance, rel=0)

@@ -554,7 +554,8 @@ def test_metric_names_exist_and_move(server, client):
     for reason in ("queue_full", "deadline", "bad_image", "too_large", "unsupported_type", "unauthorized"):
         assert f'reason="{reason}"' in text
     assert (
-        metric(server.url, "transfiner_model_info", name="default", backend="pytorch", precision="fp32", device="cpu") == 1
+        metric(server.url, "transfiner_model_info", name="default", backend="pytorch", precision="fp32", device="cpu")
+        == 1
     )
     before = {name: metric(server.url, name + "_count") for name in HISTOGRAMS}
     ok0 = metric(server.url, "transfiner_requests_total", route="/v1/segment", method="POST", status="200")

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import torch
 
-from tests.service.support import ThreadServer, free_port, metric, running, wait_ready
+from tests.service.support import ThreadServer, assert_same, free_port, metric, running, wait_ready
 from tests.support import CATEGORY_IDS, REPO, encode, scene, tiny_config
 from transfiner.model.inference.predictor import load_predictor
 from transfiner.service.engine.pipeline import network_image
@@ -49,18 +49,6 @@ def segment(url: str, image, timeout: float = 120) -> httpx.Response:
 def expected_records(predictor, image) -> list[dict]:
     prediction = predictor(image, score_threshold=0.0, max_detections=6)
     return prediction.coco_records(None, CATEGORY_IDS)
-
-
-def assert_same(instances: list[dict], expected: list[dict], score_tolerance: float = 0.0) -> None:
-    """Masks to the byte; scores and boxes exactly, or within ``score_tolerance`` for an image
-    that shared its forward pass (a batched convolution may round the last bit of a float
-    differently from a single image's, which can move the fifth decimal of a score)."""
-    assert len(instances) == len(expected) > 0
-    for got, want in zip(instances, expected):
-        assert got["segmentation"] == want["segmentation"]
-        assert got["category_id"] == want["category_id"]
-        assert got["score"] == pytest.approx(want["score"], abs=score_tolerance, rel=0)
-        assert got["bbox"] == pytest.approx(want["bbox"], abs=100 * score_tolerance, rel=0)
 
 
 def test_images_cross_to_the_worker_process_in_shared_memory_in_their_memory_layout():
