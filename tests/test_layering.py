@@ -22,6 +22,8 @@ FORBIDDEN = {
         "transfiner.model.training",
         "transfiner.model.evaluation",
     ),
+    # What is on disk knows nothing of what is loaded from it, nor of HTTP.
+    "transfiner.service.repository": ("transfiner.service.engine", "transfiner.service.routes"),
     # Evaluation is used by training, never the reverse.
     "transfiner.model.evaluation": ("transfiner.model.training",),
 }

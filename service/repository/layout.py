@@ -79,7 +79,10 @@ def version_model_path(folder: Path) -> Path:
 
 
 def signature(folder: Path) -> tuple:
-    """The names, sizes and modification times of the files under ``folder``."""
-    return tuple(
-        sorted((str(p.relative_to(folder)), st.st_size, st.st_mtime_ns) for p in folder.rglob("*") if (st := p.stat()))
-    )
+    """The names, sizes and modification times of the files under ``folder`` (raises ``OSError``
+    when it changes while it is read: the next poll looks again)."""
+    entries = []
+    for path in folder.rglob("*"):
+        stat = path.stat()
+        entries.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(entries))
