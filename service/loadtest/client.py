@@ -1,4 +1,4 @@
-"""The load generator: an HTTP client for ``POST /v1/segment`` and two drivers.
+"""The load generator: an HTTP client for the segment routes and two drivers.
 
 Both drivers take ``send(index) -> HTTP status`` (an awaitable), so the same loops also drive the
 service's runtime in-process (``scripts/bench_service.py``).
@@ -20,6 +20,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -182,15 +183,22 @@ async def run_open_loop(
     return result
 
 
+def segment_path(model: str | None = None) -> str:
+    """The segment route of ``model`` (None: the server's default model)."""
+    return "/v1/segment" if model is None else f"/v1/models/{quote(model, safe='')}/segment"
+
+
 class SegmentClient:
-    """One shared ``httpx.AsyncClient`` posting the workload's images to ``/v1/segment``, in
-    turn (request ``i`` sends image ``i mod n``), as raw bodies with the query ``params``."""
+    """One shared ``httpx.AsyncClient`` posting the workload's images to the segment route of
+    ``model`` (None: ``/v1/segment``), in turn (request ``i`` sends image ``i mod n``), as raw
+    bodies with the query ``params``."""
 
     def __init__(
         self,
         url: str,
         images: Sequence[WorkloadImage],
         *,
+        model: str | None = None,
         params: dict[str, str] | None = None,
         api_key: str | None = None,
         timeout_s: float = 120.0,
@@ -199,6 +207,7 @@ class SegmentClient:
         if not images:
             raise ValueError("the workload has no images")
         self.images = list(images)
+        self.path = segment_path(model)
         self.params = dict(params or {})
         headers = {"X-API-Key": api_key} if api_key else {}
         # Enough connections for every request in flight: a smaller pool would queue requests
@@ -214,7 +223,7 @@ class SegmentClient:
     async def send(self, index: int) -> int:
         image = self.images[index % len(self.images)]
         response = await self.http.post(
-            "/v1/segment",
+            self.path,
             content=image.data,
             params=self.params,
             headers={"Content-Type": image.content_type},

@@ -27,6 +27,7 @@ SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 _CUMULATIVE_TYPES = {"counter", "histogram", "summary"}
 
 SEGMENT_ROUTE = "/v1/segment"
+MODEL_SEGMENT_ROUTE = "/v1/models/{name}/segment"  # the route template, as the request metrics label it
 
 
 @dataclass
@@ -184,22 +185,30 @@ class ServerBreakdown:
     batch_size_distribution: dict[str, int]  # bucket label ("1", "5-6") -> batches
 
 
-def breakdown(delta: Scrape) -> ServerBreakdown:
-    batch = delta.histogram("transfiner_batch_size")
-    inference = delta.histogram("transfiner_inference_seconds")
-    by_status = delta.by_label("transfiner_requests_total", "status", route=SEGMENT_ROUTE)
+def breakdown(delta: Scrape, model: str | None = None) -> ServerBreakdown:
+    """The step's figures; with ``model``, that model's (its segment route and its versions'
+    metrics), else those of ``/v1/segment`` and every model's work."""
+    route = SEGMENT_ROUTE if model is None else MODEL_SEGMENT_ROUTE
+    of_model = {} if model is None else {"model": model}
+
+    def stage(name: str) -> StageTiming:
+        return StageTiming.of(delta.histogram(name, **of_model))
+
+    batch = delta.histogram("transfiner_batch_size", **of_model)
+    inference = delta.histogram("transfiner_inference_seconds", **of_model)
+    by_status = delta.by_label("transfiner_requests_total", "status", route=route)
     rejections = delta.by_label("transfiner_rejections_total", "reason")
     return ServerBreakdown(
         replicas=delta.sources,
         segment_requests=int(round(sum(by_status.values()))),
         responses_by_status={k: int(round(v)) for k, v in sorted(by_status.items()) if v > 0},
         rejections={k: int(round(v)) for k, v in sorted(rejections.items()) if v > 0},
-        request=StageTiming.of(delta.histogram("transfiner_request_duration_seconds", route=SEGMENT_ROUTE)),
-        queue_wait=StageTiming.of(delta.histogram("transfiner_queue_wait_seconds")),
-        decode=StageTiming.of(delta.histogram("transfiner_decode_seconds")),
-        preprocess=StageTiming.of(delta.histogram("transfiner_preprocess_seconds")),
+        request=StageTiming.of(delta.histogram("transfiner_request_duration_seconds", route=route)),
+        queue_wait=stage("transfiner_queue_wait_seconds"),
+        decode=stage("transfiner_decode_seconds"),
+        preprocess=stage("transfiner_preprocess_seconds"),
         inference=StageTiming.of(inference),
-        postprocess=StageTiming.of(delta.histogram("transfiner_postprocess_seconds")),
+        postprocess=stage("transfiner_postprocess_seconds"),
         inference_per_image_s=inference.sum / batch.sum if batch.sum > 0 else None,
         batches=int(round(batch.count)),
         mean_batch_size=batch.mean,

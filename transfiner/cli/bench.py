@@ -42,6 +42,12 @@ DEFAULT_REQUESTS = 32
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", required=True, help="the service, e.g. http://127.0.0.1:8000 (or the load balancer)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME",
+        help="load one model of the server's repository (/v1/models/NAME/segment; default: /v1/segment)",
+    )
     load = parser.add_mutually_exclusive_group()
     load.add_argument(
         "--concurrency",
@@ -273,7 +279,7 @@ async def _test_request(client: SegmentClient) -> None:
     image = client.images[0]
     try:
         response = await client.http.post(
-            "/v1/segment",
+            client.path,
             content=image.data,
             params=client.params,
             headers={"Content-Type": image.content_type},
@@ -323,7 +329,7 @@ async def _step(
         with _progress_bar(len(arrivals), f"open {level:g} req/s") as bar:
             run = await run_open_loop(client.send, arrivals, max_outstanding=args.max_outstanding, progress=bar.update)
     after = await _scrape_or_none(http, metrics_urls)
-    server = breakdown(after.minus(before)) if before is not None and after is not None else None
+    server = breakdown(after.minus(before), args.model) if before is not None and after is not None else None
     return StepResult.from_run(
         mode, run, server, concurrency=concurrency, offered_rate=level if mode == "open" else None
     )
@@ -372,11 +378,16 @@ async def run_bench(args: argparse.Namespace, images: list[WorkloadImage], workl
     async with httpx.AsyncClient(timeout=10, headers=headers) as http:
         await _wait_ready(http, url, args.wait_ready)
         report.target["models"] = await _models(http, url)
+        names = [card["name"] for card in report.target["models"]]
+        if args.model is not None and args.model not in names:
+            raise ValueError(f"{url} serves no model {args.model!r} (models: {', '.join(names) or 'none'})")
+        report.target["model"] = args.model
         if metrics_urls:
             await _first_scrape(http, metrics_urls)
         async with SegmentClient(
             url,
             images,
+            model=args.model,
             params=workload["params"],
             api_key=args.api_key,
             timeout_s=args.timeout,

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import shutil
+import threading
 import time
 import weakref
 
@@ -263,3 +265,35 @@ def test_bad_models_are_reported_and_the_others_serve(tmp_path, checkpoint, anim
         assert refused.status_code == 400 and "max_loaded_models is 2" in refused.json()["error"]["message"]
         no_default = httpx.post(server.url + "/v1/segment", content=encode(scene()))
         assert no_default.status_code == 404 and no_default.json()["error"]["code"] == "no_default_model"
+
+
+def test_bench_loads_one_model_and_counts_only_its_work(tmp_path, checkpoint, animals, capsys):
+    from transfiner.cli.main import main
+
+    root = tmp_path / "repository"
+    add_version(root, "shapes", 1, checkpoint)
+    add_version(root, "animals", 2, animals)
+    with running(settings_for(root, default_model="shapes")) as server:
+        stop = threading.Event()
+
+        def other_traffic() -> None:  # the default model, busy all along
+            while not stop.is_set():
+                httpx.post(server.url + "/v1/segment", content=encode(scene()), timeout=60)
+
+        background = threading.Thread(target=other_traffic)
+        background.start()
+        try:
+            out = tmp_path / "bench"
+            argv = ["bench", "--url", server.url, "--model", "animals", "--concurrency", "2", "--requests", "6"]
+            code = main([*argv, "--warmup", "1", "--num-images", "2", "--image-size", "96x96", "--out", str(out)])
+        finally:
+            stop.set()
+            background.join()
+        assert code == 0, capsys.readouterr().err
+        report = json.loads((out / "report.json").read_text())
+        assert report["target"]["model"] == "animals"
+        step = report["steps"][0]["server"]
+        assert step["segment_requests"] == 6 and step["responses_by_status"] == {"200": 6}
+        assert round(step["mean_batch_size"] * step["batches"]) == 6  # the images animals computed, no others
+        assert main(["bench", "--url", server.url, "--model", "zebras", "--out", str(tmp_path / "none")]) == 2
+        assert "serves no model 'zebras' (models: animals, shapes)" in capsys.readouterr().err
