@@ -1,5 +1,5 @@
-// The service's HTTP API as the page uses it: GET /v1/models and POST /v1/segment, with the API
-// key when the server wants one. Paths are relative, so the page also works behind a path prefix.
+// The service's HTTP API as the page uses it: GET /v1/models and POST /v1/models/{name}/segment
+// (or /v1/segment), with the API key when the server wants one. Paths are relative, so the page also works behind a path prefix.
 
 const KEY_STORAGE = "transfiner-api-key";
 
@@ -43,9 +43,9 @@ async function call(path, init = {}) {
   return body;
 }
 
-/** The served model's card (name, version, classes, ...). */
-export async function getModel() {
-  return (await call("v1/models")).models[0];
+/** The served models' cards (name, version, classes, default, ...). */
+export async function getModels() {
+  return (await call("v1/models")).models;
 }
 
 /**
@@ -53,12 +53,13 @@ export async function getModel() {
  * octet-stream so the server always reads the body as the image (it sniffs what image it is),
  * whatever the file claims to be.
  */
-export function segment(file, params, signal) {
+export function segment(file, params, signal, model = null) {
   const query = new URLSearchParams();
   for (const [name, value] of Object.entries(params)) {
     if (value !== undefined && value !== null) query.set(name, String(value));
   }
-  return call(`v1/segment?${query}`, {
+  const path = model === null ? "v1/segment" : `v1/models/${encodeURIComponent(model)}/segment`;
+  return call(`${path}?${query}`, {
     method: "POST",
     body: file,
     headers: { "Content-Type": "application/octet-stream" },

@@ -1,7 +1,7 @@
 // The demo page's wiring: the image and the settings in, two segment calls out (refined and
 // coarse, the same detections), the chosen one drawn with its instance list, timings and downloads.
 
-import { ApiError, getModel, segment, setApiKey } from "./api.js";
+import { ApiError, getModels, segment, setApiKey } from "./api.js";
 import { Overlay, colourOf, hex } from "./overlay.js";
 
 const $ = (selector) => document.querySelector(selector);
@@ -17,6 +17,8 @@ const state = {
   view: "refined",
   highlight: -1,
   controller: null, // aborts the calls of a run that a newer one replaces
+  models: [], // the cards of the models that have a version ready
+  model: null, // the chosen model's name (null: the server's default, /v1/segment)
 };
 
 // ---------------------------------------------------------------- status and errors
@@ -45,10 +47,11 @@ function askForKey() {
 
 async function loadModel() {
   try {
-    const model = await getModel();
-    $("#model-info").textContent =
-      `${model.name} ${model.version} · ${model.backend} · ${model.precision} · ${model.device.join(", ")}`;
-    renderClasses(model.classes);
+    const models = (await getModels()).filter((card) => card.ready);
+    if (!models.length) throw new ApiError(503, "not_ready", "no model is ready yet");
+    state.models = models;
+    renderModels(models);
+    showModel();
     hideError();
   } catch (error) {
     if (error.status === 503) {
@@ -62,10 +65,31 @@ async function loadModel() {
   }
 }
 
-function renderClasses(classes) {
+/** The picker, shown when the server has more than one model; the default model first chosen. */
+function renderModels(models) {
+  const select = $("#model");
+  const known = state.models.find((card) => card.name === state.model);
+  if (!known) state.model = (models.find((card) => card.default) || models[0]).name;
+  select.replaceChildren(
+    ...models.map((card) => new Option(`${card.name} (version ${card.version})`, card.name, false, card.name === state.model)),
+  );
+  $("#model-field").hidden = models.length < 2;
+}
+
+function showModel() {
+  const model = state.models.find((card) => card.name === state.model);
+  $("#model-info").textContent =
+    `${model.name} ${model.version} · ${model.backend} · ${model.precision} · ${model.device.join(", ")}`;
+  renderClasses(model);
+}
+
+function renderClasses(model) {
   const fieldset = $("#classes");
-  if (fieldset.querySelector("input")) return; // keep the user's choice across reloads of the card
-  for (const { id, name } of classes) {
+  // Keep the user's choice across reloads of the same model's card; another model has other classes.
+  if (fieldset.dataset.model === model.name) return;
+  fieldset.dataset.model = model.name;
+  fieldset.querySelectorAll("label").forEach((label) => label.remove());
+  for (const { id, name } of model.classes) {
     const label = document.createElement("label");
     const box = document.createElement("input");
     box.type = "checkbox";
@@ -124,8 +148,8 @@ async function run() {
   try {
     // Both views at once: the server batches them and runs the detector once.
     const [refined, coarse, bitmap] = await Promise.all([
-      segment(state.file, { ...query, refine: true }, controller.signal),
-      segment(state.file, { ...query, refine: false }, controller.signal),
+      segment(state.file, { ...query, refine: true }, controller.signal, state.model),
+      segment(state.file, { ...query, refine: false }, controller.signal, state.model),
       state.bitmap,
     ]);
     if (controller !== state.controller) return;
@@ -265,6 +289,10 @@ form.addEventListener("change", (event) => {
   if (target.name === "view") {
     state.view = target.value;
     show();
+  } else if (target.id === "model") {
+    state.model = target.value;
+    showModel();
+    run();
   } else if (target.id === "api-key") {
     setApiKey(target.value.trim());
     loadModel();

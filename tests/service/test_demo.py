@@ -287,7 +287,7 @@ def test_drop_and_paste_an_image(demo, server, image_path):
     expected = row_cells(segment(server, image_path)["instances"])
     data = base64.b64encode(image_path.read_bytes()).decode()
     for event in ("drop", "paste"):
-        with demo.page.expect_request(lambda request: "/v1/segment" in request.url):
+        with demo.page.expect_request(lambda request: request.url.split("?")[0].endswith("/segment")):
             demo.page.evaluate(
                 """([event, data]) => {
                     const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
@@ -385,6 +385,35 @@ def test_the_page_asks_for_the_api_key_and_sends_it(browser, image_path, checkpo
         ).json()["instances"]
         assert [row["cells"] for row in demo.rows()] == row_cells(expected)
         assert demo.page.is_hidden("#error")
+    finally:
+        demo.close()
+        srv.stop()
+
+
+def test_the_model_picker_switches_model_and_classes(browser, image_path, checkpoint, tmp_path):
+    from tests.service.repository.support import ANIMALS, add_version, write_animal_checkpoint
+
+    root = tmp_path / "repository"
+    add_version(root, "shapes", 1, checkpoint)
+    add_version(root, "animals", 4, write_animal_checkpoint(tmp_path / "animals.pth"))
+    srv = ThreadServer(ServiceSettings(model_repository=str(root), device="cpu", default_model="shapes")).start()
+    demo = Page(browser, srv.url)
+    try:
+        page = demo.page
+        page.wait_for_selector('#classes input[name="class"]')
+        assert page.is_visible("#model") and page.input_value("#model") == "shapes"
+        assert [text.strip() for text in page.locator("#classes label").all_inner_texts()] == ["circle", "square"]
+        page.select_option("#model", "animals")
+        page.wait_for_function("document.querySelector('#model-info').textContent.startsWith('animals 4')")
+        assert [text.strip() for text in page.locator("#classes label").all_inner_texts()] == list(ANIMALS)
+        page.set_input_files("#file", str(image_path))
+        demo.wait_ready()
+        params = {"score_threshold": "0.5", "mask_threshold": "0.5", "max_detections": "100", "refine": "true"}
+        expected = httpx.post(
+            srv.url + "/v1/models/animals/segment", params=params, content=image_path.read_bytes(), timeout=60
+        ).json()["instances"]
+        assert [row["cells"] for row in demo.rows()] == row_cells(expected)
+        assert demo.errors == []
     finally:
         demo.close()
         srv.stop()
