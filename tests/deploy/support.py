@@ -149,7 +149,7 @@ def dashboard_queries() -> list[tuple[str, str]]:
 def grafana_to_promql(expr: str) -> str:
     """A dashboard query as Prometheus's API takes it: Grafana's variables replaced by what they
     mean with the default selection (all replicas) and a scrape interval of about a second."""
-    return expr.replace("$__rate_interval", "1m").replace('"$instance"', '".*"')
+    return expr.replace("$__rate_interval", "1m").replace('"$instance"', '".*"').replace('"$model"', '".*"')
 
 
 def parse_port(spec) -> tuple[str | None, int | None, int, str]:
