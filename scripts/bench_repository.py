@@ -99,28 +99,33 @@ async def measure(args: argparse.Namespace, url: str, root: Path, weights: Path,
         # 1. swap under load
         await run_closed_loop(a.send, args.clients, requests=2 * args.clients)  # warm
         steady = await run_closed_loop(a.send, args.clients, duration_s=args.steady_s)
-        swap_records, done = [], asyncio.Event()
+        # The same closed loop, on while version 2 is copied in, loads, warms up and takes over.
+        swap_window: list[float] = []
 
-        async def during_swap() -> None:
-            while not done.is_set():
-                run = await run_closed_loop(a.send, args.clients, requests=args.clients)
-                swap_records.extend(run.records)
+        async def swap() -> None:
+            await asyncio.sleep(args.after_s)
+            swap_window.append(time.perf_counter())
+            await asyncio.to_thread(add_version, root, "a", 2, weights)
+            await wait_until(lambda: [r.get("version") for r in index(url) if r["name"] == "a"] == ["2"])
+            swap_window.append(time.perf_counter())
 
-        load = asyncio.create_task(during_swap())
-        started = time.perf_counter()
-        await asyncio.to_thread(add_version, root, "a", 2, weights)
-        await wait_until(lambda: [r.get("version") for r in index(url) if r["name"] == "a"] == ["2"])
-        swapped_s = time.perf_counter() - started
-        await asyncio.sleep(args.after_s)
-        done.set()
-        await load
+        swapping = asyncio.create_task(swap())
+        run_started = time.perf_counter()
+        during = await run_closed_loop(a.send, args.clients, duration_s=args.steady_s)
+        await swapping
+        swapped_s = swap_window[1] - swap_window[0]
+        # The requests sent from the copy until ``after_s`` after version 1 had gone.
+        window = (swap_window[0] - run_started, swap_window[1] + args.after_s - run_started)
+        swap_records = [r for r in during.records if window[0] <= r.scheduled_s <= window[1]]
         errors = sum(not r.ok for r in swap_records)
         figures["swap"] = {
             "clients": args.clients,
             "steady_requests": len(steady.records),
-            "steady_errors": sum(not r.ok for r in steady.records),
+            "steady_statuses": statuses(steady.records),
             "steady_p99_ms": p99_ms(steady.records),
             "swap_requests": len(swap_records),
+            "all_errors_of_the_swap_run": sum(not r.ok for r in during.records),
+            "swap_statuses": statuses(swap_records),
             "swap_errors": errors,
             "swap_p99_ms": p99_ms(swap_records),
             "swap_s": round(swapped_s, 2),
@@ -155,6 +160,10 @@ async def measure(args: argparse.Namespace, url: str, root: Path, weights: Path,
             "a_both_images_per_s": round(images_per_s(both_a), 3),
             "b_both_images_per_s": round(images_per_s(both_b), 3),
         }
+        figures["share"]["statuses"] = {
+            name: statuses(run.records)
+            for name, run in (("a_alone", alone_a), ("b_alone", alone_b), ("a_both", both_a), ("b_both", both_b))
+        }
         figures["share"]["a_share"] = round(images_per_s(both_a) / cap_a, 3)
         figures["share"]["b_share"] = round(images_per_s(both_b) / cap_b, 3)
 
@@ -172,6 +181,7 @@ async def measure(args: argparse.Namespace, url: str, root: Path, weights: Path,
             "a_offered_per_s": round(flood_rate, 3),
             "b_alone_goodput_per_s": round(goodput(quiet_alone), 3),
             "b_flooded_goodput_per_s": round(goodput(quiet), 3),
+            "b_alone_statuses": statuses(quiet_alone.records),
             "b_flooded_statuses": statuses(quiet.records),
             "a_flood_statuses": statuses(flood.records),
             "a_flood_goodput_per_s": round(goodput(flood), 3),
