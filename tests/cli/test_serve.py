@@ -27,6 +27,23 @@ def test_serve_defaults_and_missing_model(capsys):
     assert "model not found" in capsys.readouterr().err
 
 
+def test_serve_takes_a_model_repository_or_a_model(tmp_path, monkeypatch, capsys):
+    from transfiner.cli.main import build_parser, main
+    from transfiner.cli.serve import settings_from_args
+
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    flags = ["serve", "--model-repository", str(tmp_path), "--default-model", "m", "--repository-poll-s", "2"]
+    settings = settings_from_args(build_parser().parse_args([*flags, "--max-loaded-models", "3"]))
+    assert (settings.model_repository, settings.default_model) == (str(tmp_path), "m")
+    assert (settings.repository_poll_s, settings.max_loaded_models) == (2.0, 3)
+    monkeypatch.setenv("TRANSFINER_MODEL_REPOSITORY", str(tmp_path))
+    assert settings_from_args(build_parser().parse_args(["serve"])).model_repository == str(tmp_path)
+    assert main(["serve", "--model-repository", str(tmp_path / "missing"), "--port", "0"]) == 2
+    assert capsys.readouterr().err == f"error: the model repository {tmp_path / 'missing'} is not a folder\n"
+    assert main(["serve", "--model-repository", str(tmp_path), "--model", "default", "--port", "0"]) == 2
+    assert capsys.readouterr().err == "error: give --model or --model-repository, not both\n"
+
+
 @pytest.mark.parametrize(
     "device, message",
     [
