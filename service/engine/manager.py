@@ -413,12 +413,10 @@ class ModelManager:
     async def _retire(self, model: ManagedModel, version: ModelVersion) -> None:
         load = self._loads.get(version.key)
         self.metrics.set_state(model.name, version.version, "UNLOADING")
-        unloading = version.unload(self.settings.drain_timeout_s)
-        if load is not None and not load.done():
-            version.state = "UNLOADING"  # its load sees this and stops the workers it started
+        await version.unload(self.settings.drain_timeout_s)
+        if load is not None and not load.done():  # it sees UNLOADING and stops the workers it started
             with contextlib.suppress(BaseException):
                 await load
-        await unloading
         if model.versions.get(version.version) is version:
             del model.versions[version.version]
         self.metrics.forget_version(model.name, version.version)

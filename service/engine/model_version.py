@@ -97,7 +97,7 @@ class ModelVersion:
         self._total_bytes = total_bytes
         self._loader = loader
         self._batcher_factory = batcher_factory
-        self._unloaded = asyncio.Event()
+        self._unloading: asyncio.Future | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -180,10 +180,13 @@ class ModelVersion:
 
     async def unload(self, drain_timeout_s: float) -> None:
         """Stops taking requests, lets the admitted ones finish (up to ``drain_timeout_s``), then
-        stops its batcher and workers and lets go of the model."""
-        if self.state == "UNLOADING" or self._unloaded.is_set():
-            await self._unloaded.wait()
-            return
+        stops its batcher and workers and lets go of the model. Once, however often it is called;
+        a version still loading stops its workers itself when its load ends (``load``)."""
+        if self._unloading is None:
+            self._unloading = asyncio.ensure_future(self._unload(drain_timeout_s))
+        await asyncio.shield(self._unloading)
+
+    async def _unload(self, drain_timeout_s: float) -> None:
         loaded = self.state == "READY"
         self.state = "UNLOADING"
         try:
@@ -201,8 +204,8 @@ class ModelVersion:
                     await asyncio.to_thread(worker.close)
         finally:
             self.model, self.workers, self.batcher, self.flow = None, [], None, None
-            self._unloaded.set()
-        log.info("model %s version %s unloaded", self.name, self.version)
+        if loaded:
+            log.info("model %s version %s unloaded", self.name, self.version)
 
     # -- requests --------------------------------------------------------------------------------
 
