@@ -39,6 +39,7 @@ from transfiner.service.engine.batcher import (
     batch_capacity,
 )
 from transfiner.service.engine.loading import max_batch_size_for
+from transfiner.service.repository.layout import scan_repository
 from transfiner.service.settings import ServiceSettings
 
 log = logging.getLogger("service")
@@ -255,20 +256,26 @@ def replica_settings(settings: ServiceSettings, gpus: float) -> ServiceSettings:
 class TransfinerReplica:
     """One replica: the service app on one copy of the model, batching with ``RayServeBatcher``."""
 
-    async def __init__(self, settings: ServiceSettings) -> None:
+    async def __init__(self, settings: ServiceSettings, gpus: float = 0.0) -> None:
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-        def batcher(workers: Sequence[BatchRunner], observer: BatchObserver) -> RayServeBatcher:
+        def batcher(
+            version: ServiceSettings, workers: Sequence[BatchRunner], observer: BatchObserver
+        ) -> RayServeBatcher:
             return RayServeBatcher(
                 workers,
-                max_batch_size=settings.max_batch_size,
-                max_delay_s=settings.max_delay_ms / 1000,
-                max_batch_pixels=settings.max_batch_pixels,
+                max_batch_size=version.max_batch_size,
+                max_delay_s=version.max_delay_ms / 1000,
+                max_batch_pixels=version.max_batch_pixels,
                 observer=observer,
             )
 
-        # Not ``self.app``: the ingress wrapper owns that name (the ASGI app it serves).
-        self.service_app = create_app(settings, batcher_factory=batcher)
+        # Not ``self.app``: the ingress wrapper owns that name (the ASGI app it serves). Every
+        # model version of the repository runs as this replica runs (a model's config.yaml may
+        # not give it workers or processes of its own here).
+        self.service_app = create_app(
+            settings, batcher_factory=batcher, settings_for=lambda version: replica_settings(version, gpus)
+        )
         context = serve.get_replica_context()
         node = ray.get_runtime_context().get_node_id()
         self.service_app.add_middleware(ReplicaHeaderMiddleware, value=f"{context.replica_id.unique_id}; node={node}")
@@ -330,7 +337,9 @@ def build_application(settings: ServiceSettings, scaling: Scaling) -> serve.Appl
     # The replica's own admission answers overflow with the service's JSON 503 (queue_full,
     # Retry-After); one more than it admits keeps Ray from queueing those requests in its proxy
     # instead. Also far above max_batch_size, which Serve's batches could not otherwise reach.
-    capacity = replica.max_queue_size + replica.max_batch_size
+    # Each model of a repository admits as much (the models found now; one more may come).
+    models = len(scan_repository(settings.model_repository)) + 1 if settings.model_repository else 1
+    capacity = (replica.max_queue_size + replica.max_batch_size) * models
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": scaling.replica_cpus, "num_gpus": scaling.replica_gpus},
         "max_ongoing_requests": capacity + 1,
@@ -350,7 +359,7 @@ def build_application(settings: ServiceSettings, scaling: Scaling) -> serve.Appl
         }
     else:
         options["num_replicas"] = scaling.replicas
-    return TransfinerReplica.options(**options).bind(replica)
+    return TransfinerReplica.options(**options).bind(replica, scaling.replica_gpus)
 
 
 def serve_on_ray(

@@ -34,8 +34,9 @@ log = logging.getLogger("service")
 MODEL_ERRORS = (CheckpointError, DatasetError, ValueError, OSError)
 
 ModelLoader = Callable[[ServiceSettings], LoadedModel]
-# (workers, observer) -> an object with Batcher's submit/start/close/depth/estimate_wait/recent_batch_seconds.
-BatcherFactory = Callable[[Sequence[Any], "MetricsObserver"], Any]
+# (the version's settings, its workers, observer) -> an object with Batcher's submit/start/close/
+# depth/estimate_wait/recent_batch_seconds.
+BatcherFactory = Callable[[ServiceSettings, Sequence[Any], "MetricsObserver"], Any]
 
 
 def load_model(settings: ServiceSettings) -> LoadedModel:
@@ -149,7 +150,7 @@ class ModelVersion:
         runners = [TurnTakingRunner(w, self._turns(device), self.key) for w, device in zip(workers, model.devices)]
         observer = MetricsObserver(self.metrics)
         if self._batcher_factory is not None:
-            self.batcher = self._batcher_factory(runners, observer)
+            self.batcher = self._batcher_factory(settings, runners, observer)
         else:
             self.batcher = Batcher(
                 runners,
