@@ -258,3 +258,48 @@ def test_a_gpu_replica_batches_8_images_by_default_a_cpu_replica_4():
     assert replica_settings(ServiceSettings(), gpus=1).max_batch_size == 8
     assert replica_settings(ServiceSettings(), gpus=0).max_batch_size == 4
     assert replica_settings(ServiceSettings(max_batch_size=2), gpus=1).max_batch_size == 2
+
+
+def test_the_ray_engine_serves_a_model_repository(tmp_path, checkpoint):
+    """The same repository, routes and answers as the FastAPI engine, through Ray's proxy."""
+    from tests.service.repository.support import ANIMALS, add_version, write_animal_checkpoint
+
+    missing = _missing()
+    if missing:
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{missing}, and {REQUIRE_ENV}=1 requires the Ray tests to run")
+        pytest.skip(missing)
+    repository = tmp_path / "repository"
+    add_version(repository, "shapes", 1, checkpoint)
+    add_version(repository, "animals", 2, write_animal_checkpoint(tmp_path / "animals.pth"))
+    image = tmp_path / "image.png"
+    image.write_bytes(encode(scene(96, 128, seed=4)))
+    command = ['ip link set lo up && exec "$0" -m tests.service.ray_repository "$@"', sys.executable]
+    command += [str(tmp_path), str(repository), str(image)]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run(
+        ["unshare", "--net", "sh", "-c", *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and (tmp_path / "report.json").exists(), done.stderr[-4000:] + _logs(tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ready"] and report["exit"] == 0, _logs(tmp_path)
+    cards = {card["name"]: card for card in report["models"]["models"]}
+    assert sorted(cards) == ["animals", "shapes"] and cards["shapes"]["default"]
+    assert [c["name"] for c in cards["animals"]["classes"]] == list(ANIMALS)
+    assert cards["animals"]["batching"]["workers"] == 1 and not cards["animals"]["batching"]["worker_process"]
+    assert sorted((r["name"], r["version"], r["state"]) for r in report["index"]) == [
+        ("animals", "2", "READY"),
+        ("shapes", "1", "READY"),
+    ]
+    answers = report["answers"]
+    for path, (name, version) in {
+        "/v1/models/animals/segment": ("animals", "2"),
+        "/v1/models/shapes/versions/1/segment": ("shapes", "1"),
+        "/v1/segment": ("shapes", "1"),
+    }.items():
+        assert answers[path]["status"] == 200, answers[path]
+        body = answers[path]["body"]
+        assert (body["model"]["name"], body["model"]["version"]) == (name, version)
+        names = ANIMALS if name == "animals" else ("circle", "square")
+        assert body["instances"] and {i["category_name"] for i in body["instances"]} <= set(names)
+    assert answers["unknown"]["status"] == 404 and answers["unknown"]["body"]["error"]["code"] == "model_not_found"
