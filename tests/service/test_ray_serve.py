@@ -241,7 +241,7 @@ def test_a_ray_batch_runs_per_canvas_within_the_pixel_cap():
         deadline = time.monotonic() + 60
         canvases = [(64, 64), (96, 96), (64, 64), (64, 64), (96, 96), (64, 64), (64, 64)]
         jobs = [Job(f"j{i}", deadline, canvas) for i, canvas in enumerate(canvases)]
-        batcher._waiting = len(jobs)  # as submit() counts them
+        batcher._in_serve = len(jobs)  # as handing them to Serve counts them
         await batcher._run(jobs)
         assert all(job.future.result() == job.payload for job in jobs)
         return runner.batches
