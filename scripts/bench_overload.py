@@ -230,7 +230,8 @@ async def open_loop(client: Client, url: str, rate: float, seconds: float, pid: 
         await sampler
         after = await scrape(http, [url + "/metrics"])
     delta = after.minus(before)
-    computed = delta.histogram("transfiner_batch_size").sum or 0.0
+    batches = delta.histogram("transfiner_batch_size")
+    computed = batches.sum or 0.0
     outcomes = client.outcomes
     ok = [o for o in outcomes if o.status == 200]
     refused = [o for o in outcomes if o.status in (429, 503)]
@@ -244,6 +245,7 @@ async def open_loop(client: Client, url: str, rate: float, seconds: float, pid: 
         "codes": count_codes(outcomes),
         "answers_per_s": len(ok) / run.duration_s,
         "images_computed": computed,
+        "mean_batch_size": (computed / batches.count) if batches.count else None,
         "delivered_share": (len(ok) / computed) if computed else None,
         "refusals_with_retry_after": f"{sum(o.retry_after for o in refused)}/{len(refused)}",
         "max_ok_latency_s": latest_ok,

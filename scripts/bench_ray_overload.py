@@ -9,8 +9,9 @@ core), in turn, with the same model, images and client (``scripts.bench_overload
    with the service's default deadline (``X-Request-Timeout: --deadline``).
 
 Printed per engine: capacity, answers by status and by error code, whether every refusal carried
-Retry-After, goodput (200s/s) as a share of the engine's own capacity, and the share of the images
-the model computed that reached a waiting client. Goals: goodput >= 95% of capacity, no 504.
+Retry-After, goodput (200s/s) as a share of the engine's own capacity, the share of the images the
+model computed that reached a waiting client, and the mean batch size. Goals: goodput >= 95% of
+capacity, no 504.
 
 Ray binds some of its ports to every interface; as root, the run moves itself into a network
 namespace that has nothing but loopback (``unshare -n``), where the servers and the client run.
@@ -134,6 +135,7 @@ def markdown(report: dict) -> str:
                 f"{run['answers_per_s']:.2f}",
                 f"**{100 * run['goodput_share']:.0f}%**",
                 "-" if run["delivered_share"] is None else f"{100 * run['delivered_share']:.1f}%",
+                "-" if run["mean_batch_size"] is None else f"{run['mean_batch_size']:.2f}",
                 run["p99_ms"],
             ]
         )
@@ -154,10 +156,11 @@ def markdown(report: dict) -> str:
                 "answers/s",
                 "goodput vs capacity",
                 "computed images delivered",
+                "mean batch",
                 "p99 ms",
             ],
             rows,
-            align="lrllllrrrr",
+            align="lrllllrrrrr",
         ),
     ]
     return "\n".join(lines) + "\n"
