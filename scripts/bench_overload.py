@@ -124,14 +124,21 @@ class Client:
         self.origin = time.perf_counter()
 
 
+DEADLINE_PASSED = "the request's deadline passed "
+
+
 def error_code(response: httpx.Response) -> str | None:
-    """The ``error.code`` of an answer in the service's error shape; None for any other answer."""
+    """The ``error.code`` of an answer in the service's error shape (for a 504, with where the
+    deadline passed); None for any other answer."""
     if response.status_code < 400 or not response.headers.get("content-type", "").startswith("application/json"):
         return None
     try:
-        return response.json()["error"]["code"]
+        error = response.json()["error"]
     except (ValueError, KeyError, TypeError):
         return None
+    if error["code"] == "deadline_exceeded":  # where: "in the queue", "waiting for the model", ...
+        return f"deadline_exceeded ({error['message'].removeprefix(DEADLINE_PASSED)})"
+    return error["code"]
 
 
 def count_codes(outcomes: list[Outcome]) -> dict[str, int]:
