@@ -49,6 +49,11 @@ DEPLOYMENT_NAME = "transfiner"
 # Which replica (and Ray node) answered, on every response: for operators following a request
 # through the cluster, and for the multi-node test. Opaque Ray ids, nothing about the host.
 REPLICA_HEADER = "x-transfiner-replica"
+# How many recent batch times admission and the deadline checks judge by (their 90th percentile,
+# ``BatchTimes``): fewer than the FastAPI engine's 32. Under Ray every request, refused ones too,
+# costs the proxy's work and its body's passage between processes on the model's cores, so batch
+# times rise with the arrival rate; a short history follows them within a few batches.
+BATCH_HISTORY = 8
 
 
 class RayServeBatcher:
@@ -80,7 +85,7 @@ class RayServeBatcher:
         max_delay_s: float,
         max_batch_pixels: int | None = None,
         observer: BatchObserver | None = None,
-        history: int = 32,
+        history: int = BATCH_HISTORY,
     ) -> None:
         if not runners:
             raise ValueError("a batcher needs at least one runner")
