@@ -435,7 +435,9 @@ def serve_on_ray(
     if address == "local":
         if metrics_export_port is not None:
             init_args["_metrics_export_port"] = metrics_export_port
-        ray.init(**init_args)
+        # "local" always starts a new instance; without an address Ray joins the cluster that
+        # /tmp/ray last recorded, which may be another user's (or in another network namespace).
+        ray.init(address="local", **init_args)
     else:
         ray.init(address=address, **init_args)
     stop = threading.Event()
