@@ -75,6 +75,7 @@ class Outcome:
     latency_s: float
     status: int | None  # None: no answer within the deadline (or the connection failed)
     retry_after: bool = False
+    code: str | None = None  # a refusal's or error's code, from the service's JSON error
 
 
 @dataclass
@@ -97,7 +98,7 @@ class Client:
 
     async def send(self, index: int, params: dict | None = None) -> int:
         scheduled = time.perf_counter()
-        status, retry_after = None, False
+        status, retry_after, code = None, False, None
         try:
             response = await asyncio.wait_for(
                 self.http.post(
@@ -109,9 +110,11 @@ class Client:
                 self.patience_s,
             )
             status, retry_after = response.status_code, "retry-after" in response.headers
+            code = error_code(response)
         except TRANSPORT_ERRORS:
             pass
-        self.outcomes.append(Outcome(scheduled - self.origin, time.perf_counter() - scheduled, status, retry_after))
+        latency = time.perf_counter() - scheduled
+        self.outcomes.append(Outcome(scheduled - self.origin, latency, status, retry_after, code))
         if status is None:
             raise httpx.ReadTimeout("no answer within the deadline")
         return status
@@ -119,6 +122,33 @@ class Client:
     def reset(self) -> None:
         self.outcomes = []
         self.origin = time.perf_counter()
+
+
+DEADLINE_PASSED = "the request's deadline passed "
+
+
+def error_code(response: httpx.Response) -> str | None:
+    """The ``error.code`` of an answer in the service's error shape (for a 504, with where the
+    deadline passed); None for any other answer."""
+    if response.status_code < 400 or not response.headers.get("content-type", "").startswith("application/json"):
+        return None
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if error["code"] == "deadline_exceeded":  # where: "in the queue", "waiting for the model", ...
+        return f"deadline_exceeded ({error['message'].removeprefix(DEADLINE_PASSED)})"
+    return error["code"]
+
+
+def count_codes(outcomes: list[Outcome]) -> dict[str, int]:
+    """Refusals and errors by status and code (``503 overloaded``), for telling them apart."""
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        if outcome.status is not None and outcome.status >= 400:
+            key = f"{outcome.status} {outcome.code or '(not the service JSON)'}"
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def latency_ms(outcomes: list[Outcome]) -> dict:
@@ -186,7 +216,9 @@ async def costly_batch_mate(client: Client, rounds: int, mates: int) -> dict:
     }
 
 
-async def open_loop(client: Client, url: str, rate: float, seconds: float, pid: int, seed: int) -> dict:
+async def open_loop(client: Client, url: str, rate: float, seconds: float, pid: int | None, seed: int) -> dict:
+    """Poisson arrivals at ``rate`` for ``seconds``; ``pid``: the server process whose resident
+    memory is sampled (None: none is, as for Ray's replicas, processes of Ray's own)."""
     async with httpx.AsyncClient() as http:
         before = await scrape(http, [url + "/metrics"])
         client.reset()
@@ -194,7 +226,7 @@ async def open_loop(client: Client, url: str, rate: float, seconds: float, pid: 
         stop = asyncio.Event()
 
         async def sample_memory() -> None:
-            while not stop.is_set():
+            while pid is not None and not stop.is_set():
                 rss.append((time.perf_counter() - client.origin, resident_mb(pid)))
                 await asyncio.sleep(5)
 
@@ -205,7 +237,8 @@ async def open_loop(client: Client, url: str, rate: float, seconds: float, pid: 
         await sampler
         after = await scrape(http, [url + "/metrics"])
     delta = after.minus(before)
-    computed = delta.histogram("transfiner_batch_size").sum or 0.0
+    batches = delta.histogram("transfiner_batch_size")
+    computed = batches.sum or 0.0
     outcomes = client.outcomes
     ok = [o for o in outcomes if o.status == 200]
     refused = [o for o in outcomes if o.status in (429, 503)]
@@ -216,8 +249,10 @@ async def open_loop(client: Client, url: str, rate: float, seconds: float, pid: 
         "arrivals": len(arrivals),
         "duration_s": run.duration_s,
         "statuses": count_statuses(outcomes),
+        "codes": count_codes(outcomes),
         "answers_per_s": len(ok) / run.duration_s,
         "images_computed": computed,
+        "mean_batch_size": (computed / batches.count) if batches.count else None,
         "delivered_share": (len(ok) / computed) if computed else None,
         "refusals_with_retry_after": f"{sum(o.retry_after for o in refused)}/{len(refused)}",
         "max_ok_latency_s": latest_ok,

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -49,6 +50,11 @@ DEPLOYMENT_NAME = "transfiner"
 # Which replica (and Ray node) answered, on every response: for operators following a request
 # through the cluster, and for the multi-node test. Opaque Ray ids, nothing about the host.
 REPLICA_HEADER = "x-transfiner-replica"
+# How many recent batch times admission and the deadline checks judge by (their 90th percentile,
+# ``BatchTimes``): fewer than the FastAPI engine's 32. Under Ray every request, refused ones too,
+# costs the proxy's work and its body's passage between processes on the model's cores, so batch
+# times rise with the arrival rate; a short history follows them within a few batches.
+BATCH_HISTORY = 8
 
 
 class RayServeBatcher:
@@ -57,12 +63,19 @@ class RayServeBatcher:
 
     - ``@serve.batch`` collects the replica's requests (up to ``max_batch_size``, waiting at most
       ``max_delay_s`` for batch-mates) and reports Ray's batch metrics (``ray_serve_batch_*``).
-    - A Ray batch may mix canvases (padded input sizes), which a forward pass must not (a request's
-      answer would depend on its batch-mates' padding), so each Ray batch runs as one forward pass
-      per canvas and ``Job.shares`` (more where ``max_batch_pixels`` says so), in arrival order, on
-      the service's own ``Worker`` (the same pre-processing and forward pass as the FastAPI engine).
-    - Jobs whose client left or whose deadline passed while they waited never reach the model, as
-      in ``Batcher``.
+    - Serve forms a batch from whatever is in its queue as soon as its previous batch is formed,
+      not when a worker is free: under load it would fix many small batches early, each then
+      waiting its turn, and throughput (which a full batch buys) would fall below what admission
+      counts on. So jobs wait here, in arrival order, and go to Serve only when they can start at
+      once: a batch's worth for each free worker (the oldest job's canvas and ``Job.shares``
+      first, as ``Batcher``), so under load Serve's batches leave full, as the FastAPI engine's.
+    - A Ray batch may still mix canvases (padded input sizes), which a forward pass must not (a
+      request's answer would depend on its batch-mates' padding), so each Ray batch runs as one
+      forward pass per canvas and ``Job.shares`` (more where ``max_batch_pixels`` says so), in
+      arrival order, on the service's own ``Worker`` (the same pre-processing and forward pass as
+      the FastAPI engine).
+    - Jobs whose client left, or whose deadline would pass before their batch is done (by the
+      recent batch times), never reach the model, as in ``Batcher``.
     """
 
     def __init__(
@@ -73,7 +86,7 @@ class RayServeBatcher:
         max_delay_s: float,
         max_batch_pixels: int | None = None,
         observer: BatchObserver | None = None,
-        history: int = 32,
+        history: int = BATCH_HISTORY,
     ) -> None:
         if not runners:
             raise ValueError("a batcher needs at least one runner")
@@ -86,7 +99,8 @@ class RayServeBatcher:
         for runner in self.runners:
             self._idle.put_nowait(runner)
         self._closed = False
-        self._waiting = 0
+        self._pending: collections.deque[Job] = collections.deque()  # not yet handed to Serve
+        self._in_serve = 0  # handed to Serve, their batch not started yet
         self._arriving = 0
         self._tasks: set[asyncio.Task] = set()
         self.batch_times = BatchTimes(history)
@@ -106,7 +120,7 @@ class RayServeBatcher:
 
     @property
     def depth(self) -> int:
-        return self._waiting
+        return len(self._pending) + self._in_serve
 
     @property
     def arriving_count(self) -> int:
@@ -126,7 +140,8 @@ class RayServeBatcher:
         return self.batch_times.recent()
 
     def estimate_wait(self, waiting: int | None = None) -> float:
-        """As ``Batcher.estimate_wait`` (``BatchTimes.wait``)."""
+        """As ``Batcher.estimate_wait`` (``BatchTimes.wait``): true of this engine too, since
+        its batches under load are full ones."""
         waiting = self.depth if waiting is None else waiting
         busy = len(self.runners) - self._idle.qsize()
         return self.batch_times.wait(
@@ -140,13 +155,60 @@ class RayServeBatcher:
         """Nothing to start: Serve's batch loop starts with the first request."""
 
     def submit(self, job: Job) -> None:
-        """Hands ``job`` to Serve's batch queue; its future settles when its batch has run. The
-        replica's admission (``max_ongoing_requests`` and the runtime's capacity) bounds how many
+        """Queues ``job``; its future settles when its batch has run. The replica's admission
+        (``max_ongoing_requests``, the runtime's capacity and the deadline check) bounds how many
         wait, so there is no queue limit here."""
         if self._closed:
             raise BatcherClosed("the service is shutting down")
-        self._waiting += 1
+        self._pending.append(job)
+        # A job settled while it waits here (its client left, its handler gave up at the
+        # deadline) leaves the queue, and the depth gauge, at once.
+        job.future.add_done_callback(lambda _: self._discard(job))
+        self._feed()
         self._report_depth()
+
+    async def close(self, drain: bool = True) -> None:
+        """Stops accepting jobs; with ``drain`` the submitted ones still run, else they fail."""
+        self._closed = True
+        if not drain:
+            while self._pending:
+                job = self._pending.popleft()
+                if not job.future.done():
+                    job.future.set_exception(BatcherClosed("the service is shutting down"))
+            for task in list(self._tasks):
+                task.cancel()
+        # A finishing batch hands the next jobs to Serve before its task ends.
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _discard(self, job: Job) -> None:
+        if job in self._pending:  # by identity (eq=False)
+            self._pending.remove(job)
+            self._report_depth()
+
+    def _feed(self) -> None:
+        """Hands Serve what can start at once: for each free worker a batch's worth of the
+        oldest live job's group (canvas and shares), in arrival order. The rest waits here, so
+        that a batch formed when a worker frees up takes all it can hold."""
+        room = self.max_batch_size * self._idle.qsize() - self._in_serve
+        if room <= 0 or not self._pending:
+            return
+        now = time.monotonic()
+        self._pending = collections.deque(job for job in self._pending if self._alive(job, now))
+        while room > 0 and self._pending:
+            group = self._pending[0].group
+            capacity = batch_capacity(group[0], self.max_batch_size, self.max_batch_pixels)
+            batch = [job for job in self._pending if job.group == group][: min(capacity, room)]
+            taken = set(map(id, batch))
+            self._pending = collections.deque(job for job in self._pending if id(job) not in taken)
+            for job in batch:
+                self._hand_over(job)
+            # A whole batch's room for each group: Serve's batch of another canvas would run as
+            # a forward pass of its own anyway.
+            room -= self.max_batch_size
+
+    def _hand_over(self, job: Job) -> None:
+        self._in_serve += 1
         task = asyncio.ensure_future(self._batched(job))
         self._tasks.add(task)
 
@@ -158,29 +220,24 @@ class RayServeBatcher:
 
         task.add_done_callback(settled)
 
-    async def close(self, drain: bool = True) -> None:
-        """Stops accepting jobs; with ``drain`` the submitted ones still run, else they fail."""
-        self._closed = True
-        if not drain:
-            for task in list(self._tasks):
-                task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+    def _alive(self, job: Job, now: float) -> bool:
+        """False for a job whose future is settled, or whose deadline will have passed before a
+        batch started now is done (the recent batch times); such a job is failed here with
+        ``DeadlineExceeded``, as ``Batcher`` does, instead of spending the model on an answer
+        that nobody will read."""
+        if job.future.done():
+            return False
+        if job.deadline <= now + (self.recent_batch_seconds() or 0.0):
+            job.future.set_exception(DeadlineExceeded("the request's deadline would pass before its batch is done"))
+            return False
+        return True
 
     async def _run(self, jobs: list[Job]) -> None:
-        self._waiting -= len(jobs)
+        self._in_serve -= len(jobs)
         self._report_depth()
-        now = time.monotonic()
         by_group: dict[tuple, list[Job]] = {}
         for job in jobs:
-            if job.future.done():  # the client left, or its handler gave up
-                continue
-            if job.deadline <= now:
-                job.future.set_exception(DeadlineExceeded("the request's deadline passed in the queue"))
-                continue
             by_group.setdefault(job.group, []).append(job)
-        if not by_group:
-            return
         # Serve caps a batch by its count only: a canvas's jobs then run in batches that also
         # keep to max_batch_pixels, as the FastAPI engine's.
         groups = [
@@ -193,6 +250,11 @@ class RayServeBatcher:
         try:
             for group in groups:
                 started = time.monotonic()
+                # Judged when the forward pass starts: an earlier pass of this Ray batch may
+                # have taken the time a job had left.
+                group = [job for job in group if self._alive(job, started)]
+                if not group:
+                    continue
                 for job in group:
                     job.dispatched_at = started
                 if self.observer is not None:
@@ -208,10 +270,12 @@ class RayServeBatcher:
                     self.batch_times.record(time.monotonic() - started)
         finally:
             self._idle.put_nowait(runner)
+            self._feed()
+            self._report_depth()
 
     def _report_depth(self) -> None:
         if self.observer is not None:
-            self.observer.queue_depth(self._waiting)
+            self.observer.queue_depth(self.depth)
 
 
 class ReplicaHeaderMiddleware:
@@ -380,7 +444,9 @@ def serve_on_ray(
     if address == "local":
         if metrics_export_port is not None:
             init_args["_metrics_export_port"] = metrics_export_port
-        ray.init(**init_args)
+        # "local" always starts a new instance; without an address Ray joins the cluster that
+        # /tmp/ray last recorded, which may be another user's (or in another network namespace).
+        ray.init(address="local", **init_args)
     else:
         ray.init(address=address, **init_args)
     stop = threading.Event()

@@ -5,13 +5,15 @@ namespace that has nothing but loopback, so whatever address Ray binds to, no tr
 It starts a real two-node Ray cluster (``ray.cluster_utils.Cluster``: a GCS, and a raylet per
 node, each node with 1 CPU), runs ``transfiner serve --engine ray --ray-address <the cluster>
 --replicas 2`` as a subprocess, and drives it through Ray's HTTP proxy on loopback: readiness,
-segment requests, an invalid one, a replica killed with SIGKILL, its replacement, SIGTERM. It
-records what it saw in WORKDIR/report.json; the test asserts on that (and decodes the RLEs)."""
+segment requests, a burst their deadline cannot cover, an invalid one, a replica killed with
+SIGKILL, its replacement, SIGTERM. It records what it saw in WORKDIR/report.json; the test
+asserts on that (and decodes the RLEs)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import os
 import signal
 import subprocess
@@ -51,15 +53,18 @@ def _app_running() -> bool:
     return app is not None and app.status == "RUNNING"
 
 
-def _segment(url: str, image: bytes) -> dict:
+def _segment(url: str, image: bytes, headers: dict | None = None) -> dict:
     started = time.monotonic()
     try:
-        response = httpx.post(f"{url}/v1/segment?score_threshold=0&image_id=7", content=image, timeout=60)
+        response = httpx.post(
+            f"{url}/v1/segment?score_threshold=0&image_id=7", content=image, headers=headers, timeout=60
+        )
     except httpx.TransportError as error:
         return {"status": None, "error": repr(error), "seconds": time.monotonic() - started}
     return {
         "status": response.status_code,
         "replica": response.headers.get("x-transfiner-replica"),
+        "retry_after": response.headers.get("retry-after"),
         "body": response.json()
         if response.headers.get("content-type", "").startswith("application/json")
         else response.text,
@@ -71,9 +76,9 @@ def _burst(url: str, image: bytes, count: int) -> list[dict]:
     return _concurrently(url, [image] * count)
 
 
-def _concurrently(url: str, images: list[bytes]) -> list[dict]:
+def _concurrently(url: str, images: list[bytes], headers: dict | None = None) -> list[dict]:
     with concurrent.futures.ThreadPoolExecutor(len(images)) as pool:
-        return list(pool.map(lambda data: _segment(url, data), images))
+        return list(pool.map(lambda data: _segment(url, data, headers), images))
 
 
 def _wait(predicate, timeout: float, step: float = 0.2):
@@ -182,6 +187,13 @@ def _fixed_replicas(
         # Two canvases (padded input sizes) arriving together: Serve's batches mix them, a forward
         # pass must not.
         report["mixed"] = _concurrently(url, [image, other] * 4)
+        # A burst of 16 requests per replica with a deadline of 3 batch times (the slow end of
+        # the batches just answered, as admission judges them): a replica can answer a few in
+        # time and must refuse the others up front.
+        batches = sorted({r["body"]["timing"]["inference_ms"] for r in report["first"] + report["mixed"]})
+        slow_s = batches[math.ceil(0.9 * len(batches)) - 1] / 1000
+        report["burst_deadline_s"] = deadline = round(3 * slow_s, 3)
+        report["burst"] = _concurrently(url, [image] * 32, headers={"X-Request-Timeout": str(deadline)})
         invalid = httpx.post(f"{url}/v1/segment?score_threshold=2", content=image, timeout=30)
         report["invalid"] = {"status": invalid.status_code, "body": invalid.json()}
         garbage = httpx.post(f"{url}/v1/segment", content=b"not an image", timeout=30)

@@ -4,10 +4,10 @@ The scenario (tests/service/ray_cluster.py) runs inside a network namespace with
 loopback (``unshare -n``, as root): Ray binds some of its ports to every interface (``*:port``),
 and tests may only send traffic on loopback. Inside it: a ``ray.cluster_utils.Cluster`` of two
 nodes (a raylet each, 1 CPU each), ``transfiner serve --engine ray --replicas 2`` against it,
-requests through Ray's HTTP proxy, a replica SIGKILLed and replaced, then an autoscaling
-deployment (1..2 replicas) under load. The tests below check what it recorded; the answers are
-compared with the FastAPI engine's for the same images, and their RLEs decoded with pycocotools
-against the ``Predictor``'s masks.
+requests through Ray's HTTP proxy, a burst their deadline cannot cover, a replica SIGKILLed and
+replaced, then an autoscaling deployment (1..2 replicas) under load. The tests below check what
+it recorded; the answers are compared with the FastAPI engine's for the same images, and their
+RLEs decoded with pycocotools against the ``Predictor``'s masks.
 
 Without ``unshare``/``ip`` or root the scenario cannot run and the tests skip, unless
 TRANSFINER_REQUIRE_RAY=1 (.ci/run sets it), which turns the skip into a failure.
@@ -155,6 +155,28 @@ def test_serve_batches_holding_two_canvases_run_each_canvas_on_its_own(report, f
         _same_answer(response["body"], fastapi_answers["a" if i % 2 == 0 else "b"])
 
 
+def test_a_burst_its_deadline_cannot_cover_is_refused_up_front_with_retry_after(report):
+    """What a replica cannot answer in time it refuses at once: the service's JSON 503
+    (``overloaded``) with Retry-After, never a plain-text error from Ray's proxy or router.
+
+    Not asserted: that nothing admitted is answered 504. On two shared cores the burst itself
+    (Ray's proxy, the decoding) slows the batches below the times admission judged by, so a few
+    admitted requests may still miss a deadline this short; the overload benchmark
+    (scripts/bench_ray_overload.py) measures that at the default deadline."""
+    burst = report["burst"]
+    statuses = sorted(str(r["status"]) for r in burst)
+    assert set(statuses) <= {"200", "503", "504"}, statuses
+    refused = [r for r in burst if r["status"] == 503]
+    answered = [r for r in burst if r["status"] == 200]
+    assert refused and answered, f"{statuses} with a {report['burst_deadline_s']} s deadline"
+    for response in refused:
+        assert response["body"]["error"]["code"] in ("overloaded", "queue_full"), response["body"]
+        assert response["retry_after"] is not None and float(response["retry_after"]) >= 1
+    for response in burst:
+        if response["status"] == 504:
+            assert response["body"]["error"]["code"] == "deadline_exceeded", response["body"]
+
+
 def test_errors_health_models_and_metrics_are_the_services(report):
     assert report["invalid"]["status"] == 422
     assert report["invalid"]["body"]["error"]["code"] == "invalid_parameter"
@@ -241,12 +263,84 @@ def test_a_ray_batch_runs_per_canvas_within_the_pixel_cap():
         deadline = time.monotonic() + 60
         canvases = [(64, 64), (96, 96), (64, 64), (64, 64), (96, 96), (64, 64), (64, 64)]
         jobs = [Job(f"j{i}", deadline, canvas) for i, canvas in enumerate(canvases)]
-        batcher._waiting = len(jobs)  # as submit() counts them
+        batcher._in_serve = len(jobs)  # as handing them to Serve counts them
         await batcher._run(jobs)
         assert all(job.future.result() == job.payload for job in jobs)
         return runner.batches
 
     assert asyncio.run(main()) == [["j0", "j2"], ["j3", "j5"], ["j6"], ["j1"], ["j4"]]
+
+
+def test_jobs_go_to_serve_only_when_a_worker_can_take_them_a_full_batch_at_a_time():
+    """Serve forms its next batch from whatever its queue holds as soon as the previous one is
+    formed; so jobs wait in ``RayServeBatcher`` while the worker is busy, then a batch's worth of
+    the oldest job's canvas goes at once, and a job whose deadline would pass before its batch is
+    done never goes. Serve's queue is recorded here (Serve needs a replica to run in); the
+    real-cluster scenario runs the whole path."""
+    import asyncio
+    import time
+
+    from transfiner.service.engine.batcher import DeadlineExceeded, Job
+    from transfiner.service.ray_serve import RayServeBatcher
+
+    class GatedRunner:
+        """Runs a batch when the test lets it (the model worker, held busy)."""
+
+        def __init__(self) -> None:
+            self.batches: list[list[str]] = []
+            self.go = asyncio.Event()
+
+        async def run(self, jobs: list[Job]) -> None:
+            self.batches.append([job.payload for job in jobs])
+            await self.go.wait()
+            self.go.clear()
+            for job in jobs:
+                job.future.set_result(job.payload)
+
+    async def main() -> None:
+        runner = GatedRunner()
+        batcher = RayServeBatcher([runner], max_batch_size=4, max_delay_s=0.005)
+        to_serve: list[Job] = []
+
+        async def serve_queue(job: Job) -> None:  # what Serve's batch queue would receive
+            to_serve.append(job)
+            await job.future
+
+        batcher._batched = serve_queue
+        later = time.monotonic() + 60
+        first = Job("j0", later, (64, 64))
+        batcher.submit(first)
+        await asyncio.sleep(0)
+        assert to_serve == [first], "an idle worker: the job goes to Serve at once"
+        running = asyncio.ensure_future(batcher._run(to_serve[:]))  # Serve's batch starts
+        await asyncio.sleep(0)
+        # Arriving one by one while the worker is busy (Serve would make a batch of each).
+        jobs = [Job(f"j{i}", later, (96, 96) if i == 3 else (64, 64)) for i in range(1, 8)]
+        for job in jobs:
+            batcher.submit(job)
+            await asyncio.sleep(0.01)
+        assert to_serve == [first] and batcher.depth == 7, "nothing goes while the worker is busy"
+        runner.go.set()
+        await running
+        await asyncio.sleep(0)
+        assert [job.payload for job in to_serve[1:]] == ["j1", "j2", "j4", "j5"], "a full batch, of j1's canvas"
+        assert batcher.depth == 7, "still waiting: 4 in Serve's queue, 3 here"
+
+        # Batches take about 0.1 s here: a job with less time left is failed when the worker is
+        # next free, not handed to Serve; the oldest job then leads the next batch.
+        batcher.batch_times.record(0.1)
+        doomed = Job("doomed", time.monotonic() + 0.05, (96, 96))
+        batcher.submit(doomed)
+        running = asyncio.ensure_future(batcher._run(to_serve[1:]))
+        await asyncio.sleep(0)
+        runner.go.set()
+        await running
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(doomed.future, 5)
+        assert [job.payload for job in to_serve[5:]] == ["j3"], "the oldest job's canvas next"
+        assert runner.batches == [["j0"], ["j1", "j2", "j4", "j5"]]
+
+    asyncio.run(main())
 
 
 def test_a_gpu_replica_batches_8_images_by_default_a_cpu_replica_4():
