@@ -68,6 +68,7 @@ REJECTION_REASONS = (
     "client_limit",
     "draining",
     "not_ready",
+    "unknown_model",
     "client_disconnected",
     "deadline_unmeetable",
     "memory_budget",

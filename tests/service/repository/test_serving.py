@@ -297,3 +297,26 @@ def test_bench_loads_one_model_and_counts_only_its_work(tmp_path, checkpoint, an
         assert round(step["mean_batch_size"] * step["batches"]) == 6  # the images animals computed, no others
         assert main(["bench", "--url", server.url, "--model", "zebras", "--out", str(tmp_path / "none")]) == 2
         assert "serves no model 'zebras' (models: animals, shapes)" in capsys.readouterr().err
+
+
+def test_a_model_removed_from_disk_unloads_and_the_weights_budget_refuses_what_does_not_fit(tmp_path, checkpoint):
+    root = tmp_path / "repository"
+    add_version(root, "kept", 1, checkpoint)
+    add_version(root, "removed", 1, checkpoint)
+    budget = int(1.5 * checkpoint.stat().st_size)  # room for one copy of the weights, not two
+    with running(settings_for(root, repository_poll_s=0.1, max_model_host_bytes=budget)) as server:
+        rows = {row["name"]: row for row in index(server.url)}
+        loaded = [name for name, row in rows.items() if row["state"] == "READY"]
+        refused = [name for name, row in rows.items() if row["state"] == "UNAVAILABLE"]
+        assert len(loaded) == len(refused) == 1
+        assert "max_model_host_bytes" in rows[refused[0]]["reason"] and str(budget) in rows[refused[0]]["reason"]
+        shutil.rmtree(root / loaded[0])
+        wait_for(lambda: all(row["name"] != loaded[0] for row in index(server.url)), what="the removal to unload")
+        gone = httpx.post(server.url + f"/v1/models/{loaded[0]}/segment", content=encode(scene()))
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+        # Its weights are freed: the refused model fits now, once its files change (a new version).
+        add_version(root, refused[0], 2, checkpoint)
+        wait_for(
+            lambda: any(r["name"] == refused[0] and r["state"] == "READY" for r in index(server.url)),
+            what="the refused model to load",
+        )
