@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -41,7 +40,7 @@ from scripts.results import markdown_table
 from transfiner.cli.bench import generate_images, machine_info
 from transfiner.service.loadtest.client import InvalidAnswer, SegmentClient, WorkloadImage, run_closed_loop
 from transfiner.service.loadtest.report import StepResult
-from transfiner.service.loadtest.servers import SERVE_COMMAND, free_port, wait_for_server
+from transfiner.service.loadtest.servers import SERVE_COMMAND, free_port, stop_process_group, wait_for_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,24 +138,6 @@ def start_server(name: str, args: argparse.Namespace, port: int, log: Path, lits
         command = [str(litserve_python), "-m", "scripts.litserve_peer", *common, "--batch-timeout", "0.005"]
     handle = log.open("w")
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    """SIGTERM to the server, then to whatever it started that outlived it (LitServe's worker and
-    API server processes), each server being its own process group."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(90)
-        except subprocess.TimeoutExpired:
-            pass
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        time.sleep(3)
-    process.wait()
 
 
 async def measure(url: str, images: list[WorkloadImage], args: argparse.Namespace) -> list[StepResult]:
@@ -343,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ready in {time.monotonic() - started:.1f} s", flush=True)
             results[name] = [_row(step) for step in asyncio.run(measure(url, images, args))]
         finally:
-            stop_server(process)
+            stop_process_group(process, 90)
     report = {
         "command": " ".join(["python -m scripts.bench_peers", *(argv if argv is not None else sys.argv[1:])]).replace(
             " --inside", ""

@@ -26,16 +26,14 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from scripts.bench_overload import Client, capacity, machine, open_loop
 from scripts.bench_service import synthetic_png
 from scripts.results import markdown_table, write_report
-from transfiner.service.loadtest.servers import SERVE_COMMAND, free_port, wait_for_server
+from transfiner.service.loadtest.servers import SERVE_COMMAND, free_port, stop_process_group, wait_for_server
 
 ENGINES = ("fastapi", "ray")
 
@@ -60,23 +58,6 @@ def server_command(engine: str, args: argparse.Namespace, port: int) -> list[str
         command += ["--engine", "ray", "--ray-address", "local", "--replicas", "1"]
         command += ["--replica-cpus", str(os.cpu_count())]
     return command
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM, then whatever the server started that outlived it (each server is a process group)."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(120)
-        except subprocess.TimeoutExpired:
-            pass
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        time.sleep(3)
-    process.wait()
 
 
 async def measure(engine: str, url: str, pid: int | None, args: argparse.Namespace) -> dict:
@@ -111,7 +92,7 @@ def run_engine(engine: str, args: argparse.Namespace, out: Path) -> dict:
         pid = process.pid if engine == "fastapi" else None
         result = asyncio.run(measure(engine, url, pid, args))
     finally:
-        stop(process)
+        stop_process_group(process)
     return result
 
 

@@ -1,8 +1,10 @@
-"""Running a server to benchmark: a free loopback port, and waiting until it answers ready (the
-benchmark scripts start ``transfiner serve``, or a peer, in a subprocess)."""
+"""Running a server to benchmark: a free loopback port, waiting until it answers ready, and stopping
+it with what it started (the benchmark scripts start ``transfiner serve``, or a peer, in a subprocess)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -42,3 +44,21 @@ def wait_for_server(
             pass
         time.sleep(0.2)
     raise RuntimeError(f"the server was not ready in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 120.0) -> None:
+    """SIGTERM to a server started in a session of its own (``start_new_session=True``), then to
+    whatever it started that outlived it (Ray's or LitServe's worker processes)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        time.sleep(3)
+    process.wait()
