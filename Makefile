@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint format docs serve bench clean
+.PHONY: install test test-fast lint format docs serve bench images clean
 
 install: $(STAMP)
 
@@ -46,6 +46,11 @@ serve: $(RUNTIME)
 
 bench: install
 	$(BIN)/python -m scripts.bench_model
+
+# The CPU and GPU images: Docker where its engine runs, else buildah; on a local Debian base where
+# the official bases cannot be pulled. Needs only the system Python (no virtual environment).
+images:
+	$(PYTHON) -m scripts.build_images
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -25,4 +25,18 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider -k "cuda" tests/model/infer
 # times in bench_gpu's HTTP table compare with.
 timeout 60 python3 -m scripts.bench_decode --repeats 7 --busy 0,0.5 --out "$OUT/decode" 2>&1 | tail -9
 timeout "${BENCH_TIMEOUT:-420}" python3 -m scripts.bench_gpu --out "$OUT" --work "$(mktemp -d)" || status=1
+# The GPU image's own entrypoint on this GPU: only where Docker and the image (make images) are
+# there, since the device machine reaches no registry and carries no 7 GB image. Else it says so.
+if command -v docker >/dev/null && docker image inspect transfiner:gpu >/dev/null 2>&1; then
+    cid=$(docker run -d --gpus all -p 127.0.0.1:18000:8000 transfiner:gpu)
+    for _ in $(seq 120); do curl -sf localhost:18000/health/ready >/dev/null && break; sleep 1; done
+    curl -s localhost:18000/v1/models | tee "$OUT/container-models.json"
+    python3 -m transfiner make-shapes --num-images 1 /tmp/container-shapes >/dev/null
+    curl -s -o "$OUT/container-segment.json" -w "container /v1/segment: HTTP %{http_code}\n" \
+        --data-binary @"$(ls /tmp/container-shapes/images/* | head -1)" localhost:18000/v1/segment | tee "$OUT/container.txt"
+    docker stop -t 60 "$cid" >/dev/null; echo "container exit code: $(docker wait "$cid")" | tee -a "$OUT/container.txt"
+    docker rm "$cid" >/dev/null
+else
+    echo "container check skipped: no Docker engine with the transfiner:gpu image on this machine" | tee "$OUT/container.txt"
+fi
 exit $status

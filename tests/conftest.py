@@ -15,6 +15,12 @@ from transfiner.model.modeling.rcnn import MaskTransfiner
 torch.set_num_threads(2)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that need the Docker images run last: .ci/run builds the images in the background
+    meanwhile, and those tests then find them built (the build is a lock, not a race)."""
+    items.sort(key=lambda item: item.get_closest_marker("container") is not None)
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     """The service tests' tiny real checkpoint (``tests.support.tiny_config``, seeded weights),

@@ -165,7 +165,7 @@ REQUIRE_TOOLS_ENV = "TRANSFINER_REQUIRE_TOPOLOGY"
 REQUIRE_KUBECTL_ENV = "TRANSFINER_REQUIRE_KUBECTL"
 
 
-def _skip_unless_required(message: str, require_env: str) -> None:
+def skip_unless_required(message: str, require_env: str) -> None:
     """Skips the test, or fails it where ``require_env``=1 (CI sets it where it installs the tool)."""
     if os.environ.get(require_env) == "1":
         pytest.fail(f"{message}, and {require_env}=1 requires it")
@@ -175,9 +175,7 @@ def _skip_unless_required(message: str, require_env: str) -> None:
 def missing_tool(what: str) -> None:
     """Skips a test whose system tool (nginx, prometheus, promtool) is not installed, unless
     TRANSFINER_REQUIRE_TOPOLOGY=1 (set by .ci/run, which installs them): then it fails."""
-    _skip_unless_required(
-        f"{what} is not installed (apt-get install nginx prometheus; .ci/run does)", REQUIRE_TOOLS_ENV
-    )
+    skip_unless_required(f"{what} is not installed (apt-get install nginx prometheus; .ci/run does)", REQUIRE_TOOLS_ENV)
 
 
 def kustomize(directory: Path) -> list[dict]:
@@ -186,7 +184,7 @@ def kustomize(directory: Path) -> list[dict]:
     then it fails."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        _skip_unless_required(
+        skip_unless_required(
             "kubectl is not installed (it renders deploy/k8s with kubectl kustomize)", REQUIRE_KUBECTL_ENV
         )
     done = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
@@ -200,8 +198,21 @@ def _parsed(dockerfile: Path) -> DockerfileParser:
 
 
 def dockerfile_instructions(dockerfile: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    return [(i["instruction"], i["value"]) for i in _parsed(dockerfile).structure if i["instruction"] != "COMMENT"]
+    """(INSTRUCTION, arguments) with continuation lines joined, comments dropped, and ``$NAME`` /
+    ``${NAME}`` of an ARG replaced by its default: what a plain `docker build` uses."""
+    defaults: dict[str, str] = {}
+    instructions = []
+    for item in _parsed(dockerfile).structure:
+        keyword, value = item["instruction"], item["value"]
+        if keyword == "COMMENT":
+            continue
+        if keyword == "ARG" and "=" in value:
+            name, default = value.split("=", 1)
+            defaults.setdefault(name, default)
+        elif keyword != "ARG":
+            value = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults.get(m[1] or m[2], m[0]), value)
+        instructions.append((keyword, value))
+    return instructions
 
 
 def dockerfile_environment(dockerfile: Path) -> dict[str, str]:

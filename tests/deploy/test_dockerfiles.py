@@ -108,10 +108,10 @@ def test_dockerfile_is_multi_stage_pinned_non_root_and_healthchecked(dockerfile)
         if line.strip() and not line.startswith("#")
     }
     for keyword, args in instructions:
-        for command in re.findall(r"pip install ([^&]+)", args) if keyword == "RUN" else []:
+        for command in re.findall(r"pip install ([^&;]+)", args) if keyword == "RUN" else []:
             words = [
-                w.strip("'\\")
-                for w in command.split()
+                w
+                for w in (word.strip("'\\\";") for word in command.split())
                 if not w.startswith("-") and w != "constraints.txt" and not w.startswith("https://")
             ]
             constrained = "-c constraints.txt" in command
@@ -142,8 +142,8 @@ def test_cpu_image_installs_the_cpu_build_of_the_pinned_torch():
     }
     installed = {}
     for keyword, args in dockerfile_instructions(DOCKER_DIR / "Dockerfile.cpu"):
-        for command in re.findall(r"pip install ([^&]+)", args) if keyword == "RUN" else []:
-            words = command.split()
+        for command in re.findall(r"pip install --index-url ([^;&]+)", args) if keyword == "RUN" else []:
+            words = [word.strip('"') for word in command.split()]
             for word in words:
                 if not word.startswith("-") and "==" in word:
                     requirement = Requirement(word)
@@ -153,7 +153,7 @@ def test_cpu_image_installs_the_cpu_build_of_the_pinned_torch():
         (pin,) = requirement.specifier
         version = Version(pin.version)
         assert pin.operator == "==" and version.local == "cpu", requirement
-        assert "https://download.pytorch.org/whl/cpu" in words, f"{name} is not from the CPU index"
+        assert words[0] == "https://download.pytorch.org/whl/cpu", f"{name} is not from the CPU index by default"
         assert constraints[name].contains(version), (
             f"{requirement} does not satisfy constraints.txt's {name}{constraints[name]}"
         )

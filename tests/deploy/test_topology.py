@@ -1,5 +1,5 @@
-"""docker-compose.yml's topology with real processes on loopback, since there is no Docker engine:
-two `transfiner serve` replicas, nginx (Debian package) in front of them configured from
+"""docker-compose.yml's topology on loopback, without a Docker engine: two replicas run from the
+CPU image (buildah, tests/deploy/containers.py), nginx (Debian package) in front of them configured from
 docker/nginx.conf.template, and Prometheus (Debian package) scraping both with the `transfiner`
 job of docker/prometheus.yml. Traffic goes through nginx; Prometheus's query API must then show
 request series from both replicas, and every dashboard query must evaluate.
@@ -24,6 +24,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.deploy.containers import Container, built_image
 from tests.deploy.support import (
     PROMETHEUS_CONFIG,
     REPO,
@@ -34,9 +35,8 @@ from tests.deploy.support import (
     missing_tool,
     render_nginx_template,
 )
-from tests.service.support import free_port, wait_ready
+from tests.service.support import free_port
 from tests.support import encode, scene
-from transfiner.service.loadtest.servers import SERVE_COMMAND
 
 REQUESTS = 6  # through nginx; round robin gives each replica three
 
@@ -98,6 +98,7 @@ class Topology:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.processes: list[subprocess.Popen] = []
+        self.replicas: list[tuple[int, Container]] = []
         self.replica_ports: list[int] = []
 
     def start(self, name: str, command: list[str], **kwargs) -> tuple[subprocess.Popen, Path]:
@@ -111,6 +112,9 @@ class Topology:
 
     def stop(self) -> None:
         # SIGTERM: replicas drain (nothing is in flight by now), nginx and Prometheus shut down fast.
+        for port, container in self.replicas:
+            container.stop(port)
+            container.remove()
         for process in self.processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -155,28 +159,26 @@ def topology(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("topology")
     topo = Topology(workdir)
     try:
-        # Two replicas of the service, as the compose service runs them (the image's entrypoint is
-        # `transfiner serve`; loopback instead of 0.0.0.0 here). One torch thread each: CPU is shared.
-        replicas = []
+        # Two replicas: containers of the CPU image as built from docker/Dockerfile.cpu, with the
+        # compose service's environment (what `docker compose up` passes them). Here they share the
+        # host's network: each its own loopback port instead of 0.0.0.0:8000, and one torch thread
+        # each, since the CPU is shared.
+        image = built_image("cpu")
+        environment = {
+            key: str(value)
+            for key, value in load_compose()["services"][SERVICE]["environment"].items()
+            if value is not None
+        }
         for index in range(2):
             port = free_port()
             env = dict(
-                os.environ,
-                TRANSFINER_DEVICE="cpu",
+                environment,
+                TRANSFINER_HOST="127.0.0.1",
+                TRANSFINER_PORT=str(port),
                 TRANSFINER_TORCH_THREADS="1",
-                TRANSFINER_MODEL="default",
                 TRANSFINER_MAX_CLIENT_INFLIGHT="1",
             )
-            command = [
-                *SERVE_COMMAND,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ]
-            replicas.append((port, *topo.start(f"replica{index}", command, env=env, cwd=REPO)))
+            topo.replicas.append((port, Container(image.tag, workdir / f"replica{index}.log", env)))
             topo.replica_ports.append(port)
 
         # nginx from the compose template; only the upstream servers, port and resolver differ.
@@ -208,11 +210,8 @@ def topology(tmp_path_factory):
         topo.prometheus_url = f"http://127.0.0.1:{topo.prometheus_port}"
         _wait_http(topo.nginx_url + "/nginx-health", 30, nginx_process, nginx_log)
         _wait_http(topo.prometheus_url + "/-/ready", 30, prometheus_process, prometheus_log)
-        for port, _process, log in replicas:
-            try:
-                wait_ready(f"http://127.0.0.1:{port}", timeout=120)
-            except TimeoutError:
-                pytest.fail(f"replica on {port} not ready:\n{log.read_text()[-3000:]}")
+        for port, container in topo.replicas:
+            container.wait_ready(f"http://127.0.0.1:{port}", timeout=180)
         yield topo
     finally:
         topo.stop()
@@ -225,7 +224,8 @@ def _query(topo: Topology, promql: str) -> list[dict]:
     return body["data"]["result"]
 
 
-@pytest.mark.slow  # two replicas, nginx and Prometheus as processes
+@pytest.mark.slow  # two replica containers, nginx and Prometheus
+@pytest.mark.container
 def test_requests_through_nginx_reach_both_replicas_and_prometheus_sees_both(topology):
     png = encode(scene(96, 96))
     with httpx.Client(base_url=topology.nginx_url, timeout=60) as client:
@@ -254,7 +254,8 @@ def test_requests_through_nginx_reach_both_replicas_and_prometheus_sees_both(top
     assert up == {instance: "1" for instance in expected}
 
 
-@pytest.mark.slow  # two replicas, nginx and Prometheus as processes
+@pytest.mark.slow  # two replica containers, nginx and Prometheus
+@pytest.mark.container
 def test_a_client_cannot_escape_its_limit_by_naming_itself_in_x_forwarded_for(topology):
     """The replicas allow one request in flight per client (TRANSFINER_MAX_CLIENT_INFLIGHT=1) and
     know clients by the address nginx passes on. Six requests at once from one client, each
@@ -270,7 +271,8 @@ def test_a_client_cannot_escape_its_limit_by_naming_itself_in_x_forwarded_for(to
     assert set(statuses) == {200, 429}, statuses
 
 
-@pytest.mark.slow  # two replicas, nginx and Prometheus as processes
+@pytest.mark.slow  # two replica containers, nginx and Prometheus
+@pytest.mark.container
 def test_every_dashboard_query_evaluates_on_the_real_prometheus(topology):
     """Grafana's panels, with $instance = all and $__rate_interval = 1m: valid PromQL for a real
     Prometheus, and the core panels return data for the replicas (rates need two scrapes after the
@@ -299,7 +301,8 @@ def test_every_dashboard_query_evaluates_on_the_real_prometheus(topology):
     assert {s["value"][1] for s in by_title["Replicas ready"]} >= {"2"}  # sum(transfiner_ready), count(up)
 
 
-@pytest.mark.slow  # two replicas, nginx and Prometheus as processes
+@pytest.mark.slow  # two replica containers, nginx and Prometheus
+@pytest.mark.container
 def test_container_healthcheck_script_reports_readiness(topology):
     script = str(REPO / "docker" / "healthcheck.py")
     env = dict(os.environ, TRANSFINER_PORT=str(topology.replica_ports[0]))
