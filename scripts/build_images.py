@@ -105,7 +105,9 @@ class Engine:
         return None
 
     def has_image(self, tag: str) -> bool:
-        return _quiet([self.name, "image", "inspect", tag] if self.name == "docker" else ["buildah", "inspect", tag])
+        if self.name == "docker":
+            return _quiet(["docker", "image", "inspect", tag])
+        return _quiet(["buildah", "inspect", "--type", "image", tag])
 
     def pull(self, image: str) -> bool:
         return self.has_image(image) or _quiet([self.name, "pull", "--quiet", image])
@@ -123,8 +125,8 @@ class Engine:
     def remove(self, tags: list[str]) -> None:
         """Removes ``tags`` (those that exist) and the untagged images of cached build steps."""
         present = [tag for tag in tags if self.has_image(tag)]
-        if present:
-            _run([self.name, "rmi", *present], stdout=subprocess.DEVNULL)
+        if present:  # --force: buildah also removes containers left from them
+            _run([self.name, "rmi", "--force", *present], stdout=subprocess.DEVNULL)
         prune = ["docker", "image", "prune", "--force"] if self.name == "docker" else ["buildah", "rmi", "--prune"]
         _run(prune, stdout=subprocess.DEVNULL)
 

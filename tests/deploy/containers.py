@@ -8,6 +8,7 @@ Without buildah the tests that need an image skip, unless TRANSFINER_REQUIRE_CON
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -27,8 +28,9 @@ REQUIRE_CONTAINERS_ENV = "TRANSFINER_REQUIRE_CONTAINERS"
 RUN_OPTIONS = ["--isolation", "chroot", "--network", "host"]
 
 
+@functools.cache
 def built_image(name: str) -> BuiltImage:
-    """The ``name`` image ("cpu" or "gpu"), built now (steps already built are reused)."""
+    """The ``name`` image ("cpu" or "gpu"), built once a session (steps already built are reused)."""
     if shutil.which("buildah") is None:
         skip_unless_required("buildah is not installed (apt-get install buildah mmdebstrap)", REQUIRE_CONTAINERS_ENV)
     return build_image(name, Engine("buildah"))
