@@ -47,6 +47,10 @@ CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
+class BuildError(RuntimeError):
+    """A tool the build needs is missing."""
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """One image: its Dockerfile, tag, official base and the build arguments for the local base."""
@@ -170,7 +174,7 @@ def make_local_base(engine: Engine) -> None:
     """LOCAL_BASE from Debian 12 packages: what the official python:3.11-slim image offers the
     Dockerfiles (python, pip, venv, useradd), with this machine's CA bundle."""
     if shutil.which("mmdebstrap") is None:
-        sys.exit("no registry access and no mmdebstrap to make a local base: apt-get install mmdebstrap")
+        raise BuildError("no registry access and no mmdebstrap to make a local base: apt-get install mmdebstrap")
     hooks = [
         'ln -s /usr/bin/python3 "$1/usr/local/bin/python"',
         'ln -s /usr/bin/pip3 "$1/usr/local/bin/pip"',
@@ -221,7 +225,7 @@ def build_image(name: str, engine: Engine | None = None) -> BuiltImage:
     """Builds one image (cached steps are reused); -> what was built, how long it took, its size."""
     engine = engine or Engine.find()
     if engine is None:
-        sys.exit("neither a Docker engine nor buildah: install one (apt-get install buildah)")
+        raise BuildError("neither a Docker engine nor buildah: install one (apt-get install buildah)")
     spec = IMAGES[name]
     with one_build_at_a_time():
         base, args = build_args_for(spec, engine)
@@ -243,7 +247,10 @@ def main(argv: list[str] | None = None) -> None:
             with one_build_at_a_time():
                 engine.remove([IMAGES[name].tag for name in args.image or sorted(IMAGES)] + [LOCAL_BASE])
         return
-    built = [build_image(name) for name in args.image or sorted(IMAGES)]
+    try:
+        built = [build_image(name) for name in args.image or sorted(IMAGES)]
+    except BuildError as error:
+        sys.exit(str(error))
     rows = [
         (
             b.name,
