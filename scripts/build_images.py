@@ -22,6 +22,7 @@ import argparse
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,24 +54,23 @@ class BuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """One image: its Dockerfile, tag, official base and the build arguments for the local base."""
+    """One image: its Dockerfile, tag and the build arguments for the local base."""
 
     name: str
     dockerfile: str
     tag: str
-    official_base: str
     local_base_args: dict[str, str]
+
+    @property
+    def official_base(self) -> str:
+        """The Dockerfile's own default for BASE_IMAGE."""
+        return re.search(r"^ARG BASE_IMAGE=(\S+)$", (REPO / self.dockerfile).read_text(), re.MULTILINE).group(1)
 
 
 IMAGES = {
-    "cpu": ImageSpec("cpu", "docker/Dockerfile.cpu", "localhost/transfiner:cpu", "python:3.11-slim-bookworm", {}),
-    "gpu": ImageSpec(
-        "gpu",
-        "docker/Dockerfile.gpu",
-        "localhost/transfiner:gpu",
-        "nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04",
-        {"PYTHON": "python3.11"},
-    ),
+    "cpu": ImageSpec("cpu", "docker/Dockerfile.cpu", "localhost/transfiner:cpu", {}),
+    # The local base's Python, where the official GPU base installs python3.12 with apt.
+    "gpu": ImageSpec("gpu", "docker/Dockerfile.gpu", "localhost/transfiner:gpu", {"PYTHON": "python3.11"}),
 }
 
 
@@ -152,19 +152,8 @@ class Engine:
         container = _run(["buildah", "from", "scratch"], capture_output=True, text=True).stdout.strip()
         try:
             _run(["buildah", "add", "--quiet", container, str(rootfs), "/"])
-            _run(
-                [
-                    "buildah",
-                    "config",
-                    "--env",
-                    f"PATH={BASE_PATH}",
-                    "--env",
-                    "LANG=C.UTF-8",
-                    "--cmd",
-                    "python3",
-                    container,
-                ]
-            )
+            config = ["--env", f"PATH={BASE_PATH}", "--env", "LANG=C.UTF-8", "--cmd", "python3"]
+            _run(["buildah", "config", *config, container])
             _run(["buildah", "commit", "--quiet", container, tag], stdout=subprocess.DEVNULL)
         finally:
             _quiet(["buildah", "rm", container])
