@@ -15,13 +15,10 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
-
 from scripts.build_images import BuiltImage, Engine, build_image
-from tests.deploy.support import skip_unless_required
+from tests.deploy.support import skip_unless_required, wait_http
 
 REQUIRE_CONTAINERS_ENV = "TRANSFINER_REQUIRE_CONTAINERS"
 # What buildah needs to run as root inside an unprivileged machine: no namespaces of its own.
@@ -88,16 +85,7 @@ class Container:
         return self.exec(*command)
 
     def wait_ready(self, url: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"the container exited:\n{self.log.read_text()[-3000:]}"
-            try:
-                if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"{url} not ready within {timeout} s:\n{self.log.read_text()[-3000:]}")
+        wait_http(url + "/health/ready", timeout, self.process, self.log)
 
     @staticmethod
     def listener(port: int) -> int:

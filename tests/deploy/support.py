@@ -11,8 +11,10 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
@@ -218,3 +220,18 @@ def dockerfile_instructions(dockerfile: Path) -> list[tuple[str, str]]:
 def dockerfile_environment(dockerfile: Path) -> dict[str, str]:
     """The ENV of the last stage (the image that runs), with ``$VAR`` references expanded."""
     return _parsed(dockerfile).envs
+
+
+def wait_http(url: str, timeout: float, process: subprocess.Popen, log: Path) -> None:
+    """Polls ``url`` until it answers 200; fails early with the log if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{process.args[0]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    pytest.fail(f"{url} did not answer 200 within {timeout} s:\n{log.read_text()[-3000:]}")

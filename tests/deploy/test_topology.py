@@ -34,26 +34,12 @@ from tests.deploy.support import (
     load_compose,
     missing_tool,
     render_nginx_template,
+    wait_http,
 )
 from tests.service.support import free_port
 from tests.support import encode, scene
 
 REQUESTS = 6  # through nginx; round robin gives each replica three
-
-
-def _wait_http(url: str, timeout: float, process: subprocess.Popen, log: Path) -> None:
-    """Polls ``url`` until it answers 200; fails early with the log if the process died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{process.args[0]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    pytest.fail(f"{url} did not answer 200 within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def _nginx_main_config(workdir: Path, server_config: Path) -> str:
@@ -208,8 +194,8 @@ def topology(tmp_path_factory):
 
         topo.nginx_url = f"http://127.0.0.1:{topo.nginx_port}"
         topo.prometheus_url = f"http://127.0.0.1:{topo.prometheus_port}"
-        _wait_http(topo.nginx_url + "/nginx-health", 30, nginx_process, nginx_log)
-        _wait_http(topo.prometheus_url + "/-/ready", 30, prometheus_process, prometheus_log)
+        wait_http(topo.nginx_url + "/nginx-health", 30, nginx_process, nginx_log)
+        wait_http(topo.prometheus_url + "/-/ready", 30, prometheus_process, prometheus_log)
         for port, container in topo.replicas:
             container.wait_ready(f"http://127.0.0.1:{port}", timeout=180)
         yield topo
@@ -334,7 +320,7 @@ def test_nginx_answers_its_health_check_and_waits_the_proxy_timeout(tmp_path):
                 NGINX_UPSTREAM_SERVERS=f"server 127.0.0.1:{silent.getsockname()[1]} max_fails=0;",
             )
             url = f"http://127.0.0.1:{port}"
-            _wait_http(url + "/nginx-health", 30, process, log)
+            wait_http(url + "/nginx-health", 30, process, log)
             assert httpx.get(url + "/nginx-health").text == "ok\n"
             started = time.monotonic()
             response = httpx.post(url + "/v1/segment", content=b"an image", timeout=30)
