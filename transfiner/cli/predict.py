@@ -1,10 +1,13 @@
-"""``transfiner predict``: segment images on any backend, write COCO results and overlays."""
+"""``transfiner predict``: segment images on any backend, write COCO results and overlays.
+
+``--engine local`` (the default) runs here and writes one results file; ``--engine ray`` runs a
+bulk job on a Ray cluster (``transfiner.bulk``) that writes resumable JSON Lines shards."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
+import sys
 from pathlib import Path
 
 from transfiner.cli.arguments import (
@@ -15,15 +18,24 @@ from transfiner.cli.arguments import (
     predictor_from_args,
 )
 from transfiner.model.inference.images import load_image_rgb
+from transfiner.model.inference.naming import image_ids, overlay_names
 
 
 def add_predict_arguments(predict: argparse.ArgumentParser) -> None:
-    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument(
+        "images",
+        nargs="+",
+        metavar="INPUTS",
+        help="image files; with --engine ray also folders, globs, manifests (.txt: a path a line, .json: a "
+        "list) and URLs (file://, s3://, any filesystem fsspec opens)",
+    )
     add_model_arguments(predict)
     add_backend_argument(predict)
     add_precision_argument(predict)
     add_max_cells_argument(predict)
-    predict.add_argument("--out", required=True, help="results JSON path")
+    predict.add_argument(
+        "--out", required=True, help="results JSON path; with --engine ray, the folder of the job's shards"
+    )
     predict.add_argument("--overlay", default=None, help="folder for overlay PNGs")
     predict.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default 2)")
     predict.add_argument(
@@ -35,10 +47,51 @@ def add_predict_arguments(predict: argparse.ArgumentParser) -> None:
     predict.add_argument("--max-detections", type=int, default=None, help="per image (default: 100)")
     predict.add_argument("--mask-threshold", type=float, default=0.5, help="0..1, binarises the masks (default 0.5)")
     predict.add_argument("--no-refine", action="store_true", help="coarse Mask R-CNN masks only")
+    predict.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process (default); ray: a bulk job on a Ray cluster, with Ray Data",
+    )
+    ray = predict.add_argument_group("--engine ray")
+    ray.add_argument(
+        "--ray-address",
+        default=None,
+        help="the cluster to join (auto, HOST:6379), or local to start one here (default)",
+    )
+    ray.add_argument("--replicas", type=int, default=None, help="fixed number of model replicas (default 1)")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling: at least this many replicas")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling: at most this many replicas")
+    ray.add_argument("--replica-cpus", type=float, default=None, help="CPUs per replica (default 1)")
+    ray.add_argument("--replica-gpus", type=float, default=None, help="GPUs per replica, fractions allowed (default 0)")
+    ray.add_argument("--shard-size", type=int, default=None, help="images a committed shard holds (default 1000)")
+    ray.add_argument(
+        "--resume", action="store_true", help="continue the job in --out: images already committed are skipped"
+    )
+    ray.add_argument(
+        "--coco-results", default=None, help="also merge every shard into this COCO results JSON file at the end"
+    )
+
+
+_RAY_FLAGS = (
+    "ray_address",
+    "replicas",
+    "min_replicas",
+    "max_replicas",
+    "replica_cpus",
+    "replica_gpus",
+    "shard_size",
+    "coco_results",
+)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``transfiner predict`` on the predictor the arguments name."""
+    if args.engine == "ray":
+        return cmd_predict_ray(args)
+    given = [f"--{name.replace('_', '-')}" for name in _RAY_FLAGS if getattr(args, name) is not None]
+    if given or args.resume:
+        raise ValueError(f"{', '.join(given or ['--resume'])}: only with --engine ray")
     from tqdm import tqdm
 
     from transfiner.model.inference.visualize import draw_overlay
@@ -73,33 +126,46 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def image_ids(paths: list[Path]) -> list[str]:
-    """Each input's ``image_id`` in the results: its file name, or the path as given where another
-    input has the same file name, so that no two images share an id."""
-    names = Counter(path.name for path in paths)
-    ids = [path.name if names[path.name] == 1 else path.as_posix() for path in paths]
-    repeated = [image_id for image_id, count in Counter(ids).items() if count > 1]
-    if repeated:
-        raise ValueError(f"{repeated[0]} is given more than once")
-    return ids
+def cmd_predict_ray(args: argparse.Namespace) -> int:
+    """``transfiner predict --engine ray``: a bulk job, its summary table at the end."""
+    try:
+        from transfiner.bulk.ray_job import BulkJob, JobFailed, ModelSpec, PredictOptions, Scaling, run
+    except ImportError as error:
+        raise ValueError(f"--engine ray needs Ray Data: pip install 'transfiner[ray]' ({error})") from None
+    from transfiner.cli.arguments import model_from_args
 
-
-def overlay_names(paths: list[Path]) -> list[str]:
-    """Each input's overlay file: ``<stem>.png``; where inputs share a stem (d1/x.png, d2/x.png,
-    x.jpg), the fewest trailing parts of their paths that tell them apart, joined by ``__``, plus
-    ``.png`` (d1__x.png.png, d2__x.png.png, x.jpg.png)."""
-    stems = Counter(path.stem for path in paths)
-    names = []
-    for path in paths:
-        if stems[path.stem] == 1:
-            names.append(f"{path.stem}.png")
-            continue
-        alike = [other.parts for other in paths if other.stem == path.stem]
-        for depth in range(1, len(path.parts) + 1):
-            tail = path.parts[-depth:]
-            if sum(other[-depth:] == tail for other in alike) == 1:
-                break
-        names.append("__".join(tail) + ".png")
-    if len(set(names)) < len(names):  # only names that were built to look alike, such as a__b/x and a/b/x
-        raise ValueError(f"the overlays of two inputs would both be named {Counter(names).most_common(1)[0][0]}")
-    return names
+    job = BulkJob(
+        inputs=list(args.images),
+        out=Path(args.out),
+        model=ModelSpec(
+            model=str(model_from_args(args)),
+            backend=args.backend or "pytorch",
+            config=args.config,
+            device=args.device,
+            precision=args.precision,
+            max_cells=args.max_cells,
+        ),
+        options=PredictOptions(args.score_threshold, args.max_detections, args.mask_threshold, not args.no_refine),
+        scaling=Scaling(
+            replicas=args.replicas,
+            min_replicas=args.min_replicas,
+            max_replicas=args.max_replicas,
+            replica_cpus=1.0 if args.replica_cpus is None else args.replica_cpus,
+            replica_gpus=args.replica_gpus or 0.0,
+        ),
+        batch_size=args.batch_size,
+        shard_size=args.shard_size or 1000,
+        resume=args.resume,
+        overlay=Path(args.overlay) if args.overlay else None,
+        ray_address=args.ray_address,
+        coco_results=Path(args.coco_results) if args.coco_results else None,
+    )
+    try:
+        summary = run(job)
+    except JobFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(summary.table())
+    if job.coco_results:
+        print(f"wrote {summary.coco_instances} instances to {job.coco_results}")
+    return 0
