@@ -16,38 +16,19 @@ TRANSFINER_REQUIRE_RAY=1 (.ci/run sets it), which turns the skip into a failure.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 
+from tests import ray_namespace
 from tests.service.ray_cluster import RAY_METRICS
 from tests.service.support import running
-from tests.support import REPO, encode, scene
+from tests.support import encode, scene
 from transfiner.model.inference.predictor import Predictor
 from transfiner.service.settings import ServiceSettings
 
-REQUIRE_ENV = "TRANSFINER_REQUIRE_RAY"
 QUERY = {"score_threshold": "0", "image_id": "7"}  # what the scenario sends with every image
-
-
-def _missing() -> str | None:
-    try:
-        import ray  # noqa: F401
-        from ray import serve  # noqa: F401
-    except ImportError as error:
-        return f"Ray Serve is not installed ({error})"
-    if os.geteuid() != 0:
-        return "creating a network namespace (unshare -n) needs root"
-    for tool in ("unshare", "ip", "ss"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    return None
 
 
 def _images() -> tuple[np.ndarray, np.ndarray]:
@@ -57,40 +38,14 @@ def _images() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, checkpoint) -> dict:
-    missing = _missing()
-    if missing:
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{missing}, and {REQUIRE_ENV}=1 requires the Ray cluster test to run")
-        pytest.skip(missing)
+    ray_namespace.require()
     workdir = tmp_path_factory.mktemp("ray-cluster")
     paths = []
     for name, image in zip(("a.png", "b.png"), _images()):
         (workdir / name).write_bytes(encode(image))
         paths.append(str(workdir / name))
-    # The namespace's loopback starts down; exec keeps the scenario the namespace's only process tree.
-    command = [
-        'ip link set lo up && exec "$0" -m tests.service.ray_cluster "$@"',
-        sys.executable,
-        str(workdir),
-        str(checkpoint),
-        *paths,
-    ]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    try:
-        done = subprocess.run(
-            ["unshare", "--net", "sh", "-c", *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-        )
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(
-            f"the Ray cluster scenario did not finish in 300 s:\n{(error.stderr or '')[-3000:]}\n" + _logs(workdir)
-        )
-    if done.returncode != 0 or not (workdir / "report.json").exists():
-        pytest.fail(f"the Ray cluster scenario failed ({done.returncode}):\n{done.stderr[-4000:]}\n" + _logs(workdir))
+    ray_namespace.run_scenario("tests.service.ray_cluster", workdir, str(checkpoint), *paths)
     return json.loads((workdir / "report.json").read_text())
-
-
-def _logs(workdir: Path) -> str:
-    return "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in sorted(workdir.glob("*.log")))
 
 
 @pytest.fixture(scope="module")
@@ -358,25 +313,15 @@ def test_the_ray_engine_serves_a_model_repository(tmp_path, checkpoint):
     """The same repository, routes and answers as the FastAPI engine, through Ray's proxy."""
     from tests.service.repository.support import ANIMALS, add_version, write_animal_checkpoint
 
-    missing = _missing()
-    if missing:
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{missing}, and {REQUIRE_ENV}=1 requires the Ray tests to run")
-        pytest.skip(missing)
+    ray_namespace.require()
     repository = tmp_path / "repository"
     add_version(repository, "shapes", 1, checkpoint)
     add_version(repository, "animals", 2, write_animal_checkpoint(tmp_path / "animals.pth"))
     image = tmp_path / "image.png"
     image.write_bytes(encode(scene(96, 128, seed=4)))
-    command = ['ip link set lo up && exec "$0" -m tests.service.ray_repository "$@"', sys.executable]
-    command += [str(tmp_path), str(repository), str(image)]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    done = subprocess.run(
-        ["unshare", "--net", "sh", "-c", *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0 and (tmp_path / "report.json").exists(), done.stderr[-4000:] + _logs(tmp_path)
+    ray_namespace.run_scenario("tests.service.ray_repository", tmp_path, str(repository), str(image))
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["ready"] and report["exit"] == 0, _logs(tmp_path)
+    assert report["ready"] and report["exit"] == 0, ray_namespace.logs(tmp_path)
     cards = {card["name"]: card for card in report["models"]["models"]}
     assert sorted(cards) == ["animals", "shapes"] and cards["shapes"]["default"]
     assert [c["name"] for c in cards["animals"]["classes"]] == list(ANIMALS)

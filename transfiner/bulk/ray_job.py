@@ -15,18 +15,16 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from transfiner.bulk.inputs import read_bytes, resolve_inputs
+from transfiner.bulk.decode import DECODE_BATCH, DECODE_CPUS, decode_images
+from transfiner.bulk.inputs import resolve_inputs
 from transfiner.bulk.shards import ShardStore
 from transfiner.export.resolve import ResolvedModel, resolve_model
 from transfiner.model.inference.naming import image_ids, overlay_names
-
-DECODE_CPUS = 0.25  # a decode task's share: replicas may hold every whole CPU of a node
-DECODE_BATCH = 8  # images a decode task reads, and the most a block holds
 
 
 @dataclass(frozen=True)
@@ -133,33 +131,6 @@ class Summary:
         ]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value:>10}" for name, value in rows)
-
-
-def decode_images(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """A Ray Data task: read and decode a batch of locations; a failure is the row's ``error``."""
-    from transfiner.model.inference.images import image_to_rgb, open_image, without_object_reprs
-
-    images, errors = [], []
-    for location in batch["path"]:
-        try:
-            data = read_bytes(str(location))
-        except Exception as error:  # noqa: BLE001 (a missing file, a filesystem's own errors)
-            images.append(_NO_IMAGE)
-            errors.append(f"cannot read: {type(error).__name__}: {error}")
-            continue
-        try:
-            with open_image(data) as image:
-                images.append(image_to_rgb(image))
-            errors.append("")
-        # Pillow reports corrupt files with many exception types (OSError, SyntaxError, struct.error...).
-        except Exception as error:  # noqa: BLE001
-            images.append(_NO_IMAGE)
-            message = without_object_reprs(str(error), PurePosixPath(str(location)).name)
-            errors.append(f"cannot decode: {type(error).__name__}: {message}")
-    return {**batch, "image": images, "error": np.array(errors, dtype=object)}
-
-
-_NO_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)  # stands in for an image that failed to decode
 
 
 class Segmenter:
@@ -295,7 +266,7 @@ def run(job: BulkJob, progress: bool | None = None) -> Summary:
         _quiet_ray_data()
         dataset = (
             ray.data.from_items(todo, override_num_blocks=_blocks(len(todo), job.scaling.most))
-            .map_batches(decode_images, batch_size=DECODE_BATCH, num_cpus=DECODE_CPUS)
+            .map_batches(decode_images, batch_size=None, num_cpus=DECODE_CPUS)  # a block at a time
             .map_batches(
                 Segmenter,
                 fn_constructor_args=(job.model, resolved, job.options, job.overlay),
