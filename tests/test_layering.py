@@ -1,4 +1,4 @@
-"""Packages only look down: transfiner.cli -> service -> export -> model; the network below the rest of model."""
+"""Packages only look down: transfiner.cli -> service and bulk -> export -> model; the network below the rest of model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from tests.support import PACKAGE_FOLDERS, REPO
 FORBIDDEN = {
     "transfiner.model": ("transfiner.export", "transfiner.service", "transfiner.cli"),
     "transfiner.export": ("transfiner.service", "transfiner.cli"),
-    "transfiner.service": ("transfiner.cli",),
+    "transfiner.service": ("transfiner.cli", "transfiner.bulk"),
+    "transfiner.bulk": ("transfiner.cli", "transfiner.service"),
     # The network knows nothing of inference, weights files, data sets, training or evaluation.
     "transfiner.model.modeling": (
         "transfiner.model.inference",
