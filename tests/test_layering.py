@@ -1,4 +1,4 @@
-"""Packages only look down: transfiner.cli -> service and bulk -> export -> model; the network below the rest of model."""
+"""Packages only look down: cli -> service and bulk -> export -> model; the network below the rest of model."""
 
 from __future__ import annotations
 

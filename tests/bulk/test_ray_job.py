@@ -111,9 +111,7 @@ def test_rles_decode_to_the_predictors_masks(scenario, checkpoint, images):
         assert len(rles) == len(prediction) > 0
         decoded = mask_util.decode(rles).transpose(2, 0, 1).astype(bool)  # [N, H, W]
         assert np.array_equal(decoded, prediction.masks)
-        assert [i["category_name"] for i in line["instances"]] == [
-            predictor.class_names[c] for c in prediction.classes
-        ]
+        assert [i["category_name"] for i in line["instances"]] == [predictor.class_names[c] for c in prediction.classes]
 
 
 @pytest.mark.parametrize("out", ["resumed", "node-lost"])

@@ -126,6 +126,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replica_gpus(args: argparse.Namespace) -> float:
+    """``--replica-gpus``; by default a GPU a replica with ``--device cuda``, else none (as ``serve``)."""
+    if args.replica_gpus is not None:
+        return args.replica_gpus
+    return 1.0 if args.device.startswith("cuda") else 0.0
+
+
 def cmd_predict_ray(args: argparse.Namespace) -> int:
     """``transfiner predict --engine ray``: a bulk job, its summary table at the end."""
     try:
@@ -151,7 +158,7 @@ def cmd_predict_ray(args: argparse.Namespace) -> int:
             min_replicas=args.min_replicas,
             max_replicas=args.max_replicas,
             replica_cpus=1.0 if args.replica_cpus is None else args.replica_cpus,
-            replica_gpus=args.replica_gpus or 0.0,
+            replica_gpus=_replica_gpus(args),
         ),
         batch_size=args.batch_size,
         shard_size=args.shard_size or 1000,
