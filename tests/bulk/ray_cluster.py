@@ -7,6 +7,7 @@ node, 2 CPUs each) and runs ``transfiner predict --engine ray --replicas 2`` aga
 subprocess, three times over the same folder of images:
 
 - whole: to its end, watching on which nodes Ray Data puts the replicas;
+- too small: three replicas that the cluster cannot hold, refused before the job starts;
 - resumed: its driver SIGKILLed once two shards are committed, then run again with ``--resume``;
 - node lost: the second node's raylet killed (``remove_node``, not graceful) once a shard is
   committed; if the job fails, a node is added back and the job resumed.
@@ -79,7 +80,7 @@ def _whole(scenario: Scenario, report: dict) -> None:
             nodes |= _replica_nodes()
         except Exception:  # noqa: BLE001 (the state API answers late while actors start)
             pass
-        time.sleep(0.5)
+        time.sleep(2)  # the state API is a query to the GCS: often, it slows the job it watches
     report["whole"] = {"exit": scenario.finish(job, 1), "replica_nodes": sorted(nodes)}
 
 
@@ -91,6 +92,12 @@ def _resumed(scenario: Scenario, report: dict) -> None:
     report["resumed"] = {"shards_before_kill": shards, "killed_while_running": bool(committed) and job.poll() is None}
     job.wait()
     report["resumed"]["exit"] = scenario.finish(scenario.predict("resume", "resumed", "--resume"))
+
+
+def _too_small(scenario: Scenario, report: dict) -> None:
+    """Three replicas of 1.5 CPUs on two nodes of 2: refused up front, not left waiting."""
+    job = scenario.predict("too-small", "too-small", "--replicas", "3")
+    report["too_small"] = {"exit": scenario.finish(job, 120), "committed": scenario.shards("too-small")}
 
 
 def _node_lost(scenario: Scenario, report: dict, cluster, worker) -> None:
@@ -125,6 +132,8 @@ def run(workdir: Path, checkpoint: Path, images: Path) -> dict:
         scenario = Scenario(workdir, checkpoint, images, cluster.address)
         _whole(scenario, report)
         mark("whole")
+        _too_small(scenario, report)
+        mark("too_small")
         _resumed(scenario, report)
         mark("resumed")
         _node_lost(scenario, report, cluster, worker)

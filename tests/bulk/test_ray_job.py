@@ -99,6 +99,12 @@ def test_replicas_ran_on_both_nodes(scenario):
     assert report["whole"]["replica_nodes"] == report["nodes"] and len(report["nodes"]) == 2
 
 
+def test_replicas_the_cluster_cannot_hold_are_refused_up_front(scenario):
+    report, workdir = scenario
+    assert report["too_small"] == {"exit": 2, "committed": 0}
+    assert "the cluster has 4 CPUs" in (workdir / "too-small.log").read_text()
+
+
 def test_rles_decode_to_the_predictors_masks(scenario, checkpoint, images):
     _, workdir = scenario
     lines = {line["image_id"]: line for line in _shard_lines(workdir / "whole")}

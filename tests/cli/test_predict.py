@@ -29,6 +29,7 @@ def test_the_local_engine_refuses_the_bulk_jobs_flags(tmp_path, image, capsys, f
         (["--replicas", "2", "--max-replicas", "3"], "not both"),
         (["--min-replicas", "3", "--max-replicas", "2"], "may not exceed"),
         (["--replica-cpus", "0"], "--replica-cpus must be above 0"),
+        (["--replicas", "0"], "--replicas must be at least 1"),
     ],
 )
 def test_bad_scaling_is_refused_before_ray_starts(tmp_path, image, capsys, flags, message):

@@ -64,20 +64,26 @@ class Scaling:
         if autoscaling and (self.min_replicas or 1) > (self.max_replicas or math.inf):
             raise ValueError("--min-replicas may not exceed --max-replicas")
         for name in ("replicas", "min_replicas", "max_replicas"):
-            if (getattr(self, name) or 1) < 1:
+            value = getattr(self, name)
+            if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.replica_cpus <= 0 or self.replica_gpus < 0:
             raise ValueError("--replica-cpus must be above 0 and --replica-gpus at least 0")
 
     @property
+    def least(self) -> int:
+        """The replicas the pool starts with."""
+        return self.replicas or self.min_replicas or 1
+
+    @property
     def most(self) -> int:
-        """The most replicas the pool may hold at once."""
+        """The most replicas the pool may hold at once (autoscaling without a maximum: as many as fit)."""
         return self.max_replicas or self.replicas or self.min_replicas or 1
 
-    def cpus_needed(self) -> float:
-        """CPUs the job needs at its largest: every replica and one decode task (without the
-        latter's room, replicas holding every CPU would starve the tasks that feed them)."""
-        return self.most * self.replica_cpus + DECODE_CPUS
+    def cpus_needed(self, replicas: int) -> float:
+        """CPUs for ``replicas`` and one decode task (without the latter's room, replicas holding
+        every CPU would starve the tasks that feed them)."""
+        return replicas * self.replica_cpus + DECODE_CPUS
 
     def strategy(self):
         from ray.data import ActorPoolStrategy
@@ -220,7 +226,8 @@ def job_settings(job: BulkJob, resolved: ResolvedModel) -> dict[str, Any]:
 
 def connect(address: str | None, scaling: Scaling) -> None:
     """Joins the cluster ``address`` names, or starts one here (None or "local") with room for
-    ``scaling``; a cluster too small for it is an error here, not a job that waits forever."""
+    ``scaling``; a cluster too small for the replicas the pool starts with is an error here, not a
+    job that waits forever."""
     import ray
 
     quiet = {"logging_level": "WARNING", "log_to_driver": False}
@@ -228,15 +235,16 @@ def connect(address: str | None, scaling: Scaling) -> None:
         if address in (None, "local"):
             # Logical CPUs: at least the machine's, and room for every replica and a decode task
             # (a replica's torch threads are its whole CPUs, so the decode slot costs little).
-            cpus = max(os.cpu_count() or 1, math.ceil(scaling.cpus_needed()))
+            cpus = max(os.cpu_count() or 1, math.ceil(scaling.cpus_needed(scaling.most)))
             ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
         else:
             ray.init(address=address, **quiet)
     available = ray.cluster_resources()
-    if available.get("CPU", 0) < scaling.cpus_needed() or available.get("GPU", 0) < scaling.most * scaling.replica_gpus:
+    cpus, gpus = scaling.cpus_needed(scaling.least), scaling.least * scaling.replica_gpus
+    if available.get("CPU", 0) < cpus or available.get("GPU", 0) < gpus:
         raise ValueError(
             f"the cluster has {available.get('CPU', 0):g} CPUs and {available.get('GPU', 0):g} GPUs; "
-            f"{scaling.most} replicas of {scaling.replica_cpus:g} CPUs and {scaling.replica_gpus:g} GPUs, "
+            f"{scaling.least} replicas of {scaling.replica_cpus:g} CPUs and {scaling.replica_gpus:g} GPUs, "
             f"plus {DECODE_CPUS:g} CPU for decoding, need more: fewer --replicas or a smaller --replica-cpus"
         )
 
