@@ -128,7 +128,25 @@ def test_an_interrupted_job_writes_every_image_exactly_once(scenario, out):
     counts = Counter(line["image_id"] for line in lines + errors)
     assert len(counts) == 42 and set(counts.values()) == {1}, counts.most_common(3)
     assert sorted(e["image_id"] for e in errors) == sorted(CORRUPT)
-    assert _by_image(lines) == _by_image(_shard_lines(workdir / "whole"))
+    whole = {line["image_id"]: line for line in _shard_lines(workdir / "whole")}
+    for line in lines:
+        _same_answer(line, whole[line["image_id"]])
+
+
+def _same_answer(got: dict, want: dict) -> None:
+    """The same instances: classes and RLE identical, boxes and scores but for their last rounded
+    digit. A resumed job pairs the images left into other batches, and a batch's CPU kernels may
+    round differently with other batch-mates."""
+    assert {k: v for k, v in got.items() if k != "instances"} == {k: v for k, v in want.items() if k != "instances"}
+    assert len(got["instances"]) == len(want["instances"])
+    for a, b in zip(got["instances"], want["instances"]):
+        assert (a["category_id"], a["category_name"], a["segmentation"]) == (
+            b["category_id"],
+            b["category_name"],
+            b["segmentation"],
+        )
+        assert a["score"] == pytest.approx(b["score"], abs=2e-5)
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=0.011)
 
 
 def test_the_killed_driver_had_committed_shards_and_resume_skipped_them(scenario):
