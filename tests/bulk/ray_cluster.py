@@ -6,7 +6,7 @@ It starts a real two-node Ray cluster (``ray.cluster_utils.Cluster``: a GCS and 
 node, 2 CPUs each) and runs ``transfiner predict --engine ray --replicas 2`` against it as a
 subprocess, three times over the same folder of images:
 
-- whole: to its end, watching on which nodes Ray Data puts the replicas;
+- whole: to its end, with overlays, watching on which nodes Ray Data puts the replicas;
 - too small: three replicas that the cluster cannot hold, refused before the job starts;
 - resumed: its driver SIGKILLed once two shards are committed, then run again with ``--resume``;
 - node lost: the second node's raylet killed (``remove_node``, not graceful) once a shard is
@@ -72,7 +72,14 @@ def _replica_nodes() -> set[str]:
 
 
 def _whole(scenario: Scenario, report: dict) -> None:
-    job = scenario.predict("whole", "whole", "--coco-results", str(scenario.workdir / "whole.json"))
+    job = scenario.predict(
+        "whole",
+        "whole",
+        "--coco-results",
+        str(scenario.workdir / "whole.json"),
+        "--overlay",
+        str(scenario.workdir / "overlays"),
+    )
     nodes: set[str] = set()
     deadline = time.monotonic() + 240
     while job.poll() is None and time.monotonic() < deadline:

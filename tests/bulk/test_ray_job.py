@@ -17,6 +17,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
+from PIL import Image
 
 from tests import ray_namespace
 from transfiner.cli.main import main
@@ -92,6 +93,13 @@ def test_corrupt_files_go_to_errors_and_the_rest_is_segmented(scenario):
     assert (manifest["images"], manifest["failed"]) == (40, 2)
     assert manifest["job"]["model"] == "tiny" and len(manifest["job"]["version"]) == 12
     assert "40" in (workdir / "whole.log").read_text().split("segmented", 1)[1].splitlines()[0]
+
+
+def test_overlays_are_drawn_for_the_images_segmented(scenario, images):
+    _, workdir = scenario
+    overlays = sorted(p.name for p in (workdir / "overlays").iterdir())
+    assert overlays == sorted(p.name for p in images.glob("0*.png"))  # <stem>.png, as local predict
+    assert Image.open(workdir / "overlays" / "000003.png").size == Image.open(images / "000003.png").size
 
 
 def test_replicas_ran_on_both_nodes(scenario):
