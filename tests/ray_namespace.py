@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,17 @@ def require() -> None:
         if os.environ.get(REQUIRE_ENV) == "1":
             pytest.fail(f"{reason}, and {REQUIRE_ENV}=1 requires the Ray cluster tests to run")
         pytest.skip(reason)
+
+
+def wait_for(predicate, timeout: float, step: float = 0.2):
+    """``predicate()``'s first true value, polled every ``step`` s; None after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return None
 
 
 def logs(workdir: Path) -> str:

@@ -25,19 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+from tests.ray_namespace import wait_for
 from transfiner.bulk.shards import SHARD
 
 SEGMENTER_CLASS = "MapWorker(MapBatches(Segmenter))"  # Ray Data's actor class for our replicas
-
-
-def _wait(predicate, timeout: float, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return None
 
 
 class Scenario:
@@ -93,7 +84,7 @@ def _whole(scenario: Scenario, report: dict) -> None:
 
 def _resumed(scenario: Scenario, report: dict) -> None:
     job = scenario.predict("killed", "resumed")
-    committed = _wait(lambda: scenario.shards("resumed") >= 2 or job.poll() is not None, 240)
+    committed = wait_for(lambda: scenario.shards("resumed") >= 2 or job.poll() is not None, 240)
     shards = scenario.shards("resumed")
     job.send_signal(signal.SIGKILL)
     report["resumed"] = {"shards_before_kill": shards, "killed_while_running": bool(committed) and job.poll() is None}
@@ -109,7 +100,7 @@ def _too_small(scenario: Scenario, report: dict) -> None:
 
 def _node_lost(scenario: Scenario, report: dict, cluster, worker) -> None:
     job = scenario.predict("node-lost", "node-lost")
-    _wait(lambda: scenario.shards("node-lost") >= 1 or job.poll() is not None, 240)
+    wait_for(lambda: scenario.shards("node-lost") >= 1 or job.poll() is not None, 240)
     report["node_lost"] = {"shards_before": scenario.shards("node-lost"), "running": job.poll() is None}
     cluster.remove_node(worker, allow_graceful=False)
     report["node_lost"]["exit"] = exit_code = scenario.finish(job)

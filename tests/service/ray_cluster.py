@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.ray_namespace import wait_for
 from transfiner.service.loadtest.servers import SERVE_COMMAND, free_port
 
 REPLICA_CLASS = "ServeReplica:transfiner:transfiner"  # Serve's actor class: ServeReplica:<app>:<deployment>
@@ -81,16 +82,6 @@ def _concurrently(url: str, images: list[bytes], headers: dict | None = None) ->
         return list(pool.map(lambda data: _segment(url, data, headers), images))
 
 
-def _wait(predicate, timeout: float, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return None
-
-
 def _start_server(workdir: Path, name: str, address: str, port: int, checkpoint: Path, *flags: str):
     log = (workdir / f"{name}.log").open("w")
     return subprocess.Popen(
@@ -124,7 +115,7 @@ def _wait_ready(server: subprocess.Popen, url: str) -> bool:
         except httpx.TransportError:
             return False
 
-    return bool(_wait(ready, 120))
+    return bool(wait_for(ready, 120))
 
 
 def _stop(server: subprocess.Popen) -> int | str:
@@ -174,7 +165,7 @@ def _fixed_replicas(
         report["live"] = httpx.get(f"{url}/health/live", timeout=5).json()
         report["models"] = httpx.get(f"{url}/v1/models", timeout=5).json()
         # Readiness answers once one replica is up; the application runs once both are.
-        report["running"] = bool(_wait(_app_running, 60, 0.5))
+        report["running"] = bool(wait_for(_app_running, 60, 0.5))
         report["replicas_before"] = _replicas()
 
         # Concurrent requests, which Serve's router spreads over both replicas (in bursts until
@@ -218,8 +209,8 @@ def _fixed_replicas(
             now = _replicas()
             return now if len(now) == 2 and victim["actor_id"] not in {r["actor_id"] for r in now} else None
 
-        report["replicas_after"] = _wait(replaced, 90, 0.5)
-        report["running_after"] = bool(_wait(_app_running, 60, 0.5))
+        report["replicas_after"] = wait_for(replaced, 90, 0.5)
+        report["running_after"] = bool(wait_for(_app_running, 60, 0.5))
         mark("replaced")
         # Bursts until the replacement has answered too (the proxies learn of it asynchronously).
         replacement = {r["name"].rsplit("#", 1)[1] for r in report["replicas_after"] or []} - {
@@ -240,7 +231,7 @@ def _fixed_replicas(
             found = _ray_metrics(nodes)
             return found if all(series.get(name, 0) > 0 for series in found.values() for name in RAY_METRICS) else None
 
-        report["ray_metrics"] = _wait(exported, 60, 1.0) or _ray_metrics(nodes)
+        report["ray_metrics"] = wait_for(exported, 60, 1.0) or _ray_metrics(nodes)
         mark("ray_metrics")
     finally:
         report["fixed_exit"] = _stop(server)
@@ -283,7 +274,9 @@ def _autoscaling(report: dict, workdir: Path, address: str, checkpoint: Path, im
         for thread in clients:
             thread.start()
         try:
-            report["auto_replicas_loaded"] = _wait(lambda: (lambda r: r if len(r) == 2 else None)(_replicas()), 90, 1)
+            report["auto_replicas_loaded"] = wait_for(
+                lambda: (lambda r: r if len(r) == 2 else None)(_replicas()), 90, 1
+            )
         finally:
             stop.set()
             for thread in clients:
