@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -32,3 +33,9 @@ def draw_overlay(
         draw.rectangle((x0, y0, x1, y1), outline=color, width=2)
         draw.text((x0 + 2, y0 + 1), label, fill=color)
     return picture
+
+
+def prediction_overlay(image: np.ndarray, prediction, class_names: Sequence[str]) -> Image.Image:
+    """A ``Prediction``'s overlay on its image, each instance labelled "<class> <score>"."""
+    labels = [f"{class_names[c]} {s:.2f}" for c, s in zip(prediction.classes, prediction.scores)]
+    return draw_overlay(image, prediction.boxes, prediction.masks, labels)

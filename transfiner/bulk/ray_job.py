@@ -24,6 +24,7 @@ from transfiner.bulk.decode import DECODE_BATCH, DECODE_CPUS, decode_images
 from transfiner.bulk.inputs import resolve_inputs
 from transfiner.bulk.shards import ShardStore
 from transfiner.export.resolve import ResolvedModel, resolve_model
+from transfiner.model.inference.detections import coco_records
 from transfiner.model.inference.naming import image_ids, overlay_names
 
 
@@ -160,7 +161,7 @@ class Segmenter:
         )
         self.predictor = Predictor.from_backend(backend)
         self.model = {"model": resolved.name, "version": resolved.weights_digest}
-        self.options = options
+        self.options = asdict(options)  # Predictor.predict's keyword arguments
         self.overlay = overlay
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -169,12 +170,12 @@ class Segmenter:
         errors = [str(e) for e in batch["error"]]
         ok = [i for i in rows if not errors[i]]
         try:
-            predictions = dict(zip(ok, self.predictor.predict([batch["image"][i] for i in ok], **asdict(self.options))))
+            predictions = dict(zip(ok, self.predictor.predict([batch["image"][i] for i in ok], **self.options)))
         except Exception:  # noqa: BLE001 (one image that breaks the batch must not fail its batch-mates)
             predictions = {}
             for i in ok:
                 try:
-                    predictions[i] = self.predictor.predict([batch["image"][i]], **asdict(self.options))[0]
+                    predictions[i] = self.predictor.predict([batch["image"][i]], **self.options)[0]
                 except Exception as error:  # noqa: BLE001
                     errors[i] = f"cannot segment: {type(error).__name__}: {error}"
         for i, prediction in predictions.items():
@@ -189,12 +190,12 @@ class Segmenter:
         }
 
     def _line(self, image_id: str, path: str, prediction) -> dict[str, Any]:
-        cfg = self.predictor.cfg
-        height, width = prediction.image_size
-        instances = prediction.coco_records(image_id, cfg.category_ids)
-        for instance, cls in zip(instances, prediction.classes):
-            del instance["image_id"]
-            instance["category_name"] = cfg.class_names[int(cls)]
+        cfg, p = self.predictor.cfg, prediction
+        height, width = p.image_size
+        records = coco_records(
+            image_id, p.boxes, p.scores, p.classes, cfg.category_ids, p.rles, class_names=cfg.class_names
+        )
+        instances = [{key: value for key, value in record.items() if key != "image_id"} for record in records]
         return {
             "image_id": image_id,
             "path": path,
@@ -205,11 +206,9 @@ class Segmenter:
         }
 
     def _draw(self, image: np.ndarray, prediction, name: str) -> None:
-        from transfiner.model.inference.visualize import draw_overlay
+        from transfiner.model.inference.visualize import prediction_overlay
 
-        names = self.predictor.cfg.class_names
-        labels = [f"{names[c]} {s:.2f}" for c, s in zip(prediction.classes, prediction.scores)]
-        draw_overlay(image, prediction.boxes, prediction.masks, labels).save(self.overlay / name)
+        prediction_overlay(image, prediction, self.predictor.cfg.class_names).save(self.overlay / name)
 
 
 def job_settings(job: BulkJob, resolved: ResolvedModel) -> dict[str, Any]:

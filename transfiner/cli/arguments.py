@@ -67,6 +67,34 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_ray_cluster_arguments(ray: argparse._ArgumentGroup, replicas: str) -> None:
+    """The flags ``serve`` and ``predict`` share for ``--engine ray``: the cluster and the replicas
+    (``replicas``: what a replica is, for the help)."""
+    ray.add_argument(
+        "--ray-address",
+        default=None,
+        help="the cluster to join (e.g. auto, HOST:6379), or local to start one here (default)",
+    )
+    ray.add_argument("--replicas", type=int, default=None, help=f"fixed number of {replicas} (default 1)")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling: at least this many replicas")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling: at most this many replicas")
+    ray.add_argument("--replica-cpus", type=float, default=None, help="CPUs Ray reserves per replica (default 1)")
+    ray.add_argument(
+        "--replica-gpus",
+        type=float,
+        default=None,
+        help="GPUs per replica, fractions allowed (0.5: two replicas share a GPU); default 1 with "
+        "--device cuda, else 0",
+    )
+
+
+def replica_gpus(given: float | None, device: str) -> float:
+    """``--replica-gpus``, or by default a GPU a replica on a CUDA device and none on the CPU."""
+    if given is not None:
+        return given
+    return 1.0 if device.startswith("cuda") else 0.0
+
+
 def predictor_from_args(args: argparse.Namespace) -> Predictor:
     """The Predictor ``--model``, ``--backend``, ``--config``, ``--device`` and ``--precision`` name."""
     backend = getattr(args, "backend", None) or "pytorch"

@@ -15,7 +15,10 @@ from transfiner.cli.arguments import (
     add_max_cells_argument,
     add_model_arguments,
     add_precision_argument,
+    add_ray_cluster_arguments,
+    model_from_args,
     predictor_from_args,
+    replica_gpus,
 )
 from transfiner.model.inference.images import load_image_rgb
 from transfiner.model.inference.naming import image_ids, overlay_names
@@ -54,16 +57,7 @@ def add_predict_arguments(predict: argparse.ArgumentParser) -> None:
         help="local: this process (default); ray: a bulk job on a Ray cluster, with Ray Data",
     )
     ray = predict.add_argument_group("--engine ray")
-    ray.add_argument(
-        "--ray-address",
-        default=None,
-        help="the cluster to join (auto, HOST:6379), or local to start one here (default)",
-    )
-    ray.add_argument("--replicas", type=int, default=None, help="fixed number of model replicas (default 1)")
-    ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling: at least this many replicas")
-    ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling: at most this many replicas")
-    ray.add_argument("--replica-cpus", type=float, default=None, help="CPUs per replica (default 1)")
-    ray.add_argument("--replica-gpus", type=float, default=None, help="GPUs per replica, fractions allowed (default 0)")
+    add_ray_cluster_arguments(ray, "model replicas (Ray Data actors)")
     ray.add_argument("--shard-size", type=int, default=None, help="images a committed shard holds (default 1000)")
     ray.add_argument(
         "--resume", action="store_true", help="continue the job in --out: images already committed are skipped"
@@ -94,7 +88,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"{', '.join(given or ['--resume'])}: only with --engine ray")
     from tqdm import tqdm
 
-    from transfiner.model.inference.visualize import draw_overlay
+    from transfiner.model.inference.visualize import prediction_overlay
 
     paths = [Path(p) for p in args.images]
     ids = image_ids(paths)
@@ -117,20 +111,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for i, image, prediction in zip(chunk, images, predictions):
             records.extend(prediction.coco_records(ids[i], cfg.category_ids))
             if args.overlay:
-                labels = [f"{cfg.class_names[c]} {s:.2f}" for c, s in zip(prediction.classes, prediction.scores)]
-                picture = draw_overlay(image, prediction.boxes, prediction.masks, labels)
-                picture.save(Path(args.overlay) / overlays[i])
+                prediction_overlay(image, prediction, cfg.class_names).save(Path(args.overlay) / overlays[i])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(records))
     print(f"wrote {len(records)} instances for {len(paths)} images to {args.out}")
     return 0
-
-
-def _replica_gpus(args: argparse.Namespace) -> float:
-    """``--replica-gpus``; by default a GPU a replica with ``--device cuda``, else none (as ``serve``)."""
-    if args.replica_gpus is not None:
-        return args.replica_gpus
-    return 1.0 if args.device.startswith("cuda") else 0.0
 
 
 def cmd_predict_ray(args: argparse.Namespace) -> int:
@@ -139,7 +124,6 @@ def cmd_predict_ray(args: argparse.Namespace) -> int:
         from transfiner.bulk.ray_job import BulkJob, JobFailed, ModelSpec, PredictOptions, Scaling, run
     except ImportError as error:
         raise ValueError(f"--engine ray needs Ray Data: pip install 'transfiner[ray]' ({error})") from None
-    from transfiner.cli.arguments import model_from_args
 
     job = BulkJob(
         inputs=list(args.images),
@@ -158,7 +142,7 @@ def cmd_predict_ray(args: argparse.Namespace) -> int:
             min_replicas=args.min_replicas,
             max_replicas=args.max_replicas,
             replica_cpus=1.0 if args.replica_cpus is None else args.replica_cpus,
-            replica_gpus=_replica_gpus(args),
+            replica_gpus=replica_gpus(args.replica_gpus, args.device),
         ),
         batch_size=args.batch_size,
         shard_size=args.shard_size or 1000,

@@ -17,6 +17,8 @@ from transfiner.cli.arguments import (
     add_max_cells_argument,
     add_model_arguments,
     add_precision_argument,
+    add_ray_cluster_arguments,
+    replica_gpus,
 )
 
 # Flag -> settings field, for the flags that map one to one.
@@ -174,14 +176,7 @@ def add_serve_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="fastapi: this process serves (default); ray: Ray Serve replicas on a Ray cluster",
     )
     ray = parser.add_argument_group("--engine ray")
-    ray.add_argument(
-        "--ray-address",
-        default=None,
-        help="the cluster to join (e.g. auto, HOST:6379), or local to start one here (default)",
-    )
-    ray.add_argument("--replicas", type=int, default=None, help="fixed number of replicas (default 1)")
-    ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling: at least this many replicas")
-    ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling: at most this many replicas")
+    add_ray_cluster_arguments(ray, "Ray Serve replicas")
     ray.add_argument(
         "--target-ongoing-requests",
         type=float,
@@ -199,14 +194,6 @@ def add_serve_engine_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="autoscaling: how long load must stay low before replicas are removed (300)",
-    )
-    ray.add_argument("--replica-cpus", type=float, default=None, help="CPUs Ray reserves per replica (default 1)")
-    ray.add_argument(
-        "--replica-gpus",
-        type=float,
-        default=None,
-        help="GPUs per replica, fractions allowed (0.5: two replicas share a GPU); default 1 with "
-        "--device cuda, else 0",
     )
     ray.add_argument(
         "--metrics-export-port",
@@ -241,15 +228,12 @@ def cmd_serve_engine(args: argparse.Namespace) -> int:
     if tuning and not autoscale:
         raise ValueError(f"{', '.join(tuning)}: only with --min-replicas/--max-replicas (autoscaling)")
     settings = checked_settings(args)
-    gpus = args.replica_gpus
-    if gpus is None:
-        gpus = 1.0 if settings.device.startswith("cuda") else 0.0
     scaling = Scaling(
         replicas=args.replicas if autoscale or args.replicas is not None else 1,
         min_replicas=args.min_replicas,
         max_replicas=args.max_replicas,
         replica_cpus=1.0 if args.replica_cpus is None else args.replica_cpus,
-        replica_gpus=gpus,
+        replica_gpus=replica_gpus(args.replica_gpus, settings.device),
         target_ongoing_requests=args.target_ongoing_requests,
         **{
             name: getattr(args, name)
