@@ -5,10 +5,12 @@ tests.service.ray_repository WORKDIR REPOSITORY IMAGE`` inside a loopback-only n
 It runs ``transfiner serve --engine ray --model-repository REPOSITORY`` on a Ray instance of its
 own, one replica, and asks it through Ray's proxy what a client of the FastAPI engine would: the
 models, the index, a segment request per model (and one to the default model, one to an unknown
-model). It records the answers in WORKDIR/report.json; the test asserts on them."""
+model), and the same image per model over the Open Inference Protocol's REST routes. It records
+the answers in WORKDIR/report.json; the test asserts on them."""
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import subprocess
@@ -41,6 +43,14 @@ def main(workdir: Path, repository: Path, image: Path) -> None:
         unknown = httpx.post(url + "/v1/models/zebras/segment", content=data, timeout=60)
         answers["unknown"] = {"status": unknown.status_code, "body": unknown.json()}
         report["answers"] = answers
+        request = {
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(data).decode()]}],
+            "parameters": {"score_threshold": 0},
+        }
+        report["v2"] = {}
+        for name in ("animals", "shapes"):
+            response = httpx.post(f"{url}/v2/models/{name}/infer", json=request, timeout=60)
+            report["v2"][name] = {"status": response.status_code, "body": response.json()}
     finally:
         server.send_signal(signal.SIGTERM)
         try:

@@ -342,3 +342,11 @@ def test_the_ray_engine_serves_a_model_repository(tmp_path, checkpoint):
         names = ANIMALS if name == "animals" else ("circle", "square")
         assert body["instances"] and {i["category_name"] for i in body["instances"]} <= set(names)
     assert answers["unknown"]["status"] == 404 and answers["unknown"]["body"]["error"]["code"] == "model_not_found"
+    # The Open Inference Protocol through Ray's proxy: the very RLE strings /v1 gave.
+    for name, path in (("animals", "/v1/models/animals/segment"), ("shapes", "/v1/segment")):
+        v2 = report["v2"][name]
+        assert v2["status"] == 200, v2
+        outputs = {output["name"]: output["data"] for output in v2["body"]["outputs"]}
+        expected = [json.dumps(i["segmentation"], separators=(",", ":")) for i in answers[path]["body"]["instances"]]
+        assert outputs["masks_rle"] == expected and len(expected) > 0
+        assert outputs["classes"] == [i["category_id"] for i in answers[path]["body"]["instances"]]
