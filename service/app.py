@@ -95,5 +95,10 @@ def create_app(
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_paths=known)
     # Outermost: the request's span and id cover everything, early refusals included.
-    app.add_middleware(RequestTelemetryMiddleware, tracing=tracing, log_requests=settings.log_format == "json")
+    app.add_middleware(
+        RequestTelemetryMiddleware,
+        tracing=tracing,
+        log_requests=settings.log_format == "json",
+        untraced=frozenset({"/health/live", "/health/ready", "/metrics"}),
+    )
     return app

@@ -3,7 +3,8 @@
 - ``X-Request-Id``: the client's when sane (up to 128 of ``A-Z a-z 0-9 - _ . : / + = @``), else a
   new one; returned on every answer.
 - The server span (``Tracing.server_span``), named by the route template once routing is done,
-  a child of the request's W3C ``traceparent``; its trace id answers as ``X-Trace-Id``.
+  a child of the request's W3C ``traceparent``; its trace id answers as ``X-Trace-Id``. Not for
+  ``untraced`` paths (probes and scrapes, every few seconds: traces of nothing).
 - The request log line (``service.request``, when ``log_requests``): the ids, route, status,
   client and times, with the model and the stage times that the route notes in ``RequestFacts``.
 """
@@ -21,7 +22,7 @@ from opentelemetry.trace import Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from transfiner.service.telemetry.logs import FIELDS
-from transfiner.service.telemetry.tracing import Tracing, trace_id_hex
+from transfiner.service.telemetry.tracing import NO_TRACING, Tracing, trace_id_hex
 
 log = logging.getLogger("service.request")
 
@@ -63,10 +64,13 @@ def request_id_from(value: str | None) -> str:
 
 
 class RequestTelemetryMiddleware:
-    def __init__(self, app: ASGIApp, tracing: Tracing, log_requests: bool = False) -> None:
+    def __init__(
+        self, app: ASGIApp, tracing: Tracing, log_requests: bool = False, untraced: frozenset[str] = frozenset()
+    ) -> None:
         self.app = app
         self.tracing = tracing
         self.log_requests = log_requests
+        self.untraced = untraced
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,7 +91,8 @@ class RequestTelemetryMiddleware:
             await send(message)
 
         method = scope["method"]
-        with self.tracing.server_span(method, headers, _request_attributes(scope, headers)) as span:
+        tracing = NO_TRACING if scope["path"] in self.untraced else self.tracing
+        with tracing.server_span(method, headers, _request_attributes(scope, headers)) as span:
             facts.trace_id = trace_id_hex(span)
             try:
                 await self.app(scope, receive, send_with_headers)

@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.service.otlp_receiver import OtlpReceiver
-from tests.service.support import free_port, running, wait_ready
+from tests.service.support import ThreadServer, free_port, running, wait_ready
 from tests.support import REPO, encode, scene
 from transfiner.service.loadtest.servers import SERVE_COMMAND
 from transfiner.service.settings import ServiceSettings
@@ -45,8 +45,15 @@ def traced(checkpoint):
     provider = TracerProvider(resource=Resource.create({"service.name": "transfiner-test"}))
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     settings = ServiceSettings(model=str(checkpoint), device="cpu", max_batch_size=4, max_delay_ms=20)
-    with running(settings, tracer_provider=provider) as server:
-        yield server, exporter
+    server = ThreadServer(settings, tracer_provider=provider)
+
+    @server.app.get("/boom")  # fault injection: no route fails this way on purpose
+    async def boom() -> None:
+        raise RuntimeError("injected")
+
+    server.start()
+    yield server, exporter
+    server.stop()
     provider.shutdown()
 
 
@@ -127,6 +134,26 @@ def test_a_request_without_traceparent_starts_a_trace_and_errors_carry_their_tra
     bad = httpx.post(f"{server.url}/v1/segment", content=b"not an image", headers={"traceparent": "00-zz-01"})
     assert bad.status_code in (415, 422) and len(bad.headers["x-trace-id"]) == 32
     assert server_span(exporter, bad.headers["x-trace-id"]).parent is None
+
+
+def test_an_unexpected_error_is_an_error_span_and_its_answer_names_the_trace(traced):
+    server, exporter = traced
+    trace_id = "5" * 32
+    answer = httpx.get(f"{server.url}/boom", headers={"traceparent": f"00-{trace_id}-{PARENT_ID}-01"})
+    assert answer.status_code == 500 and answer.headers["x-trace-id"] == trace_id
+    assert len(answer.headers["x-request-id"]) == 32
+    root = server_span(exporter, trace_id)
+    assert root.name == "GET /boom" and root.status.status_code == StatusCode.ERROR
+    assert [event.name for event in root.events] == ["exception"]
+
+
+def test_probes_and_scrapes_are_not_traced(traced):
+    server, exporter = traced
+    for path in ("/health/live", "/health/ready", "/metrics"):
+        answer = httpx.get(server.url + path)
+        assert answer.status_code == 200 and "x-trace-id" not in answer.headers
+        assert "x-request-id" in answer.headers
+    assert httpx.get(server.url + "/v1/models").headers["x-trace-id"]
 
 
 def test_tracing_is_off_unless_the_environment_asks(checkpoint, no_otel):
