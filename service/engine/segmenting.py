@@ -152,13 +152,14 @@ class SegmentFlow:
 
         started = time.perf_counter()
         started_ns = time.time_ns() if traced else 0
-        with self.batcher.arriving():  # a filling batch may wait for it
-            image = await loop.run_in_executor(self._decode_pool, self._decode, data)
+        image = None
+        try:
+            with self.batcher.arriving():  # a filling batch may wait for it
+                image = await loop.run_in_executor(self._decode_pool, self._decode, data)
+        finally:
+            if traced:  # also for an upload that does not decode
+                self._record_decode(started_ns, len(data), image)
         self.metrics.decode_seconds.observe(time.perf_counter() - started)
-        if traced:
-            attributes = {"transfiner.image.bytes": len(data), "transfiner.image.width": image.width}
-            attributes["transfiner.image.height"] = image.height
-            self.tracing.record_stage("decode", started_ns, time.time_ns(), attributes)
         self.metrics.megapixels.observe(image.width * image.height / 1e6)
         if time.monotonic() >= deadline:
             raise _deadline_error("while decoding")
@@ -212,6 +213,12 @@ class SegmentFlow:
         self.metrics.postprocess_seconds.observe(post_s)
         self.metrics.instances.observe(len(instances))
         return SegmentOutcome(image, instances, encoded, queue_s, result.preprocess_s + result.inference_s, post_s)
+
+    def _record_decode(self, started_ns: int, nbytes: int, image: NetworkImage | None) -> None:
+        attributes: dict[str, Any] = {"transfiner.image.bytes": nbytes}
+        if image is not None:
+            attributes.update({"transfiner.image.width": image.width, "transfiner.image.height": image.height})
+        self.tracing.record_stage("decode", started_ns, time.time_ns(), attributes)
 
     def _record_batch_stages(self, job: Job, result: InferenceResult | None) -> None:
         """The ``queue`` span (submitted until its batch started) and the ``forward`` span (the

@@ -26,8 +26,6 @@ from transfiner.service.telemetry.tracing import NO_TRACING, Tracing, trace_id_h
 
 log = logging.getLogger("service.request")
 
-REQUEST_ID_HEADER = "x-request-id"
-TRACE_ID_HEADER = "x-trace-id"
 # Where the request's facts wait in the ASGI scope for the route (and the 500 handler) to read.
 SCOPE_KEY = "transfiner.request"
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9\-_.:/+=@]{1,128}")
@@ -77,8 +75,9 @@ class RequestTelemetryMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.monotonic()
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope.get("headers", ())}
-        facts = RequestFacts(request_id_from(headers.get(REQUEST_ID_HEADER)))
+        raw = scope.get("headers", ())
+        given = next((value.decode("latin-1") for name, value in raw if name == b"x-request-id"), None)
+        facts = RequestFacts(request_id_from(given))
         scope[SCOPE_KEY] = facts
         status = 500  # unless an answer starts: the error middleware outside answers 500
 
@@ -92,7 +91,11 @@ class RequestTelemetryMiddleware:
 
         method = scope["method"]
         tracing = NO_TRACING if scope["path"] in self.untraced else self.tracing
-        with tracing.server_span(method, headers, _request_attributes(scope, headers)) as span:
+        headers: dict[str, str] = {}
+        if tracing.enabled:  # else nothing reads them
+            headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
+        attributes = _request_attributes(scope, headers) if tracing.enabled else None
+        with tracing.server_span(method, headers, attributes) as span:
             facts.trace_id = trace_id_hex(span)
             try:
                 await self.app(scope, receive, send_with_headers)

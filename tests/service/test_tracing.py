@@ -34,8 +34,8 @@ OTEL_VARIABLES += ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_RESOURCE_ATTRIBUT
 
 @pytest.fixture
 def no_otel(monkeypatch):
-    for name in OTEL_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+    for name in [name for name in os.environ if name.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
     return monkeypatch
 
 
@@ -133,7 +133,11 @@ def test_a_request_without_traceparent_starts_a_trace_and_errors_carry_their_tra
     # A malformed traceparent is ignored: a new trace.
     bad = httpx.post(f"{server.url}/v1/segment", content=b"not an image", headers={"traceparent": "00-zz-01"})
     assert bad.status_code in (415, 422) and len(bad.headers["x-trace-id"]) == 32
-    assert server_span(exporter, bad.headers["x-trace-id"]).parent is None
+    root = server_span(exporter, bad.headers["x-trace-id"])
+    assert root.parent is None
+    stages = [s for s in exporter.get_finished_spans() if s.parent and s.parent.span_id == root.context.span_id]
+    assert sorted(s.name for s in stages) == ["decode", "receive"]  # the upload that did not decode, timed
+    assert next(s for s in stages if s.name == "decode").attributes["transfiner.image.bytes"] == 12
 
 
 def test_an_unexpected_error_is_an_error_span_and_its_answer_names_the_trace(traced):
@@ -221,3 +225,18 @@ def test_a_serve_process_exports_its_spans_over_otlp_http(checkpoint, tmp_path):
     root = next(span for _, span in ours if span.name == "POST /v1/segment")
     assert root.parent_span_id.hex() == PARENT_ID
     assert all(span.parent_span_id == root.span_id for _, span in ours if span.name in STAGES)
+
+
+def test_ray_replicas_get_the_drivers_otel_variables(no_otel):
+    """A replica on another node does not inherit the driver's environment: the ``OTEL_*``
+    variables travel in the deployment's ``runtime_env``, and nothing else does."""
+    from transfiner.service.ray_serve import Scaling, build_application
+
+    assert "runtime_env" not in build_application(ServiceSettings(), Scaling())._bound_deployment.ray_actor_options
+    no_otel.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    no_otel.setenv("OTEL_SERVICE_NAME", "segmenter")
+    no_otel.setenv("TRANSFINER_NOT_OTEL", "1")
+    options = build_application(ServiceSettings(), Scaling())._bound_deployment.ray_actor_options
+    assert options["runtime_env"] == {
+        "env_vars": {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_SERVICE_NAME": "segmenter"}
+    }
