@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from importlib.metadata import version as package_version
@@ -16,6 +17,8 @@ from transfiner.service.middleware import BodyLimitMiddleware, HeadAsGetMiddlewa
 from transfiner.service.oip.errors import OipError
 from transfiner.service.routes import demo, health, models, repository, segment, v2
 from transfiner.service.settings import ServiceSettings
+from transfiner.service.telemetry.middleware import RequestTelemetryMiddleware
+from transfiner.service.telemetry.tracing import Tracing, tracer_provider_from_env
 
 DESCRIPTION = """\
 Mask Transfiner instance segmentation. `POST /v1/segment` takes one image (multipart field
@@ -33,6 +36,7 @@ def create_app(
     loader: ModelLoader = load_model,
     batcher_factory: BatcherFactory | None = None,
     settings_for=resolved_settings,
+    tracer_provider=None,
 ) -> FastAPI:
     """A new, independent service (its own metrics registry, runtime and thread pools).
 
@@ -40,10 +44,17 @@ def create_app(
       readiness turns 200 after their warm-up batches.
     - ``settings_for``: each model version's settings as they run (the Ray engine's replicas
       run one in-process worker each).
+    - ``tracer_provider``: where the traces go (an OpenTelemetry SDK ``TracerProvider``; the
+      caller's to shut down); by default one from the ``OTEL_*`` variables, or none (tracing off),
+      which the app shuts down with itself.
     """
     settings = settings or ServiceSettings()
     metrics = ServiceMetrics()
-    runtime = ServiceRuntime(settings, metrics, loader, batcher_factory, settings_for)
+    if tracer_provider is None:
+        tracing = Tracing(tracer_provider_from_env(), owned=True)
+    else:
+        tracing = Tracing(tracer_provider)
+    runtime = ServiceRuntime(settings, metrics, loader, batcher_factory, settings_for, tracing=tracing)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,6 +63,7 @@ def create_app(
             yield
         finally:
             await runtime.stop()
+            await asyncio.to_thread(tracing.shutdown)  # the last spans are exported (or given up) here
 
     app = FastAPI(
         title="Mask Transfiner service",
@@ -87,4 +99,11 @@ def create_app(
         for route in router.routes
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_paths=known)
+    # Outermost: the request's span and id cover everything, early refusals included.
+    app.add_middleware(
+        RequestTelemetryMiddleware,
+        tracing=tracing,
+        log_requests=settings.log_format == "json",
+        untraced=frozenset({"/health/live", "/health/ready", "/metrics"}),
+    )
     return app

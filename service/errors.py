@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from transfiner.model.inference.images import without_object_reprs
 from transfiner.service.schemas import ErrorResponse
+from transfiner.service.telemetry.middleware import request_facts
 
 log = logging.getLogger("service")
 
@@ -148,10 +149,12 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         # Starlette re-raises after this answer and the server then drops the connection: say so,
         # or a keep-alive client sends its next request into a closed socket.
+        # Answered outside the middlewares: the request's id headers are added here.
+        facts = request_facts(request.scope)
         return error_response(
             500,
             "internal_error",
             "internal server error (logged on the server)",
-            {"Connection": "close"},
+            {"Connection": "close", **(facts.headers() if facts is not None else {})},
             request.url.path,
         )

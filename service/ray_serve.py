@@ -18,6 +18,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -42,6 +43,7 @@ from transfiner.service.engine.batcher import (
 from transfiner.service.engine.loading import max_batch_size_for
 from transfiner.service.repository.layout import scan_repository
 from transfiner.service.settings import ServiceSettings
+from transfiner.service.telemetry.logs import configure_logging
 
 log = logging.getLogger("service")
 
@@ -321,7 +323,7 @@ class TransfinerReplica:
     """One replica: the service app on one copy of the model, batching with ``RayServeBatcher``."""
 
     async def __init__(self, settings: ServiceSettings, gpus: float = 0.0) -> None:
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(settings.log_format, settings.log_level)
 
         def batcher(
             version: ServiceSettings, workers: Sequence[BatchRunner], observer: BatchObserver
@@ -336,7 +338,8 @@ class TransfinerReplica:
 
         # Not ``self.app``: the ingress wrapper owns that name (the ASGI app it serves). Every
         # model version of the repository runs as this replica runs (a model's config.yaml may
-        # not give it workers or processes of its own here).
+        # not give it workers or processes of its own here). Its tracer provider is its own,
+        # from the OTEL_* variables the driver passed on (``otel_environment``), shut down with it.
         self.service_app = create_app(
             settings, batcher_factory=batcher, settings_for=lambda version: replica_settings(version, gpus)
         )
@@ -395,6 +398,13 @@ class Scaling:
         return self.replicas is None
 
 
+def otel_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The driver's ``OTEL_*`` variables, for the replicas' ``runtime_env``: a replica on another
+    node does not inherit the driver's environment, and traces there are configured by them."""
+    environ = dict(os.environ) if environ is None else environ
+    return {name: value for name, value in environ.items() if name.startswith("OTEL_")}
+
+
 def build_application(settings: ServiceSettings, scaling: Scaling) -> serve.Application:
     """The Ray Serve application ``transfiner serve --engine ray`` deploys."""
     replica = replica_settings(settings, scaling.replica_gpus)
@@ -423,6 +433,9 @@ def build_application(settings: ServiceSettings, scaling: Scaling) -> serve.Appl
         }
     else:
         options["num_replicas"] = scaling.replicas
+    otel = otel_environment()
+    if otel:
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": otel}
     return TransfinerReplica.options(**options).bind(replica, scaling.replica_gpus)
 
 
@@ -437,7 +450,7 @@ def serve_on_ray(
     as it found it: Serve (its controller and proxies) is shut down again if this call started it."""
     from ray.serve.context import _get_global_client
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format, settings.log_level)
     if settings.port == 0:
         raise ValueError("--engine ray needs a fixed --port: every node's Ray proxy listens on it")
     init_args: dict[str, Any] = {"logging_level": settings.log_level.upper(), "log_to_driver": False}

@@ -16,6 +16,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from transfiner.service.engine.runtime import ServiceRuntime
 from transfiner.service.errors import error_body
 from transfiner.service.settings import ServiceSettings
+from transfiner.service.telemetry.logs import uvicorn_log_config
 
 
 def _error_response(status_line: str, code: str, message: str) -> bytes:
@@ -204,6 +205,9 @@ def uvicorn_config(app: Any, settings: ServiceSettings, **overrides: Any) -> uvi
         # protocol would answer a bad handshake itself, in plain text).
         ws="none",
     )
+    log_config = uvicorn_log_config(settings.log_format)
+    if log_config is not None:  # else uvicorn's own (text)
+        options["log_config"] = log_config
     options.update(overrides)
     return uvicorn.Config(app, **options)
 

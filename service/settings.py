@@ -94,6 +94,11 @@ class ServiceSettings(BaseSettings):
     keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
     max_connections: int = Field(1000, ge=1, description="open connections and requests at once; beyond: 503")
     log_level: str = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text: as a person reads it; json: one object a line (time, level, logger, message, and the "
+        "request log's ids, route, status, model and times), uvicorn's access and error log included",
+    )
     demo: bool = Field(True, description="serve the browser demo page at / and /demo (TRANSFINER_DEMO=false: 404)")
 
     # Batching

@@ -69,6 +69,7 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     dispatched_at: float | None = None
+    worker: int | None = None  # the index of the runner its batch went to
 
     @property
     def group(self) -> tuple[tuple[int, int], Hashable]:
@@ -254,6 +255,7 @@ class Batcher:
     # -- consumer side ---------------------------------------------------------------------------
 
     async def _dispatch(self, runner: BatchRunner, look_ahead: bool = False) -> None:
+        worker = self.runners.index(runner)
         while True:
             jobs = await (self._next_full_batch(runner) if look_ahead else self._next_batch())
             if jobs is None:
@@ -264,7 +266,7 @@ class Batcher:
             self._busy += 1
             started = time.monotonic()
             for job in jobs:
-                job.dispatched_at = started
+                job.dispatched_at, job.worker = started, worker
             if self.observer is not None:
                 self.observer.batch(jobs)
             try:

@@ -38,6 +38,7 @@ from transfiner.service.repository.layout import (
     version_model_path,
 )
 from transfiner.service.settings import ServiceSettings
+from transfiner.service.telemetry.tracing import NO_TRACING, Tracing
 
 log = logging.getLogger("service")
 
@@ -85,9 +86,11 @@ class ModelManager:
         loader: ModelLoader = load_model,
         batcher_factory: BatcherFactory | None = None,
         settings_for: Callable[[ServiceSettings], ServiceSettings] = resolved_settings,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.tracing = tracing
         self.root = Path(settings.model_repository) if settings.model_repository else None
         self.default_name = settings.default_model or (SINGLE_MODEL if self.root is None else None)
         self.models: dict[str, ManagedModel] = {}
@@ -361,6 +364,7 @@ class ModelManager:
             self.total_bytes,
             self._loader,
             self._batcher_factory,
+            tracing=self.tracing,
         )
         model.versions[version] = mv
         model.signatures[version] = source.signature

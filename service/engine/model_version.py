@@ -27,6 +27,7 @@ from transfiner.service.errors import ServiceError
 from transfiner.service.metrics import VersionMetrics
 from transfiner.service.schemas import SegmentParams
 from transfiner.service.settings import ServiceSettings
+from transfiner.service.telemetry.tracing import NO_TRACING, Tracing
 
 log = logging.getLogger("service")
 # What a model that cannot be loaded raises for a reason its message states (a missing or corrupt
@@ -81,6 +82,7 @@ class ModelVersion:
         total_bytes: ByteBudget,
         loader: ModelLoader = load_model,
         batcher_factory: BatcherFactory | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.name, self.version = name, version
         self.settings = settings
@@ -98,6 +100,7 @@ class ModelVersion:
         self._total_bytes = total_bytes
         self._loader = loader
         self._batcher_factory = batcher_factory
+        self._tracing = tracing
         self._unloading: asyncio.Future | None = None
 
     @property
@@ -164,7 +167,15 @@ class ModelVersion:
         self.batcher.start()
         decode_pool, post_pool = self._pools
         self.flow = SegmentFlow(
-            settings, self.metrics, model, self.batcher, decode_pool, post_pool, total_bytes=self._total_bytes
+            settings,
+            self.metrics,
+            model,
+            self.batcher,
+            decode_pool,
+            post_pool,
+            total_bytes=self._total_bytes,
+            tracing=self._tracing,
+            key=self.key,
         )
         self.metrics.set_model(model.backend, model.precision, model.devices)
         self.state = "READY"

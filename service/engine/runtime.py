@@ -23,6 +23,7 @@ from transfiner.service.engine.model_version import BatcherFactory, ModelLoader,
 from transfiner.service.errors import ServiceError
 from transfiner.service.metrics import ServiceMetrics
 from transfiner.service.settings import ServiceSettings
+from transfiner.service.telemetry.tracing import NO_TRACING, Tracing
 
 log = logging.getLogger("service")
 
@@ -54,8 +55,10 @@ class ServiceRuntime:
         loader: ModelLoader = load_model,
         batcher_factory: BatcherFactory | None = None,
         settings_for=resolved_settings,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.settings = settings_for(settings)  # the service's own, as /v1/models reports them
+        self.tracing = tracing  # the app's: its transports open the server spans, the flows add stages
         self.metrics = metrics or ServiceMetrics()
         self.state = "starting"
         self.detail: str | None = "loading the models"
@@ -63,7 +66,13 @@ class ServiceRuntime:
         self._post_pool = ThreadPoolExecutor(settings.postprocess_threads, thread_name_prefix="transfiner-post")
         # Each version resolves its own settings (its config.yaml may put it on another device).
         self.models = ModelManager(
-            settings, self.metrics, (self._decode_pool, self._post_pool), loader, batcher_factory, settings_for
+            settings,
+            self.metrics,
+            (self._decode_pool, self._post_pool),
+            loader,
+            batcher_factory,
+            settings_for,
+            tracing=tracing,
         )
         self._start_task: asyncio.Task | None = None
         self._drain_task: asyncio.Task | None = None

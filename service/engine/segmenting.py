@@ -28,6 +28,7 @@ from transfiner.service.imaging import decode_image
 from transfiner.service.metrics import ServiceMetrics
 from transfiner.service.schemas import SegmentParams
 from transfiner.service.settings import ServiceSettings
+from transfiner.service.telemetry.tracing import NO_TRACING, Tracing, wall_ns
 
 log = logging.getLogger("service")
 
@@ -65,7 +66,11 @@ class SegmentFlow:
         decode_pool: Executor,
         post_pool: Executor,
         total_bytes: ByteBudget | None = None,
+        tracing: Tracing = NO_TRACING,
+        key: tuple[str, str] | None = None,
     ) -> None:
+        """``key``: the model version served, as the repository names it (default: the model's
+        own name and digest), for the stage spans."""
         self.settings = settings
         self.metrics = metrics
         self.model = model
@@ -75,6 +80,14 @@ class SegmentFlow:
         self._queued_bytes = 0  # network-size pixels of this model's jobs not yet settled
         # All models' together (the service's max_queued_bytes; a model's own config may set less).
         self._total_bytes = total_bytes or ByteBudget(settings.max_queued_bytes)
+        self.tracing = tracing
+        name, version = key or (model.name, model.version)
+        self._model_attributes = {
+            "transfiner.model.name": name,
+            "transfiner.model.version": version,
+            "transfiner.model.backend": model.backend,
+            "transfiner.model.precision": model.precision,
+        }
         cfg = model.cfg
         self._class_index = {name: i for i, name in enumerate(cfg.class_names)}
         self._class_index.update({str(cid): i for i, cid in enumerate(cfg.category_ids)})
@@ -129,14 +142,23 @@ class SegmentFlow:
     ) -> SegmentOutcome:
         """Decodes, queues, waits for the batch, post-processes; raises ``ServiceError``.
 
-        ``disconnected`` returns when the client goes away (the job is then dropped);
-        ``as_json`` also encodes the instances as JSON in the post-processing thread."""
+        - ``disconnected`` returns when the client goes away (the job is then dropped);
+          ``as_json`` also encodes the instances as JSON in the post-processing thread.
+        - When the current span records (``Tracing.server_span``), the stages get child spans:
+          ``decode``, ``queue``, ``forward`` and ``postprocess``."""
         options = self.request_options(params)
         loop = asyncio.get_running_loop()
+        traced = self.tracing.recording()
 
         started = time.perf_counter()
-        with self.batcher.arriving():  # a filling batch may wait for it
-            image = await loop.run_in_executor(self._decode_pool, self._decode, data)
+        started_ns = time.time_ns() if traced else 0
+        image = None
+        try:
+            with self.batcher.arriving():  # a filling batch may wait for it
+                image = await loop.run_in_executor(self._decode_pool, self._decode, data)
+        finally:
+            if traced:  # also for an upload that does not decode
+                self._record_decode(started_ns, len(data), image)
         self.metrics.decode_seconds.observe(time.perf_counter() - started)
         self.metrics.megapixels.observe(image.width * image.height / 1e6)
         if time.monotonic() >= deadline:
@@ -167,7 +189,12 @@ class SegmentFlow:
         except BatcherClosed:
             raise ServiceError(503, "shutting_down", "the service is shutting down", reason="draining") from None
 
-        result = await self._wait(job, deadline, disconnected)
+        result = None
+        try:
+            result = await self._wait(job, deadline, disconnected)
+        finally:
+            if traced:  # also for a request that failed or timed out in the queue or the model
+                self._record_batch_stages(job, result)
         queue_s = (job.dispatched_at or job.enqueued_at) - job.enqueued_at
         cfg = self.model.cfg
 
@@ -176,11 +203,39 @@ class SegmentFlow:
             return instances, (dumps(instances) if as_json else None)
 
         started = time.perf_counter()
+        started_ns = time.time_ns() if traced else 0
         instances, encoded = await loop.run_in_executor(self._post_pool, finish)
         post_s = time.perf_counter() - started
+        if traced:
+            self.tracing.record_stage(
+                "postprocess", started_ns, time.time_ns(), {"transfiner.instances": len(instances)}
+            )
         self.metrics.postprocess_seconds.observe(post_s)
         self.metrics.instances.observe(len(instances))
         return SegmentOutcome(image, instances, encoded, queue_s, result.preprocess_s + result.inference_s, post_s)
+
+    def _record_decode(self, started_ns: int, nbytes: int, image: NetworkImage | None) -> None:
+        attributes: dict[str, Any] = {"transfiner.image.bytes": nbytes}
+        if image is not None:
+            attributes.update({"transfiner.image.width": image.width, "transfiner.image.height": image.height})
+        self.tracing.record_stage("decode", started_ns, time.time_ns(), attributes)
+
+    def _record_batch_stages(self, job: Job, result: InferenceResult | None) -> None:
+        """The ``queue`` span (submitted until its batch started) and the ``forward`` span (the
+        batch it rode in, until its answer was back), from the times the batcher took."""
+        now = time.monotonic()
+        dispatched = job.dispatched_at
+        self.tracing.record_stage("queue", wall_ns(job.enqueued_at), wall_ns(now if dispatched is None else dispatched))
+        if dispatched is None:
+            return
+        attributes: dict[str, Any] = dict(self._model_attributes)
+        devices = self.model.devices
+        attributes["transfiner.device"] = devices[job.worker if job.worker is not None else 0]
+        if result is not None:
+            attributes["transfiner.batch.size"] = result.batch_size
+            attributes["transfiner.preprocess_ms"] = round(result.preprocess_s * 1000, 3)
+            attributes["transfiner.inference_ms"] = round(result.inference_s * 1000, 3)
+        self.tracing.record_stage("forward", wall_ns(dispatched), wall_ns(now), attributes)
 
     def _hold_bytes(self, job: Job, nbytes: int) -> None:
         """Counts the image against ``max_queued_bytes`` until its job is settled (answered,

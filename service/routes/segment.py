@@ -16,6 +16,7 @@ from transfiner.service.errors import ServiceError, invalid_parameter
 from transfiner.service.schemas import ErrorResponse, SegmentParams, SegmentResponse
 from transfiner.service.security import client_key, require_api_key
 from transfiner.service.settings import ServiceSettings
+from transfiner.service.telemetry.middleware import request_facts
 from transfiner.service.uploads import read_segment_request
 
 router = APIRouter(tags=["segment"], dependencies=[Depends(require_api_key)])
@@ -191,12 +192,18 @@ async def _segment(request: Request, name: str | None, version: str | None) -> R
     arrived = time.monotonic()
     runtime = request.app.state.runtime
     settings = runtime.settings
+    tracing = runtime.tracing
+    facts = request_facts(request.scope)
     timeout = request_timeout(
         request.headers.get("x-request-timeout"), settings.request_timeout_s, settings.max_request_timeout_s
     )
     deadline = arrived + timeout
-    data, params = await read_within(read_segment_request(request), settings, arrived, deadline)
+    with tracing.stage("receive"):
+        data, params = await read_within(read_segment_request(request), settings, arrived, deadline)
     async with runtime.admission(client_key(request), deadline, name, version) as served:
+        if facts is not None:
+            facts.note(model=served.name, version=served.version)
+        tracing.annotate({"transfiner.model.name": served.name, "transfiner.model.version": served.version})
         outcome = await served.segment(
             data, params, deadline, disconnected=lambda: wait_disconnect(request), as_json=True
         )
@@ -215,19 +222,22 @@ async def _segment(request: Request, name: str | None, version: str | None) -> R
         "postprocess_ms": round(outcome.postprocess_s * 1000, 3),
         "total_ms": round((time.monotonic() - arrived) * 1000, 3),
     }
+    if facts is not None:
+        facts.note(**{key: value for key, value in timing.items() if key != "total_ms"})
     # The instances (the bulk: RLE strings) were encoded in the post-processing thread; only the
     # small parts are encoded here, on the event loop.
-    body = b"".join(
-        (
-            b'{"image":',
-            dumps(image),
-            b',"model":',
-            dumps(model),
-            b',"instances":',
-            outcome.instances_json,
-            b',"timing":',
-            dumps(timing),
-            b"}",
+    with tracing.stage("encode"):
+        body = b"".join(
+            (
+                b'{"image":',
+                dumps(image),
+                b',"model":',
+                dumps(model),
+                b',"instances":',
+                outcome.instances_json,
+                b',"timing":',
+                dumps(timing),
+                b"}",
+            )
         )
-    )
     return Response(body, media_type="application/json")

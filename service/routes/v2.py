@@ -34,6 +34,7 @@ from transfiner.service.oip.rest import (
 )
 from transfiner.service.routes.segment import TIMEOUT_HEADER, read_within, request_timeout, wait_disconnect
 from transfiner.service.security import client_key, require_api_key
+from transfiner.service.telemetry.middleware import request_facts
 
 open_router = APIRouter(tags=["open inference protocol"])
 router = APIRouter(tags=["open inference protocol"], dependencies=[Depends(require_api_key)])
@@ -267,12 +268,14 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     arrived = time.monotonic()
     runtime = request.app.state.runtime
     settings = runtime.settings
+    tracing = runtime.tracing
     try:
         timeout = request_timeout(
             request.headers.get("x-request-timeout"), settings.request_timeout_s, settings.max_request_timeout_s
         )
         deadline = arrived + timeout
-        parsed = await read_within(_read(request), settings, arrived, deadline)
+        with tracing.stage("receive"):
+            parsed = await read_within(_read(request), settings, arrived, deadline)
     except ServiceError as error:
         raise from_service_error(error) from None
     response = await inference.infer(
@@ -285,7 +288,12 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         disconnected=lambda: wait_disconnect(request),
         arrived=arrived,
     )
-    body, length = encode_response(response, parsed)
+    facts = request_facts(request.scope)
+    if facts is not None:
+        facts.note(model=response.model_name, version=response.model_version)
+    tracing.annotate({"transfiner.model.name": response.model_name, "transfiner.model.version": response.model_version})
+    with tracing.stage("encode"):
+        body, length = encode_response(response, parsed)
     if length is None:
         return Response(body, media_type="application/json")
     return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(length)})

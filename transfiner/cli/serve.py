@@ -9,7 +9,6 @@ signal skips the wait.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from transfiner.cli.arguments import (
@@ -36,6 +35,7 @@ _FLAGS = (
     "host",
     "port",
     "log_level",
+    "log_format",
     "worker_process",
     "model_repository",
     "default_model",
@@ -78,6 +78,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
     parser.add_argument("--port", type=int, default=None, help="default 8000 (0: any free port)")
     parser.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument(
+        "--log-format",
+        default=None,
+        choices=["text", "json"],
+        help="json: one object a line, uvicorn's access log and a line per request included (TRANSFINER_LOG_FORMAT; "
+        "default text)",
+    )
     repo = parser.add_argument_group("model repository")
     repo.add_argument(
         "--model-repository",
@@ -137,10 +144,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from transfiner.model.inference.predictor import resolve_device
     from transfiner.service.app import create_app
     from transfiner.service.server import DrainingServer, listening_sockets, uvicorn_config
+    from transfiner.service.telemetry.logs import configure_logging
 
     settings = checked_settings(args)
     resolve_device(settings.device)  # a GPU asked for must be here (Ray's replicas check on their own nodes)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format, settings.log_level)
     app = create_app(settings)
     listening = listening_sockets(settings.host, settings.port)
     server = DrainingServer(uvicorn_config(app, settings), app.state.runtime)
