@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
@@ -240,3 +241,25 @@ def test_ray_replicas_get_the_drivers_otel_variables(no_otel):
     assert options["runtime_env"] == {
         "env_vars": {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_SERVICE_NAME": "segmenter"}
     }
+
+
+def test_an_open_inference_protocol_request_has_the_same_stage_spans(traced):
+    server, exporter = traced
+    body = {
+        "inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(encode(scene())).decode()]}
+        ]
+    }
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    headers = {"traceparent": f"00-{trace_id}-{PARENT_ID}-01"}
+    answer = httpx.post(f"{server.url}/v2/models/default/infer", json=body, headers=headers, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-trace-id"] == trace_id
+    root = server_span(exporter, trace_id)
+    assert root.name == "POST /v2/models/{name}/infer" and format(root.parent.span_id, "016x") == PARENT_ID
+    assert root.attributes["transfiner.model.name"] == answer.json()["model_name"] == "default"
+    children = sorted(
+        (s for s in exporter.get_finished_spans() if s.parent is not None and s.parent.span_id == root.context.span_id),
+        key=lambda s: s.start_time,
+    )
+    assert [s.name for s in children] == list(STAGES)
