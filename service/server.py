@@ -15,6 +15,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from transfiner.service.engine.runtime import ServiceRuntime
 from transfiner.service.errors import error_body
+from transfiner.service.grpc.server import GrpcServer
 from transfiner.service.settings import ServiceSettings
 
 
@@ -233,18 +234,53 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
-class DrainingServer(uvicorn.Server):
-    """Plain uvicorn stops accepting connections at once on SIGTERM, so readiness can never be
-    seen turning 503; here the first signal starts ``runtime.begin_drain()`` and the server exits
-    when it is done. A second signal falls through to uvicorn (Ctrl-C twice forces the exit)."""
+class ServiceServer(uvicorn.Server):
+    """uvicorn, and beside it in the same event loop the gRPC server of the same runtime
+    (``grpc_port``; 0: none): bound before the models load, so a port in use fails at once, and
+    stopped after the drain, before the lifespan unloads the models."""
 
     def __init__(self, config: uvicorn.Config, runtime: ServiceRuntime) -> None:
         super().__init__(config)
         self.runtime = runtime
+        self.grpc: GrpcServer | None = None
+        self.grpc_port: int | None = None  # where gRPC listens, once it does
+        self.failure: str | None = None  # why the server could not start or the model not load
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        settings = self.runtime.settings
+        if settings.grpc_port:
+            try:
+                # Bound here first for the operating system's reason (gRPC's own error says none).
+                for sock in listening_sockets(settings.host, settings.grpc_port):
+                    sock.close()
+                self.grpc = GrpcServer(self.runtime)
+                self.grpc_port = await self.grpc.start()
+            except ValueError as error:
+                self.failure = f"gRPC: {error}"
+                log.error("exiting: %s", self.failure)
+                self.should_exit = True
+                return
+        await super().startup(sockets)
+        if self.should_exit and self.grpc is not None:  # the lifespan failed: no shutdown follows
+            await self.grpc.stop(0)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop(AFTER_DRAIN_S)
+        await super().shutdown(sockets)
+
+
+class DrainingServer(ServiceServer):
+    """Plain uvicorn stops accepting connections at once on SIGTERM, so readiness can never be
+    seen turning 503; here the first signal starts ``runtime.begin_drain()`` and the server exits
+    when it is done. A second signal falls through to uvicorn (Ctrl-C twice forces the exit).
+    gRPC drains with HTTP: its health turns NOT_SERVING and new calls get UNAVAILABLE."""
+
+    def __init__(self, config: uvicorn.Config, runtime: ServiceRuntime) -> None:
+        super().__init__(config, runtime)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self._watch: asyncio.Task | None = None  # keeps the load watch referenced while it runs
-        self.failure: str | None = None  # why the model could not be loaded, if it could not
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
