@@ -17,7 +17,6 @@ Two changes to protoc's output, so that the modules work inside the package:
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -70,7 +69,7 @@ def generate(out: Path, proto_folder: Path = FOLDER) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=FOLDER, help="where to write the modules (default: beside the proto)")
+    parser.add_argument("--out", type=Path, default=FOLDER, help="where to write them (default: beside the proto)")
     args = parser.parse_args(argv)
     for path in generate(args.out):
         print(path)

@@ -231,7 +231,7 @@ def cmd_serve_engine(args: argparse.Namespace) -> int:
     from transfiner.cli.serve import checked_settings
 
     if args.grpc_port or args.grpc_max_message_bytes is not None:
-        raise ValueError("--grpc-port, --grpc-max-message-bytes: --engine ray serves HTTP only (see docs/guide/grpc.md)")
+        raise ValueError("--grpc-port, --grpc-max-message-bytes: --engine ray serves HTTP only (docs/guide/grpc.md)")
     if args.workers is not None:
         raise ValueError("--workers: with --engine ray each replica runs one model worker; scale with --replicas")
     if args.worker_process:
