@@ -245,6 +245,11 @@ class ServiceServer(uvicorn.Server):
         self.grpc: GrpcServer | None = None
         self.grpc_port: int | None = None  # where gRPC listens, once it does
         self.failure: str | None = None  # why the server could not start or the model not load
+        self.loop: asyncio.AbstractEventLoop | None = None  # the one HTTP and gRPC are served in
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         settings = self.runtime.settings
@@ -278,13 +283,8 @@ class DrainingServer(ServiceServer):
 
     def __init__(self, config: uvicorn.Config, runtime: ServiceRuntime) -> None:
         super().__init__(config, runtime)
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self._watch: asyncio.Task | None = None  # keeps the load watch referenced while it runs
-
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)  # the lifespan has begun loading the model
@@ -304,14 +304,14 @@ class DrainingServer(ServiceServer):
             self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._draining and self._loop is not None:
-            self._loop.call_soon_threadsafe(self.runtime.skip_drain)
-        if self._draining or self._loop is None or not self.started:
+        if self._draining and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.runtime.skip_drain)
+        if self._draining or self.loop is None or not self.started:
             super().handle_exit(sig, frame)
             return
         self._draining = True
         # Signal handlers run between bytecodes of the loop's own thread: hand over via the loop.
-        self._loop.call_soon_threadsafe(self._drain)
+        self.loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:
         log.info("signal received: draining before shutdown")

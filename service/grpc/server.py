@@ -11,7 +11,6 @@ standard health (``grpc.health.v1``) and reflection services.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -36,7 +35,7 @@ log = logging.getLogger("service")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-# The runtime calls nobody back when its state changes: health reads it this often.
+# How often health watchers are told of the runtime's state (it calls nobody back).
 HEALTH_POLL_S = 0.25
 
 
@@ -127,8 +126,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except asyncio.CancelledError:
             gone.set()
             await asyncio.wait([task])
-            with contextlib.suppress(BaseException):
-                task.result()  # retrieved, so asyncio does not log it as never read
+            error = task.exception() if not task.cancelled() else None
+            if isinstance(error, OipError) and error.reason:  # client_disconnected, counted as over HTTP
+                self.metrics.rejections.labels(reason=error.reason).inc()
             raise
         return messages.infer_response(response)
 
@@ -175,15 +175,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     self._check_key(context)
                 answer = work()
                 return await answer if asyncio.iscoroutine(answer) else answer
-            except ServiceError as error:
-                if error.reason:
-                    self.metrics.rejections.labels(reason=error.reason).inc()
-                refusal = from_service_error(error)
-            except OipError as error:
-                reason = getattr(error, "reason", None)
-                if reason:
-                    self.metrics.rejections.labels(reason=reason).inc()
-                refusal = error
+            except (ServiceError, OipError) as error:
+                refusal = from_service_error(error) if isinstance(error, ServiceError) else error
+                if refusal.reason:
+                    self.metrics.rejections.labels(reason=refusal.reason).inc()
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -192,10 +187,42 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 code = grpc.StatusCode.INTERNAL
                 await context.abort(code, "internal server error (logged on the server)")
             code = refusal.grpc_code
+            if refusal.reason == "deadline_unmeetable":
+                # Over HTTP a 503 to retry; a gRPC retry shares the call's deadline, which the
+                # expected wait already exceeds, so the call ends as gRPC ends late calls.
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
             await context.abort(code, refusal.message, trailing_metadata=retry_metadata(refusal.retry_after))
         finally:
             self.metrics.grpc_requests.labels(method=method, code=code.name).inc()
             self.metrics.grpc_seconds.labels(method=method).observe(time.perf_counter() - started)
+
+
+class RuntimeHealth(health.aio.HealthServicer):
+    """The standard health service for the server ("") and the inference service: SERVING while
+    the runtime is ready, NOT_SERVING while the models load or it drains. A check reads the
+    runtime at once; watchers hear of changes from ``follow`` (the runtime calls nobody back)."""
+
+    def __init__(self, runtime: ServiceRuntime) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self._shown: bool | None = None
+
+    async def refresh(self) -> None:
+        ready = self.runtime.ready
+        if ready != self._shown:
+            self._shown = ready
+            status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE):
+                await self.set(name, status)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self.refresh()
+        return await super().Check(request, context)
+
+    async def follow(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(HEALTH_POLL_S)
 
 
 def reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -231,7 +258,7 @@ class GrpcServer:
             ]
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(runtime), self.server)
-        self.health = health.aio.HealthServicer()
+        self.health = RuntimeHealth(runtime)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self.server, pool=reflection_pool()
@@ -240,13 +267,13 @@ class GrpcServer:
 
     async def start(self) -> int:
         """Listens and serves; returns the port. Raises ValueError when the address cannot be bound."""
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.refresh()  # NOT_SERVING until the models are loaded
         try:
             port = self.server.add_insecure_port(self.address)
         except RuntimeError as error:
             raise ValueError(f"cannot listen on {self.address}: {error}") from None
         await self.server.start()
-        self._follow = asyncio.create_task(self._follow_runtime(), name="transfiner-grpc-health")
+        self._follow = asyncio.create_task(self.health.follow(), name="transfiner-grpc-health")
         log.info("listening on grpc://%s", self.address)
         return port
 
@@ -256,18 +283,3 @@ class GrpcServer:
             self._follow.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-
-    async def _set_health(self, status: int) -> None:
-        for name in ("", SERVICE):
-            await self.health.set(name, status)
-
-    async def _follow_runtime(self) -> None:
-        """SERVING while the runtime is ready; NOT_SERVING while the models load or it drains."""
-        shown = None
-        while True:
-            ready = self.runtime.ready
-            if ready != shown:
-                serving = health_pb2.HealthCheckResponse.SERVING
-                await self._set_health(serving if ready else health_pb2.HealthCheckResponse.NOT_SERVING)
-                shown = ready
-            await asyncio.sleep(HEALTH_POLL_S)
