@@ -13,7 +13,8 @@ from transfiner.service.engine.runtime import BatcherFactory, ModelLoader, Servi
 from transfiner.service.errors import COMMON_ERRORS, install_error_handlers
 from transfiner.service.metrics import ServiceMetrics
 from transfiner.service.middleware import BodyLimitMiddleware, HeadAsGetMiddleware, MetricsMiddleware
-from transfiner.service.routes import demo, health, models, repository, segment
+from transfiner.service.oip.errors import OipError
+from transfiner.service.routes import demo, health, models, repository, segment, v2
 from transfiner.service.settings import ServiceSettings
 
 DESCRIPTION = """\
@@ -21,7 +22,8 @@ Mask Transfiner instance segmentation. `POST /v1/segment` takes one image (multi
 `image`, a raw `image/*` body, or base64 in JSON) and returns COCO result records (compressed
 RLE by default) that `pycocotools.COCO.loadRes` accepts as they are; `/v1/models/{name}/segment`
 and `/v1/models/{name}/versions/{version}/segment` do the same with a model (version) of the
-repository. Errors are `{"error": {"code", "message"}}`.
+repository. Errors are `{"error": {"code", "message"}}`. The same models answer the Open Inference
+Protocol (KServe v2, as Triton's clients speak it) under `/v2`, whose errors are `{"error": "<message>"}`.
 """
 
 
@@ -62,10 +64,13 @@ def create_app(
     app.state.metrics = metrics
     app.state.runtime = runtime
     install_error_handlers(app)
+    app.add_exception_handler(OipError, v2.oip_error)
     app.include_router(segment.router)
     app.include_router(models.router)
     app.include_router(repository.router)
     app.include_router(health.router)
+    app.include_router(v2.router)
+    app.include_router(v2.open_router)
     if settings.demo:
         app.include_router(demo.router)
     app.add_middleware(HeadAsGetMiddleware)  # innermost: the metrics still see a HEAD
@@ -78,7 +83,7 @@ def create_app(
     )
     known = frozenset(
         route.path
-        for router in (segment.router, models.router, repository.router, health.router)
+        for router in (segment.router, models.router, repository.router, health.router, v2.router, v2.open_router)
         for route in router.routes
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_paths=known)

@@ -1,4 +1,5 @@
-"""The one error shape every failure takes: ``{"error": {"code", "message"}}`` with its status.
+"""The one error shape every failure takes: ``{"error": {"code", "message"}}`` with its status;
+under ``/v2`` (the Open Inference Protocol) the protocol's ``{"error": "<message>"}``.
 
 Handlers are installed for our own errors, FastAPI's validation errors, Starlette's HTTP errors
 (404, 405) and anything unexpected (500, logged here, never shown to the client).
@@ -75,17 +76,43 @@ def invalid_parameter(message: str) -> ServiceError:
 MAX_MESSAGE_CHARS = 2000
 
 
-def error_body(code: str, message: str) -> bytes:
-    """The JSON of every error answer, ``{"error": {"code", "message"}}``, encoded as JSONResponse
-    encodes: also for the answers written before or outside the app (middleware, the protocol)."""
+# The Open Inference Protocol's routes, whose errors take its shape; it has no 415 or 422: every
+# refusal of the input is a 400 there.
+PROTOCOL_PREFIX = "/v2"
+PROTOCOL_STATUS = {415: 400, 422: 400}
+
+
+def is_protocol_path(path: str) -> bool:
+    return path == PROTOCOL_PREFIX or path.startswith(PROTOCOL_PREFIX + "/")
+
+
+def _bounded(message: str) -> str:
     message = without_object_reprs(message, "(the upload)")  # Pillow's file object, in its messages
     if len(message) > MAX_MESSAGE_CHARS:
         message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
-    return JSONResponse({"error": {"code": code, "message": message}}).body
+    return message
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(error_body(code, message), status_code=status, headers=headers, media_type="application/json")
+def error_body(code: str, message: str) -> bytes:
+    """The JSON of every error answer, ``{"error": {"code", "message"}}``, encoded as JSONResponse
+    encodes: also for the answers written before or outside the app (middleware, the protocol)."""
+    return JSONResponse({"error": {"code": code, "message": _bounded(message)}}).body
+
+
+def protocol_error_body(message: str) -> bytes:
+    """The Open Inference Protocol's error JSON, ``{"error": "<message>"}``."""
+    return JSONResponse({"error": _bounded(message)}).body
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, path: str = ""
+) -> Response:
+    """The error answer in the shape of the route at ``path``."""
+    if is_protocol_path(path):
+        status, body = PROTOCOL_STATUS.get(status, status), protocol_error_body(message)
+    else:
+        body = error_body(code, message)
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
 def _format_validation(error: RequestValidationError) -> str:
@@ -104,17 +131,17 @@ def install_error_handlers(app: FastAPI) -> None:
         metrics = getattr(request.app.state, "metrics", None)
         if error.reason and metrics is not None:
             metrics.rejections.labels(reason=error.reason).inc()
-        return error_response(error.status, error.code, error.message, error.headers())
+        return error_response(error.status, error.code, error.message, error.headers(), request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid_parameter", _format_validation(error))
+        return error_response(422, "invalid_parameter", _format_validation(error), path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
         code = codes.get(error.status_code, "http_error")
-        return error_response(error.status_code, code, str(error.detail), dict(error.headers or {}))
+        return error_response(error.status_code, code, str(error.detail), dict(error.headers or {}), request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
@@ -122,5 +149,9 @@ def install_error_handlers(app: FastAPI) -> None:
         # Starlette re-raises after this answer and the server then drops the connection: say so,
         # or a keep-alive client sends its next request into a closed socket.
         return error_response(
-            500, "internal_error", "internal server error (logged on the server)", {"Connection": "close"}
+            500,
+            "internal_error",
+            "internal server error (logged on the server)",
+            {"Connection": "close"},
+            request.url.path,
         )

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import time
 
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from transfiner.service.errors import ServiceError, error_body
+from transfiner.service.errors import ServiceError, error_body, is_protocol_path, protocol_error_body
 from transfiner.service.metrics import ServiceMetrics
 
 
@@ -17,8 +18,9 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics, known_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.metrics = metrics
-        # For requests answered before routing (the body limit's early 413).
-        self.known_paths = known_paths
+        # For requests answered before routing (the body limit's early 413): the route templates,
+        # matched as the router would match them.
+        self.known_paths = [(compile_path(path)[0], path) for path in sorted(known_paths)]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -39,7 +41,8 @@ class MetricsMiddleware:
             # The router stores the matched route in the scope; raw paths would explode label counts.
             route = getattr(scope.get("route"), "path", None)
             if route is None:
-                route = scope["path"] if scope["path"] in self.known_paths else "unmatched"
+                path = scope["path"]
+                route = next((template for regex, template in self.known_paths if regex.match(path)), "unmatched")
             self.metrics.requests.labels(route=route, method=scope["method"], status=str(status)).inc()
             self.metrics.request_seconds.labels(route=route).observe(time.perf_counter() - started)
 
@@ -105,18 +108,22 @@ class BodyLimitMiddleware:
                 try:
                     declared = int(value)
                 except ValueError:
-                    await _send_error(send, 400, "bad_request", "invalid Content-Length header")
+                    await _send_error(send, scope, 400, "bad_request", "invalid Content-Length header")
                     return
         if declared is not None and declared > self.max_bytes:
             self.metrics.rejections.labels(reason="too_large").inc()
             await _send_error(
-                send, 413, "body_too_large", f"request body of {declared} bytes exceeds the limit of {self.max_bytes}"
+                send,
+                scope,
+                413,
+                "body_too_large",
+                f"request body of {declared} bytes exceeds the limit of {self.max_bytes}",
             )
             return
 
         if declared and self._over_budget(declared):
             self.metrics.rejections.labels(reason="memory_budget").inc()
-            await _send_error(send, 503, "memory_budget", self._budget_message(), retry_after=1)
+            await _send_error(send, scope, 503, "memory_budget", self._budget_message(), retry_after=1)
             return
 
         received = 0  # of this body, counted in self.held until the request ends
@@ -147,8 +154,10 @@ class BodyLimitMiddleware:
             self.held -= received
 
 
-async def _send_error(send: Send, status: int, code: str, message: str, retry_after: int | None = None) -> None:
-    body = error_body(code, message)
+async def _send_error(
+    send: Send, scope: Scope, status: int, code: str, message: str, retry_after: int | None = None
+) -> None:
+    body = protocol_error_body(message) if is_protocol_path(scope["path"]) else error_body(code, message)
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from transfiner.service.errors import ServiceError
+from transfiner.service.errors import PROTOCOL_STATUS, ServiceError
 
 
 class OipError(Exception):
@@ -35,9 +35,6 @@ def not_found(message: str) -> OipError:
     return OipError(message, 404, grpc.StatusCode.NOT_FOUND, reason="unknown_model")
 
 
-# The service's statuses as the protocol answers them: every refusal of the input is a 400 (the
-# protocol has no 415 or 422); the others keep their HTTP status.
-_HTTP = {415: 400, 422: 400}
 _GRPC = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
@@ -58,7 +55,7 @@ def from_service_error(error: ServiceError) -> OipError:
     """The protocol's form of a ``ServiceError`` (its message, retry time and metric reason kept)."""
     return OipError(
         error.message,
-        _HTTP.get(error.status, error.status),
+        PROTOCOL_STATUS.get(error.status, error.status),
         _GRPC.get(error.status, grpc.StatusCode.UNKNOWN),
         error.retry_after,
         error.reason,

@@ -213,6 +213,8 @@ def _model(runtime: ServiceRuntime, name: str, version: str | None):
 def model_ready(runtime: ServiceRuntime, name: str, version: str | None) -> bool:
     """Whether a request for the model (version) would be served now; ``OipError`` 404 for an
     unknown model or version."""
+    if runtime.state in ("starting", "failed"):
+        return False
     model, found = _model(runtime, name, version)
     serving = found if version is not None else model.newest_ready()
     return runtime.state == "ready" and serving is not None and serving.ready

@@ -109,7 +109,7 @@ class ServerMetadataBody(BaseModel):
     extensions: list[str]
 
 
-class ErrorBody(BaseModel):
+class ProtocolError(BaseModel):
     """The protocol's error: ``{"error": "<message>"}``."""
 
     error: str

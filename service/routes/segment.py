@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -20,6 +21,19 @@ from transfiner.service.uploads import read_segment_request
 router = APIRouter(tags=["segment"], dependencies=[Depends(require_api_key)])
 _DEFAULT_MAX_TIMEOUT = ServiceSettings.model_fields["max_request_timeout_s"].default
 _MIN_DOCUMENTED_TIMEOUT = 1.0
+T = TypeVar("T")
+
+
+# The deadline header, as /openapi.json documents it (the protocol's routes take it too).
+TIMEOUT_HEADER = {
+    "name": "X-Request-Timeout",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "number", "minimum": _MIN_DOCUMENTED_TIMEOUT, "maximum": _DEFAULT_MAX_TIMEOUT},
+    "description": f"deadline in seconds from arrival, {_MIN_DOCUMENTED_TIMEOUT:g} to max_request_timeout_s "
+    f"({_DEFAULT_MAX_TIMEOUT:g} by default); past it 504. Shorter positive values are accepted but may "
+    "expire before any answer (504), or be refused when the queue ahead is longer (503)",
+}
 
 
 def _openapi_extra(path: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -36,17 +50,7 @@ def _openapi_extra(path: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     # The documented minimum is the useful range: any positive value is accepted, but one shorter
     # than a request can take answers 504 (or 503), which a client reading the document should
     # not have to expect for a well-formed request.
-    params.append(
-        {
-            "name": "X-Request-Timeout",
-            "in": "header",
-            "required": False,
-            "schema": {"type": "number", "minimum": _MIN_DOCUMENTED_TIMEOUT, "maximum": _DEFAULT_MAX_TIMEOUT},
-            "description": f"deadline in seconds from arrival, {_MIN_DOCUMENTED_TIMEOUT:g} to max_request_timeout_s "
-            f"({_DEFAULT_MAX_TIMEOUT:g} by default); past it 504. Shorter positive values are accepted but may "
-            "expire before any answer (504), or be refused when the queue ahead is longer (503)",
-        }
-    )
+    params.append(TIMEOUT_HEADER)
     json_props = {"image": {"type": "string", "format": "byte", "description": "base64 or a data: URL"}}
     json_props.update(schema["properties"])
     return {
@@ -112,7 +116,7 @@ def request_timeout(header: str | None, default: float, maximum: float) -> float
     return seconds
 
 
-async def _disconnect(request: Request) -> None:
+async def wait_disconnect(request: Request) -> None:
     """Returns when the client goes away (the body has been read by then)."""
     while True:
         message = await request.receive()
@@ -161,19 +165,14 @@ async def segment_with_version(name: str, version: str, request: Request) -> Res
     return await _segment(request, name, version)
 
 
-async def _segment(request: Request, name: str | None, version: str | None) -> Response:
-    arrived = time.monotonic()
-    runtime = request.app.state.runtime
-    settings = runtime.settings
-    timeout = request_timeout(
-        request.headers.get("x-request-timeout"), settings.request_timeout_s, settings.max_request_timeout_s
-    )
-    deadline = arrived + timeout
+async def read_within(reading: Awaitable[T], settings: ServiceSettings, arrived: float, deadline: float) -> T:
+    """What ``reading`` (of the request's body) returns, unless the body takes longer than
+    ``body_timeout_s`` (408) or the deadline passes first (504)."""
     # The body is read before the request takes a place in the queue: a slow or stalled upload
     # holds a connection (bounded by body_timeout_s and max_connections), never a queue place.
     body_deadline = min(deadline, arrived + settings.body_timeout_s)
     try:
-        data, params = await asyncio.wait_for(read_segment_request(request), body_deadline - time.monotonic())
+        return await asyncio.wait_for(reading, body_deadline - time.monotonic())
     except asyncio.TimeoutError:
         if body_deadline >= deadline:
             raise ServiceError(
@@ -186,8 +185,21 @@ async def _segment(request: Request, name: str | None, version: str | None) -> R
             reason="body_timeout",
             headers={"Connection": "close"},
         ) from None
+
+
+async def _segment(request: Request, name: str | None, version: str | None) -> Response:
+    arrived = time.monotonic()
+    runtime = request.app.state.runtime
+    settings = runtime.settings
+    timeout = request_timeout(
+        request.headers.get("x-request-timeout"), settings.request_timeout_s, settings.max_request_timeout_s
+    )
+    deadline = arrived + timeout
+    data, params = await read_within(read_segment_request(request), settings, arrived, deadline)
     async with runtime.admission(client_key(request), deadline, name, version) as served:
-        outcome = await served.segment(data, params, deadline, disconnected=lambda: _disconnect(request), as_json=True)
+        outcome = await served.segment(
+            data, params, deadline, disconnected=lambda: wait_disconnect(request), as_json=True
+        )
         # Read while admitted: once the last admitted request is answered an old version may unload.
         loaded = served.model
         model = {
