@@ -1,4 +1,5 @@
-"""The load generator: an HTTP client for the segment routes and two drivers.
+"""The load generator: HTTP clients for the segment routes (/v1, or the Open Inference Protocol's
+/v2 infer) and two drivers.
 
 Both drivers take ``send(index) -> HTTP status`` (an awaitable), so the same loops also drive the
 service's runtime in-process (``scripts/bench_service.py``).
@@ -24,6 +25,10 @@ from urllib.parse import quote
 
 import httpx
 import numpy as np
+
+from transfiner.service.loadtest.metrics_delta import MODEL_SEGMENT_ROUTE, SEGMENT_ROUTE
+from transfiner.service.oip import rest
+from transfiner.service.oip.tensors import InferRequest, Tensor, TensorError
 
 # send(index) -> HTTP status. Transport failures raise; the drivers record them as errors.
 Send = Callable[[int], Awaitable[int]]
@@ -191,7 +196,13 @@ def segment_path(model: str | None = None) -> str:
 class SegmentClient:
     """One shared ``httpx.AsyncClient`` posting the workload's images to the segment route of
     ``model`` (None: ``/v1/segment``), in turn (request ``i`` sends image ``i mod n``), as raw
-    bodies with the query ``params``."""
+    bodies with the query ``params``.
+
+    - ``protocol``: what ``transfiner bench --protocol`` calls it; ``route``: the route template
+      the server's request metrics label its requests with.
+    - A client for another protocol overrides ``request`` and ``check``."""
+
+    protocol = "v1"
 
     def __init__(
         self,
@@ -208,6 +219,8 @@ class SegmentClient:
             raise ValueError("the workload has no images")
         self.images = list(images)
         self.path = segment_path(model)
+        self.route = MODEL_SEGMENT_ROUTE if model is not None else SEGMENT_ROUTE
+        self.model = model
         self.params = dict(params or {})
         headers = {"X-API-Key": api_key} if api_key else {}
         # Enough connections for every request in flight: a smaller pool would queue requests
@@ -220,19 +233,27 @@ class SegmentClient:
             limits=limits,
         )
 
-    async def send(self, index: int) -> int:
+    async def request(self, index: int) -> httpx.Response:
+        """Sends request ``index`` (image ``index mod n``); the answer, read but not checked."""
         image = self.images[index % len(self.images)]
-        response = await self.http.post(
+        return await self.http.post(
             self.path,
             content=image.data,
             params=self.params,
             headers={"Content-Type": image.content_type},
         )
+
+    def check(self, response: httpx.Response) -> None:
+        """Reads a success's body as a real client would; ``InvalidAnswer`` if it cannot."""
+        try:
+            json.loads(response.content)
+        except ValueError:
+            raise InvalidAnswer(f"status {response.status_code} with a body that is not JSON") from None
+
+    async def send(self, index: int) -> int:
+        response = await self.request(index)
         if response.is_success:
-            try:
-                json.loads(response.content)  # a real client reads the answer
-            except ValueError:
-                raise InvalidAnswer(f"status {response.status_code} with a body that is not JSON") from None
+            self.check(response)
         return response.status_code
 
     async def aclose(self) -> None:
@@ -243,3 +264,41 @@ class SegmentClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
+
+
+class OipHttpClient(SegmentClient):
+    """The same workload as Open Inference Protocol requests over REST, to
+    ``/v2/models/{model}/infer`` (``model`` is required), the image as binary tensor data and the
+    answer asked for in binary too; ``params`` go as the request's parameters."""
+
+    protocol = "v2-http"
+
+    def __init__(self, url: str, images: Sequence[WorkloadImage], *, model: str | None = None, **options) -> None:
+        if model is None:
+            raise ValueError("the Open Inference Protocol names the model: pass one")
+        super().__init__(url, images, model=model, **options)
+        self.path = f"/v2/models/{quote(model, safe='')}/infer"
+        self.route = "/v2/models/{name}/infer"
+        parameters = {**self.params, "binary_data_output": True}
+        # Encoded once per image: the client's own work should not weigh on the comparison.
+        self._bodies = [
+            rest.encode_request(InferRequest([Tensor("image", "BYTES", (1,), [image.data])], parameters=parameters))
+            for image in self.images
+        ]
+
+    async def request(self, index: int) -> httpx.Response:
+        body, length = self._bodies[index % len(self._bodies)]
+        return await self.http.post(self.path, content=body, headers={rest.HEADER_LENGTH: str(length)})
+
+    def check(self, response: httpx.Response) -> None:
+        length = response.headers.get(rest.HEADER_LENGTH)
+        try:
+            rest.parse_response(response.content, None if length is None else int(length))
+        except (ValueError, TensorError):
+            raise InvalidAnswer(
+                f"status {response.status_code} with a body that is not an inference response"
+            ) from None
+
+
+# ``transfiner bench --protocol``: each protocol's client (same constructor, same ``send``).
+PROTOCOLS: dict[str, type[SegmentClient]] = {client.protocol: client for client in (SegmentClient, OipHttpClient)}

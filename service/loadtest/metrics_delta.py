@@ -185,10 +185,11 @@ class ServerBreakdown:
     batch_size_distribution: dict[str, int]  # bucket label ("1", "5-6") -> batches
 
 
-def breakdown(delta: Scrape, model: str | None = None) -> ServerBreakdown:
+def breakdown(delta: Scrape, model: str | None = None, route: str | None = None) -> ServerBreakdown:
     """The step's figures; with ``model``, that model's (its segment route and its versions'
-    metrics), else those of ``/v1/segment`` and every model's work."""
-    route = SEGMENT_ROUTE if model is None else MODEL_SEGMENT_ROUTE
+    metrics), else those of ``/v1/segment`` and every model's work. ``route``: the route template
+    the requests went to, when not /v1's (the Open Inference Protocol's)."""
+    route = route or (SEGMENT_ROUTE if model is None else MODEL_SEGMENT_ROUTE)
     of_model = {} if model is None else {"model": model}
 
     def stage(name: str) -> StageTiming:

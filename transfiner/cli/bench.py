@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 
 from transfiner.service.loadtest.client import (
+    PROTOCOLS,
     SegmentClient,
     WorkloadImage,
     poisson_arrivals,
@@ -47,6 +48,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="NAME",
         help="load one model of the server's repository (/v1/models/NAME/segment; default: /v1/segment)",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=sorted(PROTOCOLS),
+        default="v1",
+        help="how the requests go: v1 (POST /v1/.../segment, the image as the body) or v2-http (the Open "
+        "Inference Protocol over REST, binary tensor data; --model or the server's default model) (v1)",
     )
     load = parser.add_mutually_exclusive_group()
     load.add_argument(
@@ -202,6 +210,8 @@ def command_line(args: argparse.Namespace) -> str:
     if args.duration is not None:
         parts += ["--duration", f"{args.duration:g}"]
     parts += ["--warmup", str(args.warmup)]
+    if args.protocol != "v1":
+        parts += ["--protocol", args.protocol]
     if args.images:
         parts += ["--images", args.images]
     else:
@@ -278,12 +288,7 @@ async def _test_request(client: SegmentClient) -> None:
     server's own message instead of as a table of errors."""
     image = client.images[0]
     try:
-        response = await client.http.post(
-            client.path,
-            content=image.data,
-            params=client.params,
-            headers={"Content-Type": image.content_type},
-        )
+        response = await client.request(0)
     except httpx.TransportError as error:
         raise ValueError(f"the test request failed: {error or type(error).__name__}") from None
     if not response.is_success:
@@ -329,7 +334,9 @@ async def _step(
         with _progress_bar(len(arrivals), f"open {level:g} req/s") as bar:
             run = await run_open_loop(client.send, arrivals, max_outstanding=args.max_outstanding, progress=bar.update)
     after = await _scrape_or_none(http, metrics_urls)
-    server = breakdown(after.minus(before), args.model) if before is not None and after is not None else None
+    server = (
+        breakdown(after.minus(before), client.model, client.route) if before is not None and after is not None else None
+    )
     return StepResult.from_run(
         mode, run, server, concurrency=concurrency, offered_rate=level if mode == "open" else None
     )
@@ -381,13 +388,18 @@ async def run_bench(args: argparse.Namespace, images: list[WorkloadImage], workl
         names = [card["name"] for card in report.target["models"]]
         if args.model is not None and args.model not in names:
             raise ValueError(f"{url} serves no model {args.model!r} (models: {', '.join(names) or 'none'})")
-        report.target["model"] = args.model
+        model = args.model
+        if model is None and args.protocol != "v1":  # the protocol always names the model
+            model = next((card["name"] for card in report.target["models"] if card.get("default")), None)
+            if model is None:
+                raise ValueError(f"{url} has no default model: name one with --model")
+        report.target["model"] = model
         if metrics_urls:
             await _first_scrape(http, metrics_urls)
-        async with SegmentClient(
+        async with PROTOCOLS[args.protocol](
             url,
             images,
-            model=args.model,
+            model=model,
             params=workload["params"],
             api_key=args.api_key,
             timeout_s=args.timeout,
@@ -418,6 +430,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "sizes": sorted({f"{i.width}x{i.height}" for i in images}),
         "mean_bytes": round(sum(len(i.data) for i in images) / len(images)),
         "params": params,
+        "protocol": args.protocol,
         "warmup": args.warmup,
         "requests_per_step": args.requests if args.duration is None else None,
         "duration_per_step_s": args.duration,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service.support import free_port, running
+from tests.service.support import free_port, metric, running
 from transfiner.cli.main import main
 from transfiner.model.datasets.shapes import make_shapes
 from transfiner.service.loadtest.client import (
@@ -123,6 +123,22 @@ def test_closed_loop_sweep_against_a_live_server(server, images, tmp_path, capsy
     # One request in flight at a time cannot form a batch of two.
     assert report["steps"][0]["server"]["batch_size_distribution"] == {"1": report["steps"][0]["server"]["batches"]}
     assert "closed c=2" in capsys.readouterr().out
+
+
+def test_the_same_workload_as_open_inference_protocol_requests(server, images, tmp_path, capsys):
+    """--protocol v2-http: the images go to /v2/models/default/infer as binary tensor data, and the
+    server's figures are those of that route."""
+    out = tmp_path / "v2"
+    args = ["bench", "--url", server.url, "--concurrency", "2", "--requests", "4", "--warmup", "1"]
+    args += ["--images", str(images), "--param", "score_threshold=0.3", "--protocol", "v2-http", "--out", str(out)]
+    infer_before = metric(server.url, "transfiner_requests_total", route="/v2/models/{name}/infer", status="200")
+    assert main(args) == 0, capsys.readouterr().err
+    report = check_report(out, "closed", [2])
+    assert report["workload"]["protocol"] == "v2-http" and report["target"]["model"] == "default"
+    assert "--protocol v2-http" in report["command"]
+    # Warm-up, test request and the step: all of them through the protocol's route.
+    infer_after = metric(server.url, "transfiner_requests_total", route="/v2/models/{name}/infer", status="200")
+    assert infer_after - infer_before == 1 + 1 + 4
 
 
 def test_open_loop_with_generated_images(server, tmp_path, capsys):
