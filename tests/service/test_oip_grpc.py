@@ -310,3 +310,33 @@ def test_reflection_lists_and_describes_the_services(server):
     assert proto.package == "inference"
     methods = [method.name for method in proto.service[0].method]
     assert methods == ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"]
+
+
+def test_bench_sends_the_workload_as_grpc_calls(checkpoint, tmp_path, capsys):
+    """``transfiner bench --protocol v2-grpc``: the images go to ModelInfer on the gRPC port, and
+    the server's figures are those of its gRPC calls."""
+    from transfiner.cli.main import main
+    from transfiner.model.datasets.shapes import make_shapes
+
+    make_shapes(tmp_path / "shapes", 3, seed=0, size=(96, 96))
+    settings = ServiceSettings(model=str(checkpoint), device="cpu", max_batch_size=4, max_delay_ms=20)
+    with running(settings, grpc=True) as server:
+        out = tmp_path / "bench"
+        args = ["bench", "--url", server.url, "--grpc-target", server.grpc_target, "--protocol", "v2-grpc"]
+        args += ["--concurrency", "2", "--requests", "4", "--warmup", "1", "--images", str(tmp_path / "shapes/images")]
+        args += ["--param", "score_threshold=0.3", "--out", str(out)]
+        assert main(args) == 0, capsys.readouterr().err
+        # Warm-up, test request and the step, all of them gRPC calls.
+        assert metric(server.url, "transfiner_grpc_requests_total", method="ModelInfer", code="OK") == 1 + 1 + 4
+        capsys.readouterr()
+        # A refused test request stops the bench with the status the service gives it over REST,
+        # and the gRPC code and message.
+        assert main([*args, "--param", "max_detections=-1"]) == 2
+        assert "400 INVALID_ARGUMENT" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["workload"]["protocol"] == "v2-grpc" and report["target"]["model"] == "default"
+    assert f"--protocol v2-grpc --grpc-target {server.grpc_target}" in report["command"]
+    (step,) = report["steps"]
+    assert step["requests"] == step["ok"] == 4 and step["errors"] == {}
+    assert step["server"]["responses_by_status"] == {"OK": 4} and step["server"]["segment_requests"] == 4
+    assert step["server"]["request"]["count"] == 4 and step["server"]["decode"]["count"] == 4
