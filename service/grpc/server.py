@@ -22,8 +22,9 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from transfiner.model.inference.images import without_object_reprs
 from transfiner.service.engine.runtime import ServiceRuntime
-from transfiner.service.errors import ServiceError
+from transfiner.service.errors import MAX_MESSAGE_CHARS, ServiceError
 from transfiner.service.grpc import inference_pb2 as pb
 from transfiner.service.grpc import inference_pb2_grpc as pb_grpc
 from transfiner.service.grpc import messages
@@ -48,6 +49,15 @@ def _peer_host(peer: str) -> str:
     """``ipv4:127.0.0.1:5000`` / ``ipv6:[::1]:5000`` -> the address without the port."""
     _, _, address = peer.partition(":")
     return address.rsplit(":", 1)[0] if ":" in address else address or "unknown"
+
+
+def details(message: str) -> str:
+    """A refusal's message as the JSON errors carry it: no object reprs (Pillow's file object), at
+    most ``MAX_MESSAGE_CHARS``, since messages quote what was sent."""
+    message = without_object_reprs(message, "(the upload)")
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
+    return message
 
 
 def retry_metadata(retry_after: float | None) -> tuple[tuple[str, str], ...]:
@@ -191,7 +201,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 # Over HTTP a 503 to retry; a gRPC retry shares the call's deadline, which the
                 # expected wait already exceeds, so the call ends as gRPC ends late calls.
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
-            await context.abort(code, refusal.message, trailing_metadata=retry_metadata(refusal.retry_after))
+            await context.abort(code, details(refusal.message), trailing_metadata=retry_metadata(refusal.retry_after))
         finally:
             self.metrics.grpc_requests.labels(method=method, code=code.name).inc()
             self.metrics.grpc_seconds.labels(method=method).observe(time.perf_counter() - started)

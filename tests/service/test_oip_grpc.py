@@ -188,6 +188,9 @@ def test_refusals(server, client):
     assert code == "INVALID_ARGUMENT" and "max_detections" in message
     code, message = status_of(lambda: client.infer("shapes", [image_input(png)], parameters={"colour": "red"}))
     assert code == "INVALID_ARGUMENT" and "colour" in message
+    # Messages quote what was sent, within bounds.
+    code, message = status_of(lambda: client.infer("shapes", [image_input(png)], parameters={"x" * 20_000: 1}))
+    assert code == "INVALID_ARGUMENT" and 2000 < len(message) < 2100 and "more characters" in message
     wrong = triton.InferInput("image", [1], "FP32")
     wrong.set_data_from_numpy(np.zeros(1, dtype=np.float32))
     assert status_of(lambda: client.infer("shapes", [wrong]))[0] == "INVALID_ARGUMENT"
