@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint format docs serve bench images clean
+.PHONY: install test test-fast lint format docs grpc serve bench images clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ format: install
 # The documentation site; broken links and missing pages fail the build.
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
+
+# The gRPC modules from service/grpc/inference.proto (a test fails while they are stale).
+grpc: install
+	$(BIN)/python -m scripts.generate_grpc
 
 serve: $(RUNTIME)
 	$(BIN)/transfiner serve

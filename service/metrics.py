@@ -167,6 +167,20 @@ class ServiceMetrics:
             ["route", "method", "status"],
             registry=r,
         )
+        # The gRPC server's calls of inference.GRPCInferenceService (health and reflection not counted).
+        self.grpc_requests = Counter(
+            "transfiner_grpc_requests",
+            "gRPC calls by method and status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.grpc_seconds = Histogram(
+            "transfiner_grpc_request_duration_seconds",
+            "End-to-end time of gRPC calls, by method",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.rejections = Counter(
             "transfiner_rejections",
             "Requests refused, by reason",

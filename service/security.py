@@ -1,11 +1,13 @@
-"""Optional API key for ``/v1/*``: ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``."""
+"""Optional API key for ``/v1/*`` (and gRPC inference): ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``."""
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
 
 from transfiner.service.errors import ServiceError
 
@@ -26,12 +28,23 @@ BEARER = HTTPBearer(
 )
 
 
-def supplied_key(request: Request) -> str | None:
-    key = request.headers.get("x-api-key")
+def key_in(headers: Mapping[str, str]) -> str | None:
+    """The key sent in ``x-api-key``, else as ``authorization: Bearer <key>`` (lower-case names:
+    HTTP headers as Starlette gives them, gRPC metadata)."""
+    key = headers.get("x-api-key")
     if key:
         return key
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    scheme, _, token = headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def supplied_key(request: Request) -> str | None:
+    return key_in(request.headers)
+
+
+def key_matches(supplied: str | None, expected: SecretStr) -> bool:
+    """In constant time, so response timing does not reveal how much of a guess was right."""
+    return hmac.compare_digest((supplied or "").encode(), expected.get_secret_value().encode())
 
 
 async def require_api_key(
@@ -47,9 +60,7 @@ async def require_api_key(
     expected = request.app.state.settings.api_key
     if expected is None:
         return
-    supplied = supplied_key(request) or ""
-    # Constant time, so response timing does not reveal how much of a guess was right.
-    if not hmac.compare_digest(supplied.encode(), expected.get_secret_value().encode()):
+    if not key_matches(supplied_key(request), expected):
         raise ServiceError(
             401,
             "unauthorized",

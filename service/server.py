@@ -15,6 +15,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from transfiner.service.engine.runtime import ServiceRuntime
 from transfiner.service.errors import error_body
+from transfiner.service.grpc.server import GrpcServer
 from transfiner.service.settings import ServiceSettings
 from transfiner.service.telemetry.logs import uvicorn_log_config
 
@@ -237,22 +238,57 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
-class DrainingServer(uvicorn.Server):
-    """Plain uvicorn stops accepting connections at once on SIGTERM, so readiness can never be
-    seen turning 503; here the first signal starts ``runtime.begin_drain()`` and the server exits
-    when it is done. A second signal falls through to uvicorn (Ctrl-C twice forces the exit)."""
+class ServiceServer(uvicorn.Server):
+    """uvicorn, and beside it in the same event loop the gRPC server of the same runtime
+    (``grpc_port``; 0: none): bound before the models load, so a port in use fails at once, and
+    stopped after the drain, before the lifespan unloads the models."""
 
     def __init__(self, config: uvicorn.Config, runtime: ServiceRuntime) -> None:
         super().__init__(config)
         self.runtime = runtime
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._draining = False
-        self._watch: asyncio.Task | None = None  # keeps the load watch referenced while it runs
-        self.failure: str | None = None  # why the model could not be loaded, if it could not
+        self.grpc: GrpcServer | None = None
+        self.grpc_port: int | None = None  # where gRPC listens, once it does
+        self.failure: str | None = None  # why the server could not start or the model not load
+        self.loop: asyncio.AbstractEventLoop | None = None  # the one HTTP and gRPC are served in
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        settings = self.runtime.settings
+        if settings.grpc_port:
+            try:
+                # Bound here first for the operating system's reason (gRPC's own error says none).
+                for sock in listening_sockets(settings.host, settings.grpc_port):
+                    sock.close()
+                self.grpc = GrpcServer(self.runtime)
+                self.grpc_port = await self.grpc.start()
+            except ValueError as error:
+                self.failure = f"gRPC: {error}"
+                log.error("exiting: %s", self.failure)
+                self.should_exit = True
+                return
+        await super().startup(sockets)
+        if self.should_exit and self.grpc is not None:  # the lifespan failed: no shutdown follows
+            await self.grpc.stop(0)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop(AFTER_DRAIN_S)
+        await super().shutdown(sockets)
+
+
+class DrainingServer(ServiceServer):
+    """Plain uvicorn stops accepting connections at once on SIGTERM, so readiness can never be
+    seen turning 503; here the first signal starts ``runtime.begin_drain()`` and the server exits
+    when it is done. A second signal falls through to uvicorn (Ctrl-C twice forces the exit).
+    gRPC drains with HTTP: its health turns NOT_SERVING and new calls get UNAVAILABLE."""
+
+    def __init__(self, config: uvicorn.Config, runtime: ServiceRuntime) -> None:
+        super().__init__(config, runtime)
+        self._draining = False
+        self._watch: asyncio.Task | None = None  # keeps the load watch referenced while it runs
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)  # the lifespan has begun loading the model
@@ -272,14 +308,14 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._draining and self._loop is not None:
-            self._loop.call_soon_threadsafe(self.runtime.skip_drain)
-        if self._draining or self._loop is None or not self.started:
+        if self._draining and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.runtime.skip_drain)
+        if self._draining or self.loop is None or not self.started:
             super().handle_exit(sig, frame)
             return
         self._draining = True
         # Signal handlers run between bytecodes of the loop's own thread: hand over via the loop.
-        self._loop.call_soon_threadsafe(self._drain)
+        self.loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:
         log.info("signal received: draining before shutdown")

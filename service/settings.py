@@ -101,6 +101,17 @@ class ServiceSettings(BaseSettings):
     )
     demo: bool = Field(True, description="serve the browser demo page at / and /demo (TRANSFINER_DEMO=false: 404)")
 
+    # gRPC: the Open Inference Protocol's inference.GRPCInferenceService, with the standard health
+    # and reflection services, on host:grpc_port beside HTTP (same process, same event loop)
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="the Open Inference Protocol over gRPC on this port (0: no gRPC server)"
+    )
+    grpc_max_message_bytes: int | None = Field(
+        None,
+        ge=1024,
+        description="largest gRPC message received or sent (beyond it RESOURCE_EXHAUSTED); default: max_body_bytes",
+    )
+
     # Batching
     max_batch_size: int | None = Field(
         None,
@@ -155,6 +166,11 @@ class ServiceSettings(BaseSettings):
         0.0, ge=0, description="SIGTERM: minimum time readiness reports 503 before the port closes"
     )
 
+    @property
+    def grpc_message_bytes(self) -> int:
+        """``grpc_max_message_bytes``, or the HTTP body limit when unset."""
+        return self.grpc_max_message_bytes or self.max_body_bytes
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
@@ -173,6 +189,8 @@ class ServiceSettings(BaseSettings):
     def _check(self) -> ServiceSettings:
         if self.request_timeout_s > self.max_request_timeout_s:
             raise ValueError("request_timeout_s must not exceed max_request_timeout_s")
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(f"grpc_port and port are both {self.port}: give gRPC a port of its own")
         if self.max_body_bytes_total < self.max_body_bytes:  # else one allowed body could never fit
             raise ValueError("max_body_bytes_total must be at least max_body_bytes")
         return self

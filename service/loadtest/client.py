@@ -1,5 +1,5 @@
-"""The load generator: HTTP clients for the segment routes (/v1, or the Open Inference Protocol's
-/v2 infer) and two drivers.
+"""The load generator: clients for the segment routes (/v1, or the Open Inference Protocol's /v2
+infer, or its gRPC ``ModelInfer``) and two drivers.
 
 Both drivers take ``send(index) -> HTTP status`` (an awaitable), so the same loops also drive the
 service's runtime in-process (``scripts/bench_service.py``).
@@ -21,12 +21,16 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
+import grpc
 import httpx
 import numpy as np
 
-from transfiner.service.loadtest.metrics_delta import MODEL_SEGMENT_ROUTE, SEGMENT_ROUTE
+from transfiner.service.grpc import inference_pb2 as pb
+from transfiner.service.grpc import inference_pb2_grpc as pb_grpc
+from transfiner.service.grpc.messages import set_parameters
+from transfiner.service.loadtest.metrics_delta import GRPC_INFER_ROUTE, MODEL_SEGMENT_ROUTE, SEGMENT_ROUTE
 from transfiner.service.oip import rest
 from transfiner.service.oip.tensors import InferRequest, Tensor, TensorError
 
@@ -300,5 +304,87 @@ class OipHttpClient(SegmentClient):
             ) from None
 
 
+# What the drivers count a gRPC call's status code as: the HTTP status the service answers the
+# same refusal with over REST (a code the service never sends counts as 500).
+GRPC_HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+GRPC_PORT = 8001  # the service's default --grpc-port
+
+
+class OipGrpcClient(SegmentClient):
+    """The same workload as Open Inference Protocol calls over gRPC: ``ModelInfer`` on the
+    generated stub (grpc.aio, one channel: HTTP/2 carries every call in flight) to ``grpc_target``
+    (default: the url's host at port 8001), the image as raw BYTES contents, ``params`` as the
+    request's parameters (strings).
+
+    - ``request`` gives the outcome as an ``httpx.Response`` of the status the service answers the
+      same refusal with over REST (``GRPC_HTTP_STATUS``), its body the serialised answer or the
+      refusal's code and message, so the drivers and the test request treat every protocol alike.
+    - The url still serves the models list and the metrics."""
+
+    protocol = "v2-grpc"
+
+    def __init__(
+        self,
+        url: str,
+        images: Sequence[WorkloadImage],
+        *,
+        model: str | None = None,
+        grpc_target: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        **options,
+    ) -> None:
+        if model is None:
+            raise ValueError("the Open Inference Protocol names the model: pass one")
+        super().__init__(url, images, model=model, api_key=api_key, timeout_s=timeout_s, **options)
+        self.route = GRPC_INFER_ROUTE
+        self.target = grpc_target or f"{urlsplit(url).hostname}:{GRPC_PORT}"
+        # No size limit on this side: the server's is what a benchmark should meet.
+        self.channel = grpc.aio.insecure_channel(
+            self.target, options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        )
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.metadata = (("x-api-key", api_key),) if api_key else ()
+        self.timeout_s = timeout_s
+        # Built once per image: the client's own work should not weigh on the comparison.
+        self._requests = []
+        for image in self.images:
+            message = pb.ModelInferRequest(model_name=model)
+            message.inputs.add(name="image", datatype="BYTES", shape=[1])
+            message.raw_input_contents.append(len(image.data).to_bytes(4, "little") + image.data)
+            set_parameters(message.parameters, self.params)
+            self._requests.append(message)
+
+    async def request(self, index: int) -> httpx.Response:
+        try:
+            answer = await self.stub.ModelInfer(
+                self._requests[index % len(self._requests)], metadata=self.metadata, timeout=self.timeout_s
+            )
+        except grpc.aio.AioRpcError as error:
+            text = f"{error.code().name}: {error.details()}"
+            return httpx.Response(GRPC_HTTP_STATUS.get(error.code(), 500), text=text)
+        return httpx.Response(200, content=answer.SerializeToString())
+
+    def check(self, response: httpx.Response) -> None:
+        answer = pb.ModelInferResponse.FromString(response.content)
+        if len(answer.raw_output_contents) != len(answer.outputs) or not answer.outputs:
+            raise InvalidAnswer("an inference response whose outputs and raw contents do not match")
+
+    async def aclose(self) -> None:
+        await self.channel.close()
+        await super().aclose()
+
+
 # ``transfiner bench --protocol``: each protocol's client (same constructor, same ``send``).
-PROTOCOLS: dict[str, type[SegmentClient]] = {client.protocol: client for client in (SegmentClient, OipHttpClient)}
+PROTOCOLS: dict[str, type[SegmentClient]] = {
+    client.protocol: client for client in (SegmentClient, OipHttpClient, OipGrpcClient)
+}

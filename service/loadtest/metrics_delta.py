@@ -27,6 +27,7 @@ SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 _CUMULATIVE_TYPES = {"counter", "histogram", "summary"}
 
 SEGMENT_ROUTE = "/v1/segment"
+GRPC_INFER_ROUTE = "grpc ModelInfer"  # no HTTP route: the gRPC server's metrics of that method
 MODEL_SEGMENT_ROUTE = "/v1/models/{name}/segment"  # the route template, as the request metrics label it
 
 
@@ -188,7 +189,8 @@ class ServerBreakdown:
 def breakdown(delta: Scrape, model: str | None = None, route: str | None = None) -> ServerBreakdown:
     """The step's figures; with ``model``, that model's (its segment route and its versions'
     metrics), else those of ``/v1/segment`` and every model's work. ``route``: the route template
-    the requests went to, when not /v1's (the Open Inference Protocol's)."""
+    the requests went to, when not /v1's (the Open Inference Protocol's; ``GRPC_INFER_ROUTE``: its
+    gRPC calls)."""
     route = route or (SEGMENT_ROUTE if model is None else MODEL_SEGMENT_ROUTE)
     of_model = {} if model is None else {"model": model}
 
@@ -197,14 +199,19 @@ def breakdown(delta: Scrape, model: str | None = None, route: str | None = None)
 
     batch = delta.histogram("transfiner_batch_size", **of_model)
     inference = delta.histogram("transfiner_inference_seconds", **of_model)
-    by_status = delta.by_label("transfiner_requests_total", "status", route=route)
+    if route == GRPC_INFER_ROUTE:  # by status code name (OK, UNAVAILABLE, ...)
+        by_status = delta.by_label("transfiner_grpc_requests_total", "code", method="ModelInfer")
+        request = delta.histogram("transfiner_grpc_request_duration_seconds", method="ModelInfer")
+    else:
+        by_status = delta.by_label("transfiner_requests_total", "status", route=route)
+        request = delta.histogram("transfiner_request_duration_seconds", route=route)
     rejections = delta.by_label("transfiner_rejections_total", "reason")
     return ServerBreakdown(
         replicas=delta.sources,
         segment_requests=int(round(sum(by_status.values()))),
         responses_by_status={k: int(round(v)) for k, v in sorted(by_status.items()) if v > 0},
         rejections={k: int(round(v)) for k, v in sorted(rejections.items()) if v > 0},
-        request=StageTiming.of(delta.histogram("transfiner_request_duration_seconds", route=route)),
+        request=StageTiming.of(request),
         queue_wait=stage("transfiner_queue_wait_seconds"),
         decode=stage("transfiner_decode_seconds"),
         preprocess=stage("transfiner_preprocess_seconds"),

@@ -20,6 +20,9 @@ def test_serve_defaults_and_missing_model(capsys):
 
     settings = settings_from_args(build_parser().parse_args(["serve"]))
     assert (settings.model, settings.host, settings.port) == ("default", "127.0.0.1", 8000)
+    assert (settings.grpc_port, settings.grpc_message_bytes) == (8001, settings.max_body_bytes)
+    flags = build_parser().parse_args(["serve", "--grpc-port", "9001", "--grpc-max-message-bytes", "4096"])
+    assert (settings_from_args(flags).grpc_port, settings_from_args(flags).grpc_message_bytes) == (9001, 4096)
     flags = build_parser().parse_args(["serve", "--model", "x.pth", "--max-batch-size", "8", "--device", "cpu"])
     settings = settings_from_args(flags)
     assert (settings.model, settings.max_batch_size, settings.device) == ("x.pth", 8, "cpu")
@@ -79,6 +82,18 @@ def test_serve_on_a_port_in_use_says_so_and_exits_2():
     assert "ready:" not in done.stderr  # refused before the model loaded
 
 
+def test_serve_on_a_grpc_port_in_use_says_so_and_exits_2():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [*SERVE_COMMAND, "--model", "default", "--device", "cpu", "--port", "0", "--grpc-port", str(port)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == f"error: gRPC: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert "ready:" not in done.stderr  # refused before the model loaded
+
+
 def test_serve_exits_when_its_model_cannot_be_loaded(tmp_path):
     """A server whose model failed to load could never answer: it exits 2 with the reason (so that
     Docker or Kubernetes restarts it), instead of staying up with its liveness probe passing."""
@@ -91,6 +106,8 @@ def test_serve_exits_when_its_model_cannot_be_loaded(tmp_path):
         "--device",
         "cpu",
         "--port",
+        "0",
+        "--grpc-port",
         "0",
         "--log-level",
         "critical",
@@ -114,6 +131,7 @@ def test_serve_exits_when_its_model_cannot_be_loaded(tmp_path):
         (["--engine", "ray", "--worker-process"], "each replica is a process of Ray's own"),
         (["--engine", "ray", "--upscale-delay-s", "1"], "only with --min-replicas/--max-replicas"),
         (["--engine", "ray", "--port", "0"], "needs a fixed --port"),
+        (["--engine", "ray", "--grpc-port", "9001"], "--engine ray serves HTTP only"),
     ],
 )
 def test_serve_engine_flags_are_checked_before_anything_starts(flags, message, capsys):

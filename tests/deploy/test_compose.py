@@ -156,12 +156,14 @@ def test_long_running_services_have_health_checks_that_match_what_they_serve(com
 
 def test_service_port_is_the_same_everywhere(compose):
     """TRANSFINER_PORT of the replicas = what they expose = nginx's upstream = Prometheus's target
-    = the port the images default to."""
+    = the port the images default to; the gRPC port is exposed and the images' too."""
     services = compose["services"]
     port = int(services[SERVICE]["environment"]["TRANSFINER_PORT"])
+    grpc_port = int(services[SERVICE]["environment"]["TRANSFINER_GRPC_PORT"])
     for name in REPLICA_SERVICES:
         assert int(services[name]["environment"]["TRANSFINER_PORT"]) == port
-        assert [int(p) for p in services[name]["expose"]] == [port]
+        assert int(services[name]["environment"]["TRANSFINER_GRPC_PORT"]) == grpc_port != port
+        assert [int(p) for p in services[name]["expose"]] == [port, grpc_port]
     upstream = services["nginx"]["environment"]["NGINX_UPSTREAM_SERVERS"]
     assert re.fullmatch(rf"server {SERVICE}:{port} resolve( [a-z_]+=\w+)*;", upstream), upstream
     job = _prometheus_job()
@@ -169,6 +171,8 @@ def test_service_port_is_the_same_everywhere(compose):
     for dockerfile in DOCKERFILES:
         assert ("EXPOSE", str(port)) in dockerfile_instructions(dockerfile), dockerfile.name
         assert dockerfile_environment(dockerfile)["TRANSFINER_PORT"] == str(port), dockerfile.name
+        assert ("EXPOSE", str(grpc_port)) in dockerfile_instructions(dockerfile), dockerfile.name
+        assert dockerfile_environment(dockerfile)["TRANSFINER_GRPC_PORT"] == str(grpc_port), dockerfile.name
 
 
 def test_every_service_setting_reaches_the_replicas_and_none_is_set_empty(compose):

@@ -36,7 +36,8 @@ def cpu(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("container") / "cpu.log"
     # What `docker run -e` would add: loopback only here (tests send no traffic beyond it).
-    container = Container(image.tag, log, {"TRANSFINER_HOST": "127.0.0.1", "TRANSFINER_PORT": str(port)})
+    env = {"TRANSFINER_HOST": "127.0.0.1", "TRANSFINER_PORT": str(port), "TRANSFINER_GRPC_PORT": str(free_port())}
+    container = Container(image.tag, log, env)
     try:
         container.wait_ready(f"http://127.0.0.1:{port}", timeout=180)
         yield container, port

@@ -97,11 +97,14 @@ def test_ports_probes_and_scraping_match_the_service(overlay):
     _, objects = overlay
     container = _container(objects)
     env = _env(objects)
-    (port,) = container["ports"]
-    # The port the service listens on = the container port = the images' EXPOSE = the scrape port.
+    port, grpc_port = container["ports"]
+    # The port the service listens on = the container port = the images' EXPOSE = the scrape port;
+    # the same for gRPC (which no probe or scrape uses).
     assert int(env["TRANSFINER_PORT"]) == port["containerPort"] == 8000
+    assert int(env["TRANSFINER_GRPC_PORT"]) == grpc_port["containerPort"] == 8001
     for dockerfile in DOCKER_DIR.glob("Dockerfile.*"):
-        assert re.search(rf"^EXPOSE {port['containerPort']}$", dockerfile.read_text(), re.M), dockerfile.name
+        for exposed in (port, grpc_port):
+            assert re.search(rf"^EXPOSE {exposed['containerPort']}$", dockerfile.read_text(), re.M), dockerfile.name
     assert env["TRANSFINER_HOST"] == "0.0.0.0"  # reachable from the Service, not only loopback
     routes = {route.path for route in router.routes}
     probes = {kind: container[kind]["httpGet"] for kind in ("readinessProbe", "livenessProbe", "startupProbe")}
@@ -118,9 +121,9 @@ def test_ports_probes_and_scraping_match_the_service(overlay):
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == port["containerPort"]
     assert annotations["prometheus.io/path"] == "/metrics" and "/metrics" in routes
-    # The Service sends its port to the named container port.
-    (service_port,) = objects["Service"]["spec"]["ports"]
-    assert service_port["targetPort"] == port["name"]
+    # The Service sends its ports to the named container ports.
+    service_ports = objects["Service"]["spec"]["ports"]
+    assert [(p["port"], p["targetPort"]) for p in service_ports] == [(8000, port["name"]), (8001, grpc_port["name"])]
 
 
 def test_the_environment_is_valid_service_settings(overlay, monkeypatch):

@@ -161,6 +161,7 @@ def topology(tmp_path_factory):
                 environment,
                 TRANSFINER_HOST="127.0.0.1",
                 TRANSFINER_PORT=str(port),
+                TRANSFINER_GRPC_PORT=str(free_port()),  # 8001 for both would clash on one network
                 TRANSFINER_TORCH_THREADS="1",
                 TRANSFINER_MAX_CLIENT_INFLIGHT="1",
             )

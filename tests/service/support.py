@@ -13,21 +13,24 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from transfiner.service.app import create_app
 from transfiner.service.loadtest.servers import free_port
-from transfiner.service.server import uvicorn_config
+from transfiner.service.server import ServiceServer, uvicorn_config
 from transfiner.service.settings import ServiceSettings
 
 __all__ = ["ThreadServer", "assert_same", "free_port", "metric", "running", "wait_ready"]
 
 
 class ThreadServer:
-    """``create_app(settings)`` served by uvicorn on 127.0.0.1:<free port> in a daemon thread."""
+    """``create_app(settings)`` served by uvicorn on 127.0.0.1:<free port> in a daemon thread;
+    with ``grpc=True`` also the gRPC server (``ServiceServer``) on another free loopback port,
+    ``grpc_target``, else none (the settings' default port would clash between servers)."""
 
-    def __init__(self, settings: ServiceSettings, **app_args) -> None:
+    def __init__(self, settings: ServiceSettings, *, grpc: bool = False, **app_args) -> None:
+        settings = settings.model_copy(update={"grpc_port": free_port() if grpc else 0})
+        self.grpc_target = f"127.0.0.1:{settings.grpc_port}" if grpc else None
         self.app = create_app(settings, **app_args)
         self.runtime = self.app.state.runtime
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -35,7 +38,7 @@ class ThreadServer:
         self._socket.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port
         self.port = self._socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn_config(self.app, settings, log_level="warning"))
+        self.server = ServiceServer(uvicorn_config(self.app, settings, log_level="warning"), self.runtime)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True)
 
     def start(self, ready_timeout: float = 120.0) -> ThreadServer:
@@ -51,6 +54,7 @@ class ThreadServer:
 
 @contextlib.contextmanager
 def running(settings: ServiceSettings, **app_args) -> Iterator[ThreadServer]:
+    """A started ``ThreadServer`` (``grpc=True``: with gRPC), stopped at the end."""
     server = ThreadServer(settings, **app_args).start()
     try:
         yield server

@@ -667,6 +667,8 @@ def test_serve_process_readiness_and_graceful_sigterm(checkpoint, tmp_path):
         str(checkpoint),
         "--port",
         str(port),
+        "--grpc-port",
+        "0",
         "--max-delay-ms",
         "300",
         "--log-level",
@@ -718,6 +720,8 @@ def test_after_the_drain_a_stalled_request_holds_the_stop_only_briefly(checkpoin
         str(checkpoint),
         "--port",
         str(port),
+        "--grpc-port",
+        "0",
         "--log-level",
         "warning",
     ]

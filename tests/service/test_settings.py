@@ -69,3 +69,12 @@ def test_thread_pools_default_to_the_cores(monkeypatch):
     assert settings.decode_threads == settings.postprocess_threads == available_cores() >= 1
     monkeypatch.setenv("TRANSFINER_DECODE_THREADS", "3")
     assert (ServiceSettings().decode_threads, ServiceSettings(postprocess_threads=5).postprocess_threads) == (3, 5)
+
+
+def test_grpc_needs_a_port_of_its_own_and_defaults_to_the_body_limit():
+    with pytest.raises(ValueError, match="grpc_port and port are both 9000"):
+        ServiceSettings(port=9000, grpc_port=9000)
+    assert ServiceSettings(port=0, grpc_port=0).grpc_port == 0  # 0 and 0: any free port, and no gRPC
+    settings = ServiceSettings(max_body_bytes=4096)
+    assert settings.grpc_message_bytes == 4096
+    assert ServiceSettings(max_body_bytes=4096, grpc_max_message_bytes=2048).grpc_message_bytes == 2048

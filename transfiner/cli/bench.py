@@ -53,8 +53,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--protocol",
         choices=sorted(PROTOCOLS),
         default="v1",
-        help="how the requests go: v1 (POST /v1/.../segment, the image as the body) or v2-http (the Open "
-        "Inference Protocol over REST, binary tensor data; --model or the server's default model) (v1)",
+        help="how the requests go: v1 (POST /v1/.../segment, the image as the body), v2-http (the Open "
+        "Inference Protocol over REST, binary tensor data) or v2-grpc (the same over gRPC, ModelInfer); the "
+        "protocol's requests name --model or the server's default model (v1)",
+    )
+    parser.add_argument(
+        "--grpc-target",
+        default=None,
+        metavar="HOST:PORT",
+        help="with --protocol v2-grpc: the gRPC server (default: --url's host at port 8001)",
     )
     load = parser.add_mutually_exclusive_group()
     load.add_argument(
@@ -157,6 +164,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.timeout <= 0:
         raise ValueError(f"--timeout must be positive, got {args.timeout}")
+    if args.grpc_target is not None and args.protocol != "v2-grpc":
+        raise ValueError("--grpc-target: only with --protocol v2-grpc")
 
 
 def parse_params(items: list[str]) -> dict[str, str]:
@@ -212,6 +221,8 @@ def command_line(args: argparse.Namespace) -> str:
     parts += ["--warmup", str(args.warmup)]
     if args.protocol != "v1":
         parts += ["--protocol", args.protocol]
+    if args.grpc_target is not None:
+        parts += ["--grpc-target", args.grpc_target]
     if args.images:
         parts += ["--images", args.images]
     else:
@@ -396,6 +407,7 @@ async def run_bench(args: argparse.Namespace, images: list[WorkloadImage], workl
         report.target["model"] = model
         if metrics_urls:
             await _first_scrape(http, metrics_urls)
+        grpc_target = {"grpc_target": args.grpc_target} if args.protocol == "v2-grpc" else {}
         async with PROTOCOLS[args.protocol](
             url,
             images,
@@ -404,6 +416,7 @@ async def run_bench(args: argparse.Namespace, images: list[WorkloadImage], workl
             api_key=args.api_key,
             timeout_s=args.timeout,
             max_connections=max_connections,
+            **grpc_target,
         ) as client:
             await _test_request(client)
             for level in levels:

@@ -34,6 +34,8 @@ _FLAGS = (
     "max_queue_size",
     "host",
     "port",
+    "grpc_port",
+    "grpc_max_message_bytes",
     "log_level",
     "log_format",
     "worker_process",
@@ -77,6 +79,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-size", type=int, default=None, help="queued requests before 503 (64)")
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
     parser.add_argument("--port", type=int, default=None, help="default 8000 (0: any free port)")
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="the Open Inference Protocol over gRPC on this port (default 8001; 0: no gRPC server)",
+    )
+    parser.add_argument(
+        "--grpc-max-message-bytes",
+        type=int,
+        default=None,
+        metavar="B",
+        help="largest gRPC message received or sent (default: the HTTP body limit, max_body_bytes)",
+    )
     parser.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument(
         "--log-format",
@@ -223,6 +238,8 @@ def cmd_serve_engine(args: argparse.Namespace) -> int:
         raise ValueError(f"--engine ray needs Ray Serve: pip install 'transfiner[ray]' ({error})") from None
     from transfiner.cli.serve import checked_settings
 
+    if args.grpc_port or args.grpc_max_message_bytes is not None:
+        raise ValueError("--grpc-port, --grpc-max-message-bytes: --engine ray serves HTTP only (docs/guide/grpc.md)")
     if args.workers is not None:
         raise ValueError("--workers: with --engine ray each replica runs one model worker; scale with --replicas")
     if args.worker_process:

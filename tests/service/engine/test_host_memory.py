@@ -49,6 +49,8 @@ def faults_per_request(checkpoint: Path, log: Path, **env: str) -> float:
         "cpu",
         "--port",
         str(port),
+        "--grpc-port",
+        "0",
         "--worker-process",
         "--max-batch-size",
         "4",

@@ -448,6 +448,8 @@ def test_ctrl_c_drains_the_server_before_its_worker_process_stops(checkpoint, tm
         str(checkpoint),
         "--port",
         str(port),
+        "--grpc-port",
+        "0",
         "--max-delay-ms",
         "300",
         "--log-level",
