@@ -31,11 +31,14 @@ from transfiner.service.grpc import messages
 from transfiner.service.oip import inference
 from transfiner.service.oip.errors import OipError, from_service_error
 from transfiner.service.security import key_in, key_matches
+from transfiner.service.telemetry.tracing import trace_id_hex
 
 log = logging.getLogger("service")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# The call's trace id (tracing on), as X-Trace-Id over HTTP.
+TRACE_ID_KEY = "x-trace-id"
 # How often health watchers are told of the runtime's state (it calls nobody back).
 HEALTH_POLL_S = 0.25
 
@@ -111,10 +114,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference -----------------------------------------------------------------------------
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
-        return await self._answer("ModelInfer", context, lambda: self._infer(request, context), keyed=True)
+        # Traced as an HTTP request is: a server span under the caller's traceparent (metadata),
+        # its trace id in the initial metadata, the stage spans below it.
+        attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": "ModelInfer"}
+        with self.runtime.tracing.server_span(f"{SERVICE}/ModelInfer", _metadata(context), attributes) as span:
+            trace_id = trace_id_hex(span)
+            if trace_id is not None:
+                await context.send_initial_metadata(((TRACE_ID_KEY, trace_id),))
+            return await self._answer("ModelInfer", context, lambda: self._infer(request, context), keyed=True)
 
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        converted = messages.infer_request(request)
+        tracing = self.runtime.tracing
+        with tracing.stage("receive"):
+            converted = messages.infer_request(request)
         # The client cancelling (or its deadline passing) cancels this handler. The core runs in
         # a task of its own, shielded, and is told through ``disconnected``: it then drops the
         # queued job and gives back its place, as for an HTTP client that went away.
@@ -140,7 +152,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if isinstance(error, OipError) and error.reason:  # client_disconnected, counted as over HTTP
                 self.metrics.rejections.labels(reason=error.reason).inc()
             raise
-        return messages.infer_response(response)
+        tracing.annotate(
+            {"transfiner.model.name": response.model_name, "transfiner.model.version": response.model_version}
+        )
+        with tracing.stage("encode"):
+            return messages.infer_response(response)
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float:
         """The call's own deadline, at most ``max_request_timeout_s``; without one the HTTP

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 
+import grpc
 import httpx
 import pytest
 from opentelemetry.sdk.resources import Resource
@@ -21,6 +22,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 from tests.service.otlp_receiver import OtlpReceiver
 from tests.service.support import ThreadServer, free_port, running, wait_ready
 from tests.support import REPO, encode, scene
+from transfiner.service.grpc import inference_pb2 as pb
+from transfiner.service.grpc import inference_pb2_grpc as pb_grpc
 from transfiner.service.loadtest.servers import SERVE_COMMAND
 from transfiner.service.settings import ServiceSettings
 from transfiner.service.telemetry.tracing import STAGES, tracer_provider_from_env
@@ -46,7 +49,7 @@ def traced(checkpoint):
     provider = TracerProvider(resource=Resource.create({"service.name": "transfiner-test"}))
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     settings = ServiceSettings(model=str(checkpoint), device="cpu", max_batch_size=4, max_delay_ms=20)
-    server = ThreadServer(settings, tracer_provider=provider)
+    server = ThreadServer(settings, grpc=True, tracer_provider=provider)
 
     @server.app.get("/boom")  # fault injection: no route fails this way on purpose
     async def boom() -> None:
@@ -258,6 +261,27 @@ def test_an_open_inference_protocol_request_has_the_same_stage_spans(traced):
     root = server_span(exporter, trace_id)
     assert root.name == "POST /v2/models/{name}/infer" and format(root.parent.span_id, "016x") == PARENT_ID
     assert root.attributes["transfiner.model.name"] == answer.json()["model_name"] == "default"
+    children = sorted(
+        (s for s in exporter.get_finished_spans() if s.parent is not None and s.parent.span_id == root.context.span_id),
+        key=lambda s: s.start_time,
+    )
+    assert [s.name for s in children] == list(STAGES)
+
+
+def test_a_grpc_call_is_traced_under_its_traceparent_metadata_with_the_same_stages(traced):
+    server, exporter = traced
+    trace_id = "5b8efff798038103d269b633813fc60c"
+    request = pb.ModelInferRequest(model_name="default")
+    request.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(encode(scene()))
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        metadata = (("traceparent", f"00-{trace_id}-{PARENT_ID}-01"),)
+        _, call = stub.ModelInfer.with_call(request, metadata=metadata, timeout=60)
+    assert dict(call.initial_metadata())["x-trace-id"] == trace_id
+    root = server_span(exporter, trace_id)
+    assert root.name == "inference.GRPCInferenceService/ModelInfer"
+    assert format(root.parent.span_id, "016x") == PARENT_ID
+    assert root.attributes["transfiner.model.name"] == "default"
     children = sorted(
         (s for s in exporter.get_finished_spans() if s.parent is not None and s.parent.span_id == root.context.span_id),
         key=lambda s: s.start_time,
