@@ -11,6 +11,7 @@ standard health (``grpc.health.v1``) and reflection services.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -31,9 +32,12 @@ from transfiner.service.grpc import messages
 from transfiner.service.oip import inference
 from transfiner.service.oip.errors import OipError, from_service_error
 from transfiner.service.security import key_in, key_matches
+from transfiner.service.telemetry.logs import FIELDS
+from transfiner.service.telemetry.middleware import request_id_from
 from transfiner.service.telemetry.tracing import trace_id_hex
 
 log = logging.getLogger("service")
+request_log = logging.getLogger("service.request")  # the HTTP requests' log, in JSON mode
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -116,14 +120,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
         # Traced as an HTTP request is: a server span under the caller's traceparent (metadata),
         # its trace id in the initial metadata, the stage spans below it.
+        metadata = _metadata(context)
+        facts = {"request_id": request_id_from(metadata.get("x-request-id"))}
         attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": "ModelInfer"}
-        with self.runtime.tracing.server_span(f"{SERVICE}/ModelInfer", _metadata(context), attributes) as span:
-            trace_id = trace_id_hex(span)
-            if trace_id is not None:
-                await context.send_initial_metadata(((TRACE_ID_KEY, trace_id),))
-            return await self._answer("ModelInfer", context, lambda: self._infer(request, context), keyed=True)
+        with self.runtime.tracing.server_span(f"{SERVICE}/ModelInfer", metadata, attributes) as span:
+            facts["trace_id"] = trace_id_hex(span)
+            reply = [("x-request-id", facts["request_id"])]
+            if facts["trace_id"] is not None:
+                reply.append((TRACE_ID_KEY, facts["trace_id"]))
+            await context.send_initial_metadata(tuple(reply))
+            work = functools.partial(self._infer, request, context, facts)
+            return await self._answer("ModelInfer", context, work, keyed=True, facts=facts)
 
-    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, facts: dict[str, Any]
+    ) -> pb.ModelInferResponse:
         tracing = self.runtime.tracing
         with tracing.stage("receive"):
             converted = messages.infer_request(request)
@@ -152,6 +163,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if isinstance(error, OipError) and error.reason:  # client_disconnected, counted as over HTTP
                 self.metrics.rejections.labels(reason=error.reason).inc()
             raise
+        facts.update(model=response.model_name, version=response.model_version)
         tracing.annotate(
             {"transfiner.model.name": response.model_name, "transfiner.model.version": response.model_version}
         )
@@ -191,8 +203,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext,
         work: Callable[[], Any | Awaitable[Any]],
         keyed: bool = False,
+        facts: dict[str, Any] | None = None,
     ) -> Any:
-        """``work()``'s message, or the call aborted with the refusal's status code; counted."""
+        """``work()``'s message, or the call aborted with the refusal's status code; counted, and
+        with ``facts`` (the request's id, trace, model) logged as HTTP requests are in JSON mode."""
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
@@ -219,8 +233,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
             await context.abort(code, details(refusal.message), trailing_metadata=retry_metadata(refusal.retry_after))
         finally:
+            elapsed = time.perf_counter() - started
             self.metrics.grpc_requests.labels(method=method, code=code.name).inc()
-            self.metrics.grpc_seconds.labels(method=method).observe(time.perf_counter() - started)
+            self.metrics.grpc_seconds.labels(method=method).observe(elapsed)
+            if facts is not None and self.runtime.settings.log_format == "json":
+                fields = {
+                    **facts,
+                    "method": "gRPC",
+                    "route": f"{SERVICE}/{method}",
+                    "status": code.name,
+                    "client": _peer_host(context.peer() or ""),
+                    "total_ms": round(elapsed * 1000, 3),
+                }
+                request_log.info("gRPC %s %s", method, code.name, extra={FIELDS: fields})
 
 
 class RuntimeHealth(health.aio.HealthServicer):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 
+import grpc
 import httpx
 import pytest
 from uvicorn.config import LOGGING_CONFIG
@@ -19,6 +20,8 @@ from uvicorn.config import LOGGING_CONFIG
 from tests.service.otlp_receiver import OtlpReceiver
 from tests.service.support import free_port, wait_ready
 from tests.support import REPO, encode, scene
+from transfiner.service.grpc import inference_pb2 as pb
+from transfiner.service.grpc import inference_pb2_grpc as pb_grpc
 from transfiner.service.loadtest.servers import SERVE_COMMAND
 from transfiner.service.server import uvicorn_config
 from transfiner.service.settings import ServiceSettings
@@ -60,7 +63,8 @@ def test_a_json_logging_server_writes_only_json_lines_with_the_requests_facts(ch
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         env.update(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, TRANSFINER_TORCH_THREADS="1")
         command = [*SERVE_COMMAND, "--model", str(checkpoint), "--device", "cpu", "--port", str(port)]
-        command += ["--log-format", "json", "--log-level", "info"]
+        grpc_port = free_port()
+        command += ["--log-format", "json", "--log-level", "info", "--grpc-port", str(grpc_port)]
         with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
             proc = subprocess.Popen(command, env=env, stdout=out, stderr=err, cwd=REPO)
         try:
@@ -74,6 +78,11 @@ def test_a_json_logging_server_writes_only_json_lines_with_the_requests_facts(ch
             )
             made = httpx.post(url + "/v1/segment", content=png, headers={"X-Request-Id": "no spaces please"})
             refused = httpx.post(url + "/v1/segment?score_threshold=2", content=png, timeout=60)
+            request = pb.ModelInferRequest(model_name="default")
+            request.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(png)
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                _, call = stub.ModelInfer.with_call(request, metadata=(("x-request-id", "grpc-7"),), timeout=60)
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=60)
@@ -108,4 +117,13 @@ def test_a_json_logging_server_writes_only_json_lines_with_the_requests_facts(ch
     access = [e for e in entries if e["logger"] == "uvicorn.access" and e["path"].startswith("/v1/segment")]
     assert sorted(e["status"] for e in access) == [200, 200, 422]
     assert any(e["logger"] == "uvicorn.error" and e["message"].startswith("Started server") for e in entries)
+    # A gRPC call: the same request line, its id given back in the initial metadata.
+    assert dict(call.initial_metadata())["x-request-id"] == "grpc-7"
+    line = next(e for e in entries if e.get("request_id") == "grpc-7")
+    assert (line["route"], line["status"], line["client"]) == (
+        "inference.GRPCInferenceService/ModelInfer",
+        "OK",
+        "127.0.0.1",
+    )
+    assert (line["model"], line["version"]) == ("default", model["version"]) and len(line["trace_id"]) == 32
     assert any(e["logger"] == "service" and e["message"].startswith("ready") for e in entries)
