@@ -14,6 +14,7 @@ from transfiner.service.errors import COMMON_ERRORS, install_error_handlers
 from transfiner.service.metrics import ServiceMetrics
 from transfiner.service.middleware import BodyLimitMiddleware, HeadAsGetMiddleware, MetricsMiddleware
 from transfiner.service.routes import demo, health, models, repository, segment
+from transfiner.service.security import guarded
 from transfiner.service.settings import ServiceSettings
 
 DESCRIPTION = """\
@@ -62,9 +63,10 @@ def create_app(
     app.state.metrics = metrics
     app.state.runtime = runtime
     install_error_handlers(app)
-    app.include_router(segment.router)
-    app.include_router(models.router)
-    app.include_router(repository.router)
+    guard = guarded(settings)
+    app.include_router(segment.router, **guard)
+    app.include_router(models.router, **guard)
+    app.include_router(repository.router, **guard)
     app.include_router(health.router)
     if settings.demo:
         app.include_router(demo.router)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
@@ -13,6 +14,24 @@ MAX_ID_CHARS = 1024
 MAX_CLASSES = 1000
 
 ImageId = int | Annotated[str, StringConstraints(max_length=MAX_ID_CHARS)]
+
+# ASCII digits only: str.isdigit() also takes "³" (which int() refuses) and "٣" (which it reads as 3).
+DIGITS = re.compile(r"[0-9]+")
+
+
+def _base64_image_pattern() -> str:
+    """JSON ``image``: padded base64 of at least one byte, ASCII blanks anywhere (as `base64`
+    wraps its lines), optionally as a ``data:...;base64,`` URL. The document's pattern (ECMA-262,
+    which Python's ``re.fullmatch`` reads the same); the server checks it with a faster
+    equivalent (``uploads.base64_payload``, a test compares the two)."""
+    char, blanks = "[A-Za-z0-9+/]", "[\\t\\n\\r ]*"
+    one = f"{char}{blanks}"
+    last = f"(?:{one}{one}{one}{one}|{one}{one}{one}={blanks}|{one}{one}={blanks}={blanks})"
+    data_url = "[dD][aA][tT][aA]:[^,]*;[bB][aA][sS][eE]64[^,]*,"
+    return f"^(?:{data_url})?{blanks}(?:{one}{one}{one}{one})*{last}$"
+
+
+BASE64_IMAGE_PATTERN = _base64_image_pattern()
 
 
 class SegmentParams(BaseModel):
@@ -52,7 +71,7 @@ class SegmentParams(BaseModel):
                     items.append(item)
             if not items:  # an empty filter would run the model for nothing
                 raise ValueError("name at least one class (ids or names), or leave classes out for all of them")
-            return [int(i) if isinstance(i, str) and i.isdigit() else i for i in items]
+            return [int(i) if isinstance(i, str) and DIGITS.fullmatch(i) else i for i in items]
         return value
 
     @field_validator("score_threshold", "max_detections", "mask_threshold", "image_id", mode="before")
@@ -68,7 +87,7 @@ class SegmentParams(BaseModel):
     @classmethod
     def _numeric_id(cls, value: Any) -> Any:
         # Only canonical digits: "0042" stays a string, so the echo is exactly what was sent.
-        if isinstance(value, str) and value.isdigit() and str(int(value)) == value:
+        if isinstance(value, str) and DIGITS.fullmatch(value) and str(int(value)) == value:
             return int(value)
         return value
 
