@@ -28,9 +28,10 @@ from starlette.requests import ClientDisconnect
 
 from transfiner.service.errors import ServiceError, bad_request, invalid_parameter
 from transfiner.service.imaging import sniff_format
-from transfiner.service.schemas import SegmentParams
+from transfiner.service.schemas import MAX_CLASSES, SegmentParams
 
-MAX_FORM_FIELDS = 32
+# Every parameter once, and each item of a class list as a field of its own.
+MAX_FORM_FIELDS = len(SegmentParams.model_fields) + MAX_CLASSES
 TOO_DEEP = "the JSON body is nested too deeply"
 
 
@@ -186,7 +187,11 @@ async def _read_segment_request(request: Request) -> tuple[bytes, SegmentParams]
             )
     # A parameter in both places takes the body's value (a list of classes replaces the query's):
     # the body is what the client composed for this request, a query may carry a base URL's defaults.
-    params = _multi(list(request.query_params.multi_items())) | body_params
+    # The query is still checked on its own: an invalid value is refused wherever it is.
+    query = _multi(list(request.query_params.multi_items()))
+    if query and body_params:
+        validate_params(query)
+    params = query | body_params
     if not data:
         raise bad_request("the request carries no image")
     return data, validate_params(params)
