@@ -22,7 +22,8 @@ Mask Transfiner instance segmentation. `POST /v1/segment` takes one image (multi
 `image`, a raw `image/*` body, or base64 in JSON) and returns COCO result records (compressed
 RLE by default) that `pycocotools.COCO.loadRes` accepts as they are; `/v1/models/{name}/segment`
 and `/v1/models/{name}/versions/{version}/segment` do the same with a model (version) of the
-repository. Errors are `{"error": {"code", "message"}}`.
+repository. Parameters go in the query, the body, or both (then the body's value is used).
+Errors are `{"error": {"code", "message"}}`.
 """
 
 

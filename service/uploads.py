@@ -143,6 +143,29 @@ async def _read_json(request: Request) -> tuple[bytes, dict[str, Any]]:
     return _json_request(raw)
 
 
+# The JSON type each number or boolean parameter must have in a JSON body. Their lax parsing
+# takes the text a query needs ("0.5", "true"), which in JSON the document does not allow.
+JSON_TYPES = {
+    name: prop["type"]
+    for name, prop in SegmentParams.model_json_schema()["properties"].items()
+    if prop.get("type") in ("number", "integer", "boolean")
+}
+
+
+_JSON_NAMES = {str: "a string", list: "an array", dict: "an object", type(None): "null"}
+
+
+def _check_json_types(params: dict[str, Any]) -> None:
+    for name, expected in JSON_TYPES.items():
+        if name not in params:
+            continue
+        value = params[name]
+        # bool is an int to Python; a number given as true is refused by the parameters' own check.
+        fits = isinstance(value, bool) if expected == "boolean" else isinstance(value, (int, float))
+        if not fits:
+            raise invalid_parameter(f"{name}: a JSON {expected}, not {_JSON_NAMES.get(type(value), 'that')}")
+
+
 def _json_request(raw: bytes) -> tuple[bytes, dict[str, Any]]:
     body = _parse_json(raw)
     if not isinstance(body, dict):
@@ -151,6 +174,7 @@ def _json_request(raw: bytes) -> tuple[bytes, dict[str, Any]]:
         raise bad_request("JSON body has no 'image' field")
     data = _decode_base64(body.pop("image"))  # non-ASCII, surrogates included, is not base64
     _check_unicode(body)
+    _check_json_types(body)
     return data, body
 
 

@@ -474,6 +474,10 @@ def error_cases():
         "unknown class": (dict(content=png, params={"classes": "dog"}), 422, "invalid_parameter"),
         "empty class filter": (dict(content=png, params={"classes": ""}), 422, "invalid_parameter"),
         "empty class list": (dict(json={"image": b64, "classes": []}), 422, "invalid_parameter"),
+        # JSON has numbers and booleans: their text forms, which a query needs, are not JSON's.
+        "json threshold as text": (dict(json={"image": b64, "score_threshold": "0.5"}), 422, "invalid_parameter"),
+        "json refine as 1": (dict(json={"image": b64, "refine": 1}), 422, "invalid_parameter"),
+        "json empty image": (dict(json={"image": ""}), 400, "bad_request"),
         "parameter twice in the query": (
             dict(content=png, params=[("refine", "true"), ("refine", "false")]),
             422,
