@@ -69,7 +69,9 @@ class SegmentParams(BaseModel):
     mask_threshold: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False, description="binarises the soft masks (>=)")
     mask_format: Literal["rle", "polygon", "none"] = "rle"
     refine: bool = Field(True, description="false: the coarse Mask R-CNN masks only")
-    image_id: ImageId | None = Field(None, description="echoed; a query/form string of digits becomes an integer")
+    image_id: ImageId | None = Field(
+        None, description="echoed; ASCII digits without a leading zero, in a query or form, become an integer"
+    )
 
     @field_validator("classes", mode="before")
     @classmethod

@@ -25,11 +25,22 @@ _MIN_DOCUMENTED_TIMEOUT = 1.0
 PRECEDENCE = "given both in the query and in the body, the body's value is used"
 
 
+def _as_text(prop: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's schema where it is text (a query, a form field): null cannot be sent there
+    (leaving the parameter out can), so the null alternative and a null default go."""
+    alternatives = [option for option in prop.get("anyOf", []) if option != {"type": "null"}]
+    if len(alternatives) == len(prop.get("anyOf", [])):
+        return prop
+    rest = {key: value for key, value in prop.items() if key != "anyOf" and not (key == "default" and value is None)}
+    return {**rest, **(alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives})}
+
+
 def _openapi_extra(path: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Documents the three body forms and the parameters, which the route parses itself
     (FastAPI cannot declare 'query or form field or JSON key' for one parameter); ``path``: the
     route's path parameters (this list replaces the one FastAPI would make)."""
     schema = SegmentParams.model_json_schema()
+    as_text = {name: _as_text(prop) for name, prop in schema["properties"].items()}
     params = [*(path or ())]
     params += [
         {
@@ -39,7 +50,7 @@ def _openapi_extra(path: list[dict[str, Any]] | None = None) -> dict[str, Any]:
             "schema": prop,
             "description": f"{prop['description']}; {PRECEDENCE}" if "description" in prop else PRECEDENCE,
         }
-        for name, prop in schema["properties"].items()
+        for name, prop in as_text.items()
     ]
     # Parsed by the route (its upper bound is a setting); declared here with the default bound.
     # The documented minimum is the useful range: any positive value is accepted, but one shorter
@@ -75,7 +86,7 @@ def _openapi_extra(path: list[dict[str, Any]] | None = None) -> dict[str, Any]:
                     "schema": {
                         "type": "object",
                         "required": ["image"],
-                        "properties": {"image": upload, **schema["properties"]},
+                        "properties": {"image": upload, **as_text},
                         "additionalProperties": False,
                     }
                 },

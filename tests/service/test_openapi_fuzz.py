@@ -254,7 +254,7 @@ def test_without_a_key_no_scheme_no_requirement_and_no_401(open_server):
         assert "security" not in operation and "401" not in operation["responses"], (method, path)
         if method == "get":
             response = httpx.get(open_server.url + _fill(path))
-            assert response.status_code in (200, 404), (path, response.text)  # 404: no version "1"
+            assert response.status_code < 500 and response.status_code != 401, (path, response.text)
     # Keys sent anyway are ignored, not refused.
     response = httpx.get(open_server.url + "/v1/models", headers={"X-API-Key": "anything"})
     assert response.status_code == 200
