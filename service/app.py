@@ -16,6 +16,7 @@ from transfiner.service.metrics import ServiceMetrics
 from transfiner.service.middleware import BodyLimitMiddleware, HeadAsGetMiddleware, MetricsMiddleware
 from transfiner.service.oip.errors import OipError
 from transfiner.service.routes import demo, health, models, repository, segment, v2
+from transfiner.service.security import guarded
 from transfiner.service.settings import ServiceSettings
 from transfiner.service.telemetry.middleware import RequestTelemetryMiddleware
 from transfiner.service.telemetry.tracing import Tracing, tracer_provider_from_env
@@ -25,7 +26,8 @@ Mask Transfiner instance segmentation. `POST /v1/segment` takes one image (multi
 `image`, a raw `image/*` body, or base64 in JSON) and returns COCO result records (compressed
 RLE by default) that `pycocotools.COCO.loadRes` accepts as they are; `/v1/models/{name}/segment`
 and `/v1/models/{name}/versions/{version}/segment` do the same with a model (version) of the
-repository. Errors are `{"error": {"code", "message"}}`. The same models answer the Open Inference
+repository. Parameters go in the query, the body, or both (then the body's value is used).
+Errors are `{"error": {"code", "message"}}`. The same models answer the Open Inference
 Protocol (KServe v2, as Triton's clients speak it) under `/v2`, whose errors are `{"error": "<message>"}`.
 """
 
@@ -77,11 +79,12 @@ def create_app(
     app.state.runtime = runtime
     install_error_handlers(app)
     app.add_exception_handler(OipError, v2.oip_error)
-    app.include_router(segment.router)
-    app.include_router(models.router)
-    app.include_router(repository.router)
+    guard = guarded(settings)
+    app.include_router(segment.router, **guard)
+    app.include_router(models.router, **guard)
+    app.include_router(repository.router, **guard)
     app.include_router(health.router)
-    app.include_router(v2.router)
+    app.include_router(v2.router, **guarded(settings, v2.UNAUTHORIZED))
     app.include_router(v2.open_router)
     if settings.demo:
         app.include_router(demo.router)

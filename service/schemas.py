@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator
 
 # Bounds on what a request may make the service repeat: ``image_id`` is echoed in the response
 # and in every instance (a 19 MB id with 100 detections would be a 1.9 GB answer), and unknown
@@ -13,6 +14,43 @@ MAX_ID_CHARS = 1024
 MAX_CLASSES = 1000
 
 ImageId = int | Annotated[str, StringConstraints(max_length=MAX_ID_CHARS)]
+
+# What str.strip() removes (str.isspace), spelled out: ECMA-262's \s, which a document's pattern
+# means, differs from it (\x1c-\x1f, \x85; \ufeff).
+_BLANK_CHARS = "\\t\\n\\v\\f\\r \\x1c-\\x1f\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+# A class filter's text item names at least one class: it holds more than commas and blanks.
+CLASS_TEXT_PATTERN = f"[^,{_BLANK_CHARS}]"
+_CLASS_REF = {
+    "anyOf": [{"type": "integer"}, {"type": "string", "maxLength": MAX_ID_CHARS, "pattern": CLASS_TEXT_PATTERN}]
+}
+# A list, or one item (JSON may give one; a query or form field is one item per key), or null.
+_CLASSES_SCHEMA = {
+    "anyOf": [
+        {"type": "array", "items": _CLASS_REF, "minItems": 1, "maxItems": MAX_CLASSES},
+        _CLASS_REF,
+        {"type": "null"},
+    ],
+    "description": "keep only these classes: category ids or names; a text item may name several, "
+    "comma-separated (classes=1,3 or classes=1&classes=3 in a query)",
+}
+
+# ASCII digits only: str.isdigit() also takes "³" (which int() refuses) and "٣" (which it reads as 3).
+DIGITS = re.compile(r"[0-9]+")
+
+
+def _base64_image_pattern() -> str:
+    """JSON ``image``: padded base64 of at least one byte, ASCII blanks anywhere (as `base64`
+    wraps its lines), optionally as a ``data:...;base64,`` URL. The document's pattern (ECMA-262,
+    which Python's ``re.fullmatch`` reads the same); the server checks it with a faster
+    equivalent (``uploads.base64_payload``, a test compares the two)."""
+    char, blanks = "[A-Za-z0-9+/]", "[\\t\\n\\r ]*"
+    one = f"{char}{blanks}"
+    last = f"(?:{one}{one}{one}{one}|{one}{one}{one}={blanks}|{one}{one}={blanks}={blanks})"
+    data_url = "[dD][aA][tT][aA]:[^,]*;[bB][aA][sS][eE]64[^,]*,"
+    return f"^(?:{data_url})?{blanks}(?:{one}{one}{one}{one})*{last}$"
+
+
+BASE64_IMAGE_PATTERN = _base64_image_pattern()
 
 
 class SegmentParams(BaseModel):
@@ -27,15 +65,13 @@ class SegmentParams(BaseModel):
         0.5, ge=0.0, le=1.0, allow_inf_nan=False, description="keep detections scoring above this"
     )
     max_detections: int = Field(100, ge=1, le=100, description="per image, best scores first")
-    classes: list[ImageId] | None = Field(
-        None,
-        max_length=MAX_CLASSES,
-        description="keep only these classes: category ids or names (comma-separated in a query)",
-    )
+    classes: Annotated[list[ImageId] | None, WithJsonSchema(_CLASSES_SCHEMA)] = Field(None, max_length=MAX_CLASSES)
     mask_threshold: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False, description="binarises the soft masks (>=)")
     mask_format: Literal["rle", "polygon", "none"] = "rle"
     refine: bool = Field(True, description="false: the coarse Mask R-CNN masks only")
-    image_id: ImageId | None = Field(None, description="echoed; a query/form string of digits becomes an integer")
+    image_id: ImageId | None = Field(
+        None, description="echoed; ASCII digits without a leading zero, in a query or form, become an integer"
+    )
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -47,12 +83,15 @@ class SegmentParams(BaseModel):
             items: list[Any] = []
             for item in value:
                 if isinstance(item, str):
-                    items.extend(part.strip() for part in item.split(",") if part.strip())
+                    names = [part.strip() for part in item.split(",") if part.strip()]
+                    if not names:  # an empty filter would run the model for nothing
+                        raise ValueError("name at least one class (ids or names), or leave classes out for all of them")
+                    items.extend(names)
                 else:
                     items.append(item)
-            if not items:  # an empty filter would run the model for nothing
+            if not items:
                 raise ValueError("name at least one class (ids or names), or leave classes out for all of them")
-            return [int(i) if isinstance(i, str) and i.isdigit() else i for i in items]
+            return [int(i) if isinstance(i, str) and DIGITS.fullmatch(i) else i for i in items]
         return value
 
     @field_validator("score_threshold", "max_detections", "mask_threshold", "image_id", mode="before")
@@ -68,7 +107,7 @@ class SegmentParams(BaseModel):
     @classmethod
     def _numeric_id(cls, value: Any) -> Any:
         # Only canonical digits: "0042" stays a string, so the echo is exactly what was sent.
-        if isinstance(value, str) and value.isdigit() and str(int(value)) == value:
+        if isinstance(value, str) and DIGITS.fullmatch(value) and str(int(value)) == value:
             return int(value)
         return value
 

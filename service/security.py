@@ -1,31 +1,38 @@
-"""Optional API key for ``/v1/*`` (and gRPC inference): ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``."""
+"""Optional API key for ``/v1/*``, ``/v2/*`` and gRPC inference: ``X-API-Key: <key>`` or
+``Authorization: Bearer <key>`` (gRPC: the same names in the call's metadata).
+
+- ``guarded(settings)``: what ``include_router`` adds to a router whose routes need the key; with
+  no key configured nothing, so /openapi.json then declares no security scheme and no 401.
+"""
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping
+from typing import Any
 
-from fastapi import Request, Security
+from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
 from transfiner.service.errors import ServiceError
+from transfiner.service.schemas import ErrorResponse
+from transfiner.service.settings import ServiceSettings
 
 # Declared as security schemes so that /openapi.json (and /docs' "Authorize") shows both ways of
 # sending the key; an operation lists them as alternatives (either one is enough). auto_error is
 # off: they never answer by themselves (FastAPI's own 403/401 would not be the service's error
-# shape), and with no key configured every request passes.
-API_KEY_HEADER = APIKeyHeader(
-    name="X-API-Key",
-    scheme_name="ApiKey",
-    auto_error=False,
-    description="the service's API key (needed only when the service is configured with one)",
-)
-BEARER = HTTPBearer(
-    scheme_name="Bearer",
-    auto_error=False,
-    description="the service's API key as a Bearer token (needed only when the service is configured with one)",
-)
+# shape).
+API_KEY_HEADER = APIKeyHeader(name="X-API-Key", scheme_name="ApiKey", auto_error=False, description="the API key")
+BEARER = HTTPBearer(scheme_name="Bearer", auto_error=False, description="the API key as a Bearer token")
+
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {
+        "model": ErrorResponse,
+        "description": "missing or wrong API key",
+        "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    }
+}
 
 
 def key_in(headers: Mapping[str, str]) -> str | None:
@@ -52,13 +59,13 @@ async def require_api_key(
     _header: str | None = Security(API_KEY_HEADER),
     _bearer: HTTPAuthorizationCredentials | None = Security(BEARER),
 ) -> None:
-    """FastAPI dependency: 401 unless the settings hold no key or the request carries it.
+    """FastAPI dependency: 401 unless the request carries the configured key.
 
     The two security parameters document the schemes; the key itself is read by
     ``supplied_key``, the one definition that ``client_key`` shares (a Bearer token is stripped
     of surrounding blanks there, which HTTPBearer does not do)."""
     expected = request.app.state.settings.api_key
-    if expected is None:
+    if expected is None:  # an app made without a key never adds this dependency; stay open regardless
         return
     if not key_matches(supplied_key(request), expected):
         raise ServiceError(
@@ -68,6 +75,15 @@ async def require_api_key(
             reason="unauthorized",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def guarded(settings: ServiceSettings, unauthorized: dict[int | str, dict[str, Any]] = UNAUTHORIZED) -> dict[str, Any]:
+    """``include_router`` arguments for routes behind the key: the check and its 401 (documented
+    as ``unauthorized``: the /v2 routes answer in the protocol's error shape), declared only when a
+    key is configured (the document then says exactly what the server enforces)."""
+    if settings.api_key is None:
+        return {}
+    return {"dependencies": [Depends(require_api_key)], "responses": unauthorized}
 
 
 def client_key(request: Request) -> str:

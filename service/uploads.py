@@ -5,8 +5,9 @@
 * anything else: the body is the image (``image/*``, ``application/octet-stream``, no type, or
   ``application/x-www-form-urlencoded`` as ``curl --data-binary`` declares it).
 
-Query parameters apply to all three. The body's declared type only picks the transport; what the
-image is gets decided later by sniffing its bytes (``service.imaging``).
+Query parameters apply to all three; one also given in the body takes the body's value. The
+body's declared type only picks the transport; what the image is gets decided later by sniffing
+its bytes (``service.imaging``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import base64
 import binascii
 import json
+import re
 import sys
 from typing import Any
 
@@ -26,9 +28,10 @@ from starlette.requests import ClientDisconnect
 
 from transfiner.service.errors import ServiceError, bad_request, invalid_parameter
 from transfiner.service.imaging import sniff_format
-from transfiner.service.schemas import SegmentParams
+from transfiner.service.schemas import MAX_CLASSES, SegmentParams
 
-MAX_FORM_FIELDS = 32
+# Every parameter once, and each item of a class list as a field of its own.
+MAX_FORM_FIELDS = len(SegmentParams.model_fields) + MAX_CLASSES
 TOO_DEEP = "the JSON body is nested too deeply"
 
 
@@ -50,16 +53,35 @@ def _multi(items: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _decode_base64(text: Any) -> bytes:
-    if not isinstance(text, str) or not text:
-        raise bad_request("JSON field 'image' must be a non-empty base64 string")
+_BLANKS = str.maketrans("", "", "\t\n\r ")
+_BASE64_CHARS = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+_BASE64_MARK = re.compile(r";[bB][aA][sS][eE]64")
+
+
+def base64_payload(text: str) -> str | None:
+    """The base64 of a JSON ``image`` without its blanks and data: URL head, or None unless the
+    text matches ``schemas.BASE64_IMAGE_PATTERN``: the same decision in linear time (the pattern
+    itself takes seconds over 20 MB in Python's engine)."""
     if text[:5].lower() == "data:":  # data:image/png;base64,.... (RFC 2397: case-insensitive)
-        header, _, text = text.partition(",")
-        if ";base64" not in header.lower():
-            raise bad_request("a data: URL image must be base64-encoded")
+        head, comma, text = text.partition(",")
+        if not comma or not _BASE64_MARK.search(head):
+            return None
+    payload = text.translate(_BLANKS)
+    if not payload or len(payload) % 4 or not _BASE64_CHARS.fullmatch(payload):
+        return None
+    return payload
+
+
+def _decode_base64(text: Any) -> bytes:
+    payload = base64_payload(text) if isinstance(text, str) else None
+    if payload is None:
+        raise bad_request(
+            "JSON field 'image' must be padded base64 of at least one byte (ASCII blanks allowed), "
+            "or a data: URL with ';base64'"
+        )
     try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):  # base64_payload lets none through; kept as the last word
         raise bad_request("JSON field 'image' is not valid base64") from None
 
 
@@ -121,6 +143,30 @@ async def _read_json(request: Request) -> tuple[bytes, dict[str, Any]]:
     return _json_request(raw)
 
 
+# The JSON type each number or boolean parameter must have in a JSON body. Their lax parsing
+# takes the text a query needs ("0.5", "true"), which in JSON the document does not allow.
+JSON_TYPES = {
+    name: prop["type"]
+    for name, prop in SegmentParams.model_json_schema()["properties"].items()
+    if prop.get("type") in ("number", "integer", "boolean")
+}
+
+
+_JSON_NAMES = {str: "a string", list: "an array", dict: "an object", type(None): "null"}
+
+
+def check_json_types(params: dict[str, Any]) -> None:
+    """422 unless each number or boolean parameter has its JSON type (JSON bodies: /v1 and /v2)."""
+    for name, expected in JSON_TYPES.items():
+        if name not in params:
+            continue
+        value = params[name]
+        # bool is an int to Python; a number given as true is refused by the parameters' own check.
+        fits = isinstance(value, bool) if expected == "boolean" else isinstance(value, (int, float))
+        if not fits:
+            raise invalid_parameter(f"{name}: a JSON {expected}, not {_JSON_NAMES.get(type(value), 'that')}")
+
+
 def _json_request(raw: bytes) -> tuple[bytes, dict[str, Any]]:
     body = _parse_json(raw)
     if not isinstance(body, dict):
@@ -129,6 +175,7 @@ def _json_request(raw: bytes) -> tuple[bytes, dict[str, Any]]:
         raise bad_request("JSON body has no 'image' field")
     data = _decode_base64(body.pop("image"))  # non-ASCII, surrogates included, is not base64
     _check_unicode(body)
+    check_json_types(body)
     return data, body
 
 
@@ -163,11 +210,13 @@ async def _read_segment_request(request: Request) -> tuple[bytes, SegmentParams]
                 "(curl -F image=@photo.jpg)",
                 reason="unsupported_type",
             )
-    params = _multi(list(request.query_params.multi_items()))
-    twice = sorted(set(params) & set(body_params))
-    if twice:
-        raise invalid_parameter(f"parameters given both in the query and the body: {', '.join(twice)}")
-    params.update(body_params)
+    # A parameter in both places takes the body's value (a list of classes replaces the query's):
+    # the body is what the client composed for this request, a query may carry a base URL's defaults.
+    # The query is still checked on its own: an invalid value is refused wherever it is.
+    query = _multi(list(request.query_params.multi_items()))
+    if query and body_params:
+        validate_params(query)
+    params = query | body_params
     if not data:
         raise bad_request("the request carries no image")
     return data, validate_params(params)

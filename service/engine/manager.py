@@ -31,6 +31,7 @@ from transfiner.service.engine.turns import DeviceTurns
 from transfiner.service.errors import ServiceError
 from transfiner.service.metrics import ServiceMetrics
 from transfiner.service.repository.layout import (
+    VERSION_PATTERN,
     ModelFolder,
     RepositoryError,
     scan_repository,
@@ -65,7 +66,7 @@ class ManagedModel:
 
 def version_order(version: str) -> tuple[int, str]:
     """Repository versions sort by number; a digest (``--model``) is its model's only version."""
-    return (int(version), "") if version.isdigit() else (0, version)
+    return (int(version), "") if VERSION_PATTERN.fullmatch(version) else (0, version)
 
 
 @dataclass(frozen=True)

@@ -283,7 +283,7 @@ class OipHttpClient(SegmentClient):
         super().__init__(url, images, model=model, **options)
         self.path = f"/v2/models/{quote(model, safe='')}/infer"
         self.route = "/v2/models/{name}/infer"
-        parameters = {**self.params, "binary_data_output": True}
+        parameters = {**{k: _json_value(v) for k, v in self.params.items()}, "binary_data_output": True}
         # Encoded once per image: the client's own work should not weigh on the comparison.
         self._bodies = [
             rest.encode_request(InferRequest([Tensor("image", "BYTES", (1,), [image.data])], parameters=parameters))
@@ -302,6 +302,18 @@ class OipHttpClient(SegmentClient):
             raise InvalidAnswer(
                 f"status {response.status_code} with a body that is not an inference response"
             ) from None
+
+
+def _json_value(value):
+    """A parameter given as text (``--params score_threshold=0.5``) as JSON would carry it: a
+    number or boolean where the text is one, else the text."""
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return value
+    return parsed if isinstance(parsed, (bool, int, float)) else value
 
 
 # What the drivers count a gRPC call's status code as: the HTTP status the service answers the

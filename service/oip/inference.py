@@ -44,9 +44,9 @@ OUTPUTS: dict[str, tuple[str, list[int]]] = {
 DEFAULT_OUTPUTS = ("boxes", "scores", "classes", "labels", "masks_rle")
 MASK_OUTPUTS = frozenset({"masks_rle", "masks"})
 SEGMENT_PARAMETERS = frozenset(SegmentParams.model_fields)
-# The protocol's own request parameters: the transports read the binary ones, ``timeout`` shortens
-# the deadline, ``priority`` is accepted and has no effect (one queue, first come first served).
-PROTOCOL_PARAMETERS = frozenset({"binary_data_output", "binary_data", "binary_data_size", "timeout", "priority"})
+# The protocol's own request parameters: REST reads ``binary_data_output``, ``timeout`` shortens the
+# deadline, ``priority`` is accepted and has no effect (one queue, first come first served).
+PROTOCOL_PARAMETERS = frozenset({"binary_data_output", "timeout", "priority"})
 OUTPUT_PARAMETERS = frozenset({"binary_data"})
 # Triton's names for the backends, where it has one.
 PLATFORMS = {"pytorch": "pytorch", "torchscript": "pytorch_libtorch", "onnxruntime": "onnxruntime_onnx"}
@@ -73,6 +73,8 @@ async def infer(
     image = _image(request.inputs)
     params = _segment_params(request.parameters)
     names = _output_names(request.outputs, params)
+    if MASK_OUTPUTS & set(names) and params.mask_format == "none":
+        params = params.model_copy(update={"mask_format": "rle"})  # asked for by name: computed
     deadline = _deadline(request.parameters, deadline, time.monotonic() if arrived is None else arrived)
     try:
         async with runtime.admission(client, deadline, name, version) as served:
@@ -111,6 +113,11 @@ def _segment_params(parameters: dict[str, Any]) -> SegmentParams:
         raise bad_input(
             f"unknown parameters {unknown} (known: {', '.join(sorted(SEGMENT_PARAMETERS | PROTOCOL_PARAMETERS))})"
         )
+    if not isinstance(parameters.get("binary_data_output", False), bool):
+        raise bad_input("parameter binary_data_output must be a boolean")
+    priority = _integer(parameters.get("priority", 0))
+    if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
+        raise bad_input(f"parameter priority must be a non-negative integer, got {priority!r}")
     try:
         params = validate_params({k: v for k, v in parameters.items() if k in SEGMENT_PARAMETERS})
     except ServiceError as error:
@@ -121,26 +128,33 @@ def _segment_params(parameters: dict[str, Any]) -> SegmentParams:
 
 
 def _output_names(outputs: list[RequestedOutput] | None, params: SegmentParams) -> list[str]:
-    masks = params.mask_format != "none"
+    """The outputs to send, in the order asked (an output asked for twice is sent once).
+
+    - ``mask_format`` none leaves the mask outputs out of the default ones; asked for by name,
+      they are computed."""
     if outputs is None:
+        masks = params.mask_format != "none"
         return [name for name in DEFAULT_OUTPUTS if masks or name not in MASK_OUTPUTS]
     names = [output.name for output in outputs]
     unknown = [name for name in names if name not in OUTPUTS]
     if unknown:
         raise bad_input(f"unknown outputs {unknown} (outputs: {', '.join(OUTPUTS)})")
-    if len(set(names)) != len(names):
-        raise bad_input(f"an output is requested twice: {names}")
     for output in outputs:
         extra = sorted(set(output.parameters) - OUTPUT_PARAMETERS)
         if extra:
             raise bad_input(f"output {output.name!r}: unsupported parameters {extra}")
-    if not masks and MASK_OUTPUTS & set(names):
-        raise bad_input("mask_format none computes no masks: leave masks_rle and masks out")
-    return names
+        if not isinstance(output.parameters.get("binary_data", False), bool):
+            raise bad_input(f"output {output.name!r}: binary_data must be a boolean")
+    return list(dict.fromkeys(names))
+
+
+def _integer(value: Any) -> Any:
+    """JSON's 5.0 is the integer 5 (as JSON Schema has it); anything else as it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _deadline(parameters: dict[str, Any], deadline: float, arrived: float) -> float:
-    timeout = parameters.get("timeout")
+    timeout = _integer(parameters.get("timeout"))
     if timeout is None:
         return deadline
     if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:

@@ -12,13 +12,13 @@
 from __future__ import annotations
 
 import base64
-import binascii
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from transfiner.service.engine.segmenting import dumps
+from transfiner.service.errors import ServiceError
 from transfiner.service.oip.errors import bad_input
 from transfiner.service.oip.tensors import (
     DATATYPES,
@@ -32,6 +32,7 @@ from transfiner.service.oip.tensors import (
     from_raw,
     to_raw,
 )
+from transfiner.service.uploads import base64_payload, check_json_types
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 ParameterValue = bool | int | float | str
@@ -146,6 +147,9 @@ def parse_request(body: bytes, length: int | None) -> InferRequest:
             raise bad_input(f"input {item.name!r}: negative dimension in shape {item.shape}")
         if item.datatype not in DATATYPES:
             raise bad_input(f"input {item.name!r}: unknown datatype {item.datatype!r}")
+        unknown = sorted(set(item.parameters) - {"binary_data_size"})
+        if unknown:
+            raise bad_input(f"input {item.name!r}: unsupported parameters {unknown}")
         size = item.parameters.get("binary_data_size")
         try:
             if size is not None:
@@ -168,6 +172,10 @@ def parse_request(body: bytes, length: int | None) -> InferRequest:
         inputs.append(tensor)
     if offset != len(binary):
         raise bad_input(f"{len(binary) - offset} bytes of binary data follow the tensors' binary_data_size")
+    try:
+        check_json_types(parsed.parameters)  # JSON's numbers and booleans, as in /v1's JSON bodies
+    except ServiceError as error:
+        raise bad_input(error.message) from None
     outputs = None if parsed.outputs is None else [RequestedOutput(o.name, o.parameters) for o in parsed.outputs]
     return InferRequest(inputs, outputs, parsed.parameters, parsed.id)
 
@@ -286,10 +294,11 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: list[Any]
         for element in flat:
             if not isinstance(element, str):
                 raise bad_input(f"input {name!r}: a BYTES element in JSON must be a base64 string")
-            try:
-                items.append(base64.b64decode("".join(element.split()), validate=True))
-            except (binascii.Error, ValueError):
+            # /v1's rule for a JSON image: padded base64, blanks allowed, or a data: URL.
+            payload = base64_payload(element)
+            if payload is None:
                 raise bad_input(f"input {name!r}: a BYTES element is not valid base64") from None
+            items.append(base64.b64decode(payload))
         return Tensor(name, datatype, shape, items, dict(parameters))
     try:
         array = np.asarray(flat, dtype=NUMPY_TYPES[datatype]).reshape(shape)

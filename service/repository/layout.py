@@ -17,6 +17,8 @@ from pathlib import Path
 from transfiner.service.repository.config import ConfigError, ModelFileConfig, read_model_config
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# ASCII digits: str.isdigit() also takes "³" (int() raises) and "٣" (int() reads 3).
+VERSION_PATTERN = re.compile(r"[0-9]+")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pkl")
 
 
@@ -53,7 +55,7 @@ def scan_repository(root: Path) -> dict[str, ModelFolder]:
         model.versions = {
             int(child.name): child
             for child in folder.iterdir()
-            if child.is_dir() and child.name.isdigit() and int(child.name) > 0
+            if child.is_dir() and VERSION_PATTERN.fullmatch(child.name) and int(child.name) > 0
         }
         try:
             model.config = read_model_config(folder)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from transfiner.service.engine.manager import ManagedModel, version_order
 from transfiner.service.errors import ServiceError
 from transfiner.service.schemas import ErrorResponse, ModelCard, ModelsResponse
-from transfiner.service.security import require_api_key
 
-router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["models"])  # behind the API key (``security.guarded``)
 
 
 def model_card(model: ManagedModel, default: bool) -> dict[str, Any]:
@@ -53,7 +52,7 @@ def _not_started(runtime) -> None:
 @router.get(
     "/v1/models",
     response_model=ModelsResponse,
-    responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses={503: {"model": ErrorResponse}},
 )
 async def models(request: Request) -> dict:
     runtime = request.app.state.runtime
@@ -65,7 +64,7 @@ async def models(request: Request) -> dict:
 @router.get(
     "/v1/models/{name}",
     response_model=ModelCard,
-    responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
 )
 async def model(name: str, request: Request) -> dict:
     runtime = request.app.state.runtime

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from transfiner.service.schemas import ErrorResponse, IndexEntry
-from transfiner.service.security import require_api_key
 
-router = APIRouter(tags=["repository"], dependencies=[Depends(require_api_key)])
-ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+router = APIRouter(tags=["repository"])  # behind the API key (``security.guarded``)
+ERRORS = {404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 
 
 @router.get(
     "/v1/repository/index",
     response_model=list[IndexEntry],
     response_model_exclude_none=True,
-    responses={401: {"model": ErrorResponse}},
 )
 async def index(request: Request) -> list[dict]:
     """Every model version on record: LOADING, READY, UNLOADING or UNAVAILABLE (with the reason)."""

@@ -8,18 +8,18 @@ import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from transfiner.service.engine.segmenting import dumps
 from transfiner.service.errors import ServiceError, invalid_parameter
-from transfiner.service.schemas import ErrorResponse, SegmentParams, SegmentResponse
-from transfiner.service.security import client_key, require_api_key
+from transfiner.service.schemas import BASE64_IMAGE_PATTERN, ErrorResponse, SegmentParams, SegmentResponse
+from transfiner.service.security import client_key
 from transfiner.service.settings import ServiceSettings
 from transfiner.service.telemetry.middleware import request_facts
 from transfiner.service.uploads import read_segment_request
 
-router = APIRouter(tags=["segment"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["segment"])  # behind the API key (``security.guarded``)
 _DEFAULT_MAX_TIMEOUT = ServiceSettings.model_fields["max_request_timeout_s"].default
 _MIN_DOCUMENTED_TIMEOUT = 1.0
 T = TypeVar("T")
@@ -37,23 +37,51 @@ TIMEOUT_HEADER = {
 }
 
 
+PRECEDENCE = "given both in the query and in the body, the body's value is used"
+
+
+def without_null(prop: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's schema where null cannot be sent (a query, a form field, a protocol
+    parameter; leaving the parameter out can): the null alternative and a null default go."""
+    alternatives = [option for option in prop.get("anyOf", []) if option != {"type": "null"}]
+    if len(alternatives) == len(prop.get("anyOf", [])):
+        return prop
+    rest = {key: value for key, value in prop.items() if key != "anyOf" and not (key == "default" and value is None)}
+    return {**rest, **(alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives})}
+
+
 def _openapi_extra(path: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Documents the three body forms and the parameters, which the route parses itself
     (FastAPI cannot declare 'query or form field or JSON key' for one parameter); ``path``: the
     route's path parameters (this list replaces the one FastAPI would make)."""
     schema = SegmentParams.model_json_schema()
+    as_text = {name: without_null(prop) for name, prop in schema["properties"].items()}
     params = [*(path or ())]
     params += [
-        {"name": name, "in": "query", "required": False, "schema": prop, "description": prop.get("description", "")}
-        for name, prop in schema["properties"].items()
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "schema": prop,
+            "description": f"{prop['description']}; {PRECEDENCE}" if "description" in prop else PRECEDENCE,
+        }
+        for name, prop in as_text.items()
     ]
     # Parsed by the route (its upper bound is a setting); declared here with the default bound.
     # The documented minimum is the useful range: any positive value is accepted, but one shorter
     # than a request can take answers 504 (or 503), which a client reading the document should
     # not have to expect for a well-formed request.
     params.append(TIMEOUT_HEADER)
-    json_props = {"image": {"type": "string", "format": "byte", "description": "base64 or a data: URL"}}
-    json_props.update(schema["properties"])
+    # An image of no bytes is refused (400), so every form declares at least one.
+    upload = {"type": "string", "format": "binary", "minLength": 1}
+    base64_image = {
+        "type": "string",
+        "minLength": 4,
+        "pattern": BASE64_IMAGE_PATTERN,
+        "description": "the image as padded base64 (blanks and line breaks allowed) or a data: URL "
+        "(data:image/png;base64,...)",
+    }
+    # Unknown fields are refused (422), as unknown query parameters are.
     return {
         "parameters": params,
         "requestBody": {
@@ -63,11 +91,19 @@ def _openapi_extra(path: list[dict[str, Any]] | None = None) -> dict[str, Any]:
                     "schema": {
                         "type": "object",
                         "required": ["image"],
-                        "properties": {"image": {"type": "string", "format": "binary"}, **schema["properties"]},
+                        "properties": {"image": upload, **as_text},
+                        "additionalProperties": False,
                     }
                 },
-                "image/*": {"schema": {"type": "string", "format": "binary"}},
-                "application/json": {"schema": {"type": "object", "required": ["image"], "properties": json_props}},
+                "image/*": {"schema": upload},
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {"image": base64_image, **schema["properties"]},
+                        "additionalProperties": False,
+                    }
+                },
             },
         },
     }
@@ -77,7 +113,6 @@ _RETRY_AFTER = {
     "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer", "minimum": 1}}
 }
 _HEADERS = {
-    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
     429: _RETRY_AFTER,
     503: _RETRY_AFTER,
 }
@@ -90,7 +125,6 @@ ERRORS = {
     for status, text in {
         400: "malformed request (no image; bad multipart, JSON or base64; huge int, deep nesting, lone surrogate; "
         "invalid Content-Length)",
-        401: "missing or wrong API key",
         404: "no such model or version (or it is being unloaded), or no default model",
         408: "the request head or body did not arrive within head_timeout_s / body_timeout_s (the connection closes)",
         413: "body or pixel count over the limit",

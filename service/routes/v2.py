@@ -14,7 +14,7 @@ import math
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
@@ -23,7 +23,6 @@ from transfiner.service.oip import inference
 from transfiner.service.oip.errors import OipError, bad_input, from_service_error
 from transfiner.service.oip.rest import (
     HEADER_LENGTH,
-    InferRequestBody,
     InferResponseBody,
     ModelMetadataBody,
     ProtocolError,
@@ -32,12 +31,20 @@ from transfiner.service.oip.rest import (
     header_length,
     parse_request,
 )
-from transfiner.service.routes.segment import TIMEOUT_HEADER, read_within, request_timeout, wait_disconnect
-from transfiner.service.security import client_key, require_api_key
+from transfiner.service.routes.segment import (
+    TIMEOUT_HEADER,
+    read_within,
+    request_timeout,
+    wait_disconnect,
+    without_null,
+)
+from transfiner.service.schemas import BASE64_IMAGE_PATTERN, SegmentParams
+from transfiner.service.security import client_key
 from transfiner.service.telemetry.middleware import request_facts
 
 open_router = APIRouter(tags=["open inference protocol"])
-router = APIRouter(tags=["open inference protocol"], dependencies=[Depends(require_api_key)])
+# Behind the API key when one is set (``guarded``, in create_app).
+router = APIRouter(tags=["open inference protocol"])
 
 _MODEL = Path(description="the model, as /v1/models lists it")
 _VERSION = Path(description="one of its versions")
@@ -75,6 +82,10 @@ def _errors(*statuses: int, bad_request: str = _MALFORMED_HTTP) -> dict[int | st
         if status == 401:
             out[status]["headers"] = {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}
     return out
+
+
+# The key's 401 in the protocol's shape, declared by ``guarded`` only when a key is set.
+UNAUTHORIZED = {401: _errors(401)[401]}
 
 
 def _error(error: OipError) -> Response:
@@ -119,7 +130,7 @@ async def server_ready(request: Request) -> Response:
     return _error(OipError(f"the server is not ready ({runtime.state}): {detail}"))
 
 
-@router.get("/v2", response_model=ServerMetadataBody, responses=_errors(401))
+@router.get("/v2", response_model=ServerMetadataBody, responses=_errors())
 async def server_metadata() -> dict:
     """The server's name, version and protocol extensions."""
     return inference.server_metadata()
@@ -132,7 +143,7 @@ def _model_ready(request: Request, name: str, version: str | None) -> Response:
     return _error(OipError(f"{which} is not ready"))
 
 
-_READY = {**_EMPTY_OK, **_errors(401, 404, bad_request=f"not ready; or {_MALFORMED_HTTP}")}
+_READY = {**_EMPTY_OK, **_errors(404, bad_request=f"not ready; or {_MALFORMED_HTTP}")}
 
 
 @router.get("/v2/models/{name}/ready", response_class=Response, responses=_READY)
@@ -147,13 +158,13 @@ async def model_version_ready(request: Request, name: str = _MODEL, version: str
     return _model_ready(request, name, version)
 
 
-@router.get("/v2/models/{name}", response_model=ModelMetadataBody, responses=_errors(401, 404, 503))
+@router.get("/v2/models/{name}", response_model=ModelMetadataBody, responses=_errors(404, 503))
 async def model_metadata(request: Request, name: str = _MODEL) -> dict:
     """The model's READY versions, platform, input and outputs."""
     return inference.model_metadata(request.app.state.runtime, name, None)
 
 
-@router.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadataBody, responses=_errors(401, 404, 503))
+@router.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadataBody, responses=_errors(404, 503))
 async def model_version_metadata(request: Request, name: str = _MODEL, version: str = _VERSION) -> dict:
     """One version's metadata."""
     return inference.model_metadata(request.app.state.runtime, name, version)
@@ -162,42 +173,76 @@ async def model_version_metadata(request: Request, name: str = _MODEL, version: 
 # -- inference ---------------------------------------------------------------------------------
 
 
-def _inline(schema: dict[str, Any]) -> dict[str, Any]:
-    """``schema`` with its ``$defs`` written in place (the models are not recursive), so that it
-    can stand in an operation of /openapi.json."""
-    defs = schema.pop("$defs", {})
-
-    def resolve(node: Any) -> Any:
-        if isinstance(node, dict):
-            if "$ref" in node:
-                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
-            return {k: resolve(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [resolve(v) for v in node]
-        return node
-
-    return resolve(schema)
+def _request_schema() -> dict[str, Any]:
+    """This model's inference request in JSON, as exactly as the server takes it: one BYTES input
+    ``image`` of shape [1] holding base64, the parameters with /v1's types and bounds, the outputs
+    by name. The binary tensor data extension (a JSON header, then raw bytes, its length in
+    ``Inference-Header-Content-Length``) ties a header to the body's layout, which OpenAPI cannot
+    state: it is described in prose, not offered to generators."""
+    segment = SegmentParams.model_json_schema()["properties"]
+    parameters = {name: without_null(prop) for name, prop in segment.items()}
+    parameters["mask_format"] = {**parameters["mask_format"], "enum": ["rle", "none"]}
+    # The protocol's parameter values are scalars: several classes go comma-separated in one string.
+    classes = parameters["classes"]
+    scalar = [option for option in classes["anyOf"] if option.get("type") != "array"]
+    parameters["classes"] = {**classes, "anyOf": scalar} if len(scalar) > 1 else {**classes, **scalar[0]}
+    parameters["classes"]["description"] = "keep only these classes: a category id, or names and ids comma-separated"
+    parameters["timeout"] = {"type": "integer", "minimum": 1, "description": "microseconds; shortens the deadline"}
+    parameters["binary_data_output"] = {"type": "boolean", "description": "every output in the binary part"}
+    parameters["priority"] = {"type": "integer", "minimum": 0, "description": "accepted, no effect"}
+    image = {
+        "type": "object",
+        "required": ["name", "datatype", "shape", "data"],
+        "properties": {
+            "name": {"type": "string", "enum": [inference.IMAGE]},
+            "datatype": {"type": "string", "enum": ["BYTES"]},
+            "shape": {"type": "array", "items": {"type": "integer", "enum": [1]}, "minItems": 1, "maxItems": 1},
+            "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+            "data": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 1,
+                "items": {"type": "string", "minLength": 4, "pattern": BASE64_IMAGE_PATTERN},
+                "description": "the encoded image file (PNG, JPEG, ...) as base64 (or a data: URL)",
+            },
+        },
+        "additionalProperties": False,
+    }
+    output = {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string", "enum": list(inference.OUTPUTS)},
+            "parameters": {
+                "type": "object",
+                "properties": {"binary_data": {"type": "boolean"}},
+                "additionalProperties": False,
+            },
+        },
+        "additionalProperties": False,
+    }
+    return {
+        "type": "object",
+        "required": ["inputs"],
+        "properties": {
+            "id": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "parameters": {"type": "object", "properties": parameters, "additionalProperties": False},
+            "inputs": {"type": "array", "items": image, "minItems": 1, "maxItems": 1},
+            "outputs": {"anyOf": [{"type": "array", "items": output}, {"type": "null"}]},
+        },
+        "additionalProperties": False,
+    }
 
 
 def _infer_extra() -> dict[str, Any]:
-    length = {
-        "name": HEADER_LENGTH,
-        "in": "header",
-        "required": False,
-        "schema": {"type": "integer", "minimum": 1},
-        "description": "the binary tensor data extension: the length of the JSON header at the start of the "
-        "body; the rest of the body holds the inputs' binary data",
-    }
     return {
-        "parameters": [TIMEOUT_HEADER, length],
+        "parameters": [TIMEOUT_HEADER],
         "requestBody": {
             "required": True,
-            "description": "JSON; or (any content type) the JSON header, then the inputs' binary data, with "
-            "Inference-Header-Content-Length",
-            "content": {
-                "application/json": {"schema": _inline(InferRequestBody.model_json_schema())},
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            },
+            "description": "The request in JSON. With the binary tensor data extension the body is instead the "
+            "JSON header (the input then has parameters.binary_data_size in place of data), then the input's "
+            f"bytes, with the header's length in {HEADER_LENGTH} (any content type).",
+            "content": {"application/json": {"schema": _request_schema()}},
         },
     }
 
@@ -215,7 +260,6 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
         },
     },
     **_errors(
-        401,
         404,
         429,
         503,

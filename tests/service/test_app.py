@@ -229,6 +229,58 @@ def test_per_request_parameters(client, predictor):
         assert (drawn & truth).sum() / (drawn | truth).sum() >= 0.9
 
 
+def test_a_parameter_in_both_the_query_and_the_body_takes_the_bodys_value(client):
+    """The body wins, in JSON and in a form, for every parameter (a list of classes replaces the
+    query's); parameters given only in the query still apply."""
+    png = encode(scene(seed=2))
+    query = {"score_threshold": "0", "max_detections": "5", "classes": "circle", "image_id": "7", "mask_format": "none"}
+    as_json = client.post(
+        "/v1/segment",
+        params=query,
+        json={"image": base64.b64encode(png).decode(), "max_detections": 2, "classes": ["square"], "image_id": "b"},
+    )
+    form = client.post(
+        "/v1/segment",
+        params=query,
+        files={"image": ("a.png", png)},
+        data={"max_detections": "2", "classes": "square", "image_id": "b"},
+    )
+    query_only = client.post("/v1/segment", params=query, content=png)
+    for response in (as_json, form, query_only):
+        assert response.status_code == 200, response.text
+    for response in (as_json, form):
+        body = response.json()
+        assert len(body["instances"]) == 2 and body["image"]["image_id"] == "b"
+        assert {i["category_id"] for i in body["instances"]} == {7}  # square, not the query's circle
+        assert all("segmentation" not in i for i in body["instances"])  # the query's mask_format
+    assert as_json.json()["instances"] == form.json()["instances"]
+    body = query_only.json()
+    # The tiny model finds no circle: the query's filter, which the bodies above replaced.
+    assert body["instances"] == [] and body["image"]["image_id"] == 7
+
+
+def test_digits_other_than_ascii_are_text_not_numbers(client):
+    """ "³" and "٣" are digits to str.isdigit(): an image id echoes them as the strings they are, a
+    class filter looks them up as names (int() would raise on the first and read 3, the circle's
+    id, from the second), a version path segment is an unknown version: 4xx JSON, never a 500."""
+    png = encode(scene(seed=2))
+    for digit in ("\u00b3", "\u0663", "\uff13"):  # superscript, Arabic-Indic, fullwidth three
+        echoed = client.post("/v1/segment", params={"image_id": digit, "mask_format": "none"}, content=png)
+        assert echoed.status_code == 200 and echoed.json()["image"]["image_id"] == digit, echoed.text
+        unknown = client.post("/v1/segment", params={"classes": digit}, content=png)
+        assert unknown.status_code == 422, unknown.text
+        assert unknown.json()["error"]["message"].startswith("unknown classes"), unknown.text
+        for numeric in ("score_threshold", "max_detections", "mask_threshold"):
+            refused = client.post("/v1/segment", params={numeric: digit}, content=png)
+            assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_parameter"
+        version = client.post(f"/v1/models/default/versions/{digit}/segment", content=png)
+        assert version.status_code == 404 and version.json()["error"]["code"] == "version_not_found"
+        model = client.get(f"/v1/models/{digit}")
+        assert model.status_code == 404 and model.json()["error"]["code"] == "model_not_found"
+    timeout = client.post("/v1/segment", content=png, headers={"X-Request-Timeout": "\u00b3".encode("latin-1")})
+    assert timeout.status_code == 422 and timeout.json()["error"]["code"] == "invalid_parameter"
+
+
 def test_polygons_with_no_instance_left_answer_an_empty_list(client):
     png = encode(scene(seed=2))
     everything = client.post("/v1/segment", content=png, params={"score_threshold": 0, "mask_format": "none"})
@@ -422,8 +474,12 @@ def error_cases():
         "unknown class": (dict(content=png, params={"classes": "dog"}), 422, "invalid_parameter"),
         "empty class filter": (dict(content=png, params={"classes": ""}), 422, "invalid_parameter"),
         "empty class list": (dict(json={"image": b64, "classes": []}), 422, "invalid_parameter"),
-        "parameter twice": (
-            dict(json={"image": b64, "refine": False}, params={"refine": "true"}),
+        # JSON has numbers and booleans: their text forms, which a query needs, are not JSON's.
+        "json threshold as text": (dict(json={"image": b64, "score_threshold": "0.5"}), 422, "invalid_parameter"),
+        "json refine as 1": (dict(json={"image": b64, "refine": 1}), 422, "invalid_parameter"),
+        "json empty image": (dict(json={"image": ""}), 400, "bad_request"),
+        "parameter twice in the query": (
+            dict(content=png, params=[("refine", "true"), ("refine", "false")]),
             422,
             "invalid_parameter",
         ),

@@ -840,7 +840,7 @@ def query_cases() -> dict[str, tuple[Any, tuple[int, ...]]]:
         "0": bad,
         "-1": bad,
         "3" * 5000: bad,
-        "\u0663": OK,
+        "\u0663": bad,  # Arabic-Indic three: a name the model does not have, not the class id 3
         "circle,circle": OK,
         ",".join(str(i) for i in range(2000)): bad,
         "\u00b2": bad,
@@ -1059,8 +1059,9 @@ def multipart_cases() -> dict[str, tuple[Any, tuple[int, ...]]]:
             form(lambda: multipart(image_part(), none_part, end=False)),
             OK,
         ),  # complete parts
-        "multipart 1000 fields": (
-            form(lambda: multipart(image_part(), *[part(b"f%d" % i, b"1", filename=None) for i in range(1000)])),
+        # Over the field limit (every parameter once, and MAX_CLASSES classes).
+        "multipart 2000 fields": (
+            form(lambda: multipart(image_part(), *[part(b"f%d" % i, b"1", filename=None) for i in range(2000)])),
             bad,
         ),
         "multipart field name of 500 KB": (
@@ -1115,7 +1116,7 @@ def multipart_cases() -> dict[str, tuple[Any, tuple[int, ...]]]:
                 },
                 path=SEGMENT + "&refine=true",
             ),
-            (422,),
+            OK,  # the form's value is used
         ),
         "multipart garbage after end": (
             form(lambda: multipart(image_part(), none_part) + b"\x00" * 1000 + b"--" + BOUNDARY + b"\r\n"),

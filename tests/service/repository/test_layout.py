@@ -45,6 +45,9 @@ def test_scanning_finds_models_versions_and_what_each_version_holds(tmp_path, ch
     (tmp_path / "a" / "3").mkdir()
     (tmp_path / "a" / "latest").mkdir()  # not a version
     (tmp_path / "a" / "0").mkdir()  # versions start at 1
+    # Digits to str.isdigit() but not versions: int() raises on the first and reads 3 in the second.
+    (tmp_path / "a" / "\u00b3").mkdir()  # superscript three
+    (tmp_path / "a" / "\u0663").mkdir()  # Arabic-Indic three
     (tmp_path / ".hidden" / "1").mkdir(parents=True)  # not a model name
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "config.yaml").write_text("device: [1]\n")
@@ -64,3 +67,12 @@ def test_scanning_finds_models_versions_and_what_each_version_holds(tmp_path, ch
         version_model_path(version)
     (version / "metadata.json").write_text("{}")  # an export folder: the runtime reads it
     assert version_model_path(version) == version
+
+
+def test_only_ascii_digits_order_versions():
+    from transfiner.service.engine.manager import version_order
+
+    assert sorted(["10", "9", "2"], key=version_order) == ["2", "9", "10"]
+    # A digest, or a name a request made up: ordered below the numbered versions, never int()'d.
+    assert version_order("\u00b3") == (0, "\u00b3") and version_order("\u0663") == (0, "\u0663")
+    assert version_order("5de8431b495d") == (0, "5de8431b495d")
