@@ -109,12 +109,13 @@ def _openapi_extra(path: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     }
 
 
-_RETRY_AFTER = {
+# The header that 429s and 503s carry, as the document declares it (here and on /v2).
+RETRY_AFTER = {
     "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer", "minimum": 1}}
 }
 _HEADERS = {
-    429: _RETRY_AFTER,
-    503: _RETRY_AFTER,
+    429: RETRY_AFTER,
+    503: RETRY_AFTER,
 }
 ERRORS = {
     status: {

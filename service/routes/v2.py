@@ -32,6 +32,7 @@ from transfiner.service.oip.rest import (
     parse_request,
 )
 from transfiner.service.routes.segment import (
+    RETRY_AFTER,
     TIMEOUT_HEADER,
     read_within,
     request_timeout,
@@ -50,10 +51,6 @@ _MODEL = Path(description="the model, as /v1/models lists it")
 _VERSION = Path(description="one of its versions")
 # Bodies from this size on are parsed in a thread (as /v1's JSON bodies).
 OFF_LOOP_BYTES = 64 * 1024
-
-_RETRY_AFTER = {
-    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer", "minimum": 1}}
-}
 
 
 _MALFORMED_HTTP = "malformed HTTP (request line, headers, Content-Length or chunked framing; the connection closes)"
@@ -78,7 +75,7 @@ def _errors(*statuses: int, bad_request: str = _MALFORMED_HTTP) -> dict[int | st
     for status in sorted({400, 408, 413, 431, 500, *statuses}):
         out[status] = {"model": ProtocolError, "description": texts[status]}
         if status in (429, 503):
-            out[status]["headers"] = _RETRY_AFTER
+            out[status]["headers"] = RETRY_AFTER
         if status == 401:
             out[status]["headers"] = {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}
     return out
